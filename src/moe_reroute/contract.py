@@ -1,0 +1,203 @@
+"""The routing contract: what a model's router does (`RouterSpec`) and what a policy returns (`Routing`).
+
+Shape letters used throughout the package: T = tokens in the batch, E = routed experts,
+K = experts per token (the model's top-k), L = layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+SCORINGS = ("softmax", "sigmoid", "topk_softmax")
+
+# model_type of a transformers config -> how to read its router from the config.
+SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "gpt_oss")
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How a model routes one MoE layer: the scoring, E, K and the weight treatment.
+
+    scoring:
+      - "softmax": softmax over E in float32, top-K, optionally renormalised (Qwen3-MoE, Qwen2-MoE,
+        OLMoE, Mixtral).
+      - "sigmoid": sigmoid scores; experts are chosen by score + `e_score_correction_bias` within the
+        `topk_group` best of `n_group` groups (a group scores the sum of its top-2); weights are the
+        unbiased scores, renormalised if asked, times `routed_scaling_factor` (DeepSeek-V3).
+      - "topk_softmax": top-K on the raw logits, then softmax over those K (GPT-OSS).
+
+    `weights_in_logits_dtype` says whether the stock router casts its weights back to the dtype of its
+    logits (Qwen, OLMoE, GPT-OSS do; Mixtral and DeepSeek-V3 return float32). `Routing.weights` is
+    always float32; `model_weights_dtype` gives the dtype the stock router would hand its experts.
+    """
+
+    num_experts: int
+    top_k: int
+    scoring: str = "softmax"
+    renormalize: bool = True
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    e_score_correction_bias: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    weights_in_logits_dtype: bool = True
+    arch: str = "custom"
+
+    def __post_init__(self) -> None:
+        E, K = self.num_experts, self.top_k
+        if not isinstance(E, int) or E < 1:
+            raise ValueError(f"RouterSpec: num_experts must be a positive int, got {E!r}")
+        if not isinstance(K, int) or K < 1:
+            raise ValueError(f"RouterSpec: top_k must be a positive int, got {K!r}")
+        if K > E:
+            raise ValueError(f"RouterSpec: top_k K={K} > num_experts E={E}; a token cannot use more experts than exist")
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"RouterSpec: unknown scoring {self.scoring!r}; choose one of {SCORINGS}")
+        if self.scoring == "topk_softmax" and not self.renormalize:
+            raise ValueError("RouterSpec: scoring='topk_softmax' always normalises over the K chosen; set renormalize=True")
+        if self.scoring != "sigmoid":
+            if (self.n_group, self.topk_group) != (1, 1) or self.e_score_correction_bias is not None:
+                raise ValueError("RouterSpec: n_group, topk_group and e_score_correction_bias apply only to scoring='sigmoid'")
+        else:
+            G, g = self.n_group, self.topk_group
+            if G < 1 or E % G:
+                raise ValueError(f"RouterSpec: n_group={G} must divide num_experts E={E}")
+            if E // G < 2:
+                raise ValueError(f"RouterSpec: each group needs at least 2 experts (groups score their top-2), got E/n_group={E // G}")
+            if not 1 <= g <= G:
+                raise ValueError(f"RouterSpec: topk_group={g} must be between 1 and n_group={G}")
+            if g * (E // G) < K:
+                raise ValueError(f"RouterSpec: topk_group*E/n_group={g * (E // G)} experts are too few to pick K={K}")
+            b = self.e_score_correction_bias
+            if b is not None and (not isinstance(b, torch.Tensor) or tuple(b.shape) != (E,)):
+                got = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
+                raise ValueError(f"RouterSpec: e_score_correction_bias must be a tensor of shape [E]=[{E}], got {got}")
+
+    @property
+    def E(self) -> int:
+        return self.num_experts
+
+    @property
+    def K(self) -> int:
+        return self.top_k
+
+    def with_bias(self, bias: torch.Tensor | None) -> RouterSpec:
+        """The same spec with one layer's `e_score_correction_bias` (DeepSeek-V3 keeps one per layer)."""
+        return dataclasses.replace(self, e_score_correction_bias=bias)
+
+    def model_weights_dtype(self, logits_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the weights the stock router hands its experts, for logits of `logits_dtype`."""
+        return logits_dtype if self.weights_in_logits_dtype else torch.float32
+
+    @classmethod
+    def from_config(cls, config: Any) -> RouterSpec:
+        """Read the routing of a transformers config (Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral, DeepSeek-V3, GPT-OSS).
+
+        The DeepSeek-V3 bias is per layer and lives in the weights: attach it with `with_bias`.
+        """
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"RouterSpec.from_config: unsupported model_type {model_type!r}; supported: "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}. For another model, build RouterSpec(...) by hand."
+            )
+        K = int(config.num_experts_per_tok)
+        if model_type in ("qwen3_moe", "qwen2_moe", "olmoe"):
+            return cls(int(config.num_experts), K, "softmax", bool(config.norm_topk_prob), arch=model_type)
+        if model_type == "mixtral":
+            return cls(int(config.num_local_experts), K, "softmax", True, weights_in_logits_dtype=False, arch=model_type)
+        if model_type == "gpt_oss":
+            return cls(int(config.num_local_experts), K, "topk_softmax", True, arch=model_type)
+        return cls(  # deepseek_v3
+            int(config.n_routed_experts),
+            K,
+            "sigmoid",
+            bool(config.norm_topk_prob),
+            n_group=int(config.n_group or 1),
+            topk_group=int(config.topk_group or 1),
+            routed_scaling_factor=float(config.routed_scaling_factor),
+            weights_in_logits_dtype=False,
+            arch=model_type,
+        )
+
+
+@dataclass(frozen=True)
+class Routing:
+    """One layer's routing of one batch: exactly K slots per token.
+
+    weights: [T, K] float32. ids: [T, K] int64. valid: [T] bool (None: every row is a real token).
+    A slot a policy dropped repeats an expert its token already uses, with weight 0.
+    """
+
+    weights: torch.Tensor
+    ids: torch.Tensor
+    valid: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.ids.shape[1]
+
+
+def check_inputs(
+    router_logits: torch.Tensor,
+    spec: RouterSpec,
+    valid: torch.Tensor | None,
+    check_values: bool,
+) -> torch.Tensor:
+    """Validate a policy call and return `valid` as a [T] bool tensor on the logits' device.
+
+    Shapes and dtypes are checked always (free); values (NaN/inf) only when `check_values`, since that
+    needs a host synchronisation, and never while compiling or capturing a CUDA graph.
+    """
+    if not isinstance(spec, RouterSpec):
+        raise TypeError(f"spec must be a RouterSpec, got {type(spec).__name__}; build one with RouterSpec.from_config(config)")
+    if not isinstance(router_logits, torch.Tensor):
+        raise TypeError(f"router_logits must be a torch.Tensor [T, E], got {type(router_logits).__name__}")
+    if router_logits.dim() != 2:
+        raise ValueError(
+            f"router_logits must be 2-D [T, E], got shape {tuple(router_logits.shape)}; "
+            "flatten batch and sequence first: logits.reshape(-1, E)"
+        )
+    T, E = router_logits.shape
+    if E != spec.num_experts:
+        raise ValueError(f"router_logits has E={E} experts but the RouterSpec says num_experts={spec.num_experts}")
+    if T < 1:
+        raise ValueError("router_logits has no tokens (T=0)")
+    if not router_logits.dtype.is_floating_point:
+        raise TypeError(f"router_logits must be a floating-point tensor, got {router_logits.dtype}")
+    if valid is None:
+        valid = torch.ones(T, dtype=torch.bool, device=router_logits.device)
+    else:
+        if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
+            raise TypeError(f"valid must be a bool tensor [T], got {getattr(valid, 'dtype', type(valid).__name__)}")
+        if tuple(valid.shape) != (T,):
+            raise ValueError(f"valid must have shape [T]=[{T}], got {tuple(valid.shape)}")
+        if valid.device != router_logits.device:
+            raise ValueError(f"valid is on {valid.device} but router_logits on {router_logits.device}; put both on one device")
+    bias = spec.e_score_correction_bias
+    if bias is not None and bias.device != router_logits.device:
+        raise ValueError(
+            f"spec.e_score_correction_bias is on {bias.device} but router_logits on {router_logits.device}; "
+            "move it with spec.with_bias(bias.to(device))"
+        )
+    if check_values and not _tracing():
+        if not bool(torch.isfinite(router_logits).all()):
+            bad = (~torch.isfinite(router_logits)).any(-1).nonzero().flatten()[:5].tolist()
+            raise ValueError(
+                f"router_logits contain NaN or inf (first bad token rows: {bad}); "
+                "the model produced non-finite router logits, check its dtype and inputs"
+            )
+    return valid
+
+
+def _tracing() -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

@@ -1,0 +1,111 @@
+"""Metrics of a routing: pure functions of tensors, no host synchronisation (results stay tensors).
+
+T = tokens, E = experts, K = slots per token, D = expert-parallel ranks. Padding rows
+(`Routing.valid` False) never count.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .contract import RouterSpec, Routing
+from .scoring import scores
+
+
+def _valid(routing: Routing) -> torch.Tensor:
+    if routing.valid is None:
+        return torch.ones(routing.ids.shape[0], dtype=torch.bool, device=routing.ids.device)
+    return routing.valid
+
+
+def expert_mask(routing: Routing, num_experts: int) -> torch.Tensor:
+    """[T, E] bool: which experts each token computes (a weight-0 repeat adds nothing)."""
+    ids = routing.ids
+    if int(num_experts) < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    mask = torch.zeros(ids.shape[0], num_experts, dtype=torch.bool, device=ids.device)
+    return mask.scatter_(1, ids.long(), True)
+
+
+def used_experts(routing: Routing, num_experts: int) -> torch.Tensor:
+    """[E] bool: the batch's expert set, over valid tokens."""
+    return (expert_mask(routing, num_experts) & _valid(routing)[:, None]).any(dim=0)
+
+
+def unique_experts(routing: Routing, num_experts: int) -> torch.Tensor:
+    """U: distinct experts the batch's valid tokens activate (0-d int64 tensor)."""
+    return used_experts(routing, num_experts).sum()
+
+
+def experts_per_token(routing: Routing) -> torch.Tensor:
+    """[T] int64: distinct experts each token computes (its kept experts)."""
+    ids = torch.sort(routing.ids, dim=-1).values
+    return 1 + (ids[:, 1:] != ids[:, :-1]).sum(dim=-1)
+
+
+def retained_mass(routing: Routing, router_logits: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+    """[T] float32: gate mass of each token's kept experts over the mass of its native top-K.
+
+    1.0 means the token keeps as much router probability as the model's own routing; cap and OEA are
+    at most 1; policies that move a token to experts outside its top-K (budget) may exceed it.
+    """
+    from .policies.native import native_topk
+
+    _, gate = scores(router_logits, spec)
+    kept = (gate * expert_mask(routing, spec.num_experts)).sum(dim=-1)
+    native_ids = native_topk(router_logits, spec)[1]
+    native = gate.gather(1, native_ids).sum(dim=-1)
+    return kept / native.clamp_min(torch.finfo(native.dtype).tiny)
+
+
+def overlap_with_native(routing: Routing, native: Routing, num_experts: int) -> torch.Tensor:
+    """[T] float32: share of each token's native experts that the policy still uses."""
+    mine = expert_mask(routing, num_experts)
+    theirs = expert_mask(native, num_experts)
+    return (mine & theirs).sum(dim=-1).float() / theirs.sum(dim=-1).float()
+
+
+def default_placement(num_experts: int, ranks: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """[E] int64 rank of each expert when E experts are split over D ranks in contiguous blocks."""
+    if not 1 <= ranks <= num_experts:
+        raise ValueError(f"expert parallelism over D={ranks} ranks needs 1 <= D <= E={num_experts}")
+    return torch.arange(num_experts, device=device) * ranks // num_experts
+
+
+def unique_experts_per_rank(
+    routing: Routing, num_experts: int, ranks: int, placement: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[D] int64: distinct experts each rank must read under expert parallelism.
+
+    placement: [E] rank of each expert; default contiguous blocks (expert e on rank e*D//E).
+    """
+    if placement is None:
+        placement = default_placement(num_experts, ranks, routing.ids.device)
+    elif tuple(placement.shape) != (num_experts,):
+        raise ValueError(f"placement must have shape [E]=[{num_experts}], got {tuple(placement.shape)}")
+    used = used_experts(routing, num_experts).long()
+    return torch.zeros(ranks, dtype=torch.long, device=used.device).scatter_add_(0, placement.long(), used)
+
+
+def max_unique_per_rank(
+    routing: Routing, num_experts: int, ranks: int, placement: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The step time under expert parallelism follows the busiest rank: max over ranks of its U (0-d)."""
+    return unique_experts_per_rank(routing, num_experts, ranks, placement).max()
+
+
+def summarize(
+    routing: Routing, router_logits: torch.Tensor, spec: RouterSpec, native: Routing | None = None
+) -> dict[str, float]:
+    """Means over valid tokens of the metrics above, as Python floats (this one does synchronise)."""
+    valid = _valid(routing)
+    n = valid.sum().clamp_min(1)
+    out = {
+        "unique_experts": float(unique_experts(routing, spec.num_experts)),
+        "experts_per_token": float((experts_per_token(routing) * valid).sum() / n),
+        "retained_mass": float((retained_mass(routing, router_logits, spec) * valid).sum() / n),
+    }
+    if native is not None:
+        out["native_unique_experts"] = float(unique_experts(native, spec.num_experts))
+        out["overlap_with_native"] = float((overlap_with_native(routing, native, spec.num_experts) * valid).sum() / n)
+    return out

@@ -1,0 +1,56 @@
+"""Routing policies, one module each, and the registry that builds them by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Policy, PolicyConfig
+from .budget import Budget, BudgetConfig
+from .cap import Cap, CapConfig, cap_schedule
+from .native import Native, NativeConfig
+from .oea import OEA, OEAConfig
+from .sere import SERE, SEREConfig
+
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (Native, Cap, OEA, SERE, Budget)}
+_BY_CONFIG: dict[type[PolicyConfig], type[Policy]] = {p.Config: p for p in POLICIES.values()}
+
+
+def make_policy(name: str | PolicyConfig, *, check_inputs: bool = True, **params: Any) -> Policy:
+    """Build a policy by name and parameters, e.g. `make_policy("oea", k0=3)`, or from a config object.
+
+    check_inputs: also check router logits for NaN/inf on every call (one host synchronisation).
+    """
+    if isinstance(name, PolicyConfig):
+        if params:
+            raise TypeError("make_policy(config) takes no further parameters; put them in the config")
+        return _BY_CONFIG[type(name)](name, check_inputs=check_inputs)
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; available: {', '.join(POLICIES)}")
+    cls = POLICIES[name]
+    try:
+        config = cls.Config(**params)
+    except TypeError as e:
+        import dataclasses
+
+        known = [f.name for f in dataclasses.fields(cls.Config)]
+        raise TypeError(f"policy {name!r}: {e}; its parameters are: {', '.join(known) or 'none'}") from None
+    return cls(config, check_inputs=check_inputs)
+
+
+__all__ = [
+    "POLICIES",
+    "Budget",
+    "BudgetConfig",
+    "Cap",
+    "CapConfig",
+    "Native",
+    "NativeConfig",
+    "OEA",
+    "OEAConfig",
+    "Policy",
+    "PolicyConfig",
+    "SERE",
+    "SEREConfig",
+    "cap_schedule",
+    "make_policy",
+]

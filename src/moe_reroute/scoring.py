@@ -94,8 +94,8 @@ def finish(ids: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor) -> Rou
 
     The anchor is slot 0 of the first valid row (row 0 if none is valid), so padding never adds an expert.
     """
-    first = valid.to(torch.int32).argmax()
-    anchor = ids[first, 0]
+    first = valid.to(torch.int32).argmax().view(1, 1)
+    anchor = ids.gather(0, first)  # [1, 1]; indexing with a tensor would read it on the host
     ids = torch.where(valid[:, None], ids, anchor)
     weights = torch.where(valid[:, None], weights, torch.zeros_like(weights))
     return Routing(weights=weights.float(), ids=ids.long(), valid=valid)

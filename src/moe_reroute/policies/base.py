@@ -6,6 +6,7 @@ mapping {layer: value}; the policy resolves it with the `layer` argument of each
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -75,13 +76,22 @@ class PolicyConfig:
         """Validate one (per-layer resolved) value of field `name`; raise ValueError naming the fix."""
 
     def at_layer(self, layer: int | None) -> PolicyConfig:
-        """This config with every per-layer field resolved to its value at `layer`."""
+        """This config with every per-layer field resolved to its value at `layer`.
+
+        The values were validated at construction, so the copy skips `__post_init__` (which may read
+        tensors, a host synchronisation that must not happen inside a CUDA graph).
+        """
         changes = {
             f.name: resolve(f.name, getattr(self, f.name), layer)
             for f in dataclasses.fields(self)
-            if f.metadata.get("per_layer")
+            if f.metadata.get("per_layer") and is_per_layer_value(getattr(self, f.name))
         }
-        return dataclasses.replace(self, **changes) if changes else self
+        if not changes:
+            return self
+        resolved = copy.copy(self)
+        for name, value in changes.items():
+            object.__setattr__(resolved, name, value)
+        return resolved
 
 
 class Policy:

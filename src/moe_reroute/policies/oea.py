@@ -55,7 +55,7 @@ class OEA(Policy):
         k_max = K if config.k_max is None else config.k_max
         max_rank = E if config.max_rank is None else config.max_rank
         need_at_most("oea k0", k0, K, "the model's K")
-        need_at_most("oea k_max", k_max, K, "the model's K (engines need a fixed K slots)")
+        need_at_most("oea k_max", k_max, K, "the model's K")
         need_at_most("oea k0", k0, k_max, "k_max")
         need_at_most("oea max_rank", max_rank, E, "the number of experts E")
 

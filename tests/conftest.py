@@ -1,0 +1,28 @@
+"""Shared test helpers: router logits without ties, in any dtype, and the random specs to try."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Every finite bfloat16 in [-8, 8] away from 0: exactly representable in float16 and float32 too, so
+# logits drawn from it without replacement have no ties in any dtype.
+_POOL = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+_POOL = _POOL[torch.isfinite(_POOL) & (_POOL.abs() <= 8) & (_POOL.abs() >= 2**-6)].unique()
+
+
+def distinct_logits(T: int, E: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    """[T, E] router logits, all values of a row distinct, exactly representable in `dtype`."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [_POOL[torch.randperm(len(_POOL), generator=g)[:E]] for _ in range(T)]
+    return torch.stack(rows).to(dtype)
+
+
+def random_mask(T: int, seed: int, p_invalid: float = 0.25) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.rand(T, generator=g) >= p_invalid
+
+
+@pytest.fixture
+def logits_factory():
+    return distinct_logits

@@ -132,6 +132,8 @@ def test_sere(batch, data):
     E, K = spec.num_experts, spec.top_k
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 10**6)))
     sim = torch.rand(E, E, generator=g)
+    if data.draw(st.booleans()):  # raw cosine-like values in [-1, 1]
+        sim = sim * 2 - 1
     sim = (sim + sim.T) / 2
     sim.fill_diagonal_(1.0)
     primary = data.draw(st.integers(1, K))
@@ -186,3 +188,33 @@ def test_sere_folds_a_reroute_onto_an_expert_the_token_already_uses():
     # Token 1: slots (1, 3, 2) -> 3 -> 1 (sim .8, folds into slot 0); 2 -> 1 (sim .9, folds too).
     assert r.ids[1].tolist() == [1, 1, 1]
     assert r.weights[1].tolist() == pytest.approx([probs[1][1] + probs[1][3] + probs[1][2], 0.0, 0.0])
+
+
+@pytest.mark.parametrize("name,params", [
+    ("cap", {"k": 2}), ("oea", {"k0": 1}), ("budget", {"budget": 3}),
+    ("sere", {"similarity": torch.ones(6, 6), "primary": 1, "threshold": 0.0}),
+])
+def test_ties_go_to_the_lower_expert_id(name, params):
+    """(native breaks ties as the model's torch.topk does; every other policy by lower id.)"""
+    spec = RouterSpec(6, 3)
+    logits = torch.tensor([[1.0, 2.0, 2.0, 0.0, 2.0, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    r = make_policy(name, **params)(logits, spec)
+    refs = {"cap": ref.ref_cap, "oea": ref.ref_oea, "budget": ref.ref_budget,
+            "sere": ref.ref_sere}
+    extra = {k: v for k, v in params.items() if k != "similarity"}
+    args = (params["similarity"],) if name == "sere" else ()
+    expected = refs[name](logits, spec, [True, True], *args, **extra)
+    check_against(r, expected, spec, None)
+
+
+def test_oea_top_p_counts_the_expert_that_reaches_p():
+    """t_i is the fewest experts whose mass is >= p: a top-1 holding exactly p gives a base of one."""
+    from moe_reroute.scoring import scores, token_probs
+
+    spec = RouterSpec(8, 4)
+    x = distinct_logits(1, 8, seed=3)
+    p_top = float(token_probs(*scores(x, spec)).max())
+    r = make_policy("oea", k0=3, p=p_top)(x, spec)
+    assert int((r.weights > 0).sum()) == 1
+    r = make_policy("oea", k0=3, p=min(1.0, p_top + 1e-6))(x, spec)
+    assert int((r.weights > 0).sum()) == 2

@@ -4,7 +4,8 @@ Per layer and batch:
 1. Every valid token's top-1 expert is in the set (its best expert is never taken away).
 2. The rest of the budget goes greedily to the experts holding the most native gate mass: expert e
    scores the sum over valid tokens of its weight in their native top-K (each token's top-K weights
-   normalised to sum 1). Ties go to the lower id; experts no token would use are never added.
+   normalised to sum 1). Ties go to the lower id. (Experts with no such mass may fill a budget larger
+   than needed, but no token routes to them: each token's native top-K is already in the set.)
 3. Each token routes to its best K experts within the set, by its own scores, with the model's weights
    over those (renormalised as the model does).
 The set holds max(budget, distinct top-1 experts) experts at most: the top-1 guarantee wins when more
@@ -54,7 +55,7 @@ class Budget(Policy):
         forced = (top1 & valid[:, None]).any(dim=0)  # [E]
         key = torch.where(forced, torch.full_like(score, float("inf")), score)
         chosen = torch.sort(key, descending=True, stable=True)[1][: config.budget]
-        in_set = torch.zeros_like(forced).scatter_(0, chosen, True) & (score > 0) | forced  # [E]
+        in_set = torch.zeros_like(forced).scatter_(0, chosen, True) | forced  # [E]
 
         within = torch.where(in_set[None, :], choice, torch.full_like(choice, float("-inf")))
         values, order = rank(within)

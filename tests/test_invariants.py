@@ -177,3 +177,17 @@ def test_serving_sizes(name, params):
     assert r.ids.shape == (4096, 8) and r.weights.shape == (4096, 8)
     assert torch.isfinite(r.weights).all()
     well_formed(r, spec)
+
+
+def test_cap_schedule_hand_computed():
+    from moe_reroute.policies import cap_schedule
+
+    # layer 1 -> b=8, layer p=3 -> h=6, last layer 5 -> e=4; linear in between
+    assert cap_schedule(8, 6, 4, 3, 5) == [8, 7, 6, 5, 4]
+    assert cap_schedule(6, 2, 2, 1, 3) == [2, 2, 2]  # p = 1: the first layer is layer p
+    assert cap_schedule(8, 4, 4, 4, 4) == [8, 7, 5, 4]  # 6.67 -> 7, 5.33 -> 5
+    spec = RouterSpec(16, 8)
+    x = distinct_logits(4, 16, seed=0)
+    policy = make_policy("cap", schedule=(8, 6, 4, 3), num_layers=5)
+    for layer, k in enumerate([8, 7, 6, 5, 4]):
+        assert (policy(x, spec, layer=layer).weights > 0).sum(-1).tolist() == [k] * 4

@@ -9,36 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from moe_reroute import RouterSpec, make_policy  # noqa: E402
-
-COMMON = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
-
-
-def tiny_configs():
-    from transformers import (
-        DeepseekV3Config,
-        GptOssConfig,
-        MixtralConfig,
-        OlmoeConfig,
-        Qwen2MoeConfig,
-        Qwen3MoeConfig,
-    )
-
-    return {
-        "qwen3_moe": Qwen3MoeConfig(**COMMON, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=16,
-                                    norm_topk_prob=True, head_dim=8),
-        "qwen2_moe": Qwen2MoeConfig(**COMMON, num_experts=12, num_experts_per_tok=3, moe_intermediate_size=16,
-                                    shared_expert_intermediate_size=16, norm_topk_prob=False),
-        "olmoe": OlmoeConfig(**COMMON, num_experts=16, num_experts_per_tok=8, intermediate_size=16),
-        "mixtral": MixtralConfig(**COMMON, num_local_experts=8, num_experts_per_tok=2, intermediate_size=16),
-        "deepseek_v3": DeepseekV3Config(**COMMON, n_routed_experts=32, num_experts_per_tok=6, n_group=4,
-                                        topk_group=2, moe_intermediate_size=16, intermediate_size=32,
-                                        first_k_dense_replace=1, routed_scaling_factor=2.5, n_shared_experts=1,
-                                        q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-                                        v_head_dim=8),
-        "gpt_oss": GptOssConfig(**COMMON, num_local_experts=16, num_experts_per_tok=4, intermediate_size=16,
-                                head_dim=8),
-    }
-
+from tiny_models import tiny_configs  # noqa: E402
 
 def routers(model):
     for layer in model.model.layers:

@@ -1,0 +1,121 @@
+"""Record what routing did during generate() or a teacher-forced forward, layer by layer, step by step.
+
+The recorder reads the routing the experts actually receive (a pre-hook on each `mlp.experts`), so it
+sees a policy applied with `moe_reroute.hf.apply` whichever was installed first, and the router logits
+(a hook on the router) to know the native routing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..contract import RouterSpec
+from ..policies.native import native_topk
+from .apply import LayoutTracker, decoder, layer_spec, moe_routers
+
+KEEP = ("counts", "routing", "logits")
+
+
+@dataclass
+class LayerRecord:
+    """One MoE layer in one forward pass of B sequences x S new tokens (N = B*S rows).
+
+    unique / native_unique: [S] int64, U of each position's B tokens (a decode step has S = 1).
+    """
+
+    unique: torch.Tensor
+    native_unique: torch.Tensor
+    valid: torch.Tensor  # [B, S] bool
+    ids: torch.Tensor | None = None  # [N, K] what the experts computed
+    weights: torch.Tensor | None = None  # [N, K]
+    native_ids: torch.Tensor | None = None  # [N, K]
+    logits: torch.Tensor | None = None  # [N, E]
+
+
+@dataclass
+class StepRecord:
+    batch: int
+    new_tokens: int
+    layers: dict[int, LayerRecord] = field(default_factory=dict)
+
+
+class Recorder:
+    """Collects a `StepRecord` per forward pass into `.steps`; `.remove()` detaches (context manager too).
+
+    keep: "counts" (U per layer and position, cheap enough to leave on), "routing" (also ids and weights,
+    policy and native), "logits" (also the router logits, on CPU).
+    """
+
+    def __init__(self, model: nn.Module, keep: str = "counts") -> None:
+        if keep not in KEEP:
+            raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
+        self.keep = keep
+        self.spec = RouterSpec.from_config(model.config)
+        self.steps: list[StepRecord] = []
+        self._tracker = LayoutTracker(model, on_forward=self._new_step)
+        self._logits: dict[int, torch.Tensor] = {}
+        self._handles = []
+        layers = decoder(model).layers
+        for i, router in moe_routers(model):
+            self._handles.append(router.register_forward_hook(self._router_hook(i)))
+            self._handles.append(layers[i].mlp.experts.register_forward_pre_hook(self._experts_hook(i, router)))
+
+    def _new_step(self, layout) -> None:
+        if layout is not None:
+            self.steps.append(StepRecord(layout.batch, layout.new_tokens))
+
+    def _router_hook(self, layer: int):
+        def hook(module, args, output):
+            self._logits[layer] = output[0].detach()
+
+        return hook
+
+    def _experts_hook(self, layer: int, router: nn.Module):
+        def hook(module, args):
+            layout = self._tracker.layout
+            logits = self._logits.pop(layer, None)
+            if layout is None or logits is None or not self.steps:
+                return
+            ids = args[1].detach()  # [N, K]
+            B, S = layout.batch, layout.new_tokens
+            if ids.shape[0] != B * S:
+                return
+            spec = layer_spec(self.spec, router)
+            native = native_topk(logits, spec)[1]
+            E = spec.num_experts
+
+            def per_position(x):  # [N, K] -> [S]: U of each position's valid tokens
+                used = torch.zeros(B, S, E, dtype=torch.bool, device=x.device).scatter_(2, x.view(B, S, -1), True)
+                return (used & layout.valid[..., None]).any(dim=0).sum(dim=-1)
+
+            rec = LayerRecord(per_position(ids), per_position(native), layout.valid.clone())
+            if self.keep in ("routing", "logits"):
+                rec.ids, rec.weights, rec.native_ids = ids.clone(), args[2].detach().float().clone(), native
+            if self.keep == "logits":
+                rec.logits = logits.float().cpu()
+            self.steps[-1].layers[layer] = rec
+
+        return hook
+
+    def unique_per_layer(self, native: bool = False) -> dict[int, torch.Tensor]:
+        """{layer: [positions recorded] U}, concatenated over steps."""
+        out: dict[int, list[torch.Tensor]] = {}
+        for step in self.steps:
+            for layer, rec in step.layers.items():
+                out.setdefault(layer, []).append(rec.native_unique if native else rec.unique)
+        return {k: torch.cat(v) for k, v in out.items()}
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._tracker.remove()
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

@@ -68,6 +68,8 @@ def test_oea_never_activates_more_than_native(arch):
         greedy(model, ids, mask)
     decode_steps = [s for s in rec.steps if s.new_tokens == 1]
     assert len(decode_steps) == 5  # 6 new tokens: one prefill, five decode forwards
+    for layer, u in rec.unique_per_layer(decode_only=True).items():
+        assert u.shape == (5,) and (u <= rec.unique_per_layer(native=True, decode_only=True)[layer]).all()
     fewer = 0
     for step in rec.steps:
         assert set(step.layers) == {i for i, _ in moe_routers(model)}

@@ -100,10 +100,13 @@ class Recorder:
 
         return hook
 
-    def unique_per_layer(self, native: bool = False) -> dict[int, torch.Tensor]:
-        """{layer: [positions recorded] U}, concatenated over steps."""
+    def unique_per_layer(self, native: bool = False, decode_only: bool = False) -> dict[int, torch.Tensor]:
+        """{layer: U of every recorded position group}, concatenated over steps (a decode step is one
+        group; a forward over S new tokens gives S). decode_only: only forwards of one new token."""
         out: dict[int, list[torch.Tensor]] = {}
         for step in self.steps:
+            if decode_only and step.new_tokens != 1:
+                continue
             for layer, rec in step.layers.items():
                 out.setdefault(layer, []).append(rec.native_unique if native else rec.unique)
         return {k: torch.cat(v) for k, v in out.items()}

@@ -58,8 +58,11 @@ class Recorder:
         self._tracker = LayoutTracker(model, on_forward=self._new_step)
         self._logits: dict[int, torch.Tensor] = {}
         self._handles = []
+        self._specs: dict[int, RouterSpec] = {}
+        self.model_name = getattr(model.config, "_name_or_path", "") or type(model).__name__
         layers = decoder(model).layers
         for i, router in moe_routers(model):
+            self._specs[i] = layer_spec(self.spec, router)
             self._handles.append(router.register_forward_hook(self._router_hook(i)))
             self._handles.append(layers[i].mlp.experts.register_forward_pre_hook(self._experts_hook(i, router)))
 
@@ -110,6 +113,30 @@ class Recorder:
             for layer, rec in step.layers.items():
                 out.setdefault(layer, []).append(rec.native_unique if native else rec.unique)
         return {k: torch.cat(v) for k, v in out.items()}
+
+    def to_trace(self, decode_only: bool = False):
+        """The recorded router logits as a `moe_reroute.traces.Trace` (needs keep="logits"): each
+        position group of each forward is one step of B tokens."""
+        from ..traces import Trace
+
+        if self.keep != "logits":
+            raise ValueError('to_trace() needs the router logits: record with Recorder(model, keep="logits")')
+        steps = [s for s in self.steps if s.layers and (s.new_tokens == 1 or not decode_only)]
+        if not steps:
+            raise ValueError("nothing recorded: run generate() or a forward pass inside the Recorder first")
+        B = steps[0].batch
+        if any(s.batch != B for s in steps):
+            raise ValueError(f"the recorded forwards have different batch sizes {sorted({s.batch for s in steps})}")
+        logits: dict[int, list[torch.Tensor]] = {}
+        valid = []
+        for s in steps:
+            valid.append(next(iter(s.layers.values())).valid.T.cpu())  # [S, B]
+            for layer, rec in s.layers.items():
+                logits.setdefault(layer, []).append(rec.logits.view(B, s.new_tokens, -1).transpose(0, 1))
+        first = steps[0].layers
+        specs = {layer: self._specs[layer] for layer in first}
+        meta = {"model": self.model_name, "source": "moe_reroute.hf.Recorder", "decode_only": decode_only}
+        return Trace({k: torch.cat(v) for k, v in logits.items()}, torch.cat(valid), specs, meta)
 
     def remove(self) -> None:
         for h in self._handles:

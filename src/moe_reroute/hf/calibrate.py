@@ -1,0 +1,138 @@
+"""Calibrate SERE's expert similarity on a transformers model: run text, feed each MoE layer's input
+to every routed expert, compare the experts' outputs (moe_reroute.calibration.expert_similarity)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..calibration import METHODS, expert_similarity
+from ..contract import RouterSpec
+from .apply import decoder, moe_routers
+
+
+@torch.no_grad()
+def calibrate_similarity(
+    model: nn.Module,
+    texts: list[str] | torch.Tensor,
+    tokenizer=None,
+    method: str = "cka",
+    max_tokens: int = 512,
+    experts_per_chunk: int = 8,
+    progress: bool = True,
+) -> dict[int, torch.Tensor]:
+    """Per-layer [E, E] similarity of the routed experts, {layer: matrix}, ready for `sere`.
+
+    Args:
+      texts: strings (with `tokenizer`) or a [B, L] tensor of token ids.
+      max_tokens: calibration tokens kept per layer (the first ones, padding excluded).
+      experts_per_chunk: experts run at once; memory grows with experts_per_chunk * max_tokens * hidden.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown similarity method {method!r}; choose one of {METHODS}")
+    spec = RouterSpec.from_config(model.config)
+    routers = list(moe_routers(model))
+    if not routers:
+        raise ValueError(f"{type(model).__name__} has no MoE layers to calibrate")
+    if isinstance(texts, torch.Tensor):
+        ids, mask = texts, torch.ones_like(texts)
+    else:
+        if tokenizer is None:
+            raise ValueError("calibrate_similarity needs tokenizer=... to encode text (or pass token ids)")
+        if isinstance(texts, str) or not texts:
+            raise ValueError("texts must be a non-empty list of strings")
+        enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_tokens)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+
+    layers = decoder(model).layers
+    inputs: dict[int, torch.Tensor] = {}
+    keep = mask.reshape(-1).bool()
+
+    def capture(layer: int):
+        def hook(module, args):
+            hidden = args[0].reshape(-1, args[0].shape[-1])[keep][:max_tokens]  # [N, H]
+            inputs[layer] = hidden.detach()
+
+        return hook
+
+    handles = [layers[i].mlp.experts.register_forward_pre_hook(capture(i)) for i, _ in routers]
+    try:
+        model(input_ids=ids, attention_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
+    if not inputs:
+        raise RuntimeError("no MoE layer input was captured; is this a supported transformers MoE model?")
+
+    bar = _progress(len(routers), progress, f"calibrating {method} similarity")
+    out = {}
+    for layer, _ in routers:
+        experts = layers[layer].mlp.experts
+        hidden = inputs.pop(layer)
+        N = hidden.shape[0]
+        if N < 2:
+            raise ValueError(f"only {N} calibration token(s) reached layer {layer}; give more text")
+        outputs = []
+        for start in range(0, spec.num_experts, experts_per_chunk):
+            chunk = torch.arange(start, min(start + experts_per_chunk, spec.num_experts), device=hidden.device)
+            c = len(chunk)
+            x = hidden.repeat(c, 1)  # [c*N, H]: every token once per expert of the chunk
+            index = chunk.repeat_interleave(N)[:, None]  # [c*N, 1]
+            weight = torch.ones(c * N, 1, dtype=hidden.dtype, device=hidden.device)
+            y = experts(x, index, weight)  # the expert's own output, gate weight 1
+            outputs.append(y.float().reshape(c, N, -1).cpu())
+        out[layer] = expert_similarity(torch.cat(outputs), method)
+        bar.update(1)
+    bar.close()
+    return out
+
+
+def save_similarity(similarity: dict[int, torch.Tensor], path: str | Path, **meta: str) -> Path:
+    """Write {layer: [E, E]} as safetensors (keys `layer.<i>`)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    save_file(
+        {f"layer.{k}": v.float().contiguous().cpu() for k, v in similarity.items()},
+        str(path),
+        metadata={"moe_reroute": "similarity", **{k: str(v) for k, v in meta.items()}},
+    )
+    return path
+
+
+def load_similarity(path: str | Path, num_experts: int | None = None) -> dict[int, torch.Tensor]:
+    """Read {layer: [E, E]} written by `save_similarity`; checks the size when `num_experts` is given."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no similarity file at {path}")
+    tensors = load_file(str(path))
+    bad = [k for k in tensors if not k.startswith("layer.")]
+    if bad or not tensors:
+        raise ValueError(f"{path} is not a moe-reroute similarity file (keys {sorted(tensors)[:4]})")
+    out = {int(k.split(".", 1)[1]): v for k, v in tensors.items()}
+    for layer, m in out.items():
+        if m.dim() != 2 or m.shape[0] != m.shape[1] or (num_experts is not None and m.shape[0] != num_experts):
+            want = f"[{num_experts}, {num_experts}]" if num_experts else "square [E, E]"
+            raise ValueError(f"{path}: layer {layer} similarity is {tuple(m.shape)}, expected {want}")
+    return out
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with transformers
+        enabled = False
+    if enabled:
+        return tqdm(total=total, desc=desc, unit="layer")
+
+    class _Silent:
+        def update(self, n: int) -> None: ...
+        def close(self) -> None: ...
+
+    return _Silent()

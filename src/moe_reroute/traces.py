@@ -1,0 +1,186 @@
+"""Routing traces: router logits of a run, saved to disk, replayed through any policy without the model.
+
+A trace holds, per MoE layer, the router logits of S decode steps of B sequences ([S, B, E]) and which
+of those tokens were real ([S, B]). Step s of the trace is one decode batch: the B tokens at that step.
+Traces of single sequences concatenate (`Trace.concat`) and re-batch (`Trace.rebatch`) into decode
+batches of any size, so policies can be studied at any batch size offline.
+
+File format: safetensors with tensors `logits.<layer>` [S, B, E], `valid` [S, B] and, for DeepSeek-style
+specs, `bias.<layer>` [E]; its metadata key "moe_reroute" holds a JSON header (model, RouterSpec per
+layer, batch composition, dtype, library version).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .contract import RouterSpec
+from .metrics import unique_experts
+from .policies import Policy
+
+FORMAT = "moe_reroute.trace/1"
+
+
+@dataclass
+class Trace:
+    """Router logits of S steps x B sequences for each MoE layer.
+
+    logits: {layer: [S, B, E]}. valid: [S, B] bool. specs: {layer: RouterSpec}. meta: model, dtype, ...
+    """
+
+    logits: dict[int, torch.Tensor]
+    valid: torch.Tensor
+    specs: dict[int, RouterSpec]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.logits:
+            raise ValueError("a trace needs the logits of at least one layer")
+        if set(self.logits) != set(self.specs):
+            raise ValueError(f"trace layers {sorted(self.logits)} and spec layers {sorted(self.specs)} differ")
+        if self.valid.dim() != 2 or self.valid.dtype != torch.bool:
+            raise ValueError(f"trace valid must be a [S, B] bool tensor, got {tuple(self.valid.shape)} {self.valid.dtype}")
+        for layer, x in self.logits.items():
+            E = self.specs[layer].num_experts
+            if tuple(x.shape) != (*self.valid.shape, E):
+                raise ValueError(
+                    f"trace layer {layer}: logits {tuple(x.shape)} do not match valid {tuple(self.valid.shape)} and E={E}"
+                )
+
+    @property
+    def steps(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[1]
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.logits)
+
+    def replay(self, policy: Policy, layers: list[int] | None = None) -> dict[int, torch.Tensor]:
+        """U of each step under `policy`: {layer: [S] int64}. Each step's B tokens form one batch."""
+        out = {}
+        for layer in layers or self.layers:
+            spec = self.specs[layer]
+            x = self.logits[layer]
+            out[layer] = torch.stack([
+                unique_experts(policy(x[s].float(), spec, self.valid[s], layer=layer), spec.num_experts)
+                for s in range(self.steps)
+            ])
+        return out
+
+    def rebatch(self, batch_size: int) -> Trace:
+        """Decode batches of `batch_size` sequences: sequences are split into groups of `batch_size`
+        (the last incomplete group dropped) and the groups' steps follow one another."""
+        B = self.batch_size
+        if not 1 <= batch_size <= B:
+            raise ValueError(
+                f"batch size {batch_size} needs 1 <= it <= the trace's {B} sequences; record or concatenate more"
+            )
+        groups = B // batch_size
+
+        def regroup(x: torch.Tensor) -> torch.Tensor:  # [S, B, ...] -> [groups * S, batch_size, ...]
+            x = x[:, : groups * batch_size]
+            x = x.reshape(x.shape[0], groups, batch_size, *x.shape[2:]).transpose(0, 1)
+            return x.reshape(groups * x.shape[1], batch_size, *x.shape[3:])
+
+        meta = dict(self.meta, rebatched_from=B)
+        return Trace({k: regroup(v) for k, v in self.logits.items()}, regroup(self.valid), dict(self.specs), meta)
+
+    @staticmethod
+    def concat(traces: list[Trace]) -> Trace:
+        """Put the sequences of several traces side by side (same model); shorter ones are padded with
+        invalid steps."""
+        if not traces:
+            raise ValueError("nothing to concatenate")
+        first = traces[0]
+        for t in traces[1:]:
+            first.check_compatible(t.specs, what="a trace being concatenated")
+        S = max(t.steps for t in traces)
+
+        def pad(x: torch.Tensor, fill) -> torch.Tensor:
+            extra = S - x.shape[0]
+            return x if extra == 0 else torch.cat([x, x.new_full((extra, *x.shape[1:]), fill)])
+
+        logits = {k: torch.cat([pad(t.logits[k], 0) for t in traces], dim=1) for k in first.layers}
+        valid = torch.cat([pad(t.valid, False) for t in traces], dim=1)
+        return Trace(logits, valid, dict(first.specs), dict(first.meta, concatenated=len(traces)))
+
+    def check_compatible(self, specs: dict[int, RouterSpec] | Any, what: str = "this model") -> None:
+        """Raise if `specs` (or a model with a transformers config) routes differently from the trace."""
+        if not isinstance(specs, dict):
+            from .hf.apply import layer_spec, moe_routers
+
+            base = RouterSpec.from_config(specs.config)
+            specs = {i: layer_spec(base, r) for i, r in moe_routers(specs)}
+        if sorted(specs) != self.layers:
+            raise ValueError(f"the trace has MoE layers {self.layers} but {what} has {sorted(specs)}")
+        for layer, spec in specs.items():
+            mine = self.specs[layer]
+            if _spec_dict(spec) != _spec_dict(mine):
+                raise ValueError(
+                    f"the trace was recorded on a model ({self.meta.get('model', '?')}) whose layer {layer} routes as "
+                    f"{_spec_dict(mine)}, but {what} routes as {_spec_dict(spec)}"
+                )
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        from . import __version__
+
+        tensors = {f"logits.{k}": v.contiguous() for k, v in self.logits.items()}
+        tensors["valid"] = self.valid.contiguous()
+        for k, spec in self.specs.items():
+            if spec.e_score_correction_bias is not None:
+                tensors[f"bias.{k}"] = spec.e_score_correction_bias.detach().float().cpu().contiguous()
+        header = {
+            "format": FORMAT,
+            "version": __version__,
+            "specs": {str(k): _spec_dict(s) for k, s in self.specs.items()},
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "dtype": str(next(iter(self.logits.values())).dtype).removeprefix("torch."),
+            "meta": self.meta,
+        }
+        path = Path(path)
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata={"moe_reroute": json.dumps(header)})
+        return path
+
+
+def load(path: str | Path) -> Trace:
+    """Read a trace written by `Trace.save`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no trace at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("moe_reroute")
+    try:
+        header = json.loads(raw) if raw is not None else None
+    except json.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is a safetensors file but not a moe-reroute trace (no trace header)")
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{path}: unsupported trace format {header.get('format')!r}; this version reads {FORMAT}")
+    tensors = load_file(str(path))
+    specs = {}
+    for k, d in header["specs"].items():
+        bias = tensors.get(f"bias.{k}")
+        specs[int(k)] = RouterSpec(**d, e_score_correction_bias=bias)
+    logits = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("logits.")}
+    return Trace(logits, tensors["valid"].bool(), specs, header.get("meta", {}))
+
+
+def _spec_dict(spec: RouterSpec) -> dict[str, Any]:
+    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "e_score_correction_bias"}

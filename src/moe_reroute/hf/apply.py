@@ -111,7 +111,26 @@ class LayoutTracker:
         self.handle.remove()
 
 
-class Applied:
+class HookSet:
+    """Hooks installed on a model together: `.remove()` takes them all off; also a context manager."""
+
+    _handles: list
+    _tracker: LayoutTracker
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._tracker.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class Applied(HookSet):
     """Handle returned by `apply`: `.remove()` restores the model; also a context manager."""
 
     def __init__(self, model, policy, spec, routers, phase, tracker) -> None:
@@ -148,18 +167,6 @@ class Applied:
             return (logits, weights.to(spec.model_weights_dtype(logits.dtype)), ids.to(output[2].dtype))
 
         return hook
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self._tracker.remove()
-
-    def __enter__(self) -> Applied:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
     def __repr__(self) -> str:
         return f"Applied({self.policy!r}, phase={self.phase!r}, layers={self.layers})"

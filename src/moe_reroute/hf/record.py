@@ -14,7 +14,7 @@ from torch import nn
 
 from ..contract import RouterSpec
 from ..policies.native import native_topk
-from .apply import LayoutTracker, decoder, layer_spec, moe_routers
+from .apply import HookSet, LayoutTracker, decoder, layer_spec, moe_routers
 
 KEEP = ("counts", "routing", "logits")
 
@@ -42,7 +42,7 @@ class StepRecord:
     layers: dict[int, LayerRecord] = field(default_factory=dict)
 
 
-class Recorder:
+class Recorder(HookSet):
     """Collects a `StepRecord` per forward pass into `.steps`; `.remove()` detaches (context manager too).
 
     keep: "counts" (U per layer and position, cheap enough to leave on), "routing" (also ids and weights,
@@ -138,14 +138,3 @@ class Recorder:
         meta = {"model": self.model_name, "source": "moe_reroute.hf.Recorder", "decode_only": decode_only}
         return Trace({k: torch.cat(v) for k, v in logits.items()}, torch.cat(valid), specs, meta)
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self._tracker.remove()
-
-    def __enter__(self) -> Recorder:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()

@@ -1,0 +1,35 @@
+"""The embedded default model: a small Qwen3-MoE trained by the project (128 experts, top-8).
+
+`path()` is the folder holding config, bf16 weights, tokenizer and held-out text; `load()` returns
+(model, tokenizer, heldout_text) on CPU in float32, without network access. Rebuild it with
+`moe-reroute train-reference` (see moe_reroute.reference.train).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "heldout.txt")
+
+
+def path() -> Path:
+    """The local folder of the shipped reference model (loadable by path by transformers or vLLM)."""
+    folder = Path(__file__).resolve().parent / "model"
+    missing = [f for f in FILES if not (folder / f).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"the reference model files {missing} are not in {folder}; this install lacks the shipped model. "
+            "Reinstall moe-reroute, or rebuild it with `moe-reroute train-reference`."
+        )
+    return folder
+
+
+def load(dtype=None):
+    """(model, tokenizer, heldout_text): the reference model on CPU, float32 by default, eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    folder = path()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, local_files_only=True)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
+    return model.eval(), tokenizer, (folder / "heldout.txt").read_text()

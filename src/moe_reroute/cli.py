@@ -1,0 +1,68 @@
+"""The `moe-reroute` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_WORKDIR = Path.home() / ".cache" / "moe_reroute" / "reference"
+
+
+def _train_reference(args) -> int:
+    from .reference.train import TrainConfig, train
+
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "reference" / "model"
+    cfg = TrainConfig(train_tokens=args.tokens, seed=args.seed)
+    print(f"corpus, tokenizer and checkpoints in {args.workdir}; {cfg.steps} steps of "
+          f"{cfg.batch_size}x{cfg.seq_len} tokens; an interrupted run resumes from its last checkpoint")
+    folder = train(Path(args.workdir), out, cfg)
+    print(f"model written to {folder}")
+    return 0
+
+
+def _reference_card(args) -> int:
+    import torch
+
+    from .reference import card, load, path
+
+    model, tokenizer, heldout = load()
+    folder = path()
+    ids = card.heldout_ids(tokenizer, heldout)
+    result = {
+        "heldout_tokens": len(ids),
+        "heldout_ce": round(card.cross_entropy(model, ids), 4),
+        "heldout_ce_slice": round(card.cross_entropy(model, ids, max_tokens=4096), 4),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "routing": card.routing_stats(model, ids),
+        "sha256": {f.name: card.sha256(f) for f in sorted(folder.iterdir()) if f.name != "card.json"},
+    }
+    if args.workdir and (Path(args.workdir) / "train_ids.pt").exists():
+        train_ids = torch.load(Path(args.workdir) / "train_ids.pt").long()
+        result["baselines"] = {k: round(v, 4) for k, v in
+                               card.ngram_baselines(train_ids, ids, model.config.vocab_size).items()}
+    text = json.dumps(result, indent=1)
+    (folder / "card.json").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moe-reroute", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train-reference", help="rebuild corpus, tokenizer and the reference model from scratch")
+    p.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="corpus, tokenizer and checkpoints")
+    p.add_argument("--out", default=None, help="where to write the model (default: the package's own folder)")
+    p.add_argument("--tokens", type=int, default=10_000_000, help="training tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_train_reference)
+    p = sub.add_parser("reference-card", help="measure the shipped reference model for its model card")
+    p.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="training corpus for the n-gram baselines")
+    p.set_defaults(run=_reference_card)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Measure the reference model for its model card: held-out cross-entropy next to unigram and bigram
+baselines, routing statistics at decode batch 16, per-layer expert load, checksums."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+BATCH = 16
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def heldout_ids(tokenizer, text: str) -> torch.Tensor:
+    ids = []
+    for chunk in text.split("\n\n"):
+        ids.extend(tokenizer(chunk + "\n\n")["input_ids"])
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@torch.no_grad()
+def cross_entropy(model, ids: torch.Tensor, seq_len: int = 256, max_tokens: int | None = None) -> float:
+    """Mean next-token cross-entropy (nats) over consecutive windows of `seq_len` tokens."""
+    n = (len(ids) - 1) // seq_len
+    if max_tokens is not None:
+        n = min(n, max(1, max_tokens // seq_len))
+    x = ids[: n * seq_len + 1]
+    inputs = x[:-1].view(n, seq_len)
+    targets = x[1:].view(n, seq_len)
+    total = 0.0
+    for i in range(0, n, 8):
+        logits = model(input_ids=inputs[i : i + 8]).logits.float()
+        total += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets[i : i + 8].reshape(-1), reduction="sum"
+        ).item()
+    return total / (n * seq_len)
+
+
+def ngram_baselines(train: torch.Tensor, held: torch.Tensor, vocab: int) -> dict[str, float]:
+    """Unigram (add-one) and Witten-Bell interpolated bigram cross-entropy (nats) on the held-out tokens."""
+    uni = torch.bincount(train, minlength=vocab).double() + 1
+    p_uni = uni / uni.sum()
+    ce_uni = -p_uni[held].log().mean().item()
+    pairs = Counter(zip(train[:-1].tolist(), train[1:].tolist()))
+    count = torch.bincount(train[:-1], minlength=vocab).double()
+    types = torch.zeros(vocab, dtype=torch.float64)
+    for (a, _b) in pairs:
+        types[a] += 1
+    total = 0.0
+    for a, b in zip(held[:-1].tolist(), held[1:].tolist()):
+        c, t = count[a].item(), types[a].item()
+        lam = c / (c + t) if c > 0 else 0.0
+        p = (lam * pairs.get((a, b), 0) / c if c > 0 else 0.0) + (1 - lam) * p_uni[b].item()
+        total -= math.log(p)
+    return {"unigram": ce_uni, "bigram": total / (len(held) - 1)}
+
+
+@torch.no_grad()
+def routing_stats(model, ids: torch.Tensor, seq_len: int = 128) -> dict:
+    """Decode-batch statistics: B=16 held-out sequences side by side, each position one batch."""
+    from ..contract import RouterSpec
+    from ..hf import Recorder
+
+    spec = RouterSpec.from_config(model.config)
+    E, K = spec.num_experts, spec.top_k
+    n = (len(ids) // seq_len) // BATCH * BATCH
+    seqs = ids[: n * seq_len].view(n, seq_len)
+    u_sum: dict[int, float] = {}
+    u_count = 0
+    load: dict[int, torch.Tensor] = {}
+    share = torch.zeros(3, dtype=torch.float64)
+    rows = 0
+    for g in range(0, n, BATCH):
+        with Recorder(model, keep="logits") as rec:
+            model(input_ids=seqs[g : g + BATCH])
+        step = rec.steps[0]
+        for layer, r in step.layers.items():
+            u_sum[layer] = u_sum.get(layer, 0.0) + float(r.native_unique.double().sum())
+            counts = torch.bincount(r.native_ids.flatten(), minlength=E)
+            load[layer] = load.get(layer, torch.zeros(E, dtype=torch.long)) + counts
+            probs = torch.softmax(r.logits.double(), -1).sort(-1, descending=True).values.cumsum(-1)
+            share += probs[:, [0, 2, K - 1]].sum(0)
+            rows += probs.shape[0]
+        u_count += seq_len
+    uniform = E * (1 - (1 - K / E) ** BATCH)
+    per_layer_load = {}
+    for layer, c in load.items():
+        ratio = c.double() / (c.sum().double() / E)
+        per_layer_load[layer] = {"min_x_uniform": round(ratio.min().item(), 3), "max_x_uniform": round(ratio.max().item(), 3)}
+    return {
+        "batch": BATCH,
+        "mean_unique_experts": {k: round(v / u_count, 2) for k, v in u_sum.items()},
+        "uniform_expectation": round(uniform, 2),
+        "mass_share_top1_top3_topK": [round(x, 4) for x in (share / rows).tolist()],
+        "per_layer_load": per_layer_load,
+        "tokens": n * seq_len,
+    }

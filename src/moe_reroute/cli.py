@@ -36,7 +36,7 @@ def _reference_card(args) -> int:
         "heldout_ce_slice": round(card.cross_entropy(model, ids, max_tokens=4096), 4),
         "parameters": sum(p.numel() for p in model.parameters()),
         "routing": card.routing_stats(model, ids),
-        "sha256": {f.name: card.sha256(f) for f in sorted(folder.iterdir()) if f.name != "card.json"},
+        "sha256": {f.name: card.sha256(f) for f in sorted(folder.iterdir()) if f.name not in ("card.json", "MODEL_CARD.md")},
     }
     if args.workdir and (Path(args.workdir) / "train_ids.pt").exists():
         train_ids = torch.load(Path(args.workdir) / "train_ids.pt").long()
@@ -44,7 +44,10 @@ def _reference_card(args) -> int:
                                card.ngram_baselines(train_ids, ids, model.config.vocab_size).items()}
     text = json.dumps(result, indent=1)
     (folder / "card.json").write_text(text + "\n")
+    training = json.loads((folder / "training.json").read_text())
+    (folder / "MODEL_CARD.md").write_text(card.render(result, training))
     print(text)
+    print(f"model card written to {folder / 'MODEL_CARD.md'}")
     return 0
 
 

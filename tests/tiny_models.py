@@ -48,3 +48,18 @@ def tiny_model(arch, seed=0, dtype=None):
             if name.endswith(("gate.weight", "router.weight")):
                 p.normal_(0, 0.3)
     return model
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer over 63 symbols ([PAD] = 0), for the tiny models' vocabulary of 64."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = string.ascii_letters + " .,\n!?'-:"
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import reference
+from . import bench, measure, reference
 
-COMMANDS = [reference]
+COMMANDS = [reference, measure, bench]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     for module in COMMANDS:
         module.add_parsers(sub)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for reports
     return args.run(args)
 
 

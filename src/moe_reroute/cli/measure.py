@@ -1,0 +1,222 @@
+"""`moe-reroute eval`, `moe-reroute report` and `moe-reroute calibrate`: quality against native routing,
+reports with plots, and SERE's expert similarity for a model."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+DEFAULT_POLICIES = ("cap:k=4", "oea:k0=3", "sere", "budget:budget=32")
+
+
+def command_line(args) -> str:
+    return "moe-reroute " + " ".join(shlex.quote(a) for a in args.argv)
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise SystemExit(f"error: expected comma-separated integers such as 1,4,16, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise SystemExit(f"error: expected positive integers such as 1,4,16, got {text!r}")
+    return values
+
+
+def load_model(path: str | None, text: str | None, need_text: bool = True):
+    """(model, tokenizer, held-out text) for --model/--text; the shipped reference model by default."""
+    if path is None:
+        from ..reference import load
+
+        model, tokenizer, heldout = load()
+        if text is not None:
+            heldout = read_text(text)
+        return model, tokenizer, heldout
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(path)
+    if not (folder / "config.json").exists():
+        raise SystemExit(f"error: {folder} is not a local transformers checkpoint (no config.json); give a folder "
+                         "with config.json, weights and tokenizer")
+    if text is None and need_text:
+        raise SystemExit("error: --text FILE is needed with --model: held-out text the model was not trained on")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    check_moe(model)
+    return model, tokenizer, read_text(text) if text is not None else ""
+
+
+def check_moe(model) -> None:
+    from ..contract import SUPPORTED_ARCHITECTURES
+    from ..hf.apply import ROUTERS, moe_routers
+
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in ROUTERS or not list(moe_routers(model)):
+        raise SystemExit(f"error: {type(model).__name__} (model_type {model_type!r}) is not a supported MoE model; "
+                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def read_text(path: str) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise SystemExit(f"error: no text file at {p}")
+    return p.read_text()
+
+
+def default_policies(model) -> list[str]:
+    """DEFAULT_POLICIES, without sere when the model folder has no calibrated similarity (said on stderr)."""
+    from ..measure.evaluate import SIMILARITY_FILE
+
+    folder = Path(getattr(model, "name_or_path", "") or ".")
+    if (folder / SIMILARITY_FILE).exists():
+        return list(DEFAULT_POLICIES)
+    print(f"note: sere left out: {folder} has no {SIMILARITY_FILE}; make one with `moe-reroute calibrate` and "
+          "pass --policy sere:similarity=FILE", file=sys.stderr)
+    return [p for p in DEFAULT_POLICIES if not p.startswith("sere")]
+
+
+def build_policies(specs, model, with_native: bool = False) -> dict:
+    from ..measure.evaluate import build_policy
+    from ..measure.specs import parse_policy_spec
+
+    out = {}
+    for spec in specs:
+        try:
+            name, params = parse_policy_spec(spec)
+            out[spec] = build_policy(name, params, model)
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            raise SystemExit(f"error: policy {spec!r}: {e}") from None
+    if with_native:
+        out = {"native": build_policy("native", {}, model), **{k: v for k, v in out.items() if k != "native"}}
+    return out
+
+
+def _eval(args) -> int:
+    from ..measure import report
+    from ..measure.evaluate import EvalConfig, evaluate, generation_check, make_sequences
+    from ..reference.card import heldout_ids
+
+    batch_sizes = int_list(args.batch_sizes)
+    model, tokenizer, text = load_model(args.model, args.text, need_text=not args.task)
+    policies = build_policies(args.policy or default_policies(model), model)
+    policies.pop("native", None)  # native is always the reference row
+    if args.task:
+        return _eval_task(args, model, tokenizer, policies)
+    try:
+        config = EvalConfig(batch_sizes=batch_sizes, seq_len=args.seq_len,
+                            num_sequences=args.sequences, resamples=args.resamples)
+        ids = heldout_ids(tokenizer, text)
+        result = evaluate(model, ids, policies, config, progress=not args.json)
+        generation = None
+        if args.generate > 0:
+            seqs = make_sequences(ids, config.seq_len, config.num_sequences)
+            gb = min(args.generation_batch, seqs.shape[0])
+            prompts = seqs[:gb, : min(32, config.seq_len)]
+            generation = generation_check(model, prompts, policies, max_new_tokens=args.generate)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    result["generation"] = generation
+    if not args.json:
+        print(report.quality_table(result["rows"]))
+        for g in generation or []:
+            print(f"generation {g['policy']}: {g['differing_tokens']}/{g['generated_tokens']} tokens differ from "
+                  f"native greedy; {g['identical_sequences']}/{g['batch_size']} sequences identical")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps({"command": command_line(args), **result}, indent=1) + "\n")
+        if not args.json:
+            print(f"results written to {out / 'eval.json'}; make plots with `moe-reroute report {out / 'eval.json'}`")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def _eval_task(args, model, tokenizer, policies) -> int:
+    from ..measure.tasks import evaluate_task
+
+    try:
+        result = evaluate_task(model, tokenizer, args.task, policies, batch_sizes=int_list(args.batch_sizes),
+                               max_new_tokens=args.generate or 32, resamples=args.resamples)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"| policy | batch | {result['rows'][0]['metric']} | Δ [95% CI] | significant loss |")
+    print("| --- | ---: | ---: | --- | --- |")
+    for r in result["rows"]:
+        lo, hi = r["delta_ci"]
+        print(f"| `{r['policy']}` | {r['batch_size']} | {r['score']:.3f} ± {r['score_se']:.3f} | "
+              f"{r['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {'yes' if r['significant_loss'] else 'no'} |")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "task.json").write_text(json.dumps({"command": command_line(args), **result}, indent=1) + "\n")
+        print(f"results written to {out / 'task.json'}")
+    return 0
+
+
+def _report(args) -> int:
+    from ..measure import report
+
+    data = json.loads(Path(args.eval_json).read_text())
+    bench = json.loads(Path(args.bench).read_text()) if args.bench else None
+    evaluation = {"rows": data["rows"], "conditions": data["conditions"]}
+    command = data.get("command", "") + (f"\n{bench.get('command', '')}" if bench else "")
+    try:
+        path = report.write(Path(args.out), evaluation, command, bench=bench, generation=data.get("generation"),
+                            batch=args.batch_size)
+    except (ValueError, ImportError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"report written to {path}")
+    return 0
+
+
+def _calibrate(args) -> int:
+    from ..hf.calibrate import calibrate_similarity, save_similarity
+
+    model, tokenizer, text = load_model(args.model, args.text)
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    similarity = calibrate_similarity(model, ["\n\n".join(paragraphs)], tokenizer=tokenizer, method=args.method,
+                                      max_tokens=args.tokens)
+    path = save_similarity(similarity, args.out, method=args.method, tokens=args.tokens)
+    print(f"similarity of {len(similarity)} layers written to {path}; use it with `--policy sere:similarity={path}`")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("eval", help="quality of policies against native routing at decode batch sizes")
+    p.add_argument("--model", help="local transformers MoE checkpoint (default: the shipped reference model)")
+    p.add_argument("--text", help="held-out text file (default with the reference model: its held-out split)")
+    p.add_argument("--policy", action="append", help="policy spec, repeatable: oea:k0=3, cap:k=4, "
+                   "sere:similarity=FILE, budget:budget=32 (default: " + " ".join(DEFAULT_POLICIES) + ")")
+    p.add_argument("--task", help="JSONL task file instead of held-out text: multiple choice "
+                   "({context, choices, answer}) or generation ({prompt, target})")
+    p.add_argument("--batch-sizes", default="1,4,8,16,32,64", help="decode batch sizes (default 1,4,8,16,32,64)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--sequences", type=int, default=64, help="sequences of held-out text (default 64)")
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--generate", type=int, default=32, help="greedy tokens per prompt for the generation check (0: skip)")
+    p.add_argument("--generation-batch", type=int, default=16, help="prompts in the generation check (default 16)")
+    p.add_argument("--out", help="folder for eval.json")
+    p.add_argument("--json", action="store_true", help="print one JSON object, no table or progress")
+    p.set_defaults(run=_eval)
+
+    p = sub.add_parser("report", help="plots and a Markdown report from `eval --out` (and `bench --json`) results")
+    p.add_argument("eval_json", help="eval.json written by `moe-reroute eval --out DIR`")
+    p.add_argument("--bench", help="JSON written by `moe-reroute bench --json > FILE`")
+    p.add_argument("--batch-size", type=int, help="batch size of the Pareto and per-layer plots (default 16)")
+    p.add_argument("--out", default="moe-reroute-report", help="output folder (default ./moe-reroute-report)")
+    p.set_defaults(run=_report)
+
+    p = sub.add_parser("calibrate", help="SERE expert similarity of a model, from calibration text")
+    p.add_argument("--model", help="local transformers MoE checkpoint (default: the shipped reference model)")
+    p.add_argument("--text", required=True, help="calibration text (not the text you evaluate on)")
+    p.add_argument("--method", default="cka", choices=("cka", "cosine", "frobenius"))
+    p.add_argument("--tokens", type=int, default=512, help="calibration tokens (default 512)")
+    p.add_argument("--out", required=True, help="similarity file to write (.safetensors)")
+    p.set_defaults(run=_calibrate)

@@ -1,0 +1,271 @@
+"""Quality of a policy against native routing on held-out text, at the decode batch sizes a server sees.
+
+How a decode batch is formed: the text is cut into N sequences of L tokens. For batch size B, the
+sequences go B at a time through one teacher-forced forward [B, L] with the policy applied in
+`phase="decode-sim"`: at every position, each MoE layer routes the B tokens at that position together,
+exactly the B tokens a server's decode step would hold (B different sequences, one step each). The
+native forward of the same [B, L] batch is the reference, so every comparison is paired by sequence.
+
+B = batch size, L = tokens per sequence, V = vocabulary, N = sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..contract import RouterSpec, Routing
+from ..metrics import experts_per_token
+from ..policies import Policy, make_policy
+from .stats import mean_se, paired_bootstrap, worse_by_se_rule
+
+DEFAULT_BATCH_SIZES = (1, 4, 8, 16, 32, 64)
+SIMILARITY_FILE = "sere_similarity.safetensors"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    seq_len: int = 128
+    num_sequences: int = 64
+    resamples: int = 2000
+    confidence: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch sizes must be >= 1, got {self.batch_sizes}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2 (one prediction needs two tokens), got {self.seq_len}")
+        if self.num_sequences < 2:
+            raise ValueError(f"num_sequences must be >= 2 for paired statistics, got {self.num_sequences}")
+
+
+def build_policy(name: str, params: dict, model: nn.Module | None = None) -> Policy:
+    """make_policy with model-aware parameters: SERE's `similarity` may be a file path, and without one
+    the model folder's `sere_similarity.safetensors` (written by `moe-reroute calibrate`) is used."""
+    params = dict(params)
+    if name == "sere":
+        from ..hf.calibrate import load_similarity
+
+        E = RouterSpec.from_config(model.config).num_experts if model is not None else None
+        sim = params.get("similarity")
+        if sim is None:
+            folder = Path(getattr(model, "name_or_path", "") or ".") if model is not None else None
+            if folder is None or not (folder / SIMILARITY_FILE).exists():
+                raise ValueError(
+                    "sere needs expert similarity: run `moe-reroute calibrate --model PATH --text FILE --out "
+                    "sim.safetensors` and pass `sere:similarity=sim.safetensors`"
+                )
+            sim = folder / SIMILARITY_FILE
+        if isinstance(sim, (str, Path)):
+            params["similarity"] = load_similarity(sim, num_experts=E)
+    return make_policy(name, **params)
+
+
+def make_sequences(ids: torch.Tensor, seq_len: int, num_sequences: int) -> torch.Tensor:
+    """[N, L]: consecutive, non-overlapping windows of the token stream (the first N that fit)."""
+    available = ids.numel() // seq_len
+    if available < 2:
+        raise ValueError(
+            f"the text gives {ids.numel()} tokens, fewer than 2 sequences of {seq_len}; give more text or "
+            "a smaller --seq-len"
+        )
+    n = min(num_sequences, available)
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def _check_batch_sizes(batch_sizes, n: int, seq_len: int) -> None:
+    too_big = [b for b in batch_sizes if b > n]
+    if too_big:
+        raise ValueError(
+            f"batch sizes {too_big} need more sequences than the {n} of {seq_len} tokens available; use "
+            "smaller batch sizes, a smaller --seq-len, more --sequences or more text"
+        )
+
+
+class _Pass:
+    """Per-token results of one policy over the sequences of one batch size."""
+
+    def __init__(self, n: int, layers: list[int]) -> None:
+        self.ce = torch.zeros(n, dtype=torch.float64)  # [N] mean CE of each sequence
+        self.agree = torch.zeros(n, dtype=torch.float64)  # [N] top-1 agreement with native
+        self.kl = torch.zeros(n, dtype=torch.float64)  # [N] mean KL(native || policy)
+        self.u = {layer: [] for layer in layers}  # layer -> [S] U of each position, per batch
+        self.native_u = {layer: [] for layer in layers}
+        self.kept: list[torch.Tensor] = []  # [N*L] experts per token, per layer
+
+
+def _forward(model, batch: torch.Tensor, policy: Policy | None, keep: str):
+    from ..hf import Recorder, apply
+
+    with Recorder(model, keep=keep) as rec:
+        if policy is None:
+            logits = model(input_ids=batch).logits.float()
+        else:
+            with apply(model, policy, phase="decode-sim"):
+                logits = model(input_ids=batch).logits.float()
+    return logits, rec.steps[-1]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    ids: torch.Tensor,
+    policies: dict[str, Policy],
+    config: EvalConfig = EvalConfig(),
+    progress: bool = True,
+) -> dict:
+    """Compare every policy with native routing at every batch size.
+
+    Args:
+      ids: [tokens] held-out token stream.
+      policies: {label: Policy}, e.g. {"oea:k0=3": make_policy("oea", k0=3)}.
+    Returns: {"rows": [one dict per (policy, batch size)], "conditions": {...}}; each row holds
+      cross-entropy and perplexity, the paired difference to native with its CI, the OEA paper's
+      standard-error rule, top-1 agreement and KL to native, mean U per layer (policy and native) and
+      mean experts kept per token.
+    """
+    sequences = make_sequences(ids, config.seq_len, config.num_sequences)
+    N, L = sequences.shape
+    _check_batch_sizes(config.batch_sizes, N, L)
+    spec = RouterSpec.from_config(model.config)
+    from ..hf.apply import moe_routers
+
+    layers = [i for i, _ in moe_routers(model)]
+    total = sum((N // b) * (1 + len(policies)) for b in config.batch_sizes)
+    bar = _bar(total, progress, "evaluating")
+    rows = []
+    for B in config.batch_sizes:
+        n = N // B * B
+        native = _Pass(n, layers)
+        passes = {label: _Pass(n, layers) for label in policies}
+        for g in range(0, n, B):
+            batch = sequences[g : g + B]
+            targets = batch[:, 1:]  # [B, L-1]
+            ref_logits, ref_step = _forward(model, batch, None, "counts")
+            bar.update(1)
+            ref_logp = F.log_softmax(ref_logits[:, :-1], dim=-1)  # [B, L-1, V]
+            ref_top1 = ref_logp.argmax(-1)
+            native.ce[g : g + B] = -ref_logp.gather(-1, targets[..., None])[..., 0].double().mean(-1)
+            native.agree[g : g + B] = 1.0
+            for layer, rec in ref_step.layers.items():
+                native.u[layer].append(rec.native_unique)
+            for label, policy in policies.items():
+                logits, step = _forward(model, batch, policy, "routing")
+                bar.update(1)
+                logp = F.log_softmax(logits[:, :-1], dim=-1)
+                p = passes[label]
+                p.ce[g : g + B] = -logp.gather(-1, targets[..., None])[..., 0].double().mean(-1)
+                p.agree[g : g + B] = (logp.argmax(-1) == ref_top1).double().mean(-1)
+                kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # [B, L-1]
+                p.kl[g : g + B] = kl.double().mean(-1)
+                for layer, rec in step.layers.items():
+                    p.u[layer].append(rec.unique)
+                    p.native_u[layer].append(rec.native_unique)
+                    p.kept.append(experts_per_token(Routing(rec.weights, rec.ids, None)).double())
+        native_u = {layer: torch.cat(v).double().mean().item() for layer, v in native.u.items()}
+        rows.append(_row("native", B, native, native, native_u, native_u, None, config, spec))
+        for label, p in passes.items():
+            u = {layer: torch.cat(v).double().mean().item() for layer, v in p.u.items()}
+            kept = torch.cat(p.kept).mean().item() if p.kept else float(spec.top_k)
+            rows.append(_row(label, B, p, native, u, native_u, kept, config, spec))
+    bar.close()
+    conditions = {
+        "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
+        "model_type": model.config.model_type,
+        "num_experts": spec.num_experts,
+        "top_k": spec.top_k,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "sequences": N,
+        "seq_len": L,
+        "predicted_tokens_per_sequence": L - 1,
+        "batching": "teacher-forced [B, L] forward; at each position the B tokens of B different sequences "
+        "are routed together as one decode batch (phase='decode-sim')",
+        "confidence": config.confidence,
+        "bootstrap_resamples": config.resamples,
+        "bootstrap_unit": "sequence",
+    }
+    return {"rows": rows, "conditions": conditions}
+
+
+def _row(label, B, p: _Pass, native: _Pass, u, native_u, kept, config: EvalConfig, spec) -> dict:
+    n = p.ce.numel()
+    diff = paired_bootstrap(p.ce, native.ce, config.resamples, config.confidence, config.seed)
+    ce, ce_se = mean_se(p.ce)
+    return {
+        "policy": label,
+        "batch_size": B,
+        "sequences": n,
+        "cross_entropy": ce,
+        "cross_entropy_se": ce_se,
+        "perplexity": float(torch.tensor(ce).exp()),
+        "delta_ce": diff.mean,
+        "delta_ce_ci": [diff.ci_low, diff.ci_high],
+        "significant_loss": diff.ci_low > 0,
+        "significant_gain": diff.ci_high < 0,
+        "worse_by_se_rule": worse_by_se_rule(p.ce, native.ce, higher_is_better=False),
+        "top1_agreement": p.agree.mean().item(),
+        "kl_native_policy": p.kl.mean().item(),
+        "mean_unique": sum(u.values()) / len(u),
+        "native_mean_unique": sum(native_u.values()) / len(native_u),
+        "unique_per_layer": {str(k): round(v, 3) for k, v in u.items()},
+        "experts_per_token": kept if kept is not None else float(spec.top_k),
+    }
+
+
+@torch.no_grad()
+def generation_check(
+    model: nn.Module, prompts: torch.Tensor, policies: dict[str, Policy], max_new_tokens: int = 32
+) -> list[dict]:
+    """Greedy generate() of a batch of prompts with each policy (decode re-routed, prefill native) against
+    native greedy on the same batch: how many generated tokens differ and the first step that differs.
+
+    Args:
+      prompts: [B, P] token ids, all of the same length (no padding).
+    """
+    from ..hf import apply
+
+    def run(policy):
+        kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
+        if policy is None:
+            out = model.generate(prompts, **kw)
+        else:
+            with apply(model, policy, phase="decode"):
+                out = model.generate(prompts, **kw)
+        return out[:, prompts.shape[1] :]  # [B, max_new_tokens]
+
+    ref = run(None)
+    results = []
+    for label, policy in policies.items():
+        out = run(policy)
+        differ = out != ref  # [B, G]
+        first = [int(torch.nonzero(row)[0]) if row.any() else None for row in differ]
+        results.append({
+            "policy": label,
+            "batch_size": prompts.shape[0],
+            "generated_tokens": int(differ.numel()),
+            "differing_tokens": int(differ.sum()),
+            "identical_sequences": sum(f is None for f in first),
+            "first_divergence_step": first,
+        })
+    return results
+
+
+def _bar(total: int, enabled: bool, desc: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with transformers
+        enabled = False
+    if enabled:
+        return tqdm(total=total, desc=desc, unit="batch")
+
+    class _Silent:
+        def update(self, n: int) -> None: ...
+        def close(self) -> None: ...
+
+    return _Silent()

@@ -1,0 +1,213 @@
+"""Reports: plots (PNG) and a Markdown page from the results of `evaluate` (and, optionally, the MoE-layer
+latency benchmark), with the exact command and conditions that produced them.
+
+Plots: quality (delta cross-entropy with its confidence interval) against U or measured latency, one
+line per policy family over its parameter sweep; U against batch size; U per layer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def family(label: str) -> str:
+    """"oea:k0=3" -> "oea"."""
+    return label.split(":", 1)[0]
+
+
+def pick_batch_size(rows: list[dict], wanted: int | None = None) -> int:
+    sizes = sorted({r["batch_size"] for r in rows})
+    if wanted is not None:
+        if wanted not in sizes:
+            raise ValueError(f"batch size {wanted} was not evaluated; evaluated: {sizes}")
+        return wanted
+    return 16 if 16 in sizes else sizes[-1]
+
+
+def _plt():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("plots need matplotlib: pip install 'moe-reroute[plots]'") from e
+    return plt
+
+
+def _latency_by_policy(bench: dict | None, batch: int) -> dict[str, float]:
+    """{policy label: latency ratio to native} at `batch` from a bench result, if it has that batch."""
+    if not bench:
+        return {}
+    for run in bench.get("runs", []):
+        if run.get("batch_size") == batch:
+            return {p["policy"]: p["ratio"] for p in run["policies"]}
+    return {}
+
+
+def plot_pareto(rows: list[dict], batch: int, path: Path, latency: dict[str, float] | None = None) -> Path:
+    """Delta cross-entropy (with CI) against mean U, or against the latency ratio when given."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    at = [r for r in rows if r["batch_size"] == batch]
+    use_latency = bool(latency) and all(r["policy"] in latency for r in at)
+    for fam in dict.fromkeys(family(r["policy"]) for r in at):
+        pts = [r for r in at if family(r["policy"]) == fam]
+        xs = [latency[r["policy"]] if use_latency else r["mean_unique"] for r in pts]
+        order = sorted(range(len(pts)), key=lambda i: xs[i])
+        xs = [xs[i] for i in order]
+        pts = [pts[i] for i in order]
+        ys = [r["delta_ce"] for r in pts]
+        err = [[r["delta_ce"] - r["delta_ce_ci"][0] for r in pts], [r["delta_ce_ci"][1] - r["delta_ce"] for r in pts]]
+        marker = "*" if fam == "native" else "o"
+        ax.errorbar(xs, ys, yerr=err, marker=marker, capsize=3, label=fam, markersize=9 if fam == "native" else 5)
+        for x, r in zip(xs, pts):
+            if ":" in r["policy"]:
+                ax.annotate(r["policy"].split(":", 1)[1], (x, r["delta_ce"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("MoE-layer latency / native (measured)" if use_latency else "mean distinct experts per layer (U)")
+    ax.set_ylabel("Δ cross-entropy vs native (nats, 95% CI)")
+    ax.set_title(f"quality vs cost at decode batch {batch}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_u_vs_batch(rows: list[dict], path: Path, uniform: dict[int, float] | None = None) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label in dict.fromkeys(r["policy"] for r in rows):
+        pts = sorted((r["batch_size"], r["mean_unique"]) for r in rows if r["policy"] == label)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, lw=2 if label == "native" else 1)
+    if uniform:
+        xs = sorted(uniform)
+        ax.plot(xs, [uniform[x] for x in xs], ls="--", color="grey", label="uniform routing")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("decode batch size")
+    ax.set_ylabel("mean distinct experts per layer (U)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_u_per_layer(rows: list[dict], batch: int, path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in (r for r in rows if r["batch_size"] == batch):
+        layers = sorted(r["unique_per_layer"], key=int)
+        ax.plot([int(x) for x in layers], [r["unique_per_layer"][x] for x in layers], marker="o", label=r["policy"],
+                lw=2 if r["policy"] == "native" else 1)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"mean U at batch {batch}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def uniform_expectation(num_experts: int, top_k: int, batch: int) -> float:
+    """E[U] when every token picks K of E experts uniformly at random: E·(1 − (1 − K/E)^B)."""
+    return num_experts * (1 - (1 - top_k / num_experts) ** batch)
+
+
+def quality_table(rows: list[dict], latency: dict[int, dict[str, float]] | None = None) -> str:
+    """Markdown table of the eval rows (latency ratio column when a bench result is given)."""
+    head = "| policy | batch | U / layer | experts / token | CE | Δ CE [95% CI] | significant loss | top-1 agree | KL |"
+    sep = "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |"
+    if latency:
+        head += " latency / native |"
+        sep += " ---: |"
+    lines = [head, sep]
+    for r in rows:
+        lo, hi = r["delta_ce_ci"]
+        line = (f"| `{r['policy']}` | {r['batch_size']} | {r['mean_unique']:.1f} | {r['experts_per_token']:.2f} | "
+                f"{r['cross_entropy']:.4f} | {r['delta_ce']:+.4f} [{lo:+.4f}, {hi:+.4f}] | "
+                f"{'yes' if r['significant_loss'] else 'no'} | {r['top1_agreement']:.3f} | {r['kl_native_policy']:.4f} |")
+        if latency:
+            ratio = latency.get(r["batch_size"], {}).get(r["policy"])
+            line += f" {ratio:.2f} |" if ratio is not None else " |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def write(
+    out: Path,
+    evaluation: dict,
+    command: str,
+    bench: dict | None = None,
+    generation: list[dict] | None = None,
+    batch: int | None = None,
+) -> Path:
+    """Write report.md, the PNG plots and results.json into `out`; returns the Markdown path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = evaluation["rows"]
+    cond = evaluation["conditions"]
+    b = pick_batch_size(rows, batch)
+    latency_at = {}
+    for run in (bench or {}).get("runs", []):
+        latency_at[run["batch_size"]] = {p["policy"]: p["ratio"] for p in run["policies"]}
+    E, K = cond["num_experts"], cond["top_k"]
+    sizes = sorted({r["batch_size"] for r in rows})
+    uniform = {s: uniform_expectation(E, K, s) for s in sizes}
+    plots = {
+        "pareto_u.png": plot_pareto(rows, b, out / "pareto_u.png"),
+        "u_vs_batch.png": plot_u_vs_batch(rows, out / "u_vs_batch.png", uniform),
+        "u_per_layer.png": plot_u_per_layer(rows, b, out / "u_per_layer.png"),
+    }
+    if latency_at.get(b):
+        plots["pareto_latency.png"] = plot_pareto(rows, b, out / "pareto_latency.png", latency_at[b])
+    (out / "results.json").write_text(json.dumps(
+        {"command": command, "evaluation": evaluation, "bench": bench, "generation": generation}, indent=1) + "\n")
+
+    md = [f"# moe-reroute report: {cond['model']}", "", "```", command, "```", "", "## Conditions", ""]
+    for k, v in cond.items():
+        md.append(f"- {k}: {v}")
+    md += ["", f"Uniform routing would activate E·(1−(1−K/E)^B) = {uniform_expectation(E, K, b):.1f} experts at batch {b}.",
+           "", "## Quality and cost", "",
+           "Δ CE is the policy's mean held-out cross-entropy minus native's on the same sequences (nats); the "
+           f"interval is a paired bootstrap over sequences ({cond['bootstrap_resamples']} resamples). "
+           "'significant loss' means the whole interval is above zero.", "",
+           quality_table(rows, latency_at or None), ""]
+    if bench:
+        md += ["## MoE-layer latency", "", _bench_section(bench), ""]
+    if generation:
+        md += ["## Greedy generation against native", "",
+               "| policy | batch | differing tokens | identical sequences | first divergence (median step) |",
+               "| --- | ---: | ---: | ---: | ---: |"]
+        for g in generation:
+            steps = sorted(s for s in g["first_divergence_step"] if s is not None)
+            med = steps[len(steps) // 2] if steps else "none"
+            md.append(f"| `{g['policy']}` | {g['batch_size']} | {g['differing_tokens']}/{g['generated_tokens']} | "
+                      f"{g['identical_sequences']}/{g['batch_size']} | {med} |")
+        md.append("")
+    md += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    return path
+
+
+def _bench_section(bench: dict) -> str:
+    lines = []
+    for key in ("shape", "device", "kernel", "dtype", "routing", "cache", "bandwidth"):
+        if key in bench:
+            v = bench[key]
+            lines.append(f"- {key}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    for run in bench.get("runs", []):
+        lines += ["", f"Batch {run['batch_size']}:", "",
+                  "| policy | U | median µs | ratio to native |", "| --- | ---: | ---: | ---: |"]
+        for p in run["policies"]:
+            lines.append(f"| `{p['policy']}` | {p['mean_unique']:.1f} | {p['median_us']:.0f} | {p['ratio']:.2f} |")
+    fit = bench.get("cost_model")
+    if fit:
+        lines += ["", f"Cost model: {fit.get('formula', 'latency = b·U + a·(T·K) + c')}: "
+                  + ", ".join(f"{k} = {v:.4g}" for k, v in fit.items() if isinstance(v, float) and math.isfinite(v))]
+    return "\n".join(lines)

@@ -10,13 +10,14 @@ DEFAULT_WORKDIR = Path.home() / ".cache" / "moe_reroute" / "reference"
 
 
 def _train_reference(args) -> int:
-    from ..reference.train import TrainConfig, train
+    from ..reference.train import TrainConfig, calibrate_sere, train
 
     out = Path(args.out) if args.out else Path(__file__).resolve().parent.parent / "reference" / "model"
     cfg = TrainConfig(train_tokens=args.tokens, seed=args.seed)
     print(f"corpus, tokenizer and checkpoints in {args.workdir}; {cfg.steps} steps of "
           f"{cfg.batch_size}x{cfg.seq_len} tokens; an interrupted run resumes from its last checkpoint")
     folder = train(Path(args.workdir), out, cfg)
+    calibrate_sere(Path(args.workdir), folder)
     print(f"model written to {folder}")
     return 0
 
@@ -39,6 +40,7 @@ def _reference_card(args) -> int:
     }
     if args.workdir and (Path(args.workdir) / "train_ids.pt").exists():
         train_ids = torch.load(Path(args.workdir) / "train_ids.pt").long()
+        result["train_split_tokens"] = len(train_ids)
         result["baselines"] = {k: round(v, 4) for k, v in
                                card.ngram_baselines(train_ids, ids, model.config.vocab_size).items()}
     text = json.dumps(result, indent=1)

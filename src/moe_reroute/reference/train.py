@@ -196,3 +196,23 @@ def export(model, tokenizer, workdir: Path, out_dir: Path, cfg: TrainConfig, log
                                                        "corpus": json.loads((workdir / "corpus.json").read_text())},
                                                       indent=1))
     return out_dir
+
+
+CALIBRATION_TOKENS = 2048
+
+
+def calibrate_sere(workdir: Path, out_dir: Path, tokens: int = CALIBRATION_TOKENS, windows: int = 16) -> Path:
+    """SERE's expert similarity (CKA) for the exported model, from `windows` evenly spaced windows of the
+    training split (never the held-out text), written beside the weights as sere_similarity.safetensors."""
+    from transformers import AutoModelForCausalLM
+
+    from ..hf.calibrate import calibrate_similarity, save_similarity
+
+    data = torch.load(workdir / "train_ids.pt").long()
+    width = tokens // windows
+    starts = torch.linspace(0, len(data) - width - 1, windows).long()
+    ids = torch.stack([data[s : s + width] for s in starts])  # [windows, width]
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, local_files_only=True).eval()
+    similarity = calibrate_similarity(model, ids, method="cka", max_tokens=tokens)
+    return save_similarity(similarity, out_dir / "sere_similarity.safetensors", method="cka", tokens=str(tokens),
+                           text=f"training split, {windows} evenly spaced windows of {width} tokens")

@@ -1,0 +1,250 @@
+"""`moe-reroute bench`: MoE-layer latency under each policy at a real model's dimensions, and the
+cost model fitted to it (latency = b·U + a·T·K + c) with bandwidth-bound predictions for GPUs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+DEFAULT_POLICIES = ("native", "cap:k=4", "oea:k0=3", "budget:budget=32")
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+class UsageError(ValueError):
+    """A bad command-line argument; the message says how to fix it."""
+
+
+def _shape(args):
+    from ..measure.shapes import custom_shape, get_shape
+
+    if args.dims and args.shape:
+        raise UsageError("give --shape or --dims, not both")
+    if args.dims:
+        return custom_shape(args.dims)
+    return get_shape(args.shape or "qwen3-30b-a3b")
+
+
+def _batch_sizes(text: str) -> list[int]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise UsageError(f"--batch-sizes must be positive integers separated by commas, e.g. 1,4,16,32; got {text!r}")
+    return sorted({int(p) for p in parts})
+
+
+def _policies(specs: list[str] | None, shape) -> tuple[dict, list[str]]:
+    """{label: Policy} checked against the shape, and notes on what was changed."""
+    import torch
+
+    from ..contract import RouterSpec
+    from ..measure.specs import policy_from_spec
+
+    notes = []
+    explicit = specs is not None
+    specs = list(dict.fromkeys(specs or DEFAULT_POLICIES))
+    if "native" not in specs:
+        specs.insert(0, "native")
+        notes.append("native added: every ratio is relative to it")
+    probe = torch.randn(4, shape.num_experts, generator=torch.Generator().manual_seed(0))
+    spec = RouterSpec(shape.num_experts, shape.top_k)
+    out = {}
+    for text in specs:
+        try:
+            policy = policy_from_spec(text)
+            policy(probe, spec, layer=0)
+        except (TypeError, ValueError) as e:
+            if explicit:
+                raise UsageError(f"{e} (shape {shape.name}: {shape.dims()})") from None
+            notes.append(f"default policy {text} skipped: it does not fit {shape.dims()}")
+            continue
+        out[text] = policy
+    return out, notes
+
+
+def _routings(args, shape, policies, batch_sizes):
+    """(routings_for(batch_size) -> {policy: [Routing]}, a line saying where the routing comes from)."""
+    from ..measure import bench
+
+    if args.routing == "uniform":
+        if args.trace:
+            raise UsageError("--trace and --routing uniform exclude each other")
+        return (lambda B: bench.uniform_routings(policies, shape, B, args.steps, seed=args.seed),
+                "routing: random logits, not a trace")
+    if args.trace:
+        from ..traces import load
+
+        trace = load(args.trace)
+        where = f"routing: trace {args.trace} (model {trace.meta.get('model', '?')})"
+    else:
+        try:
+            trace = bench.reference_trace(max(batch_sizes), max(args.steps, 8))
+        except (FileNotFoundError, ImportError, OSError) as e:
+            raise UsageError(
+                f"no routing trace: recording one from the shipped reference model failed ({str(e).splitlines()[0]}). "
+                "Give --trace PATH (a trace saved from moe_reroute.hf.Recorder) or --routing uniform"
+            ) from None
+        where = "routing: trace of the shipped reference model on held-out text (teacher-forced)"
+    bench.routings_from_trace(trace, {}, max(batch_sizes), 1, shape=shape)  # E, K and batch size checked up front
+    return (lambda B: bench.routings_from_trace(trace, policies, B, args.steps, shape=shape)), where
+
+
+def _run(args) -> int:
+    try:
+        return _bench(args)
+    except UsageError as e:
+        raise SystemExit(f"moe-reroute bench: error: {e}") from None
+
+
+def _bench(args) -> int:
+    import torch
+
+    from ..measure import bench, costmodel
+
+    try:
+        shape = _shape(args)
+        batch_sizes = _batch_sizes(args.batch_sizes)
+        policies, notes = _policies(args.policy, shape)
+        device = bench.resolve_device(args.device)
+        if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
+            raise UsageError("--steps and --repeats must be >= 1 and --warmup >= 0")
+        if args.ep is not None and not 1 <= args.ep <= shape.num_experts:
+            raise UsageError(f"--ep D needs 1 <= D <= E={shape.num_experts}, got {args.ep}")
+        routings_for, where = _routings(args, shape, policies, batch_sizes)
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from None
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    say = print
+    bandwidth = bench.measure_bandwidth(device)
+    layer = bench.MoELayer(shape, device, dtype, seed=args.seed)
+    say(f"shape {shape.name}: {shape.dims()}; {layer.dtype} on {device}; {where}")
+    say(f"peak read bandwidth {bandwidth.gbps:.1f} GB/s ({bandwidth.method})")
+    if layer.aliasing:
+        say(f"NOTE {layer.aliasing}")
+    for note in notes:
+        say(f"note: {note}")
+
+    results, routings = {}, {}
+    for B in batch_sizes:
+        routings[B] = routings_for(B)
+        res = bench.bench_policies(shape, routings[B], device, args.repeats, args.warmup, args.kernel,
+                                   progress=not args.no_progress, flush=not args.no_flush, layer=layer,
+                                   bandwidth=bandwidth, seed=args.seed)
+        results[B] = res
+        say("")
+        say(_table(B, res))
+
+    points = [p for res in results.values() for t in res.policies.values() for p in t.points]
+    out = {"shape": dataclasses.asdict(shape) | {"bytes_per_expert": shape.bytes_per_expert(layer.dtype)},
+           "routing": where, "notes": notes, "bandwidth": dataclasses.asdict(bandwidth),
+           "results": {str(B): r.to_dict() for B, r in results.items()}}
+    try:
+        model = costmodel.fit_cost_model(points)
+    except ValueError as e:
+        model = None
+        say(f"\ncost model: not fitted ({e})")
+    if model is not None:
+        say(f"\ncost model over batch sizes {batch_sizes}: {model.describe()}")
+        out["cost_model"] = model.to_dict()
+        out["predictions"] = _predictions(shape, layer.dtype, bandwidth, model, results, say)
+        if args.ep:
+            out["ep"] = _expert_parallel(shape, args.ep, model, routings, say)
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+def _table(B: int, res) -> str:
+    head = (f"batch {B}: {res.shape.name}, {res.dtype} on {res.device}, kernel {res.kernel_note}; "
+            f"{next(iter(res.policies.values())).steps} steps x {res.repeats} repeats (+{res.warmup} warm-up), "
+            f"interleaved; {res.cache}")
+    rows = [("policy", "U", "median ms", "IQR ms", "MB/step", "GB/s", "% peak", "x native")]
+    for name, t in res.policies.items():
+        ratio = f"{t.ratio_vs_native:.3f}" if t.ratio_vs_native is not None else "-"
+        rows.append((name, f"{t.mean_unique:.1f}", f"{t.median_ms:.3f}", f"{t.iqr_ms:.3f}",
+                     f"{t.bytes_per_step / 1e6:.1f}", f"{t.achieved_gbps:.1f}", f"{100 * t.peak_fraction:.0f}", ratio))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    return "\n".join([head, *lines])
+
+
+def _predictions(shape, dtype, bandwidth, model, results, say) -> list[dict]:
+    """Per batch size and policy: measured, fitted, and bandwidth lower bounds (bf16 weights on GPUs)."""
+    import torch
+
+    from ..measure.costmodel import HARDWARE_GBPS, bandwidth_bound_ms
+
+    gpu_bytes = shape.bytes_per_expert(torch.bfloat16)
+    here_bytes = shape.bytes_per_expert(dtype)
+    gpus = [k for k, v in HARDWARE_GBPS.items() if v is not None]
+    say(f"predictions (ms): fit = the cost model; {'/'.join(gpus)} = U x bf16 expert bytes / peak bandwidth, "
+        f"a lower bound (no compute, dispatch or launch cost); measured-bw = the same at this device's "
+        f"{bandwidth.gbps:.0f} GB/s in {str(dtype).removeprefix('torch.')}")
+    rows = [("batch", "policy", "U", "measured", "fit", *gpus, "measured-bw")]
+    out = []
+    for B, res in results.items():
+        for name, t in res.policies.items():
+            bounds = {g: bandwidth_bound_ms(t.mean_unique, gpu_bytes, HARDWARE_GBPS[g]) for g in gpus}
+            here = bandwidth_bound_ms(t.mean_unique, here_bytes, bandwidth.gbps)
+            fit = model.predict(t.mean_unique, t.mean_slots)
+            out.append({"batch": B, "policy": name, "unique": t.mean_unique, "measured_ms": t.median_ms,
+                        "fit_ms": fit, "bound_ms": bounds | {"measured_bandwidth": here}})
+            rows.append((str(B), name, f"{t.mean_unique:.1f}", f"{t.median_ms:.3f}", f"{fit:.3f}",
+                         *(f"{bounds[g]:.4f}" for g in gpus), f"{here:.3f}"))
+    say(_grid(rows))
+    return out
+
+
+def _expert_parallel(shape, ranks, model, routings, say) -> list[dict]:
+    """Busiest-rank U and predicted latency with experts split over D ranks in contiguous blocks."""
+    import torch
+
+    from ..measure.costmodel import HARDWARE_GBPS, bandwidth_bound_ms, ep_max_unique, ep_predict
+
+    gpu_bytes = shape.bytes_per_expert(torch.bfloat16)
+    say(f"expert parallelism over D={ranks} ranks (contiguous expert blocks; the step waits for the busiest rank): "
+        "max-U per rank, the cost model on each rank's U and slots, and the h100 bandwidth lower bound")
+    rows = [("batch", "policy", "max U/rank", "fit ms", "h100 bound ms")]
+    out = []
+    for B, by_policy in routings.items():
+        for name, steps in by_policy.items():
+            max_u = sum(ep_max_unique(r, shape.num_experts, ranks) for r in steps) / len(steps)
+            fit = sum(ep_predict(r, shape.num_experts, ranks, model) for r in steps) / len(steps)
+            bound = bandwidth_bound_ms(max_u, gpu_bytes, HARDWARE_GBPS["h100"])
+            out.append({"batch": B, "policy": name, "ranks": ranks, "max_unique_per_rank": max_u,
+                        "fit_ms": fit, "h100_bound_ms": bound})
+            rows.append((str(B), name, f"{max_u:.2f}", f"{fit:.3f}", f"{bound:.4f}"))
+    say(_grid(rows))
+    return out
+
+
+def _grid(rows) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def add_parsers(sub) -> None:
+    from ..measure.shapes import SHAPES
+
+    p = sub.add_parser("bench", help="MoE-layer latency per policy at a real model's dimensions; cost model",
+                       description=__doc__)
+    p.add_argument("--shape", default=None, help=f"layer shape: {', '.join(SHAPES)} (default qwen3-30b-a3b)")
+    p.add_argument("--dims", default=None, metavar="H,I,E,K", help="a custom shape instead of --shape")
+    p.add_argument("--trace", default=None, metavar="PATH",
+                   help="routing trace (default: recorded from the shipped reference model)")
+    p.add_argument("--routing", choices=("trace", "uniform"), default="trace",
+                   help="uniform: random router logits instead of a trace")
+    p.add_argument("--policy", action="append", default=None, metavar="SPEC",
+                   help=f"policy spec, repeatable, e.g. oea:k0=3 (default: {' '.join(DEFAULT_POLICIES)})")
+    p.add_argument("--batch-sizes", default="16", help="decode batch sizes, e.g. 1,4,16,32 (default 16)")
+    p.add_argument("--steps", type=int, default=8, help="decode steps (layer x step of the trace) per batch size")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights (default float32 CPU, bfloat16 CUDA)")
+    p.add_argument("--repeats", type=int, default=10, help="timed rounds")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    p.add_argument("--kernel", choices=("auto", "loop", "grouped_mm"), default="auto")
+    p.add_argument("--ep", type=int, default=None, metavar="D", help="also predict expert parallelism over D ranks")
+    p.add_argument("--no-flush", action="store_true", help="do not flush the caches between timed calls")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object last")
+    p.set_defaults(run=_run)

@@ -1,0 +1,255 @@
+"""`moe-reroute bench`: the MoE layer's kernels against a plain loop, U read per step, the cost model,
+expert-parallel U, policy specs and the command line. Tiny shapes on CPU; no timing assertions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moe_reroute import RouterSpec, make_policy, metrics
+from moe_reroute.cli import main
+from moe_reroute.contract import Routing
+from moe_reroute.measure import bench, costmodel
+from moe_reroute.measure.shapes import SHAPES, LayerShape, custom_shape, get_shape
+from moe_reroute.measure.specs import parse_policy_spec, policy_from_spec
+from moe_reroute.traces import Trace
+
+SHAPE = LayerShape("tiny", 32, 16, 16, 4)  # H, I, E, K
+FAKE_BW = bench.Bandwidth(10.0, "not measured (test)")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_routing(T: int, seed: int, E: int = 16, K: int = 4) -> Routing:
+    """Distinct experts per token, the last slot a weight-0 repeat of the first, a quarter invalid rows."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])  # [T, K]
+    weights = torch.rand(T, K, generator=g)
+    ids[:, -1], weights[:, -1] = ids[:, 0], 0.0
+    valid = torch.rand(T, generator=g) >= 0.25
+    valid[0] = True
+    return Routing(weights, ids, valid)
+
+
+def dense_reference(layer: bench.MoELayer, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """[T, H] float32. Algorithm:
+    1. For every valid token t and every slot k: expert e = ids[t, k], its weights in slot e mod P.
+    2. h = gate_up[e] @ x[t]; split into gate and up; y = down[e] @ (silu(gate) * up).
+    3. out[t] += weights[t, k] * y. Invalid tokens stay 0.
+    """
+    out = torch.zeros(x.shape[0], layer.shape.hidden)
+    valid = routing.valid if routing.valid is not None else torch.ones(x.shape[0], dtype=torch.bool)
+    for t in range(x.shape[0]):
+        if not valid[t]:
+            continue
+        for k in range(routing.ids.shape[1]):
+            slot = int(routing.ids[t, k]) % layer.pool
+            gate, up = (layer.gate_up[slot].float() @ x[t].float()).chunk(2)
+            out[t] += float(routing.weights[t, k]) * (layer.down[slot].float() @ (torch.nn.functional.silu(gate) * up))
+    return out
+
+
+@pytest.mark.parametrize("pool", [None, 5], ids=["all-experts", "aliased-pool"])
+@pytest.mark.parametrize("kernel", bench.KERNELS)
+def test_kernels_equal_dense_reference(kernel, pool):
+    layer = bench.MoELayer(SHAPE, "cpu", pool=pool)
+    for seed in range(3):
+        routing = random_routing(9, seed)
+        x = torch.randn(9, SHAPE.hidden, generator=torch.Generator().manual_seed(seed))
+        want = dense_reference(layer, x, routing)
+        got = layer.forward(x, routing, kernel)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert not got[~routing.valid].any(), "invalid rows must stay zero"
+
+
+def test_aliasing_is_stated():
+    assert bench.MoELayer(SHAPE, "cpu").aliasing is None
+    assert "slot e mod 5" in bench.MoELayer(SHAPE, "cpu", pool=5).aliasing
+
+
+@pytest.mark.parametrize("kernel", bench.KERNELS)
+def test_layer_reads_only_the_used_experts(kernel):
+    layer = bench.MoELayer(SHAPE, "cpu")
+    routing = random_routing(6, seed=4)
+    used = metrics.used_experts(routing, SHAPE.num_experts)  # [E]
+    layer.gate_up[~used] = float("nan")
+    layer.down[~used] = float("nan")
+    out = layer.forward(torch.randn(6, SHAPE.hidden), routing, kernel)
+    assert torch.isfinite(out).all(), "an expert outside the routing was computed"
+    if kernel == "loop":
+        assert layer.last_read == used.nonzero().flatten().tolist()
+        assert len(layer.last_read) == int(metrics.unique_experts(routing, SHAPE.num_experts))
+
+
+def test_bench_policies_reports_u_of_each_policy():
+    policies = {"native": make_policy("native"), "cap:k=2": make_policy("cap", k=2), "oea:k0=1": make_policy("oea", k0=1)}
+    routings = bench.uniform_routings(policies, SHAPE, batch_size=5, steps=2, seed=3)
+    routings["native"][1] = Routing(routings["native"][1].weights, routings["native"][1].ids,
+                                    torch.tensor([True, False, True, True, False]))
+    result = bench.bench_policies(SHAPE, routings, "cpu", repeats=2, warmup=1, kernel="auto", progress=False,
+                                  flush=False, bandwidth=FAKE_BW)
+    assert list(result.policies) == list(policies)
+    assert result.kernel in bench.KERNELS
+    for name, timing in result.policies.items():
+        us = [int(metrics.unique_experts(r, SHAPE.num_experts)) for r in routings[name]]
+        assert [p[0] for p in timing.points] == us
+        assert timing.mean_unique == pytest.approx(sum(us) / len(us))
+        assert timing.bytes_per_step == pytest.approx(sum(us) / len(us) * SHAPE.bytes_per_expert(torch.float32))
+        assert timing.samples == 2 * 2
+    assert result.policies["native"].points[1][1] == 3 * SHAPE.top_k  # T·K counts valid tokens only
+    assert result.policies["native"].ratio_vs_native == 1.0
+    json.dumps(result.to_dict())
+
+
+def test_bench_policies_rejects_uneven_steps():
+    policies = {"native": make_policy("native")}
+    routings = bench.uniform_routings(policies, SHAPE, 4, 2)
+    with pytest.raises(ValueError, match="same, non-zero number of steps"):
+        bench.bench_policies(SHAPE, {"native": routings["native"], "other": routings["native"][:1]}, "cpu",
+                             progress=False, bandwidth=FAKE_BW)
+
+
+def test_cost_model_recovers_exact_coefficients():
+    b, a, c = 0.02, 0.0015, 0.07
+    points = [(u, tk, b * u + a * tk + c) for u in (8, 20, 33, 60) for tk in (4, 32, 128)]
+    model = costmodel.fit_cost_model(points)
+    assert (model.b, model.a, model.c) == pytest.approx((b, a, c), rel=1e-9)
+    assert model.r2 == pytest.approx(1.0, abs=1e-12)
+    assert model.max_rel_err < 1e-9 and model.unidentified == ()
+    assert model.predict(10, 64) == pytest.approx(b * 10 + a * 64 + c)
+
+
+def test_cost_model_says_when_a_term_is_not_identifiable():
+    model = costmodel.fit_cost_model([(u, 128, 0.5 * u + 3) for u in (10, 20, 40)])
+    assert model.unidentified == ("a",) and model.a == 0.0
+    assert (model.b, model.c) == pytest.approx((0.5, 3 + 0.0), rel=1e-9)
+    with pytest.raises(ValueError, match="at least 2"):
+        costmodel.fit_cost_model([(1, 2, 3)])
+
+
+def test_bandwidth_bounds():
+    assert costmodel.bandwidth_bound_ms(10, 1_000_000, 2000.0) == pytest.approx(10 * 1e6 / 2e12 * 1e3)
+    assert costmodel.hardware_bound_ms(4, 3_350_000, "h100") == pytest.approx(4e-3)
+    assert costmodel.hardware_bound_ms(2, 10**9, "cpu", measured_gbps=10.0) == pytest.approx(200.0)
+    with pytest.raises(ValueError, match="known: h100"):
+        costmodel.hardware_bound_ms(1, 1, "tpu")
+
+
+def test_expert_parallel_by_hand():
+    # E=8 over D=2: experts 0-3 on rank 0, 4-7 on rank 1. The invalid last row does not count.
+    routing = Routing(torch.ones(3, 2), torch.tensor([[0, 1], [2, 5], [6, 7]]), torch.tensor([True, True, False]))
+    assert costmodel.ep_max_unique(routing, 8, 2) == 3  # rank 0 holds {0, 1, 2}, rank 1 {5}
+    model = costmodel.CostModel(b=1.0, a=0.5, c=0.25, r2=1.0, mean_rel_err=0.0, max_rel_err=0.0, points=0)
+    # rank 0: U=3, 3 slots -> 3 + 1.5 + 0.25; rank 1: U=1, 1 slot -> 1.75
+    assert costmodel.ep_predict(routing, 8, 2, model) == pytest.approx(4.75)
+
+
+def test_routings_from_trace_cycles_layers_and_checks_the_shape():
+    g = torch.Generator().manual_seed(0)
+    spec = RouterSpec(16, 4)
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    valid[2] = False
+    trace = Trace({0: torch.randn(3, 4, 16, generator=g), 2: torch.randn(3, 4, 16, generator=g)}, valid,
+                  {0: spec, 2: spec})
+    policy = make_policy("oea", k0=2)
+    out = bench.routings_from_trace(trace, {"oea": policy}, batch_size=2, steps=5, shape=SHAPE)
+    assert len(out["oea"]) == 5
+    batched = trace.rebatch(2)  # steps 0..5 (2 groups x 3 steps); steps 2 and 5 have no valid token
+    want = policy(batched.logits[2][0], spec, batched.valid[0], layer=2)
+    assert torch.equal(out["oea"][1].ids, want.ids)  # step 0 layer 0, step 0 layer 2, step 1 layer 0, ...
+    with pytest.raises(ValueError, match="--routing uniform"):
+        bench.routings_from_trace(trace, {"oea": policy}, 2, 5, shape=get_shape("qwen3-30b-a3b"))
+
+
+def test_shapes():
+    assert get_shape("qwen3-30b-a3b").bytes_per_expert(torch.bfloat16) == 3 * 2048 * 768 * 2
+    assert SHAPES["reference"].layer_bytes(torch.float32) == 128 * 3 * 192 * 56 * 4
+    assert custom_shape("32,16,16,4") == LayerShape("custom-32x16x16x4", 32, 16, 16, 4)
+    with pytest.raises(ValueError, match="H,I,E,K"):
+        custom_shape("32,16,16")
+    with pytest.raises(ValueError, match="top_k K=9 > num_experts E=8"):
+        custom_shape("32,16,8,9")
+    with pytest.raises(ValueError, match="known shapes: qwen3-30b-a3b"):
+        get_shape("qwen4")
+
+
+def test_policy_spec_parser():
+    assert parse_policy_spec("native") == ("native", {})
+    assert parse_policy_spec("oea:k0=3,p=0.9") == ("oea", {"k0": 3, "p": 0.9})
+    assert parse_policy_spec("oea:k0=[2,3,3,4]") == ("oea", {"k0": [2, 3, 3, 4]})
+    assert parse_policy_spec("cap:schedule=(2,4,8,3),num_layers=48") == ("cap", {"schedule": (2, 4, 8, 3), "num_layers": 48})
+    assert parse_policy_spec("cap:k=4,renormalize=false") == ("cap", {"k": 4, "renormalize": False})
+    assert parse_policy_spec("sere:similarity=sim.safetensors") == ("sere", {"similarity": "sim.safetensors"})
+    for bad, message in [("", "empty policy spec"), ("magic:k=1", "unknown policy 'magic'"),
+                         ("oea:k0", "not param=value"), ("oea:k0=3,k0=4", "given twice"),
+                         ("oea:k0=[1,2", "unclosed bracket"), ("oea:", "nothing after ':'"),
+                         ("oea:k0=[[1]]", "nested lists")]:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+            parse_policy_spec(bad)
+    with pytest.raises(ValueError, match="its parameters are: k0"):
+        policy_from_spec("oea:k=3")
+
+
+def test_cli_bench_json(capsys):
+    code = main(["bench", "--dims", "32,16,16,4", "--routing", "uniform", "--repeats", "2", "--warmup", "1",
+                 "--steps", "2", "--batch-sizes", "2,4", "--device", "cpu", "--no-progress", "--ep", "2", "--json"])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    out = json.loads(lines[-1])
+    assert out["routing"] == "routing: random logits, not a trace"
+    assert set(out["results"]) == {"2", "4"}
+    policies = out["results"]["4"]["policies"]
+    assert list(policies) == ["native", "cap:k=4", "oea:k0=3"]  # budget:budget=32 > E=16: skipped, said so
+    assert any("budget:budget=32 skipped" in n for n in out["notes"])
+    assert {"b", "a", "c", "r2"} <= set(out["cost_model"])
+    assert len(out["ep"]) == 2 * 3 and len(out["predictions"]) == 2 * 3
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--shape", "qwen4"], "unknown shape 'qwen4'"),
+    (["--dims", "32,16"], "four positive integers H,I,E,K"),
+    (["--shape", "reference", "--dims", "32,16,16,4"], "not both"),
+    (["--dims", "32,16,16,4", "--policy", "magic:k=1"], "unknown policy 'magic'"),
+    (["--dims", "32,16,16,4", "--policy", "oea:k0=9"], "oea k0=9 > the model's K=4"),
+    (["--dims", "32,16,16,4", "--batch-sizes", "4,x"], "--batch-sizes"),
+])
+def test_cli_bench_errors(argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--routing", "uniform", "--device", "cpu", *argv])
+    assert message in str(e.value)
+
+
+def test_cli_bench_records_the_reference_trace(monkeypatch, capsys):
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    import moe_reroute.reference as reference
+
+    text = "\n\n".join(["Shall I compare thee to a summer's day? Thou art more lovely and more temperate."] * 4)
+    monkeypatch.setattr(reference, "load", lambda dtype=None: (tiny_model("qwen3_moe"), tiny_tokenizer(), text))
+    trace = bench.reference_trace(batch_size=4, steps=8)
+    assert (trace.batch_size, trace.steps, trace.layers) == (4, 8, [0, 1])
+    main(["bench", "--dims", "32,16,16,4", "--policy", "oea:k0=2", "--batch-sizes", "2,4", "--steps", "3",
+          "--repeats", "1", "--warmup", "0", "--device", "cpu", "--no-progress", "--kernel", "loop", "--json"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["routing"].startswith("routing: trace of the shipped reference model")
+    assert list(out["results"]["4"]["policies"]) == ["native", "oea:k0=2"]
+
+
+def test_cli_bench_without_reference_model_asks_for_a_trace(monkeypatch):
+    import moe_reroute.reference as reference
+
+    def missing(dtype=None):
+        raise FileNotFoundError("the reference model files are not here")
+
+    monkeypatch.setattr(reference, "load", missing)
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--dims", "32,16,16,4", "--device", "cpu"])
+    assert "--trace PATH" in str(e.value) and "--routing uniform" in str(e.value)

@@ -131,3 +131,26 @@ def test_generation_task_and_bad_files(tmp_path):
     bad.write_text('{"context": "a", "choices": ["b", "c"], "answer": 5}\n')
     with pytest.raises(ValueError, match="index of the right choice"):
         load_jsonl(bad)
+
+
+def test_report_with_bench(checkpoint, tmp_path, capsys):
+    out = tmp_path / "ev"
+    run(capsys, "eval", "--model", str(checkpoint), "--text", str(checkpoint / "text.txt"), "--policy", "oea:k0=1",
+        "--policy", "cap:k=2", "--batch-sizes", "4", "--seq-len", "16", "--sequences", "4", "--resamples", "50",
+        "--generate", "0", "--out", str(out), "--json")
+    code, text = run(capsys, "bench", "--dims", "32,16,16,4", "--routing", "uniform", "--policy", "oea:k0=1",
+                     "--policy", "cap:k=2", "--batch-sizes", "4", "--repeats", "2", "--warmup", "1", "--steps", "2",
+                     "--no-progress", "--json")
+    assert code == 0
+    bench_json = tmp_path / "bench.json"
+    bench_json.write_text(text.strip().splitlines()[-1])
+    code, text = run(capsys, "report", str(out / "eval.json"), "--bench", str(bench_json), "--out", str(tmp_path / "r"))
+    assert code == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## MoE-layer latency" in md and "moe-reroute bench --dims 32,16,16,4" in md
+    assert (tmp_path / "r" / "pareto_latency.png").stat().st_size > 0
+    bench = json.loads(bench_json.read_text())
+    ratios = {k: v["ratio_vs_native"] for k, v in bench["results"]["4"]["policies"].items()}
+    assert ratios["native"] == 1.0
+    for name in ("oea:k0=1", "cap:k=2"):  # the report's latency column is the bench's ratio
+        assert f"| `{name}` | 4 |" in md and f"{ratios[name]:.2f} |" in md

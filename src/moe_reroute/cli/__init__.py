@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, measure, reference
+from . import bench, demo, measure, reference
 
-COMMANDS = [reference, measure, bench]
+COMMANDS = [demo, reference, measure, bench]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 
 DEFAULT_POLICIES = ("native", "cap:k=4", "oea:k0=3", "budget:budget=32")
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -134,7 +135,8 @@ def _bench(args) -> int:
         say(_table(B, res))
 
     points = [p for res in results.values() for t in res.policies.values() for p in t.points]
-    out = {"shape": dataclasses.asdict(shape) | {"bytes_per_expert": shape.bytes_per_expert(layer.dtype)},
+    out = {"command": "moe-reroute " + " ".join(shlex.quote(a) for a in getattr(args, "argv", [])),
+           "shape": dataclasses.asdict(shape) | {"bytes_per_expert": shape.bytes_per_expert(layer.dtype)},
            "routing": where, "notes": notes, "bandwidth": dataclasses.asdict(bandwidth),
            "results": {str(B): r.to_dict() for B, r in results.items()}}
     try:

@@ -231,7 +231,8 @@ def generation_check(
     from ..hf import apply
 
     def run(policy):
-        kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
+        kw = dict(attention_mask=torch.ones_like(prompts), max_new_tokens=max_new_tokens,
+                  min_new_tokens=max_new_tokens, do_sample=False)
         if policy is None:
             out = model.generate(prompts, **kw)
         else:

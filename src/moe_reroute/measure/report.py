@@ -8,7 +8,6 @@ line per policy family over its parameter sweep; U against batch size; U per lay
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 
@@ -37,14 +36,13 @@ def _plt():
     return plt
 
 
-def _latency_by_policy(bench: dict | None, batch: int) -> dict[str, float]:
-    """{policy label: latency ratio to native} at `batch` from a bench result, if it has that batch."""
-    if not bench:
-        return {}
-    for run in bench.get("runs", []):
-        if run.get("batch_size") == batch:
-            return {p["policy"]: p["ratio"] for p in run["policies"]}
-    return {}
+def latency_ratios(bench: dict | None) -> dict[int, dict[str, float]]:
+    """{batch size: {policy: median latency / native}} from `moe-reroute bench --json` output."""
+    out = {}
+    for B, res in (bench or {}).get("results", {}).items():
+        out[int(B)] = {name: t["ratio_vs_native"] for name, t in res["policies"].items()
+                       if t.get("ratio_vs_native") is not None}
+    return out
 
 
 def plot_pareto(rows: list[dict], batch: int, path: Path, latency: dict[str, float] | None = None) -> Path:
@@ -78,11 +76,13 @@ def plot_pareto(rows: list[dict], batch: int, path: Path, latency: dict[str, flo
     return path
 
 
-def plot_u_vs_batch(rows: list[dict], path: Path, uniform: dict[int, float] | None = None) -> Path:
+def plot_u_vs_batch(u_by_batch: dict[str, dict[int, float]], path: Path, uniform: dict[int, float] | None = None,
+                    title: str = "") -> Path:
+    """U against batch size, one line per policy: {policy: {batch size: mean U per layer}}."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label in dict.fromkeys(r["policy"] for r in rows):
-        pts = sorted((r["batch_size"], r["mean_unique"]) for r in rows if r["policy"] == label)
+    for label, by_b in u_by_batch.items():
+        pts = sorted(by_b.items())
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, lw=2 if label == "native" else 1)
     if uniform:
         xs = sorted(uniform)
@@ -90,6 +90,8 @@ def plot_u_vs_batch(rows: list[dict], path: Path, uniform: dict[int, float] | No
     ax.set_xscale("log", base=2)
     ax.set_xlabel("decode batch size")
     ax.set_ylabel("mean distinct experts per layer (U)")
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -145,28 +147,37 @@ def write(
     bench: dict | None = None,
     generation: list[dict] | None = None,
     batch: int | None = None,
+    u_by_batch: dict[str, dict[int, float]] | None = None,
 ) -> Path:
-    """Write report.md, the PNG plots and results.json into `out`; returns the Markdown path."""
+    """Write report.md, the PNG plots and results.json into `out`; returns the Markdown path.
+
+    u_by_batch: U against batch size from elsewhere (e.g. replayed on a trace); default: the eval rows.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = evaluation["rows"]
     cond = evaluation["conditions"]
     b = pick_batch_size(rows, batch)
-    latency_at = {}
-    for run in (bench or {}).get("runs", []):
-        latency_at[run["batch_size"]] = {p["policy"]: p["ratio"] for p in run["policies"]}
+    latency_at = latency_ratios(bench)
     E, K = cond["num_experts"], cond["top_k"]
-    sizes = sorted({r["batch_size"] for r in rows})
+    replayed = u_by_batch is not None
+    if u_by_batch is None:
+        u_by_batch = {}
+        for r in rows:
+            u_by_batch.setdefault(r["policy"], {})[r["batch_size"]] = r["mean_unique"]
+    sizes = sorted({b for by_b in u_by_batch.values() for b in by_b})
     uniform = {s: uniform_expectation(E, K, s) for s in sizes}
+    u_title = "replayed on the model's native routing trace" if replayed else "measured in the evaluation"
     plots = {
         "pareto_u.png": plot_pareto(rows, b, out / "pareto_u.png"),
-        "u_vs_batch.png": plot_u_vs_batch(rows, out / "u_vs_batch.png", uniform),
+        "u_vs_batch.png": plot_u_vs_batch(u_by_batch, out / "u_vs_batch.png", uniform, u_title),
         "u_per_layer.png": plot_u_per_layer(rows, b, out / "u_per_layer.png"),
     }
     if latency_at.get(b):
         plots["pareto_latency.png"] = plot_pareto(rows, b, out / "pareto_latency.png", latency_at[b])
     (out / "results.json").write_text(json.dumps(
-        {"command": command, "evaluation": evaluation, "bench": bench, "generation": generation}, indent=1) + "\n")
+        {"command": command, "evaluation": evaluation, "bench": bench, "generation": generation,
+         "u_by_batch": u_by_batch}, indent=1) + "\n")
 
     md = [f"# moe-reroute report: {cond['model']}", "", "```", command, "```", "", "## Conditions", ""]
     for k, v in cond.items():
@@ -177,6 +188,11 @@ def write(
            f"interval is a paired bootstrap over sequences ({cond['bootstrap_resamples']} resamples). "
            "'significant loss' means the whole interval is above zero.", "",
            quality_table(rows, latency_at or None), ""]
+    md += [f"## U against batch size ({u_title})", "",
+           "| policy | " + " | ".join(f"B={s}" for s in sizes) + " |", "| --- |" + " ---: |" * len(sizes)]
+    md += [f"| `{label}` | " + " | ".join(f"{by_b[s]:.1f}" if s in by_b else "" for s in sizes) + " |"
+           for label, by_b in u_by_batch.items()]
+    md += ["| uniform routing | " + " | ".join(f"{uniform[s]:.1f}" for s in sizes) + " |", ""]
     if bench:
         md += ["## MoE-layer latency", "", _bench_section(bench), ""]
     if generation:
@@ -196,18 +212,22 @@ def write(
 
 
 def _bench_section(bench: dict) -> str:
-    lines = []
-    for key in ("shape", "device", "kernel", "dtype", "routing", "cache", "bandwidth"):
-        if key in bench:
-            v = bench[key]
-            lines.append(f"- {key}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
-    for run in bench.get("runs", []):
-        lines += ["", f"Batch {run['batch_size']}:", "",
-                  "| policy | U | median µs | ratio to native |", "| --- | ---: | ---: | ---: |"]
-        for p in run["policies"]:
-            lines.append(f"| `{p['policy']}` | {p['mean_unique']:.1f} | {p['median_us']:.0f} | {p['ratio']:.2f} |")
+    shape = bench["shape"]
+    lines = [f"- shape: {shape['name']} (H={shape['hidden']}, I={shape['intermediate']}, E={shape['num_experts']}, "
+             f"K={shape['top_k']}), {shape['bytes_per_expert'] / 1e6:.1f} MB per expert",
+             f"- routing: {bench['routing']}",
+             f"- peak read bandwidth: {bench['bandwidth']['gbps']:.1f} GB/s ({bench['bandwidth']['method']})"]
+    for B, res in bench.get("results", {}).items():
+        lines += [f"- batch {B}: {res['dtype']} on {res['device']}, kernel {res['kernel']} ({res['kernel_note']}); "
+                  f"{res['cache']}" + (f"; {res['aliasing']}" if res.get("aliasing") else ""), "",
+                  "| policy | U | median ms | IQR ms | GB/s | latency / native |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for name, t in res["policies"].items():
+            ratio = t.get("ratio_vs_native")
+            lines.append(f"| `{name}` | {t['mean_unique']:.1f} | {t['median_ms']:.3f} | {t['iqr_ms']:.3f} | "
+                         f"{t['achieved_gbps']:.1f} | {'' if ratio is None else f'{ratio:.3f}'} |")
+        lines.append("")
     fit = bench.get("cost_model")
     if fit:
-        lines += ["", f"Cost model: {fit.get('formula', 'latency = b·U + a·(T·K) + c')}: "
-                  + ", ".join(f"{k} = {v:.4g}" for k, v in fit.items() if isinstance(v, float) and math.isfinite(v))]
+        lines.append("Cost model fitted on these measurements: latency = b·U + a·(T·K) + c with "
+                     + ", ".join(f"{k} = {fit[k]:.4g}" for k in ("b", "a", "c", "r2") if isinstance(fit.get(k), float)))
     return "\n".join(lines)

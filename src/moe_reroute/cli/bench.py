@@ -62,6 +62,9 @@ def _policies(specs: list[str] | None, shape) -> tuple[dict, list[str]]:
     return out, notes
 
 
+TRACE_POSITIONS = 64  # positions of the reference model's trace; the timed steps are spread over them
+
+
 def _routings(args, shape, policies, batch_sizes):
     """(routings_for(batch_size) -> {policy: [Routing]}, a line saying where the routing comes from)."""
     from ..measure import bench
@@ -78,13 +81,14 @@ def _routings(args, shape, policies, batch_sizes):
         where = f"routing: trace {args.trace} (model {trace.meta.get('model', '?')})"
     else:
         try:
-            trace = bench.reference_trace(max(batch_sizes), max(args.steps, 8))
+            trace = bench.reference_trace(max(batch_sizes), TRACE_POSITIONS)
         except (FileNotFoundError, ImportError, OSError) as e:
             raise UsageError(
                 f"no routing trace: recording one from the shipped reference model failed ({str(e).splitlines()[0]}). "
                 "Give --trace PATH (a trace saved from moe_reroute.hf.Recorder) or --routing uniform"
             ) from None
-        where = "routing: trace of the shipped reference model on held-out text (teacher-forced)"
+        where = (f"routing: trace of the shipped reference model on held-out text ({max(batch_sizes)} sequences x "
+                 f"{TRACE_POSITIONS} positions, teacher-forced; {args.steps} (position, layer) steps spread over it)")
     bench.routings_from_trace(trace, {}, max(batch_sizes), 1, shape=shape)  # E, K and batch size checked up front
     return (lambda B: bench.routings_from_trace(trace, policies, B, args.steps, shape=shape)), where
 

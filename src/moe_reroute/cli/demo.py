@@ -63,7 +63,7 @@ def _demo(args) -> int:
     shape = get_shape(args.shape)
     say(f"[4/4] MoE-layer latency: {shape.name} layer shape (H={shape.hidden}, I={shape.intermediate}, "
         f"E={shape.num_experts}, K={shape.top_k}) on CPU, routings from the reference model's router logits")
-    routings = bench.routings_from_trace(bench.reference_trace(BATCH, args.bench_steps),  # x every layer
+    routings = bench.routings_from_trace(bench.reference_trace(BATCH, 64),  # steps spread over 64 positions
                                          {"native": build_policies(["native"], model)["native"], **defaults},
                                          BATCH, args.bench_steps, shape=shape)
     result = bench.bench_policies(shape, routings, "cpu", repeats=args.repeats, warmup=2, progress=progress)
@@ -110,7 +110,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-sweep", action="store_true", help="only the default of each policy, no parameter sweep")
     p.add_argument("--replay-steps", type=int, default=32, help="trace positions for U against batch size (default 32)")
     p.add_argument("--shape", default="qwen3-30b-a3b", help="MoE layer shape for the latency check (default qwen3-30b-a3b)")
-    p.add_argument("--bench-steps", type=int, default=8, help="decode steps (trace position x layer) timed (default 8)")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved latency repeats (default 5)")
+    p.add_argument("--bench-steps", type=int, default=16, help="decode steps (trace position x layer) timed (default 16)")
+    p.add_argument("--repeats", type=int, default=8, help="interleaved latency repeats (default 8)")
     p.add_argument("--json", action="store_true", help="print one JSON object, no tables or progress")
     p.set_defaults(run=_demo)

@@ -35,7 +35,8 @@ def _reference_card(args) -> int:
         "heldout_ce_slice": round(card.cross_entropy(model, ids, max_tokens=4096), 4),
         "parameters": sum(p.numel() for p in model.parameters()),
         "routing": card.routing_stats(model, ids),
-        "sha256": {f.name: card.sha256(f) for f in sorted(folder.iterdir()) if f.name not in ("card.json", "MODEL_CARD.md")},
+        "sha256": {str(f.relative_to(folder)): card.sha256(f) for f in sorted(folder.rglob("*"))
+                   if f.is_file() and f.name not in ("card.json", "MODEL_CARD.md")},
     }
     if args.workdir and (Path(args.workdir) / "train_ids.pt").exists():
         train_ids = torch.load(Path(args.workdir) / "train_ids.pt").long()

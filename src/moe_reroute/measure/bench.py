@@ -294,8 +294,9 @@ def routings_from_trace(
     steps: int,
     shape: LayerShape | None = None,
 ) -> dict[str, list[Routing]]:
-    """{policy: [Routing, ...]}: up to `steps` decode steps of `batch_size` tokens from a trace,
-    cycling over its layers then its steps (steps without valid tokens skipped).
+    """{policy: [Routing, ...]}: up to `steps` decode steps of `batch_size` tokens from a trace, spread
+    evenly over its (step, layer) pairs (steps without valid tokens skipped), so early positions with
+    little context do not stand for the whole sequence.
 
     shape: if given, the trace's E and K must match it (else a ValueError says what to do).
     """
@@ -312,7 +313,9 @@ def routings_from_trace(
     pairs = [(s, layer) for s in range(batched.steps) if bool(batched.valid[s].any()) for layer in layers]
     if not pairs:
         raise ValueError("the trace has no step with a valid token")
-    pairs = pairs[:steps]
+    if len(pairs) > steps:
+        pick = torch.linspace(0, len(pairs) - 1, steps).round().long().unique().tolist()
+        pairs = [pairs[i] for i in pick]
     out: dict[str, list[Routing]] = {name: [] for name in policies}
     for s, layer in pairs:
         logits = batched.logits[layer][s].float()  # [B, E]

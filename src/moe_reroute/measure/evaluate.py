@@ -24,7 +24,7 @@ from ..policies import Policy, make_policy
 from .stats import mean_se, paired_bootstrap, worse_by_se_rule
 
 DEFAULT_BATCH_SIZES = (1, 4, 8, 16, 32, 64)
-SIMILARITY_FILE = "sere_similarity.safetensors"
+SIMILARITY_FILE = "sere/similarity.safetensors"  # in a subfolder: vLLM loads every *.safetensors beside the weights
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class EvalConfig:
 
 def build_policy(name: str, params: dict, model: nn.Module | None = None) -> Policy:
     """make_policy with model-aware parameters: SERE's `similarity` may be a file path, and without one
-    the model folder's `sere_similarity.safetensors` (written by `moe-reroute calibrate`) is used."""
+    the model folder's `sere/similarity.safetensors` (e.g. written by `moe-reroute calibrate --out`) is used."""
     params = dict(params)
     if name == "sere":
         from ..hf.calibrate import load_similarity

@@ -142,7 +142,7 @@ def render(result: dict, training: dict) -> str:
         f" {result['heldout_tokens']:,} tokens."
         + (f" The training split is {result['train_split_tokens']:,} tokens; training saw {cfg['train_tokens']:,}"
            f" ({cfg['train_tokens'] / result['train_split_tokens']:.1f} passes)." if "train_split_tokens" in result else ""),
-        "- SERE's expert similarity (`sere_similarity.safetensors`, linear CKA per layer) was calibrated on 2,048"
+        "- SERE's expert similarity (`sere/similarity.safetensors`, linear CKA per layer) was calibrated on 2,048"
         " tokens of the training split (16 evenly spaced windows), never on held-out text.",
         "",
         "## Quality (held-out cross-entropy, nats per token)",

@@ -203,7 +203,8 @@ CALIBRATION_TOKENS = 2048
 
 def calibrate_sere(workdir: Path, out_dir: Path, tokens: int = CALIBRATION_TOKENS, windows: int = 16) -> Path:
     """SERE's expert similarity (CKA) for the exported model, from `windows` evenly spaced windows of the
-    training split (never the held-out text), written beside the weights as sere_similarity.safetensors."""
+    training split (never the held-out text), written as sere/similarity.safetensors in the model folder (a subfolder: engines such as vLLM
+    load every *.safetensors beside the weights)."""
     from transformers import AutoModelForCausalLM
 
     from ..hf.calibrate import calibrate_similarity, save_similarity
@@ -214,5 +215,8 @@ def calibrate_sere(workdir: Path, out_dir: Path, tokens: int = CALIBRATION_TOKEN
     ids = torch.stack([data[s : s + width] for s in starts])  # [windows, width]
     model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, local_files_only=True).eval()
     similarity = calibrate_similarity(model, ids, method="cka", max_tokens=tokens)
-    return save_similarity(similarity, out_dir / "sere_similarity.safetensors", method="cka", tokens=str(tokens),
+    from ..measure.evaluate import SIMILARITY_FILE
+
+    (out_dir / SIMILARITY_FILE).parent.mkdir(exist_ok=True)
+    return save_similarity(similarity, out_dir / SIMILARITY_FILE, method="cka", tokens=str(tokens),
                            text=f"training split, {windows} evenly spaced windows of {width} tokens")

@@ -1,0 +1,39 @@
+"""vLLM plugin: re-route the decode steps of every MoE layer vLLM serves, without a fork of vLLM.
+
+Installed with the `vllm` extra; vLLM loads it in each of its processes through the
+`vllm.general_plugins` entry point. It does nothing unless a policy is configured:
+
+    MOE_REROUTE_POLICY=oea:k0=3 vllm serve Qwen/Qwen3-30B-A3B
+
+or, in Python, `moe_reroute.vllm.enable("oea:k0=3")` before building `vllm.LLM(...)`.
+`MOE_REROUTE_COUNTERS=1` records U per layer on the device; `counters()` reads it.
+"""
+
+from .config import COUNTERS_ENV, POLICY_ENV, POLICY_FILE_ENV, PluginConfig
+from .plugin import (
+    SUPPORTED_VLLM,
+    check_version,
+    counters,
+    disable,
+    enable,
+    format_counters,
+    register,
+    worker_counters,
+)
+from .router import router_spec
+
+__all__ = [
+    "COUNTERS_ENV",
+    "POLICY_ENV",
+    "POLICY_FILE_ENV",
+    "PluginConfig",
+    "SUPPORTED_VLLM",
+    "check_version",
+    "counters",
+    "disable",
+    "enable",
+    "format_counters",
+    "register",
+    "router_spec",
+    "worker_counters",
+]

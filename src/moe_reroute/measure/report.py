@@ -122,8 +122,9 @@ def uniform_expectation(num_experts: int, top_k: int, batch: int) -> float:
 
 def quality_table(rows: list[dict], latency: dict[int, dict[str, float]] | None = None) -> str:
     """Markdown table of the eval rows (latency ratio column when a bench result is given)."""
-    head = "| policy | batch | U / layer | experts / token | CE | Δ CE [95% CI] | significant loss | top-1 agree | KL |"
-    sep = "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |"
+    head = ("| policy | batch | U / layer | experts / token | CE | Δ CE [95% CI] | significant loss | worse by se rule "
+            "| top-1 agree | KL |")
+    sep = "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: |"
     if latency:
         head += " latency / native |"
         sep += " ---: |"
@@ -132,7 +133,8 @@ def quality_table(rows: list[dict], latency: dict[int, dict[str, float]] | None 
         lo, hi = r["delta_ce_ci"]
         line = (f"| `{r['policy']}` | {r['batch_size']} | {r['mean_unique']:.1f} | {r['experts_per_token']:.2f} | "
                 f"{r['cross_entropy']:.4f} | {r['delta_ce']:+.4f} [{lo:+.4f}, {hi:+.4f}] | "
-                f"{'yes' if r['significant_loss'] else 'no'} | {r['top1_agreement']:.3f} | {r['kl_native_policy']:.4f} |")
+                f"{'yes' if r['significant_loss'] else 'no'} | {'yes' if r['worse_by_se_rule'] else 'no'} | "
+                f"{r['top1_agreement']:.3f} | {r['kl_native_policy']:.4f} |")
         if latency:
             ratio = latency.get(r["batch_size"], {}).get(r["policy"])
             line += f" {ratio:.2f} |" if ratio is not None else " |"
@@ -186,7 +188,8 @@ def write(
            "", "## Quality and cost", "",
            "Δ CE is the policy's mean held-out cross-entropy minus native's on the same sequences (nats); the "
            f"interval is a paired bootstrap over sequences ({cond['bootstrap_resamples']} resamples). "
-           "'significant loss' means the whole interval is above zero.", "",
+           "'significant loss' means the whole interval is above zero; 'worse by se rule' is the OEA paper's rule "
+           "(policy mean − se > native mean + se, on per-sequence cross-entropy).", "",
            quality_table(rows, latency_at or None), ""]
     md += [f"## U against batch size ({u_title})", "",
            "| policy | " + " | ".join(f"B={s}" for s in sizes) + " |", "| --- |" + " ---: |" * len(sizes)]

@@ -1,0 +1,14 @@
+"""SGLang plugin: re-route the decode steps of the MoE layers SGLang serves, without a fork of SGLang.
+
+SGLang 0.5.x loads it in each of its processes through the `sglang.srt.plugins` entry point (install
+SGLang yourself; no extra pins it). It does nothing unless a policy is configured:
+
+    MOE_REROUTE_POLICY=oea:k0=3 python -m sglang.launch_server --model-path Qwen/Qwen3-30B-A3B
+
+Checked against SGLang 0.5.23's sources by contract tests only; see README, "On SGLang".
+"""
+
+from ..vllm.config import POLICY_ENV, POLICY_FILE_ENV
+from .plugin import SUPPORTED_SGLANG, TARGET, check_version, register, topk_spec
+
+__all__ = ["POLICY_ENV", "POLICY_FILE_ENV", "SUPPORTED_SGLANG", "TARGET", "check_version", "register", "topk_spec"]

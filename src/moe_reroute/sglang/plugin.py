@@ -1,0 +1,314 @@
+"""Hook SGLang's `select_experts` so the decode steps of its MoE layers route with the configured policy.
+
+SGLang 0.5.x calls `register` in each of its processes through the `sglang.srt.plugins` entry point.
+`register` adds an AROUND hook on `sglang.srt.layers.moe.topk.select_experts` to SGLang's HookRegistry.
+On a decode step of a supported layer the hook calls SGLang's own `select_experts` with a copy of the
+layer's TopKConfig whose `custom_routing_function` is the policy. SGLang then does everything it does
+after its own top-k: the routed scaling factor, the logical-to-physical expert map (EPLB), the
+padded-row mask, the routed-experts capture and the expert-distribution recorder, and it returns its
+own StandardTopKOutput. Every other call is passed through unchanged.
+T = tokens in the step, E = routed experts, K = experts per token.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from typing import Any, Callable
+
+import torch
+
+from ..contract import RouterSpec
+from ..vllm import config as _config
+
+logger = logging.getLogger("sglang.moe_reroute")
+
+SUPPORTED_SGLANG = ((0, 5),)  # read against 0.5.23
+TARGET = "sglang.srt.layers.moe.topk.select_experts"
+# select_experts(hidden_states, router_logits, topk_config, *, layer_id, num_token_non_padded,
+#                expert_location_dispatch_info, dynamic_expert_bias, router_logits_partials)
+SELECT_EXPERTS_PARAMS = (
+    "hidden_states",
+    "router_logits",
+    "topk_config",
+    "layer_id",
+    "num_token_non_padded",
+    "expert_location_dispatch_info",
+    "dynamic_expert_bias",
+    "router_logits_partials",
+)
+# How select_experts calls topk_config.custom_routing_function (all by keyword).
+CUSTOM_ROUTING_PARAMS = ("hidden_states", "gating_output", "topk", "renormalize")
+TOPK_CONFIG_FIELDS = (
+    "top_k",
+    "use_grouped_topk",
+    "topk_group",
+    "num_expert_group",
+    "renormalize",
+    "custom_routing_function",
+    "correction_bias",
+    "routed_scaling_factor",
+    "apply_routed_scaling_factor_on_output",
+    "scoring_func",
+    "sqrtsoftplus_log1p",
+    "fused_gate_packed_ids",
+)
+OUTPUT_FIELDS = ("topk_weights", "topk_ids", "router_logits")  # StandardTopKOutput
+
+
+def topk_spec(cfg: Any, num_experts: int) -> tuple[RouterSpec | None, str]:
+    """The RouterSpec a SGLang TopKConfig routes by, or (None, why it is not supported).
+
+    Supported: softmax top-K (renormalised or not) and sigmoid top-K, with or without DeepSeek-V3's
+    correction bias and group-limited selection (groups scored by the sum of their top-2, as SGLang's
+    biased_grouped_topk does). The routed scaling factor stays SGLang's: it applies it after a custom
+    routing function exactly when it would after its own.
+    """
+    if cfg.custom_routing_function is not None:
+        return None, "the model's own custom_routing_function"
+    if cfg.num_shared_topk_slots:
+        return None, "shared experts fused into the routed top-k"
+    if getattr(cfg, "fused_gate_packed_ids", False):
+        return None, "packed top-k ids (FlashInfer MXFP4)"
+    scoring = cfg.scoring_func
+    if scoring not in ("softmax", "sigmoid") or getattr(cfg, "sqrtsoftplus_log1p", False):
+        return None, f"scoring {scoring!r}"
+    bias = cfg.correction_bias
+    grouped = bool(cfg.use_grouped_topk)
+    n_group = int(cfg.num_expert_group or 1) if grouped else 1
+    topk_group = int(cfg.topk_group or 1) if grouped else 1
+    K, renorm = int(cfg.top_k), bool(cfg.renormalize)
+    try:
+        if scoring == "softmax" and bias is None and not grouped:
+            return RouterSpec(num_experts, K, "softmax", renorm, arch="sglang"), ""
+        if scoring == "sigmoid" and (bias is not None or not grouped):
+            if grouped and num_experts % n_group:
+                return None, f"{num_experts} experts do not split into {n_group} groups"
+            data = bias.data if isinstance(bias, torch.nn.Parameter) else bias
+            spec = RouterSpec(num_experts, K, "sigmoid", renorm, n_group=n_group, topk_group=topk_group,
+                              e_score_correction_bias=data, weights_in_logits_dtype=False, arch="sglang")
+            return spec, ""
+    except ValueError as e:
+        return None, str(e)
+    # SGLang's grouped_topk without a bias scores groups by their maximum; RouterSpec has no such rule.
+    what = f"scoring {scoring!r}" + (" with a correction bias" if bias is not None else "")
+    return None, what + (" with group-limited selection" if grouped else "")
+
+
+def batch_is_decode(ctx: Any) -> bool:
+    """Whether the step of SGLang's ForwardContext `ctx` is a pure decode step (ForwardMode.DECODE).
+
+    The context carries the step's ForwardBatch only as the bound method it lends for the MoE padding
+    bound (`moe_num_token_non_padded`); its `__self__` is the batch. Extend, mixed (chunked prefill),
+    speculative verification and idle steps, and a context without a batch, are not decode.
+    """
+    getter = getattr(ctx, "moe_num_token_non_padded", None)
+    mode = getattr(getattr(getter, "__self__", None), "forward_mode", None)
+    is_decode = getattr(mode, "is_decode", None)
+    return bool(is_decode()) if callable(is_decode) else False
+
+
+def is_decode_step() -> bool:
+    """`batch_is_decode` of the step in flight, from SGLang's forward context."""
+    from sglang.srt.model_executor.forward_context import get_forward_context, has_forward_context
+
+    return has_forward_context() and batch_is_decode(get_forward_context())
+
+
+def valid_rows(T: int, num_token_non_padded: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """[T] bool, False on the padding rows SGLang adds (rows >= num_token_non_padded). The bound is a
+    device tensor (a persistent buffer under CUDA graphs), so this needs no host synchronisation."""
+    if num_token_non_padded is None:
+        return None
+    bound = num_token_non_padded.to(device).reshape(-1)[:1]
+    return torch.arange(T, device=device) < bound
+
+
+def check_fits(cfg: _config.PluginConfig, spec: RouterSpec, layer: int | None) -> None:
+    """Run the policy once on this layer's shape, so a policy that does not fit the model (k0 > K, a
+    per-layer list too short) fails on SGLang's first forward (its warm-up) with a message."""
+    spec = spec.with_bias(None) if spec.e_score_correction_bias is not None else spec
+    logits = torch.linspace(-1, 1, 2 * spec.num_experts).view(2, -1)  # [2, E], no ties
+    try:
+        cfg.policy(logits, spec, layer=layer)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"moe-reroute: policy {cfg.source} does not fit MoE layer {layer} "
+                         f"(E={spec.num_experts}, K={spec.top_k}): {e}") from None
+
+
+class SelectExpertsHook:
+    """The AROUND hook: `hook(select_experts, *args, **kwargs)` -> SGLang's TopKOutput.
+
+    Per layer (one TopKConfig each) the RouterSpec is built on the first call, on the host, and rebuilt
+    only if E or the bias tensor changes. `is_decode` says whether the step in flight is a decode step.
+    """
+
+    def __init__(self, config: _config.PluginConfig, is_decode: Callable[[], bool] = is_decode_step) -> None:
+        self.config = config
+        self.is_decode = is_decode
+        self.specs: dict[int, tuple[Any, tuple, RouterSpec | None, str]] = {}  # id(TopKConfig) -> ...
+        self.native_reasons: set[str] = set()
+
+    def layer_spec(self, topk_config: Any, num_experts: int, layer: int | None) -> RouterSpec | None:
+        bias = topk_config.correction_bias
+        data = bias.data if isinstance(bias, torch.nn.Parameter) else bias
+        key = (num_experts, None if data is None else (data.data_ptr(), data.dtype, data.device, tuple(data.shape)),
+               topk_config.custom_routing_function, getattr(topk_config, "fused_gate_packed_ids", False))
+        known = self.specs.get(id(topk_config))
+        if known is not None and known[0] is topk_config and known[1] == key:
+            return known[2]
+        spec, reason = topk_spec(topk_config, num_experts)
+        if spec is not None:
+            check_fits(self.config, spec, layer)
+        elif reason not in self.native_reasons:
+            self.native_reasons.add(reason)
+            logger.info("moe-reroute: MoE layers with %s keep SGLang's routing (first: layer %s)", reason, layer)
+        self.specs[id(topk_config)] = (topk_config, key, spec, reason)
+        return spec
+
+    def __call__(self, select_experts: Callable, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling() or len(args) > 3:
+            # Under torch.compile (SGLang's --enable-torch-compile) the step's phase cannot be read.
+            return select_experts(*args, **kwargs)
+        call = dict(zip(SELECT_EXPERTS_PARAMS, args), **kwargs)
+        if set(call) - set(SELECT_EXPERTS_PARAMS):
+            return select_experts(*args, **kwargs)
+        logits, topk_config = call["router_logits"], call["topk_config"]  # [T, E]
+        layer = call.get("layer_id")
+        info = call.get("expert_location_dispatch_info")
+        if (
+            call.get("dynamic_expert_bias") is not None
+            or call.get("router_logits_partials") is not None
+            or getattr(info, "ep_dispatch_algorithm", None) == "fake"  # random logits, for benchmarks
+            or logits.dim() != 2
+            or logits.shape[0] == 0
+        ):
+            return select_experts(*args, **kwargs)
+        spec = self.layer_spec(topk_config, logits.shape[1], layer)
+        if spec is None or not (self.config.phase == "all" or self.is_decode()):
+            return select_experts(*args, **kwargs)
+        valid = valid_rows(logits.shape[0], call.get("num_token_non_padded"), logits.device)
+        policy = self.config.policy
+
+        def route(hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int, renormalize: bool):
+            if topk != spec.top_k:
+                raise ValueError(f"moe-reroute: SGLang asked for {topk} experts per token; "
+                                 f"layer {layer} has K={spec.top_k}")
+            routing = policy(gating_output, spec, valid, layer=layer)
+            return routing.weights.to(torch.float32).contiguous(), routing.ids.to(torch.int32).contiguous()  # [T, K]
+
+        rerouted = copy.copy(topk_config)
+        rerouted.custom_routing_function = route
+        rerouted.use_grouped_topk = False  # select_experts checks grouping before a custom function
+        call["topk_config"] = rerouted
+        return select_experts(**call)
+
+
+class State:
+    """Process-wide: whether the hook is registered, and the hook itself (for tests and inspection)."""
+
+    def __init__(self) -> None:
+        self.hook: SelectExpertsHook | None = None
+
+
+STATE = State()
+
+
+def sglang_version() -> str | None:
+    """The installed SGLang's version, read from its package metadata (importing SGLang is heavy)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sglang")
+    except PackageNotFoundError:
+        return None
+
+
+def check_version(version: str | None = None) -> None:
+    """Raise with a clear message unless SGLang is a 0.5.x release whose seams match this plugin."""
+    version = version or sglang_version()
+    unset = f"or unset {_config.POLICY_ENV} / {_config.POLICY_FILE_ENV} to run without the plugin"
+    if version is None:
+        raise RuntimeError(f"moe_reroute.sglang needs SGLang 0.5.x, which is not installed; install it "
+                           f"(pip install 'sglang>=0.5,<0.6'), {unset}.")
+    try:
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except ValueError:
+        major = minor = -1
+    if (major, minor) not in SUPPORTED_SGLANG:
+        raise RuntimeError(f"moe-reroute: SGLang {version} is not supported (its select_experts seam was "
+                           f"checked for 0.5.x); install SGLang 0.5.x, {unset}.")
+    try:
+        from sglang.srt.layers.moe import topk
+        from sglang.srt.model_executor.forward_context import ForwardContext
+    except ImportError as e:
+        raise RuntimeError(f"moe-reroute: cannot import SGLang's MoE top-k ({e}); {unset}.") from None
+    problems = check_seams(topk.select_experts, topk.TopKConfig, topk.StandardTopKOutput, ForwardContext)
+    if problems:
+        raise RuntimeError(f"moe-reroute: SGLang {version} differs from what the plugin expects "
+                           f"({'; '.join(problems)}); {unset}.")
+
+
+def check_seams(
+    select_experts: Callable, topk_config_cls: type, output_cls: type, forward_context_cls: type
+) -> list[str]:
+    """What in SGLang's seams differs from what the hook relies on (empty: all as expected)."""
+    problems = []
+    names = tuple(inspect.signature(select_experts).parameters)
+    if names != SELECT_EXPERTS_PARAMS:
+        problems.append(f"select_experts{names} is not select_experts{SELECT_EXPERTS_PARAMS}")
+    fields = getattr(topk_config_cls, "__dataclass_fields__", {})
+    missing = [f for f in TOPK_CONFIG_FIELDS if f not in fields]
+    if missing or not hasattr(topk_config_cls, "num_shared_topk_slots"):
+        problems.append(f"TopKConfig lacks {', '.join(missing) or 'num_shared_topk_slots'}")
+    if tuple(getattr(output_cls, "_fields", ())) != OUTPUT_FIELDS:
+        problems.append(f"StandardTopKOutput fields are not {OUTPUT_FIELDS}")
+    if "moe_num_token_non_padded" not in getattr(forward_context_cls, "__dataclass_fields__", {}):
+        problems.append("ForwardContext lacks moe_num_token_non_padded")
+    return problems
+
+
+def install(cfg: _config.PluginConfig) -> SelectExpertsHook:
+    """Register the AROUND hook with SGLang's HookRegistry (once per process); SGLang applies it after
+    every plugin has run."""
+    if STATE.hook is not None:
+        return STATE.hook
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    hook = SelectExpertsHook(cfg)
+    HookRegistry.register(TARGET, hook, HookType.AROUND)
+    STATE.hook = hook
+    return hook
+
+
+def register() -> None:
+    """The `sglang.srt.plugins` entry point: runs in every SGLang process; does nothing unless
+    MOE_REROUTE_POLICY or MOE_REROUTE_POLICY_FILE is set.
+
+    A bad value or an unsupported SGLang raises here. SGLang logs a failing plugin and goes on, so when
+    SGLang is importable the plugin also registers a hook that raises the same message on the first
+    MoE forward: the server stops at its warm-up instead of serving without the policy asked for.
+    """
+    try:
+        cfg = _config.from_env()
+        if cfg is None:
+            return
+        check_version()
+    except (ValueError, RuntimeError) as e:
+        _fail_on_first_forward(str(e))
+        raise
+    install(cfg)
+    logger.info("moe-reroute: SGLang plugin loaded, policy %s on select_experts", cfg.describe())
+
+
+def _fail_on_first_forward(message: str) -> None:
+    try:
+        from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    except Exception:  # SGLang missing or not importable here: the raise in register() is all there is
+        return
+
+    def refuse(select_experts: Callable, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(message)
+
+    HookRegistry.register(TARGET, refuse, HookType.AROUND)

@@ -1,0 +1,432 @@
+"""The SGLang plugin, by contract tests: SGLang has no CPU build, so no engine runs here.
+
+The signatures below were read from SGLang 0.5.23 (`sglang/srt/layers/moe/topk.py`,
+`sglang/srt/model_executor/forward_context.py`, `sglang/srt/plugins/`). The hook is driven through a
+plain-torch stand-in of `select_experts` with exactly that signature, on the paths the hook uses; ids
+are compared with `make_policy(...)` applied directly, and native routing with SGLang's own top-k.
+When SGLang's source is installed, `test_installed_sglang_matches_the_recorded_contract` checks the
+recorded contract against it (by reading the files: its modules need a GPU build to import).
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import dataclasses
+import importlib.util
+import sys
+import types
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from moe_reroute.contract import RouterSpec
+from moe_reroute.policies import make_policy
+from moe_reroute.sglang import plugin
+from moe_reroute.vllm import config as plugin_config
+
+# --- the contract, as read from SGLang 0.5.23 ---
+
+# def select_experts(hidden_states, router_logits, topk_config, *, layer_id=None, num_token_non_padded=None,
+#                    expert_location_dispatch_info=None, dynamic_expert_bias=None, router_logits_partials=None)
+SELECT_EXPERTS_POSITIONAL = ["hidden_states", "router_logits", "topk_config"]
+SELECT_EXPERTS_KEYWORD = [
+    "layer_id",
+    "num_token_non_padded",
+    "expert_location_dispatch_info",
+    "dynamic_expert_bias",
+    "router_logits_partials",
+]
+# select_experts calls custom_routing_function(hidden_states=..., gating_output=..., topk=..., renormalize=...)
+CUSTOM_ROUTING_KEYWORDS = ["hidden_states", "gating_output", "topk", "renormalize"]
+OUTPUT_FIELDS = ["topk_weights", "topk_ids", "router_logits"]  # StandardTopKOutput(NamedTuple)
+PLUGIN_GROUP = "sglang.srt.plugins"
+RENORMALIZE_EPS = 1e-20  # topk.py: _RENORMALIZE_SUM_EPSILON
+
+
+@dataclasses.dataclass
+class TopKConfig:
+    """The fields of SGLang 0.5.23's TopKConfig the hook reads (the rest it copies untouched)."""
+
+    top_k: int
+    use_grouped_topk: bool = False
+    topk_group: int | None = None
+    num_expert_group: int | None = None
+    renormalize: bool = True
+    custom_routing_function: Callable | None = None
+    correction_bias: torch.Tensor | None = None
+    torch_native: bool = False
+    routed_scaling_factor: float | None = None
+    apply_routed_scaling_factor_on_output: bool = False
+    scoring_func: str = "softmax"
+    sqrtsoftplus_log1p: bool = False
+    fused_gate_packed_ids: bool = False
+    layer_id: int | None = None
+    shared_slots: int = 0
+
+    @property
+    def num_shared_topk_slots(self) -> int:
+        return self.shared_slots
+
+
+StandardTopKOutput = collections.namedtuple("StandardTopKOutput", OUTPUT_FIELDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardContext:
+    attn_backend: Any
+    moe_num_token_non_padded: Callable | None = None
+
+
+CALLS: list[dict] = []  # keyword arguments each custom_routing_function call received
+
+
+def select_experts(
+    hidden_states,
+    router_logits,
+    topk_config,
+    *,
+    layer_id=None,
+    num_token_non_padded=None,
+    expert_location_dispatch_info=None,
+    dynamic_expert_bias=None,
+    router_logits_partials=None,
+):
+    """Stand-in for SGLang 0.5.23's select_experts on the paths the hook meets (CUDA, no shared experts).
+
+    Algorithm:
+    1. Grouped with a bias (biased_grouped_topk): sigmoid scores; choose by score + bias within the
+       topk_group groups of best top-2 sum; weights are the unbiased scores. Otherwise, without a custom
+       function (fused_topk): softmax (or sigmoid) in float32, top-k. Otherwise the custom function,
+       called by keyword.
+    2. Renormalise (built-in paths): w / (sum(w) + 1e-20).
+    3. Times routed_scaling_factor when apply_routed_scaling_factor_on_output.
+    4. Logical -> physical ids through the EPLB table (`info.log2phy`), then rows >= num_token_non_padded
+       get id -1.
+    5. StandardTopKOutput(float32 weights, int32 ids, router_logits).
+    """
+    cfg, K = topk_config, topk_config.top_k
+    x = router_logits.float()  # [T, E]
+    if cfg.use_grouped_topk and cfg.correction_bias is not None:
+        T, E = x.shape
+        scores = x.sigmoid()
+        choice = scores + cfg.correction_bias.float()
+        group = choice.view(T, cfg.num_expert_group, -1).topk(2, dim=-1)[0].sum(-1)  # [T, G]
+        keep = torch.zeros_like(group).scatter_(1, group.topk(cfg.topk_group, dim=-1)[1], 1)
+        mask = keep.unsqueeze(-1).expand(T, cfg.num_expert_group, E // cfg.num_expert_group).reshape(T, E)
+        ids = choice.masked_fill(~mask.bool(), float("-inf")).topk(K, dim=-1)[1]
+        weights = scores.gather(1, ids)
+    elif cfg.custom_routing_function is None:
+        scores = x.softmax(-1) if cfg.scoring_func == "softmax" else x.sigmoid()
+        weights, ids = scores.topk(K, dim=-1)
+    else:
+        CALLS.append({})
+        weights, ids = cfg.custom_routing_function(
+            hidden_states=hidden_states, gating_output=router_logits, topk=K, renormalize=cfg.renormalize
+        )
+        CALLS[-1] = {"weights": weights, "ids": ids}
+    if cfg.custom_routing_function is None and cfg.renormalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + RENORMALIZE_EPS)
+    if cfg.apply_routed_scaling_factor_on_output and cfg.routed_scaling_factor is not None:
+        weights = weights * cfg.routed_scaling_factor
+    ids = ids.to(torch.int32)
+    if expert_location_dispatch_info is not None:
+        ids = expert_location_dispatch_info.log2phy[ids.long()].to(torch.int32)
+    if num_token_non_padded is not None:
+        rows = torch.arange(ids.shape[0])
+        ids = ids.masked_fill((rows >= num_token_non_padded)[:, None], -1)
+    return StandardTopKOutput(weights.to(torch.float32), ids, router_logits)
+
+
+def hook_for(policy: str, decode: bool = True) -> plugin.SelectExpertsHook:
+    return plugin.SelectExpertsHook(plugin_config.parse(policy), is_decode=lambda: decode)
+
+
+def call(hook, logits, cfg, **kw):
+    """As SGLang's TopK.forward_cuda calls it: everything by keyword."""
+    hidden = torch.zeros(logits.shape[0], 8)
+    return hook(select_experts, hidden_states=hidden, layer_id=kw.pop("layer_id", 3), router_logits=logits,
+                topk_config=cfg, **kw)
+
+
+def deepseek_config(E=32, K=4, seed=0):
+    bias = torch.randn(E, generator=torch.Generator().manual_seed(seed)) * 0.1
+    return TopKConfig(top_k=K, use_grouped_topk=True, num_expert_group=4, topk_group=2, correction_bias=bias,
+                      scoring_func="sigmoid", routed_scaling_factor=2.5, apply_routed_scaling_factor_on_output=True)
+
+
+def assert_same_routing(a, b):
+    sa, ia = a.topk_ids.sort(-1)
+    sb, ib = b.topk_ids.sort(-1)
+    assert torch.equal(sa, sb)
+    torch.testing.assert_close(a.topk_weights.gather(1, ia), b.topk_weights.gather(1, ib), rtol=1e-6, atol=1e-7)
+
+
+# --- the recorded contract and the plugin agree ---
+
+
+def test_plugin_expects_the_recorded_signatures():
+    assert plugin.SELECT_EXPERTS_PARAMS == tuple(SELECT_EXPERTS_POSITIONAL + SELECT_EXPERTS_KEYWORD)
+    assert plugin.CUSTOM_ROUTING_PARAMS == tuple(CUSTOM_ROUTING_KEYWORDS)
+    assert plugin.OUTPUT_FIELDS == tuple(OUTPUT_FIELDS)
+    assert plugin.TARGET == "sglang.srt.layers.moe.topk.select_experts"
+    assert plugin.check_seams(select_experts, TopKConfig, StandardTopKOutput, ForwardContext) == []
+
+    def other(hidden_states, router_logits, topk_config, *, layer_id=None, num_token_non_padded=None):
+        pass
+
+    Out = collections.namedtuple("Out", ["topk_weights", "topk_ids"])
+    problems = plugin.check_seams(other, TopKConfig, Out, ForwardContext)
+    assert len(problems) == 2 and "select_experts" in problems[0] and "StandardTopKOutput" in problems[1]
+
+
+def test_entry_point_is_registered_under_sglangs_plugin_group():
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["entry-points"][PLUGIN_GROUP] == {"moe_reroute": "moe_reroute.sglang.plugin:register"}
+
+
+# --- routing through the hook ---
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_native_policy_gives_sglangs_softmax_topk(renormalize, logits_factory):
+    logits = logits_factory(12, 16, torch.bfloat16)
+    cfg = TopKConfig(top_k=4, renormalize=renormalize)
+    out = call(hook_for("native"), logits, cfg)
+    ref = select_experts(torch.zeros(12, 8), logits, cfg, layer_id=3)
+    assert type(out) is StandardTopKOutput and out.router_logits is logits
+    assert out.topk_weights.dtype == torch.float32 and out.topk_ids.dtype == torch.int32
+    assert_same_routing(out, ref)
+    assert cfg.custom_routing_function is None and not cfg.use_grouped_topk  # the layer's config is untouched
+
+
+def test_native_policy_gives_sglangs_deepseek_v3_routing(logits_factory):
+    logits = logits_factory(10, 32, torch.bfloat16, seed=4)
+    cfg = deepseek_config()
+    out = call(hook_for("native"), logits, cfg)
+    assert_same_routing(out, select_experts(torch.zeros(10, 8), logits, cfg))
+    assert cfg.use_grouped_topk  # the hook routed a copy
+
+
+@pytest.mark.parametrize("policy, name, params", [("oea:k0=1", "oea", {"k0": 1}), ("cap:k=2", "cap", {"k": 2}),
+                                                  ("budget:budget=6", "budget", {"budget": 6})])
+@pytest.mark.parametrize("deepseek", [False, True])
+def test_policy_ids_with_padding_and_eplb(policy, name, params, deepseek, logits_factory):
+    T, E, K = 16, 32, 4
+    logits = logits_factory(T, E, torch.float32, seed=7)
+    cfg = deepseek_config(E, K) if deepseek else TopKConfig(top_k=K)
+    n_real = torch.tensor([13])  # rows 13..15 are CUDA-graph padding
+    log2phy = torch.randperm(E, generator=torch.Generator().manual_seed(1)).to(torch.int32)
+    info = types.SimpleNamespace(ep_dispatch_algorithm="static", log2phy=log2phy)
+    out = call(hook_for(policy), logits, cfg, num_token_non_padded=n_real, expert_location_dispatch_info=info)
+
+    spec = (RouterSpec(E, K, "sigmoid", True, n_group=4, topk_group=2, e_score_correction_bias=cfg.correction_bias,
+                       weights_in_logits_dtype=False) if deepseek else RouterSpec(E, K))
+    valid = torch.arange(T) < 13
+    expected = make_policy(name, **params)(logits, spec, valid, layer=3)
+    scale = 2.5 if deepseek else 1.0
+    assert torch.equal(out.topk_ids[:13], log2phy[expected.ids[:13]])  # the policy's ids, then SGLang's EPLB map
+    assert (out.topk_ids[13:] == -1).all()  # SGLang's padded-row mask
+    torch.testing.assert_close(out.topk_weights[:13], expected.weights[:13] * scale)
+    native = select_experts(torch.zeros(T, 8), logits, cfg, num_token_non_padded=n_real,
+                            expert_location_dispatch_info=info)
+    assert out.topk_ids[:13].unique().numel() < native.topk_ids[:13].unique().numel()
+
+
+def test_padding_rows_never_add_an_expert(logits_factory):
+    T, E, K = 12, 16, 4
+    logits = logits_factory(T, E, seed=2)
+    out_all = call(hook_for("oea:k0=1"), logits[:8], TopKConfig(top_k=K))
+    out_pad = call(hook_for("oea:k0=1"), logits, TopKConfig(top_k=K), num_token_non_padded=torch.tensor([8]))
+    assert torch.equal(out_pad.topk_ids[:8], out_all.topk_ids) and (out_pad.topk_ids[8:] == -1).all()
+
+
+def test_positional_call_is_accepted(logits_factory):
+    logits = logits_factory(6, 16)
+    hook = hook_for("cap:k=2")
+    out = hook(select_experts, torch.zeros(6, 8), logits, TopKConfig(top_k=4), layer_id=0)
+    assert (out.topk_weights[:, 2:] == 0).all()
+
+
+def test_custom_routing_function_gets_exactly_sglangs_arguments(logits_factory):
+    CALLS.clear()
+    logits = logits_factory(5, 16)
+    call(hook_for("oea:k0=2"), logits, TopKConfig(top_k=4))
+    # The stand-in calls it with exactly the recorded keywords (a function wanting others would raise).
+    assert len(CALLS) == 1 and CALLS[0]["ids"].dtype == torch.int32 and CALLS[0]["weights"].dtype == torch.float32
+
+
+def test_extend_steps_route_natively_and_phase_all_does_not(logits_factory):
+    logits = logits_factory(9, 16, seed=3)
+    cfg = TopKConfig(top_k=4)
+    native = select_experts(torch.zeros(9, 8), logits, cfg)
+    assert_same_routing(call(hook_for("oea:k0=1", decode=False), logits, cfg), native)
+    every = plugin.SelectExpertsHook(plugin_config.parse('{"name": "oea", "k0": 1, "phase": "all"}'),
+                                     is_decode=lambda: False)
+    expected = make_policy("oea", k0=1)(logits, RouterSpec(16, 4), layer=3)
+    assert torch.equal(call(every, logits, cfg).topk_ids, expected.ids.to(torch.int32))
+
+
+@pytest.mark.parametrize(
+    "cfg, kw, why",
+    [
+        (TopKConfig(top_k=4, custom_routing_function=lambda **kw: None), {}, "custom_routing_function"),
+        (TopKConfig(top_k=4, shared_slots=1), {}, "shared experts"),
+        (TopKConfig(top_k=4, use_grouped_topk=True, num_expert_group=4, topk_group=2), {}, "group-limited"),
+        (TopKConfig(top_k=4, scoring_func="sqrtsoftplus"), {}, "sqrtsoftplus"),
+        (TopKConfig(top_k=4, fused_gate_packed_ids=True), {}, "packed"),
+        (TopKConfig(top_k=4), {"dynamic_expert_bias": torch.zeros(16)}, None),
+        (TopKConfig(top_k=4), {"router_logits_partials": torch.zeros(2, 16)}, None),
+    ],
+)
+def test_unsupported_layers_and_calls_are_passed_through(cfg, kw, why, logits_factory):
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["topk_config"])
+        return "sglang's own"
+
+    hook = hook_for("oea:k0=1")
+    assert hook(spy, hidden_states=torch.zeros(4, 8), router_logits=logits_factory(4, 16), topk_config=cfg,
+                layer_id=1, **kw) == "sglang's own"
+    assert seen == [cfg] and seen[0] is cfg
+    if why:
+        assert why in plugin.topk_spec(cfg, 16)[1]
+
+
+def test_policy_that_does_not_fit_fails_on_the_first_forward(logits_factory):
+    with pytest.raises(ValueError, match="does not fit MoE layer 3"):
+        call(hook_for("oea:k0=9"), logits_factory(4, 16), TopKConfig(top_k=4))
+
+
+# --- the step's phase, from SGLang's forward context ---
+
+
+class ForwardMode:
+    def __init__(self, name):
+        self.name = name
+
+    def is_decode(self):
+        return self.name == "DECODE"
+
+
+class ForwardBatch:
+    def __init__(self, mode):
+        self.forward_mode = ForwardMode(mode)
+
+    def moe_num_token_non_padded(self):
+        return None
+
+
+@pytest.mark.parametrize("mode, decode", [("DECODE", True), ("EXTEND", False), ("MIXED", False),
+                                          ("TARGET_VERIFY", False), ("IDLE", False)])
+def test_phase_comes_from_the_batch_behind_the_forward_context(mode, decode):
+    ctx = ForwardContext(attn_backend=None, moe_num_token_non_padded=ForwardBatch(mode).moe_num_token_non_padded)
+    assert plugin.batch_is_decode(ctx) is decode
+    assert plugin.batch_is_decode(ForwardContext(attn_backend=None)) is False  # no batch: not decode
+
+
+# --- start-up ---
+
+
+def test_register_does_nothing_without_a_policy(monkeypatch):
+    monkeypatch.delenv("MOE_REROUTE_POLICY", raising=False)
+    monkeypatch.delenv("MOE_REROUTE_POLICY_FILE", raising=False)
+    monkeypatch.setattr(plugin, "STATE", plugin.State())
+    assert plugin.register() is None and plugin.STATE.hook is None
+
+
+def test_register_without_sglang_says_so(monkeypatch):
+    monkeypatch.setenv("MOE_REROUTE_POLICY", "oea:k0=3")
+    monkeypatch.setattr(plugin, "sglang_version", lambda: None)
+    with pytest.raises(RuntimeError, match=r"needs SGLang 0\.5\.x, which is not installed.*unset MOE_REROUTE_POLICY"):
+        plugin.register()
+
+
+@pytest.mark.parametrize("version", ["0.4.10", "0.6.0", "dev"])
+def test_other_sglang_versions_are_refused(version):
+    with pytest.raises(RuntimeError, match=f"SGLang {version} is not supported"):
+        plugin.check_version(version)
+
+
+def test_bad_policy_fails_at_register(monkeypatch):
+    monkeypatch.setenv("MOE_REROUTE_POLICY", "nope:k=1")
+    with pytest.raises(ValueError, match="unknown policy"):
+        plugin.register()
+
+
+# --- against an installed SGLang's source, when there is one ---
+
+
+def _sglang_root() -> Path | None:
+    spec = importlib.util.find_spec("sglang")  # finds the package without importing it
+    return Path(spec.origin).parent if spec and spec.origin else None
+
+
+def _function(tree: ast.Module, name: str) -> ast.FunctionDef:
+    return next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+
+
+def _class(tree: ast.Module, name: str) -> ast.ClassDef:
+    return next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
+
+
+def _fields(cls: ast.ClassDef) -> list[str]:
+    return [n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)]
+
+
+@pytest.mark.skipif(_sglang_root() is None, reason="SGLang is not installed (its source is read, not imported)")
+def test_installed_sglang_matches_the_recorded_contract():
+    from importlib.metadata import version
+
+    root = _sglang_root()
+    assert version("sglang").startswith("0.5.")
+    topk = ast.parse((root / "srt/layers/moe/topk.py").read_text())
+    sel = _function(topk, "select_experts")
+    assert [a.arg for a in sel.args.args] == SELECT_EXPERTS_POSITIONAL
+    assert [a.arg for a in sel.args.kwonlyargs] == SELECT_EXPERTS_KEYWORD
+    crf_calls = [n for n in ast.walk(sel) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                 and n.func.id == "custom_routing_function"]
+    assert crf_calls and all([k.arg for k in c.keywords] == CUSTOM_ROUTING_KEYWORDS and not c.args for c in crf_calls)
+    assert _fields(_class(topk, "StandardTopKOutput")) == OUTPUT_FIELDS
+    assert set(plugin.TOPK_CONFIG_FIELDS) <= set(_fields(_class(topk, "TopKConfig")))
+    config_body = _class(topk, "TopKConfig").body
+    assert any(isinstance(n, ast.FunctionDef) and n.name == "num_shared_topk_slots" for n in config_body)
+    ctx = ast.parse((root / "srt/model_executor/forward_context.py").read_text())
+    assert "moe_num_token_non_padded" in _fields(_class(ctx, "ForwardContext"))
+    batch = ast.parse((root / "srt/model_executor/forward_batch_info.py").read_text())
+    fb = _class(batch, "ForwardBatch")
+    assert "forward_mode" in _fields(fb)
+    assert any(isinstance(n, ast.FunctionDef) and n.name == "moe_num_token_non_padded" for n in fb.body)
+    assert any(isinstance(n, ast.FunctionDef) and n.name == "is_decode" for n in _class(batch, "ForwardMode").body)
+    plugins = (root / "srt/plugins/__init__.py").read_text()
+    assert f'GENERAL_PLUGINS_GROUP = "{PLUGIN_GROUP}"' in plugins
+
+
+@pytest.mark.skipif(_sglang_root() is None, reason="SGLang is not installed (its source is read, not imported)")
+def test_installed_hook_registry_wraps_select_experts_with_the_hook(monkeypatch, logits_factory):
+    """SGLang's own HookRegistry (stdlib only, loaded from its file) applies the AROUND hook."""
+    spec = importlib.util.spec_from_file_location("_sgl_hook_registry", _sglang_root() / "srt/plugins/hook_registry.py")
+    registry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(registry)
+    target = types.ModuleType("_sgl_fake_topk")
+
+    def fake_select_experts(*args, **kwargs):  # a function of its own: the registry re-binds every alias
+        return select_experts(*args, **kwargs)
+
+    target.select_experts = fake_select_experts
+    monkeypatch.setitem(sys.modules, "_sgl_fake_topk", target)
+    registry.HookRegistry.reset()
+    try:
+        registry.HookRegistry.register("_sgl_fake_topk.select_experts", hook_for("cap:k=2"), registry.HookType.AROUND)
+        registry.HookRegistry.apply_hooks()
+        logits = logits_factory(6, 16)
+        out = target.select_experts(hidden_states=torch.zeros(6, 8), router_logits=logits,
+                                    topk_config=TopKConfig(top_k=4), layer_id=0)
+    finally:
+        registry.HookRegistry.reset()
+    expected = make_policy("cap", k=2)(logits, RouterSpec(16, 4), layer=0)
+    assert torch.equal(out.topk_ids, expected.ids.to(torch.int32))

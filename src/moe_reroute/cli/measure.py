@@ -100,11 +100,24 @@ def _eval(args) -> int:
     from ..reference.card import heldout_ids
 
     batch_sizes = int_list(args.batch_sizes)
-    model, tokenizer, text = load_model(args.model, args.text, need_text=not args.task)
+    if args.task and args.lm_eval:
+        raise SystemExit("error: --task and --lm-eval are exclusive: give your JSONL file or lm-eval tasks")
+    if args.lm_eval_include and not args.lm_eval:
+        raise SystemExit("error: --lm-eval-include needs --lm-eval TASKS (the task names in that folder)")
+    if args.lm_eval:
+        from ..measure.harness import require_lm_eval
+
+        try:
+            require_lm_eval()
+        except ImportError as e:
+            raise SystemExit(f"error: {e}") from None
+    model, tokenizer, text = load_model(args.model, args.text, need_text=not (args.task or args.lm_eval))
     policies = build_policies(args.policy or default_policies(model), model)
     policies.pop("native", None)  # native is always the reference row
     if args.task:
         return _eval_task(args, model, tokenizer, policies)
+    if args.lm_eval:
+        return _eval_harness(args, model, tokenizer, policies)
     try:
         config = EvalConfig(batch_sizes=batch_sizes, seq_len=args.seq_len,
                             num_sequences=args.sequences, resamples=args.resamples)
@@ -125,14 +138,20 @@ def _eval(args) -> int:
             print(f"generation {g['policy']}: {g['differing_tokens']}/{g['generated_tokens']} tokens differ from "
                   f"native greedy; {g['identical_sequences']}/{g['batch_size']} sequences identical")
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps({"command": command_line(args), **result}, indent=1) + "\n")
+        path = write_results(args, "eval.json", result)
         if not args.json:
-            print(f"results written to {out / 'eval.json'}; make plots with `moe-reroute report {out / 'eval.json'}`")
+            print(f"results written to {path}; make plots with `moe-reroute report {path}`")
     if args.json:
         print(json.dumps(result))
     return 0
+
+
+def write_results(args, name: str, result: dict) -> Path:
+    """`result` with the command line, as JSON in --out; returns the file."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps({"command": command_line(args), **result}, indent=1) + "\n")
+    return out / name
 
 
 def _eval_task(args, model, tokenizer, policies) -> int:
@@ -153,10 +172,37 @@ def _eval_task(args, model, tokenizer, policies) -> int:
         print(f"| `{r['policy']}` | {r['batch_size']} | {r['score']:.3f} ± {r['score_se']:.3f} | "
               f"{r['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {'yes' if r['significant_loss'] else 'no'} |")
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "task.json").write_text(json.dumps({"command": command_line(args), **result}, indent=1) + "\n")
-        print(f"results written to {out / 'task.json'}")
+        print(f"results written to {write_results(args, 'task.json', result)}")
+    return 0
+
+
+def _eval_harness(args, model, tokenizer, policies) -> int:
+    from ..measure.harness import evaluate_harness
+
+    tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+    rows, conditions = [], None
+    try:
+        for B in int_list(args.batch_sizes):
+            result = evaluate_harness(model, tokenizer, tasks, args.lm_eval_include, policies, batch_size=B,
+                                      resamples=args.resamples)
+            rows += result["rows"]
+            conditions = result["conditions"]
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    result = {"rows": rows, "conditions": {**conditions, "batch_size": int_list(args.batch_sizes)}}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print("| task | metric | policy | batch | value ± stderr | Δ [95% CI] | significant loss |")
+    print("| --- | --- | --- | ---: | ---: | --- | --- |")
+    for r in rows:
+        se = f" ± {r['stderr']:.3f}" if r["stderr"] is not None else ""
+        ci = f" [{r['delta_ci'][0]:+.3f}, {r['delta_ci'][1]:+.3f}]" if r["delta_ci"] else " (no per-document values)"
+        loss = "n/a" if r["significant_loss"] is None else "yes" if r["significant_loss"] else "no"
+        print(f"| {r['task']} | {r['metric']} | `{r['policy']}` | {r['batch_size']} | {r['value']:.3f}{se} | "
+              f"{r['delta']:+.3f}{ci} | {loss} |")
+    if args.out:
+        print(f"results written to {write_results(args, 'lm_eval.json', result)}")
     return 0
 
 
@@ -196,13 +242,17 @@ def add_parsers(sub) -> None:
                    "sere:similarity=FILE, budget:budget=32 (default: " + " ".join(DEFAULT_POLICIES) + ")")
     p.add_argument("--task", help="JSONL task file instead of held-out text: multiple choice "
                    "({context, choices, answer}) or generation ({prompt, target})")
+    p.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks instead of "
+                   "held-out text (needs `pip install 'moe-reroute[lmeval]'`)")
+    p.add_argument("--lm-eval-include", metavar="PATH", help="folder of local lm-eval task YAMLs (e.g. "
+                   "dataset_path: json with data_files), for --lm-eval")
     p.add_argument("--batch-sizes", default="1,4,8,16,32,64", help="decode batch sizes (default 1,4,8,16,32,64)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--sequences", type=int, default=64, help="sequences of held-out text (default 64)")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--generate", type=int, default=32, help="greedy tokens per prompt for the generation check (0: skip)")
     p.add_argument("--generation-batch", type=int, default=16, help="prompts in the generation check (default 16)")
-    p.add_argument("--out", help="folder for eval.json")
+    p.add_argument("--out", help="folder for the results: eval.json, task.json or lm_eval.json")
     p.add_argument("--json", action="store_true", help="print one JSON object, no table or progress")
     p.set_defaults(run=_eval)
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..calibration import METHODS, expert_similarity
 from ..contract import RouterSpec
+from ..progress import progress as progress_bar
 from .apply import decoder, moe_routers
 
 
@@ -68,7 +69,7 @@ def calibrate_similarity(
     if not inputs:
         raise RuntimeError("no MoE layer input was captured; is this a supported transformers MoE model?")
 
-    bar = _progress(len(routers), progress, f"calibrating {method} similarity")
+    bar = progress_bar(len(routers), progress, f"calibrating {method} similarity", unit="layer")
     out = {}
     for layer, _ in routers:
         experts = layers[layer].mlp.experts
@@ -121,18 +122,3 @@ def load_similarity(path: str | Path, num_experts: int | None = None) -> dict[in
             want = f"[{num_experts}, {num_experts}]" if num_experts else "square [E, E]"
             raise ValueError(f"{path}: layer {layer} similarity is {tuple(m.shape)}, expected {want}")
     return out
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm comes with transformers
-        enabled = False
-    if enabled:
-        return tqdm(total=total, desc=desc, unit="layer")
-
-    class _Silent:
-        def update(self, n: int) -> None: ...
-        def close(self) -> None: ...
-
-    return _Silent()

@@ -23,6 +23,7 @@ from ..metrics import unique_experts
 from ..policies import Policy
 from .shapes import LayerShape
 
+from ..progress import progress as progress_bar
 from .layer import FLUSH_BYTES, KERNELS, MoELayer, _free_bytes, _sync, default_dtype, grouped_mm_status, resolve_device
 
 __all__ = ["KERNELS", "MoELayer", "default_dtype", "grouped_mm_status", "resolve_device", "FLUSH_BYTES"]
@@ -192,7 +193,7 @@ def bench_policies(
 
     kernel, kernel_note = _choose_kernel(layer, kernel, prepared, flush)
     flush_buf = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device) if flush else None
-    bar = _progress((warmup + repeats) * steps * len(names), progress)
+    bar = progress_bar((warmup + repeats) * steps * len(names), progress, "timed calls", unit="call", leave=False)
     times: dict[str, list[list[float]]] = {n: [[] for _ in range(steps)] for n in names}
     for rnd in range(warmup + repeats):
         for s in range(steps):
@@ -354,24 +355,3 @@ def reference_trace(batch_size: int, steps: int):
     with Recorder(model, keep="logits") as rec:
         model(input_ids=ids[: batch_size * steps].view(batch_size, steps))
     return rec.to_trace()
-
-
-# ----------------------------------------------------------------------------------------- helpers
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc="timed calls", unit="call", leave=False)

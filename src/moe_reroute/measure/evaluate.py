@@ -21,6 +21,7 @@ from torch import nn
 from ..contract import RouterSpec, Routing
 from ..metrics import experts_per_token
 from ..policies import Policy, make_policy
+from ..progress import progress as progress_bar
 from .stats import mean_se, paired_bootstrap, worse_by_se_rule
 
 DEFAULT_BATCH_SIZES = (1, 4, 8, 16, 32, 64)
@@ -138,7 +139,7 @@ def evaluate(
 
     layers = [i for i, _ in moe_routers(model)]
     total = sum((N // b) * (1 + len(policies)) for b in config.batch_sizes)
-    bar = _bar(total, progress, "evaluating")
+    bar = progress_bar(total, progress, "evaluating", unit="batch")
     rows = []
     for B in config.batch_sizes:
         n = N // B * B
@@ -255,18 +256,3 @@ def generation_check(
             "first_divergence_step": first,
         })
     return results
-
-
-def _bar(total: int, enabled: bool, desc: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm comes with transformers
-        enabled = False
-    if enabled:
-        return tqdm(total=total, desc=desc, unit="batch")
-
-    class _Silent:
-        def update(self, n: int) -> None: ...
-        def close(self) -> None: ...
-
-    return _Silent()

@@ -45,6 +45,13 @@ def latency_ratios(bench: dict | None) -> dict[int, dict[str, float]]:
     return out
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return path
+
+
 def plot_pareto(rows: list[dict], batch: int, path: Path, latency: dict[str, float] | None = None) -> Path:
     """Delta cross-entropy (with CI) against mean U, or against the latency ratio when given."""
     plt = _plt()
@@ -70,10 +77,7 @@ def plot_pareto(rows: list[dict], batch: int, path: Path, latency: dict[str, flo
     ax.set_ylabel("Δ cross-entropy vs native (nats, 95% CI)")
     ax.set_title(f"quality vs cost at decode batch {batch}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_u_vs_batch(u_by_batch: dict[str, dict[int, float]], path: Path, uniform: dict[int, float] | None = None,
@@ -93,10 +97,7 @@ def plot_u_vs_batch(u_by_batch: dict[str, dict[int, float]], path: Path, uniform
     if title:
         ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_u_per_layer(rows: list[dict], batch: int, path: Path) -> Path:
@@ -109,10 +110,7 @@ def plot_u_per_layer(rows: list[dict], batch: int, path: Path) -> Path:
     ax.set_xlabel("layer")
     ax.set_ylabel(f"mean U at batch {batch}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def uniform_expectation(num_experts: int, top_k: int, batch: int) -> float:

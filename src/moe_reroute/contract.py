@@ -124,6 +124,39 @@ class RouterSpec:
         )
 
 
+def engine_spec(
+    num_experts: int,
+    top_k: int,
+    scoring: str,
+    renormalize: bool,
+    *,
+    has_bias: bool,
+    grouped: bool,
+    n_group: int,
+    topk_group: int,
+    **extra: Any,
+) -> tuple[RouterSpec | None, str]:
+    """The RouterSpec an engine's router (vLLM, SGLang) routes by, or (None, why it is not supported).
+
+    Softmax top-K without bias or groups; sigmoid top-K with a correction bias, or without groups. Engines
+    score unbiased groups by their maximum, a rule RouterSpec does not have. `extra` goes to RouterSpec
+    (arch, routed_scaling_factor, e_score_correction_bias, ...).
+    """
+    try:
+        if scoring == "softmax" and not has_bias and not grouped:
+            return RouterSpec(num_experts, top_k, "softmax", renormalize, **extra), ""
+        if scoring == "sigmoid" and (has_bias or not grouped):
+            if grouped and num_experts % n_group:
+                return None, f"{num_experts} experts do not split into {n_group} groups"
+            spec = RouterSpec(num_experts, top_k, "sigmoid", renormalize, n_group=n_group, topk_group=topk_group,
+                              weights_in_logits_dtype=False, **extra)
+            return spec, ""
+    except ValueError as e:
+        return None, str(e)
+    what = f"scoring {scoring!r}" + (" with a correction bias" if has_bias else "")
+    return None, what + (" with group-limited selection" if grouped else "")
+
+
 @dataclass(frozen=True)
 class Routing:
     """One layer's routing of one batch: exactly K slots per token.

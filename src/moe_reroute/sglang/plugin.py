@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..contract import RouterSpec
+from ..contract import RouterSpec, engine_spec
 from ..vllm import config as _config
 
 logger = logging.getLogger("sglang.moe_reroute")
@@ -79,21 +79,12 @@ def topk_spec(cfg: Any, num_experts: int) -> tuple[RouterSpec | None, str]:
     n_group = int(cfg.num_expert_group or 1) if grouped else 1
     topk_group = int(cfg.topk_group or 1) if grouped else 1
     K, renorm = int(cfg.top_k), bool(cfg.renormalize)
-    try:
-        if scoring == "softmax" and bias is None and not grouped:
-            return RouterSpec(num_experts, K, "softmax", renorm, arch="sglang"), ""
-        if scoring == "sigmoid" and (bias is not None or not grouped):
-            if grouped and num_experts % n_group:
-                return None, f"{num_experts} experts do not split into {n_group} groups"
-            data = bias.data if isinstance(bias, torch.nn.Parameter) else bias
-            spec = RouterSpec(num_experts, K, "sigmoid", renorm, n_group=n_group, topk_group=topk_group,
-                              e_score_correction_bias=data, weights_in_logits_dtype=False, arch="sglang")
-            return spec, ""
-    except ValueError as e:
-        return None, str(e)
-    # SGLang's grouped_topk without a bias scores groups by their maximum; RouterSpec has no such rule.
-    what = f"scoring {scoring!r}" + (" with a correction bias" if bias is not None else "")
-    return None, what + (" with group-limited selection" if grouped else "")
+    if scoring == "softmax":
+        return engine_spec(num_experts, K, scoring, renorm, has_bias=bias is not None, grouped=grouped,
+                           n_group=n_group, topk_group=topk_group, arch="sglang")
+    data = bias.data if isinstance(bias, torch.nn.Parameter) else bias
+    return engine_spec(num_experts, K, scoring, renorm, has_bias=bias is not None, grouped=grouped, n_group=n_group,
+                       topk_group=topk_group, e_score_correction_bias=data, arch="sglang")
 
 
 def batch_is_decode(ctx: Any) -> bool:

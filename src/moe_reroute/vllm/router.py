@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..contract import RouterSpec, Routing
+from ..contract import RouterSpec, Routing, engine_spec
 from ..policies.native import Native, NativeConfig
 from .config import PluginConfig
 
@@ -54,21 +54,12 @@ def router_spec(router: Any, num_experts: int) -> tuple[RouterSpec | None, str]:
     topk_group = int(getattr(router, "topk_group", None) or 1) if grouped else 1
     if n_group <= 1 and topk_group <= 1:
         grouped = False
-    try:
-        if scoring == "softmax" and bias is None and not grouped:
-            return RouterSpec(num_experts, K, "softmax", renorm, arch="vllm"), ""
-        if scoring == "sigmoid" and (bias is not None or not grouped):
-            if grouped and num_experts % n_group:
-                return None, f"{num_experts} experts do not split into {n_group} groups"
-            # FusedTopKRouter never scales its weights; the others carry routed_scaling_factor.
-            scale = float(getattr(router, "routed_scaling_factor", 1.0)) if name != "FusedTopKRouter" else 1.0
-            spec = RouterSpec(num_experts, K, "sigmoid", renorm, n_group=n_group, topk_group=topk_group,
-                              routed_scaling_factor=scale, weights_in_logits_dtype=False, arch="vllm")
-            return spec, ""
-    except ValueError as e:
-        return None, str(e)
-    what = f"scoring {scoring!r}" + (" with a correction bias" if bias is not None else "")
-    return None, what + (" with group-limited selection" if grouped else "")
+    extra = {}
+    if scoring == "sigmoid":  # FusedTopKRouter never scales its weights; the others carry routed_scaling_factor
+        extra["routed_scaling_factor"] = (float(getattr(router, "routed_scaling_factor", 1.0))
+                                          if name != "FusedTopKRouter" else 1.0)
+    return engine_spec(num_experts, K, scoring, renorm, has_bias=bias is not None, grouped=grouped, n_group=n_group,
+                       topk_group=topk_group, arch="vllm", **extra)
 
 
 def is_decode_step() -> bool:

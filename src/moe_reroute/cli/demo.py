@@ -39,6 +39,7 @@ def _demo(args) -> int:
     model, tokenizer, heldout = load()
     ids = heldout_ids(tokenizer, heldout)
     defaults = build_policies(DEFAULT_POLICIES, model)
+    with_native = {"native": build_policies(["native"], model)["native"], **defaults}
     sweep = build_policies(SWEEP if not args.no_sweep else (), model)
     progress = not args.json
 
@@ -52,9 +53,9 @@ def _demo(args) -> int:
     generation = generation_check(model, prompts, defaults, max_new_tokens=args.generate)
 
     say("[3/4] U against batch size: every policy replayed on the model's routing trace")
-    trace = bench.reference_trace(max(REPLAY_BATCHES), args.replay_steps)
+    trace = bench.reference_trace(max(REPLAY_BATCHES), args.replay_steps, model, ids)
     u_by_batch = {}
-    for label, policy in {"native": build_policies(["native"], model)["native"], **defaults}.items():
+    for label, policy in with_native.items():
         u_by_batch[label] = {}
         for B in REPLAY_BATCHES:
             per_layer = trace.rebatch(B).replay(policy)
@@ -63,15 +64,14 @@ def _demo(args) -> int:
     shape = get_shape(args.shape)
     say(f"[4/4] MoE-layer latency: {shape.name} layer shape (H={shape.hidden}, I={shape.intermediate}, "
         f"E={shape.num_experts}, K={shape.top_k}) on CPU, routings from the reference model's router logits")
-    routings = bench.routings_from_trace(bench.reference_trace(BATCH, 64),  # steps spread over 64 positions
-                                         {"native": build_policies(["native"], model)["native"], **defaults},
-                                         BATCH, args.bench_steps, shape=shape)
+    routings = bench.routings_from_trace(bench.reference_trace(BATCH, 64, model, ids),  # steps spread over 64
+                                         with_native, BATCH, args.bench_steps, shape=shape)
     result = bench.bench_policies(shape, routings, "cpu", repeats=args.repeats, warmup=2, progress=progress)
-    bench_json = {"command": "", "shape": {**result.to_dict()["shape"], "bytes_per_expert":
-                                           shape.bytes_per_expert(torch.float32)},
+    measured = result.to_dict()
+    bench_json = {"command": "", "shape": {**measured["shape"], "bytes_per_expert": shape.bytes_per_expert(torch.float32)},
                   "routing": f"the reference model's native router logits on held-out text, decode batch {BATCH}, "
                              f"{len(routings['native'])} (position, layer) steps",
-                  "bandwidth": result.to_dict()["bandwidth"], "results": {str(BATCH): result.to_dict()}}
+                  "bandwidth": measured["bandwidth"], "results": {str(BATCH): measured}}
 
     command = "moe-reroute " + " ".join(shlex.quote(a) for a in args.argv)
     bench_json["command"] = command

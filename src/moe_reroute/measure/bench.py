@@ -341,15 +341,20 @@ def uniform_routings(
 
 
 @torch.no_grad()
-def reference_trace(batch_size: int, steps: int):
+def reference_trace(batch_size: int, steps: int, model=None, ids=None):
     """A trace of the shipped reference model on held-out text: `batch_size` sequences of `steps`
-    tokens, teacher-forced in one [B, L] forward, each position's B tokens one decode step."""
-    from ..hf import Recorder
-    from ..reference import load
-    from ..reference.card import heldout_ids
+    tokens, teacher-forced in one [B, L] forward, each position's B tokens one decode step.
 
-    model, tokenizer, text = load()
-    ids = heldout_ids(tokenizer, text)
+    model, ids: the already loaded reference model and its held-out token ids (loaded here if None).
+    """
+    from ..hf import Recorder
+
+    if model is None or ids is None:
+        from ..reference import load
+        from ..reference.card import heldout_ids
+
+        model, tokenizer, text = load()
+        ids = heldout_ids(tokenizer, text)
     if len(ids) < batch_size * steps:
         raise ValueError(f"the held-out text has {len(ids)} tokens, fewer than {batch_size} x {steps}; ask for fewer")
     with Recorder(model, keep="logits") as rec:

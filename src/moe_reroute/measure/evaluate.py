@@ -97,7 +97,6 @@ class _Pass:
         self.agree = torch.zeros(n, dtype=torch.float64)  # [N] top-1 agreement with native
         self.kl = torch.zeros(n, dtype=torch.float64)  # [N] mean KL(native || policy)
         self.u = {layer: [] for layer in layers}  # layer -> [S] U of each position, per batch
-        self.native_u = {layer: [] for layer in layers}
         self.kept: list[torch.Tensor] = []  # [N*L] experts per token, per layer
 
 
@@ -167,7 +166,6 @@ def evaluate(
                 p.kl[g : g + B] = kl.double().mean(-1)
                 for layer, rec in step.layers.items():
                     p.u[layer].append(rec.unique)
-                    p.native_u[layer].append(rec.native_unique)
                     p.kept.append(experts_per_token(Routing(rec.weights, rec.ids, None)).double())
         native_u = {layer: torch.cat(v).double().mean().item() for layer, v in native.u.items()}
         rows.append(_row("native", B, native, native, native_u, native_u, None, config, spec))

@@ -1,9 +1,11 @@
 """Plain-loop reference implementations of every policy, written from the papers' descriptions.
 
 Each works token by token and expert by expert with Python lists, shares no code with the library,
-and returns, per token, a dict {expert id: weight} of the experts that token computes. Ties in a
-ranking go to the lower expert id (the library's documented rule). Scores are formed with float32
-arithmetic (as the models do) so that rankings match exactly; weights are summed in float64.
+and returns, per token, a dict {expert id: weight} of the experts that token computes. A token's
+ranking is the library's documented rule: its native top-K first, in the model's order (given as
+`native_ids`, else by score with ties to the lower id), then the rest by score, ties to the lower id.
+Scores are formed with float32 arithmetic (as the models do) so that rankings match exactly; weights
+are summed in float64.
 """
 
 from __future__ import annotations
@@ -44,9 +46,19 @@ def token_scores(row, spec):
     return choice, [float(v) for v in sig]
 
 
-def ranking(choice):
-    """Expert ids best first; ties to the lower id; experts the token may not pick last."""
-    return sorted(range(len(choice)), key=lambda e: (-choice[e], e))
+def ranking(choice, native=None):
+    """Expert ids best first: `native` (the model's top-K, in its order) first if given, then the rest
+    by score, ties to the lower id; experts the token may not pick last."""
+    order = sorted(range(len(choice)), key=lambda e: (-choice[e], e))
+    if native is None:
+        return order
+    return list(native) + [e for e in order if e not in native]
+
+
+def rankings(logits, spec, native_ids=None):
+    toks = [token_scores(row, spec) for row in logits]
+    nat = [None] * len(toks) if native_ids is None else [list(map(int, r)) for r in native_ids]
+    return toks, [ranking(c, n) for (c, _), n in zip(toks, nat)]
 
 
 def weights(gate, kept, spec, renormalize):
@@ -57,30 +69,31 @@ def weights(gate, kept, spec, renormalize):
     return {e: v * spec.routed_scaling_factor for e, v in w.items()}
 
 
-def ref_native(logits, spec, valid):
-    out = []
-    for row in logits:
-        choice, gate = token_scores(row, spec)
-        out.append(weights(gate, ranking(choice)[: spec.top_k], spec, spec.renormalize))
-    return out
+def ref_native(logits, spec, valid, native_ids=None):
+    toks, ranks = rankings(logits, spec, native_ids)
+    return [weights(gate, order[: spec.top_k], spec, spec.renormalize) for (_, gate), order in zip(toks, ranks)]
 
 
-def ref_cap(logits, spec, valid, k, renormalize=None):
+def ref_cap(logits, spec, valid, k, renormalize=None, native_ids=None):
+    """The model's top-k: its native weights cut to k (renormalize False), or rescaled to their native total."""
     renorm = spec.renormalize if renormalize is None else renormalize
     out = []
-    for row in logits:
-        choice, gate = token_scores(row, spec)
-        out.append(weights(gate, ranking(choice)[:k], spec, renorm))
+    for native in ref_native(logits, spec, valid, native_ids):
+        kept = list(native)[:k]  # dicts keep the ranking order
+        w = {e: native[e] for e in kept}
+        if renorm:
+            scale = sum(native.values()) / sum(w.values())
+            w = {e: v * scale for e, v in w.items()}
+        out.append(w)
     return out
 
 
-def ref_oea(logits, spec, valid, k0, p=1.0, k_max=None, max_rank=None):
+def ref_oea(logits, spec, valid, k0, p=1.0, k_max=None, max_rank=None, native_ids=None):
     """OEA, Algorithm 2 of arXiv 2511.02237 (simplified OEA when p=1, k_max=K, max_rank=E)."""
     K, E = spec.top_k, spec.num_experts
     k_max = K if k_max is None else k_max
     max_rank = E if max_rank is None else max_rank
-    toks = [token_scores(row, spec) for row in logits]
-    ranks = [ranking(c) for c, _ in toks]
+    toks, ranks = rankings(logits, spec, native_ids)
     base = []
     for (choice, gate), order in zip(toks, ranks):
         allowed = [e for e in order if choice[e] != NEG_INF]
@@ -110,12 +123,12 @@ def ref_oea(logits, spec, valid, k0, p=1.0, k_max=None, max_rank=None):
     return out
 
 
-def ref_sere(logits, spec, valid, sim, primary=2, threshold=0.1):
+def ref_sere(logits, spec, valid, sim, primary=2, threshold=0.1, native_ids=None):
     """SERE re-routing, arXiv 2602.07616; duplicate experts' weights are summed."""
     K = spec.top_k
     sim = np.asarray(sim, dtype=np.float32)
-    toks = [token_scores(row, spec) for row in logits]
-    topk = [ranking(c)[:K] for c, _ in toks]
+    toks, ranks = rankings(logits, spec, native_ids)
+    topk = [order[:K] for order in ranks]
     P = set()
     for ids, v in zip(topk, valid):
         if v:
@@ -139,11 +152,11 @@ def ref_sere(logits, spec, valid, sim, primary=2, threshold=0.1):
     return out
 
 
-def ref_budget(logits, spec, valid, budget):
-    """Batch-wide expert set under a budget (XShare-style), top-1 of every token guaranteed."""
+def ref_budget(logits, spec, valid, budget, native_ids=None, grid=256):
+    """Batch-wide expert set under a budget (XShare-style), top-1 of every token guaranteed; each token's
+    share of an expert's mass counted in whole 1/grid-ths (rounded half up), at least one."""
     K = spec.top_k
-    toks = [token_scores(row, spec) for row in logits]
-    ranks = [ranking(c) for c, _ in toks]
+    toks, ranks = rankings(logits, spec, native_ids)
     score = {}
     chosen = []
     for (choice, gate), order, v in zip(toks, ranks, valid):
@@ -154,8 +167,8 @@ def ref_budget(logits, spec, valid, budget):
         top = order[:K]
         s = sum(gate[e] for e in top)
         for e in top:
-            score[e] = score.get(e, 0.0) + gate[e] / s
-    extra = sorted((e for e in score if e not in chosen and score[e] > 0), key=lambda e: (-score[e], e))
+            score[e] = score.get(e, 0) + max(1, math.floor(gate[e] / s * grid + 0.5))
+    extra = sorted((e for e in range(spec.num_experts) if e not in chosen), key=lambda e: (-score.get(e, 0), e))
     chosen += extra[: max(0, budget - len(chosen))]
     out = []
     for (choice, gate), order in zip(toks, ranks):

@@ -183,11 +183,14 @@ def check_inputs(
     spec: RouterSpec,
     valid: torch.Tensor | None,
     check_values: bool,
-) -> torch.Tensor:
-    """Validate a policy call and return `valid` as a [T] bool tensor on the logits' device.
+    materialize: bool = True,
+) -> torch.Tensor | None:
+    """Validate a policy call and return `valid` as a [T] bool tensor on the logits' device (None stays None
+    unless `materialize`).
 
-    Shapes and dtypes are checked always (free); values (NaN/inf) only when `check_values`, since that
-    needs a host synchronisation, and never while compiling or capturing a CUDA graph.
+    Shapes and dtypes are checked always (free); values (NaN/inf) of the valid rows only when
+    `check_values`, since that needs a host synchronisation, and never while compiling or capturing a
+    CUDA graph. Invalid (padding) rows may hold anything: no policy lets them change a valid row.
     """
     if not isinstance(spec, RouterSpec):
         raise TypeError(f"spec must be a RouterSpec, got {type(spec).__name__}; build one with RouterSpec.from_config(config)")
@@ -206,7 +209,8 @@ def check_inputs(
     if not router_logits.dtype.is_floating_point:
         raise TypeError(f"router_logits must be a floating-point tensor, got {router_logits.dtype}")
     if valid is None:
-        valid = torch.ones(T, dtype=torch.bool, device=router_logits.device)
+        if materialize:
+            valid = torch.ones(T, dtype=torch.bool, device=router_logits.device)
     else:
         if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
             raise TypeError(f"valid must be a bool tensor [T], got {getattr(valid, 'dtype', type(valid).__name__)}")
@@ -221,8 +225,11 @@ def check_inputs(
             "move it with spec.with_bias(bias.to(device))"
         )
     if check_values and not _tracing():
-        if not bool(torch.isfinite(router_logits).all()):
-            bad = (~torch.isfinite(router_logits)).any(-1).nonzero().flatten()[:5].tolist()
+        bad_rows = (~torch.isfinite(router_logits)).any(-1)
+        if valid is not None:
+            bad_rows = bad_rows & valid  # padding rows may hold anything
+        if bool(bad_rows.any()):
+            bad = bad_rows.nonzero().flatten()[:5].tolist()
             raise ValueError(
                 f"router_logits contain NaN or inf (first bad token rows: {bad}); "
                 "the model produced non-finite router logits, check its dtype and inputs"

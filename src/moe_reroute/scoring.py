@@ -1,50 +1,132 @@
-"""Shared pieces of every policy: the model's scores, ranking, packing kept experts into K slots, weights.
+"""Shared pieces of every policy: the model's scores and top-K, ranking, packing kept experts into K slots, weights.
 
 T = tokens, E = experts, K = experts per token. Nothing here synchronises with the host or makes a
 data-dependent shape, so policies built from it run inside CUDA graphs and torch.compile(fullgraph=True).
+
+Ranking rule (every policy, every backend): a token's ranks 1..K are the model's own top-K experts, in
+the model's order; the other experts follow by the model's score, ties to the lower expert id. So a
+policy at its no-op setting (`cap:k=K`, `oea:k0=K`, `budget >= E`) is exactly native routing.
+`ties` says whose top-K that is: "model" (the model's `torch.topk`, whose order among equal scores
+is the library's) or "lower-id" (equal scores to the lower expert id, the fused kernels' rule, which
+is also deterministic across devices).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from .contract import RouterSpec, Routing
 
+TIES = ("model", "lower-id")
 
-def grouped_choice(scores: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+# Budget's per-token gate mass is summed on this grid (in units of 1/BUDGET_GRID of a token's mass): integer
+# sums are exact in any order, so every backend picks the same expert set.
+BUDGET_GRID = 256
+
+
+class Scored(NamedTuple):
+    """One layer's scores for a batch.
+
+    choice [T, E]: what the model ranks experts by (float32); -inf for experts it may never pick.
+    gate [T, E]: non-negative gate mass; a token's weight for expert e is gate[e], divided by the sum over
+      its kept experts when the model renormalises (for "topk_softmax": softmax over the kept).
+    native_ids [T, K]: the model's top-K, in its order. native_w [T, K] float32: the model's weights.
+    """
+
+    choice: torch.Tensor
+    gate: torch.Tensor
+    native_ids: torch.Tensor
+    native_w: torch.Tensor
+
+
+def check_ties(ties: str) -> str:
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
+    return ties
+
+
+def grouped_choice(scores: torch.Tensor, spec: RouterSpec, ties: str = "model") -> torch.Tensor:
     """DeepSeek-V3 selection scores: score + bias, -inf outside each token's `topk_group` best groups.
 
-    The same operations, in the same order, as transformers' DeepseekV3TopkRouter, so that top-K of
-    the result gives its ids bit for bit.
+    With ties="model" the same operations, in the same order, as transformers' DeepseekV3TopkRouter,
+    so that top-K of the result gives its ids bit for bit; "lower-id" picks equal groups by lower id.
     """
     T, E = scores.shape
     bias = spec.e_score_correction_bias
     choice = scores if bias is None else scores + bias
     G = spec.n_group
+    if G == 1 or spec.topk_group == G:
+        return choice
     group_scores = choice.view(T, G, E // G).topk(2, dim=-1)[0].sum(dim=-1)  # [T, G]
-    group_idx = torch.topk(group_scores, k=spec.topk_group, dim=-1, sorted=False)[1]
+    if ties == "model":
+        group_idx = torch.topk(group_scores, k=spec.topk_group, dim=-1, sorted=False)[1]
+    else:
+        group_idx = torch.sort(group_scores, dim=-1, descending=True, stable=True)[1][:, : spec.topk_group]
     group_mask = torch.zeros_like(group_scores)
     group_mask.scatter_(1, group_idx, 1)
     score_mask = group_mask.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
     return choice.masked_fill(~score_mask.bool(), float("-inf"))  # [T, E]
 
 
-def scores(router_logits: torch.Tensor, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's view of each expert, in float32.
+def stable_topk(choice: torch.Tensor, K: int) -> torch.Tensor:
+    """[T, K] ids of the K best, ties to the lower id."""
+    return torch.sort(choice, dim=-1, descending=True, stable=True)[1][:, :K]
 
-    Returns:
-      choice [T, E]: what the model ranks experts by; -inf for experts it may never pick for that token.
-      gate [T, E]: non-negative gate mass; a token's weight for expert e is gate[e], divided by the sum
-        over its kept experts when the model renormalises (for "topk_softmax" this is softmax over the kept).
+
+def native_topk(router_logits: torch.Tensor, spec: RouterSpec, ties: str = "model") -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's routing: (weights [T, K] float32, ids [T, K] int64).
+
+    ties="model": the stock transformers routers' exact operations (bit for bit). "lower-id": the same
+    weights, with equal scores ordered by lower expert id.
     """
+    K = spec.top_k
+    if spec.scoring == "softmax":  # Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral
+        probs = torch.softmax(router_logits, dtype=torch.float, dim=-1)
+        if ties == "model":
+            top, ids = torch.topk(probs, K, dim=-1)
+        else:
+            ids = stable_topk(router_logits.float(), K)  # softmax is monotone: rank by the exact logits
+            top = probs.gather(1, ids)
+        if spec.renormalize:
+            top /= top.sum(dim=-1, keepdim=True)
+        return top, ids
+    if spec.scoring == "topk_softmax":  # GPT-OSS: softmax in the logits' dtype
+        if ties == "model":
+            top, ids = torch.topk(router_logits, K, dim=-1)
+        else:
+            ids = stable_topk(router_logits.float(), K)
+            top = router_logits.gather(1, ids)
+        return torch.softmax(top, dim=1, dtype=top.dtype).float(), ids
+    scores = router_logits.float().sigmoid()  # DeepSeek-V3
+    if ties == "model":
+        ids = torch.topk(grouped_choice(scores, spec), k=K, dim=-1, sorted=False)[1]
+    else:
+        ids = stable_topk(grouped_choice(scores, spec, ties), K)
+    weights = scores.gather(1, ids)
+    if spec.renormalize:
+        weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
+    return weights * spec.routed_scaling_factor, ids
+
+
+def score(router_logits: torch.Tensor, spec: RouterSpec, ties: str = "model") -> Scored:
+    """The model's view of each expert (float32) and its own top-K."""
+    native_w, native_ids = native_topk(router_logits, spec, ties)
     x = router_logits.float()
     if spec.scoring == "softmax":
-        probs = torch.softmax(x, dim=-1)
-        return probs, probs
+        # rank by the logits: the same order as the probabilities, and exact on every device
+        return Scored(x, torch.softmax(x, dim=-1), native_ids, native_w)
     if spec.scoring == "topk_softmax":
-        return x, torch.exp(x - x.amax(dim=-1, keepdim=True))
+        return Scored(x, torch.exp(x - x.amax(dim=-1, keepdim=True)), native_ids, native_w)
     s = x.sigmoid()
-    return grouped_choice(s, spec), s
+    return Scored(grouped_choice(s, spec, ties), s, native_ids, native_w)
+
+
+def scores(router_logits: torch.Tensor, spec: RouterSpec, ties: str = "model") -> tuple[torch.Tensor, torch.Tensor]:
+    """(choice [T, E], gate [T, E]) of `score`."""
+    s = score(router_logits, spec, ties)
+    return s.choice, s.gate
 
 
 def token_probs(choice: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -53,9 +135,18 @@ def token_probs(choice: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return mass / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
 
 
-def rank(choice: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Experts of each token from best to worst; ties go to the lower expert id. Returns (values, order) [T, E]."""
-    return torch.sort(choice, dim=-1, descending=True, stable=True)
+def rank(choice: torch.Tensor, native_ids: torch.Tensor, ties: str = "model") -> torch.Tensor:
+    """[T, E] expert ids of each token from best to worst: its native top-K in the model's order, then the
+    rest by `choice`, ties to the lower id (the module's ranking rule)."""
+    order = torch.sort(choice, dim=-1, descending=True, stable=True)[1]  # [T, E]
+    if ties == "lower-id":
+        return order  # the lower-id top-K is the head of this order
+    T, E = choice.shape
+    K = native_ids.shape[1]
+    slot = torch.arange(K, device=choice.device).expand(T, K)
+    pri = torch.full((T, E), K, dtype=torch.long, device=choice.device).scatter_(1, native_ids, slot)
+    perm = torch.sort(pri.gather(1, order), dim=-1, stable=True)[1]
+    return order.gather(1, perm)
 
 
 def pack(order: torch.Tensor, keep_sorted: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +178,22 @@ def weights_for(
     if spec.routed_scaling_factor != 1.0:
         w = w * spec.routed_scaling_factor
     return w
+
+
+def native_where_unchanged(
+    s: Scored, ids: torch.Tensor, keep: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Weights, with the model's own weights on every token that kept exactly its native top-K (so a
+    policy that changes nothing returns native routing bit for bit, whatever the dtype). [T, K]"""
+    same = ((ids == s.native_ids) & keep).all(dim=-1, keepdim=True)
+    return torch.where(same, s.native_w, weights)
+
+
+def sanitize(router_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Logits with invalid rows zeroed, so that their values (NaN, inf, stale CUDA-graph buffers) can never
+    reach a batch-wide decision. [T, E]"""
+    return torch.where(valid[:, None], router_logits, torch.zeros((), dtype=router_logits.dtype,
+                                                                  device=router_logits.device))
 
 
 def finish(ids: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor) -> Routing:

@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 
 from ..contract import RouterSpec, Routing, check_inputs
+from .. import kernels
+from ..scoring import check_ties
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+# No model has more layers than this; bounds per-layer schedules and layer keys.
+MAX_LAYERS = 4096
 
 
 def per_layer(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
@@ -97,18 +106,47 @@ class PolicyConfig:
 class Policy:
     """A routing policy: `policy(router_logits [T, E], spec, valid=None, layer=None) -> Routing`.
 
-    `check_inputs=True` also checks the logits for NaN/inf (a host synchronisation); engines that
-    run policies inside CUDA graphs turn it off. Shapes, dtypes and parameters are always checked.
+    `check_inputs=True` also checks the valid rows' logits for NaN/inf (a host synchronisation); engines
+    that run policies inside CUDA graphs turn it off. Shapes, dtypes and parameters are always checked.
+    `ties` is whose top-K ranks 1..K follow (see `moe_reroute.scoring`): "model" (torch.topk, as the
+    transformers routers) or "lower-id" (the fused kernels' rule). `backend`: "torch" (torch ops),
+    "triton" (the fused kernels of `moe_reroute.kernels`), or "auto" (the kernels for CUDA tensors when
+    Triton is usable, else torch).
     """
 
     name: ClassVar[str]
     Config: ClassVar[type[PolicyConfig]]
+    backend: ClassVar[str] = "torch"
 
-    def __init__(self, config: PolicyConfig, check_inputs: bool = True) -> None:
+    def __init__(self, config: PolicyConfig, check_inputs: bool = True, ties: str | None = None,
+                 backend: str = "auto") -> None:
         if not isinstance(config, self.Config):
             raise TypeError(f"policy {self.name!r} takes a {self.Config.__name__}, got {type(config).__name__}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "triton":
+            if ties == "model":
+                raise ValueError("the Triton kernels order equal scores by lower expert id: use ties='lower-id' "
+                                 "(or None) with backend='triton', or backend='torch' for the model's torch.topk order")
+            ok, why = kernels._triton_status()
+            if not ok:
+                kernels.warn_once(why)
+                backend = "torch"
         self.config = config
         self.check_inputs = check_inputs
+        self.backend = backend
+        self.ties = check_ties(ties or ("lower-id" if backend == "triton" else "model"))
+
+    def uses_kernels(self, router_logits: torch.Tensor) -> bool:
+        """Whether a call on these logits runs the fused kernels (backend "triton", or "auto" on CUDA)."""
+        if self.backend == "torch" or torch.compiler.is_compiling():
+            return False  # under torch.compile the torch ops are traced and fused by the compiler
+        if self.backend == "triton":
+            ok, why = kernels.available(router_logits.device)
+            if not ok:
+                raise RuntimeError(f"policy {self.name!r} with backend='triton': {why}")
+            return True
+        return router_logits.is_cuda and kernels.available(router_logits.device)[0]
 
     def __call__(
         self,
@@ -117,8 +155,16 @@ class Policy:
         valid: torch.Tensor | None = None,
         layer: int | None = None,
     ) -> Routing:
-        valid = check_inputs(router_logits, spec, valid, self.check_inputs)
-        return self.route(router_logits, spec, valid, self.config.at_layer(layer), layer)
+        fused = isinstance(router_logits, torch.Tensor) and self.uses_kernels(router_logits)
+        valid = check_inputs(router_logits, spec, valid, self.check_inputs, materialize=not fused)
+        config = self.config.at_layer(layer)
+        self.check_fit(spec, config, layer)
+        if fused:
+            return kernels.route(self, router_logits, spec, valid, config, layer)
+        return self.route(router_logits, spec, valid, config, layer)
+
+    def check_fit(self, spec: RouterSpec, config: Any, layer: int | None) -> None:
+        """Raise ValueError if `config` (resolved at `layer`) does not fit the model (e.g. k0 > K)."""
 
     def route(
         self, router_logits: torch.Tensor, spec: RouterSpec, valid: torch.Tensor, config: Any, layer: int | None
@@ -130,9 +176,15 @@ class Policy:
         return f"{type(self).__name__}({self.config!r})"
 
 
+def is_int(value: Any) -> bool:
+    """An integral number (int, numpy.int64, a 0-d integer tensor's item...), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def need_int(name: str, value: Any, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if not is_int(value) or value < low:
+        kind = "" if is_int(value) else f" (a {type(value).__name__})"
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}{kind}")
 
 
 def need_at_most(name: str, value: int, limit: int, what: str) -> None:

@@ -4,10 +4,11 @@ Per layer and batch:
 1. Every valid token's top-1 expert is in the set (its best expert is never taken away).
 2. The rest of the budget goes greedily to the experts holding the most native gate mass: expert e
    scores the sum over valid tokens of its weight in their native top-K (each token's top-K weights
-   normalised to sum 1). Ties go to the lower id. (Experts with no such mass may fill a budget larger
-   than needed, but no token routes to them: each token's native top-K is already in the set.)
-3. Each token routes to its best K experts within the set, by its own scores, with the model's weights
-   over those (renormalised as the model does).
+   normalised to sum 1, counted in whole 1/256ths and at least one, so that the sum is exact in any
+   order and every backend picks the same set). Ties go to the lower id (experts in no token's native
+   top-K fill a budget larger than needed by lower id).
+3. Each token routes to its best K experts within the set, by its own ranking, with the model's weights
+   over those (renormalised as the model does; the model's own weights if that is its native top-K).
 The set holds max(budget, distinct top-1 experts) experts at most: the top-1 guarantee wins when more
 tokens disagree on their best expert than the budget allows. With budget >= K a single token gets
 exactly its native experts.
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from ..contract import Routing
-from ..scoring import finish, pack, rank, scores, weights_for
+from ..scoring import BUDGET_GRID, finish, native_where_unchanged, pack, rank, sanitize, score, weights_for
 from .base import Policy, PolicyConfig, need_at_most, need_int, per_layer
 
 
@@ -40,27 +41,27 @@ class Budget(Policy):
     name = "budget"
     Config = BudgetConfig
 
+    def check_fit(self, spec, config, layer) -> None:
+        need_at_most("budget", config.budget, spec.num_experts, "the number of experts E")
+
     def route(self, router_logits, spec, valid, config, layer) -> Routing:
         K, E = spec.top_k, spec.num_experts
-        need_at_most("budget", config.budget, E, "the number of experts E")
-        choice, gate = scores(router_logits, spec)
-        values, order = rank(choice)  # [T, E]
-        native = order[:, :K]  # [T, K]
-        mass = gate.gather(1, native)
+        s = score(sanitize(router_logits, valid), spec, self.ties)
+        order = rank(s.choice, s.native_ids, self.ties)  # [T, E]
+        native = s.native_ids  # [T, K]
+        mass = s.gate.gather(1, native)
         mass = mass / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
-        mass = mass * valid[:, None]
-        score = torch.zeros_like(gate).scatter_(1, native, mass).sum(dim=0)  # [E]
+        q = torch.floor(mass * BUDGET_GRID + 0.5).to(torch.int32).clamp_min(1)  # exact integer sums, in any order
+        q = torch.where(valid[:, None], q, torch.zeros_like(q))
+        mass_e = torch.zeros(E, dtype=torch.int32, device=q.device).scatter_add_(0, native.reshape(-1), q.reshape(-1))
 
-        top1 = torch.zeros_like(gate, dtype=torch.bool).scatter_(1, order[:, :1], True)
-        forced = (top1 & valid[:, None]).any(dim=0)  # [E]
-        key = torch.where(forced, torch.full_like(score, float("inf")), score)
+        forced = torch.zeros_like(mass_e).scatter_add_(0, native[:, 0], valid.to(torch.int32)) > 0  # [E]
+        key = torch.where(forced, torch.full_like(mass_e, torch.iinfo(torch.int32).max), mass_e)
         chosen = torch.sort(key, descending=True, stable=True)[1][: config.budget]
         in_set = torch.zeros_like(forced).scatter_(0, chosen, True) | forced  # [E]
 
-        within = torch.where(in_set[None, :], choice, torch.full_like(choice, float("-inf")))
-        values, order = rank(within)
-        pos = torch.arange(E, device=order.device)
-        keep = torch.isfinite(values) & (pos < K)
-        keep[:, 0] = True  # invalid rows may have nothing in the set; finish() overwrites them
+        allowed = in_set[order] & torch.isfinite(s.choice.gather(1, order))  # [T, E], rank order
+        keep = allowed & (allowed.cumsum(dim=-1) <= K)
         ids, kept = pack(order, keep, K)
-        return finish(ids, weights_for(gate, ids, kept, spec, spec.renormalize), valid)
+        w = weights_for(s.gate, ids, kept, spec, spec.renormalize)
+        return finish(ids, native_where_unchanged(s, ids, kept, w), valid)

@@ -1,8 +1,12 @@
 """`cap`: static top-k' (k' < K) by the model's own scores, uniform or per layer (arXiv 2505.03531).
 
 A per-layer schedule (b, h, e, p) gives layer 1 b experts, layer p h experts, the last layer e,
-interpolating linearly in between (layers counted from 1 as in the paper; the policy's layer index is
-0-based, so schedule layer 1 is layer index 0).
+interpolating linearly in between (MoE layers counted from 1 as in the paper; the policy's layer index
+is the 0-based MoE-layer index, so schedule layer 1 is layer index 0; dense layers are not counted).
+
+Weights (one rule for every scoring): renormalize=False keeps, for each kept expert, exactly the weight
+the model gives it (native weights cut to k'); True rescales the kept weights to the total the model's
+top-K weights have (1, or DeepSeek-V3's scaling factor). Either way `cap:k=K` is native routing.
 """
 
 from __future__ import annotations
@@ -13,20 +17,30 @@ from typing import Any
 import torch
 
 from ..contract import Routing
-from ..scoring import finish, pack, rank, scores, weights_for
-from .base import Policy, PolicyConfig, need_at_most, need_int, per_layer
+from ..scoring import finish, native_topk, sanitize
+from .base import MAX_LAYERS, Policy, PolicyConfig, is_int, layer_values, need_at_most, need_int, per_layer
 
 
 def cap_schedule(b: int, h: int, e: int, p: int, num_layers: int) -> list[int]:
-    """k' per layer for the schedule (b, h, e, p) over `num_layers` layers (list indexed from 0)."""
+    """k' per MoE layer for the schedule (b, h, e, p) over `num_layers` MoE layers (list indexed from 0).
+
+    Layer 1 takes b and the last layer e; p (counted from 1) is an interior layer, 1 < p < num_layers,
+    that takes h; values in between are linear, rounded half up.
+    """
     for name, v in (("b", b), ("h", h), ("e", e), ("num_layers", num_layers)):
         need_int(f"cap schedule {name}", v)
-    if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= num_layers:
-        raise ValueError(f"cap schedule p must be a layer number in 1..num_layers={num_layers}, got {p!r}")
+    if num_layers > MAX_LAYERS:
+        raise ValueError(f"cap schedule num_layers={num_layers} is more than any model has (at most {MAX_LAYERS})")
+    if num_layers < 3:
+        raise ValueError(f"cap schedule (b, h, e, p) needs at least 3 MoE layers, got num_layers={num_layers}; "
+                         "give k per layer instead, e.g. cap:k=[4,6]")
+    if not is_int(p) or not 1 < p < num_layers:
+        raise ValueError(f"cap schedule p must be an interior layer number 2..{num_layers - 1} "
+                         f"(layer 1 takes b, layer {num_layers} takes e), got {p!r}")
     out = []
     for layer in range(1, num_layers + 1):
         if layer <= p:
-            x = b + (h - b) * (layer - 1) / (p - 1) if p > 1 else h
+            x = b + (h - b) * (layer - 1) / (p - 1)
         else:
             x = h + (e - h) * (layer - p) / (num_layers - p)
         out.append(int(x + 0.5))  # round half up: deterministic on every platform
@@ -47,16 +61,22 @@ class CapConfig(PolicyConfig):
 
     def __post_init__(self) -> None:
         if self.schedule is not None:
-            if self.k is not None:
-                raise ValueError("cap: give either k or schedule=(b, h, e, p), not both")
             if self.num_layers is None:
                 raise ValueError("cap: schedule=(b, h, e, p) needs num_layers=<number of MoE layers>")
-            if len(self.schedule) != 4:
-                raise ValueError(f"cap: schedule must be (b, h, e, p), got {self.schedule!r}")
-            object.__setattr__(self, "k", cap_schedule(*self.schedule, num_layers=self.num_layers))
+            k = self._from_schedule()
+            # dataclasses.replace() passes the k a schedule produced back in: accept that one
+            if self.k is not None and list(layer_values(self.k)) != k:
+                raise ValueError("cap: give either k or schedule=(b, h, e, p), not both")
+            object.__setattr__(self, "k", k)
         elif self.k is None:
             raise ValueError("cap needs k=<experts per token> (e.g. cap:k=4) or schedule=(b, h, e, p)")
         super().__post_init__()
+
+    def _from_schedule(self) -> list[int]:
+        sched = self.schedule
+        if isinstance(sched, (str, bytes)) or not hasattr(sched, "__len__") or len(sched) != 4:
+            raise ValueError(f"cap: schedule must be four numbers (b, h, e, p), got {sched!r}")
+        return cap_schedule(*sched, num_layers=self.num_layers)
 
     def check(self, name: str, value: Any) -> None:
         if name == "k":
@@ -69,11 +89,17 @@ class Cap(Policy):
     name = "cap"
     Config = CapConfig
 
-    def route(self, router_logits, spec, valid, config, layer) -> Routing:
+    def check_fit(self, spec, config, layer) -> None:
         need_at_most("cap k", config.k, spec.top_k, "the model's K")
-        choice, gate = scores(router_logits, spec)
-        _, order = rank(choice)
-        keep_sorted = torch.arange(spec.num_experts, device=order.device) < config.k  # [E]
-        ids, keep = pack(order, keep_sorted.expand_as(order), spec.top_k)
+
+    def route(self, router_logits, spec, valid, config, layer) -> Routing:
+        K = spec.top_k
+        x = sanitize(router_logits, valid)
+        w_nat, ids_nat = native_topk(x, spec, self.ties)  # [T, K] each, the model's order
+        keep = (torch.arange(K, device=ids_nat.device) < config.k).expand_as(ids_nat)  # [T, K]
+        ids = torch.where(keep, ids_nat, ids_nat[:, :1])
+        w = torch.where(keep, w_nat, torch.zeros_like(w_nat))
         renorm = spec.renormalize if config.renormalize is None else config.renormalize
-        return finish(ids, weights_for(gate, ids, keep, spec, renorm), valid)
+        if renorm:  # back to the total of the model's top-K weights
+            w = w * (w_nat.sum(dim=-1, keepdim=True) / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny))
+        return finish(ids, w, valid)

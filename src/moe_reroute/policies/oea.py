@@ -1,13 +1,15 @@
 """`oea`: Opportunistic Expert Activation (arXiv 2511.02237), simplified and general.
 
 Per layer and decode step:
-1. Each token ranks its experts by the model's score.
+1. Each token ranks its experts: its native top-K in the model's order, then the rest by the model's
+   score (see `moe_reroute.scoring`).
 2. Base set: its top n_i = min(k0, t_i) experts, t_i the fewest whose probability reaches p
    (p = 1: n_i = k0). The batch's loaded set S is the union of the valid tokens' base sets.
-3. Piggyback: walking down its ranking (ranks k0+1 .. max_rank), a token adds an expert only if it
-   is in S, until it holds k_max experts. S never grows, so U = |S|.
+3. Piggyback: walking down its ranking (ranks n_i+1 .. max_rank), a token adds an expert only if it
+   is in S, until it holds k_max experts. S never grows, so U = |S| <= U(native).
 4. Weights: the token's router probabilities over its kept experts, renormalised when the model
-   renormalises its top-k (raw probabilities otherwise).
+   renormalises its top-k (raw probabilities otherwise); a token that kept exactly its native top-K
+   gets the model's own weights.
 A batch of one token therefore gets exactly its top-k0: with nobody else, there is nothing to piggyback.
 """
 
@@ -19,8 +21,8 @@ from typing import Any
 import torch
 
 from ..contract import Routing
-from ..scoring import finish, pack, rank, scores, token_probs, weights_for
-from .base import Policy, PolicyConfig, need_at_most, need_int, per_layer
+from ..scoring import finish, native_where_unchanged, pack, rank, sanitize, score, token_probs, weights_for
+from .base import Policy, PolicyConfig, is_int, need_at_most, need_int, per_layer
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class OEAConfig(PolicyConfig):
                 raise ValueError(f"oea p must be a probability in (0, 1], got {value!r}")
         elif name in ("k_max", "max_rank") and value is not None:
             need_int(f"oea {name}", value)
-        if name == "k_max" and value is not None and isinstance(self.k0, int) and value < self.k0:
+        if name == "k_max" and value is not None and is_int(self.k0) and value < self.k0:
             raise ValueError(f"oea k_max={value} < k0={self.k0}; k_max bounds the experts a token keeps, base included")
 
 
@@ -49,23 +51,29 @@ class OEA(Policy):
     name = "oea"
     Config = OEAConfig
 
+    def check_fit(self, spec, config, layer) -> None:
+        K, E = spec.top_k, spec.num_experts
+        k_max = K if config.k_max is None else config.k_max
+        max_rank = E if config.max_rank is None else config.max_rank
+        need_at_most("oea k0", config.k0, K, "the model's K")
+        need_at_most("oea k_max", k_max, K, "the model's K")
+        need_at_most("oea k0", config.k0, k_max, "k_max")
+        need_at_most("oea max_rank", max_rank, E, "the number of experts E")
+
     def route(self, router_logits, spec, valid, config, layer) -> Routing:
         K, E = spec.top_k, spec.num_experts
         k0 = config.k0
         k_max = K if config.k_max is None else config.k_max
         max_rank = E if config.max_rank is None else config.max_rank
-        need_at_most("oea k0", k0, K, "the model's K")
-        need_at_most("oea k_max", k_max, K, "the model's K")
-        need_at_most("oea k0", k0, k_max, "k_max")
-        need_at_most("oea max_rank", max_rank, E, "the number of experts E")
 
-        choice, gate = scores(router_logits, spec)
-        values, order = rank(choice)  # [T, E]
+        s = score(sanitize(router_logits, valid), spec, self.ties)
+        order = rank(s.choice, s.native_ids, self.ties)  # [T, E]
+        values = s.choice.gather(1, order)
         pos = torch.arange(E, device=order.device)
         if config.p >= 1.0:
             n = torch.full_like(order[:, :1], k0)
         else:
-            cum = token_probs(choice, gate).gather(1, order).cumsum(dim=-1)  # [T, E]
+            cum = token_probs(s.choice, s.gate).gather(1, order).cumsum(dim=-1)  # [T, E]
             t = (cum < config.p).sum(dim=-1, keepdim=True) + 1  # fewest experts whose mass reaches p
             n = t.clamp(max=k0)
         base = pos < n  # [T, E], in rank order
@@ -75,4 +83,5 @@ class OEA(Policy):
         eligible = base | piggyback
         keep = eligible & (eligible.cumsum(dim=-1) <= k_max)
         ids, kept = pack(order, keep, K)
-        return finish(ids, weights_for(gate, ids, kept, spec, spec.renormalize), valid)
+        w = weights_for(s.gate, ids, kept, spec, spec.renormalize)
+        return finish(ids, native_where_unchanged(s, ids, kept, w), valid)

@@ -1,7 +1,7 @@
 """`sere`: similarity-based expert re-routing (arXiv 2602.07616).
 
 Per layer and batch:
-1. Ordinary top-K, best first.
+1. The model's own top-K (ids and weights), in its order.
 2. Primary set P: the experts in slots [0, primary) of any valid token.
 3. Every secondary slot (slot >= primary) whose expert e is not in P goes to p* = argmax_{p in P}
    Sim[e, p] (ties: lowest id), unless Sim[e, p*] < threshold: then e is "critical" and kept.
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..contract import Routing
-from ..scoring import finish, rank, scores, weights_for
+from ..scoring import finish, native_topk, sanitize
 from .base import Policy, PolicyConfig, need_at_most, need_int, per_layer, resolve
 
 
@@ -78,22 +78,22 @@ class SERE(Policy):
     name = "sere"
     Config = SEREConfig
 
-    def route(self, router_logits, spec, valid, config, layer) -> Routing:
-        K, E = spec.top_k, spec.num_experts
-        S = config.primary
-        need_at_most("sere primary", S, K, "the model's K")
+    def check_fit(self, spec, config, layer) -> None:
+        E = spec.num_experts
+        need_at_most("sere primary", config.primary, spec.top_k, "the model's K")
         sim = config.similarity_at(layer)
         if tuple(sim.shape) != (E, E):
             raise ValueError(
                 f"sere similarity for layer {layer} is {tuple(sim.shape)} but the model has E={E} experts; "
                 f"it needs [{E}, {E}], calibrated on this model"
             )
-        sim = sim.to(device=router_logits.device, dtype=torch.float32)  # [E, E]
 
-        choice, gate = scores(router_logits, spec)
-        ids = rank(choice)[1][:, :K]  # [T, K], best first
-        weights = weights_for(gate, ids, torch.ones_like(ids, dtype=torch.bool), spec, spec.renormalize)
+    def route(self, router_logits, spec, valid, config, layer) -> Routing:
+        K, E = spec.top_k, spec.num_experts
+        S = config.primary
+        sim = config.similarity_at(layer).to(device=router_logits.device, dtype=torch.float32)  # [E, E]
 
+        weights, ids = native_topk(sanitize(router_logits, valid), spec, self.ties)  # [T, K], the model's order
         slot = torch.arange(K, device=ids.device)
         in_primary = torch.zeros(ids.shape[0], E, dtype=torch.bool, device=ids.device)
         in_primary.scatter_(1, ids[:, :S], True)
@@ -111,3 +111,4 @@ class SERE(Policy):
         first = same.to(torch.int32).argmax(dim=-1)  # [T, K]
         folded = torch.zeros_like(weights).scatter_add_(1, first, weights)
         return finish(new_ids, folded, valid)
+

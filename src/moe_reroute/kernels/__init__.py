@@ -1,0 +1,195 @@
+"""Fused Triton kernels for every policy: one launch per call where the batch fits one program, two otherwise.
+
+`route(policy, router_logits, spec, valid, config)` runs the policy's kernel on checked inputs with its
+parameters resolved on the host, so a call never synchronises, never makes a data-dependent shape and
+can be captured in a CUDA graph. The kernels follow the library's ranking rule with ties="lower-id";
+their answers are the torch policies' (`make_policy(..., backend="torch", ties="lower-id")`): the same
+ids, weights within float32 rounding.
+
+Triton is imported lazily; `available()` says whether the kernels can run and why not. On CPU tensors
+they run only through Triton's interpreter (TRITON_INTERPRET=1), which is how they are tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ..contract import RouterSpec, Routing
+from ..scoring import BUDGET_GRID
+
+# Triton releases the kernels are tested with (3.x); others fall back to torch with one warning.
+MIN_TRITON = (3, 0)
+MAX_EXPERTS = 1024
+POLICIES = ("native", "cap", "oea", "sere", "budget")
+_TILE = 4096  # tokens x padded experts per program on a GPU (registers)
+_MAX_BT = 128
+_TILE_INTERPRETED = 1 << 16  # the interpreter runs a program as numpy arrays: fewer, larger programs
+
+
+def block_tokens(T: int, E: int, device: torch.device) -> int:
+    """Tokens per program for T tokens of E experts (a batch of at most this many is one launch)."""
+    e_block = max(_p2(E), 16)
+    tile = _TILE_INTERPRETED if device.type != "cuda" else _TILE
+    return max(1, min(_p2(T), tile // e_block, _MAX_BT))
+
+
+class _Launches:
+    """Counts kernel launches (for tests and benchmarks): `with counting() as c: ...; c.count`."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+_counters: list[_Launches] = []
+
+
+@contextlib.contextmanager
+def counting() -> Iterator[_Launches]:
+    c = _Launches()
+    _counters.append(c)
+    try:
+        yield c
+    finally:
+        _counters.remove(c)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_status() -> tuple[bool, str]:
+    try:
+        import triton
+    except ImportError as e:  # not installed, or broken
+        return False, f"Triton is not importable ({e}); install it with `pip install triton`"
+    try:
+        version = tuple(int(v) for v in triton.__version__.split(".")[:2])
+    except ValueError:
+        version = (0, 0)
+    if version < MIN_TRITON:
+        return False, f"Triton {triton.__version__} is older than the kernels support (>= {'.'.join(map(str, MIN_TRITON))})"
+    return True, ""
+
+
+def available(device: torch.device | str | None = None) -> tuple[bool, str]:
+    """(True, "") if the kernels can run on `device` (default: CUDA), else (False, why not)."""
+    ok, why = _triton_status()
+    if not ok:
+        return ok, why
+    dev = torch.device(device) if device is not None else torch.device("cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "no CUDA device"
+        return True, ""
+    if interpreting():
+        return True, ""
+    return False, (f"the Triton kernels need CUDA tensors, got {dev.type}; set TRITON_INTERPRET=1 to run them "
+                   "on CPU through Triton's interpreter (slow: for tests)")
+
+
+_warned: set[str] = set()
+
+
+def warn_once(why: str) -> None:
+    if why not in _warned:
+        _warned.add(why)
+        warnings.warn(f"moe_reroute: fused routing kernels unavailable, using the torch policies: {why}", stacklevel=3)
+
+
+def _p2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    from . import triton_route
+
+    return triton_route
+
+
+def _policy_params(name: str, spec: RouterSpec, config: Any) -> dict[str, Any]:
+    E, K = spec.num_experts, spec.top_k
+    p = dict(k_param=0, k_max=K, max_rank=E, p_top=1.0, threshold=0.0, CAP_RENORM=False, TOP_P=False, LIMIT_RANK=False)
+    if name == "cap":
+        p["k_param"] = int(config.k)
+        p["CAP_RENORM"] = bool(spec.renormalize if config.renormalize is None else config.renormalize)
+    elif name == "oea":
+        p["k_param"] = int(config.k0)
+        p["k_max"] = K if config.k_max is None else int(config.k_max)
+        p["max_rank"] = E if config.max_rank is None else int(config.max_rank)
+        p["p_top"] = float(config.p)
+        p["TOP_P"] = p["p_top"] < 1.0
+        p["LIMIT_RANK"] = p["max_rank"] < E
+    elif name == "sere":
+        p["k_param"] = int(config.primary)
+        p["threshold"] = float(config.threshold)
+    elif name == "budget":
+        p["k_param"] = int(config.budget)
+    return p
+
+
+def _similarity(policy: Any, config: Any, layer: int | None, device: torch.device) -> torch.Tensor:
+    """The layer's similarity as a contiguous float32 tensor on `device`, converted once and cached."""
+    sim = config.similarity_at(layer)
+    cache = policy.__dict__.setdefault("_kernel_sim", {})
+    key = (id(sim), str(device))
+    hit = cache.get(key)
+    if hit is None or hit[0] is not sim:
+        hit = (sim, sim.to(device=device, dtype=torch.float32).contiguous())
+        cache[key] = hit
+    return hit[1]
+
+
+def route(policy: Any, router_logits: torch.Tensor, spec: RouterSpec, valid: torch.Tensor | None,
+          config: Any, layer: int | None) -> Routing:
+    """Run `policy` (its name and resolved `config`) as a fused kernel. Inputs are already checked."""
+    name = policy.name
+    tr = _kernel()
+    T, E = router_logits.shape
+    K = spec.top_k
+    dev = router_logits.device
+    if router_logits.stride(1) != 1:
+        router_logits = router_logits.contiguous()
+    E_BLOCK = max(_p2(E), 16)
+    K_BLOCK = max(_p2(K), 2)
+    BT = block_tokens(T, E, dev)
+    nb = -(-T // BT)
+    ids = torch.empty(T, K, dtype=torch.int64, device=dev)
+    weights = torch.empty(T, K, dtype=torch.float32, device=dev)
+    params = _policy_params(name, spec, config)
+    batch_wide = name in ("oea", "sere", "budget")
+    part_a = torch.empty(nb, E_BLOCK, dtype=torch.int32, device=dev) if batch_wide else ids
+    part_b = torch.empty(nb, E_BLOCK, dtype=torch.int32, device=dev) if name == "budget" else part_a
+    bias = spec.e_score_correction_bias
+    sim = _similarity(policy, config, layer, dev) if name == "sere" else router_logits
+    valid_arg = valid.view(torch.uint8) if valid is not None else router_logits
+    scoring = {"softmax": tr.SOFTMAX, "topk_softmax": tr.TOPK_SOFTMAX, "sigmoid": tr.SIGMOID}[spec.scoring]
+    n_group = spec.n_group if spec.scoring == "sigmoid" else 1
+    topk_group = spec.topk_group if spec.scoring == "sigmoid" else 1
+    consts = dict(
+        POLICY=tr.__dict__[name.upper()], SCORING=scoring, K=K, K_BLOCK=K_BLOCK, E=E, E_BLOCK=E_BLOCK, BT=BT,
+        T_CHUNK=min(1024, _p2(T)), P_CHUNK=max(1, min(_p2(nb), _TILE // E_BLOCK)),
+        HAS_VALID=valid is not None, HAS_BIAS=bias is not None, RENORM=bool(spec.renormalize),
+        CAP_RENORM=params.pop("CAP_RENORM"), N_GROUP=n_group, TOPK_GROUP=topk_group, GROUP_SIZE=E // n_group,
+        G_BLOCK=max(_p2(n_group), 2), ROUND_BF16=spec.scoring == "topk_softmax" and router_logits.dtype == torch.bfloat16,
+        ROUND_FP16=spec.scoring == "topk_softmax" and router_logits.dtype == torch.float16,
+        TOP_P=params.pop("TOP_P"), LIMIT_RANK=params.pop("LIMIT_RANK"), GRID=BUDGET_GRID,
+        CHUNK=max(1, min(E_BLOCK, _TILE // E_BLOCK)),
+    )
+    args = (router_logits, router_logits.stride(0), valid_arg, bias if bias is not None else router_logits, sim,
+            part_a, part_b, ids, weights, T, nb, float(spec.routed_scaling_factor), params["k_param"],
+            params["k_max"], params["max_rank"], params["p_top"], params["threshold"])
+    phases = (0,) if (nb == 1 or not batch_wide) else (1, 2)
+    for phase in phases:
+        tr.route_kernel[(nb,)](*args, PHASE=phase, **consts)
+        for c in _counters:
+            c.count += 1
+    return Routing(weights=weights, ids=ids, valid=valid)

@@ -1,0 +1,359 @@
+"""Every policy as one Triton kernel: scoring, ranking, the batch-wide set and the K output slots, fused.
+
+T = tokens, E = experts (padded to E_BLOCK, a power of 2), K = experts per token, BT = tokens per program.
+
+Each program routes BT tokens. Policies without a batch-wide set (native, cap) finish in one launch on
+any grid. Policies with one (oea: the loaded set; sere: the primary set; budget: the expert set) run in
+one launch when the batch fits one program (PHASE 0), else in two: PHASE 1 writes each program's part
+of the set ([NB, E_BLOCK] int32: a union is a max, a sum of whole numbers is exact in any order) and
+PHASE 2 reads all parts, rebuilds the set in every program and routes. The ranking rule is the
+library's with ties="lower-id": by score, equal scores to the lower expert id, so every program computes
+the same ranking and the same set without talking to the others.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# POLICY
+NATIVE, CAP, OEA, SERE, BUDGET = 0, 1, 2, 3, 4
+# SCORING
+SOFTMAX, TOPK_SOFTMAX, SIGMOID = 0, 1, 2
+
+
+@triton.jit
+def _pick(key, avail, cols, BIG: tl.constexpr):
+    """The best available expert of each row: highest key, ties to the lower id. [BT] (BIG: none available)."""
+    v = tl.where(avail, key, float("-inf"))
+    m = tl.max(v, axis=1)
+    idx = tl.min(tl.where(avail & (v == m[:, None]), cols[None, :], BIG), axis=1)
+    # a NaN key matches nothing: fall back to the lowest available id (garbage in, ids still in range)
+    low = tl.min(tl.where(avail, cols[None, :], BIG), axis=1)
+    return tl.where(idx == BIG, low, idx)
+
+
+@triton.jit
+def _col(tile, kc, j):
+    """Column j of a [BT, K_BLOCK] tile. [BT]"""
+    return tl.sum(tl.where(kc[None, :] == j, tile, tl.zeros_like(tile)), axis=1)
+
+
+@triton.jit
+def _scores(logits_ptr, stride, bias_ptr, rows, rmask, rvalid, cols, cmask,
+            SCORING: tl.constexpr, HAS_BIAS: tl.constexpr, SANITIZE: tl.constexpr,
+            N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr,
+            G_BLOCK: tl.constexpr, BIG: tl.constexpr):
+    """(x, key, gate) [BT, E_BLOCK] float32: raw logits, what the model ranks by (-inf: never), gate mass."""
+    m2 = rmask[:, None] & cmask[None, :]
+    x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+    if SANITIZE:
+        x = tl.where(rvalid[:, None], x, 0.0)
+    x = tl.where(cmask[None, :], x, float("-inf"))
+    if SCORING == 2:
+        s = 1.0 / (1.0 + tl.exp(-x))
+        s = tl.where(cmask[None, :], s, 0.0)
+        key = s
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+            key = s + b[None, :]
+        key = tl.where(cmask[None, :], key, float("-inf"))
+        if TOPK_GROUP < N_GROUP:
+            g_of = cols // GROUP_SIZE
+            gc = tl.arange(0, G_BLOCK)
+            gscore = tl.full([key.shape[0], G_BLOCK], float("-inf"), tl.float32)
+            for g in tl.static_range(N_GROUP):
+                ing = (g_of == g)[None, :] & cmask[None, :]
+                v = tl.where(ing, key, float("-inf"))
+                m1 = tl.max(v, axis=1)
+                i1 = tl.min(tl.where(v == m1[:, None], cols[None, :], BIG), axis=1)
+                m2nd = tl.max(tl.where(cols[None, :] == i1[:, None], float("-inf"), v), axis=1)
+                gscore = tl.where(gc[None, :] == g, (m1 + m2nd)[:, None], gscore)
+            gavail = (gc < N_GROUP)[None, :] & (gscore == gscore)
+            chosen = gc[None, :] < 0
+            for j in tl.static_range(TOPK_GROUP):
+                gi = _pick(gscore, gavail, gc, BIG)
+                hit = gc[None, :] == gi[:, None]
+                chosen = chosen | hit
+                gavail = gavail & ~hit
+            allowed = cols[None, :] < 0
+            for g in tl.static_range(N_GROUP):
+                cg = tl.max(tl.where((gc[None, :] == g) & chosen, 1, 0), axis=1) > 0
+                allowed = allowed | ((g_of == g)[None, :] & cg[:, None])
+            key = tl.where(allowed, key, float("-inf"))
+        gate = s
+    else:
+        m = tl.max(x, axis=1)
+        ex = tl.exp(x - m[:, None])
+        ex = tl.where(cmask[None, :], ex, 0.0)
+        key = x
+        if SCORING == 0:
+            gate = ex / tl.sum(ex, axis=1)[:, None]
+        else:
+            gate = ex
+    return x, key, gate
+
+
+@triton.jit
+def _native(x, key, gate, cols, cmask, kc, rsf, K: tl.constexpr, K_BLOCK: tl.constexpr,
+            SCORING: tl.constexpr, RENORM: tl.constexpr, ROUND_BF16: tl.constexpr,
+            ROUND_FP16: tl.constexpr, BIG: tl.constexpr):
+    """The model's top-K (ties to the lower id): ids [BT, K_BLOCK] int32, weights [BT, K_BLOCK] float32,
+    and the gate mass of each chosen expert."""
+    BT: tl.constexpr = x.shape[0]
+    avail = (cols[None, :] < BIG) & cmask[None, :]
+    ids = tl.zeros([BT, K_BLOCK], tl.int32)
+    gk = tl.zeros([BT, K_BLOCK], tl.float32)
+    xk = tl.full([BT, K_BLOCK], float("-inf"), tl.float32)
+    for j in tl.static_range(K):
+        idx = _pick(key, avail, cols, BIG)
+        sel = cols[None, :] == idx[:, None]
+        avail = avail & ~sel
+        ids = tl.where(kc[None, :] == j, idx[:, None], ids)
+        gk = tl.where(kc[None, :] == j, tl.sum(tl.where(sel, gate, 0.0), axis=1)[:, None], gk)
+        xk = tl.where(kc[None, :] == j, tl.max(tl.where(sel, x, float("-inf")), axis=1)[:, None], xk)
+    kin = (kc < K)[None, :]
+    if SCORING == 1:  # softmax over the K chosen logits, in the logits' dtype (as GPT-OSS)
+        mk = tl.max(xk, axis=1)
+        ek = tl.where(kin, tl.exp(xk - mk[:, None]), 0.0)
+        w = ek / tl.sum(ek, axis=1)[:, None]
+        if ROUND_BF16:
+            w = w.to(tl.bfloat16).to(tl.float32)
+        if ROUND_FP16:
+            w = w.to(tl.float16).to(tl.float32)
+    elif SCORING == 0:
+        w = gk
+        if RENORM:
+            w = w / tl.sum(w, axis=1)[:, None]
+    else:
+        w = gk
+        if RENORM:
+            w = w / (tl.sum(w, axis=1)[:, None] + 1e-20)
+        w = w * rsf
+    w = tl.where(kin, w, 0.0)
+    return ids, w, gk
+
+
+@triton.jit
+def _weights(gate, kept_ids, keep, kc, rsf, SCORING: tl.constexpr, RENORM: tl.constexpr, K_BLOCK: tl.constexpr):
+    """Gate weights of the kept slots, renormalised over them if the model renormalises. [BT, K_BLOCK]"""
+    BT: tl.constexpr = gate.shape[0]
+    w = tl.zeros([BT, K_BLOCK], tl.float32)
+    for j in tl.static_range(K_BLOCK):
+        e = _col(kept_ids, kc, j)
+        gj = tl.sum(tl.where(tl.arange(0, gate.shape[1])[None, :] == e[:, None], gate, 0.0), axis=1)
+        w = tl.where(kc[None, :] == j, gj[:, None], w)
+    w = tl.where(keep, w, 0.0)
+    if RENORM or SCORING == 1:
+        if SCORING == 2:
+            w = w / (tl.sum(w, axis=1)[:, None] + 1e-20)
+        else:
+            w = w / (tl.sum(w, axis=1)[:, None] + 1.1754943508222875e-38)
+    if SCORING == 2:
+        w = w * rsf
+    return w
+
+
+@triton.jit
+def _unchanged(kept_ids, keep, nat_ids, nat_w, w, kc, K: tl.constexpr):
+    """The model's own weights on rows that kept exactly their native top-K."""
+    kin = (kc < K)[None, :]
+    diff = tl.sum(tl.where(kin & ((kept_ids != nat_ids) | ~keep), 1, 0), axis=1)
+    return tl.where((diff == 0)[:, None], nat_w, w)
+
+
+@triton.jit
+def route_kernel(
+    logits_ptr, stride, valid_ptr, bias_ptr, sim_ptr, part_a_ptr, part_b_ptr, ids_ptr, w_ptr,
+    T, nb, rsf, k_param, k_max, max_rank, p_top, threshold,
+    POLICY: tl.constexpr, SCORING: tl.constexpr, PHASE: tl.constexpr,
+    K: tl.constexpr, K_BLOCK: tl.constexpr, E: tl.constexpr, E_BLOCK: tl.constexpr, BT: tl.constexpr,
+    T_CHUNK: tl.constexpr, P_CHUNK: tl.constexpr,
+    HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, CAP_RENORM: tl.constexpr,
+    N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, G_BLOCK: tl.constexpr,
+    ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, TOP_P: tl.constexpr, LIMIT_RANK: tl.constexpr,
+    GRID: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Route BT tokens of one layer. k_param: cap's k, oea's k0, sere's primary, budget's budget."""
+    BIG: tl.constexpr = 1 << 30
+    pid = tl.program_id(0)
+    rows = pid * BT + tl.arange(0, BT)
+    rmask = rows < T
+    cols = tl.arange(0, E_BLOCK)
+    cmask = cols < E
+    kc = tl.arange(0, K_BLOCK)
+    if HAS_VALID:
+        rvalid = tl.load(valid_ptr + rows, mask=rmask, other=0) != 0
+    else:
+        rvalid = rmask
+    SANITIZE: tl.constexpr = POLICY != 0
+    x, key, gate = _scores(logits_ptr, stride, bias_ptr, rows, rmask, rvalid, cols, cmask, SCORING, HAS_BIAS,
+                           SANITIZE, N_GROUP, TOPK_GROUP, GROUP_SIZE, G_BLOCK, BIG)
+    nat_ids, nat_w, gk = _native(x, key, gate, cols, cmask, kc, rsf, K, K_BLOCK, SCORING, RENORM,
+                                 ROUND_BF16, ROUND_FP16, BIG)
+    kin = (kc < K)[None, :]
+    out_mask = rmask[:, None] & kin
+    out_off = rows[:, None].to(tl.int64) * K + kc[None, :]
+
+    if POLICY == 0:
+        tl.store(ids_ptr + out_off, nat_ids.to(tl.int64), mask=out_mask)
+        tl.store(w_ptr + out_off, nat_w, mask=out_mask)
+        return
+
+    # ---- this program's part of the batch-wide set (PHASE 0 and 1) ----
+    if POLICY == 2:  # oea: base sets, n_i = min(k0, t_i)
+        n = tl.zeros([BT], tl.int32) + k_param
+        if TOP_P:
+            allowed = key > float("-inf")
+            total = tl.sum(tl.where(allowed, gate, 0.0), axis=1)
+            total = tl.maximum(total, 1.1754943508222875e-38)
+            cum = tl.zeros([BT], tl.float32)
+            below = tl.zeros([BT], tl.int32)
+            for j in tl.static_range(K):
+                pj = _col(gk, kc, j) / total
+                cum = cum + pj
+                below = below + tl.where((cum < p_top) & (j < k_param), 1, 0)
+            n = tl.minimum(below + 1, k_param)
+        base = cols[None, :] < 0
+        for j in tl.static_range(K):
+            e = _col(nat_ids, kc, j)
+            base = base | ((cols[None, :] == e[:, None]) & (j < n)[:, None])
+        part_a = tl.max(tl.where(base & rvalid[:, None], 1, 0), axis=0)  # [E_BLOCK]
+    elif POLICY == 3:  # sere: primary slots
+        prim = cols[None, :] < 0
+        for j in tl.static_range(K):
+            e = _col(nat_ids, kc, j)
+            prim = prim | ((cols[None, :] == e[:, None]) & (j < k_param))
+        part_a = tl.max(tl.where(prim & rvalid[:, None], 1, 0), axis=0)
+    elif POLICY == 4:  # budget: quantised native mass per expert, and the forced top-1s
+        mass_tot = tl.maximum(tl.sum(gk, axis=1), 1.1754943508222875e-38)
+        q = tl.zeros([BT, E_BLOCK], tl.int32)
+        for j in tl.static_range(K):
+            e = _col(nat_ids, kc, j)
+            qj = tl.maximum(tl.floor(_col(gk, kc, j) / mass_tot * GRID + 0.5).to(tl.int32), 1)
+            q = tl.where(cols[None, :] == e[:, None], qj[:, None], q)
+        part_a = tl.sum(tl.where(rvalid[:, None], q, 0), axis=0)
+        top1 = _col(nat_ids, kc, 0)
+        part_b = tl.max(tl.where((cols[None, :] == top1[:, None]) & rvalid[:, None], 1, 0), axis=0)
+
+    if POLICY >= 2:
+        if PHASE != 2:
+            tl.store(part_a_ptr + pid * E_BLOCK + cols, part_a)
+            if POLICY == 4:
+                tl.store(part_b_ptr + pid * E_BLOCK + cols, part_b)
+        if PHASE == 1:
+            return
+        if PHASE == 0:
+            tl.debug_barrier()
+        # ---- the whole batch's set, rebuilt from every program's part ----
+        acc_a = tl.zeros([E_BLOCK], tl.int32)
+        acc_b = tl.zeros([E_BLOCK], tl.int32)
+        for c in range(0, nb, P_CHUNK):
+            pr = c + tl.arange(0, P_CHUNK)
+            pm = (pr < nb)[:, None] & (cols[None, :] < E_BLOCK)
+            parts = tl.load(part_a_ptr + pr[:, None] * E_BLOCK + cols[None, :], mask=pm, other=0)
+            if POLICY == 4:
+                acc_a = acc_a + tl.sum(parts, axis=0)
+                acc_b = tl.maximum(acc_b, tl.max(tl.load(part_b_ptr + pr[:, None] * E_BLOCK + cols[None, :],
+                                                         mask=pm, other=0), axis=0))
+            else:
+                acc_a = tl.maximum(acc_a, tl.max(parts, axis=0))
+        if POLICY == 4:
+            mass_e = acc_a
+            forced = (acc_b > 0) & cmask
+        else:
+            in_set = (acc_a > 0) & cmask
+
+    # ---- the anchor for padding rows: top-1 of the first valid row (row 0 if none) ----
+    if HAS_VALID:
+        first = T
+        for c in range(0, T, T_CHUNK):
+            ta = c + tl.arange(0, T_CHUNK)
+            va = tl.load(valid_ptr + ta, mask=ta < T, other=0) != 0
+            first = tl.minimum(first, tl.min(tl.where(va, ta, T), axis=0))
+        first_valid = first < T
+        first = tl.where(first_valid, first, 0)
+        arow = tl.zeros([BT], tl.int32) + first
+        avalid = (tl.zeros([BT], tl.int32) + first_valid.to(tl.int32)) > 0
+        _, akey, _ = _scores(logits_ptr, stride, bias_ptr, arow, arow < T, avalid, cols, cmask, SCORING, HAS_BIAS,
+                             SANITIZE, N_GROUP, TOPK_GROUP, GROUP_SIZE, G_BLOCK, BIG)
+        anchor = _pick(akey, cmask[None, :] & (arow >= 0)[:, None], cols, BIG)  # [BT], all equal
+
+    if POLICY == 1:  # cap: the model's top-k, its weights cut (and rescaled to their native total)
+        keep = (kc[None, :] < k_param) & kin
+        out_ids = tl.where(keep, nat_ids, _col(nat_ids, kc, 0)[:, None])
+        w = tl.where(keep, nat_w, 0.0)
+        if CAP_RENORM:
+            w = w * (tl.sum(nat_w, axis=1) / tl.maximum(tl.sum(w, axis=1), 1.1754943508222875e-38))[:, None]
+    elif POLICY == 3:  # sere: move secondary experts outside P to their most similar primary expert
+        new_ids = nat_ids
+        for j in tl.static_range(K):
+            if j > 0:
+                e = _col(nat_ids, kc, j)
+                e_in = tl.max(tl.where((cols[None, :] == e[:, None]) & in_set[None, :], 1, 0), axis=1) > 0
+                srow = tl.load(sim_ptr + e[:, None].to(tl.int64) * E + cols[None, :],
+                               mask=rmask[:, None] & cmask[None, :], other=0.0)
+                srow = tl.where(in_set[None, :], srow, float("-inf"))
+                best_sim = tl.max(srow, axis=1)
+                best = tl.min(tl.where(in_set[None, :] & (srow == best_sim[:, None]), cols[None, :], BIG), axis=1)
+                best = tl.where(best == BIG, 0, best)
+                critical = (threshold > 0) & (best_sim < threshold)
+                move = (j >= k_param) & ~e_in & ~critical
+                new_ids = tl.where((kc[None, :] == j) & move[:, None], best[:, None], new_ids)
+        w = tl.zeros([BT, K_BLOCK], tl.float32)
+        for j in tl.static_range(K):
+            nj = _col(new_ids, kc, j)
+            same = (new_ids == nj[:, None]) & (kc[None, :] <= j)
+            fj = tl.min(tl.where(same, kc[None, :], K_BLOCK), axis=1)
+            w = w + tl.where(kc[None, :] == fj[:, None], _col(nat_w, kc, j)[:, None], 0.0)
+        out_ids = new_ids
+    else:  # oea and budget: the best k_max (budget: K) experts of each token among those it may take
+        if POLICY == 2:
+            elig = base | (in_set[None, :] & (key > float("-inf")))
+            if LIMIT_RANK:  # only the token's first max_rank ranks may be piggybacked
+                ranked = cols[None, :] < 0
+                avail = cmask[None, :] & (rows >= 0)[:, None]
+                for r in range(max_rank):
+                    idx = _pick(key, avail, cols, BIG)
+                    sel = cols[None, :] == idx[:, None]
+                    ranked = ranked | sel
+                    avail = avail & ~sel
+                elig = base | (elig & ranked)
+            take = k_max
+        else:
+            # budget: the forced top-1s, then the experts with most mass; ties to the lower id
+            nforced = tl.sum(forced.to(tl.int32), axis=0)
+            room = k_param - nforced
+            in_set = forced & cmask
+            key_e = mass_e
+            for c in tl.static_range(E_BLOCK // CHUNK):
+                cc = c * CHUNK + tl.arange(0, CHUNK)
+                at = cols[None, :] == cc[:, None]  # [CHUNK, E_BLOCK]
+                mc = tl.sum(tl.where(at, mass_e[None, :], 0), axis=1)
+                fc = tl.max(tl.where(at, forced[None, :].to(tl.int32), 0), axis=1) > 0
+                # rank of each expert of the chunk among the experts that are not forced
+                better = (key_e[None, :] > mc[:, None]) | ((key_e[None, :] == mc[:, None]) & (cols[None, :] < cc[:, None]))
+                better = better & ~forced[None, :] & cmask[None, :]
+                r = tl.sum(better.to(tl.int32), axis=1)
+                pick_c = ~fc & (cc < E) & (r < room)
+                in_set = in_set | (tl.max(tl.where(at, pick_c[:, None].to(tl.int32), 0), axis=0) > 0)
+            elig = in_set[None, :] & (key > float("-inf"))
+            take = K
+        keep = kc[None, :] < 0
+        out_ids = tl.zeros([BT, K_BLOCK], tl.int32)
+        avail = elig & cmask[None, :]
+        for j in tl.static_range(K):
+            idx = _pick(key, avail, cols, BIG)
+            ok = (tl.max(tl.where(avail, 1, 0), axis=1) > 0) & (j < take)
+            avail = avail & ~((cols[None, :] == idx[:, None]) & ok[:, None])
+            out_ids = tl.where((kc[None, :] == j) & ok[:, None], idx[:, None], out_ids)
+            keep = keep | ((kc[None, :] == j) & ok[:, None])
+        out_ids = tl.where(keep, out_ids, _col(out_ids, kc, 0)[:, None])
+        w = _weights(gate, out_ids, keep, kc, rsf, SCORING, RENORM, K_BLOCK)
+        w = _unchanged(out_ids, keep, nat_ids, nat_w, w, kc, K)
+
+    if HAS_VALID:
+        out_ids = tl.where(rvalid[:, None], out_ids, anchor[:, None])
+        w = tl.where(rvalid[:, None], w, 0.0)
+    tl.store(ids_ptr + out_off, out_ids.to(tl.int64), mask=out_mask)
+    tl.store(w_ptr + out_off, w, mask=out_mask)

@@ -1,0 +1,267 @@
+"""The fused Triton kernels against the torch policies (ties="lower-id", the kernels' rule).
+
+Without a GPU the kernels run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set in
+conftest.py before Triton is imported). Ids must be identical; weights within 1e-6 relative (float32
+rounding: the kernels compute their own exp). Each call is at most two launches (one where the batch
+fits one program), and besides them a call issues no ATen op but allocations and views.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import distinct_logits
+from moe_reroute import RouterSpec, kernels, make_policy
+
+pytest.importorskip("triton")
+if not kernels.available("cpu")[0] and not torch.cuda.is_available():
+    pytest.skip(f"kernels unavailable: {kernels.available('cpu')[1]}", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() and not kernels.interpreting() else "cpu"
+# The interpreter is slow: examples are derandomised (the same ones every run) and sized for CI.
+FAST = settings(max_examples=int(os.environ.get("MOE_REROUTE_KERNEL_EXAMPLES", "20")), deadline=None,
+                derandomize=os.environ.get("MOE_REROUTE_KERNEL_RANDOM", "0") == "0", suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+POLICY_NAMES = ["native", "cap", "oea", "sere", "budget"]
+
+
+def similarity(E: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    s = torch.rand(E, E, generator=g)
+    s = (s + s.T) / 2
+    s.fill_diagonal_(1.0)
+    return s
+
+
+@st.composite
+def specs(draw, E=None):
+    scoring = draw(st.sampled_from(["softmax", "softmax", "sigmoid", "topk_softmax"]))
+    E = E or draw(st.sampled_from([8, 60, 64, 128, 256, 384]))
+    K = draw(st.integers(1, min(8, E)))
+    if scoring == "sigmoid":
+        groups = [g for g in (1, 2, 4, 8) if E % g == 0 and E // g >= 2]
+        G = draw(st.sampled_from(groups))
+        tg = draw(st.integers(1, G))
+        while tg * (E // G) < K:
+            tg += 1
+        bias = None
+        if draw(st.booleans()):
+            g = torch.Generator().manual_seed(draw(st.integers(0, 10**6)))
+            bias = torch.randn(E, generator=g) * 0.1
+        return RouterSpec(E, K, "sigmoid", draw(st.booleans()), n_group=G, topk_group=tg,
+                          routed_scaling_factor=draw(st.sampled_from([1.0, 2.5])), e_score_correction_bias=bias)
+    renorm = True if scoring == "topk_softmax" else draw(st.booleans())
+    return RouterSpec(E, K, scoring, renorm)
+
+
+@st.composite
+def batches(draw, spec=None):
+    spec = spec or draw(specs())
+    E = spec.num_experts
+    T = draw(st.one_of(st.integers(1, 40), st.sampled_from([64, 100, 257, 1024])))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    seed = draw(st.integers(0, 10**6))
+    g = torch.Generator().manual_seed(seed)
+    kind = draw(st.sampled_from(["distinct", "ties", "neg-inf", "large"]))
+    if kind == "ties":  # few distinct values: many equal scores in every row
+        x = torch.randint(-2, 3, (T, E), generator=g).float()
+    else:
+        x = distinct_logits(T, E, torch.float32, seed) if E <= 4000 else torch.randn(T, E, generator=g)
+        if kind == "neg-inf" and spec.scoring != "sigmoid":
+            drop = torch.rand(T, E, generator=g) < 0.3
+            drop[:, 0] = False  # every row keeps finite logits
+            x = x.masked_fill(drop, float("-inf"))
+        if kind == "large":
+            x = x * (2000.0 if dtype == torch.float16 else 1e4)
+    valid = None
+    if draw(st.booleans()):
+        valid = torch.rand(T, generator=g) > 0.3
+        garbage = draw(st.sampled_from([float("nan"), float("inf"), -float("inf"), 3e4]))
+        x[~valid] = garbage  # padding rows hold anything; they must not change a valid row
+    return spec, x.to(dtype), valid
+
+
+def params_for(name, spec, data):
+    K, E = spec.top_k, spec.num_experts
+    if name == "cap":
+        return {"k": data.draw(st.integers(1, K)), "renormalize": data.draw(st.sampled_from([None, True, False]))}
+    if name == "oea":
+        k0 = data.draw(st.integers(1, K))
+        p = {"k0": k0}
+        if data.draw(st.booleans()):
+            p.update(p=data.draw(st.sampled_from([0.3, 0.8, 1.0])), k_max=data.draw(st.integers(k0, K)),
+                     max_rank=data.draw(st.sampled_from([E, max(K, E // 4), K])))
+        return p
+    if name == "sere":
+        return {"similarity": similarity(E, data.draw(st.integers(0, 99))), "primary": data.draw(st.integers(1, K)),
+                "threshold": data.draw(st.sampled_from([0.0, 0.1, 0.6]))}
+    if name == "budget":
+        return {"budget": data.draw(st.sampled_from([1, K, E // 4 or 1, E // 2 or 1, E]))}
+    return {}
+
+
+def assert_same(torch_r, kern_r, spec, logits, valid, rows_native=False):
+    """rows_native: `native` routes padding rows as the model would, garbage in, garbage out: compare valid rows."""
+    assert kern_r.ids.dtype == torch.int64 and kern_r.weights.dtype == torch.float32
+    assert kern_r.ids.shape == torch_r.ids.shape == (logits.shape[0], spec.top_k)
+    a, b = torch_r.ids.cpu(), kern_r.ids.cpu()
+    wa, wb = torch_r.weights.cpu(), kern_r.weights.cpu()
+    if rows_native and valid is not None:
+        a, b, wa, wb = a[valid], b[valid], wa[valid], wb[valid]
+    if not torch.equal(a, b):
+        bad = (a != b).any(-1).nonzero().flatten()[:4].tolist()
+        raise AssertionError(f"ids differ in rows {bad}: torch {a[bad].tolist()} kernel {b[bad].tolist()}")
+    rel = 1e-6
+    if spec.scoring == "topk_softmax" and logits.dtype != torch.float32:
+        rel = 2 ** -7  # the model's softmax is rounded to the logits' dtype: one ulp of it either way
+    assert torch.allclose(wa, wb, rtol=rel, atol=1e-7), f"weights differ by {(wa - wb).abs().max():.3g}"
+
+
+def run_both(name, spec, logits, valid, params):
+    dev = torch.device(DEVICE)
+    x = logits.to(dev)
+    v = valid.to(dev) if valid is not None else None
+    if spec.e_score_correction_bias is not None:
+        spec = spec.with_bias(spec.e_score_correction_bias.to(dev))
+    ref = make_policy(name, backend="torch", ties="lower-id", check_inputs=False, **params)(x, spec, v)
+    with kernels.counting() as c:
+        got = make_policy(name, backend="triton", check_inputs=False, **params)(x, spec, v)
+    return ref, got, c.count, spec
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+@FAST
+@given(batch=batches(), data=st.data())
+def test_kernel_matches_torch(name, batch, data):
+    spec, logits, valid = batch
+    params = params_for(name, spec, data)
+    ref, got, launches, spec = run_both(name, spec, logits, valid, params)
+    assert_same(ref, got, spec, logits, valid, rows_native=name == "native")
+    T, E = logits.shape
+    fits = T <= kernels.block_tokens(T, E, torch.device(DEVICE))
+    limit = 1 if (name in ("native", "cap") or fits) else 2
+    assert launches <= limit, f"{launches} launches"
+
+
+@pytest.mark.parametrize("name,params", [
+    ("oea", {"k0": 3}), ("oea", {"k0": 2, "p": 0.7, "max_rank": 40}), ("sere", {"primary": 2}),
+    ("budget", {"budget": 96}), ("cap", {"k": 5}),
+])
+def test_serving_size_two_launches(name, params):
+    """T=1024, E=512 (the largest the issue names): two launches, the torch policy's answer."""
+    spec = RouterSpec(512, 8)
+    logits = distinct_logits(1024, 512, torch.bfloat16, seed=11)
+    valid = torch.rand(1024, generator=torch.Generator().manual_seed(3)) > 0.1
+    if name == "sere":
+        params = dict(params, similarity=similarity(512, 0))
+    ref, got, launches, spec = run_both(name, spec, logits, valid, params)
+    assert_same(ref, got, spec, logits, valid)
+    assert launches == (1 if name == "cap" else 2)
+
+
+def test_padding_rows_cannot_change_valid_rows():
+    """The audit's case: a NaN padding row must not change the budget set (and so on for every policy)."""
+    spec = RouterSpec(8, 2, "softmax", True)
+    lg = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    valid = torch.tensor([True, True, True, False])
+    for name, params in [("budget", {"budget": 3}), ("oea", {"k0": 1}), ("sere", {"similarity": similarity(8, 1)}),
+                         ("cap", {"k": 1})]:
+        pol = make_policy(name, backend="triton", check_inputs=False, **params)
+        alone = pol(lg, spec)
+        for garbage in (float("nan"), float("inf"), -float("inf"), 1e30):
+            pad = torch.cat([lg, torch.full((1, 8), garbage)])
+            r = pol(pad, spec, valid)
+            assert torch.equal(r.ids[:3], alone.ids), (name, garbage)
+            assert torch.equal(r.weights[:3], alone.weights)
+            assert set(r.ids[3].tolist()) <= set(alone.ids.flatten().tolist()) and (r.weights[3] == 0).all()
+
+
+class OpLog(TorchDispatchMode):
+    """ATen ops issued outside the kernel launches."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+        self.paused = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_a_call_is_launches_and_allocations_only(name, monkeypatch):
+    """No torch op runs around the kernels (no sort, no copy, no host read): only empty() and views."""
+    from moe_reroute.kernels import triton_route
+
+    log = OpLog()
+    real = triton_route.route_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                log.paused += 1
+                try:
+                    return real[grid](*args, **kw)
+                finally:
+                    log.paused -= 1
+            return launch
+
+    monkeypatch.setattr(triton_route, "route_kernel", Counted())
+    spec = RouterSpec(128, 8)
+    params = {"cap": {"k": 4}, "oea": {"k0": 3}, "sere": {"similarity": similarity(128, 0)}, "budget": {"budget": 32}}
+    pol = make_policy(name, backend="triton", check_inputs=False, **params.get(name, {}))
+    x = distinct_logits(16, 128, seed=2)
+    valid = torch.ones(16, dtype=torch.bool)
+    pol(x, spec, valid)  # warm: similarity converted once and cached
+    with kernels.counting() as c, log:
+        pol(x, spec, valid)
+    assert c.count == 1  # T=16, E=128 fits one program
+    assert set(log.ops) <= {"empty", "view", "detach", "empty_strided"}, log.ops  # detach: view(dtype)
+
+
+def test_bad_input_is_refused_before_the_launch():
+    spec = RouterSpec(16, 4)
+    pol = make_policy("oea", backend="triton", k0=2)
+    with kernels.counting() as c:
+        with pytest.raises(ValueError, match="NaN or inf"):
+            pol(torch.full((2, 16), float("nan")), spec)
+        with pytest.raises(ValueError, match="E=8 experts"):
+            pol(torch.zeros(2, 8), spec)
+        with pytest.raises(ValueError, match="oea k0=6 > the model's K=4"):
+            make_policy("oea", backend="triton", k0=6)(torch.zeros(2, 16), spec)
+        with pytest.raises(ValueError, match=r"valid must have shape"):
+            pol(torch.zeros(2, 16), spec, torch.ones(3, dtype=torch.bool))
+    assert c.count == 0
+    # NaN only in a padding row is accepted with checks on
+    r = pol(torch.cat([torch.zeros(1, 16), torch.full((1, 16), float("nan"))]), spec, torch.tensor([True, False]))
+    assert (r.weights[1] == 0).all()
+
+
+def test_backend_selection():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        make_policy("oea", k0=1, backend="cuda")
+    with pytest.raises(ValueError, match="lower expert id"):
+        make_policy("oea", k0=1, backend="triton", ties="model")
+    auto = make_policy("oea", k0=1)
+    x = torch.zeros(2, 8)
+    assert auto.backend == "auto" and not auto.uses_kernels(x)  # CPU tensors: torch under auto
+    assert make_policy("oea", k0=1, backend="triton").uses_kernels(x)
+
+
+def test_unsupported_triton_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(kernels, "_triton_status", lambda: (False, "Triton 2.1 is older than the kernels support"))
+    monkeypatch.setattr(kernels, "_warned", set())
+    with pytest.warns(UserWarning, match="older than the kernels support"):
+        pol = make_policy("oea", k0=2, backend="triton")
+    assert pol.backend == "torch"
+    spec = RouterSpec(16, 4)
+    x = distinct_logits(4, 16, seed=1)
+    assert torch.equal(pol(x, spec).ids, make_policy("oea", k0=2, backend="torch")(x, spec).ids)

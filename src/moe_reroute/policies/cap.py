@@ -16,11 +16,15 @@ from ..contract import Routing
 from ..scoring import finish, pack, rank, scores, weights_for
 from .base import Policy, PolicyConfig, need_at_most, need_int, per_layer
 
+MAX_LAYERS = 4096  # far above any model's depth; a bound on the schedule's size
+
 
 def cap_schedule(b: int, h: int, e: int, p: int, num_layers: int) -> list[int]:
     """k' per layer for the schedule (b, h, e, p) over `num_layers` layers (list indexed from 0)."""
     for name, v in (("b", b), ("h", h), ("e", e), ("num_layers", num_layers)):
         need_int(f"cap schedule {name}", v)
+    if num_layers > MAX_LAYERS:
+        raise ValueError(f"cap num_layers={num_layers} is more than {MAX_LAYERS}; give the model's number of MoE layers")
     if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= num_layers:
         raise ValueError(f"cap schedule p must be a layer number in 1..num_layers={num_layers}, got {p!r}")
     out = []
@@ -51,8 +55,9 @@ class CapConfig(PolicyConfig):
                 raise ValueError("cap: give either k or schedule=(b, h, e, p), not both")
             if self.num_layers is None:
                 raise ValueError("cap: schedule=(b, h, e, p) needs num_layers=<number of MoE layers>")
-            if len(self.schedule) != 4:
-                raise ValueError(f"cap: schedule must be (b, h, e, p), got {self.schedule!r}")
+            if not isinstance(self.schedule, (list, tuple)) or len(self.schedule) != 4:
+                raise ValueError(f"cap: schedule must be 4 ints (b, h, e, p): [2, 4, 8, 3] in JSON, (2,4,8,3) in a "
+                                 f"spec; got {self.schedule!r}")
             object.__setattr__(self, "k", cap_schedule(*self.schedule, num_layers=self.num_layers))
         elif self.k is None:
             raise ValueError("cap needs k=<experts per token> (e.g. cap:k=4) or schedule=(b, h, e, p)")

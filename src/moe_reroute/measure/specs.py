@@ -20,7 +20,7 @@ def parse_policy_spec(text: str) -> tuple[str, dict[str, Any]]:
     name, _, rest = text.strip().partition(":")
     name = name.strip()
     if name not in POLICIES:
-        raise ValueError(f"policy spec {label}: unknown policy {name!r}; available: {', '.join(POLICIES)}")
+        raise ValueError(f"policy spec {label}: unknown policy {name[:40]!r}; available: {', '.join(POLICIES)}")
     params: dict[str, Any] = {}
     if not rest.strip():
         if ":" in text:

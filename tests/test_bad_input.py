@@ -344,3 +344,39 @@ def test_counters_must_say_yes_or_no(value):
 @pytest.mark.parametrize("value,on", [("1", True), ("yes", True), ("On", True), ("0", False), ("off", False), ("", False)])
 def test_counters_words(value, on):
     assert config.from_env({"MOE_REROUTE_POLICY": "oea:k0=3", "MOE_REROUTE_COUNTERS": value}).counters is on
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"MOE_REROUTE_POLICY": "oea:k0=[2,]"}, "MOE_REROUTE_POLICY: policy spec 'oea:k0=[2,]'"),
+    ({"MOE_REROUTE_POLICY": "sere:similarity=/etc/passwd"}, "/etc/passwd is not a readable safetensors file"),
+    ({"MOE_REROUTE_POLICY": "oea:k0=3", "MOE_REROUTE_COUNTERS": "maybe"}, "MOE_REROUTE_COUNTERS='maybe'"),
+])
+def test_vllm_register_stops_on_any_unreadable_configuration(monkeypatch, env, needle):
+    from moe_reroute.vllm import plugin
+
+    monkeypatch.delenv("MOE_REROUTE_POLICY_FILE", raising=False)
+    monkeypatch.delenv("MOE_REROUTE_COUNTERS", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(plugin, "install", lambda: pytest.fail("installed despite a bad configuration"))
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        plugin.register()
+
+
+# --- task files name the file and line ---
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"\xff\xfe{}", "not UTF-8 text"),
+    (b"[1, 2]\n", ":1: a task line must be a JSON object, got a list"),
+    (b'{"prompt": "a", "target": "b"}\n' + b"[" * 100_000 + b"\n", ":2: JSON nested too deeply"),
+])
+def test_task_files_name_the_file_and_line(tmp_path, content, needle):
+    from moe_reroute.measure.tasks import load_jsonl
+
+    path = tmp_path / "task.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(f"{path}") + ".*" + re.escape(needle)):
+        load_jsonl(path)
+    with pytest.raises(ValueError, match="is a folder; give a JSONL task file"):
+        load_jsonl(tmp_path)

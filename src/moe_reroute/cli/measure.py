@@ -32,10 +32,9 @@ def load_model(path: str | None, text: str | None, need_text: bool = True):
     if path is None:
         from ..reference import load
 
+        given = read_text(text) if text is not None else None  # a bad --text fails before the model loads
         model, tokenizer, heldout = load()
-        if text is not None:
-            heldout = read_text(text)
-        return model, tokenizer, heldout
+        return model, tokenizer, heldout if given is None else given
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

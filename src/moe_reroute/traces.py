@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,8 +165,6 @@ WHAT = "a moe-reroute routing trace (written by Trace.save or moe_reroute.hf.Rec
 def load(path: str | Path) -> Trace:
     """Read a trace written by `Trace.save`; every header field and tensor is checked, and a problem
     raises ValueError naming the file and the field."""
-    import math
-
     from .files import read_safetensors
 
     path = Path(path)
@@ -245,8 +244,6 @@ def _layer_key(key: str) -> int | None:
 
 
 def _spec_problem(d: dict) -> str | None:
-    import math
-
     known = [f.name for f in dataclasses.fields(RouterSpec) if f.name != "e_score_correction_bias"]
     unknown = sorted(set(d) - set(known))
     if unknown:

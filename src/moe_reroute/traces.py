@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,9 @@ class Trace:
 
     def replay(self, policy: Policy, layers: list[int] | None = None) -> dict[int, torch.Tensor]:
         """U of each step under `policy`: {layer: [S] int64}. Each step's B tokens form one batch."""
+        unknown = sorted(set(layers or ()) - set(self.layers))
+        if unknown:
+            raise ValueError(f"layers {unknown} are not in this trace; it holds layers {self.layers}")
         out = {}
         for layer in layers or self.layers:
             spec = self.specs[layer]
@@ -155,31 +159,106 @@ class Trace:
         return path
 
 
+WHAT = "a moe-reroute routing trace (written by Trace.save or moe_reroute.hf.Recorder)"
+
+
 def load(path: str | Path) -> Trace:
-    """Read a trace written by `Trace.save`."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    """Read a trace written by `Trace.save`; every header field and tensor is checked, and a problem
+    raises ValueError naming the file and the field."""
+    from .files import read_safetensors
 
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no trace at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("moe_reroute")
+    tensors, metadata = read_safetensors(path, WHAT)
+
+    def bad(msg: str) -> ValueError:
+        return ValueError(f"{path}: {msg}; expected {WHAT}")
+
+    raw = metadata.get("moe_reroute")
     try:
         header = json.loads(raw) if raw is not None else None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         header = None
     if not isinstance(header, dict):
         raise ValueError(f"{path} is a safetensors file but not a moe-reroute trace (no trace header)")
     if header.get("format") != FORMAT:
         raise ValueError(f"{path}: unsupported trace format {header.get('format')!r}; this version reads {FORMAT}")
-    tensors = load_file(str(path))
-    specs = {}
-    for k, d in header["specs"].items():
-        bias = tensors.get(f"bias.{k}")
-        specs[int(k)] = RouterSpec(**d, e_score_correction_bias=bias)
-    logits = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("logits.")}
-    return Trace(logits, tensors["valid"].bool(), specs, header.get("meta", {}))
+    if not isinstance(header.get("specs"), dict) or not header["specs"]:
+        raise bad(f"header field 'specs' must be a mapping {{layer: RouterSpec fields}}, got {header.get('specs')!r:.60}")
+    meta = header.get("meta", {})
+    if not isinstance(meta, dict):
+        raise bad(f"header field 'meta' must be a mapping, got {type(meta).__name__}")
+    valid = tensors.get("valid")
+    if valid is None:
+        raise bad("no 'valid' tensor")
+    if valid.dtype != torch.bool or valid.dim() != 2:
+        raise bad(f"'valid' must be a [S, B] bool tensor, got {tuple(valid.shape)} {valid.dtype}")
+    if valid.shape[0] == 0 or valid.shape[1] == 0:
+        raise bad(f"the trace holds no tokens (valid is {tuple(valid.shape)}: S steps x B sequences)")
+
+    specs, logits = {}, {}
+    for key, d in header["specs"].items():
+        layer = _layer_key(key)
+        if layer is None:
+            raise bad(f"spec layer key {key!r} is not a layer number (0, 1, ...)")
+        if not isinstance(d, dict):
+            raise bad(f"spec of layer {key} must be a mapping of RouterSpec fields, got {type(d).__name__}")
+        problem = _spec_problem(d)
+        if problem:
+            raise bad(f"spec of layer {key}: {problem}")
+        bias = tensors.get(f"bias.{key}")
+        if bias is not None and (not bias.dtype.is_floating_point or not bool(torch.isfinite(bias).all())):
+            raise bad(f"'bias.{key}' must be finite floating point, got {bias.dtype}"
+                      + ("" if not bias.dtype.is_floating_point else " with NaN or inf"))
+        if bias is None and d.get("arch") == "deepseek_v3":
+            raise bad(f"layer {key} routes as DeepSeek-V3 (e_score_correction_bias) but 'bias.{key}' is missing")
+        try:
+            specs[layer] = RouterSpec(**d, e_score_correction_bias=bias)
+        except ValueError as e:
+            raise bad(f"spec of layer {key}: {e}") from None
+        x = tensors.get(f"logits.{key}")
+        if x is None:
+            raise bad(f"no 'logits.{key}' tensor for spec layer {key}")
+        if not x.dtype.is_floating_point:
+            raise bad(f"'logits.{key}' must be floating point router logits, got {x.dtype}")
+        if not bool(torch.isfinite(x).all()):
+            step = int(torch.isfinite(x).flatten(1).all(1).logical_not().nonzero()[0, 0]) if x.dim() > 1 else 0
+            raise bad(f"'logits.{key}' holds NaN or inf (first at step {step}); record the trace again in float32")
+        logits[layer] = x
+    extra = sorted(k for k in tensors if k.startswith(("logits.", "bias.")) and k.split(".", 1)[1] not in header["specs"])
+    if extra:
+        raise bad(f"tensors {extra} have no spec in the header")
+    try:
+        return Trace(logits, valid, specs, meta)
+    except ValueError as e:
+        raise bad(str(e)) from None
+
+
+# RouterSpec field -> the JSON types a trace header may give it.
+_SPEC_TYPES = {"num_experts": (int,), "top_k": (int,), "scoring": (str,), "renormalize": (bool,),
+               "n_group": (int,), "topk_group": (int,), "routed_scaling_factor": (int, float),
+               "weights_in_logits_dtype": (bool,), "arch": (str,)}
+
+
+def _layer_key(key: str) -> int | None:
+    return int(key) if key.isascii() and key.isdigit() and str(int(key)) == key else None
+
+
+def _spec_problem(d: dict) -> str | None:
+    known = [f.name for f in dataclasses.fields(RouterSpec) if f.name != "e_score_correction_bias"]
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        return f"unknown fields {unknown}; RouterSpec has {', '.join(known)}"
+    missing = [k for k in ("num_experts", "top_k") if k not in d]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    for k, v in d.items():
+        types = _SPEC_TYPES.get(k, (object,))
+        if (isinstance(v, bool) and bool not in types) or not isinstance(v, types):
+            want = " or ".join("true/false" if t is bool else t.__name__ for t in types)
+            return f"{k} must be {want}, got {v!r}"
+    if not math.isfinite(d.get("routed_scaling_factor", 1.0)):
+        return f"routed_scaling_factor must be finite, got {d['routed_scaling_factor']!r}"
+    return None
 
 
 def _spec_dict(spec: RouterSpec) -> dict[str, Any]:

@@ -1,23 +1,80 @@
-"""The `moe-reroute` command: one subcommand per module of this package."""
+"""The `moe-reroute` command: one subcommand per module of this package.
+
+A bad input ends the command with one line on stderr and exit status 2, never a traceback;
+`--debug` also prints the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from . import bench, demo, measure, reference
 
 COMMANDS = [demo, reference, measure, bench]
+EXIT_BAD_INPUT = 2
+# What a bad input raises: a command's own checks, the library's ValueError/TypeError naming the
+# parameter, a file that cannot be read or written, a missing optional dependency.
+BAD_INPUT = (ValueError, TypeError, OSError, ImportError)
+
+
+class CommandError(SystemExit):
+    """Exit status 2 with `message` (already printed on stderr); `str()` is the message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(EXIT_BAD_INPUT)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (exit status 2, as argparse's own)."""
+
+    def error(self, message: str):
+        fail(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+def fail(line: str) -> None:
+    line = " ".join(line.split())  # one line, whatever the message held
+    print(line, file=sys.stderr)
+    raise CommandError(line)
+
+
+def _message(prog: str, text: str) -> str:
+    for prefix in (f"{prog}: error: ", "error: "):
+        text = text.removeprefix(prefix)
+    return f"{prog}: error: {text}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moe-reroute", description=__doc__)
+    parser = Parser(prog="moe-reroute", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="on an error, also print its traceback")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS:
         module.add_parsers(sub)
+    for command in sub.choices.values():  # --debug also after the command's name
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for reports
-    return args.run(args)
+    prog = f"moe-reroute {args.command}"
+    try:
+        return args.run(args)
+    except CommandError:
+        raise
+    except SystemExit as e:  # a command's own check: SystemExit("error: ...")
+        if not isinstance(e.code, str):
+            raise
+        if args.debug:
+            traceback.print_exc()
+        fail(_message(prog, e.code))
+    except BAD_INPUT as e:
+        if args.debug:
+            traceback.print_exc()
+        fail(_message(prog, str(e) or type(e).__name__))
+    return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -30,8 +30,11 @@ def _demo(args) -> int:
     from ..measure.evaluate import EvalConfig, evaluate, generation_check, make_sequences
     from ..reference import load
     from ..reference.card import heldout_ids
+    from .inputs import check_out_dir
     from .measure import build_policies
 
+    check_out_dir(args.out)  # bad --out or --shape fail now, not after the run
+    get_shape(args.shape)
     t0 = time.time()
     torch.manual_seed(0)
     say = (lambda *a: None) if args.json else print

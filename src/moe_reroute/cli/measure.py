@@ -8,6 +8,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from .inputs import InputError, at_least, check_out_dir, check_out_file, read_json_file, read_text_file
+
 DEFAULT_POLICIES = ("cap:k=4", "oea:k0=3", "sere", "budget:budget=32")
 
 
@@ -30,23 +32,32 @@ def load_model(path: str | None, text: str | None, need_text: bool = True):
     if path is None:
         from ..reference import load
 
+        given = read_text(text) if text is not None else None  # a bad --text fails before the model loads
         model, tokenizer, heldout = load()
-        if text is not None:
-            heldout = read_text(text)
-        return model, tokenizer, heldout
+        return model, tokenizer, heldout if given is None else given
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(path)
-    if not (folder / "config.json").exists():
+    if not (folder / "config.json").is_file():
         raise SystemExit(f"error: {folder} is not a local transformers checkpoint (no config.json); give a folder "
                          "with config.json, weights and tokenizer")
     if text is None and need_text:
         raise SystemExit("error: --text FILE is needed with --model: held-out text the model was not trained on")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    heldout = read_text(text) if text is not None else ""
+    config = read_json_file(folder / "config.json", "--model", "a transformers config.json")
+    if not isinstance(config.get("model_type"), str):
+        raise SystemExit(f"error: --model {folder}: config.json has no \"model_type\"; it is not a transformers "
+                         "checkpoint")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken checkpoint folder
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SystemExit(f"error: --model {folder}: transformers cannot load it ({type(e).__name__}: {first}); "
+                         "give a folder with config.json, weights and tokenizer files") from None
     check_moe(model)
-    return model, tokenizer, read_text(text) if text is not None else ""
+    return model, tokenizer, heldout
 
 
 def check_moe(model) -> None:
@@ -60,10 +71,10 @@ def check_moe(model) -> None:
 
 
 def read_text(path: str) -> str:
-    p = Path(path)
-    if not p.exists():
-        raise SystemExit(f"error: no text file at {p}")
-    return p.read_text()
+    text = read_text_file(path, "--text")
+    if not text.strip():
+        raise SystemExit(f"error: --text {path} is empty; give a file of plain text")
+    return text
 
 
 def default_policies(model) -> list[str]:
@@ -100,6 +111,14 @@ def _eval(args) -> int:
     from ..reference.card import heldout_ids
 
     batch_sizes = int_list(args.batch_sizes)
+    for option, value, low in (("--seq-len", args.seq_len, 2), ("--sequences", args.sequences, 2),
+                               ("--resamples", args.resamples, 1), ("--generate", args.generate, 0),
+                               ("--generation-batch", args.generation_batch, 1)):
+        at_least(value, low, option)
+    if args.out:
+        check_out_dir(args.out)
+    if args.task:
+        read_text_file(args.task, "--task")
     if args.task and args.lm_eval:
         raise SystemExit("error: --task and --lm-eval are exclusive: give your JSONL file or lm-eval tasks")
     if args.lm_eval_include and not args.lm_eval:
@@ -206,15 +225,61 @@ def _eval_harness(args, model, tokenizer, policies) -> int:
     return 0
 
 
+ROW_FIELDS = {"policy": str, "batch_size": int, "mean_unique": (int, float), "experts_per_token": (int, float),
+              "cross_entropy": (int, float), "delta_ce": (int, float), "delta_ce_ci": list,
+              "significant_loss": bool, "worse_by_se_rule": bool, "top1_agreement": (int, float),
+              "kl_native_policy": (int, float), "unique_per_layer": dict}
+CONDITION_FIELDS = {"model": str, "num_experts": int, "top_k": int, "bootstrap_resamples": int}
+BENCH_FIELDS = {"shape": dict, "routing": str, "bandwidth": dict, "results": dict}
+
+
+def _fields_problem(obj, fields: dict, where: str) -> str | None:
+    if not isinstance(obj, dict):
+        return f"{where} must be an object, got {type(obj).__name__}"
+    for k, t in fields.items():
+        v = obj.get(k)
+        if v is None or isinstance(v, bool) and t is not bool or not isinstance(v, t):
+            want = t.__name__ if isinstance(t, type) else "a number"
+            return f"{where} needs {k!r} ({want}), got {v!r:.40}"
+    return None
+
+
+def read_results(path: str, option: str = "results file"):
+    """The `eval --out` results in `path`, checked field by field before any report is written."""
+    what = "eval.json written by `moe-reroute eval --out DIR` (held-out text, not --task or --lm-eval)"
+    data = read_json_file(path, option, what)
+    rows = data.get("rows")
+    problem = "it has no \"rows\"" if not isinstance(rows, list) or not rows else None
+    problem = problem or _fields_problem(data.get("conditions"), CONDITION_FIELDS, "\"conditions\"")
+    for i, r in enumerate(rows or []):
+        problem = problem or _fields_problem(r, ROW_FIELDS, f"row {i}")
+        if not problem and len(r["delta_ce_ci"]) != 2:
+            problem = f"row {i}: delta_ce_ci must be [low, high]"
+    if problem:
+        raise InputError(f"{option} {path}: {problem}; expected {what}")
+    return data
+
+
 def _report(args) -> int:
     from ..measure import report
 
-    data = json.loads(Path(args.eval_json).read_text())
-    bench = json.loads(Path(args.bench).read_text()) if args.bench else None
-    evaluation = {"rows": data["rows"], "conditions": data["conditions"]}
-    command = data.get("command", "") + (f"\n{bench.get('command', '')}" if bench else "")
+    data = read_results(args.eval_json)
+    bench = None
+    if args.bench:
+        what = "the JSON of `moe-reroute bench --json > FILE`"
+        bench = read_json_file(args.bench, "--bench", what)
+        problem = _fields_problem(bench, BENCH_FIELDS, "it")
+        if problem:
+            raise InputError(f"--bench {args.bench}: {problem}; expected {what}")
     try:
-        path = report.write(Path(args.out), evaluation, command, bench=bench, generation=data.get("generation"),
+        report.pick_batch_size(data["rows"], args.batch_size)
+    except ValueError as e:
+        raise InputError(f"--batch-size: {e}") from None
+    out = check_out_dir(args.out)
+    evaluation = {"rows": data["rows"], "conditions": data["conditions"]}
+    command = str(data.get("command", "")) + (f"\n{bench.get('command', '')}" if bench else "")
+    try:
+        path = report.write(out, evaluation, command, bench=bench, generation=data.get("generation"),
                             batch=args.batch_size)
     except (ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -225,11 +290,14 @@ def _report(args) -> int:
 def _calibrate(args) -> int:
     from ..hf.calibrate import calibrate_similarity, save_similarity
 
+    at_least(args.tokens, 2, "--tokens")
+    out = check_out_file(args.out)
     model, tokenizer, text = load_model(args.model, args.text)
     paragraphs = [p for p in text.split("\n\n") if p.strip()]
     similarity = calibrate_similarity(model, ["\n\n".join(paragraphs)], tokenizer=tokenizer, method=args.method,
                                       max_tokens=args.tokens)
-    path = save_similarity(similarity, args.out, method=args.method, tokens=args.tokens)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = save_similarity(similarity, out, method=args.method, tokens=args.tokens)
     print(f"similarity of {len(similarity)} layers written to {path}; use it with `--policy sere:similarity={path}`")
     return 0
 

@@ -27,6 +27,7 @@ ROUTERS = {
     "gpt_oss": ("router", "GptOssTopKRouter"),
 }
 PHASES = ("decode", "all", "decode-sim")
+APPLIED_ATTR = "_moe_reroute_applied"  # the model's Applied handle while a policy is on it
 
 
 def decoder(model: nn.Module) -> nn.Module:
@@ -122,6 +123,8 @@ class HookSet:
             h.remove()
         self._handles = []
         self._tracker.remove()
+        if getattr(getattr(self, "model", None), APPLIED_ATTR, None) is self:
+            delattr(self.model, APPLIED_ATTR)
 
     def __enter__(self):
         return self
@@ -178,6 +181,7 @@ def apply(
     *,
     layers: list[int] | None = None,
     phase: str = "decode",
+    replace: bool = False,
     **params,
 ) -> Applied:
     """Make `model` route with `policy` (in place); returns a handle whose `.remove()` undoes it.
@@ -188,6 +192,8 @@ def apply(
       phase: "decode" (default): only forwards of one new token per sequence; prefill routes natively.
         "all": every forward, all its tokens as one batch. "decode-sim": a teacher-forced forward over
         [B, L] tokens where each position's B tokens form one decode batch.
+      replace: a model that already routes with a policy from `apply` raises unless this is True,
+        which removes that policy first (hooks are never stacked).
     Padding (attention mask) and sequences generate() already finished are marked invalid, so they
     never enlarge a batch's expert set.
     """
@@ -199,18 +205,30 @@ def apply(
         raise TypeError("parameters go to make_policy(name, ...) or into the Policy you pass, not to apply()")
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be a Policy or a policy name, got {type(policy).__name__}")
-    spec = RouterSpec.from_config(model.config)
-    routers = list(moe_routers(model))
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a transformers MoE model (an nn.Module), got {type(model).__name__}")
+    routers = list(moe_routers(model))  # checks the model type before its config is read
     if not routers:
         raise ValueError(f"{type(model).__name__} has no MoE router modules to re-route")
+    spec = RouterSpec.from_config(model.config)
+    current = getattr(model, APPLIED_ATTR, None)
+    if current is not None and not replace:
+        raise ValueError(f"this model already routes with {current.policy!r}; call .remove() on the handle "
+                         "apply returned (or leave its `with` block) first, or pass replace=True")
     if layers is not None:
+        if isinstance(layers, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise TypeError(f"layers must be a list of layer indices (ints), got {layers!r}")
         known = {i for i, _ in routers}
         unknown = sorted(set(layers) - known)
         if unknown:
             raise ValueError(f"layers {unknown} are not MoE layers of this model; MoE layers: {sorted(known)}")
         routers = [(i, r) for i, r in routers if i in set(layers)]
     _dry_run(policy, spec, routers)
-    return Applied(model, policy, spec, routers, phase, LayoutTracker(model))
+    if current is not None:
+        current.remove()
+    applied = Applied(model, policy, spec, routers, phase, LayoutTracker(model))
+    object.__setattr__(model, APPLIED_ATTR, applied)  # a plain attribute, not a submodule or buffer
+    return applied
 
 
 def _dry_run(policy: Policy, spec: RouterSpec, routers) -> None:

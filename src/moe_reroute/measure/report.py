@@ -8,12 +8,29 @@ line per policy family over its parameter sweep; U against batch size; U per lay
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 
 def family(label: str) -> str:
     """"oea:k0=3" -> "oea"."""
     return label.split(":", 1)[0]
+
+
+def md_text(value) -> str:
+    """`value` as literal Markdown text on one line: a results file's strings (a model name, say) cannot
+    add headings, links, HTML or table cells to the report."""
+    text = " ".join(str(value).split())
+    return re.sub(r"([\\`*_{}\[\]<>#!|~&])", r"\\\1", text)
+
+
+def md_code(value) -> str:
+    """`value` as an inline code span on one line, fenced by more backticks than it holds; `|` escaped
+    so that it stays in its table cell."""
+    text = " ".join(str(value).split()).replace("|", "\\|")
+    fence = "`" * (1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def pick_batch_size(rows: list[dict], wanted: int | None = None) -> int:
@@ -129,7 +146,7 @@ def quality_table(rows: list[dict], latency: dict[int, dict[str, float]] | None 
     lines = [head, sep]
     for r in rows:
         lo, hi = r["delta_ce_ci"]
-        line = (f"| `{r['policy']}` | {r['batch_size']} | {r['mean_unique']:.1f} | {r['experts_per_token']:.2f} | "
+        line = (f"| {md_code(r['policy'])} | {r['batch_size']} | {r['mean_unique']:.1f} | {r['experts_per_token']:.2f} | "
                 f"{r['cross_entropy']:.4f} | {r['delta_ce']:+.4f} [{lo:+.4f}, {hi:+.4f}] | "
                 f"{'yes' if r['significant_loss'] else 'no'} | {'yes' if r['worse_by_se_rule'] else 'no'} | "
                 f"{r['top1_agreement']:.3f} | {r['kl_native_policy']:.4f} |")
@@ -154,10 +171,11 @@ def write(
     u_by_batch: U against batch size from elsewhere (e.g. replayed on a trace); default: the eval rows.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     rows = evaluation["rows"]
     cond = evaluation["conditions"]
     b = pick_batch_size(rows, batch)
+    _plt()  # matplotlib missing: say so before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     latency_at = latency_ratios(bench)
     E, K = cond["num_experts"], cond["top_k"]
     replayed = u_by_batch is not None
@@ -179,9 +197,10 @@ def write(
         {"command": command, "evaluation": evaluation, "bench": bench, "generation": generation,
          "u_by_batch": u_by_batch}, indent=1) + "\n")
 
-    md = [f"# moe-reroute report: {cond['model']}", "", "```", command, "```", "", "## Conditions", ""]
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", command)), default=0))
+    md = [f"# moe-reroute report: {md_text(cond['model'])}", "", fence, command, fence, "", "## Conditions", ""]
     for k, v in cond.items():
-        md.append(f"- {k}: {v}")
+        md.append(f"- {md_text(k)}: {md_text(v)}")
     md += ["", f"Uniform routing would activate E·(1−(1−K/E)^B) = {uniform_expectation(E, K, b):.1f} experts at batch {b}.",
            "", "## Quality and cost", "",
            "Δ CE is the policy's mean held-out cross-entropy minus native's on the same sequences (nats); the "
@@ -191,7 +210,7 @@ def write(
            quality_table(rows, latency_at or None), ""]
     md += [f"## U against batch size ({u_title})", "",
            "| policy | " + " | ".join(f"B={s}" for s in sizes) + " |", "| --- |" + " ---: |" * len(sizes)]
-    md += [f"| `{label}` | " + " | ".join(f"{by_b[s]:.1f}" if s in by_b else "" for s in sizes) + " |"
+    md += [f"| {md_code(label)} | " + " | ".join(f"{by_b[s]:.1f}" if s in by_b else "" for s in sizes) + " |"
            for label, by_b in u_by_batch.items()]
     md += ["| uniform routing | " + " | ".join(f"{uniform[s]:.1f}" for s in sizes) + " |", ""]
     if bench:
@@ -203,7 +222,7 @@ def write(
         for g in generation:
             steps = sorted(s for s in g["first_divergence_step"] if s is not None)
             med = steps[len(steps) // 2] if steps else "none"
-            md.append(f"| `{g['policy']}` | {g['batch_size']} | {g['differing_tokens']}/{g['generated_tokens']} | "
+            md.append(f"| {md_code(g['policy'])} | {g['batch_size']} | {g['differing_tokens']}/{g['generated_tokens']} | "
                       f"{g['identical_sequences']}/{g['batch_size']} | {med} |")
         md.append("")
     md += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
@@ -224,7 +243,7 @@ def _bench_section(bench: dict) -> str:
                   "| policy | U | median ms | IQR ms | GB/s | latency / native |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for name, t in res["policies"].items():
             ratio = t.get("ratio_vs_native")
-            lines.append(f"| `{name}` | {t['mean_unique']:.1f} | {t['median_ms']:.3f} | {t['iqr_ms']:.3f} | "
+            lines.append(f"| {md_code(name)} | {t['mean_unique']:.1f} | {t['median_ms']:.3f} | {t['iqr_ms']:.3f} | "
                          f"{t['achieved_gbps']:.1f} | {'' if ratio is None else f'{ratio:.3f}'} |")
         lines.append("")
     fit = bench.get("cost_model")

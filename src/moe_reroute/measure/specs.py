@@ -16,30 +16,34 @@ def parse_policy_spec(text: str) -> tuple[str, dict[str, Any]]:
     """("oea", {"k0": 3, "p": 0.9}) from "oea:k0=3,p=0.9"; raises ValueError saying what is wrong."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError("empty policy spec; write e.g. native, cap:k=4, oea:k0=3 or budget:budget=32")
+    label = repr(text) if len(text) <= 80 else repr(text[:60]) + f"... ({len(text)} characters)"
     name, _, rest = text.strip().partition(":")
     name = name.strip()
     if name not in POLICIES:
-        raise ValueError(f"policy spec {text!r}: unknown policy {name!r}; available: {', '.join(POLICIES)}")
+        raise ValueError(f"policy spec {label}: unknown policy {name[:40]!r}; available: {', '.join(POLICIES)}")
     params: dict[str, Any] = {}
     if not rest.strip():
         if ":" in text:
-            raise ValueError(f"policy spec {text!r}: nothing after ':'; write {name}:param=value or just {name}")
+            raise ValueError(f"policy spec {label}: nothing after ':'; write {name}:param=value or just {name}")
         return name, params
-    for item in _split_top(rest, text):
+    for item in _split_top(rest, label):
         key, eq, value = item.partition("=")
         key = key.strip()
         if not eq or not key or not value.strip():
-            raise ValueError(f"policy spec {text!r}: {item.strip()!r} is not param=value (e.g. {name}:k0=3)")
+            raise ValueError(f"policy spec {label}: {item.strip()!r} is not param=value (e.g. {name}:k0=3)")
         if not key.isidentifier():
-            raise ValueError(f"policy spec {text!r}: {key!r} is not a parameter name")
+            raise ValueError(f"policy spec {label}: {key!r} is not a parameter name")
         if key in params:
-            raise ValueError(f"policy spec {text!r}: parameter {key!r} given twice")
-        params[key] = _value(value.strip(), text)
+            raise ValueError(f"policy spec {label}: parameter {key!r} given twice")
+        params[key] = _value(value.strip(), label)
     return name, params
 
 
-def policy_from_spec(text: str, check_inputs: bool = False, num_experts: int | None = None) -> Policy:
+def policy_from_spec(text: str, check_inputs: bool = True, num_experts: int | None = None) -> Policy:
     """The policy a spec describes; parameter errors name the policy's parameters.
+
+    check_inputs: check router logits for NaN/inf on every call; only an engine that runs the policy
+    inside CUDA graphs turns it off.
 
     A SERE `similarity` given as a string is read as a file of `moe_reroute.hf.save_similarity`
     (checked against `num_experts` when given).
@@ -51,11 +55,11 @@ def policy_from_spec(text: str, check_inputs: bool = False, num_experts: int | N
 
             params["similarity"] = load_similarity(params["similarity"], num_experts=num_experts)
         return make_policy(name, check_inputs=check_inputs, **params)
-    except (TypeError, ValueError, FileNotFoundError) as e:
-        raise ValueError(f"policy spec {text!r}: {e}") from None
+    except (TypeError, ValueError, OSError) as e:
+        raise ValueError(f"policy spec {text!r:.80}: {e}") from None
 
 
-def _split_top(rest: str, text: str) -> list[str]:
+def _split_top(rest: str, label: str) -> list[str]:
     """Split on commas outside brackets."""
     items, depth, start = [], 0, 0
     for i, ch in enumerate(rest):
@@ -64,25 +68,29 @@ def _split_top(rest: str, text: str) -> list[str]:
         elif ch in "])":
             depth -= 1
             if depth < 0:
-                raise ValueError(f"policy spec {text!r}: unbalanced {ch!r}")
+                raise ValueError(f"policy spec {label}: unbalanced {ch!r}")
         elif ch == "," and depth == 0:
             items.append(rest[start:i])
             start = i + 1
     if depth:
-        raise ValueError(f"policy spec {text!r}: unclosed bracket")
+        raise ValueError(f"policy spec {label}: unclosed bracket")
     items.append(rest[start:])
     return items
 
 
-def _value(raw: str, text: str) -> Any:
+def _value(raw: str, label: str) -> Any:
     if raw[0] in "[(":
         close = "]" if raw[0] == "[" else ")"
         if raw[-1] != close:
-            raise ValueError(f"policy spec {text!r}: {raw!r} opens with {raw[0]!r} but does not end with {close!r}")
+            raise ValueError(f"policy spec {label}: {raw!r} opens with {raw[0]!r} but does not end with {close!r}")
         inner = raw[1:-1].strip()
-        values = [_value(v.strip(), text) for v in _split_top(inner, text)] if inner else []
-        if any(isinstance(v, (list, tuple)) for v in values):
-            raise ValueError(f"policy spec {text!r}: nested lists are not supported ({raw!r})")
+        items = [v.strip() for v in _split_top(inner, label)] if inner else []
+        if any(not v for v in items):
+            raise ValueError(f"policy spec {label}: {raw!r} has an empty item; write one value between "
+                             "each pair of commas, e.g. [2,3,3,4]")
+        if any(v[0] in "[(" for v in items):  # checked before reading items: no recursion on deep nesting
+            raise ValueError(f"policy spec {label}: nested lists are not supported ({raw[:40]!r})")
+        values = [_value(v, label) for v in items]
         return values if raw[0] == "[" else tuple(values)
     low = raw.lower()
     if low in ("true", "false"):
@@ -95,6 +103,6 @@ def _value(raw: str, text: str) -> Any:
         except ValueError:
             pass
     if any(ch in raw for ch in "[]()"):
-        raise ValueError(f"policy spec {text!r}: cannot read value {raw!r}; use a number, true/false/none, "
+        raise ValueError(f"policy spec {label}: cannot read value {raw!r}; use a number, true/false/none, "
                          "[a,b,...] or a plain string")
     return raw

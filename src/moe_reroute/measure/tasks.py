@@ -28,14 +28,24 @@ def load_jsonl(path: str | Path) -> tuple[str, list[dict]]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no task file at {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a JSONL task file (one JSON object per line)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); save the task file as UTF-8 JSONL") from None
     items, kinds = [], set()
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+        except RecursionError:
+            raise ValueError(f"{path}:{n}: JSON nested too deeply to read") from None
+        if not isinstance(item, dict):
+            raise ValueError(f"{path}:{n}: a task line must be a JSON object, got a {type(item).__name__}")
         if {"context", "choices", "answer"} <= item.keys():
             if not isinstance(item["choices"], list) or len(item["choices"]) < 2:
                 raise ValueError(f"{path}:{n}: 'choices' must be a list of at least 2 strings")

@@ -30,7 +30,7 @@ def cap_schedule(b: int, h: int, e: int, p: int, num_layers: int) -> list[int]:
     for name, v in (("b", b), ("h", h), ("e", e), ("num_layers", num_layers)):
         need_int(f"cap schedule {name}", v)
     if num_layers > MAX_LAYERS:
-        raise ValueError(f"cap schedule num_layers={num_layers} is more than any model has (at most {MAX_LAYERS})")
+        raise ValueError(f"cap num_layers={num_layers} is more than {MAX_LAYERS}; give the model's number of MoE layers")
     if num_layers < 3:
         raise ValueError(f"cap schedule (b, h, e, p) needs at least 3 MoE layers, got num_layers={num_layers}; "
                          "give k per layer instead, e.g. cap:k=[4,6]")
@@ -74,8 +74,9 @@ class CapConfig(PolicyConfig):
 
     def _from_schedule(self) -> list[int]:
         sched = self.schedule
-        if isinstance(sched, (str, bytes)) or not hasattr(sched, "__len__") or len(sched) != 4:
-            raise ValueError(f"cap: schedule must be four numbers (b, h, e, p), got {sched!r}")
+        if not isinstance(sched, (list, tuple)) or len(sched) != 4:
+            raise ValueError(f"cap: schedule must be 4 ints (b, h, e, p): [2, 4, 8, 3] in JSON, (2,4,8,3) in a "
+                             f"spec; got {sched!r}")
         return cap_schedule(*sched, num_layers=self.num_layers)
 
     def check(self, name: str, value: Any) -> None:

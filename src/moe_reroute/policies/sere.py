@@ -60,7 +60,7 @@ class SEREConfig(PolicyConfig):
     def check(self, name: str, value: Any) -> None:
         if name == "primary":
             need_int("sere primary", value)
-        elif name == "threshold" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        elif name == "threshold" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value):
             raise ValueError(f"sere threshold must be a number, got {value!r}")
 
     def similarity_at(self, layer: int | None) -> torch.Tensor:

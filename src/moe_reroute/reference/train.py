@@ -90,7 +90,7 @@ def train_tokenizer(text_file: Path, out_dir: Path, vocab_size: int):
 
 def encode(tokenizer, text_file: Path, cache: Path) -> torch.Tensor:
     if cache.exists():
-        return torch.load(cache)
+        return torch.load(cache, weights_only=True)
     ids = []
     for chunk in text_file.read_text().split("\n\n"):
         ids.extend(tokenizer(chunk + "\n\n")["input_ids"])
@@ -138,7 +138,7 @@ def train(workdir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), progre
     ckpt = workdir / "checkpoint.pt"
     step, log, elapsed = 0, [], 0.0
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)
         if state["config"] != asdict(cfg):
             raise RuntimeError(f"{ckpt} was made with another TrainConfig; delete it to start over")
         model.load_state_dict(state["model"])
@@ -209,7 +209,7 @@ def calibrate_sere(workdir: Path, out_dir: Path, tokens: int = CALIBRATION_TOKEN
 
     from ..hf.calibrate import calibrate_similarity, save_similarity
 
-    data = torch.load(workdir / "train_ids.pt").long()
+    data = torch.load(workdir / "train_ids.pt", weights_only=True).long()
     width = tokens // windows
     starts = torch.linspace(0, len(data) - width - 1, windows).long()
     ids = torch.stack([data[s : s + width] for s in starts])  # [windows, width]

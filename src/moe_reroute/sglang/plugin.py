@@ -279,15 +279,18 @@ def register() -> None:
 
     A bad value or an unsupported SGLang raises here. SGLang logs a failing plugin and goes on, so when
     SGLang is importable the plugin also registers a hook that raises the same message on the first
-    MoE forward: the server stops at its warm-up instead of serving without the policy asked for.
+    MoE forward: the server stops at its warm-up instead of serving without the policy asked for. Any
+    failure to read the configuration does this, whatever its exception.
     """
     try:
         cfg = _config.from_env()
         if cfg is None:
             return
         check_version()
-    except (ValueError, RuntimeError) as e:
-        _fail_on_first_forward(str(e))
+    except Exception as e:  # noqa: BLE001 - SGLang would otherwise serve natively
+        message = str(e) if isinstance(e, (ValueError, RuntimeError)) else (
+            f"moe-reroute: cannot read {_config.POLICY_ENV} / {_config.POLICY_FILE_ENV} ({type(e).__name__}: {e})")
+        _fail_on_first_forward(message)
         raise
     install(cfg)
     logger.info("moe-reroute: SGLang plugin loaded, policy %s on select_experts", cfg.describe())

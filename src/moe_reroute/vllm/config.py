@@ -40,22 +40,63 @@ class PluginConfig:
 
 
 def from_env(environ: Any = None) -> PluginConfig | None:
-    """The configuration the environment asks for, or None when it asks for nothing."""
+    """The configuration the environment asks for, or None when it asks for nothing.
+
+    Raises ValueError naming the variable for any value it cannot use: a bad spec or JSON, a policy
+    file that is missing, empty, not UTF-8 or unreadable, a similarity file it cannot read, or a
+    `MOE_REROUTE_COUNTERS` that is not a yes/no word.
+    """
     env = os.environ if environ is None else environ
     text = env.get(POLICY_ENV, "").strip()
     path = env.get(POLICY_FILE_ENV, "").strip()
     if text and path:
         raise ValueError(f"set {POLICY_ENV} or {POLICY_FILE_ENV}, not both")
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"{POLICY_FILE_ENV}={path}: no such file; it should hold a JSON object such as "
-                             '{"name": "oea", "k0": [2, 3, 3, 4]}')
-        text = p.read_text()
+        text = _read_policy_file(path)
     if not text:
         return None
-    counters = env.get(COUNTERS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-    return parse(text, counters=counters, origin=POLICY_FILE_ENV if path else POLICY_ENV)
+    counters = counters_from_env(env)
+    origin = POLICY_FILE_ENV if path else POLICY_ENV
+    try:
+        return parse(text, counters=counters, origin=origin)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to build the policy stops the engine with the variable named
+        raise ValueError(f"{origin}: cannot use {text[:80]!r} ({type(e).__name__}: {e})") from None
+
+
+COUNTERS_ON = ("1", "true", "yes", "on")
+COUNTERS_OFF = ("", "0", "false", "no", "off")
+
+
+def counters_from_env(environ: Any = None) -> bool:
+    """`MOE_REROUTE_COUNTERS` as a bool; a value that is neither yes nor no raises, naming the variable."""
+    env = os.environ if environ is None else environ
+    value = env.get(COUNTERS_ENV, "").strip().lower()
+    if value in COUNTERS_ON:
+        return True
+    if value in COUNTERS_OFF:
+        return False
+    raise ValueError(f"{COUNTERS_ENV}={env.get(COUNTERS_ENV)!r}: write 1 (record U per layer) or 0 (off); "
+                     f"accepted: {', '.join(v for v in COUNTERS_ON + COUNTERS_OFF if v)}")
+
+
+def _read_policy_file(path: str) -> str:
+    example = '{"name": "oea", "k0": [2, 3, 3, 4]}'
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{POLICY_FILE_ENV}={path}: no such file; it should hold a JSON object such as {example}")
+    try:
+        text = p.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{POLICY_FILE_ENV}={path}: not UTF-8 text (byte {e.start}); save it as UTF-8 JSON "
+                         f"such as {example}") from None
+    except OSError as e:
+        raise ValueError(f"{POLICY_FILE_ENV}={path}: cannot read it ({e.strerror or e})") from None
+    if not text:
+        raise ValueError(f"{POLICY_FILE_ENV}={path}: the file is empty; write a JSON object such as {example}, "
+                         f"or unset {POLICY_FILE_ENV} to run without a policy")
+    return text
 
 
 def parse(text: str, counters: bool = False, origin: str = "policy") -> PluginConfig:
@@ -70,13 +111,13 @@ def parse(text: str, counters: bool = False, origin: str = "policy") -> PluginCo
         except ValueError as e:
             raise ValueError(f"{origin}: {e}") from None
         return PluginConfig(policy, text, "decode", counters)
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{origin}: not valid JSON ({e}); write e.g. " '{"name": "oea", "k0": 3}') from None
+    obj = load_json(text, origin, '{"name": "oea", "k0": 3}')
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         raise ValueError(f"{origin}: the JSON must be an object with a \"name\", e.g. " '{"name": "oea", "k0": 3}')
-    params = {k: _layer_keys(v) for k, v in obj.items() if k not in ("name", "phase")}
+    try:
+        params = {k: _layer_keys(k, v) for k, v in obj.items() if k not in ("name", "phase")}
+    except ValueError as e:
+        raise ValueError(f"{origin}: {e}") from None
     phase = obj.get("phase", "decode")
     if phase not in PHASES:
         raise ValueError(f"{origin}: phase must be one of {PHASES}, got {phase!r}")
@@ -87,14 +128,40 @@ def parse(text: str, counters: bool = False, origin: str = "policy") -> PluginCo
 
             params["similarity"] = load_similarity(params["similarity"])
         policy = make_policy(name, check_inputs=False, **params)
-    except (TypeError, ValueError, FileNotFoundError) as e:
+    except (TypeError, ValueError, OSError) as e:
         raise ValueError(f"{origin}: {e}") from None
     shown = ", ".join(f"{k}={v}" for k, v in obj.items() if k not in ("name", "phase"))
     return PluginConfig(policy, f"{name}:{shown}" if shown else name, phase, counters)
 
 
-def _layer_keys(value: Any) -> Any:
-    """JSON object keys are strings: {"0": 2, "3": 4} is a per-layer mapping {0: 2, 3: 4}."""
-    if isinstance(value, dict) and value and all(isinstance(k, str) and k.isdigit() for k in value):
-        return {int(k): v for k, v in value.items()}
-    return value
+def load_json(text: str, origin: str, example: str) -> Any:
+    """json.loads that rejects a key given twice in one object and nesting too deep to read, saying so."""
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise ValueError(f"key {k!r} is given twice in one object; give each key once")
+            out[k] = v
+        return out
+
+    try:
+        return json.loads(text, object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{origin}: not valid JSON ({e}); write e.g. {example}") from None
+    except RecursionError:
+        raise ValueError(f"{origin}: the JSON is nested too deeply to read; write e.g. {example}") from None
+    except ValueError as e:
+        raise ValueError(f"{origin}: {e}") from None
+
+
+def _layer_keys(name: str, value: Any) -> Any:
+    """JSON object keys are strings: {"0": 2, "3": 4} is a per-layer mapping {0: 2, 3: 4}. A key such as
+    "00" or "+1" would name the same layer as another spelling, so layer numbers are written plainly."""
+    if not isinstance(value, dict) or not value or not all(k.isascii() and k.isdigit() for k in value):
+        return value
+    odd = [k for k in value if str(int(k)) != k]
+    if odd:
+        raise ValueError(f"{name}: layer key {odd[0]!r} is not written plainly; write layer numbers without "
+                         f"leading zeros, e.g. {str(int(odd[0]))!r}")
+    return {int(k): v for k, v in value.items()}

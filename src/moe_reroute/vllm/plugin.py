@@ -187,7 +187,7 @@ def enable(policy: str | None = None, *, counters: bool | None = None) -> _confi
     The configuration is also put in the environment, so worker processes vLLM starts later load it.
     """
     if counters is None:
-        counters = os.environ.get(_config.COUNTERS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+        counters = _config.counters_from_env()
     if policy is None:
         cfg = _config.from_env()
         if cfg is None:

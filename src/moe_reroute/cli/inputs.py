@@ -1,0 +1,86 @@
+"""Checks every command runs on its inputs and output location before it starts working.
+
+Each raises `InputError` with a message that says how to fix the input; `moe_reroute.cli.main`
+prints it as one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class InputError(ValueError):
+    """A bad command-line input; the message names it and says how to fix it."""
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _writable_below(path: Path, option: str) -> None:
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        raise InputError(f"{option} {path}: {base} is a file, so no folder can be made there; choose another path")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {path}: {base} is not writable; choose a folder you can write to")
+
+
+def check_out_dir(path: str | Path, option: str = "--out") -> Path:
+    """`path` can be used (or made) as an output folder; nothing is created yet."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{option} {path} is an existing file; give a folder (it is made if missing)")
+    _writable_below(path, option)
+    return path
+
+
+def check_out_file(path: str | Path, option: str = "--out") -> Path:
+    """`path` can be written as a file (its folder is made if missing); nothing is created yet."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{option} {path} is a folder; give a file name such as {path / 'similarity.safetensors'}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputError(f"{option} {path} exists and is not writable; choose another file")
+    _writable_below(path.parent, option)
+    return path
+
+
+def read_text_file(path: str | Path, option: str) -> str:
+    """The UTF-8 text of `path`."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{option} {p}: no such file")
+    if p.is_dir():
+        raise InputError(f"{option} {p} is a folder; give a text file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{option} {p}: not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+    except OSError as e:
+        raise InputError(f"{option} {p}: cannot read it ({e.strerror or e})") from None
+
+
+def read_json_file(path: str | Path, option: str, what: str) -> Any:
+    """The JSON object in `path`, which should be `what` (said in every message)."""
+    text = read_text_file(path, option)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{option} {path}: not valid JSON ({e}); expected {what}") from None
+    except RecursionError:
+        raise InputError(f"{option} {path}: the JSON is nested too deeply to read; expected {what}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{option} {path}: holds a JSON {type(data).__name__}, not an object; expected {what}")
+    return data
+
+
+def at_least(value: int, low: int, option: str) -> int:
+    if value < low:
+        raise InputError(f"{option} must be >= {low}, got {value}")
+    return value

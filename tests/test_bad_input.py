@@ -1,0 +1,382 @@
+"""Bad specs, JSON, environment, trace and similarity files: one clear error naming the field or file."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moe_reroute import RouterSpec, make_policy, traces
+from moe_reroute.hf import load_similarity, save_similarity
+from moe_reroute.measure.specs import parse_policy_spec, policy_from_spec
+from moe_reroute.sglang import plugin as sglang_plugin
+from moe_reroute.traces import Trace
+from moe_reroute.vllm import config
+
+SPEC = RouterSpec(8, 2)
+DEEPSEEK = RouterSpec(8, 2, "sigmoid", n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                      weights_in_logits_dtype=False, arch="deepseek_v3")
+DEEP = 5000  # brackets: far past Python's recursion limit
+
+
+# --- 1. the SGLang plugin never serves without its policy ---
+
+
+@pytest.fixture
+def sim_file(tmp_path):
+    return save_similarity({0: torch.eye(8)}, tmp_path / "sim.safetensors")
+
+
+@pytest.mark.parametrize("value,needle", [
+    ("oea:k0=[2,]", "has an empty item"),
+    ("sere:similarity=/etc/passwd", "/etc/passwd is not a readable safetensors file"),
+    ("sere:similarity=/tmp", "/tmp is a directory"),
+    ("oea:k0=" + "[" * DEEP + "]" * DEEP, "nested lists are not supported"),
+])
+def test_sglang_register_stops_the_server_on_any_unreadable_configuration(monkeypatch, value, needle):
+    guards = []
+    monkeypatch.setattr(sglang_plugin, "_fail_on_first_forward", guards.append)
+    monkeypatch.setattr(sglang_plugin, "STATE", sglang_plugin.State())
+    monkeypatch.delenv("MOE_REROUTE_POLICY_FILE", raising=False)
+    monkeypatch.setenv("MOE_REROUTE_POLICY", value)
+    with pytest.raises(ValueError, match="MOE_REROUTE_POLICY") as e:
+        sglang_plugin.register()
+    assert needle in str(e.value)
+    assert guards == [str(e.value)]  # the fail-on-first-forward guard carries the same message
+    assert sglang_plugin.STATE.hook is None
+
+
+def test_sglang_register_guards_even_an_unexpected_exception(monkeypatch):
+    guards = []
+    monkeypatch.setattr(sglang_plugin, "_fail_on_first_forward", guards.append)
+
+    def broken(environ=None):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(sglang_plugin._config, "from_env", broken)
+    with pytest.raises(KeyError):
+        sglang_plugin.register()
+    assert len(guards) == 1 and "MOE_REROUTE_POLICY" in guards[0] and "boom" in guards[0]
+
+
+def test_config_wraps_any_failure_to_build_the_policy_with_the_variable(monkeypatch):
+    import moe_reroute.vllm.config as cfg
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(cfg, "parse", explode)
+    with pytest.raises(ValueError, match=r"MOE_REROUTE_POLICY: cannot use 'oea:k0=3' \(RuntimeError: disk on fire\)"):
+        cfg.from_env({"MOE_REROUTE_POLICY": "oea:k0=3"})
+
+
+# --- 2. the spec parser ---
+
+
+@pytest.mark.parametrize("text", ["oea:k0=[2,]", "oea:k0=[2,,3]", "oea:k0=[,2]", "cap:schedule=(2,4,,3),num_layers=4"])
+def test_empty_list_items_are_named(text):
+    with pytest.raises(ValueError, match="has an empty item; write one value between each pair of commas"):
+        parse_policy_spec(text)
+
+
+def test_deep_nesting_in_a_spec_is_refused_without_recursion():
+    text = "oea:k0=" + "[" * DEEP + "2" + "]" * DEEP
+    with pytest.raises(ValueError, match="nested lists are not supported") as e:
+        parse_policy_spec(text)
+    assert len(str(e.value)) < 300  # the spec is shortened in the message
+    with pytest.raises(ValueError, match="unclosed bracket"):
+        parse_policy_spec("oea:k0=" + "[" * DEEP)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[" * DEEP + "]" * DEEP, "unknown policy '[[["),  # not a JSON object: read as a spec, refused
+    ('{"name": "oea", "k0": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+])
+def test_deep_nesting_in_engine_json_is_refused(text, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)) as e:
+        config.parse(text, origin="MOE_REROUTE_POLICY")
+    assert len(str(e.value)) < 300
+
+
+def test_json_layer_keys_name_one_layer_each():
+    with pytest.raises(ValueError, match=r"MOE_REROUTE_POLICY: k0: layer key '00' is not written plainly.*'0'"):
+        config.parse('{"name": "oea", "k0": {"0": 2, "00": 3}}', origin="MOE_REROUTE_POLICY")
+    with pytest.raises(ValueError, match="layer key '01'"):
+        config.parse('{"name": "oea", "k0": {"01": 2}}', origin="MOE_REROUTE_POLICY")
+    cfg = config.parse('{"name": "oea", "k0": {"0": 2, "10": 3}}')
+    assert cfg.policy.config.k0 == {0: 2, 10: 3}
+
+
+def test_json_duplicate_keys_are_refused():
+    with pytest.raises(ValueError, match="MOE_REROUTE_POLICY_FILE: key 'k0' is given twice"):
+        config.parse('{"name": "oea", "k0": 2, "k0": 3}', origin="MOE_REROUTE_POLICY_FILE")
+    with pytest.raises(ValueError, match="key '1' is given twice"):
+        config.parse('{"name": "oea", "k0": {"1": 2, "1": 3}}')
+
+
+def test_cap_schedule_as_a_json_object_says_what_a_schedule_is():
+    with pytest.raises(ValueError, match=r"schedule must be 4 ints \(b, h, e, p\): \[2, 4, 8, 3\] in JSON"):
+        config.parse('{"name": "cap", "schedule": {"b": 2, "h": 4, "e": 8, "p": 3}, "num_layers": 4}')
+    assert config.parse('{"name": "cap", "schedule": [2, 4, 8, 3], "num_layers": 4}').policy.config.k == [2, 3, 4, 8]
+
+
+def test_cap_num_layers_is_bounded():
+    with pytest.raises(ValueError, match="cap num_layers=100000000 is more than 4096"):
+        policy_from_spec("cap:schedule=(2,4,8,3),num_layers=100000000")
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN"])
+def test_sere_threshold_nan_is_refused(sim_file, value):
+    with pytest.raises(ValueError, match="sere threshold must be a number, got nan"):
+        policy_from_spec(f"sere:similarity={sim_file},threshold={value}")
+    with pytest.raises(ValueError, match="sere threshold must be a number"):
+        make_policy("sere", similarity=torch.eye(8), threshold=[0.1, float("nan")])
+
+
+# --- 3. unreadable similarity and trace files name the file ---
+
+
+def _bad_files(tmp_path):
+    good = save_similarity({0: torch.eye(8)}, tmp_path / "good.safetensors").read_bytes()
+    files = {
+        "empty": b"",
+        "truncated": good[: len(good) // 2],
+        "text": b"these are not tensors\n" * 8,
+        "garbage": bytes(range(256)) * 8,
+    }
+    out = {}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        out[name] = tmp_path / name
+    (tmp_path / "folder").mkdir()
+    out["folder"] = tmp_path / "folder"
+    return out
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "text", "garbage", "folder"])
+@pytest.mark.parametrize("loader,expected", [(traces.load, "moe-reroute routing trace"),
+                                             (load_similarity, "similarity file written by `moe-reroute calibrate`")])
+def test_unreadable_files_are_named_with_what_was_expected(tmp_path, kind, loader, expected):
+    path = _bad_files(tmp_path)[kind]
+    with pytest.raises(ValueError) as e:
+        loader(path)
+    assert str(path) in str(e.value) and expected in str(e.value)
+    assert "directory" in str(e.value) if kind == "folder" else "not a readable safetensors file" in str(e.value)
+
+
+def test_missing_files_say_so(tmp_path):
+    for loader in (traces.load, load_similarity):
+        with pytest.raises(FileNotFoundError, match=f"no file at {tmp_path / 'nope'}"):
+            loader(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("tensors,needle", [
+    ({"weights": torch.eye(8)}, "is not a moe-reroute similarity file"),
+    ({"layer.x": torch.eye(8)}, "is not a moe-reroute similarity file"),
+    ({"layer.0": torch.eye(8), "layer.00": torch.eye(8)}, "is not a moe-reroute similarity file"),
+    ({"layer.0": torch.eye(8).long()}, "layer 0 similarity must be finite floating point"),
+    ({"layer.0": torch.full((8, 8), float("nan"))}, "layer 0 similarity must be finite floating point"),
+])
+def test_similarity_contents_are_checked(tmp_path, tensors, needle):
+    save_file(tensors, str(tmp_path / "s.safetensors"))
+    with pytest.raises(ValueError, match=needle):
+        load_similarity(tmp_path / "s.safetensors")
+
+
+# --- 4. trace headers and tensors are validated on load ---
+
+
+def _trace(spec=SPEC, S=3, B=2) -> Trace:
+    g = torch.Generator().manual_seed(0)
+    logits = {0: torch.randn(S, B, spec.num_experts, generator=g), 1: torch.randn(S, B, spec.num_experts, generator=g)}
+    valid = torch.ones(S, B, dtype=torch.bool)
+    if spec.scoring == "sigmoid":
+        specs = {k: spec.with_bias(torch.zeros(spec.num_experts)) for k in logits}
+    else:
+        specs = {k: spec for k in logits}
+    return Trace(logits, valid, specs, {"model": "tiny"})
+
+
+def _tampered(tmp_path, header=None, tensors=None, spec=SPEC):
+    """A saved trace whose header and tensors were changed by the given functions."""
+    path = _trace(spec).save(tmp_path / "t.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        head = json.loads(f.metadata()["moe_reroute"])
+    data = load_file(str(path))
+    if header:
+        header(head)
+    if tensors:
+        tensors(data)
+    out = tmp_path / "bad.safetensors"
+    save_file({k: v.contiguous() for k, v in data.items()}, str(out), metadata={"moe_reroute": json.dumps(head)})
+    return out
+
+
+def _set(d, key, value):
+    d[key] = value
+
+
+def _spec0(h):
+    return h["specs"]["0"]
+
+
+HEADER_CASES = {
+    "no specs": (lambda h: h.pop("specs"), "header field 'specs' must be a mapping"),
+    "specs a list": (lambda h: _set(h, "specs", [h["specs"]["0"]]), "header field 'specs' must be a mapping"),
+    "layer key not a number": (lambda h: _set(h, "specs", {"a": _spec0(h), "1": h["specs"]["1"]}),
+                               "spec layer key 'a' is not a layer number"),
+    "layer key 00": (lambda h: _set(h, "specs", {"00": _spec0(h), "1": h["specs"]["1"]}),
+                     "spec layer key '00' is not a layer number"),
+    "spec not a mapping": (lambda h: _set(h["specs"], "0", 8), "spec of layer 0 must be a mapping"),
+    "meta not a mapping": (lambda h: _set(h, "meta", ["model"]), "header field 'meta' must be a mapping"),
+    "renormalize a string": (lambda h: _set(_spec0(h), "renormalize", "no"), "renormalize must be true/false, got 'no'"),
+    "scaling NaN": (lambda h: _set(_spec0(h), "routed_scaling_factor", float("nan")),
+                    "routed_scaling_factor must be finite"),
+    "top_k a float": (lambda h: _set(_spec0(h), "top_k", 2.0), "top_k must be int, got 2.0"),
+    "unknown field": (lambda h: _set(_spec0(h), "temperature", 1.0), "unknown fields ['temperature']"),
+    "missing num_experts": (lambda h: _spec0(h).pop("num_experts"), "missing num_experts"),
+    "bad spec": (lambda h: _set(_spec0(h), "top_k", 9), "spec of layer 0: RouterSpec: top_k K=9 > num_experts E=8"),
+}
+
+
+@pytest.mark.parametrize("case", list(HEADER_CASES))
+def test_trace_header_is_validated(tmp_path, case):
+    change, needle = HEADER_CASES[case]
+    path = _tampered(tmp_path, header=change)
+    with pytest.raises(ValueError) as e:
+        traces.load(path)
+    assert needle in str(e.value) and str(path) in str(e.value)
+
+
+TENSOR_CASES = {
+    "no valid": (lambda t: t.pop("valid"), "no 'valid' tensor"),
+    "valid of floats": (lambda t: _set(t, "valid", t["valid"].float()), "'valid' must be a [S, B] bool tensor"),
+    "valid of ints": (lambda t: _set(t, "valid", t["valid"].long()), "'valid' must be a [S, B] bool tensor"),
+    "int32 logits": (lambda t: _set(t, "logits.0", t["logits.0"].int()), "'logits.0' must be floating point"),
+    "NaN logits": (lambda t: t["logits.1"].__setitem__((2, 1, 3), float("nan")),
+                   "'logits.1' holds NaN or inf (first at step 2)"),
+    "no logits of a layer": (lambda t: t.pop("logits.1"), "no 'logits.1' tensor for spec layer 1"),
+    "logits without a spec": (lambda t: _set(t, "logits.7", t["logits.0"].clone()), "tensors ['logits.7'] have no spec"),
+    "0 steps": (lambda t: t.update({k: v[:0] for k, v in t.items()}), "the trace holds no tokens"),
+    "logits shape": (lambda t: _set(t, "logits.0", t["logits.0"][:, :, :4]), "do not match valid"),
+}
+
+
+@pytest.mark.parametrize("case", list(TENSOR_CASES))
+def test_trace_tensors_are_validated(tmp_path, case):
+    change, needle = TENSOR_CASES[case]
+    path = _tampered(tmp_path, tensors=change)
+    with pytest.raises(ValueError) as e:
+        traces.load(path)
+    assert needle in str(e.value) and str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda t: t.pop("bias.0"), "layer 0 routes as DeepSeek-V3 (e_score_correction_bias) but 'bias.0' is missing"),
+    (lambda t: _set(t, "bias.1", t["bias.1"].long()), "'bias.1' must be finite floating point, got torch.int64"),
+    (lambda t: t["bias.0"].__setitem__(3, float("nan")), "'bias.0' must be finite floating point"),
+    (lambda t: _set(t, "bias.0", t["bias.0"][:4]), "e_score_correction_bias must be a tensor of shape [E]=[8]"),
+])
+def test_deepseek_trace_bias_is_validated(tmp_path, change, needle):
+    assert traces.load(_tampered(tmp_path, spec=DEEPSEEK)).specs[0].e_score_correction_bias is not None
+    path = _tampered(tmp_path, tensors=change, spec=DEEPSEEK)
+    with pytest.raises(ValueError) as e:
+        traces.load(path)
+    assert needle in str(e.value)
+
+
+def test_a_saved_trace_loads_unchanged(tmp_path):
+    trace = _trace(DEEPSEEK)
+    back = traces.load(trace.save(tmp_path / "t.safetensors"))
+    assert back.specs == trace.specs and back.meta == trace.meta
+    assert all(torch.equal(back.logits[k], trace.logits[k]) for k in trace.layers)
+
+
+def test_replay_of_a_layer_the_trace_lacks_says_which_it_has():
+    with pytest.raises(ValueError, match=r"layers \[5\] are not in this trace; it holds layers \[0, 1\]"):
+        _trace().replay(make_policy("native"), layers=[5])
+
+
+# --- 5. measurement paths check the logits ---
+
+
+def test_policies_from_specs_check_logits_unless_an_engine_turns_it_off():
+    x = torch.randn(4, 8)
+    x[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        policy_from_spec("oea:k0=1")(x, SPEC)
+    assert config.parse("oea:k0=1").policy.check_inputs is False  # engines: inside CUDA graphs
+
+
+# --- 6. engine configuration ---
+
+
+def test_empty_policy_file_is_an_error(tmp_path):
+    f = tmp_path / "policy.json"
+    f.write_text("  \n")
+    with pytest.raises(ValueError, match=f"MOE_REROUTE_POLICY_FILE={f}: the file is empty"):
+        config.from_env({"MOE_REROUTE_POLICY_FILE": str(f)})
+
+
+def test_non_utf8_policy_file_is_an_error(tmp_path):
+    f = tmp_path / "policy.json"
+    f.write_bytes(b'{"name": "oea", "k0": 3, "note": "\xff\xfe"}')
+    with pytest.raises(ValueError, match=f"MOE_REROUTE_POLICY_FILE={f}: not UTF-8 text"):
+        config.from_env({"MOE_REROUTE_POLICY_FILE": str(f)})
+
+
+def test_policy_file_that_is_a_folder_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=f"MOE_REROUTE_POLICY_FILE={tmp_path}: no such file"):
+        config.from_env({"MOE_REROUTE_POLICY_FILE": str(tmp_path)})
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "enabled"])
+def test_counters_must_say_yes_or_no(value):
+    with pytest.raises(ValueError, match=f"MOE_REROUTE_COUNTERS='{value}': write 1 .* or 0"):
+        config.from_env({"MOE_REROUTE_POLICY": "oea:k0=3", "MOE_REROUTE_COUNTERS": value})
+
+
+@pytest.mark.parametrize("value,on", [("1", True), ("yes", True), ("On", True), ("0", False), ("off", False), ("", False)])
+def test_counters_words(value, on):
+    assert config.from_env({"MOE_REROUTE_POLICY": "oea:k0=3", "MOE_REROUTE_COUNTERS": value}).counters is on
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"MOE_REROUTE_POLICY": "oea:k0=[2,]"}, "MOE_REROUTE_POLICY: policy spec 'oea:k0=[2,]'"),
+    ({"MOE_REROUTE_POLICY": "sere:similarity=/etc/passwd"}, "/etc/passwd is not a readable safetensors file"),
+    ({"MOE_REROUTE_POLICY": "oea:k0=3", "MOE_REROUTE_COUNTERS": "maybe"}, "MOE_REROUTE_COUNTERS='maybe'"),
+])
+def test_vllm_register_stops_on_any_unreadable_configuration(monkeypatch, env, needle):
+    from moe_reroute.vllm import plugin
+
+    monkeypatch.delenv("MOE_REROUTE_POLICY_FILE", raising=False)
+    monkeypatch.delenv("MOE_REROUTE_COUNTERS", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(plugin, "install", lambda: pytest.fail("installed despite a bad configuration"))
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        plugin.register()
+
+
+# --- task files name the file and line ---
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"\xff\xfe{}", "not UTF-8 text"),
+    (b"[1, 2]\n", ":1: a task line must be a JSON object, got a list"),
+    (b'{"prompt": "a", "target": "b"}\n' + b"[" * 100_000 + b"\n", ":2: JSON nested too deeply"),
+])
+def test_task_files_name_the_file_and_line(tmp_path, content, needle):
+    from moe_reroute.measure.tasks import load_jsonl
+
+    path = tmp_path / "task.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(f"{path}") + ".*" + re.escape(needle)):
+        load_jsonl(path)
+    with pytest.raises(ValueError, match="is a folder; give a JSONL task file"):
+        load_jsonl(tmp_path)

@@ -47,12 +47,13 @@ def token_scores(row, spec):
 
 
 def ranking(choice, native=None):
-    """Expert ids best first: `native` (the model's top-K, in its order) first if given, then the rest
-    by score, ties to the lower id; experts the token may not pick last."""
+    """Expert ids best first: `native` (the model's top-K) first if given, by score with equal scores in
+    the model's order, then the rest by score, ties to the lower id; experts the token may not pick last."""
     order = sorted(range(len(choice)), key=lambda e: (-choice[e], e))
     if native is None:
         return order
-    return list(native) + [e for e in order if e not in native]
+    native = sorted(native, key=lambda e: -choice[e])  # by score; equal scores keep the model's order
+    return native + [e for e in order if e not in native]
 
 
 def rankings(logits, spec, native_ids=None):

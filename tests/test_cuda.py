@@ -31,14 +31,18 @@ def test_cuda_matches_cpu(spec, name, params):
     torch.testing.assert_close(gpu.weights.sum(-1).cpu(), cpu.weights.sum(-1))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("T", [16, 300])
 @pytest.mark.parametrize("name,params", POLICIES, ids=lambda x: x if isinstance(x, str) else "")
-def test_cuda_graph_capture(name, params):
+def test_cuda_graph_capture(name, params, T, backend):
     spec = SPECS[0]
-    policy = make_policy(name, check_inputs=False, **params)
-    x = distinct_logits(16, E, seed=2).cuda()
-    v = random_mask(16, 2).cuda()
+    if backend == "triton":
+        pytest.importorskip("triton")
+    policy = make_policy(name, check_inputs=False, backend=backend, **params)
+    x = distinct_logits(T, E, seed=2).cuda()
+    v = random_mask(T, 2).cuda()
     if name == "sere":  # keep the matrix on the device: a host-to-device copy cannot be captured
-        policy = make_policy(name, check_inputs=False, similarity=params["similarity"].cuda())
+        policy = make_policy(name, check_inputs=False, backend=backend, similarity=params["similarity"].cuda())
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -47,9 +51,32 @@ def test_cuda_graph_capture(name, params):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = policy(x, spec, v)
-    y = distinct_logits(16, E, seed=3).cuda()
+    y = distinct_logits(T, E, seed=3).cuda()
     x.copy_(y)
     graph.replay()
     want = policy(y, spec, v)
     assert torch.equal(out.ids, want.ids)
     torch.testing.assert_close(out.weights, want.weights)
+
+
+@pytest.mark.parametrize("T,launches", [(16, 1), (1024, 2)])
+@pytest.mark.parametrize("name,params", POLICIES, ids=lambda x: x if isinstance(x, str) else "")
+def test_fused_call_is_one_or_two_kernels(name, params, T, launches):
+    """Counted by the CUDA profiler: every kernel the call puts on the GPU."""
+    pytest.importorskip("triton")
+    from torch.profiler import ProfilerActivity, profile
+
+    spec = SPECS[0]
+    if name == "sere":
+        params = {"similarity": params["similarity"].cuda()}
+    policy = make_policy(name, check_inputs=False, backend="triton", **params)
+    x = distinct_logits(T, E, seed=4).cuda()
+    v = random_mask(T, 4).cuda()
+    policy(x, spec, v)  # compile outside the profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        policy(x, spec, v)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    want = 1 if name in ("native", "cap") else launches
+    assert len(kernels) == want, [e.name for e in kernels]

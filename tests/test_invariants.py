@@ -184,8 +184,9 @@ def test_cap_schedule_hand_computed():
 
     # layer 1 -> b=8, layer p=3 -> h=6, last layer 5 -> e=4; linear in between
     assert cap_schedule(8, 6, 4, 3, 5) == [8, 7, 6, 5, 4]
-    assert cap_schedule(6, 2, 2, 1, 3) == [2, 2, 2]  # p = 1: the first layer is layer p
-    assert cap_schedule(8, 4, 4, 4, 4) == [8, 7, 5, 4]  # 6.67 -> 7, 5.33 -> 5
+    assert cap_schedule(6, 2, 2, 2, 3) == [6, 2, 2]
+    assert cap_schedule(8, 4, 4, 3, 4) == [8, 6, 4, 4]
+    assert cap_schedule(8, 4, 2, 2, 5) == [8, 4, 3, 3, 2]  # 3.33 -> 3, 2.67 -> 3
     spec = RouterSpec(16, 8)
     x = distinct_logits(4, 16, seed=0)
     policy = make_policy("cap", schedule=(8, 6, 4, 3), num_layers=5)

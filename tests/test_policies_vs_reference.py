@@ -84,6 +84,12 @@ def check_against(routing, expected, spec, valid, rel=1e-5):
             assert all(w == 0 for w in routing.weights[t].tolist())
 
 
+def tol(spec, logits):
+    """GPT-OSS's own router takes its softmax in the logits' dtype: its weights (which cap cuts, and every
+    policy hands a token that keeps its native top-K) are rounded to it."""
+    return 1e-2 if spec.scoring == "topk_softmax" and logits.dtype != torch.float32 else 1e-5
+
+
 def valid_list(valid, T):
     return [True] * T if valid is None else valid.tolist()
 
@@ -105,7 +111,7 @@ def test_cap(batch, data):
     k = data.draw(st.integers(1, spec.top_k))
     renorm = data.draw(st.sampled_from([None, True, False]))
     r = make_policy("cap", k=k, renormalize=renorm)(logits, spec, valid)
-    check_against(r, ref.ref_cap(logits, spec, None, k, renorm), spec, valid)
+    check_against(r, ref.ref_cap(logits, spec, None, k, renorm), spec, valid, tol(spec, logits))
 
 
 @settings(max_examples=200, deadline=None)
@@ -122,7 +128,7 @@ def test_oea(batch, data):
         params["max_rank"] = data.draw(st.integers(1, E))
     r = make_policy("oea", **params)(logits, spec, valid)
     vl = valid_list(valid, logits.shape[0])
-    check_against(r, ref.ref_oea(logits, spec, vl, **params), spec, valid)
+    check_against(r, ref.ref_oea(logits, spec, vl, **params), spec, valid, tol(spec, logits))
 
 
 @settings(max_examples=200, deadline=None)
@@ -140,7 +146,7 @@ def test_sere(batch, data):
     threshold = data.draw(st.sampled_from([0.0, 0.1, 0.5, 0.9]))
     r = make_policy("sere", similarity=sim, primary=primary, threshold=threshold)(logits, spec, valid)
     vl = valid_list(valid, logits.shape[0])
-    check_against(r, ref.ref_sere(logits, spec, vl, sim, primary, threshold), spec, valid)
+    check_against(r, ref.ref_sere(logits, spec, vl, sim, primary, threshold), spec, valid, tol(spec, logits))
 
 
 @settings(max_examples=200, deadline=None)
@@ -150,7 +156,7 @@ def test_budget(batch, data):
     budget = data.draw(st.integers(1, spec.num_experts))
     r = make_policy("budget", budget=budget)(logits, spec, valid)
     vl = valid_list(valid, logits.shape[0])
-    check_against(r, ref.ref_budget(logits, spec, vl, budget), spec, valid)
+    check_against(r, ref.ref_budget(logits, spec, vl, budget), spec, valid, tol(spec, logits))
 
 
 @pytest.mark.parametrize("name,params", [
@@ -195,10 +201,11 @@ def test_sere_folds_a_reroute_onto_an_expert_the_token_already_uses():
     ("sere", {"similarity": torch.ones(6, 6), "primary": 1, "threshold": 0.0}),
 ])
 def test_ties_go_to_the_lower_expert_id(name, params):
-    """(native breaks ties as the model's torch.topk does; every other policy by lower id.)"""
+    """With ties="lower-id" every ranking puts equal scores in id order (tests/test_ranking_rule.py covers
+    ties="model", whose ranks 1..K are torch.topk's)."""
     spec = RouterSpec(6, 3)
     logits = torch.tensor([[1.0, 2.0, 2.0, 0.0, 2.0, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
-    r = make_policy(name, **params)(logits, spec)
+    r = make_policy(name, ties="lower-id", **params)(logits, spec)
     refs = {"cap": ref.ref_cap, "oea": ref.ref_oea, "budget": ref.ref_budget,
             "sere": ref.ref_sere}
     extra = {k: v for k, v in params.items() if k != "similarity"}

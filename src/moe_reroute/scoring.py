@@ -135,9 +135,17 @@ def token_probs(choice: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return mass / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
 
 
+def ranked_native(s: Scored) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's top-K by score, equal scores in the model's order: (ids, weights) [T, K]. (DeepSeek-V3's
+    router returns its top-K unsorted; the others sorted, so this is their own order.)"""
+    perm = torch.sort(s.choice.gather(1, s.native_ids), dim=-1, descending=True, stable=True)[1]
+    return s.native_ids.gather(1, perm), s.native_w.gather(1, perm)
+
+
 def rank(choice: torch.Tensor, native_ids: torch.Tensor, ties: str = "model") -> torch.Tensor:
-    """[T, E] expert ids of each token from best to worst: its native top-K in the model's order, then the
-    rest by `choice`, ties to the lower id (the module's ranking rule)."""
+    """[T, E] expert ids of each token from best to worst: its native top-K (`native_ids`, from
+    `ranked_native`) first in that order, then the rest by `choice`, ties to the lower id (the module's
+    ranking rule)."""
     order = torch.sort(choice, dim=-1, descending=True, stable=True)[1]  # [T, E]
     if ties == "lower-id":
         return order  # the lower-id top-K is the head of this order
@@ -182,11 +190,13 @@ def weights_for(
 
 def native_where_unchanged(
     s: Scored, ids: torch.Tensor, keep: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
-    """Weights, with the model's own weights on every token that kept exactly its native top-K (so a
-    policy that changes nothing returns native routing bit for bit, whatever the dtype). [T, K]"""
-    same = ((ids == s.native_ids) & keep).all(dim=-1, keepdim=True)
-    return torch.where(same, s.native_w, weights)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, weights), with the model's own ids and weights (in its slot order) on every token that kept
+    exactly its native top-K, so a policy that changes nothing returns native routing bit for bit,
+    whatever the dtype. [T, K] each"""
+    same_set = (torch.sort(ids, dim=-1)[0] == torch.sort(s.native_ids, dim=-1)[0]).all(dim=-1)
+    same = (same_set & keep.all(dim=-1))[:, None]
+    return torch.where(same, s.native_ids, ids), torch.where(same, s.native_w, weights)
 
 
 def sanitize(router_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -100,14 +100,53 @@ def _run(args) -> int:
         raise SystemExit(f"moe-reroute bench: error: {e}") from None
 
 
+def _routing_bench(args) -> int:
+    """`bench --routing`: µs per routing call per policy and backend, next to the model's own router."""
+    import torch
+
+    from ..measure import routing
+    from ..measure.specs import parse_policy_spec
+
+    if args.trace or args.shape or args.dims or args.ep:
+        raise UsageError("--routing times the routing call alone: --trace, --shape, --dims and --ep do not apply "
+                         "(the layer share uses the shape of each E: " +
+                         ", ".join(f"E={e}: {n}" for e, n in routing.LAYER_FOR_EXPERTS.items()) + ")")
+    batch_sizes = _batch_sizes(args.batch_sizes or ",".join(map(str, routing.ROUTING_BATCH_SIZES)))
+    experts = _batch_sizes(args.experts) if args.experts else list(routing.ROUTING_EXPERTS)
+    specs = list(dict.fromkeys(args.policy or routing.DEFAULT_ROUTING_POLICIES))
+    if "native" not in specs:
+        specs.insert(0, "native")
+    for text in specs:
+        try:
+            parse_policy_spec(text)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if args.repeats < 1:
+        raise UsageError("--repeats must be >= 1")
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    try:
+        result = routing.bench_routing({s: s for s in specs}, tuple(batch_sizes), tuple(experts), device=args.device,
+                                       dtype=dtype, repeats=args.repeats, calls=args.calls,
+                                       layer_share=not args.no_layer, progress=not args.no_progress)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(routing.table(result))
+    if args.json:
+        out = {"command": "moe-reroute " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []))}
+        print(json.dumps(out | result.to_dict()))
+    return 0
+
+
 def _bench(args) -> int:
     import torch
 
     from ..measure import bench, costmodel
 
+    if args.routing == "time":
+        return _routing_bench(args)
     try:
         shape = _shape(args)
-        batch_sizes = _batch_sizes(args.batch_sizes)
+        batch_sizes = _batch_sizes(args.batch_sizes or "16")
         policies, notes = _policies(args.policy, shape)
         device = bench.resolve_device(args.device)
         if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
@@ -237,11 +276,17 @@ def add_parsers(sub) -> None:
     p.add_argument("--dims", default=None, metavar="H,I,E,K", help="a custom shape instead of --shape")
     p.add_argument("--trace", default=None, metavar="PATH",
                    help="routing trace (default: recorded from the shipped reference model)")
-    p.add_argument("--routing", choices=("trace", "uniform"), default="trace",
-                   help="uniform: random router logits instead of a trace")
+    p.add_argument("--routing", nargs="?", const="time", choices=("trace", "uniform", "time"), default="trace",
+                   help="--routing alone: time the routing call itself (each policy on torch and on the fused "
+                        "kernels, next to the model's router) instead of the layer; --routing uniform: random "
+                        "router logits instead of a trace")
+    p.add_argument("--experts", default=None, metavar="E,E", help="with --routing: expert counts (default 64,128,256)")
+    p.add_argument("--calls", type=int, default=20, help="with --routing: calls per timed round (per CUDA graph)")
+    p.add_argument("--no-layer", action="store_true", help="with --routing: do not time the MoE layer for the share")
     p.add_argument("--policy", action="append", default=None, metavar="SPEC",
                    help=f"policy spec, repeatable, e.g. oea:k0=3 (default: {' '.join(DEFAULT_POLICIES)})")
-    p.add_argument("--batch-sizes", default="16", help="decode batch sizes, e.g. 1,4,16,32 (default 16)")
+    p.add_argument("--batch-sizes", default=None,
+                   help="decode batch sizes, e.g. 1,4,16,32 (default 16; with --routing 1,8,16,64,256,1024)")
     p.add_argument("--steps", type=int, default=8, help="decode steps (layer x step of the trace) per batch size")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights (default float32 CPU, bfloat16 CUDA)")

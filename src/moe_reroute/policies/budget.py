@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..contract import Routing
-from ..scoring import BUDGET_GRID, finish, native_where_unchanged, pack, rank, sanitize, score, weights_for
+from ..scoring import BUDGET_GRID, finish, native_where_unchanged, pack, rank, ranked_native, sanitize, score, weights_for
 from .base import Policy, PolicyConfig, need_at_most, need_int, per_layer
 
 
@@ -47,8 +47,8 @@ class Budget(Policy):
     def route(self, router_logits, spec, valid, config, layer) -> Routing:
         K, E = spec.top_k, spec.num_experts
         s = score(sanitize(router_logits, valid), spec, self.ties)
-        order = rank(s.choice, s.native_ids, self.ties)  # [T, E]
-        native = s.native_ids  # [T, K]
+        order = rank(s.choice, ranked_native(s)[0], self.ties)  # [T, E]
+        native = ranked_native(s)[0]  # [T, K], best first
         mass = s.gate.gather(1, native)
         mass = mass / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
         q = torch.floor(mass * BUDGET_GRID + 0.5).to(torch.int32).clamp_min(1)  # exact integer sums, in any order
@@ -64,4 +64,4 @@ class Budget(Policy):
         keep = allowed & (allowed.cumsum(dim=-1) <= K)
         ids, kept = pack(order, keep, K)
         w = weights_for(s.gate, ids, kept, spec, spec.renormalize)
-        return finish(ids, native_where_unchanged(s, ids, kept, w), valid)
+        return finish(*native_where_unchanged(s, ids, kept, w), valid)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..contract import Routing
-from ..scoring import finish, native_topk, sanitize
+from ..scoring import finish, native_where_unchanged, ranked_native, sanitize, score
 from .base import MAX_LAYERS, Policy, PolicyConfig, is_int, layer_values, need_at_most, need_int, per_layer
 
 
@@ -95,12 +95,12 @@ class Cap(Policy):
 
     def route(self, router_logits, spec, valid, config, layer) -> Routing:
         K = spec.top_k
-        x = sanitize(router_logits, valid)
-        w_nat, ids_nat = native_topk(x, spec, self.ties)  # [T, K] each, the model's order
-        keep = (torch.arange(K, device=ids_nat.device) < config.k).expand_as(ids_nat)  # [T, K]
-        ids = torch.where(keep, ids_nat, ids_nat[:, :1])
-        w = torch.where(keep, w_nat, torch.zeros_like(w_nat))
+        s = score(sanitize(router_logits, valid), spec, self.ties)
+        ids_r, w_r = ranked_native(s)  # [T, K] each, best first
+        keep = (torch.arange(K, device=ids_r.device) < config.k).expand_as(ids_r)  # [T, K]
+        ids = torch.where(keep, ids_r, ids_r[:, :1])
+        w = torch.where(keep, w_r, torch.zeros_like(w_r))
         renorm = spec.renormalize if config.renormalize is None else config.renormalize
         if renorm:  # back to the total of the model's top-K weights
-            w = w * (w_nat.sum(dim=-1, keepdim=True) / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny))
-        return finish(ids, w, valid)
+            w = w * (w_r.sum(dim=-1, keepdim=True) / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny))
+        return finish(*native_where_unchanged(s, ids, keep, w), valid)

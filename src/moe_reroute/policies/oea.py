@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..contract import Routing
-from ..scoring import finish, native_where_unchanged, pack, rank, sanitize, score, token_probs, weights_for
+from ..scoring import finish, native_where_unchanged, pack, rank, ranked_native, sanitize, score, token_probs, weights_for
 from .base import Policy, PolicyConfig, is_int, need_at_most, need_int, per_layer
 
 
@@ -67,7 +67,7 @@ class OEA(Policy):
         max_rank = E if config.max_rank is None else config.max_rank
 
         s = score(sanitize(router_logits, valid), spec, self.ties)
-        order = rank(s.choice, s.native_ids, self.ties)  # [T, E]
+        order = rank(s.choice, ranked_native(s)[0], self.ties)  # [T, E]
         values = s.choice.gather(1, order)
         pos = torch.arange(E, device=order.device)
         if config.p >= 1.0:
@@ -84,4 +84,4 @@ class OEA(Policy):
         keep = eligible & (eligible.cumsum(dim=-1) <= k_max)
         ids, kept = pack(order, keep, K)
         w = weights_for(s.gate, ids, kept, spec, spec.renormalize)
-        return finish(ids, native_where_unchanged(s, ids, kept, w), valid)
+        return finish(*native_where_unchanged(s, ids, kept, w), valid)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..contract import Routing
-from ..scoring import finish, native_topk, sanitize
+from ..scoring import finish, native_where_unchanged, ranked_native, sanitize, score
 from .base import Policy, PolicyConfig, need_at_most, need_int, per_layer, resolve
 
 
@@ -93,7 +93,8 @@ class SERE(Policy):
         S = config.primary
         sim = config.similarity_at(layer).to(device=router_logits.device, dtype=torch.float32)  # [E, E]
 
-        weights, ids = native_topk(sanitize(router_logits, valid), spec, self.ties)  # [T, K], the model's order
+        s = score(sanitize(router_logits, valid), spec, self.ties)
+        ids, weights = ranked_native(s)  # [T, K], best first
         slot = torch.arange(K, device=ids.device)
         in_primary = torch.zeros(ids.shape[0], E, dtype=torch.bool, device=ids.device)
         in_primary.scatter_(1, ids[:, :S], True)
@@ -110,5 +111,5 @@ class SERE(Policy):
         same = new_ids[:, :, None] == new_ids[:, None, :]  # [T, K, K]
         first = same.to(torch.int32).argmax(dim=-1)  # [T, K]
         folded = torch.zeros_like(weights).scatter_add_(1, first, weights)
-        return finish(new_ids, folded, valid)
+        return finish(*native_where_unchanged(s, new_ids, torch.ones_like(reroute), folded), valid)
 

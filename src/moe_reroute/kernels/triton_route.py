@@ -34,6 +34,15 @@ def _pick(key, avail, cols, BIG: tl.constexpr):
 
 
 @triton.jit
+def _round_bf16(x):
+    """float32 rounded to the nearest bfloat16 (ties to even), kept in float32; by bits, so that the
+    interpreter (which truncates casts to bfloat16) and the GPU agree. x finite."""
+    b = x.to(tl.uint32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _col(tile, kc, j):
     """Column j of a [BT, K_BLOCK] tile. [BT]"""
     return tl.sum(tl.where(kc[None, :] == j, tile, tl.zeros_like(tile)), axis=1)
@@ -118,7 +127,7 @@ def _native(x, key, gate, cols, cmask, kc, rsf, K: tl.constexpr, K_BLOCK: tl.con
         ek = tl.where(kin, tl.exp(xk - mk[:, None]), 0.0)
         w = ek / tl.sum(ek, axis=1)[:, None]
         if ROUND_BF16:
-            w = w.to(tl.bfloat16).to(tl.float32)
+            w = _round_bf16(w)
         if ROUND_FP16:
             w = w.to(tl.float16).to(tl.float32)
     elif SCORING == 0:

@@ -202,6 +202,19 @@ def test_wrapped_router_decode_padding_and_prefill(wrapped, logits_factory):
 
 
 @needs_vllm
+@pytest.mark.parametrize("policy", ["cap:k=4", "oea:k0=4", "budget:budget=32"])
+def test_no_op_policies_are_vllms_own_routing_with_ties(wrapped, policy):
+    """bfloat16 router logits full of ties: a policy at its no-op setting gives vLLM's routing exactly
+    (its top-K and tie order, not torch.topk's on the probabilities)."""
+    router, step = wrapped(policy)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(-2, 2, (16, 32), generator=g).to(torch.bfloat16)
+    w0, i0 = cpu_router(top_k=4, global_num_experts=32).select_experts(None, logits)
+    w, i = router.select_experts(None, logits)
+    assert torch.equal(i, i0) and torch.equal(w, w0)
+
+
+@needs_vllm
 def test_wrapped_router_counters_and_phase_all(wrapped, logits_factory):
     import moe_reroute.vllm as plugin
     from moe_reroute import make_policy, metrics

@@ -110,9 +110,10 @@ def native_topk(router_logits: torch.Tensor, spec: RouterSpec, ties: str = "mode
     return weights * spec.routed_scaling_factor, ids
 
 
-def score(router_logits: torch.Tensor, spec: RouterSpec, ties: str = "model") -> Scored:
-    """The model's view of each expert (float32) and its own top-K."""
-    native_w, native_ids = native_topk(router_logits, spec, ties)
+def score(router_logits: torch.Tensor, spec: RouterSpec, ties: str = "model",
+          native: tuple[torch.Tensor, torch.Tensor] | None = None) -> Scored:
+    """The model's view of each expert (float32) and its own top-K (or `native`: an engine's (weights, ids))."""
+    native_w, native_ids = native_topk(router_logits, spec, ties) if native is None else native
     x = router_logits.float()
     if spec.scoring == "softmax":
         # rank by the logits: the same order as the probabilities, and exact on every device

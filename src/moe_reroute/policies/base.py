@@ -154,20 +154,30 @@ class Policy:
         spec: RouterSpec,
         valid: torch.Tensor | None = None,
         layer: int | None = None,
+        native: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Routing:
+        """native: an engine's own top-K (weights [T, K], ids [T, K]) for ranks 1..K, so that "native"
+        means the engine's routing, ties included (torch backend; the kernels rank by their own)."""
         fused = isinstance(router_logits, torch.Tensor) and self.uses_kernels(router_logits)
         valid = check_inputs(router_logits, spec, valid, self.check_inputs, materialize=not fused)
         config = self.config.at_layer(layer)
         self.check_fit(spec, config, layer)
         if fused:
             return kernels.route(self, router_logits, spec, valid, config, layer)
-        return self.route(router_logits, spec, valid, config, layer)
+        if native is not None:
+            w, ids = native
+            if tuple(ids.shape) != (router_logits.shape[0], spec.top_k) or tuple(w.shape) != tuple(ids.shape):
+                raise ValueError(f"native top-K must be (weights, ids) of shape [T, K]=[{router_logits.shape[0]}, "
+                                 f"{spec.top_k}], got {tuple(w.shape)} and {tuple(ids.shape)}")
+            native = (w.float(), ids.long())
+        return self.route(router_logits, spec, valid, config, layer, native)
 
     def check_fit(self, spec: RouterSpec, config: Any, layer: int | None) -> None:
         """Raise ValueError if `config` (resolved at `layer`) does not fit the model (e.g. k0 > K)."""
 
     def route(
-        self, router_logits: torch.Tensor, spec: RouterSpec, valid: torch.Tensor, config: Any, layer: int | None
+        self, router_logits: torch.Tensor, spec: RouterSpec, valid: torch.Tensor, config: Any, layer: int | None,
+        native: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Routing:
         """The policy proper, on checked inputs, with `config` resolved at `layer`."""
         raise NotImplementedError

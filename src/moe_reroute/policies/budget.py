@@ -44,9 +44,9 @@ class Budget(Policy):
     def check_fit(self, spec, config, layer) -> None:
         need_at_most("budget", config.budget, spec.num_experts, "the number of experts E")
 
-    def route(self, router_logits, spec, valid, config, layer) -> Routing:
+    def route(self, router_logits, spec, valid, config, layer, native=None) -> Routing:
         K, E = spec.top_k, spec.num_experts
-        s = score(sanitize(router_logits, valid), spec, self.ties)
+        s = score(sanitize(router_logits, valid), spec, self.ties, native)
         order = rank(s.choice, ranked_native(s)[0], self.ties)  # [T, E]
         native = ranked_native(s)[0]  # [T, K], best first
         mass = s.gate.gather(1, native)

@@ -93,9 +93,9 @@ class Cap(Policy):
     def check_fit(self, spec, config, layer) -> None:
         need_at_most("cap k", config.k, spec.top_k, "the model's K")
 
-    def route(self, router_logits, spec, valid, config, layer) -> Routing:
+    def route(self, router_logits, spec, valid, config, layer, native=None) -> Routing:
         K = spec.top_k
-        s = score(sanitize(router_logits, valid), spec, self.ties)
+        s = score(sanitize(router_logits, valid), spec, self.ties, native)
         ids_r, w_r = ranked_native(s)  # [T, K] each, best first
         keep = (torch.arange(K, device=ids_r.device) < config.k).expand_as(ids_r)  # [T, K]
         ids = torch.where(keep, ids_r, ids_r[:, :1])

@@ -23,8 +23,8 @@ class Native(Policy):
     name = "native"
     Config = NativeConfig
 
-    def route(self, router_logits, spec, valid, config, layer) -> Routing:
-        weights, ids = native_topk(router_logits, spec, self.ties)
+    def route(self, router_logits, spec, valid, config, layer, native=None) -> Routing:
+        weights, ids = native_topk(router_logits, spec, self.ties) if native is None else native
         return Routing(weights=weights, ids=ids, valid=valid)
 
 

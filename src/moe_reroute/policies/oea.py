@@ -60,13 +60,13 @@ class OEA(Policy):
         need_at_most("oea k0", config.k0, k_max, "k_max")
         need_at_most("oea max_rank", max_rank, E, "the number of experts E")
 
-    def route(self, router_logits, spec, valid, config, layer) -> Routing:
+    def route(self, router_logits, spec, valid, config, layer, native=None) -> Routing:
         K, E = spec.top_k, spec.num_experts
         k0 = config.k0
         k_max = K if config.k_max is None else config.k_max
         max_rank = E if config.max_rank is None else config.max_rank
 
-        s = score(sanitize(router_logits, valid), spec, self.ties)
+        s = score(sanitize(router_logits, valid), spec, self.ties, native)
         order = rank(s.choice, ranked_native(s)[0], self.ties)  # [T, E]
         values = s.choice.gather(1, order)
         pos = torch.arange(E, device=order.device)

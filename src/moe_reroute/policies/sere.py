@@ -88,12 +88,12 @@ class SERE(Policy):
                 f"it needs [{E}, {E}], calibrated on this model"
             )
 
-    def route(self, router_logits, spec, valid, config, layer) -> Routing:
+    def route(self, router_logits, spec, valid, config, layer, native=None) -> Routing:
         K, E = spec.top_k, spec.num_experts
         S = config.primary
         sim = config.similarity_at(layer).to(device=router_logits.device, dtype=torch.float32)  # [E, E]
 
-        s = score(sanitize(router_logits, valid), spec, self.ties)
+        s = score(sanitize(router_logits, valid), spec, self.ties, native)
         ids, weights = ranked_native(s)  # [T, K], best first
         slot = torch.arange(K, device=ids.device)
         in_primary = torch.zeros(ids.shape[0], E, dtype=torch.bool, device=ids.device)

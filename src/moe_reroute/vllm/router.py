@@ -180,7 +180,13 @@ class Rerouter:
         # is_padding covers the step's tokens; a layer that sees another slice of them (sequence-parallel
         # MoE) cannot tell its padding, and counts every row.
         valid = ~padding if padding is not None and padding.shape[0] == T else None
-        routing = self.config.policy(router_logits, spec, valid, layer=self.layer)
+        policy = self.config.policy
+        native_topk = None
+        if not policy.uses_kernels(router_logits):
+            # ranks 1..K are vLLM's own top-K, ties as vLLM breaks them (the fused kernels' ties go to the
+            # lower id, as vLLM's CUDA top-k)
+            native_topk = self.native_compute(hidden_states, router_logits, indices_type, input_ids=input_ids)
+        routing = policy(router_logits, spec, valid, layer=self.layer, native=native_topk)
         if self.counter is not None:
             v = valid if valid is not None else torch.ones(T, dtype=torch.bool, device=router_logits.device)
             native = self.native_policy(router_logits, spec, v, layer=self.layer)

@@ -189,7 +189,7 @@ def route(policy: Any, router_logits: torch.Tensor, spec: RouterSpec, valid: tor
             params["k_max"], params["max_rank"], params["p_top"], params["threshold"])
     phases = (0,) if (nb == 1 or not batch_wide) else (1, 2)
     for phase in phases:
-        tr.route_kernel[(nb,)](*args, PHASE=phase, **consts)
+        tr.route_kernel[(nb,)](*args, PHASE=phase, num_warps=4 if BT * E_BLOCK <= 2048 else 8, **consts)
         for c in _counters:
             c.count += 1
     return Routing(weights=weights, ids=ids, valid=valid)

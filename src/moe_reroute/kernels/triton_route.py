@@ -38,7 +38,7 @@ def _round_bf16(x):
     """float32 rounded to the nearest bfloat16 (ties to even), kept in float32; by bits, so that the
     interpreter (which truncates casts to bfloat16) and the GPU agree. x finite."""
     b = x.to(tl.uint32, bitcast=True)
-    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16  # shifts keep uint32 (a 0xFFFF0000 mask would widen it)
     return b.to(tl.float32, bitcast=True)
 
 
@@ -207,162 +207,162 @@ def route_kernel(
     if POLICY == 0:
         tl.store(ids_ptr + out_off, nat_ids.to(tl.int64), mask=out_mask)
         tl.store(w_ptr + out_off, nat_w, mask=out_mask)
-        return
-
-    # ---- this program's part of the batch-wide set (PHASE 0 and 1) ----
-    if POLICY == 2:  # oea: base sets, n_i = min(k0, t_i)
-        n = tl.zeros([BT], tl.int32) + k_param
-        if TOP_P:
-            allowed = key > float("-inf")
-            total = tl.sum(tl.where(allowed, gate, 0.0), axis=1)
-            total = tl.maximum(total, 1.1754943508222875e-38)
-            cum = tl.zeros([BT], tl.float32)
-            below = tl.zeros([BT], tl.int32)
+    else:
+        # ---- this program's part of the batch-wide set (PHASE 0 and 1) ----
+        if POLICY == 2:  # oea: base sets, n_i = min(k0, t_i)
+            n = tl.zeros([BT], tl.int32) + k_param
+            if TOP_P:
+                allowed = key > float("-inf")
+                total = tl.sum(tl.where(allowed, gate, 0.0), axis=1)
+                total = tl.maximum(total, 1.1754943508222875e-38)
+                cum = tl.zeros([BT], tl.float32)
+                below = tl.zeros([BT], tl.int32)
+                for j in tl.static_range(K):
+                    pj = _col(gk, kc, j) / total
+                    cum = cum + pj
+                    below = below + tl.where((cum < p_top) & (j < k_param), 1, 0)
+                n = tl.minimum(below + 1, k_param)
+            base = cols[None, :] < 0
             for j in tl.static_range(K):
-                pj = _col(gk, kc, j) / total
-                cum = cum + pj
-                below = below + tl.where((cum < p_top) & (j < k_param), 1, 0)
-            n = tl.minimum(below + 1, k_param)
-        base = cols[None, :] < 0
-        for j in tl.static_range(K):
-            e = _col(nat_ids, kc, j)
-            base = base | ((cols[None, :] == e[:, None]) & (j < n)[:, None])
-        part_a = tl.max(tl.where(base & rvalid[:, None], 1, 0), axis=0)  # [E_BLOCK]
-    elif POLICY == 3:  # sere: primary slots
-        prim = cols[None, :] < 0
-        for j in tl.static_range(K):
-            e = _col(nat_ids, kc, j)
-            prim = prim | ((cols[None, :] == e[:, None]) & (j < k_param))
-        part_a = tl.max(tl.where(prim & rvalid[:, None], 1, 0), axis=0)
-    elif POLICY == 4:  # budget: quantised native mass per expert, and the forced top-1s
-        mass_tot = tl.maximum(tl.sum(gk, axis=1), 1.1754943508222875e-38)
-        q = tl.zeros([BT, E_BLOCK], tl.int32)
-        for j in tl.static_range(K):
-            e = _col(nat_ids, kc, j)
-            qj = tl.maximum(tl.floor(_col(gk, kc, j) / mass_tot * GRID + 0.5).to(tl.int32), 1)
-            q = tl.where(cols[None, :] == e[:, None], qj[:, None], q)
-        part_a = tl.sum(tl.where(rvalid[:, None], q, 0), axis=0)
-        top1 = _col(nat_ids, kc, 0)
-        part_b = tl.max(tl.where((cols[None, :] == top1[:, None]) & rvalid[:, None], 1, 0), axis=0)
+                e = _col(nat_ids, kc, j)
+                base = base | ((cols[None, :] == e[:, None]) & (j < n)[:, None])
+            part_a = tl.max(tl.where(base & rvalid[:, None], 1, 0), axis=0)  # [E_BLOCK]
+        elif POLICY == 3:  # sere: primary slots
+            prim = cols[None, :] < 0
+            for j in tl.static_range(K):
+                e = _col(nat_ids, kc, j)
+                prim = prim | ((cols[None, :] == e[:, None]) & (j < k_param))
+            part_a = tl.max(tl.where(prim & rvalid[:, None], 1, 0), axis=0)
+        elif POLICY == 4:  # budget: quantised native mass per expert, and the forced top-1s
+            mass_tot = tl.maximum(tl.sum(gk, axis=1), 1.1754943508222875e-38)
+            q = tl.zeros([BT, E_BLOCK], tl.int32)
+            for j in tl.static_range(K):
+                e = _col(nat_ids, kc, j)
+                qj = tl.maximum(tl.floor(_col(gk, kc, j) / mass_tot * GRID + 0.5).to(tl.int32), 1)
+                q = tl.where(cols[None, :] == e[:, None], qj[:, None], q)
+            part_a = tl.sum(tl.where(rvalid[:, None], q, 0), axis=0)
+            top1 = _col(nat_ids, kc, 0)
+            part_b = tl.max(tl.where((cols[None, :] == top1[:, None]) & rvalid[:, None], 1, 0), axis=0)
 
-    if POLICY >= 2:
-        if PHASE != 2:
+        if POLICY >= 2 and PHASE != 2:
             tl.store(part_a_ptr + pid * E_BLOCK + cols, part_a)
             if POLICY == 4:
                 tl.store(part_b_ptr + pid * E_BLOCK + cols, part_b)
-        if PHASE == 1:
-            return
-        if PHASE == 0:
-            tl.debug_barrier()
-        # ---- the whole batch's set, rebuilt from every program's part ----
-        acc_a = tl.zeros([E_BLOCK], tl.int32)
-        acc_b = tl.zeros([E_BLOCK], tl.int32)
-        for c in range(0, nb, P_CHUNK):
-            pr = c + tl.arange(0, P_CHUNK)
-            pm = (pr < nb)[:, None] & (cols[None, :] < E_BLOCK)
-            parts = tl.load(part_a_ptr + pr[:, None] * E_BLOCK + cols[None, :], mask=pm, other=0)
-            if POLICY == 4:
-                acc_a = acc_a + tl.sum(parts, axis=0)
-                acc_b = tl.maximum(acc_b, tl.max(tl.load(part_b_ptr + pr[:, None] * E_BLOCK + cols[None, :],
-                                                         mask=pm, other=0), axis=0))
-            else:
-                acc_a = tl.maximum(acc_a, tl.max(parts, axis=0))
-        if POLICY == 4:
-            mass_e = acc_a
-            forced = (acc_b > 0) & cmask
-        else:
-            in_set = (acc_a > 0) & cmask
 
-    # ---- the anchor for padding rows: top-1 of the first valid row (row 0 if none) ----
-    if HAS_VALID:
-        first = T
-        for c in range(0, T, T_CHUNK):
-            ta = c + tl.arange(0, T_CHUNK)
-            va = tl.load(valid_ptr + ta, mask=ta < T, other=0) != 0
-            first = tl.minimum(first, tl.min(tl.where(va, ta, T), axis=0))
-        first_valid = first < T
-        first = tl.where(first_valid, first, 0)
-        arow = tl.zeros([BT], tl.int32) + first
-        avalid = (tl.zeros([BT], tl.int32) + first_valid.to(tl.int32)) > 0
-        _, akey, _ = _scores(logits_ptr, stride, bias_ptr, arow, arow < T, avalid, cols, cmask, SCORING, HAS_BIAS,
-                             SANITIZE, N_GROUP, TOPK_GROUP, GROUP_SIZE, G_BLOCK, BIG)
-        anchor = _pick(akey, cmask[None, :] & (arow >= 0)[:, None], cols, BIG)  # [BT], all equal
+        if PHASE != 1:  # (PHASE 1 ends with its part of the set written)
+            if POLICY >= 2:
+                if PHASE == 0:
+                    tl.debug_barrier()
+                # ---- the whole batch's set, rebuilt from every program's part ----
+                acc_a = tl.zeros([E_BLOCK], tl.int32)
+                acc_b = tl.zeros([E_BLOCK], tl.int32)
+                for c in range(0, nb, P_CHUNK):
+                    pr = c + tl.arange(0, P_CHUNK)
+                    pm = (pr < nb)[:, None] & (cols[None, :] < E_BLOCK)
+                    parts = tl.load(part_a_ptr + pr[:, None] * E_BLOCK + cols[None, :], mask=pm, other=0)
+                    if POLICY == 4:
+                        acc_a = acc_a + tl.sum(parts, axis=0)
+                        acc_b = tl.maximum(acc_b, tl.max(tl.load(part_b_ptr + pr[:, None] * E_BLOCK + cols[None, :],
+                                                                 mask=pm, other=0), axis=0))
+                    else:
+                        acc_a = tl.maximum(acc_a, tl.max(parts, axis=0))
+                if POLICY == 4:
+                    mass_e = acc_a
+                    forced = (acc_b > 0) & cmask
+                else:
+                    in_set = (acc_a > 0) & cmask
 
-    if POLICY == 1:  # cap: the model's top-k, its weights cut (and rescaled to their native total)
-        keep = (kc[None, :] < k_param) & kin
-        out_ids = tl.where(keep, nat_ids, _col(nat_ids, kc, 0)[:, None])
-        w = tl.where(keep, nat_w, 0.0)
-        if CAP_RENORM:
-            w = w * (tl.sum(nat_w, axis=1) / tl.maximum(tl.sum(w, axis=1), 1.1754943508222875e-38))[:, None]
-    elif POLICY == 3:  # sere: move secondary experts outside P to their most similar primary expert
-        new_ids = nat_ids
-        for j in tl.static_range(K):
-            if j > 0:
-                e = _col(nat_ids, kc, j)
-                e_in = tl.max(tl.where((cols[None, :] == e[:, None]) & in_set[None, :], 1, 0), axis=1) > 0
-                srow = tl.load(sim_ptr + e[:, None].to(tl.int64) * E + cols[None, :],
-                               mask=rmask[:, None] & cmask[None, :], other=0.0)
-                srow = tl.where(in_set[None, :], srow, float("-inf"))
-                best_sim = tl.max(srow, axis=1)
-                best = tl.min(tl.where(in_set[None, :] & (srow == best_sim[:, None]), cols[None, :], BIG), axis=1)
-                best = tl.where(best == BIG, 0, best)
-                critical = (threshold > 0) & (best_sim < threshold)
-                move = (j >= k_param) & ~e_in & ~critical
-                new_ids = tl.where((kc[None, :] == j) & move[:, None], best[:, None], new_ids)
-        w = tl.zeros([BT, K_BLOCK], tl.float32)
-        for j in tl.static_range(K):
-            nj = _col(new_ids, kc, j)
-            same = (new_ids == nj[:, None]) & (kc[None, :] <= j)
-            fj = tl.min(tl.where(same, kc[None, :], K_BLOCK), axis=1)
-            w = w + tl.where(kc[None, :] == fj[:, None], _col(nat_w, kc, j)[:, None], 0.0)
-        out_ids = new_ids
-    else:  # oea and budget: the best k_max (budget: K) experts of each token among those it may take
-        if POLICY == 2:
-            elig = base | (in_set[None, :] & (key > float("-inf")))
-            if LIMIT_RANK:  # only the token's first max_rank ranks may be piggybacked
-                ranked = cols[None, :] < 0
-                avail = cmask[None, :] & (rows >= 0)[:, None]
-                for r in range(max_rank):
+            # ---- the anchor for padding rows: top-1 of the first valid row (row 0 if none) ----
+            if HAS_VALID:
+                first = T
+                for c in range(0, T, T_CHUNK):
+                    ta = c + tl.arange(0, T_CHUNK)
+                    va = tl.load(valid_ptr + ta, mask=ta < T, other=0) != 0
+                    first = tl.minimum(first, tl.min(tl.where(va, ta, T), axis=0))
+                first_valid = first < T
+                first = tl.where(first_valid, first, 0)
+                arow = tl.zeros([BT], tl.int32) + first
+                avalid = (tl.zeros([BT], tl.int32) + first_valid.to(tl.int32)) > 0
+                _, akey, _ = _scores(logits_ptr, stride, bias_ptr, arow, arow < T, avalid, cols, cmask, SCORING, HAS_BIAS,
+                                     SANITIZE, N_GROUP, TOPK_GROUP, GROUP_SIZE, G_BLOCK, BIG)
+                anchor = _pick(akey, cmask[None, :] & (arow >= 0)[:, None], cols, BIG)  # [BT], all equal
+
+            if POLICY == 1:  # cap: the model's top-k, its weights cut (and rescaled to their native total)
+                keep = (kc[None, :] < k_param) & kin
+                out_ids = tl.where(keep, nat_ids, _col(nat_ids, kc, 0)[:, None])
+                w = tl.where(keep, nat_w, 0.0)
+                if CAP_RENORM:
+                    w = w * (tl.sum(nat_w, axis=1) / tl.maximum(tl.sum(w, axis=1), 1.1754943508222875e-38))[:, None]
+            elif POLICY == 3:  # sere: move secondary experts outside P to their most similar primary expert
+                new_ids = nat_ids
+                for j in tl.static_range(K):
+                    if j > 0:
+                        e = _col(nat_ids, kc, j)
+                        e_in = tl.max(tl.where((cols[None, :] == e[:, None]) & in_set[None, :], 1, 0), axis=1) > 0
+                        srow = tl.load(sim_ptr + e[:, None].to(tl.int64) * E + cols[None, :],
+                                       mask=rmask[:, None] & cmask[None, :], other=0.0)
+                        srow = tl.where(in_set[None, :], srow, float("-inf"))
+                        best_sim = tl.max(srow, axis=1)
+                        best = tl.min(tl.where(in_set[None, :] & (srow == best_sim[:, None]), cols[None, :], BIG), axis=1)
+                        best = tl.where(best == BIG, 0, best)
+                        critical = (threshold > 0) & (best_sim < threshold)
+                        move = (j >= k_param) & ~e_in & ~critical
+                        new_ids = tl.where((kc[None, :] == j) & move[:, None], best[:, None], new_ids)
+                w = tl.zeros([BT, K_BLOCK], tl.float32)
+                for j in tl.static_range(K):
+                    nj = _col(new_ids, kc, j)
+                    same = (new_ids == nj[:, None]) & (kc[None, :] <= j)
+                    fj = tl.min(tl.where(same, kc[None, :], K_BLOCK), axis=1)
+                    w = w + tl.where(kc[None, :] == fj[:, None], _col(nat_w, kc, j)[:, None], 0.0)
+                out_ids = new_ids
+            else:  # oea and budget: the best k_max (budget: K) experts of each token among those it may take
+                if POLICY == 2:
+                    elig = base | (in_set[None, :] & (key > float("-inf")))
+                    if LIMIT_RANK:  # only the token's first max_rank ranks may be piggybacked
+                        # loop-carried tiles keep one shape: [BT, E_BLOCK] from the start
+                        ranked = (cols[None, :] < 0) & (rows >= 0)[:, None]
+                        avail = cmask[None, :] & (rows >= 0)[:, None]
+                        for r in range(max_rank):
+                            idx = _pick(key, avail, cols, BIG)
+                            sel = cols[None, :] == idx[:, None]
+                            ranked = ranked | sel
+                            avail = avail & ~sel
+                        elig = base | (elig & ranked)
+                    take = k_max
+                else:
+                    # budget: the forced top-1s, then the experts with most mass; ties to the lower id
+                    nforced = tl.sum(forced.to(tl.int32), axis=0)
+                    room = k_param - nforced
+                    in_set = forced & cmask
+                    key_e = mass_e
+                    for c in tl.static_range(E_BLOCK // CHUNK):
+                        cc = c * CHUNK + tl.arange(0, CHUNK)
+                        at = cols[None, :] == cc[:, None]  # [CHUNK, E_BLOCK]
+                        mc = tl.sum(tl.where(at, mass_e[None, :], 0), axis=1)
+                        fc = tl.max(tl.where(at, forced[None, :].to(tl.int32), 0), axis=1) > 0
+                        # rank of each expert of the chunk among the experts that are not forced
+                        better = (key_e[None, :] > mc[:, None]) | ((key_e[None, :] == mc[:, None]) & (cols[None, :] < cc[:, None]))
+                        better = better & ~forced[None, :] & cmask[None, :]
+                        r = tl.sum(better.to(tl.int32), axis=1)
+                        pick_c = ~fc & (cc < E) & (r < room)
+                        in_set = in_set | (tl.max(tl.where(at, pick_c[:, None].to(tl.int32), 0), axis=0) > 0)
+                    elig = in_set[None, :] & (key > float("-inf"))
+                    take = K
+                keep = kc[None, :] < 0
+                out_ids = tl.zeros([BT, K_BLOCK], tl.int32)
+                avail = elig & cmask[None, :]
+                for j in tl.static_range(K):
                     idx = _pick(key, avail, cols, BIG)
-                    sel = cols[None, :] == idx[:, None]
-                    ranked = ranked | sel
-                    avail = avail & ~sel
-                elig = base | (elig & ranked)
-            take = k_max
-        else:
-            # budget: the forced top-1s, then the experts with most mass; ties to the lower id
-            nforced = tl.sum(forced.to(tl.int32), axis=0)
-            room = k_param - nforced
-            in_set = forced & cmask
-            key_e = mass_e
-            for c in tl.static_range(E_BLOCK // CHUNK):
-                cc = c * CHUNK + tl.arange(0, CHUNK)
-                at = cols[None, :] == cc[:, None]  # [CHUNK, E_BLOCK]
-                mc = tl.sum(tl.where(at, mass_e[None, :], 0), axis=1)
-                fc = tl.max(tl.where(at, forced[None, :].to(tl.int32), 0), axis=1) > 0
-                # rank of each expert of the chunk among the experts that are not forced
-                better = (key_e[None, :] > mc[:, None]) | ((key_e[None, :] == mc[:, None]) & (cols[None, :] < cc[:, None]))
-                better = better & ~forced[None, :] & cmask[None, :]
-                r = tl.sum(better.to(tl.int32), axis=1)
-                pick_c = ~fc & (cc < E) & (r < room)
-                in_set = in_set | (tl.max(tl.where(at, pick_c[:, None].to(tl.int32), 0), axis=0) > 0)
-            elig = in_set[None, :] & (key > float("-inf"))
-            take = K
-        keep = kc[None, :] < 0
-        out_ids = tl.zeros([BT, K_BLOCK], tl.int32)
-        avail = elig & cmask[None, :]
-        for j in tl.static_range(K):
-            idx = _pick(key, avail, cols, BIG)
-            ok = (tl.max(tl.where(avail, 1, 0), axis=1) > 0) & (j < take)
-            avail = avail & ~((cols[None, :] == idx[:, None]) & ok[:, None])
-            out_ids = tl.where((kc[None, :] == j) & ok[:, None], idx[:, None], out_ids)
-            keep = keep | ((kc[None, :] == j) & ok[:, None])
-        out_ids = tl.where(keep, out_ids, _col(out_ids, kc, 0)[:, None])
-        w = _weights(gate, out_ids, keep, kc, rsf, SCORING, RENORM, K_BLOCK)
-        w = _unchanged(out_ids, keep, nat_ids, nat_w, w, kc, K)
+                    ok = (tl.max(tl.where(avail, 1, 0), axis=1) > 0) & (j < take)
+                    avail = avail & ~((cols[None, :] == idx[:, None]) & ok[:, None])
+                    out_ids = tl.where((kc[None, :] == j) & ok[:, None], idx[:, None], out_ids)
+                    keep = keep | ((kc[None, :] == j) & ok[:, None])
+                out_ids = tl.where(keep, out_ids, _col(out_ids, kc, 0)[:, None])
+                w = _weights(gate, out_ids, keep, kc, rsf, SCORING, RENORM, K_BLOCK)
+                w = _unchanged(out_ids, keep, nat_ids, nat_w, w, kc, K)
 
-    if HAS_VALID:
-        out_ids = tl.where(rvalid[:, None], out_ids, anchor[:, None])
-        w = tl.where(rvalid[:, None], w, 0.0)
-    tl.store(ids_ptr + out_off, out_ids.to(tl.int64), mask=out_mask)
-    tl.store(w_ptr + out_off, w, mask=out_mask)
+            if HAS_VALID:
+                out_ids = tl.where(rvalid[:, None], out_ids, anchor[:, None])
+                w = tl.where(rvalid[:, None], w, 0.0)
+            tl.store(ids_ptr + out_off, out_ids.to(tl.int64), mask=out_mask)
+            tl.store(w_ptr + out_off, w, mask=out_mask)

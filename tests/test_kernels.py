@@ -265,3 +265,20 @@ def test_unsupported_triton_falls_back_with_one_warning(monkeypatch):
     spec = RouterSpec(16, 4)
     x = distinct_logits(4, 16, seed=1)
     assert torch.equal(pol(x, spec).ids, make_policy("oea", k0=2, backend="torch")(x, spec).ids)
+
+
+def test_kernel_compiles_for_hopper():
+    """Triton's compiler (not the interpreter) builds the kernel for sm_90 on this CPU: one case of each
+    structure (one launch, both phases of a batch-wide set, grouped sigmoid scoring). `python
+    tests/kernel_compile.py` compiles every policy x scoring x phase."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("kernel_compile.py")
+    cases = ["cap:softmax", "oea:softmax:0", "budget:softmax:2", "sere:sigmoid:1"]
+    out = subprocess.run([sys.executable, str(script), *cases], env=env, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("ok ") == 4

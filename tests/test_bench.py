@@ -256,3 +256,29 @@ def test_cli_bench_without_reference_model_asks_for_a_trace(monkeypatch):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--dims", "32,16,16,4", "--device", "cpu"])
     assert "--trace PATH" in str(e.value) and "--routing uniform" in str(e.value)
+
+
+def test_routing_bench_times_every_policy_on_both_backends(capsys):
+    """`bench --routing`: a row per policy and backend and the model's router, launches of the fused path
+    (the kernels run through the interpreter here), and JSON whose entries match the table."""
+    code = main(["bench", "--routing", "--batch-sizes", "1,4", "--experts", "16", "--repeats", "1", "--calls", "1",
+                 "--no-layer", "--no-progress", "--policy", "oea:k0=2", "--policy", "budget:budget=4", "--json"])
+    assert code == 0
+    out = capsys.readouterr().out
+    data = json.loads(out.strip().splitlines()[-1])
+    labels = {t["label"] for t in data["timings"]}
+    assert {"native [torch]", "oea:k0=2 [torch]", "budget:budget=4 [torch]", "model router (torch softmax+topk)"} <= labels
+    assert {t["tokens"] for t in data["timings"]} == {1, 4} and {t["experts"] for t in data["timings"]} == {16}
+    assert all(t["median_us"] > 0 for t in data["timings"])
+    fused = [t for t in data["timings"] if t["backend"] == "triton"]
+    if fused:  # Triton importable: the kernels were timed too, one launch per call at this size
+        assert {t["label"] for t in fused} == {"native [triton]", "oea:k0=2 [triton]", "budget:budget=4 [triton]"}
+        assert all(t["launches"] == 1 for t in fused)
+    for label in labels:
+        assert label in out.split("{")[0]  # every entry is a table row
+
+
+def test_routing_bench_refuses_layer_options():
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--routing", "--shape", "deepseek-v3"])
+    assert "--routing times the routing call alone" in str(e.value)

@@ -12,7 +12,8 @@ def _train_reference(args) -> int:
     from ..reference.train import TrainConfig, calibrate_sere, train
 
     out = Path(args.out) if args.out else Path(__file__).resolve().parent.parent / "reference" / "model"
-    cfg = TrainConfig(train_tokens=args.tokens, seed=args.seed)
+    cfg = TrainConfig(train_tokens=args.tokens, seed=args.seed, balance_window=args.balance_window,
+                      z_loss_coef=args.z_loss)
     print(f"corpus, tokenizer and checkpoints in {args.workdir}; {cfg.steps} steps of "
           f"{cfg.batch_size}x{cfg.seq_len} tokens; an interrupted run resumes from its last checkpoint")
     folder = train(Path(args.workdir), out, cfg)
@@ -53,11 +54,16 @@ def _reference_card(args) -> int:
 
 
 def add_parsers(sub) -> None:
+    from ..reference.train import TrainConfig
+
     p = sub.add_parser("train-reference", help="rebuild corpus, tokenizer and the reference model from scratch")
     p.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="corpus, tokenizer and checkpoints")
     p.add_argument("--out", default=None, help="where to write the model (default: the package's own folder)")
     p.add_argument("--tokens", type=int, default=10_000_000, help="training tokens")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--balance-window", type=int, default=TrainConfig.balance_window,
+                   help="steps whose expert counts make the global-batch load-balancing frequencies")
+    p.add_argument("--z-loss", type=float, default=TrainConfig.z_loss_coef, help="router z-loss coefficient (0: off)")
     p.set_defaults(run=_train_reference)
     p = sub.add_parser("reference-card", help="measure the shipped reference model for its model card")
     p.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="training corpus for the n-gram baselines")

@@ -1,5 +1,6 @@
-"""The shipped reference model: files match their recorded checksums, it loads offline, generates, and
-its held-out cross-entropy on a fixed slice matches the model card."""
+"""The shipped reference model: files match their recorded checksums, it loads offline, generates, its
+held-out cross-entropy on a fixed slice matches the model card, its held-out split carries domain labels,
+and the card's routing numbers are those of a domain-specialised, balanced model."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from moe_reroute import RouterSpec, reference
-from moe_reroute.reference import card
+from moe_reroute.reference import card, corpus
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +89,36 @@ def test_card_reports_balanced_layers(card_json):
     assert len(loads) >= 4
     for layer, ld in loads.items():
         assert ld["min_x_uniform"] >= 0.25 and ld["max_x_uniform"] <= 4.0, f"layer {layer} load {ld}"
+
+
+def test_heldout_split_has_domain_labels(folder, loaded):
+    _, _, heldout = loaded
+    docs = reference.heldout_documents()
+    domains = {d.domain for d in docs}
+    assert len(domains) >= 5 and domains <= set(corpus.DOMAINS)
+    assert "\n\n".join(d.text for d in docs) == heldout  # heldout.txt is the same text, plain
+    train = json.loads((folder / "training.json").read_text())["corpus"]
+    for domain, info in train["domains"].items():  # the documents the data card counted
+        assert sum(d.domain == domain for d in docs) == info["heldout_documents"], domain
+    for domain, names in train["heldout_named"].items():
+        assert {d.name for d in docs if d.domain == domain} == set(names)
+
+
+def test_card_routing_is_domain_specialised(card_json):
+    """Same-domain batches touch fewer experts than mixed ones in every layer, both below uniform; the
+    card's per-domain cross-entropy beats the bigram baseline fitted on the training split."""
+    r = card_json["routing"]
+    uniform = card.uniform_u(128, 8, 16)
+    assert r["uniform_expectation"] == pytest.approx(uniform, abs=0.01)
+    for layer, u in r["same_domain_mean_u"].items():
+        assert u < r["mixed_mean_u"][layer] < uniform
+        top1, top3, top8 = r["mass_share_top1_top3_topK"][layer]
+        assert 0 < top1 < top3 < top8 <= 1
+    for domain, v in card_json["heldout_ce_by_domain"].items():
+        assert v["ce"] < v["bigram"] < v["unigram"], domain
+
+
+def test_card_markdown_matches_card_json(folder, card_json):
+    text = (folder / "MODEL_CARD.md").read_text()
+    training = json.loads((folder / "training.json").read_text())
+    assert text == card.render(card_json, training)

@@ -25,25 +25,40 @@ def _train_reference(args) -> int:
 def _reference_card(args) -> int:
     import torch
 
-    from ..reference import card, load, path
+    from ..reference import card, heldout_documents, load, path
+    from ..reference.train import train_stream
 
-    model, tokenizer, heldout = load()
-    folder = path()
+    folder = Path(args.model_dir) if args.model_dir else path()
+    model, tokenizer, heldout = load(folder=folder)
     ids = card.heldout_ids(tokenizer, heldout)
+    streams = card.domain_streams(tokenizer, heldout_documents(folder))
+    workdir = Path(args.workdir)
+    if not (workdir / "train_ids.pt").exists():
+        raise SystemExit(f"error: no training split in {workdir} (train_ids.pt) for the n-gram baselines; build "
+                         f"it with `moe-reroute train-reference --workdir {workdir}`, or pass the --workdir it used")
+    train_ids = train_stream(workdir)
+    baselines = card.NgramBaselines(train_ids, model.config.vocab_size)
+    by_domain = {}
+    for domain, s in streams.items():
+        base = baselines.cross_entropy(s)
+        by_domain[domain] = {"tokens": len(s), "ce": round(card.cross_entropy(model, s), 4),
+                             "unigram": round(base["unigram"], 4), "bigram": round(base["bigram"], 4)}
+    all_ids = torch.cat(list(streams.values()))
     result = {
         "heldout_tokens": len(ids),
-        "heldout_ce": round(card.cross_entropy(model, ids), 4),
         "heldout_ce_slice": round(card.cross_entropy(model, ids, max_tokens=4096), 4),
+        "heldout_ce": round(sum(v["ce"] * v["tokens"] for v in by_domain.values())
+                            / sum(v["tokens"] for v in by_domain.values()), 4),
+        "heldout_ce_by_domain": by_domain,
+        "baselines": {k: round(v, 4) for k, v in baselines.cross_entropy(all_ids).items()},
         "parameters": sum(p.numel() for p in model.parameters()),
-        "routing": card.routing_stats(model, ids),
+        "routing": card.routing_stats(model, streams),
+        "train_split_tokens": len(train_ids),
+        "train_split_tokens_by_domain": {k: len(v) for k, v in
+                                         torch.load(workdir / "train_ids.pt", weights_only=True).items()},
         "sha256": {str(f.relative_to(folder)): card.sha256(f) for f in sorted(folder.rglob("*"))
                    if f.is_file() and f.name not in ("card.json", "MODEL_CARD.md")},
     }
-    if args.workdir and (Path(args.workdir) / "train_ids.pt").exists():
-        train_ids = torch.load(Path(args.workdir) / "train_ids.pt").long()
-        result["train_split_tokens"] = len(train_ids)
-        result["baselines"] = {k: round(v, 4) for k, v in
-                               card.ngram_baselines(train_ids, ids, model.config.vocab_size).items()}
     text = json.dumps(result, indent=1)
     (folder / "card.json").write_text(text + "\n")
     training = json.loads((folder / "training.json").read_text())
@@ -59,7 +74,8 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("train-reference", help="rebuild corpus, tokenizer and the reference model from scratch")
     p.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="corpus, tokenizer and checkpoints")
     p.add_argument("--out", default=None, help="where to write the model (default: the package's own folder)")
-    p.add_argument("--tokens", type=int, default=10_000_000, help="training tokens")
+    p.add_argument("--tokens", type=int, default=TrainConfig.train_tokens,
+                   help=f"training tokens (default {TrainConfig.train_tokens:,}, the shipped model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--balance-window", type=int, default=TrainConfig.balance_window,
                    help="steps whose expert counts make the global-batch load-balancing frequencies")
@@ -67,4 +83,5 @@ def add_parsers(sub) -> None:
     p.set_defaults(run=_train_reference)
     p = sub.add_parser("reference-card", help="measure the shipped reference model for its model card")
     p.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="training corpus for the n-gram baselines")
+    p.add_argument("--model-dir", default=None, help="a model folder from `train-reference --out` (default: the shipped one)")
     p.set_defaults(run=_reference_card)

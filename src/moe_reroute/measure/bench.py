@@ -345,7 +345,8 @@ def reference_trace(batch_size: int, steps: int, model=None, ids=None):
     """A trace of the shipped reference model on held-out text: `batch_size` sequences of `steps`
     tokens, teacher-forced in one [B, L] forward, each position's B tokens one decode step.
 
-    model, ids: the already loaded reference model and its held-out token ids (loaded here if None).
+    model, ids: the already loaded reference model and its held-out token ids (loaded here if None); ids
+      may also be [batch_size, steps] sequences already arranged (e.g. by domain).
     """
     from ..hf import Recorder
 
@@ -355,8 +356,14 @@ def reference_trace(batch_size: int, steps: int, model=None, ids=None):
 
         model, tokenizer, text = load()
         ids = heldout_ids(tokenizer, text)
-    if len(ids) < batch_size * steps:
+    if ids.dim() == 2:
+        if tuple(ids.shape) != (batch_size, steps):
+            raise ValueError(f"arranged sequences are {tuple(ids.shape)}, not ({batch_size}, {steps})")
+        seqs = ids
+    elif len(ids) < batch_size * steps:
         raise ValueError(f"the held-out text has {len(ids)} tokens, fewer than {batch_size} x {steps}; ask for fewer")
+    else:
+        seqs = ids[: batch_size * steps].view(batch_size, steps)
     with Recorder(model, keep="logits") as rec:
-        model(input_ids=ids[: batch_size * steps].view(batch_size, steps))
+        model(input_ids=seqs)
     return rec.to_trace()

@@ -38,7 +38,7 @@ class TrainConfig:
     moe_intermediate_size: int = 56
     seq_len: int = 256
     batch_size: int = 16
-    train_tokens: int = 10_000_000
+    train_tokens: int = 4_500_000
     lr: float = 3e-3
     warmup_steps: int = 200
     weight_decay: float = 0.1
@@ -189,15 +189,21 @@ def train(workdir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), progre
     )
     balance = GlobalBalance(cfg.num_layers, cfg.num_experts, cfg.balance_window, cfg.top_k)
     ckpt = workdir / "checkpoint.pt"
-    step, log, elapsed = 0, [], 0.0
+    step, log, elapsed, schedule = 0, [], 0.0, []
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True)
-        if state["config"] != asdict(cfg):
-            raise RuntimeError(f"{ckpt} was made with another TrainConfig; delete it to start over")
+        changed = {k for k, v in asdict(cfg).items() if state["config"].get(k) != v}
+        if changed - {"train_tokens"}:
+            raise RuntimeError(f"{ckpt} was made with another TrainConfig ({sorted(changed)} differ); delete it to "
+                               "start over (only train_tokens may change on resume)")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         balance.counts = state["balance_counts"]
         step, log, elapsed = state["step"], state["log"], state.get("elapsed_s", 0.0)
+        schedule = list(state.get("schedule_changes", []))
+        if changed:  # a shorter or longer run: the cosine schedule continues from here towards the new end
+            schedule.append({"step": step, "train_tokens_before": state["config"]["train_tokens"],
+                             "train_tokens_after": cfg.train_tokens})
         torch.set_rng_state(state["rng"])
     model.train()
     tty = sys.stderr.isatty() if progress is None else progress
@@ -233,7 +239,7 @@ def train(workdir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), progre
             tmp = ckpt.with_suffix(".tmp")
             torch.save({"config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
                         "balance_counts": balance.counts, "step": step, "log": log, "rng": torch.get_rng_state(),
-                        "elapsed_s": elapsed}, tmp)
+                        "elapsed_s": elapsed, "schedule_changes": schedule}, tmp)
             tmp.replace(ckpt)
             if not tty:  # one line per checkpoint in logs, not one per step
                 recent = log[-cfg.checkpoint_every:]
@@ -242,10 +248,11 @@ def train(workdir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), progre
                       f"balance(batch) {mean('balance_batch'):.3f} lr {lr:.2e} "
                       f"{tokens0 / (time.time() - t0):.0f} tok/s, {elapsed / 60:.1f} min", flush=True)
     bar.close()
-    return export(model, tokenizer, workdir, out_dir, cfg, log, elapsed)
+    return export(model, tokenizer, workdir, out_dir, cfg, log, elapsed, schedule)
 
 
-def export(model, tokenizer, workdir: Path, out_dir: Path, cfg: TrainConfig, log: list, elapsed_s: float) -> Path:
+def export(model, tokenizer, workdir: Path, out_dir: Path, cfg: TrainConfig, log: list, elapsed_s: float,
+           schedule_changes: list | None = None) -> Path:
     """Write the shipped files: bf16 safetensors, config, tokenizer, held-out text, training log."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
@@ -254,8 +261,10 @@ def export(model, tokenizer, workdir: Path, out_dir: Path, cfg: TrainConfig, log
     held = corpus.read_jsonl(workdir / "heldout.jsonl")
     corpus.write_jsonl(out_dir / "heldout.jsonl", held)
     (out_dir / "heldout.txt").write_text("\n\n".join(d.text for d in held))  # plain text, for text readers
-    hardware = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    n = torch.get_num_threads()
+    hardware = f"{platform.machine()} CPU, {n} thread{'s' if n > 1 else ''}, torch {torch.__version__}"
     (out_dir / "training.json").write_text(json.dumps({"config": asdict(cfg), "log_tail": log[-20:],
+                                                       "schedule_changes": schedule_changes or [],
                                                        "wall_minutes": round(elapsed_s / 60, 1), "hardware": hardware,
                                                        "corpus": json.loads((workdir / "corpus.json").read_text())},
                                                       indent=1))

@@ -86,17 +86,18 @@ def make_sequences(ids: torch.Tensor, seq_len: int, num_sequences: int) -> torch
 
 
 def domain_sequences(streams: dict[str, torch.Tensor], seq_len: int, num_sequences: int) -> tuple[torch.Tensor, list[str]]:
-    """([N, L] sequences, [N] domain labels): num_sequences // D consecutive windows from each domain's stream.
+    """([N, L] sequences, [N] domain labels): N = num_sequences consecutive windows, split as equally as
+    possible among the domains (the first num_sequences % D domains give one more).
 
     Args:
       streams: {domain: [tokens]} held-out token stream of each domain.
     """
     D = len(streams)
-    per = num_sequences // D
-    if per < 1:
+    if num_sequences < D:
         raise ValueError(f"{num_sequences} sequences cannot cover {D} domains; give --sequences {D} or more")
     seqs, labels = [], []
-    for domain, ids in streams.items():
+    for i, (domain, ids) in enumerate(streams.items()):
+        per = num_sequences // D + (i < num_sequences % D)
         if ids.numel() // seq_len < per:
             raise ValueError(f"domain {domain} gives {ids.numel()} tokens, fewer than {per} sequences of {seq_len}; "
                              "use fewer --sequences or a smaller --seq-len")

@@ -25,17 +25,6 @@ REPLAY_BATCHES = (1, 4, 8, 16, 32, 64)
 BATCHINGS = ("same-domain", "mixed")
 
 
-def arranged(streams: dict, rows: int, steps: int, batching: str) -> list:
-    """[rows, steps] held-out sequences for a trace: one tensor per domain (same-domain) or one whose rows
-    cycle through the domains (mixed); windows of `steps` tokens taken from the start of each stream."""
-    import torch
-
-    domains = list(streams)
-    if batching == "same-domain":
-        return [streams[d][: rows * steps].view(rows, steps) for d in domains]
-    return [torch.stack([streams[domains[r % len(domains)]][(r // len(domains)) * steps:][:steps] for r in range(rows)])]
-
-
 def _demo(args) -> int:
     import math
 
@@ -45,7 +34,7 @@ def _demo(args) -> int:
     from ..measure.evaluate import EvalConfig, batch_order, domain_sequences, evaluate, generation_check
     from ..measure.shapes import get_shape
     from ..reference import heldout_documents, load
-    from ..reference.card import domain_streams
+    from ..reference.card import domain_streams, trace_sequences
     from .measure import build_policies
 
     t0 = time.time()
@@ -79,7 +68,7 @@ def _demo(args) -> int:
 
     say("[3/4] U against batch size: every policy replayed on the model's routing trace of mixed batches")
     trace = bench.reference_trace(max(REPLAY_BATCHES), args.replay_steps, model,
-                                  arranged(streams, max(REPLAY_BATCHES), args.replay_steps, "mixed")[0])
+                                  trace_sequences(streams, max(REPLAY_BATCHES), args.replay_steps, "mixed")[0])
     u_by_batch = {}
     for label, policy in with_native.items():
         u_by_batch[label] = {}
@@ -92,7 +81,7 @@ def _demo(args) -> int:
         f"E={shape.num_experts}, K={shape.top_k}) on CPU, routings from the reference model's router logits")
     ratios, bench_json, kernel, steps_timed = {}, {}, "", {}
     for batching in BATCHINGS:
-        parts = arranged(streams, BATCH, 64, batching)  # steps spread over 64 positions
+        parts = trace_sequences(streams, BATCH, 64, batching)  # steps spread over 64 positions
         per = math.ceil(args.bench_steps / len(parts))
         routings = {name: [] for name in with_native}
         for seq in parts:

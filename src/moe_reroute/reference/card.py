@@ -86,6 +86,17 @@ def ngram_baselines(train: torch.Tensor, held: torch.Tensor, vocab: int) -> dict
     return NgramBaselines(train, vocab).cross_entropy(held)
 
 
+def trace_sequences(streams: dict[str, torch.Tensor], rows: int, steps: int, batching: str) -> list[torch.Tensor]:
+    """[rows, steps] held-out sequences to record a trace from: one tensor per domain ("same-domain") or
+    one whose rows cycle through the domains ("mixed"); windows of `steps` tokens from each stream's start."""
+    domains = list(streams)
+    if batching == "same-domain":
+        return [streams[d][: rows * steps].view(rows, steps) for d in domains]
+    if batching != "mixed":
+        raise ValueError(f"batching must be 'same-domain' or 'mixed', got {batching!r}")
+    return [torch.stack([streams[domains[r % len(domains)]][(r // len(domains)) * steps :][:steps] for r in range(rows)])]
+
+
 def uniform_u(E: int, K: int, B: int) -> float:
     """Expected distinct experts of B tokens each routed to K of E experts uniformly at random."""
     return E * (1 - (1 - K / E) ** B)

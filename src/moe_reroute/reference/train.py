@@ -97,10 +97,11 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int):
 
 
 def document_ids(tokenizer, text: str) -> list[int]:
-    """A document's tokens followed by the end-of-text token (paragraphs encoded one by one, as in v1)."""
+    """A document's tokens followed by the end-of-text token if the tokenizer has one (paragraphs encoded
+    one by one, as in the first reference model)."""
     chunks = [c + "\n\n" for c in text.split("\n\n")]
     ids = [i for enc in tokenizer(chunks)["input_ids"] for i in enc]
-    return ids + [tokenizer.eos_token_id]
+    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
 
 
 def encode(tokenizer, docs: list, cache: Path) -> dict[str, torch.Tensor]:

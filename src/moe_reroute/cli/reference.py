@@ -12,11 +12,14 @@ def _train_reference(args) -> int:
     from ..reference.train import TrainConfig, calibrate_sere, train
 
     out = Path(args.out) if args.out else Path(__file__).resolve().parent.parent / "reference" / "model"
-    cfg = TrainConfig(train_tokens=args.tokens, seed=args.seed, balance_window=args.balance_window,
-                      z_loss_coef=args.z_loss)
+    cfg = TrainConfig(train_tokens=args.tokens, seed=args.seed, balance_coef=args.balance_coef,
+                      balance_window=args.balance_window, z_loss_coef=args.z_loss)
     print(f"corpus, tokenizer and checkpoints in {args.workdir}; {cfg.steps} steps of "
           f"{cfg.batch_size}x{cfg.seq_len} tokens; an interrupted run resumes from its last checkpoint")
-    folder = train(Path(args.workdir), out, cfg)
+    folder = train(Path(args.workdir), out, cfg, stop_after=args.stop_after)
+    if folder is None:
+        print(f"stopped after step {args.stop_after}; run again to resume")
+        return 0
     calibrate_sere(Path(args.workdir), folder)
     print(f"model written to {folder}")
     return 0
@@ -77,6 +80,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--tokens", type=int, default=TrainConfig.train_tokens,
                    help=f"training tokens (default {TrainConfig.train_tokens:,}, the shipped model's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--balance-coef", type=float, default=TrainConfig.balance_coef,
+                   help="load-balancing loss coefficient per layer (may change when resuming)")
+    p.add_argument("--stop-after", type=int, default=None, help="checkpoint at this step and stop (resume later)")
     p.add_argument("--balance-window", type=int, default=TrainConfig.balance_window,
                    help="steps whose expert counts make the global-batch load-balancing frequencies")
     p.add_argument("--z-loss", type=float, default=TrainConfig.z_loss_coef, help="router z-loss coefficient (0: off)")

@@ -190,14 +190,39 @@ def targets(result: dict) -> dict:
     }
 
 
-def _schedule_gap(cfg: dict, change: dict) -> float:
-    """Largest relative difference of the cosine factor between two run lengths over the steps before a change."""
+def _schedule_gap(cfg: dict, changes: list[dict]) -> float:
+    """Largest relative difference of the cosine learning-rate factor between the run as made (train_tokens
+    changed at resumes) and a run with the final train_tokens throughout."""
     def factor(step: int, tokens: int) -> float:
         steps = math.ceil(tokens / (cfg["seq_len"] * cfg["batch_size"]))
         return 0.5 * (1 + math.cos(math.pi * step / steps))
 
-    return max(abs(factor(s, change["train_tokens_before"]) - factor(s, change["train_tokens_after"]))
-               / factor(s, change["train_tokens_after"]) for s in range(change["step"] + 1))
+    gap, last = 0.0, 0
+    for ch in changes:
+        if "train_tokens" in ch:
+            before = ch["train_tokens"][0]
+            gap = max([gap] + [abs(factor(s, before) - factor(s, cfg["train_tokens"])) / factor(s, cfg["train_tokens"])
+                               for s in range(last, ch["step"])])
+            last = ch["step"]
+    return gap
+
+
+def reproduce(cfg: dict, changes: list[dict]) -> list[str]:
+    """The `moe-reroute train-reference` commands that make this run, resumes and changes included."""
+    keys = {"train_tokens": "--tokens", "balance_coef": "--balance-coef"}
+    values = {k: cfg[k] for k in keys}
+    for ch in reversed(changes):  # the values in force before each change
+        for k in keys:
+            if k in ch:
+                values[k] = ch[k][0]
+    cmds = []
+    for ch in changes:
+        cmds.append(" ".join(f"{flag} {values[k]}" for k, flag in keys.items()) + f" --stop-after {ch['step']}")
+        for k in keys:
+            if k in ch:
+                values[k] = ch[k][1]
+    cmds.append(" ".join(f"{flag} {values[k]}" for k, flag in keys.items()))
+    return [f"moe-reroute train-reference {c}" for c in cmds]
 
 
 def render(result: dict, training: dict) -> str:
@@ -232,14 +257,23 @@ def render(result: dict, training: dict) -> str:
         f" global-batch load balancing x{cfg['balance_coef']} per layer, expert frequencies over the last"
         f" {cfg['balance_window']} steps ({cfg['balance_window'] * cfg['batch_size'] * cfg['seq_len']:,} tokens){z};"
         f" {training.get('wall_minutes', '?')} minutes on {training.get('hardware', '?')}.",
-        f"- Reproduce: `moe-reroute train-reference --tokens {cfg['train_tokens']}` (seed {cfg['seed']}), then"
-        " `moe-reroute reference-card`.",
+        f"- Reproduce (seed {cfg['seed']}): "
+        + ", then ".join(f"`{c}`" for c in reproduce(cfg, training.get("schedule_changes", [])))
+        + "; then `moe-reroute reference-card`.",
     ]
-    for ch in training.get("schedule_changes", []):
-        lines.append(f"- The run was resumed at step {ch['step']} with {ch['train_tokens_after']:,} instead of"
-                     f" {ch['train_tokens_before']:,} training tokens, to finish in its time budget: steps up to"
-                     f" {ch['step']} followed the longer cosine schedule (learning rates within"
-                     f" {_schedule_gap(cfg, ch):.1%} of the final one's).")
+    changes = training.get("schedule_changes", [])
+    if changes:
+        said = "; ".join(f"at step {ch['step']}, " + ", ".join(f"{k} {v[0]:,} -> {v[1]:,}" for k, v in ch.items()
+                                                              if k != "step") for ch in changes)
+        why = []
+        if any("train_tokens" in ch for ch in changes):
+            why.append("train_tokens shortened so that the run finishes in the time available on the training"
+                       f" machine (learning rates before a change within {_schedule_gap(cfg, changes):.1%} of a run"
+                       " with the final length throughout)")
+        if any("balance_coef" in ch for ch in changes):
+            why.append("the balance coefficient raised when the checkpoint of that step routed no token at all to"
+                       " some experts of every layer (on 4,096 held-out tokens per domain)")
+        lines.append(f"- The run was resumed with changes ({said}): " + "; ".join(why) + ".")
     lines += [
         "",
         "## Data",

@@ -38,11 +38,11 @@ class TrainConfig:
     moe_intermediate_size: int = 56
     seq_len: int = 256
     batch_size: int = 16
-    train_tokens: int = 4_500_000
+    train_tokens: int = 4_000_000
     lr: float = 3e-3
     warmup_steps: int = 200
     weight_decay: float = 0.1
-    balance_coef: float = 0.01
+    balance_coef: float = 0.05
     balance_window: int = 64  # steps whose expert counts make the global-batch frequencies f
     z_loss_coef: float = 0.0
     checkpoint_every: int = 50
@@ -163,8 +163,14 @@ def batch_rows(data: dict[str, torch.Tensor], step: int, cfg: "TrainConfig") -> 
     return torch.stack(rows).long()
 
 
-def train(workdir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), progress: bool | None = None) -> Path:
-    """Build the corpus and tokenizer, then train (resuming from workdir/checkpoint.pt), then export."""
+RESUMABLE = {"train_tokens", "balance_coef"}  # may change when a run resumes; recorded in schedule_changes
+
+
+def train(workdir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), progress: bool | None = None,
+          stop_after: int | None = None) -> Path | None:
+    """Build the corpus and tokenizer, then train (resuming from workdir/checkpoint.pt), then export.
+    stop_after: checkpoint at that step and return None without exporting (resume later, maybe with another
+    train_tokens or balance_coef)."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from ..progress import progress as progress_bar
@@ -194,17 +200,16 @@ def train(workdir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), progre
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True)
         changed = {k for k, v in asdict(cfg).items() if state["config"].get(k) != v}
-        if changed - {"train_tokens"}:
+        if changed - RESUMABLE:
             raise RuntimeError(f"{ckpt} was made with another TrainConfig ({sorted(changed)} differ); delete it to "
-                               "start over (only train_tokens may change on resume)")
+                               f"start over (only {sorted(RESUMABLE)} may change on resume)")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         balance.counts = state["balance_counts"]
         step, log, elapsed = state["step"], state["log"], state.get("elapsed_s", 0.0)
         schedule = list(state.get("schedule_changes", []))
-        if changed:  # a shorter or longer run: the cosine schedule continues from here towards the new end
-            schedule.append({"step": step, "train_tokens_before": state["config"]["train_tokens"],
-                             "train_tokens_after": cfg.train_tokens})
+        if changed:  # e.g. a shorter run: the cosine schedule continues from here towards the new end
+            schedule.append({"step": step, **{k: [state["config"][k], getattr(cfg, k)] for k in sorted(changed)}})
         torch.set_rng_state(state["rng"])
     model.train()
     tty = sys.stderr.isatty() if progress is None else progress
@@ -234,7 +239,7 @@ def train(workdir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), progre
         log.append({"step": step, "ce": float(ce.detach()), "balance": float(bal.detach()) / L, "balance_batch": float(bal_local) / L,
                     "z": float(z) / L, "lr": lr})
         bar.update(1)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or step == stop_after:
             elapsed += time.time() - t_last
             t_last = time.time()
             tmp = ckpt.with_suffix(".tmp")
@@ -248,6 +253,9 @@ def train(workdir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), progre
                 print(f"step {step}/{cfg.steps} ce {mean('ce'):.3f} balance(global) {mean('balance'):.3f} "
                       f"balance(batch) {mean('balance_batch'):.3f} lr {lr:.2e} "
                       f"{tokens0 / (time.time() - t0):.0f} tok/s, {elapsed / 60:.1f} min", flush=True)
+            if step == stop_after:
+                bar.close()
+                return None
     bar.close()
     return export(model, tokenizer, workdir, out_dir, cfg, log, elapsed, schedule)
 

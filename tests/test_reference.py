@@ -122,3 +122,39 @@ def test_card_markdown_matches_card_json(folder, card_json):
     text = (folder / "MODEL_CARD.md").read_text()
     training = json.loads((folder / "training.json").read_text())
     assert text == card.render(card_json, training)
+
+
+def test_global_balance_uses_the_window_frequencies():
+    """f from every step in the window, P from this batch only: hand-computed on two steps."""
+    from moe_reroute.reference.train import GlobalBalance
+
+    bal = GlobalBalance(layers=1, experts=4, window=2, top_k=1)
+    first = torch.tensor([[9.0, 0, 0, 0], [9.0, 0, 0, 0]])  # both tokens pick expert 0
+    bal((first,), step=0)
+    second = torch.tensor([[0, 9.0, 0, 0], [0, 0, 9.0, 0]])  # experts 1 and 2
+    loss, local = bal((second,), step=1)
+    f = torch.tensor([2.0, 1, 1, 0]) / 4
+    P = torch.softmax(second, -1).mean(0)
+    assert float(loss) == pytest.approx(float(4 * (f * P).sum()), rel=1e-6)
+    assert float(local) == pytest.approx(float(4 * (torch.tensor([0, 0.5, 0.5, 0]) * P).sum()), rel=1e-6)
+
+
+def test_revive_resets_only_idle_experts():
+    from tiny_models import tiny_model
+
+    from moe_reroute.reference.train import revive
+
+    model = tiny_model("qwen3_moe")
+    gate = model.model.layers[0].mlp.gate.weight
+    E = gate.shape[0]
+    opt = torch.optim.AdamW(model.parameters())
+    model(input_ids=torch.randint(1, 64, (2, 8))).logits.sum().backward()
+    opt.step()
+    before = gate.detach().clone()
+    counts = torch.ones(4, len(model.model.layers), E)
+    counts[:, 0, 1] = 0.0  # expert 1 of layer 0 idle
+    assert revive(model, opt, counts, below=0.25, step=4, recent=2) == {0: 1}
+    others = [e for e in range(E) if e != 1]
+    assert torch.equal(gate[others], before[others])
+    assert torch.allclose(gate[1], before[others].mean(0), atol=0.05 * before.abs().mean().item())
+    assert float(opt.state[gate]["exp_avg"][1].abs().sum()) == 0.0

@@ -45,6 +45,8 @@ class TrainConfig:
     balance_coef: float = 0.05
     balance_window: int = 64  # steps whose expert counts make the global-batch frequencies f
     z_loss_coef: float = 0.0
+    revive_below: float = 0.0  # at each checkpoint, reset the router rows of experts below this x uniform load
+    # over the steps since the last checkpoint (0: off); see revive()
     checkpoint_every: int = 50
 
     @property
@@ -145,6 +147,35 @@ class GlobalBalance:
         return total, local
 
 
+@torch.no_grad()
+def revive(model, opt, counts: torch.Tensor, below: float, step: int, recent: int) -> dict[int, int]:
+    """Experts whose load over the last `recent` steps is under `below` x uniform get their router row set to
+    the mean row of the layer's other experts (plus a little noise) and its optimiser state cleared: their
+    router probability becomes typical again, so the balance loss and the language-model loss can reach
+    them (the balance gradient on an expert's logit is proportional to its probability, near zero for an
+    expert the router has learned to avoid). Returns {layer: experts reset}.
+
+    counts: [W, L, E] the balance window's per-step expert counts (step s in slot s % W).
+    """
+    W = counts.shape[0]
+    load = counts[[(step - 1 - i) % W for i in range(min(recent, W))]].sum(0)  # [L, E]
+    ratio = load / load.mean(dim=1, keepdim=True).clamp_min(1e-9)
+    gen = torch.Generator().manual_seed(step)
+    reset = {}
+    for layer, block in enumerate(model.model.layers):
+        low = ratio[layer] < below  # [E]
+        if not low.any() or low.all():
+            continue
+        w = block.mlp.gate.weight  # [E, H]
+        mean = w[~low].mean(0)  # [H]
+        w[low] = mean + 0.01 * mean.abs().mean() * torch.randn(int(low.sum()), w.shape[1], generator=gen)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in opt.state.get(w, {}):
+                opt.state[w][key][low] = 0.0
+        reset[layer] = int(low.sum())
+    return reset
+
+
 def z_loss(router_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Router z-loss (ST-MoE): mean over tokens of logsumexp(router logits)^2, summed over layers."""
     return sum(torch.logsumexp(logits.float(), dim=-1).pow(2).mean() for logits in router_logits)
@@ -163,7 +194,7 @@ def batch_rows(data: dict[str, torch.Tensor], step: int, cfg: "TrainConfig") -> 
     return torch.stack(rows).long()
 
 
-RESUMABLE = {"train_tokens", "balance_coef"}  # may change when a run resumes; recorded in schedule_changes
+RESUMABLE = {"train_tokens", "balance_coef", "revive_below"}  # may change when a run resumes; recorded in schedule_changes
 
 
 def train(workdir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), progress: bool | None = None,
@@ -196,7 +227,7 @@ def train(workdir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), progre
     )
     balance = GlobalBalance(cfg.num_layers, cfg.num_experts, cfg.balance_window, cfg.top_k)
     ckpt = workdir / "checkpoint.pt"
-    step, log, elapsed, schedule = 0, [], 0.0, []
+    step, log, elapsed, schedule, revived = 0, [], 0.0, [], []
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True)
         changed = {k for k, v in asdict(cfg).items() if state["config"].get(k) != v}
@@ -208,6 +239,7 @@ def train(workdir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), progre
         balance.counts = state["balance_counts"]
         step, log, elapsed = state["step"], state["log"], state.get("elapsed_s", 0.0)
         schedule = list(state.get("schedule_changes", []))
+        revived = list(state.get("revived", []))
         if changed:  # e.g. a shorter run: the cosine schedule continues from here towards the new end
             schedule.append({"step": step, **{k: [state["config"][k], getattr(cfg, k)] for k in sorted(changed)}})
         torch.set_rng_state(state["rng"])
@@ -242,10 +274,14 @@ def train(workdir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), progre
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or step == stop_after:
             elapsed += time.time() - t_last
             t_last = time.time()
+            if cfg.revive_below > 0 and step < cfg.steps:
+                reset = revive(model, opt, balance.counts, cfg.revive_below, step, cfg.checkpoint_every)
+                if reset:
+                    revived.append({"step": step, "experts_reset": reset})
             tmp = ckpt.with_suffix(".tmp")
             torch.save({"config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
                         "balance_counts": balance.counts, "step": step, "log": log, "rng": torch.get_rng_state(),
-                        "elapsed_s": elapsed, "schedule_changes": schedule}, tmp)
+                        "elapsed_s": elapsed, "schedule_changes": schedule, "revived": revived}, tmp)
             tmp.replace(ckpt)
             if not tty:  # one line per checkpoint in logs, not one per step
                 recent = log[-cfg.checkpoint_every:]
@@ -257,11 +293,11 @@ def train(workdir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), progre
                 bar.close()
                 return None
     bar.close()
-    return export(model, tokenizer, workdir, out_dir, cfg, log, elapsed, schedule)
+    return export(model, tokenizer, workdir, out_dir, cfg, log, elapsed, schedule, revived)
 
 
 def export(model, tokenizer, workdir: Path, out_dir: Path, cfg: TrainConfig, log: list, elapsed_s: float,
-           schedule_changes: list | None = None) -> Path:
+           schedule_changes: list | None = None, revived: list | None = None) -> Path:
     """Write the shipped files: bf16 safetensors, config, tokenizer, held-out text, training log."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
@@ -274,6 +310,7 @@ def export(model, tokenizer, workdir: Path, out_dir: Path, cfg: TrainConfig, log
     hardware = f"{platform.machine()} CPU, {n} thread{'s' if n > 1 else ''}, torch {torch.__version__}"
     (out_dir / "training.json").write_text(json.dumps({"config": asdict(cfg), "log_tail": log[-20:],
                                                        "schedule_changes": schedule_changes or [],
+                                                       "revived": revived or [],
                                                        "wall_minutes": round(elapsed_s / 60, 1), "hardware": hardware,
                                                        "corpus": json.loads((workdir / "corpus.json").read_text())},
                                                       indent=1))

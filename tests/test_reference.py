@@ -139,22 +139,28 @@ def test_global_balance_uses_the_window_frequencies():
     assert float(local) == pytest.approx(float(4 * (torch.tensor([0, 0.5, 0.5, 0]) * P).sum()), rel=1e-6)
 
 
-def test_revive_resets_only_idle_experts():
+def test_revive_splits_busy_experts_into_idle_ones():
     from tiny_models import tiny_model
 
     from moe_reroute.reference.train import revive
 
     model = tiny_model("qwen3_moe")
-    gate = model.model.layers[0].mlp.gate.weight
+    mlp = model.model.layers[0].mlp
+    gate = mlp.gate.weight
     E = gate.shape[0]
     opt = torch.optim.AdamW(model.parameters())
     model(input_ids=torch.randint(1, 64, (2, 8))).logits.sum().backward()
     opt.step()
-    before = gate.detach().clone()
+    before = {n: p.detach().clone() for n, p in mlp.named_parameters()}
     counts = torch.ones(4, len(model.model.layers), E)
     counts[:, 0, 1] = 0.0  # expert 1 of layer 0 idle
-    assert revive(model, opt, counts, below=0.25, step=4, recent=2) == {0: 1}
+    counts[2:, 0, 3] = 5.0  # expert 3 the busiest over the last 2 steps (slots 2, 3)
+    assert revive(model, opt, counts, below=0.25, step=4, recent=2) == {0: [[1, 3]]}
     others = [e for e in range(E) if e != 1]
-    assert torch.equal(gate[others], before[others])
-    assert torch.allclose(gate[1], before[others].mean(0), atol=0.05 * before.abs().mean().item())
+    for name, p in mlp.named_parameters():
+        assert torch.equal(p[others], before[name][others]), name
+        if name != "gate.weight":
+            assert torch.equal(p[1], before[name][3]), name
+    assert torch.allclose(gate[1], before["gate.weight"][3], atol=0.1 * before["gate.weight"].abs().mean().item())
+    assert not torch.equal(gate[1], before["gate.weight"][3])
     assert float(opt.state[gate]["exp_avg"][1].abs().sum()) == 0.0

@@ -13,7 +13,8 @@ def _train_reference(args) -> int:
 
     out = Path(args.out) if args.out else Path(__file__).resolve().parent.parent / "reference" / "model"
     cfg = TrainConfig(train_tokens=args.tokens, seed=args.seed, balance_coef=args.balance_coef,
-                      balance_window=args.balance_window, z_loss_coef=args.z_loss)
+                      balance_window=args.balance_window, z_loss_coef=args.z_loss,
+                      revive_below=args.revive_below)
     print(f"corpus, tokenizer and checkpoints in {args.workdir}; {cfg.steps} steps of "
           f"{cfg.batch_size}x{cfg.seq_len} tokens; an interrupted run resumes from its last checkpoint")
     folder = train(Path(args.workdir), out, cfg, stop_after=args.stop_after)
@@ -82,6 +83,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--balance-coef", type=float, default=TrainConfig.balance_coef,
                    help="load-balancing loss coefficient per layer (may change when resuming)")
+    p.add_argument("--revive-below", type=float, default=TrainConfig.revive_below,
+                   help="at each checkpoint, experts under this x uniform load become copies of the busiest (0: off)")
     p.add_argument("--stop-after", type=int, default=None, help="checkpoint at this step and stop (resume later)")
     p.add_argument("--balance-window", type=int, default=TrainConfig.balance_window,
                    help="steps whose expert counts make the global-batch load-balancing frequencies")

@@ -209,8 +209,8 @@ def _schedule_gap(cfg: dict, changes: list[dict]) -> float:
 
 def reproduce(cfg: dict, changes: list[dict]) -> list[str]:
     """The `moe-reroute train-reference` commands that make this run, resumes and changes included."""
-    keys = {"train_tokens": "--tokens", "balance_coef": "--balance-coef"}
-    values = {k: cfg[k] for k in keys}
+    keys = {"train_tokens": "--tokens", "balance_coef": "--balance-coef", "revive_below": "--revive-below"}
+    values = {k: cfg.get(k, 0.0) for k in keys}
     for ch in reversed(changes):  # the values in force before each change
         for k in keys:
             if k in ch:
@@ -255,7 +255,8 @@ def render(result: dict, training: dict) -> str:
         f"- Training: {cfg['train_tokens']:,} tokens (windows of {cfg['seq_len']}, batch {cfg['batch_size']}, each"
         f" batch's rows cycling through the domains), AdamW lr {cfg['lr']} cosine, seed {cfg['seed']};"
         f" global-batch load balancing x{cfg['balance_coef']} per layer, expert frequencies over the last"
-        f" {cfg['balance_window']} steps ({cfg['balance_window'] * cfg['batch_size'] * cfg['seq_len']:,} tokens){z};"
+        f" {cfg['balance_window']} steps ({cfg['balance_window'] * cfg['batch_size'] * cfg['seq_len']:,} tokens){z},"
+        f" idle experts revived below {cfg.get('revive_below', 0.0)}x of uniform load;"
         f" {training.get('wall_minutes', '?')} minutes on {training.get('hardware', '?')}.",
         f"- Reproduce (seed {cfg['seed']}): "
         + ", then ".join(f"`{c}`" for c in reproduce(cfg, training.get("schedule_changes", [])))
@@ -273,7 +274,20 @@ def render(result: dict, training: dict) -> str:
         if any("balance_coef" in ch for ch in changes):
             why.append("the balance coefficient raised when the checkpoint of that step routed no token at all to"
                        " some experts of every layer (on 4,096 held-out tokens per domain)")
+        if any("revive_below" in ch for ch in changes):
+            why.append("revival of idle experts switched on when, with the balance loss alone, every layer still"
+                       " had experts under 0.25x of uniform load over the balance window at each checkpoint")
         lines.append(f"- The run was resumed with changes ({said}): " + "; ".join(why) + ".")
+    revived = training.get("revived", [])
+    if revived:
+        per_layer: dict[str, int] = {}
+        for ev in revived:
+            for layer, pairs in ev["experts_reset"].items():
+                per_layer[str(layer)] = per_layer.get(str(layer), 0) + len(pairs)
+        lines.append(f"- Idle experts (under {cfg['revive_below']}x of uniform load since the previous checkpoint)"
+                     " were split from the busiest ones (router row with a little noise, expert weights) at steps "
+                     + ", ".join(str(ev["step"]) for ev in revived) + "; experts split per layer: "
+                     + ", ".join(f"layer {k} {v}" for k, v in sorted(per_layer.items())) + ".")
     lines += [
         "",
         "## Data",

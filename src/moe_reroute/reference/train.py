@@ -45,8 +45,8 @@ class TrainConfig:
     balance_coef: float = 0.05
     balance_window: int = 64  # steps whose expert counts make the global-batch frequencies f
     z_loss_coef: float = 0.0
-    revive_below: float = 0.0  # at each checkpoint, reset the router rows of experts below this x uniform load
-    # over the steps since the last checkpoint (0: off); see revive()
+    revive_below: float = 0.25  # at each checkpoint, experts under this x uniform load since the last one
+    # become copies of the busiest experts (0: off); see revive()
     checkpoint_every: int = 50
 
     @property
@@ -148,12 +148,14 @@ class GlobalBalance:
 
 
 @torch.no_grad()
-def revive(model, opt, counts: torch.Tensor, below: float, step: int, recent: int) -> dict[int, int]:
-    """Experts whose load over the last `recent` steps is under `below` x uniform get their router row set to
-    the mean row of the layer's other experts (plus a little noise) and its optimiser state cleared: their
-    router probability becomes typical again, so the balance loss and the language-model loss can reach
-    them (the balance gradient on an expert's logit is proportional to its probability, near zero for an
-    expert the router has learned to avoid). Returns {layer: experts reset}.
+def revive(model, opt, counts: torch.Tensor, below: float, step: int, recent: int) -> dict[int, list[list[int]]]:
+    """Split the busiest experts into idle ones. In each layer, every expert whose load over the last
+    `recent` steps is under `below` x uniform becomes a copy of one of the busiest experts (router row,
+    with a little noise, and expert weights; its optimiser state cleared): the pair shares that expert's
+    tokens and computes what it did, then the two drift apart. An idle expert cannot come back by itself:
+    the balance gradient on its logit is proportional to its router probability, near zero once the router
+    has learned to avoid it, and the language-model loss only reaches experts that are selected.
+    Returns {layer: [[idle expert, busy expert it copied], ...]}.
 
     counts: [W, L, E] the balance window's per-step expert counts (step s in slot s % W).
     """
@@ -161,19 +163,24 @@ def revive(model, opt, counts: torch.Tensor, below: float, step: int, recent: in
     load = counts[[(step - 1 - i) % W for i in range(min(recent, W))]].sum(0)  # [L, E]
     ratio = load / load.mean(dim=1, keepdim=True).clamp_min(1e-9)
     gen = torch.Generator().manual_seed(step)
-    reset = {}
+    out = {}
     for layer, block in enumerate(model.model.layers):
-        low = ratio[layer] < below  # [E]
-        if not low.any() or low.all():
+        idle = torch.nonzero(ratio[layer] < below).flatten().tolist()
+        if not idle or len(idle) > ratio.shape[1] // 2:
             continue
-        w = block.mlp.gate.weight  # [E, H]
-        mean = w[~low].mean(0)  # [H]
-        w[low] = mean + 0.01 * mean.abs().mean() * torch.randn(int(low.sum()), w.shape[1], generator=gen)
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in opt.state.get(w, {}):
-                opt.state[w][key][low] = 0.0
-        reset[layer] = int(low.sum())
-    return reset
+        busy = torch.argsort(ratio[layer], descending=True)[: len(idle)].tolist()
+        gate = block.mlp.gate.weight  # [E, H]
+        params = [gate] + [p for p in block.mlp.experts.parameters() if p.shape[0] == gate.shape[0]]  # [E, ...]
+        scale = 0.01 * gate.abs().mean()
+        for dst, src in zip(idle, busy):
+            for prm in params:
+                prm[dst] = prm[src]
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in opt.state.get(prm, {}):
+                        opt.state[prm][key][dst] = 0.0
+            gate[dst] += scale * torch.randn(gate.shape[1], generator=gen)
+        out[layer] = [[d, b] for d, b in zip(idle, busy)]
+    return out
 
 
 def z_loss(router_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -194,6 +201,7 @@ def batch_rows(data: dict[str, torch.Tensor], step: int, cfg: "TrainConfig") -> 
     return torch.stack(rows).long()
 
 
+ADDED_LATER = {"revive_below": 0.0}  # TrainConfig fields newer than some checkpoints, as those ran
 RESUMABLE = {"train_tokens", "balance_coef", "revive_below"}  # may change when a run resumes; recorded in schedule_changes
 
 
@@ -230,6 +238,7 @@ def train(workdir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), progre
     step, log, elapsed, schedule, revived = 0, [], 0.0, [], []
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True)
+        state["config"] = {**ADDED_LATER, **state["config"]}
         changed = {k for k, v in asdict(cfg).items() if state["config"].get(k) != v}
         if changed - RESUMABLE:
             raise RuntimeError(f"{ckpt} was made with another TrainConfig ({sorted(changed)} differ); delete it to "
@@ -274,7 +283,7 @@ def train(workdir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), progre
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or step == stop_after:
             elapsed += time.time() - t_last
             t_last = time.time()
-            if cfg.revive_below > 0 and step < cfg.steps:
+            if cfg.revive_below > 0 and step <= cfg.steps - 2 * cfg.checkpoint_every:  # time to learn after
                 reset = revive(model, opt, balance.counts, cfg.revive_below, step, cfg.checkpoint_every)
                 if reset:
                     revived.append({"step": step, "experts_reset": reset})

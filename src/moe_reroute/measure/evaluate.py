@@ -85,7 +85,8 @@ def make_sequences(ids: torch.Tensor, seq_len: int, num_sequences: int) -> torch
     return ids[: n * seq_len].view(n, seq_len)
 
 
-def domain_sequences(streams: dict[str, torch.Tensor], seq_len: int, num_sequences: int) -> tuple[torch.Tensor, list[str]]:
+def domain_sequences(streams: dict[str, torch.Tensor], seq_len: int,
+                     num_sequences: int) -> tuple[torch.Tensor, list[str]]:
     """([N, L] sequences, [N] domain labels): N = num_sequences consecutive windows, split as equally as
     possible among the domains (the first num_sequences % D domains give one more).
 

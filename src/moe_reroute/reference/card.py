@@ -94,7 +94,8 @@ def trace_sequences(streams: dict[str, torch.Tensor], rows: int, steps: int, bat
         return [streams[d][: rows * steps].view(rows, steps) for d in domains]
     if batching != "mixed":
         raise ValueError(f"batching must be 'same-domain' or 'mixed', got {batching!r}")
-    return [torch.stack([streams[domains[r % len(domains)]][(r // len(domains)) * steps :][:steps] for r in range(rows)])]
+    D = len(domains)
+    return [torch.stack([streams[domains[r % D]][(r // D) * steps :][:steps] for r in range(rows)])]
 
 
 def uniform_u(E: int, K: int, B: int) -> float:
@@ -137,7 +138,8 @@ def routing_stats(model, streams: dict[str, torch.Tensor], seq_len: int = 128) -
         domain = labels[int(idx[0])]
         for layer, r in _pass(model, seqs[idx], "logits").items():
             u_domain[domain].setdefault(layer, []).append(float(r.native_unique.double().mean()))
-            load[layer] = load.get(layer, torch.zeros(E, dtype=torch.long)) + torch.bincount(r.native_ids.flatten(), minlength=E)
+            counts = torch.bincount(r.native_ids.flatten(), minlength=E)  # [E]
+            load[layer] = load.get(layer, torch.zeros(E, dtype=torch.long)) + counts
             probs = torch.softmax(r.logits.double(), -1).sort(-1, descending=True).values.cumsum(-1)  # [N, E]
             share[layer] = share.get(layer, torch.zeros(3, dtype=torch.float64)) + probs[:, [0, 2, K - 1]].sum(0)
     u_mixed: dict[int, list[float]] = {}

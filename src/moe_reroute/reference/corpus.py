@@ -191,7 +191,8 @@ def python_docs(workdir: Path) -> list[Document]:
     for f in sorted(root.rglob("*.py")):
         if f.is_symlink() or f.relative_to(root).parts[0] == "test":
             continue
-        docs.append(Document("python", str(f.relative_to(root)), clean(f.read_text(encoding="utf-8", errors="replace"))))
+        text = clean(f.read_text(encoding="utf-8", errors="replace"))
+        docs.append(Document("python", str(f.relative_to(root)), text))
     return docs
 
 

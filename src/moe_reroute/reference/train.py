@@ -202,7 +202,7 @@ def batch_rows(data: dict[str, torch.Tensor], step: int, cfg: "TrainConfig") -> 
 
 
 ADDED_LATER = {"revive_below": 0.0}  # TrainConfig fields newer than some checkpoints, as those ran
-RESUMABLE = {"train_tokens", "balance_coef", "revive_below"}  # may change when a run resumes; recorded in schedule_changes
+RESUMABLE = {"train_tokens", "balance_coef", "revive_below"}  # may change on resume; kept in schedule_changes
 
 
 def train(workdir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), progress: bool | None = None,
@@ -277,8 +277,8 @@ def train(workdir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), progre
         step += 1
         tokens0 += batch[:, :-1].numel()
         L = cfg.num_layers
-        log.append({"step": step, "ce": float(ce.detach()), "balance": float(bal.detach()) / L, "balance_batch": float(bal_local) / L,
-                    "z": float(z) / L, "lr": lr})
+        log.append({"step": step, "ce": float(ce.detach()), "balance": float(bal.detach()) / L,
+                    "balance_batch": float(bal_local) / L, "z": float(z.detach()) / L, "lr": lr})
         bar.update(1)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or step == stop_after:
             elapsed += time.time() - t_last

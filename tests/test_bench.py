@@ -237,6 +237,9 @@ def test_cli_bench_records_the_reference_trace(monkeypatch, capsys):
 
     text = "\n\n".join(["Shall I compare thee to a summer's day? Thou art more lovely and more temperate."] * 4)
     monkeypatch.setattr(reference, "load", lambda dtype=None: (tiny_model("qwen3_moe"), tiny_tokenizer(), text))
+    from moe_reroute.reference.corpus import Document
+
+    monkeypatch.setattr(reference, "heldout_documents", lambda: [Document("a", "x", text), Document("b", "y", text)])
     trace = bench.reference_trace(batch_size=4, steps=8)
     assert (trace.batch_size, trace.steps, trace.layers) == (4, 8, [0, 1])
     main(["bench", "--dims", "32,16,16,4", "--policy", "oea:k0=2", "--batch-sizes", "2,4", "--steps", "3",

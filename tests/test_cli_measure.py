@@ -70,6 +70,8 @@ def test_eval_errors(checkpoint, tmp_path, capsys):
         main(base + ["--batch-sizes", "8"])
     with pytest.raises(SystemExit, match="--text FILE is needed"):
         main(["eval", "--model", str(checkpoint)])
+    with pytest.raises(SystemExit, match="--batching needs held-out text with domain labels"):
+        main(base + ["--batching", "same-domain"])
     dense = tmp_path / "dense"
     from transformers import LlamaConfig, LlamaForCausalLM
 

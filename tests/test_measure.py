@@ -116,3 +116,63 @@ def test_trace_replay_on_eval_sequences_is_deterministic(model, ids):
     replayed = trace.replay(make_policy("native"))
     for layer, u in rec.unique_per_layer(native=True).items():
         assert torch.equal(replayed[layer], u)
+
+
+def baseline_batch_order(labels, B, batching):
+    """Plain reference for batch_order's groups.
+
+    Algorithm:
+      1. same-domain: for each domain in order of first appearance, its sequence indices in order, cut into
+         groups of B; then round r takes group r of every domain that has one.
+      2. mixed: round r takes the r-th sequence of every domain that has one; the list is cut to a multiple of B.
+    """
+    domains = list(dict.fromkeys(labels))
+    idx = {d: [i for i, x in enumerate(labels) if x == d] for d in domains}
+    if batching == "same-domain":
+        groups = {d: [idx[d][j:j + B] for j in range(0, len(idx[d]) - B + 1, B)] for d in domains}
+        out = []
+        for r in range(max(len(g) for g in groups.values())):
+            for d in domains:
+                if r < len(groups[d]):
+                    out += groups[d][r]
+        return out
+    out = []
+    for r in range(max(len(v) for v in idx.values())):
+        for d in domains:
+            if r < len(idx[d]):
+                out.append(idx[d][r])
+    return out[: len(out) // B * B]
+
+
+@pytest.mark.parametrize("B", [1, 2, 3, 4])
+def test_batch_order_matches_baseline(B):
+    from moe_reroute.measure.evaluate import batch_order
+
+    labels = ["a"] * 5 + ["b"] * 4 + ["c"] * 7
+    for batching in ("same-domain", "mixed"):
+        assert batch_order(labels, B, batching).tolist() == baseline_batch_order(labels, B, batching)
+    groups = batch_order(labels, B, "same-domain").view(-1, B).tolist()
+    assert all(len({labels[i] for i in g}) == 1 for g in groups)  # one domain per batch
+    if B > 1:
+        mixed = batch_order(labels, B, "mixed").view(-1, B).tolist()
+        assert len({labels[i] for i in mixed[0]}) == min(B, 3)
+    assert batch_order(labels, B, "stream").tolist() == list(range(len(labels) // B * B))
+
+
+def test_eval_by_domain(model, ids):
+    """Streams with domain labels: same-domain batches hold one domain's sequences, and native rows of the
+    two batchings see the same sequences (same mean cross-entropy when every sequence is used)."""
+    from moe_reroute.measure.evaluate import batch_order, domain_sequences
+
+    streams = {"a": ids[:200], "b": ids[200:400]}
+    cfg = EvalConfig(batch_sizes=(2,), seq_len=10, num_sequences=8)
+    seqs, labels = domain_sequences(streams, 10, 8)
+    assert labels == ["a"] * 4 + ["b"] * 4 and torch.equal(seqs[4], ids[200:210])
+    same = evaluate(model, streams, {}, cfg, progress=False, batching="same-domain")
+    mixed = evaluate(model, streams, {}, cfg, progress=False, batching="mixed")
+    assert same["rows"][0]["batching"] == "same-domain" and same["conditions"]["domains"] == ["a", "b"]
+    assert same["rows"][0]["cross_entropy"] == pytest.approx(mixed["rows"][0]["cross_entropy"], abs=1e-6)
+    with pytest.raises(ValueError, match="domain labels"):
+        evaluate(model, ids, {}, cfg, progress=False, batching="mixed")
+    with pytest.raises(ValueError, match="same-domain batches of 8"):
+        batch_order(labels, 8, "same-domain")

@@ -1,5 +1,6 @@
-"""The shipped reference model: files match their recorded checksums, it loads offline, generates, and
-its held-out cross-entropy on a fixed slice matches the model card."""
+"""The shipped reference model: files match their recorded checksums, it loads offline, generates, its
+held-out cross-entropy on a fixed slice matches the model card, its held-out split carries domain labels,
+and the card's routing numbers are those of a domain-specialised, balanced model."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from moe_reroute import RouterSpec, reference
-from moe_reroute.reference import card
+from moe_reroute.reference import card, corpus
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +89,78 @@ def test_card_reports_balanced_layers(card_json):
     assert len(loads) >= 4
     for layer, ld in loads.items():
         assert ld["min_x_uniform"] >= 0.25 and ld["max_x_uniform"] <= 4.0, f"layer {layer} load {ld}"
+
+
+def test_heldout_split_has_domain_labels(folder, loaded):
+    _, _, heldout = loaded
+    docs = reference.heldout_documents()
+    domains = {d.domain for d in docs}
+    assert len(domains) >= 5 and domains <= set(corpus.DOMAINS)
+    assert "\n\n".join(d.text for d in docs) == heldout  # heldout.txt is the same text, plain
+    train = json.loads((folder / "training.json").read_text())["corpus"]
+    for domain, info in train["domains"].items():  # the documents the data card counted
+        assert sum(d.domain == domain for d in docs) == info["heldout_documents"], domain
+    for domain, names in train["heldout_named"].items():
+        assert {d.name for d in docs if d.domain == domain} == set(names)
+
+
+def test_card_routing_is_domain_specialised(card_json):
+    """Same-domain batches touch fewer experts than mixed ones in every layer, both below uniform; the
+    card's per-domain cross-entropy beats the bigram baseline fitted on the training split."""
+    r = card_json["routing"]
+    uniform = card.uniform_u(128, 8, 16)
+    assert r["uniform_expectation"] == pytest.approx(uniform, abs=0.01)
+    for layer, u in r["same_domain_mean_u"].items():
+        assert u < r["mixed_mean_u"][layer] < uniform
+        top1, top3, top8 = r["mass_share_top1_top3_topK"][layer]
+        assert 0 < top1 < top3 < top8 <= 1
+    for domain, v in card_json["heldout_ce_by_domain"].items():
+        assert v["ce"] < v["bigram"] < v["unigram"], domain
+
+
+def test_card_markdown_matches_card_json(folder, card_json):
+    text = (folder / "MODEL_CARD.md").read_text()
+    training = json.loads((folder / "training.json").read_text())
+    assert text == card.render(card_json, training)
+
+
+def test_global_balance_uses_the_window_frequencies():
+    """f from every step in the window, P from this batch only: hand-computed on two steps."""
+    from moe_reroute.reference.train import GlobalBalance
+
+    bal = GlobalBalance(layers=1, experts=4, window=2, top_k=1)
+    first = torch.tensor([[9.0, 0, 0, 0], [9.0, 0, 0, 0]])  # both tokens pick expert 0
+    bal((first,), step=0)
+    second = torch.tensor([[0, 9.0, 0, 0], [0, 0, 9.0, 0]])  # experts 1 and 2
+    loss, local = bal((second,), step=1)
+    f = torch.tensor([2.0, 1, 1, 0]) / 4
+    P = torch.softmax(second, -1).mean(0)
+    assert float(loss) == pytest.approx(float(4 * (f * P).sum()), rel=1e-6)
+    assert float(local) == pytest.approx(float(4 * (torch.tensor([0, 0.5, 0.5, 0]) * P).sum()), rel=1e-6)
+
+
+def test_revive_splits_busy_experts_into_idle_ones():
+    from tiny_models import tiny_model
+
+    from moe_reroute.reference.train import revive
+
+    model = tiny_model("qwen3_moe")
+    mlp = model.model.layers[0].mlp
+    gate = mlp.gate.weight
+    E = gate.shape[0]
+    opt = torch.optim.AdamW(model.parameters())
+    model(input_ids=torch.randint(1, 64, (2, 8))).logits.sum().backward()
+    opt.step()
+    before = {n: p.detach().clone() for n, p in mlp.named_parameters()}
+    counts = torch.ones(4, len(model.model.layers), E)
+    counts[:, 0, 1] = 0.0  # expert 1 of layer 0 idle
+    counts[2:, 0, 3] = 5.0  # expert 3 the busiest over the last 2 steps (slots 2, 3)
+    assert revive(model, opt, counts, below=0.25, step=4, recent=2) == {0: [[1, 3]]}
+    others = [e for e in range(E) if e != 1]
+    for name, p in mlp.named_parameters():
+        assert torch.equal(p[others], before[name][others]), name
+        if name != "gate.weight":
+            assert torch.equal(p[1], before[name][3]), name
+    assert torch.allclose(gate[1], before["gate.weight"][3], atol=0.1 * before["gate.weight"].abs().mean().item())
+    assert not torch.equal(gate[1], before["gate.weight"][3])
+    assert float(opt.state[gate]["exp_avg"][1].abs().sum()) == 0.0

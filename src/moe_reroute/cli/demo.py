@@ -1,10 +1,12 @@
 """`moe-reroute demo`: the main job on the shipped reference model, CPU, a few minutes.
 
-Native routing and a default of each policy at decode batch 16: distinct experts per layer (U), held-out
-cross-entropy against native with a paired 95% CI, greedy generation against native, and the MoE-layer
-latency ratio measured at Qwen3-30B-A3B's layer shape with the routings these policies make on the
-reference model's router logits (same 128-expert top-8 geometry). Then a report with plots: each policy
-family swept over its parameter, and U against batch size replayed on the model's routing trace.
+Native routing and a default of each policy at decode batch 16, for decode batches of one domain
+("same-domain") and batches mixing the held-out split's seven domains ("mixed"): distinct experts per
+layer (U), held-out cross-entropy against native with a paired 95% CI, greedy generation against native,
+and the MoE-layer latency ratio measured at Qwen3-30B-A3B's layer shape with the routings these policies
+make on the reference model's router logits (same 128-expert top-8 geometry). Then a report with plots
+(same-domain batches): each policy family swept over its parameter, and U against batch size replayed on
+the model's routing trace of mixed batches.
 """
 
 from __future__ import annotations
@@ -20,16 +22,19 @@ SWEEP = ("cap:k=2", "cap:k=3", "cap:k=6", "oea:k0=1", "oea:k0=2", "oea:k0=5", "s
          "sere:primary=3", "budget:budget=16", "budget:budget=24", "budget:budget=48")
 BATCH = 16
 REPLAY_BATCHES = (1, 4, 8, 16, 32, 64)
+BATCHINGS = ("same-domain", "mixed")
 
 
 def _demo(args) -> int:
+    import math
+
     import torch
 
     from ..measure import bench, report
+    from ..measure.evaluate import EvalConfig, batch_order, domain_sequences, evaluate, generation_check
     from ..measure.shapes import get_shape
-    from ..measure.evaluate import EvalConfig, evaluate, generation_check, make_sequences
-    from ..reference import load
-    from ..reference.card import heldout_ids
+    from ..reference import heldout_documents, load
+    from ..reference.card import domain_streams, trace_sequences
     from .inputs import check_out_dir
     from .measure import build_policies
 
@@ -39,24 +44,34 @@ def _demo(args) -> int:
     torch.manual_seed(0)
     say = (lambda *a: None) if args.json else print
     say("moe-reroute demo: the shipped reference model (Qwen3-MoE, 128 experts, top-8), CPU, float32, batch 16")
-    model, tokenizer, heldout = load()
-    ids = heldout_ids(tokenizer, heldout)
+    model, tokenizer, _ = load()
+    streams = domain_streams(tokenizer, heldout_documents())
     defaults = build_policies(DEFAULT_POLICIES, model)
     with_native = {"native": build_policies(["native"], model)["native"], **defaults}
     sweep = build_policies(SWEEP if not args.no_sweep else (), model)
     progress = not args.json
+    D = len(streams)
 
-    say(f"\n[1/4] quality: {args.sequences} held-out sequences of {args.seq_len} tokens, {1 + len(defaults) + len(sweep)} "
-        "routings, each position's 16 tokens routed as one decode batch")
+    say(f"\n[1/4] quality: {args.sequences} held-out sequences of {args.seq_len} tokens ({args.sequences // D} from each "
+        f"of {D} domains), each position's 16 tokens routed as one decode batch; same-domain batches: "
+        f"{1 + len(defaults) + len(sweep)} routings, mixed batches: {1 + len(defaults)}")
     config = EvalConfig(batch_sizes=(BATCH,), seq_len=args.seq_len, num_sequences=args.sequences, resamples=2000)
-    evaluation = evaluate(model, ids, {**defaults, **sweep}, config, progress=progress)
+    try:
+        evaluations = {"same-domain": evaluate(model, streams, {**defaults, **sweep}, config, progress=progress,
+                                               batching="same-domain"),
+                       "mixed": evaluate(model, streams, defaults, config, progress=progress, batching="mixed")}
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
-    say(f"[2/4] greedy generation: {BATCH} prompts of 32 tokens, {args.generate} new tokens, against native")
-    prompts = make_sequences(ids, 32, BATCH)
+    say(f"[2/4] greedy generation: {BATCH} prompts of 32 tokens (the domains in turn), {args.generate} new tokens, "
+        "against native")
+    seqs, labels = domain_sequences(streams, 32, BATCH * D)
+    prompts = seqs[batch_order(labels, BATCH, "mixed")[:BATCH]]
     generation = generation_check(model, prompts, defaults, max_new_tokens=args.generate)
 
-    say("[3/4] U against batch size: every policy replayed on the model's routing trace")
-    trace = bench.reference_trace(max(REPLAY_BATCHES), args.replay_steps, model, ids)
+    say("[3/4] U against batch size: every policy replayed on the model's routing trace of mixed batches")
+    trace = bench.reference_trace(max(REPLAY_BATCHES), args.replay_steps, model,
+                                  trace_sequences(streams, max(REPLAY_BATCHES), args.replay_steps, "mixed")[0])
     u_by_batch = {}
     for label, policy in with_native.items():
         u_by_batch[label] = {}
@@ -67,47 +82,62 @@ def _demo(args) -> int:
     shape = get_shape(args.shape)
     say(f"[4/4] MoE-layer latency: {shape.name} layer shape (H={shape.hidden}, I={shape.intermediate}, "
         f"E={shape.num_experts}, K={shape.top_k}) on CPU, routings from the reference model's router logits")
-    routings = bench.routings_from_trace(bench.reference_trace(BATCH, 64, model, ids),  # steps spread over 64
-                                         with_native, BATCH, args.bench_steps, shape=shape)
-    result = bench.bench_policies(shape, routings, "cpu", repeats=args.repeats, warmup=2, progress=progress)
-    measured = result.to_dict()
-    bench_json = {"command": "", "shape": {**measured["shape"], "bytes_per_expert": shape.bytes_per_expert(torch.float32)},
-                  "routing": f"the reference model's native router logits on held-out text, decode batch {BATCH}, "
-                             f"{len(routings['native'])} (position, layer) steps",
-                  "bandwidth": measured["bandwidth"], "results": {str(BATCH): measured}}
+    ratios, bench_json, kernel, steps_timed = {}, {}, "", {}
+    for batching in BATCHINGS:
+        parts = trace_sequences(streams, BATCH, 64, batching)  # steps spread over 64 positions
+        per = math.ceil(args.bench_steps / len(parts))
+        routings = {name: [] for name in with_native}
+        for seq in parts:
+            for name, rs in bench.routings_from_trace(bench.reference_trace(BATCH, 64, model, seq), with_native,
+                                                      BATCH, per, shape=shape).items():
+                routings[name] += rs
+        result = bench.bench_policies(shape, routings, "cpu", repeats=args.repeats, warmup=2, progress=progress)
+        measured = result.to_dict()
+        kernel, steps_timed[batching] = result.kernel, len(routings["native"])
+        bench_json[batching] = {
+            "command": "", "shape": {**measured["shape"], "bytes_per_expert": shape.bytes_per_expert(torch.float32)},
+            "routing": f"the reference model's native router logits on held-out text, {batching} decode batches of "
+                       f"{BATCH}, {len(routings['native'])} (position, layer) steps",
+            "bandwidth": measured["bandwidth"], "results": {str(BATCH): measured}}
+        ratios[batching] = report.latency_ratios(bench_json[batching])[BATCH]
 
     command = "moe-reroute " + " ".join(shlex.quote(a) for a in args.argv)
-    bench_json["command"] = command
-    out = report.write(Path(args.out), evaluation, command, bench=bench_json, generation=generation, batch=BATCH,
-                       u_by_batch=u_by_batch)
-    rows = [r for r in evaluation["rows"] if r["policy"] in ("native", *defaults)]
-    ratios = report.latency_ratios(bench_json)[BATCH]
+    for b in bench_json.values():
+        b["command"] = command
+    out = report.write(Path(args.out), evaluations["same-domain"], command, bench=bench_json["same-domain"],
+                       generation=generation, batch=BATCH, u_by_batch=u_by_batch)
     gen = {g["policy"]: g for g in generation}
+    rows = [dict(r, latency_ratio=ratios[b].get(r["policy"], float("nan")))
+            for b in BATCHINGS for r in evaluations[b]["rows"] if r["policy"] in ("native", *defaults)]
     elapsed = time.time() - t0
     if args.json:
         print(json.dumps({"rows": rows, "latency_ratio": ratios, "generation": generation, "report": str(out),
                           "seconds": round(elapsed, 1)}))
         return 0
-    print(f"\nBatch {BATCH}, reference model, CPU float32; latency: {shape.name} MoE layer, "
-          f"{result.kernel} kernel, median of {args.repeats} interleaved repeats x {len(routings['native'])} steps\n")
-    print("| policy | U / layer | experts / token | Δ CE [95% CI] | significant loss | greedy tokens changed | MoE latency / native |")
-    print("| --- | ---: | ---: | --- | --- | ---: | ---: |")
+    print(f"\nBatch {BATCH}, reference model, CPU float32; latency: {shape.name} MoE layer, {kernel} kernel, median of "
+          f"{args.repeats} interleaved repeats x {steps_timed['same-domain']} (same-domain) / "
+          f"{steps_timed['mixed']} (mixed) steps; greedy generation: {BATCH} prompts of the domains in turn\n")
+    print("| batches | policy | U / layer | experts / token | Δ CE [95% CI] | significant loss | greedy tokens changed | "
+          "MoE latency / native |")
+    print("| --- | --- | ---: | ---: | --- | --- | ---: | ---: |")
     for r in rows:
         lo, hi = r["delta_ce_ci"]
         g = gen.get(r["policy"])
-        changed = f"{g['differing_tokens']}/{g['generated_tokens']}" if g else "0"
-        print(f"| {r['policy']} | {r['mean_unique']:.1f} | {r['experts_per_token']:.2f} | {r['delta_ce']:+.4f} "
-              f"[{lo:+.4f}, {hi:+.4f}] | {'yes' if r['significant_loss'] else 'no'} | {changed} | "
-              f"{ratios.get(r['policy'], float('nan')):.2f} |")
+        # the generation check's prompts mix the domains: shown on the mixed rows
+        changed = "—" if r["batching"] != "mixed" else f"{g['differing_tokens']}/{g['generated_tokens']}" if g else "0"
+        print(f"| {r['batching']} | {r['policy']} | {r['mean_unique']:.1f} | {r['experts_per_token']:.2f} | "
+              f"{r['delta_ce']:+.4f} [{lo:+.4f}, {hi:+.4f}] | {'yes' if r['significant_loss'] else 'no'} | {changed} | "
+              f"{r['latency_ratio']:.2f} |")
     print(f"\nUniform routing would activate {report.uniform_expectation(128, 8, BATCH):.1f} experts per layer at batch 16.")
-    print(f"Report with plots: {out} ({elapsed:.0f} s)")
+    print(f"Report with plots (same-domain batches): {out} ({elapsed:.0f} s)")
     return 0
 
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("demo", help="the main job: every policy on the shipped reference model at batch 16, with a report")
     p.add_argument("--out", default="moe-reroute-report", help="report folder (default ./moe-reroute-report)")
-    p.add_argument("--sequences", type=int, default=64, help="held-out sequences for the quality check (default 64)")
+    p.add_argument("--sequences", type=int, default=112, help="held-out sequences for the quality check, split "
+                   "equally among the 7 domains; same-domain batches of 16 need 16 per domain (default 112)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--generate", type=int, default=24, help="greedy tokens in the generation check (default 24)")
     p.add_argument("--no-sweep", action="store_true", help="only the default of each policy, no parameter sweep")

@@ -107,7 +107,8 @@ def build_policies(specs, model, with_native: bool = False) -> dict:
 
 def _eval(args) -> int:
     from ..measure import report
-    from ..measure.evaluate import EvalConfig, evaluate, generation_check, make_sequences
+    from ..measure.evaluate import (EvalConfig, batch_order, domain_sequences, evaluate, generation_check,
+                                    make_sequences)
     from ..reference.card import heldout_ids
 
     batch_sizes = int_list(args.batch_sizes)
@@ -137,15 +138,31 @@ def _eval(args) -> int:
         return _eval_task(args, model, tokenizer, policies)
     if args.lm_eval:
         return _eval_harness(args, model, tokenizer, policies)
+    labelled = args.model is None and args.text is None  # the reference model's held-out split, by domain
+    if args.batching is not None and not labelled:
+        raise SystemExit("error: --batching needs held-out text with domain labels (the reference model's, without "
+                         "--model/--text); plain --text is cut into consecutive sequences")
     try:
         config = EvalConfig(batch_sizes=batch_sizes, seq_len=args.seq_len,
                             num_sequences=args.sequences, resamples=args.resamples)
-        ids = heldout_ids(tokenizer, text)
-        result = evaluate(model, ids, policies, config, progress=not args.json)
+        if labelled:
+            from ..reference import heldout_documents
+            from ..reference.card import domain_streams
+
+            ids = domain_streams(tokenizer, heldout_documents())
+            result = evaluate(model, ids, policies, config, progress=not args.json, batching=args.batching or "mixed")
+        else:
+            ids = heldout_ids(tokenizer, text)
+            result = evaluate(model, ids, policies, config, progress=not args.json)
         generation = None
         if args.generate > 0:
-            seqs = make_sequences(ids, config.seq_len, config.num_sequences)
-            gb = min(args.generation_batch, seqs.shape[0])
+            if labelled:  # prompts batched as the evaluation was
+                seqs, labels = domain_sequences(ids, config.seq_len, config.num_sequences)
+                gb = min(args.generation_batch, seqs.shape[0])
+                seqs = seqs[batch_order(labels, gb, result["conditions"]["batching"])]
+            else:
+                seqs = make_sequences(ids, config.seq_len, config.num_sequences)
+                gb = min(args.generation_batch, seqs.shape[0])
             prompts = seqs[:gb, : min(32, config.seq_len)]
             generation = generation_check(model, prompts, policies, max_new_tokens=args.generate)
     except ValueError as e:
@@ -315,8 +332,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--lm-eval-include", metavar="PATH", help="folder of local lm-eval task YAMLs (e.g. "
                    "dataset_path: json with data_files), for --lm-eval")
     p.add_argument("--batch-sizes", default="1,4,8,16,32,64", help="decode batch sizes (default 1,4,8,16,32,64)")
+    p.add_argument("--batching", choices=("same-domain", "mixed"), default=None,
+                   help="reference model's held-out text: decode batches of one domain, or cycling through the "
+                   "domains (default mixed); same-domain batches of B need B sequences per domain. Not with --text")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
-    p.add_argument("--sequences", type=int, default=64, help="sequences of held-out text (default 64)")
+    p.add_argument("--sequences", type=int, default=64, help="sequences of held-out text (default 64; with "
+                   "domain labels split equally among the domains)")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--generate", type=int, default=32, help="greedy tokens per prompt for the generation check (0: skip)")
     p.add_argument("--generation-batch", type=int, default=16, help="prompts in the generation check (default 16)")

@@ -26,10 +26,15 @@ def _train_reference(args) -> int:
     check_out_dir(out)
     check_out_dir(args.workdir, "--workdir")
     at_least(args.tokens, 1, "--tokens")
-    cfg = TrainConfig(train_tokens=args.tokens, seed=args.seed)
+    cfg = TrainConfig(train_tokens=args.tokens, seed=args.seed, balance_coef=args.balance_coef,
+                      balance_window=args.balance_window, z_loss_coef=args.z_loss,
+                      revive_below=args.revive_below)
     print(f"corpus, tokenizer and checkpoints in {args.workdir}; {cfg.steps} steps of "
           f"{cfg.batch_size}x{cfg.seq_len} tokens; an interrupted run resumes from its last checkpoint")
-    folder = train(Path(args.workdir), out, cfg)
+    folder = train(Path(args.workdir), out, cfg, stop_after=args.stop_after)
+    if folder is None:
+        print(f"stopped after step {args.stop_after}; run again to resume")
+        return 0
     calibrate_sere(Path(args.workdir), folder)
     print(f"model written to {folder}")
     return 0
@@ -38,28 +43,43 @@ def _train_reference(args) -> int:
 def _reference_card(args) -> int:
     import torch
 
-    from ..reference import card, load, path
+    from ..reference import card, heldout_documents, load, path
+    from ..reference.train import train_stream
 
     out = shipped_folder() if args.refresh_shipped else check_out_dir(args.out)
     if args.refresh_shipped and args.out != DEFAULT_CARD_OUT:
         raise InputError("give --out or --refresh-shipped, not both")
-    model, tokenizer, heldout = load()
-    folder = path()
+    folder = Path(args.model_dir) if args.model_dir else path()
+    model, tokenizer, heldout = load(folder=folder)
     ids = card.heldout_ids(tokenizer, heldout)
+    streams = card.domain_streams(tokenizer, heldout_documents(folder))
+    workdir = Path(args.workdir)
+    if not (workdir / "train_ids.pt").exists():
+        raise InputError(f"no training split in {workdir} (train_ids.pt) for the n-gram baselines; build "
+                         f"it with `moe-reroute train-reference --workdir {workdir}`, or pass the --workdir it used")
+    train_ids = train_stream(workdir)
+    baselines = card.NgramBaselines(train_ids, model.config.vocab_size)
+    by_domain = {}
+    for domain, s in streams.items():
+        base = baselines.cross_entropy(s)
+        by_domain[domain] = {"tokens": len(s), "ce": round(card.cross_entropy(model, s), 4),
+                             "unigram": round(base["unigram"], 4), "bigram": round(base["bigram"], 4)}
+    all_ids = torch.cat(list(streams.values()))
     result = {
         "heldout_tokens": len(ids),
-        "heldout_ce": round(card.cross_entropy(model, ids), 4),
         "heldout_ce_slice": round(card.cross_entropy(model, ids, max_tokens=4096), 4),
+        "heldout_ce": round(sum(v["ce"] * v["tokens"] for v in by_domain.values())
+                            / sum(v["tokens"] for v in by_domain.values()), 4),
+        "heldout_ce_by_domain": by_domain,
+        "baselines": {k: round(v, 4) for k, v in baselines.cross_entropy(all_ids).items()},
         "parameters": sum(p.numel() for p in model.parameters()),
-        "routing": card.routing_stats(model, ids),
+        "routing": card.routing_stats(model, streams),
+        "train_split_tokens": len(train_ids),
+        "train_split_tokens_by_domain": {k: len(v) for k, v in
+                                         torch.load(workdir / "train_ids.pt", weights_only=True).items()},
         "sha256": {str(f.relative_to(folder)): card.sha256(f) for f in sorted(folder.rglob("*"))
                    if f.is_file() and f.name not in ("card.json", "MODEL_CARD.md")},
     }
-    if args.workdir and (Path(args.workdir) / "train_ids.pt").exists():
-        train_ids = torch.load(Path(args.workdir) / "train_ids.pt", weights_only=True).long()
-        result["train_split_tokens"] = len(train_ids)
-        result["baselines"] = {k: round(v, 4) for k, v in
-                               card.ngram_baselines(train_ids, ids, model.config.vocab_size).items()}
     text = json.dumps(result, indent=1)
     training = json.loads((folder / "training.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
@@ -71,13 +91,24 @@ def _reference_card(args) -> int:
 
 
 def add_parsers(sub) -> None:
+    from ..reference.train import TrainConfig
+
     p = sub.add_parser("train-reference", help="rebuild corpus, tokenizer and the reference model from scratch")
     p.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="corpus, tokenizer and checkpoints")
     p.add_argument("--out", default=DEFAULT_MODEL_OUT, help=f"where to write the model (default ./{DEFAULT_MODEL_OUT})")
     p.add_argument("--refresh-shipped", action="store_true",
                    help="for maintainers: overwrite the reference model shipped in the package's own folder")
-    p.add_argument("--tokens", type=int, default=10_000_000, help="training tokens")
+    p.add_argument("--tokens", type=int, default=TrainConfig.train_tokens,
+                   help=f"training tokens (default {TrainConfig.train_tokens:,}, the shipped model's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--balance-coef", type=float, default=TrainConfig.balance_coef,
+                   help="load-balancing loss coefficient per layer (may change when resuming)")
+    p.add_argument("--revive-below", type=float, default=TrainConfig.revive_below,
+                   help="at each checkpoint, experts under this x uniform load become copies of the busiest (0: off)")
+    p.add_argument("--stop-after", type=int, default=None, help="checkpoint at this step and stop (resume later)")
+    p.add_argument("--balance-window", type=int, default=TrainConfig.balance_window,
+                   help="steps whose expert counts make the global-batch load-balancing frequencies")
+    p.add_argument("--z-loss", type=float, default=TrainConfig.z_loss_coef, help="router z-loss coefficient (0: off)")
     p.set_defaults(run=_train_reference)
     p = sub.add_parser("reference-card", help="measure the shipped reference model for its model card")
     p.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="training corpus for the n-gram baselines")
@@ -85,4 +116,5 @@ def add_parsers(sub) -> None:
                    help=f"folder for card.json and MODEL_CARD.md (default ./{DEFAULT_CARD_OUT})")
     p.add_argument("--refresh-shipped", action="store_true",
                    help="for maintainers: write them into the shipped model's folder in the package")
+    p.add_argument("--model-dir", default=None, help="a model folder from `train-reference --out` (default: the shipped one)")
     p.set_defaults(run=_reference_card)

@@ -343,20 +343,28 @@ def uniform_routings(
 @torch.no_grad()
 def reference_trace(batch_size: int, steps: int, model=None, ids=None):
     """A trace of the shipped reference model on held-out text: `batch_size` sequences of `steps`
-    tokens, teacher-forced in one [B, L] forward, each position's B tokens one decode step.
+    tokens (by default from the held-out domains in turn), teacher-forced in one [B, L] forward, each
+    position's B tokens one decode step.
 
-    model, ids: the already loaded reference model and its held-out token ids (loaded here if None).
+    model, ids: the already loaded reference model and its held-out token ids (loaded here if None); ids
+      may also be [batch_size, steps] sequences already arranged (e.g. by domain).
     """
     from ..hf import Recorder
 
-    if model is None or ids is None:
-        from ..reference import load
-        from ..reference.card import heldout_ids
+    if model is None or ids is None:  # the held-out split, rows cycling through its domains
+        from ..reference import heldout_documents, load
+        from ..reference.card import domain_streams, trace_sequences
 
-        model, tokenizer, text = load()
-        ids = heldout_ids(tokenizer, text)
-    if len(ids) < batch_size * steps:
+        model, tokenizer, _ = load()
+        ids = trace_sequences(domain_streams(tokenizer, heldout_documents()), batch_size, steps, "mixed")[0]
+    if ids.dim() == 2:
+        if tuple(ids.shape) != (batch_size, steps):
+            raise ValueError(f"arranged sequences are {tuple(ids.shape)}, not ({batch_size}, {steps})")
+        seqs = ids
+    elif len(ids) < batch_size * steps:
         raise ValueError(f"the held-out text has {len(ids)} tokens, fewer than {batch_size} x {steps}; ask for fewer")
+    else:
+        seqs = ids[: batch_size * steps].view(batch_size, steps)
     with Recorder(model, keep="logits") as rec:
-        model(input_ids=ids[: batch_size * steps].view(batch_size, steps))
+        model(input_ids=seqs)
     return rec.to_trace()

@@ -6,6 +6,10 @@ sequences go B at a time through one teacher-forced forward [B, L] with the poli
 exactly the B tokens a server's decode step would hold (B different sequences, one step each). The
 native forward of the same [B, L] batch is the reference, so every comparison is paired by sequence.
 
+Text with domain labels (the reference model's held-out split) can be batched two ways: "same-domain"
+(each decode batch holds B sequences of one domain, as a server serving one kind of traffic) or "mixed"
+(each batch cycles through the domains). Plain text is cut into consecutive windows ("stream").
+
 B = batch size, L = tokens per sequence, V = vocabulary, N = sequences.
 """
 
@@ -25,6 +29,7 @@ from ..progress import progress as progress_bar
 from .stats import mean_se, paired_bootstrap, worse_by_se_rule
 
 DEFAULT_BATCH_SIZES = (1, 4, 8, 16, 32, 64)
+BATCHINGS = ("stream", "same-domain", "mixed")
 SIMILARITY_FILE = "sere/similarity.safetensors"  # in a subfolder: vLLM loads every *.safetensors beside the weights
 
 
@@ -80,6 +85,58 @@ def make_sequences(ids: torch.Tensor, seq_len: int, num_sequences: int) -> torch
     return ids[: n * seq_len].view(n, seq_len)
 
 
+def domain_sequences(streams: dict[str, torch.Tensor], seq_len: int,
+                     num_sequences: int) -> tuple[torch.Tensor, list[str]]:
+    """([N, L] sequences, [N] domain labels): N = num_sequences consecutive windows, split as equally as
+    possible among the domains (the first num_sequences % D domains give one more).
+
+    Args:
+      streams: {domain: [tokens]} held-out token stream of each domain.
+    """
+    D = len(streams)
+    if num_sequences < D:
+        raise ValueError(f"{num_sequences} sequences cannot cover {D} domains; give --sequences {D} or more")
+    seqs, labels = [], []
+    for i, (domain, ids) in enumerate(streams.items()):
+        per = num_sequences // D + (i < num_sequences % D)
+        if ids.numel() // seq_len < per:
+            raise ValueError(f"domain {domain} gives {ids.numel()} tokens, fewer than {per} sequences of {seq_len}; "
+                             "use fewer --sequences or a smaller --seq-len")
+        seqs.append(ids[: per * seq_len].view(per, seq_len))
+        labels += [domain] * per
+    return torch.cat(seqs), labels
+
+
+def batch_order(labels: list[str], B: int, batching: str) -> torch.Tensor:
+    """Indices of the sequences in the order they are batched, B consecutive indices one decode batch.
+
+    Algorithm:
+      1. stream: 0..N-1 (consecutive windows together), cut to a multiple of B.
+      2. same-domain: each domain's sequences in groups of B (a domain's leftover fewer than B is dropped);
+         the groups of the domains taken in turn.
+      3. mixed: the domains' sequences taken in turn, one at a time, cut to a multiple of B.
+    """
+    if batching not in BATCHINGS:
+        raise ValueError(f"batching must be one of {BATCHINGS}, got {batching!r}")
+    N = len(labels)
+    if batching == "stream":
+        return torch.arange(N // B * B)
+    by_domain: dict[str, list[int]] = {}
+    for i, d in enumerate(labels):
+        by_domain.setdefault(d, []).append(i)
+    if batching == "same-domain":
+        groups = {d: [ix[j : j + B] for j in range(0, len(ix) // B * B, B)] for d, ix in by_domain.items()}
+        if not any(groups.values()):
+            raise ValueError(f"same-domain batches of {B} need {B} sequences of one domain; the most any domain has "
+                             f"is {max(len(v) for v in by_domain.values())}: give more --sequences "
+                             f"({B * len(by_domain)} for every domain) or smaller batch sizes")
+        order = [i for r in range(max(len(g) for g in groups.values())) for g in groups.values() if r < len(g)
+                 for i in g[r]]
+        return torch.tensor(order)
+    order = [ix[r] for r in range(max(len(v) for v in by_domain.values())) for ix in by_domain.values() if r < len(ix)]
+    return torch.tensor(order[: N // B * B])
+
+
 def _check_batch_sizes(batch_sizes, n: int, seq_len: int) -> None:
     too_big = [b for b in batch_sizes if b > n]
     if too_big:
@@ -119,33 +176,46 @@ def evaluate(
     policies: dict[str, Policy],
     config: EvalConfig = EvalConfig(),
     progress: bool = True,
+    batching: str = "stream",
 ) -> dict:
     """Compare every policy with native routing at every batch size.
 
     Args:
-      ids: [tokens] held-out token stream.
+      ids: [tokens] held-out token stream, or {domain: [tokens]} with domain labels (the reference model's
+        held-out split, `moe_reroute.reference.heldout_streams`).
       policies: {label: Policy}, e.g. {"oea:k0=3": make_policy("oea", k0=3)}.
+      batching: "stream" for a token stream; "same-domain" or "mixed" for streams by domain.
     Returns: {"rows": [one dict per (policy, batch size)], "conditions": {...}}; each row holds
       cross-entropy and perplexity, the paired difference to native with its CI, the OEA paper's
       standard-error rule, top-1 agreement and KL to native, mean U per layer (policy and native) and
       mean experts kept per token.
     """
-    sequences = make_sequences(ids, config.seq_len, config.num_sequences)
+    if isinstance(ids, dict):
+        if batching == "stream":
+            raise ValueError("text with domain labels is batched 'same-domain' or 'mixed', not 'stream'")
+        sequences, labels = domain_sequences(ids, config.seq_len, config.num_sequences)
+    else:
+        if batching != "stream":
+            raise ValueError(f"batching {batching!r} needs text with domain labels; plain text is batched 'stream'")
+        sequences = make_sequences(ids, config.seq_len, config.num_sequences)
+        labels = ["text"] * sequences.shape[0]
     N, L = sequences.shape
     _check_batch_sizes(config.batch_sizes, N, L)
+    orders = {B: batch_order(labels, B, batching) for B in config.batch_sizes}
     spec = RouterSpec.from_config(model.config)
     from ..hf.apply import moe_routers
 
     layers = [i for i, _ in moe_routers(model)]
-    total = sum((N // b) * (1 + len(policies)) for b in config.batch_sizes)
+    total = sum(len(orders[b]) // b * (1 + len(policies)) for b in config.batch_sizes)
     bar = progress_bar(total, progress, "evaluating", unit="batch")
     rows = []
     for B in config.batch_sizes:
-        n = N // B * B
+        ordered = sequences[orders[B]]  # [n, L], B consecutive sequences one decode batch
+        n = ordered.shape[0]
         native = _Pass(n, layers)
         passes = {label: _Pass(n, layers) for label in policies}
         for g in range(0, n, B):
-            batch = sequences[g : g + B]
+            batch = ordered[g : g + B]
             targets = batch[:, 1:]  # [B, L-1]
             ref_logits, ref_step = _forward(model, batch, None, "counts")
             bar.update(1)
@@ -168,11 +238,11 @@ def evaluate(
                     p.u[layer].append(rec.unique)
                     p.kept.append(experts_per_token(Routing(rec.weights, rec.ids, None)).double())
         native_u = {layer: torch.cat(v).double().mean().item() for layer, v in native.u.items()}
-        rows.append(_row("native", B, native, native, native_u, native_u, None, config, spec))
+        rows.append({**_row("native", B, native, native, native_u, native_u, None, config, spec), "batching": batching})
         for label, p in passes.items():
             u = {layer: torch.cat(v).double().mean().item() for layer, v in p.u.items()}
             kept = torch.cat(p.kept).mean().item() if p.kept else float(spec.top_k)
-            rows.append(_row(label, B, p, native, u, native_u, kept, config, spec))
+            rows.append({**_row(label, B, p, native, u, native_u, kept, config, spec), "batching": batching})
     bar.close()
     conditions = {
         "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
@@ -183,7 +253,9 @@ def evaluate(
         "sequences": N,
         "seq_len": L,
         "predicted_tokens_per_sequence": L - 1,
-        "batching": "teacher-forced [B, L] forward; at each position the B tokens of B different sequences "
+        "batching": batching,
+        "domains": sorted(set(labels)) if batching != "stream" else None,
+        "decode_batch": "teacher-forced [B, L] forward; at each position the B tokens of B different sequences "
         "are routed together as one decode batch (phase='decode-sim')",
         "confidence": config.confidence,
         "bootstrap_resamples": config.resamples,

@@ -1,15 +1,16 @@
 """The embedded default model: a small Qwen3-MoE trained by the project (128 experts, top-8).
 
 `path()` is the folder holding config, bf16 weights, tokenizer and held-out text; `load()` returns
-(model, tokenizer, heldout_text) on CPU in float32, without network access. Rebuild it with
-`moe-reroute train-reference` (see moe_reroute.reference.train).
+(model, tokenizer, heldout_text) on CPU in float32, without network access; `heldout_documents()` gives
+the held-out split with each document's domain (heldout.jsonl; heldout.txt is the same text, plain).
+Rebuild it with `moe-reroute train-reference` (see moe_reroute.reference.train).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "heldout.txt")
+FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "heldout.txt", "heldout.jsonl")
 
 
 def path() -> Path:
@@ -24,12 +25,20 @@ def path() -> Path:
     return folder
 
 
-def load(dtype=None):
-    """(model, tokenizer, heldout_text): the reference model on CPU, float32 by default, eval mode."""
+def load(dtype=None, folder=None):
+    """(model, tokenizer, heldout_text): the reference model on CPU, float32 by default, eval mode.
+    `folder`: a model folder written by `moe-reroute train-reference --out` instead of the shipped one."""
     import torch
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    folder = path()
+    folder = path() if folder is None else Path(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, local_files_only=True)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
     return model.eval(), tokenizer, (folder / "heldout.txt").read_text()
+
+
+def heldout_documents(folder=None):
+    """The held-out split as `corpus.Document`s (domain, name, text), whole documents of every domain."""
+    from .corpus import read_jsonl
+
+    return read_jsonl((path() if folder is None else Path(folder)) / "heldout.jsonl")

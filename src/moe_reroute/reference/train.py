@@ -1,9 +1,13 @@
 """Train the reference model from scratch: corpus -> tokenizer -> Qwen3-MoE with Qwen3-30B-A3B's router
 geometry (128 experts, top-8, renormalised), checkpointed and resumable.
 
-Load balancing acts within every layer: the Switch-style loss E * sum_e f_e * P_e is computed per layer
-and summed (transformers' load_balancing_loss_func pools counts over layers first, which lets single
-layers collapse).
+Load balancing is global-batch, as in Qwen3 (Qiu et al. 2025, "Demons in the Detail", arXiv 2501.11873):
+the per-layer loss E * sum_e f_e * P_e takes the expert frequencies f from a long window of recent steps
+(`balance_window` steps of every domain) and the mean router probabilities P from the current batch. A
+micro-batch's own f would force every batch, and so every domain, to spread over all experts; the
+window's f only asks that experts stay busy over the whole mixture, which lets them specialise by domain.
+Each layer has its own loss (transformers' load_balancing_loss_func pools counts over layers first, which
+lets single layers collapse). An optional router z-loss (ST-MoE) keeps router logits small.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,11 +38,15 @@ class TrainConfig:
     moe_intermediate_size: int = 56
     seq_len: int = 256
     batch_size: int = 16
-    train_tokens: int = 10_000_000
+    train_tokens: int = 4_000_000
     lr: float = 3e-3
     warmup_steps: int = 200
     weight_decay: float = 0.1
-    balance_coef: float = 0.01
+    balance_coef: float = 0.05
+    balance_window: int = 64  # steps whose expert counts make the global-batch frequencies f
+    z_loss_coef: float = 0.0
+    revive_below: float = 0.25  # at each checkpoint, experts under this x uniform load since the last one
+    # become copies of the busiest experts (0: off); see revive()
     checkpoint_every: int = 50
 
     @property
@@ -70,8 +79,9 @@ def model_config(cfg: TrainConfig):
     )
 
 
-def train_tokenizer(text_file: Path, out_dir: Path, vocab_size: int):
-    """Byte-level BPE trained on the training split only; saved as a transformers tokenizer."""
+def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int):
+    """Byte-level BPE trained on the training split only (every domain, code and the other languages
+    included); saved as a transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -81,51 +91,139 @@ def train_tokenizer(text_file: Path, out_dir: Path, vocab_size: int):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train([str(text_file)], trainer)
+    tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                                    bos_token="<|endoftext|>")
     fast.save_pretrained(out_dir)
     return fast
 
 
-def encode(tokenizer, text_file: Path, cache: Path) -> torch.Tensor:
+def document_ids(tokenizer, text: str) -> list[int]:
+    """A document's tokens followed by the end-of-text token if the tokenizer has one (paragraphs encoded
+    one by one, as in the first reference model)."""
+    chunks = [c + "\n\n" for c in text.split("\n\n")]
+    ids = [i for enc in tokenizer(chunks)["input_ids"] for i in enc]
+    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+
+def encode(tokenizer, docs: list, cache: Path) -> dict[str, torch.Tensor]:
+    """Each domain's training documents as one token stream (int32), cached."""
     if cache.exists():
         return torch.load(cache, weights_only=True)
-    ids = []
-    for chunk in text_file.read_text().split("\n\n"):
-        ids.extend(tokenizer(chunk + "\n\n")["input_ids"])
-    t = torch.tensor(ids, dtype=torch.int32)
-    torch.save(t, cache)
-    return t
+    streams: dict[str, list[int]] = {}
+    for d in docs:
+        streams.setdefault(d.domain, []).extend(document_ids(tokenizer, d.text))
+    out = {k: torch.tensor(streams[k], dtype=torch.int32) for k in corpus.DOMAINS if k in streams}
+    torch.save(out, cache)
+    return out
 
 
-def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
-    """Sum over layers of E * sum_e f_e * P_e, each layer's own counts (1.0 per layer when balanced)."""
-    total = 0.0
-    for logits in router_logits:  # [N, E]
-        probs = torch.softmax(logits.float(), dim=-1)
-        E = probs.shape[-1]
-        chosen = torch.topk(probs, top_k, dim=-1).indices
-        f = torch.zeros(E, device=probs.device).scatter_add_(0, chosen.flatten(), torch.ones(chosen.numel()))
-        f = f / chosen.numel()
-        total = total + E * (f * probs.mean(dim=0)).sum()
-    return total
+class GlobalBalance:
+    """Global-batch load balancing: per layer, E * sum_e f_e * P_e with f from the expert counts of the
+    last `window` steps (this one included) and P from the current batch (1.0 per layer when balanced).
+
+    `counts` [window, L, E] is a ring buffer of per-step top-k counts; it is saved with the checkpoint.
+    """
+
+    def __init__(self, layers: int, experts: int, window: int, top_k: int):
+        self.counts = torch.zeros(window, layers, experts)  # [W, L, E]
+        self.top_k = top_k
+
+    def __call__(self, router_logits: tuple[torch.Tensor, ...], step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum over layers of the global-batch loss, the same with this batch's own f, for the log)."""
+        total, local = 0.0, 0.0
+        slot = step % self.counts.shape[0]
+        for layer, logits in enumerate(router_logits):  # [N, E]
+            probs = torch.softmax(logits.float(), dim=-1)  # [N, E]
+            E = probs.shape[-1]
+            chosen = torch.topk(probs, self.top_k, dim=-1).indices  # [N, K]
+            c = torch.bincount(chosen.flatten(), minlength=E).float()  # [E]
+            self.counts[slot, layer] = c
+            f = self.counts[:, layer].sum(0)
+            f = f / f.sum()
+            P = probs.mean(dim=0)  # [E]
+            total = total + E * (f * P).sum()
+            local = local + E * (c / c.sum() * P).sum().detach()
+        return total, local
 
 
-def train(workdir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), progress: bool = True) -> Path:
-    """Build the corpus and tokenizer, then train (resuming from workdir/checkpoint.pt), then export."""
-    from tqdm.auto import tqdm
+@torch.no_grad()
+def revive(model, opt, counts: torch.Tensor, below: float, step: int, recent: int) -> dict[int, list[list[int]]]:
+    """Split the busiest experts into idle ones. In each layer, every expert whose load over the last
+    `recent` steps is under `below` x uniform becomes a copy of one of the busiest experts (router row,
+    with a little noise, and expert weights; its optimiser state cleared): the pair shares that expert's
+    tokens and computes what it did, then the two drift apart. An idle expert cannot come back by itself:
+    the balance gradient on its logit is proportional to its router probability, near zero once the router
+    has learned to avoid it, and the language-model loss only reaches experts that are selected.
+    Returns {layer: [[idle expert, busy expert it copied], ...]}.
+
+    counts: [W, L, E] the balance window's per-step expert counts (step s in slot s % W).
+    """
+    W = counts.shape[0]
+    load = counts[[(step - 1 - i) % W for i in range(min(recent, W))]].sum(0)  # [L, E]
+    ratio = load / load.mean(dim=1, keepdim=True).clamp_min(1e-9)
+    gen = torch.Generator().manual_seed(step)
+    out = {}
+    for layer, block in enumerate(model.model.layers):
+        idle = torch.nonzero(ratio[layer] < below).flatten().tolist()
+        if not idle or len(idle) > ratio.shape[1] // 2:
+            continue
+        busy = torch.argsort(ratio[layer], descending=True)[: len(idle)].tolist()
+        gate = block.mlp.gate.weight  # [E, H]
+        params = [gate] + [p for p in block.mlp.experts.parameters() if p.shape[0] == gate.shape[0]]  # [E, ...]
+        scale = 0.01 * gate.abs().mean()
+        for dst, src in zip(idle, busy):
+            for prm in params:
+                prm[dst] = prm[src]
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in opt.state.get(prm, {}):
+                        opt.state[prm][key][dst] = 0.0
+            gate[dst] += scale * torch.randn(gate.shape[1], generator=gen)
+        out[layer] = [[d, b] for d, b in zip(idle, busy)]
+    return out
+
+
+def z_loss(router_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Router z-loss (ST-MoE): mean over tokens of logsumexp(router logits)^2, summed over layers."""
+    return sum(torch.logsumexp(logits.float(), dim=-1).pow(2).mean() for logits in router_logits)
+
+
+def batch_rows(data: dict[str, torch.Tensor], step: int, cfg: "TrainConfig") -> torch.Tensor:
+    """The fixed batch of step `step` [B, S+1]: rows cycle through the domains (every batch mixes them,
+    and every domain gets the same share of training), each row a random window of its domain."""
+    domains = list(data)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # resuming replays nothing
+    rows = []
+    for r in range(cfg.batch_size):
+        stream = data[domains[(step * cfg.batch_size + r) % len(domains)]]
+        s = int(torch.randint(0, len(stream) - cfg.seq_len - 1, (1,), generator=gen))
+        rows.append(stream[s : s + cfg.seq_len + 1])
+    return torch.stack(rows).long()
+
+
+ADDED_LATER = {"revive_below": 0.0}  # TrainConfig fields newer than some checkpoints, as those ran
+RESUMABLE = {"train_tokens", "balance_coef", "revive_below"}  # may change on resume; kept in schedule_changes
+
+
+def train(workdir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), progress: bool | None = None,
+          stop_after: int | None = None) -> Path | None:
+    """Build the corpus and tokenizer, then train (resuming from workdir/checkpoint.pt), then export.
+    stop_after: checkpoint at that step and return None without exporting (resume later, maybe with another
+    train_tokens or balance_coef)."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+    from ..progress import progress as progress_bar
+
     workdir.mkdir(parents=True, exist_ok=True)
-    if not (workdir / "train.txt").exists():
+    if not corpus.is_built(workdir):
         corpus.build(workdir)
+    docs = corpus.read_jsonl(workdir / "train.jsonl")
     tok_dir = workdir / "tokenizer"
     if (tok_dir / "tokenizer.json").exists():
         tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
     else:
-        tokenizer = train_tokenizer(workdir / "train.txt", tok_dir, cfg.vocab_size)
-    data = encode(tokenizer, workdir / "train.txt", workdir / "train_ids.pt")
+        tokenizer = train_tokenizer([d.text for d in docs], tok_dir, cfg.vocab_size)
+    data = encode(tokenizer, docs, workdir / "train_ids.pt")
 
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(model_config(cfg), experts_implementation="grouped_mm")
@@ -135,63 +233,93 @@ def train(workdir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), progre
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.95),
     )
+    balance = GlobalBalance(cfg.num_layers, cfg.num_experts, cfg.balance_window, cfg.top_k)
     ckpt = workdir / "checkpoint.pt"
-    step, log, elapsed = 0, [], 0.0
+    step, log, elapsed, schedule, revived = 0, [], 0.0, [], []
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True)
-        if state["config"] != asdict(cfg):
-            raise RuntimeError(f"{ckpt} was made with another TrainConfig; delete it to start over")
+        state["config"] = {**ADDED_LATER, **state["config"]}
+        changed = {k for k, v in asdict(cfg).items() if state["config"].get(k) != v}
+        if changed - RESUMABLE:
+            raise RuntimeError(f"{ckpt} was made with another TrainConfig ({sorted(changed)} differ); delete it to "
+                               f"start over (only {sorted(RESUMABLE)} may change on resume)")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        balance.counts = state["balance_counts"]
         step, log, elapsed = state["step"], state["log"], state.get("elapsed_s", 0.0)
+        schedule = list(state.get("schedule_changes", []))
+        revived = list(state.get("revived", []))
+        if changed:  # e.g. a shorter run: the cosine schedule continues from here towards the new end
+            schedule.append({"step": step, **{k: [state["config"][k], getattr(cfg, k)] for k in sorted(changed)}})
         torch.set_rng_state(state["rng"])
     model.train()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    bar = tqdm(total=cfg.steps, initial=step, desc="training reference model", unit="step", disable=not progress)
+    tty = sys.stderr.isatty() if progress is None else progress
+    bar = progress_bar(cfg.steps - step, enabled=tty, desc="training reference model", unit="step")
     t0, tokens0 = time.time(), 0
     t_last = t0
     while step < cfg.steps:
-        gen.manual_seed(cfg.seed * 1_000_003 + step)  # batch of step s is fixed: resuming replays nothing
-        starts = torch.randint(0, len(data) - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
-        batch = torch.stack([data[s : s + cfg.seq_len + 1] for s in starts]).long()
+        batch = batch_rows(data, step, cfg)
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for g in opt.param_groups:
             g["lr"] = lr
         out = model(input_ids=batch[:, :-1], output_router_logits=True)
         logits = out.logits
         ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
-        bal = balance_loss(out.router_logits, cfg.top_k)
+        bal, bal_local = balance(out.router_logits, step)
         loss = ce + cfg.balance_coef * bal
+        z = z_loss(out.router_logits) if cfg.z_loss_coef > 0 else torch.zeros(())
+        if cfg.z_loss_coef > 0:
+            loss = loss + cfg.z_loss_coef * z
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
         tokens0 += batch[:, :-1].numel()
-        log.append({"step": step, "ce": float(ce), "balance": float(bal) / cfg.num_layers, "lr": lr})
-        bar.set_postfix(ce=f"{float(ce):.3f}", bal=f"{float(bal) / cfg.num_layers:.3f}",
-                        tok_s=f"{tokens0 / (time.time() - t0):.0f}")
+        L = cfg.num_layers
+        log.append({"step": step, "ce": float(ce.detach()), "balance": float(bal.detach()) / L,
+                    "balance_batch": float(bal_local) / L, "z": float(z.detach()) / L, "lr": lr})
         bar.update(1)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or step == stop_after:
             elapsed += time.time() - t_last
             t_last = time.time()
+            if cfg.revive_below > 0 and step <= cfg.steps - 2 * cfg.checkpoint_every:  # time to learn after
+                reset = revive(model, opt, balance.counts, cfg.revive_below, step, cfg.checkpoint_every)
+                if reset:
+                    revived.append({"step": step, "experts_reset": reset})
             tmp = ckpt.with_suffix(".tmp")
             torch.save({"config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "step": step, "log": log, "rng": torch.get_rng_state(), "elapsed_s": elapsed}, tmp)
+                        "balance_counts": balance.counts, "step": step, "log": log, "rng": torch.get_rng_state(),
+                        "elapsed_s": elapsed, "schedule_changes": schedule, "revived": revived}, tmp)
             tmp.replace(ckpt)
+            if not tty:  # one line per checkpoint in logs, not one per step
+                recent = log[-cfg.checkpoint_every:]
+                mean = lambda k: sum(e[k] for e in recent) / len(recent)  # noqa: E731
+                print(f"step {step}/{cfg.steps} ce {mean('ce'):.3f} balance(global) {mean('balance'):.3f} "
+                      f"balance(batch) {mean('balance_batch'):.3f} lr {lr:.2e} "
+                      f"{tokens0 / (time.time() - t0):.0f} tok/s, {elapsed / 60:.1f} min", flush=True)
+            if step == stop_after:
+                bar.close()
+                return None
     bar.close()
-    return export(model, tokenizer, workdir, out_dir, cfg, log, elapsed)
+    return export(model, tokenizer, workdir, out_dir, cfg, log, elapsed, schedule, revived)
 
 
-def export(model, tokenizer, workdir: Path, out_dir: Path, cfg: TrainConfig, log: list, elapsed_s: float) -> Path:
+def export(model, tokenizer, workdir: Path, out_dir: Path, cfg: TrainConfig, log: list, elapsed_s: float,
+           schedule_changes: list | None = None, revived: list | None = None) -> Path:
     """Write the shipped files: bf16 safetensors, config, tokenizer, held-out text, training log."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     model.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    (out_dir / "heldout.txt").write_text((workdir / "heldout.txt").read_text())
-    hardware = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    held = corpus.read_jsonl(workdir / "heldout.jsonl")
+    corpus.write_jsonl(out_dir / "heldout.jsonl", held)
+    (out_dir / "heldout.txt").write_text("\n\n".join(d.text for d in held))  # plain text, for text readers
+    n = torch.get_num_threads()
+    hardware = f"{platform.machine()} CPU, {n} thread{'s' if n > 1 else ''}, torch {torch.__version__}"
     (out_dir / "training.json").write_text(json.dumps({"config": asdict(cfg), "log_tail": log[-20:],
+                                                       "schedule_changes": schedule_changes or [],
+                                                       "revived": revived or [],
                                                        "wall_minutes": round(elapsed_s / 60, 1), "hardware": hardware,
                                                        "corpus": json.loads((workdir / "corpus.json").read_text())},
                                                       indent=1))
@@ -201,15 +329,21 @@ def export(model, tokenizer, workdir: Path, out_dir: Path, cfg: TrainConfig, log
 CALIBRATION_TOKENS = 2048
 
 
+def train_stream(workdir: Path) -> torch.Tensor:
+    """The training split's tokens, every domain's stream one after the other in corpus.DOMAINS order."""
+    data = torch.load(workdir / "train_ids.pt", weights_only=True)
+    return torch.cat([data[k] for k in corpus.DOMAINS if k in data]).long()
+
+
 def calibrate_sere(workdir: Path, out_dir: Path, tokens: int = CALIBRATION_TOKENS, windows: int = 16) -> Path:
     """SERE's expert similarity (CKA) for the exported model, from `windows` evenly spaced windows of the
-    training split (never the held-out text), written as sere/similarity.safetensors in the model folder (a subfolder: engines such as vLLM
-    load every *.safetensors beside the weights)."""
+    training split (every domain; never the held-out text), written as sere/similarity.safetensors in the
+    model folder (a subfolder: engines such as vLLM load every *.safetensors beside the weights)."""
     from transformers import AutoModelForCausalLM
 
     from ..hf.calibrate import calibrate_similarity, save_similarity
 
-    data = torch.load(workdir / "train_ids.pt", weights_only=True).long()
+    data = train_stream(workdir)
     width = tokens // windows
     starts = torch.linspace(0, len(data) - width - 1, windows).long()
     ids = torch.stack([data[s : s + width] for s in starts])  # [windows, width]

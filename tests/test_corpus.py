@@ -1,0 +1,61 @@
+"""The reference corpus' split and man-page rendering, on made-up documents (no package downloads)."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+
+import pytest
+
+from moe_reroute.reference import corpus
+from moe_reroute.reference.corpus import Document
+
+
+def fake_corpus() -> list[Document]:
+    docs = [Document("shakespeare", "twelfth_night", "x" * 1000), Document("shakespeare", "hamlet", "y" * 500)]
+    docs += [Document("kjv", n, "v" * 300) for n in corpus.HELDOUT_NAMED["kjv"] + ["Genesis", "Exodus"]]
+    for domain in corpus.DOMAINS[2:]:
+        docs += [Document(domain, f"doc{i}", f"{domain} {i} " * 5000) for i in range(120)]  # ~50k chars each
+    return docs
+
+
+def test_split_is_whole_documents_per_domain(monkeypatch):
+    monkeypatch.setattr(corpus, "TRAIN_CHARS", 1_000_000)
+    train, held = corpus.split(fake_corpus())
+    keys = lambda docs: {(d.domain, d.name) for d in docs}  # noqa: E731
+    assert not keys(train) & keys(held)
+    assert {d.name for d in held if d.domain == "shakespeare"} == {"twelfth_night"}
+    assert {d.name for d in held if d.domain == "kjv"} == set(corpus.HELDOUT_NAMED["kjv"])
+    for domain in corpus.DOMAINS:
+        assert any(d.domain == domain for d in train), domain
+        assert sum(len(d.text) for d in train if d.domain == domain) < corpus.TRAIN_CHARS + 60_000  # capped
+    for domain in corpus.DOMAINS[2:]:  # drawn documents: at most HELDOUT_MAX_DOC long, about HELDOUT_CHARS
+        h = [d for d in held if d.domain == domain]
+        assert all(len(d.text) <= corpus.HELDOUT_MAX_DOC for d in h)
+    assert corpus.split(fake_corpus()) == (train, held)  # stable, no RNG
+
+
+def test_split_names_missing_heldout_documents():
+    docs = [d for d in fake_corpus() if d.name != "Jonah"]
+    with pytest.raises(RuntimeError, match="Jonah"):
+        corpus.split(docs)
+
+
+@pytest.mark.skipif(shutil.which("groff") is None, reason="needs groff (apt-get install -y groff-base)")
+def test_render_man(tmp_path):
+    page = tmp_path / "demo.1.gz"
+    page.write_bytes(gzip.compress(b'.TH DEMO 1\n.SH NAME\ndemo \\- zeigt \\fBfette\\fR Schrift\n.SH BESCHREIBUNG\n'
+                                   b'Ein Beispiel mit   Umlauten: \xc3\xa4\xc3\xb6\xc3\xbc.\n'))
+    text = corpus.render_man(page)
+    assert "fette Schrift" in text and "äöü" in text and "\b" not in text and "\x1b" not in text
+    alias = tmp_path / "alias.1"
+    alias.write_bytes(b".so man1/demo.1\n")
+    assert corpus.render_man(alias) == ""
+
+
+def test_fetch_deb_checks_the_pin(tmp_path, monkeypatch):
+    monkeypatch.setitem(corpus.DEBS, "tiny-pkg", ("1.0", "0" * 64))
+    (tmp_path / "debs").mkdir()
+    (tmp_path / "debs" / "tiny-pkg_1.0_all.deb").write_bytes(b"not the pinned file")
+    with pytest.raises(RuntimeError, match="not the pinned"):
+        corpus.fetch_deb("tiny-pkg", tmp_path)

@@ -241,7 +241,7 @@ def test_train_reference_writes_to_the_working_directory(tmp_path, capsys, monke
     import moe_reroute.reference.train as train
 
     written = []
-    monkeypatch.setattr(train, "train", lambda workdir, out, cfg: written.append(out) or out)
+    monkeypatch.setattr(train, "train", lambda workdir, out, cfg, stop_after=None: written.append(out) or out)
     monkeypatch.setattr(train, "calibrate_sere", lambda workdir, folder: None)
     monkeypatch.chdir(tmp_path)
     assert main(["train-reference", "--workdir", str(tmp_path / "work"), "--tokens", "1000"]) == 0
@@ -258,14 +258,20 @@ def test_reference_card_writes_to_the_working_directory(tmp_path, monkeypatch, c
     import moe_reroute.reference as reference
     from moe_reroute.reference import card
 
-    monkeypatch.setattr(reference, "load", lambda dtype=None: (tiny_model("qwen3_moe"), tiny_tokenizer(), "x"))
+    monkeypatch.setattr(reference, "load", lambda dtype=None, folder=None: (tiny_model("qwen3_moe"), tiny_tokenizer(), "x"))
+    monkeypatch.setattr(reference, "heldout_documents", lambda folder=None: [])
     monkeypatch.setattr(card, "heldout_ids", lambda tokenizer, text: torch.arange(8))
+    monkeypatch.setattr(card, "domain_streams", lambda tokenizer, docs: {"kjv": torch.arange(8)})
     monkeypatch.setattr(card, "cross_entropy", lambda model, ids, max_tokens=None: 1.0)
     monkeypatch.setattr(card, "routing_stats", lambda model, ids: {})
     monkeypatch.setattr(card, "render", lambda result, training: "card\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    torch.save({"kjv": torch.arange(64, dtype=torch.int32) % 8}, work / "train_ids.pt")
     monkeypatch.chdir(tmp_path)
     before = snapshot(SHIPPED)
-    assert main(["reference-card", "--workdir", str(tmp_path / "none")]) == 0
+    bad_input(capsys, ["reference-card", "--workdir", str(tmp_path / "none")], "no training split")
+    assert main(["reference-card", "--workdir", str(work)]) == 0
     assert snapshot(SHIPPED) == before
     out = tmp_path / "moe-reroute-reference-card"
     assert json.loads((out / "card.json").read_text())["heldout_ce"] == 1.0

@@ -3,22 +3,15 @@ baselines, routing statistics at decode batch 16, per-layer expert load, checksu
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import Counter
 from pathlib import Path
 
 import torch
 
+from .corpus import sha256  # noqa: F401  (card.sha256: the shipped files' checksums)
+
 BATCH = 16
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def heldout_ids(tokenizer, text: str) -> torch.Tensor:

@@ -34,10 +34,14 @@ _TILE_INTERPRETED = 1 << 16  # the interpreter runs a program as numpy arrays: f
 
 
 def block_tokens(T: int, E: int, device: torch.device) -> int:
-    """Tokens per program for T tokens of E experts (a batch of at most this many is one launch)."""
+    """Tokens per program for T tokens of E experts (a batch of at most this many is one launch).
+
+    It depends on E alone, not on T: every batch size of a layer shares one compiled kernel per phase
+    (an engine capturing CUDA graphs for many batch sizes compiles each policy once, not once per size).
+    """
     e_block = max(_p2(E), 16)
     tile = _TILE_INTERPRETED if device.type != "cuda" else _TILE
-    return max(1, min(_p2(T), tile // e_block, _MAX_BT))
+    return max(1, min(tile // e_block, _MAX_BT))
 
 
 class _Launches:
@@ -176,7 +180,7 @@ def route(policy: Any, router_logits: torch.Tensor, spec: RouterSpec, valid: tor
     topk_group = spec.topk_group if spec.scoring == "sigmoid" else 1
     consts = dict(
         POLICY=tr.__dict__[name.upper()], SCORING=scoring, K=K, K_BLOCK=K_BLOCK, E=E, E_BLOCK=E_BLOCK, BT=BT,
-        T_CHUNK=min(1024, _p2(T)), P_CHUNK=max(1, min(_p2(nb), _TILE // E_BLOCK)),
+        T_CHUNK=1024, P_CHUNK=max(1, min(64, _TILE // E_BLOCK)),
         HAS_VALID=valid is not None, HAS_BIAS=bias is not None, RENORM=bool(spec.renormalize),
         CAP_RENORM=params.pop("CAP_RENORM"), N_GROUP=n_group, TOPK_GROUP=topk_group, GROUP_SIZE=E // n_group,
         G_BLOCK=max(_p2(n_group), 2), ROUND_BF16=spec.scoring == "topk_softmax" and router_logits.dtype == torch.bfloat16,

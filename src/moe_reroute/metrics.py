@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .contract import RouterSpec, Routing
-from .scoring import scores
+from .scoring import score
 
 
 def _valid(routing: Routing) -> torch.Tensor:
@@ -46,15 +46,13 @@ def experts_per_token(routing: Routing) -> torch.Tensor:
 def retained_mass(routing: Routing, router_logits: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
     """[T] float32: gate mass of each token's kept experts over the mass of its native top-K.
 
-    1.0 means the token keeps as much router probability as the model's own routing; cap and OEA are
-    at most 1; policies that move a token to experts outside its top-K (budget) may exceed it.
+    1.0 means the token keeps as much router probability as the model's own routing. cap is at most 1.
+    Policies that take experts outside a token's top-K may exceed it: budget, and OEA where the model
+    does not rank by gate mass (DeepSeek-V3's correction bias picks the top-K, the unbiased score weighs them).
     """
-    from .policies.native import native_topk
-
-    _, gate = scores(router_logits, spec)
-    kept = (gate * expert_mask(routing, spec.num_experts)).sum(dim=-1)
-    native_ids = native_topk(router_logits, spec)[1]
-    native = gate.gather(1, native_ids).sum(dim=-1)
+    s = score(router_logits, spec)
+    kept = (s.gate * expert_mask(routing, spec.num_experts)).sum(dim=-1)
+    native = s.gate.gather(1, s.native_ids).sum(dim=-1)
     return kept / native.clamp_min(torch.finfo(native.dtype).tiny)
 
 

@@ -73,8 +73,18 @@ def _similarity(E: int, device: torch.device) -> torch.Tensor:
     return s.to(device)
 
 
-def _model_routers(spec: RouterSpec, notes: list[str]) -> dict[str, Callable]:
-    """The model's own router: torch's softmax + topk (+ renormalise), and vLLM's fused top-k if installed."""
+def _vllm_fused_topk(notes: list[str]) -> Callable | None:
+    """vLLM's fused top-k if vLLM is installed (else None, with a note saying why)."""
+    try:
+        from vllm.model_executor.layers.fused_moe import fused_topk  # type: ignore
+    except Exception as e:  # vLLM absent, or built without its fused ops
+        notes.append(f"vLLM's fused top-k not measured: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return None
+    return fused_topk
+
+
+def _model_routers(spec: RouterSpec, fused_topk: Callable | None) -> dict[str, Callable]:
+    """The model's own router: torch's softmax + topk (+ renormalise), and vLLM's fused top-k if given."""
     K = spec.top_k
 
     def torch_router(x, valid):
@@ -83,15 +93,8 @@ def _model_routers(spec: RouterSpec, notes: list[str]) -> dict[str, Callable]:
         return w / w.sum(dim=-1, keepdim=True), ids
 
     out = {"model router (torch softmax+topk)": torch_router}
-    try:
-        from vllm.model_executor.layers.fused_moe import fused_topk  # type: ignore
-
-        def vllm_router(x, valid):
-            return fused_topk(x, x, K, True)[:2]
-
-        out["model router (vLLM fused_topk)"] = vllm_router
-    except Exception as e:  # vLLM absent, or built without its fused ops
-        notes.append(f"vLLM's fused top-k not measured: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    if fused_topk is not None:
+        out["model router (vLLM fused_topk)"] = lambda x, valid: fused_topk(x, x, K, True)[:2]
     return out
 
 
@@ -165,6 +168,7 @@ def bench_routing(
         if ok:
             notes.append("[triton] rows ran in Triton's interpreter (TRITON_INTERPRET=1): a correctness path, "
                          "not a kernel time")
+    vllm_topk = _vllm_fused_topk(notes)
     entries: list[tuple[int, int, str, str, Callable]] = []
     for E in experts:
         if top_k > E:
@@ -185,7 +189,7 @@ def bench_routing(
                         pol = make_policy(text.config, check_inputs=False, backend=backend)
                     entries.append((E, T, f"{label} [{backend}]", backend,
                                     lambda pol=pol, x=x, spec=spec, valid=valid: pol(x, spec, valid)))
-            for label, fn in _model_routers(spec, notes if (E, T) == (experts[0], batch_sizes[0]) else []).items():
+            for label, fn in _model_routers(spec, vllm_topk).items():
                 entries.append((E, T, label, "model", lambda fn=fn, x=x, valid=valid: fn(x, valid)))
 
     bar = progress_bar(len(entries) * (repeats + 1), progress, "routing calls timed", unit="round", leave=False)

@@ -116,7 +116,6 @@ class Policy:
 
     name: ClassVar[str]
     Config: ClassVar[type[PolicyConfig]]
-    backend: ClassVar[str] = "torch"
 
     def __init__(self, config: PolicyConfig, check_inputs: bool = True, ties: str | None = None,
                  backend: str = "auto") -> None:

@@ -47,8 +47,8 @@ class Budget(Policy):
     def route(self, router_logits, spec, valid, config, layer, native=None) -> Routing:
         K, E = spec.top_k, spec.num_experts
         s = score(sanitize(router_logits, valid), spec, self.ties, native)
-        order = rank(s.choice, ranked_native(s)[0], self.ties)  # [T, E]
         native = ranked_native(s)[0]  # [T, K], best first
+        order = rank(s.choice, native, self.ties)  # [T, E]
         mass = s.gate.gather(1, native)
         mass = mass / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
         q = torch.floor(mass * BUDGET_GRID + 0.5).to(torch.int32).clamp_min(1)  # exact integer sums, in any order

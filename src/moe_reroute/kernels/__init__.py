@@ -26,8 +26,6 @@ from ..scoring import BUDGET_GRID
 
 # Triton releases the kernels are tested with (3.x); others fall back to torch with one warning.
 MIN_TRITON = (3, 0)
-MAX_EXPERTS = 1024
-POLICIES = ("native", "cap", "oea", "sere", "budget")
 _TILE = 4096  # tokens x padded experts per program on a GPU (registers)
 _MAX_BT = 128
 _TILE_INTERPRETED = 1 << 16  # the interpreter runs a program as numpy arrays: fewer, larger programs

@@ -230,7 +230,47 @@ def test_wrapped_router_counters_and_phase_all(wrapped, logits_factory):
     un = [int(metrics.unique_experts(make_policy("native")(x, spec), 32)) for x in logits]
     c = plugin.counters()
     assert list(c) == [3]
-    assert c[3] == {"steps": 3, "unique": sum(u) / 3, "unique_native": sum(un) / 3, "tokens": 8.0}
+    assert c[3] == {"steps": 3, "unique": sum(u) / 3, "unique_native": sum(un) / 3, "tokens": 8.0,
+                    "steps_seen": 3, "tokens_rerouted": 24, "tokens_seen": 24}
+
+
+@needs_vllm
+@pytest.mark.parametrize("policy", ["cap:k=1", "native"])
+def test_counters_count_every_step_and_pause(wrapped, logits_factory, policy):
+    """Prefill steps count as seen, not re-routed (padding rows excluded); while paused nothing counts and
+    the routing is unchanged; the native policy counts U == native U and routes as vLLM does."""
+    import moe_reroute.vllm as plugin
+    from moe_reroute import make_policy, metrics
+    from moe_reroute.measure.specs import policy_from_spec
+    from moe_reroute.vllm import router_spec
+
+    router, step = wrapped(policy)
+    spec, _ = router_spec(router, 32)
+    x = logits_factory(8, 32, seed=1)
+    step["decode"] = False
+    step["padding"] = torch.tensor([False] * 5 + [True] * 3)
+    router.select_experts(None, x)  # a prefill step of 5 real tokens
+    step["decode"] = True
+    step["padding"] = None
+    w_counted, i_counted = router.select_experts(None, x)  # a decode step of 8
+    plugin.counting(False)
+    try:
+        w_paused, i_paused = router.select_experts(None, x)
+        step["decode"] = False
+        router.select_experts(None, x)
+    finally:
+        plugin.counting(True)
+    assert torch.equal(i_paused, i_counted) and torch.equal(w_paused, w_counted)
+    u = int(metrics.unique_experts(policy_from_spec(policy)(x, spec), 32))
+    un = int(metrics.unique_experts(make_policy("native")(x, spec), 32))
+    assert plugin.counters()[3] == {"steps": 1, "unique": u, "unique_native": un, "tokens": 8.0,
+                                    "steps_seen": 2, "tokens_rerouted": 8, "tokens_seen": 13}
+    if policy == "native":
+        assert u == un
+        w0, i0 = cpu_router(top_k=4, global_num_experts=32).select_experts(None, x)
+        assert torch.equal(i_paused, i0) and torch.equal(w_paused, w0)
+    plugin.reset_counters()
+    assert plugin.counters()[3]["steps_seen"] == 0
 
 
 @needs_vllm

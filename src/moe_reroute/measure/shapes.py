@@ -63,6 +63,30 @@ SHAPES: dict[str, LayerShape] = {
 }
 
 
+# The rest of each model's configuration, for `moe-reroute synth-model` (transformers config names; the MoE
+# dimensions above are filled in from SHAPES). `layers` and `dense_layers` are the real model's decoder
+# layers and leading dense layers. Values are those of the models' published config.json files.
+ARCHITECTURES: dict[str, dict] = {
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", layers=48, dense_layers=0, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, intermediate_size=6144, norm_topk_prob=True,
+                          rope_theta=1e6),
+    "qwen3-235b-a22b": dict(model_type="qwen3_moe", layers=94, dense_layers=0, num_attention_heads=64,
+                            num_key_value_heads=4, head_dim=128, intermediate_size=12288, norm_topk_prob=True,
+                            rope_theta=1e6),
+    "deepseek-v3": dict(model_type="deepseek_v3", layers=61, dense_layers=3, num_attention_heads=128,
+                        num_key_value_heads=128, intermediate_size=18432, q_lora_rank=1536, kv_lora_rank=512,
+                        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_shared_experts=1,
+                        n_group=8, topk_group=4, routed_scaling_factor=2.5, norm_topk_prob=True,
+                        topk_method="noaux_tc", scoring_func="sigmoid"),
+    "mixtral-8x7b": dict(model_type="mixtral", layers=32, dense_layers=0, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, rope_theta=1e6, sliding_window=None),
+    "olmoe-1b-7b": dict(model_type="olmoe", layers=16, dense_layers=0, num_attention_heads=16,
+                        num_key_value_heads=16, norm_topk_prob=False, rope_theta=10000.0),
+    "gpt-oss-120b": dict(model_type="gpt_oss", layers=36, dense_layers=0, num_attention_heads=64,
+                         num_key_value_heads=8, head_dim=64, sliding_window=128),  # yarn rope: the default
+}
+
+
 def get_shape(name: str) -> LayerShape:
     """The named shape, e.g. `get_shape("qwen3-30b-a3b")`."""
     if name not in SHAPES:

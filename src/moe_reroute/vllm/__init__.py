@@ -12,12 +12,15 @@ or, in Python, `moe_reroute.vllm.enable("oea:k0=3")` before building `vllm.LLM(.
 from .config import COUNTERS_ENV, POLICY_ENV, POLICY_FILE_ENV, PluginConfig
 from .plugin import (
     SUPPORTED_VLLM,
+    WorkerExtension,
     check_version,
     counters,
+    counting,
     disable,
     enable,
     format_counters,
     register,
+    reset_counters,
     worker_counters,
 )
 from .router import router_spec
@@ -28,12 +31,15 @@ __all__ = [
     "POLICY_FILE_ENV",
     "PluginConfig",
     "SUPPORTED_VLLM",
+    "WorkerExtension",
     "check_version",
     "counters",
+    "counting",
     "disable",
     "enable",
     "format_counters",
     "register",
+    "reset_counters",
     "router_spec",
     "worker_counters",
 ]

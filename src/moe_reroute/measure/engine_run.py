@@ -7,10 +7,11 @@ when the engine builds the model, so each policy needs a fresh process).
 RUN.json holds the run (see `serve_bench.offline_run`); the result is written to its "result" path as
 JSON only when the run completes, so a failed run leaves no result behind.
 
-Timing (offline): after a warm-up generation, one generation of max_tokens=1 (the prefill step) and one
-of `output_len` tokens, every sequence of equal length and ignore_eos, so each decode step holds the
-whole batch: time per output token = (t_full - t_prefill) / (output_len - 1). Counters are paused while
-timing; a last generation with counters on gives U per layer (policy and native over the same steps).
+Timing (offline): after a warm-up generation, one generation of `output_len` tokens with the engine
+stepped by hand and each step timed. Every prompt has the same length and ignore_eos holds, so the first
+step prefills the batch and every later step decodes all of it: time per output token = the time of the
+later steps / (output_len - 1). Counters are paused while timing; a last generation with counters on
+gives U per layer (policy and native over the same steps).
 """
 
 from __future__ import annotations
@@ -41,27 +42,40 @@ def run_offline(run: dict) -> dict:
     build_s = time.perf_counter() - t0
     prompts = [TokensPrompt(prompt_token_ids=p) for p in run["prompts"]]
 
-    def generate(n: int) -> tuple[float, list]:
+    engine = llm.llm_engine
+    serial = iter(range(1 << 30))
+
+    def generate(n: int) -> tuple[list[float], list]:
+        """Every prompt with max_tokens=n, stepping the engine by hand: the wall time of each step."""
         params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)
-        if run["device"] == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        if run["device"] == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t, outs
+        for p in prompts:
+            engine.add_request(f"r{next(serial)}", p, params)
+        steps, done = [], []
+        while engine.has_unfinished_requests():
+            if run["device"] == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            outs = engine.step()
+            if run["device"] == "cuda":
+                torch.cuda.synchronize()
+            steps.append(time.perf_counter() - t)
+            done += [o for o in outs if o.finished]
+        return steps, done
 
     L = run["output_len"]
     result = {"build_s": build_s, "policy": run["policy"], "batch": run["batch"], "repeat": run["repeat"]}
     if count != "only":
         generate(min(L, 8))  # warm-up: first-call allocations and kernels
-        prefill_s, _ = generate(1)
-        full_s, outs = generate(L)
-        got = {len(o.outputs[0].token_ids) for o in outs}
-        if got != {L}:
-            raise RuntimeError(f"the engine produced {sorted(got)} tokens per sequence, not {L}")
-        tpot = (full_s - prefill_s) / (L - 1)
-        result.update(prefill_s=prefill_s, full_s=full_s, tpot_s=tpot, decode_tokens_per_s=run["batch"] / tpot)
+        steps, outs = generate(L)
+        got = sorted({len(o.outputs[0].token_ids) for o in outs})
+        if len(outs) != len(prompts) or got != [L]:
+            raise RuntimeError(f"the engine finished {len(outs)} of {len(prompts)} sequences with {got} tokens, not {L}")
+        # the first step prefills every prompt (max_num_batched_tokens holds them all) and samples token 1;
+        # the others decode the whole batch
+        prefill_s, decode_s = steps[0], sum(steps[1:])
+        tpot = decode_s / (L - 1)
+        result.update(prefill_s=prefill_s, decode_s=decode_s, steps=len(steps), tpot_s=tpot,
+                      decode_tokens_per_s=run["batch"] / tpot)
     if count in ("after", "only"):
         plugin.reset_counters()
         plugin.counting(True)

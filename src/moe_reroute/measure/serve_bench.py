@@ -675,14 +675,14 @@ def plot(data: dict, path: Path) -> Path | None:
 
 def run(cfg: Config, out: Path, command: str, say=print) -> dict:
     """The whole bench: checks, runs, results.json, plot and report section. Returns the results."""
-    version = vllm_version()
-    check_vllm_version(version)
     config = read_model_config(cfg.model)
     spec = router_of(config)
-    cfg = cfg.resolved()
     policies = resolve_policies(cfg.policies or default_policies(spec.top_k), cfg.model, spec)
     if cfg.serve:
         check_port(cfg.port)
+    version = vllm_version()
+    check_vllm_version(version)
+    cfg = cfg.resolved()
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS).unlink(missing_ok=True)
     t0 = time.time()

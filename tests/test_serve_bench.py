@@ -1,0 +1,193 @@
+"""serve-bench and synth-model without an engine: the run plan, the statistics against hand computation,
+synthetic checkpoints against transformers' own reading of them, the input errors, and progress output
+in logs. The engine end to end is in test_serve_bench_vllm.py (the vLLM environment)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import socket
+
+import pytest
+import torch
+from cli_helpers import bad_input
+
+from moe_reroute.measure import serve_bench as sb
+from moe_reroute.measure import synth
+from moe_reroute.measure.shapes import ARCHITECTURES, SHAPES, custom_shape
+
+
+def test_t_interval_by_hand():
+    lo, hi = sb.t_interval([0.0, 1.0, 2.0])  # mean 1, sd 1, n 3: t(2) = 4.303
+    assert lo == pytest.approx(1 - 4.303 / math.sqrt(3)) and hi == pytest.approx(1 + 4.303 / math.sqrt(3))
+    assert sb.t_interval([5.0]) is None
+
+
+def test_offline_plan_interleaves_repeats_and_counts_once():
+    cfg = sb.Config(model="m", policies=[], batch_sizes=[1, 4], repeats=2, enforce_eager=True)
+    plan = sb.offline_plan(cfg, ["native", "a", "b"])
+    assert [(r["batch"], r["repeat"], r["policy"]) for r in plan] == [
+        (B, r, p) for B in (1, 4) for r in (0, 1) for p in ("native", "a", "b")]
+    assert [r["count"] for r in plan if r["repeat"] == 0] == ["after"] * 6
+    assert {r["count"] for r in plan if r["repeat"] == 1} == {"none"}
+    graphs = sb.offline_plan(sb.Config(model="m", policies=[], batch_sizes=[2], repeats=1, enforce_eager=False),
+                             ["native", "a"])
+    # with CUDA graphs the timed runs do not count; one eager run per policy counts
+    assert [(r["policy"], r["count"]) for r in graphs] == [("native", "none"), ("a", "none"), ("native", "only"),
+                                                            ("a", "only")]
+
+
+def _run(policy, B, r, tpot, prefill=0.01, counters=None):
+    out = {"policy": policy, "batch": B, "repeat": r, "tpot_s": tpot, "prefill_s": prefill,
+           "decode_tokens_per_s": B / tpot}
+    if counters:
+        out["counters"] = counters
+    return out
+
+
+def _counters(u, un):
+    return {str(i): {"steps": 7, "unique": a, "unique_native": b, "tokens": 4.0, "steps_seen": 8,
+                     "tokens_rerouted": 28, "tokens_seen": 44} for i, (a, b) in enumerate(zip(u, un))}
+
+
+def test_summarize_offline_by_hand():
+    results = [_run("native", 4, 0, 0.100, counters=_counters([10, 12], [10, 12])), _run("p", 4, 0, 0.050,
+               counters=_counters([4, 6], [10, 11])), _run("native", 4, 1, 0.200), _run("p", 4, 1, 0.080),
+               _run("native", 4, 2, 0.150), _run("p", 4, 2, 0.090)]
+    rows = {r["policy"]: r for r in sb.summarize_offline(results, ["native", "p"], [4])}
+    p = rows["p"]
+    assert p["tpot_ms"] == pytest.approx(80.0) and p["tpot_ms_min"] == pytest.approx(50.0)
+    assert p["tpot_ms_max"] == pytest.approx(90.0) and p["repeats"] == 3
+    logs = [math.log(0.5), math.log(0.4), math.log(0.6)]  # paired by repeat
+    assert p["tpot_ratio"] == pytest.approx(math.exp(sum(logs) / 3))
+    m, sd = sum(logs) / 3, (sum((x - sum(logs) / 3) ** 2 for x in logs) / 2) ** 0.5
+    assert p["tpot_ratio_ci"] == pytest.approx([math.exp(m - 4.303 * sd / 3**0.5), math.exp(m + 4.303 * sd / 3**0.5)])
+    assert p["unique"] == 5.0 and p["unique_native"] == 10.5 and p["unique_per_layer"] == {"0": 4, "1": 6}
+    assert p["decode_tokens_per_s"] == pytest.approx(4 / 0.080)
+    assert rows["native"]["tpot_ratio"] == pytest.approx(1.0) and rows["native"]["unique"] == 11.0
+
+
+def test_summarize_serving_by_hand():
+    def res(policy, r, tput):
+        bench = {"output_throughput": tput, "p50_ttft_ms": 10.0, "p99_ttft_ms": 20.0, "p50_tpot_ms": 1000 / tput,
+                 "p90_tpot_ms": 1.0, "p99_tpot_ms": 2.0}
+        return {"policy": policy, "repeat": r, "batch": 8, "bench": bench, "counters": _counters([3], [9])}
+
+    rows = sb.summarize_serving([res("native", 0, 100.0), res("p", 0, 150.0), res("native", 1, 110.0),
+                                 res("p", 1, 121.0)], ["native", "p"], [8])
+    p = rows[1]
+    assert p["output_throughput"] == pytest.approx(135.5) and p["concurrency"] == 8
+    assert p["throughput_ratio"] == pytest.approx(math.sqrt(1.5 * 1.1))
+    assert (p["steps_rerouted"], p["steps_seen"], p["tokens_rerouted"], p["tokens_seen"]) == (7, 8, 28, 44)
+
+
+def test_default_policies_scale_with_k():
+    assert sb.default_policies(8) == ["cap:k=4", "oea:k0=3", "budget:budget=32"]
+    assert sb.default_policies(2) == ["cap:k=1", "oea:k0=1", "budget:budget=8"]
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_synth_plan_has_the_real_dimensions(name):
+    """transformers' own reading of the config gives the table's E and K, and the model's expert tensors
+    hold the table's H and I (meta device: nothing allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_reroute.contract import RouterSpec
+
+    s = SHAPES[name]
+    p = synth.plan(name, 2)
+    spec = RouterSpec.from_config(p.config)
+    assert (spec.num_experts, spec.top_k, p.config.hidden_size) == (s.num_experts, s.top_k, s.hidden)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(p.config)
+    down = [t for n, t in model.named_parameters() if "experts" in n and "down" in n]
+    assert down and all(s.intermediate in t.shape and s.hidden in t.shape for t in down)
+    assert p.layers == 2 and p.dense_layers == min(ARCHITECTURES[name]["dense_layers"], 1)
+    assert p.params == sum(t.numel() for t in model.parameters())
+
+
+def test_synth_write_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = synth.plan("deepseek-v3", 2, dims=custom_shape("64,32,16,4"))
+    out = synth.write(p, tmp_path / "m", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert sum(t.numel() for t in model.parameters()) == p.params
+    assert model.config.first_k_dense_replace == 1 and model.config.n_routed_experts == 16
+    ids = AutoTokenizer.from_pretrained(out)("hello world", return_tensors="pt").input_ids
+    assert torch.isfinite(model(ids).logits).all()
+    marker = synth.read_marker(out)
+    assert marker["random_weights"] and marker["layers"] == 2 and "uniform" in marker["note"]
+    assert "random weights" in sb.model_note(out)
+
+
+def test_synth_refuses_what_does_not_fit(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(synth, "available_memory", lambda: 1024**3)
+    bad_input(capsys, ["synth-model", "--shape", "qwen3-30b-a3b", "--layers", "2", "--out", tmp_path / "x"],
+              "GiB of memory", "1.0 GiB is available", "fewer --layers")
+    assert not (tmp_path / "x").exists()
+    monkeypatch.setattr(synth, "available_memory", lambda: None)
+    Usage = type("Usage", (), {"free": 10 * 1024**2})
+    monkeypatch.setattr(synth.shutil, "disk_usage", lambda path: Usage())
+    bad_input(capsys, ["synth-model", "--shape", "qwen3-30b-a3b", "--layers", "2", "--out", tmp_path / "x"],
+              "GiB on disk", "free")
+    bad_input(capsys, ["synth-model", "--shape", "mixtral-8x7b", "--layers", "40", "--out", tmp_path / "y"],
+              "has 32 decoder layers")
+    bad_input(capsys, ["synth-model", "--shape", "olmoe-1b-7b", "--layers", "1", "--vocab", "100", "--out",
+                       tmp_path / "y"], "--vocab", "8192")
+
+
+def test_serve_bench_input_errors(tmp_path, capsys):
+    bad_input(capsys, ["serve-bench", "--model", tmp_path], "no config.json", "synth-model")
+    bad_input(capsys, ["serve-bench", "--policy", "oea:k0=9"], "oea:k0=9", "K=8")
+    bad_input(capsys, ["serve-bench", "--batch-sizes", "0,4"], "--batch-sizes")
+    tiny = synth.write(synth.plan("qwen3-30b-a3b", 1, dims=custom_shape("64,32,16,4")), tmp_path / "tiny",
+                       progress=False)
+    bad_input(capsys, ["serve-bench", "--model", tiny, "--policy", "sere"], "sere needs expert similarity",
+              "moe-reroute calibrate")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        bad_input(capsys, ["serve-bench", "--serve", "--port", port, "--out", tmp_path / "o"], f"port {port}",
+                  "--port")
+
+
+def test_serve_bench_without_vllm_says_how_to_install(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    bad_input(capsys, ["serve-bench", "--out", tmp_path / "o"], "not installed", "pip install 'moe-reroute[vllm]'")
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_progress_in_a_log_prints_quarters(monkeypatch):
+    from moe_reroute import progress
+
+    err = io.StringIO()
+    monkeypatch.setattr(progress.sys, "stderr", err)
+    bar = progress.progress(100, desc="work", unit="step")
+    for _ in range(100):
+        bar.update()
+    bar.close()
+    lines = err.getvalue().splitlines()
+    assert [ln.split(",")[0] for ln in lines] == ["work: 25/100 step (25%)", "work: 50/100 step (50%)",
+                                                  "work: 75/100 step (75%)", "work: 100/100 step (100%)"]
+    assert "\r" not in err.getvalue()
+
+
+def test_results_roundtrip_and_table(tmp_path):
+    data = {"command": "moe-reroute serve-bench", "mode": "offline", "policies": ["native", "p"],
+            "conditions": {"model": "m", "model_note": "", "vllm": "0.32.0", "device": "cpu", "dtype": "float32",
+                           "enforce_eager": True, "prompt_len": 16, "output_len": 8, "repeats": 1},
+            "rows": sb.summarize_offline([_run("native", 2, 0, 0.02, counters=_counters([6], [6])),
+                                          _run("p", 2, 0, 0.01, counters=_counters([3], [6]))], ["native", "p"], [2])}
+    (tmp_path / "results.json").write_text(json.dumps(data))
+    back = sb.read_results(tmp_path / "results.json")
+    text = sb.table(back)
+    assert "| 2 | `p` | 10.00 |" in text and "0.500" in text and "3.0 (6.0)" in text
+    with pytest.raises(ValueError, match="serve-bench"):
+        (tmp_path / "bad.json").write_text("{}")
+        sb.read_results(tmp_path / "bad.json")

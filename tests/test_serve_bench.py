@@ -179,11 +179,7 @@ def test_progress_in_a_log_prints_quarters(monkeypatch):
 
 
 def test_results_roundtrip_and_table(tmp_path):
-    data = {"command": "moe-reroute serve-bench", "mode": "offline", "policies": ["native", "p"],
-            "conditions": {"model": "m", "model_note": "", "vllm": "0.32.0", "device": "cpu", "dtype": "float32",
-                           "enforce_eager": True, "prompt_len": 16, "output_len": 8, "repeats": 1},
-            "rows": sb.summarize_offline([_run("native", 2, 0, 0.02, counters=_counters([6], [6])),
-                                          _run("p", 2, 0, 0.01, counters=_counters([3], [6]))], ["native", "p"], [2])}
+    data = _offline_results()
     (tmp_path / "results.json").write_text(json.dumps(data))
     back = sb.read_results(tmp_path / "results.json")
     text = sb.table(back)
@@ -191,3 +187,30 @@ def test_results_roundtrip_and_table(tmp_path):
     with pytest.raises(ValueError, match="serve-bench"):
         (tmp_path / "bad.json").write_text("{}")
         sb.read_results(tmp_path / "bad.json")
+
+
+def _offline_results():
+    return {"command": "moe-reroute serve-bench --batch-sizes 2", "mode": "offline", "policies": ["native", "p"],
+            "conditions": {"model": "m", "model_note": "synthetic checkpoint (random weights)", "vllm": "0.32.0",
+                           "device": "cpu", "dtype": "float32", "enforce_eager": True, "prompt_len": 16,
+                           "output_len": 8, "repeats": 1},
+            "rows": sb.summarize_offline([_run("native", 2, 0, 0.02, counters=_counters([6], [6])),
+                                          _run("p", 2, 0, 0.01, counters=_counters([3], [6]))], ["native", "p"], [2])}
+
+
+def test_report_has_an_engine_section(tmp_path, capsys):
+    from test_cli_errors import eval_result
+
+    from moe_reroute.cli import main
+
+    (tmp_path / "eval.json").write_text(json.dumps(eval_result()))
+    (tmp_path / "serve.json").write_text(json.dumps(_offline_results()))
+    assert main(["report", str(tmp_path / "eval.json"), "--serve-bench", str(tmp_path / "serve.json"), "--out",
+                 str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## End-to-end engine speed (vLLM, offline batches)" in md and "moe-reroute serve-bench --batch-sizes 2" in md
+    assert "| 2 | `p` | 10.00 |" in md and "synthetic checkpoint (random weights)" in md
+    assert (tmp_path / "r" / "engine_tpot.png").stat().st_size > 0
+    (tmp_path / "bad.json").write_text('{"rows": []}')
+    bad_input(capsys, ["report", tmp_path / "eval.json", "--serve-bench", tmp_path / "bad.json", "--out", tmp_path / "r2"],
+              "--serve-bench", "serve-bench")

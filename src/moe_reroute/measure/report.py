@@ -165,10 +165,12 @@ def write(
     generation: list[dict] | None = None,
     batch: int | None = None,
     u_by_batch: dict[str, dict[int, float]] | None = None,
+    serve: dict | None = None,
 ) -> Path:
     """Write report.md, the PNG plots and results.json into `out`; returns the Markdown path.
 
     u_by_batch: U against batch size from elsewhere (e.g. replayed on a trace); default: the eval rows.
+    serve: `moe-reroute serve-bench` results (results.json), for a section on end-to-end engine speed.
     """
     out = Path(out)
     rows = evaluation["rows"]
@@ -193,9 +195,15 @@ def write(
     }
     if latency_at.get(b):
         plots["pareto_latency.png"] = plot_pareto(rows, b, out / "pareto_latency.png", latency_at[b])
+    if serve:
+        from .serve_bench import plot as serve_plot
+
+        name = "engine_serve.png" if serve["mode"] == "serve" else "engine_tpot.png"
+        if serve_plot(serve, out / name):
+            plots[name] = out / name
     (out / "results.json").write_text(json.dumps(
         {"command": command, "evaluation": evaluation, "bench": bench, "generation": generation,
-         "u_by_batch": u_by_batch}, indent=1) + "\n")
+         "u_by_batch": u_by_batch, "serve_bench": serve}, indent=1) + "\n")
 
     fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", command)), default=0))
     md = [f"# moe-reroute report: {md_text(cond['model'])}", "", fence, command, fence, "", "## Conditions", ""]
@@ -215,6 +223,11 @@ def write(
     md += ["| uniform routing | " + " | ".join(f"{uniform[s]:.1f}" for s in sizes) + " |", ""]
     if bench:
         md += ["## MoE-layer latency", "", _bench_section(bench), ""]
+    if serve:
+        from .serve_bench import markdown_section
+
+        mode = "serving: vLLM's OpenAI server under load" if serve["mode"] == "serve" else "offline batches"
+        md += [f"## End-to-end engine speed (vLLM, {mode})", "", markdown_section(serve), ""]
     if generation:
         md += ["## Greedy generation against native", "",
                "| policy | batch | differing tokens | identical sequences | first divergence (median step) |",

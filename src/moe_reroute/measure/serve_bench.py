@@ -233,7 +233,9 @@ def engine_env(cfg: Config, policy: str, in_process: bool) -> dict:
     env[plugin_config.POLICY_ENV] = policy
     env[plugin_config.COUNTERS_ENV] = "1"
     if in_process:
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: counters read directly
+    else:
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # a server runs its engine core as vLLM does by default
     if cfg.device == "cpu":
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -193,6 +193,13 @@ def moe_index(config: Any, decoder_layer: int | None) -> tuple[int | None, str]:
     return layers.index(decoder_layer), ""
 
 
+def layer_name(decoder_layer: int | None, moe_layer: int | None) -> str:
+    """How messages name a layer: "MoE layer 0 (decoder layer 3)", or "decoder layer 3" without a MoE index."""
+    if moe_layer is None:
+        return f"decoder layer {decoder_layer}"
+    return f"MoE layer {moe_layer} (decoder layer {decoder_layer})"
+
+
 def _spans(layers: list[int]) -> str:
     """MoE layers [3, 4, ..., 60] as "MoE layers: decoder layers 3-60" (runs of consecutive layers joined)."""
     if not layers:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..contract import SUPPORTED_ARCHITECTURES, RouterSpec
+from ..contract import SUPPORTED_ARCHITECTURES, RouterSpec, layer_name
 from ..policies import Policy, make_policy
 
 # model_type -> (attribute of the MoE block holding the router, the router's class name)
@@ -261,4 +261,4 @@ def _dry_run(policy: Policy, spec: RouterSpec, routers) -> None:
         try:
             policy(logits, layer_spec(spec, router), layer=n)
         except (ValueError, TypeError) as e:
-            raise type(e)(f"policy {policy!r} does not fit MoE layer {n} (decoder layer {i}) of this model: {e}") from None
+            raise type(e)(f"policy {policy!r} does not fit {layer_name(i, n)} of this model: {e}") from None

@@ -66,9 +66,9 @@ def test_per_layer_errors():
     policy = make_policy("oea", k0=[1, 2])
     with pytest.raises(ValueError, match="call the policy with layer="):
         policy(X, SPEC)
-    with pytest.raises(ValueError, match="lists 2 layers; layer 2 is out of range"):
+    with pytest.raises(ValueError, match="lists 2 layers; MoE layer 2 is out of range .layers count MoE layers only"):
         policy(X, SPEC, layer=2)
-    with pytest.raises(ValueError, match="no value for layer 4"):
+    with pytest.raises(ValueError, match="no value for MoE layer 4 .it covers MoE layers .0, 3.; layers count MoE layers only"):
         make_policy("oea", k0={0: 1, 3: 2})(X, SPEC, layer=4)
     with pytest.raises(ValueError, match="k0 must be an int"):
         make_policy("oea", k0=[1, 0])
@@ -77,7 +77,7 @@ def test_per_layer_errors():
 
 
 def test_similarity_errors():
-    with pytest.raises(ValueError, match=r"similarity for layer None is \(8, 8\) but the model has E=16"):
+    with pytest.raises(ValueError, match=r"similarity for MoE layer None is \(8, 8\) but the model has E=16"):
         make_policy("sere", similarity=torch.eye(8))(X, SPEC)
     with pytest.raises(ValueError, match="square"):
         make_policy("sere", similarity=torch.ones(16, 8))
@@ -87,7 +87,7 @@ def test_similarity_errors():
         make_policy("sere", similarity=bad)
     with pytest.raises(ValueError, match="sere needs similarity="):
         make_policy("sere")
-    with pytest.raises(ValueError, match="holds 2 layers; layer 3"):
+    with pytest.raises(ValueError, match="holds 2 layers; MoE layer 3"):
         make_policy("sere", similarity=torch.stack([torch.eye(16)] * 2))(X, SPEC, layer=3)
 
 

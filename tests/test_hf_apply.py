@@ -145,9 +145,9 @@ def test_per_layer_parameters_and_layer_subset():
 
 def test_errors_leave_the_model_as_it_was():
     model = tiny_model("mixtral")
-    with pytest.raises(ValueError, match="does not fit layer 0.*E=8"):
+    with pytest.raises(ValueError, match="does not fit MoE layer 0 .decoder layer 0.*E=8"):
         apply(model, "sere", similarity=torch.eye(16))
-    with pytest.raises(ValueError, match="does not fit layer 1.*lists 1 layers"):
+    with pytest.raises(ValueError, match="does not fit MoE layer 1 .decoder layer 1.*lists 1 layers"):
         apply(model, "oea", k0=[1])
     with pytest.raises(ValueError, match="k0=3 > the model's K=2"):
         apply(model, "oea", k0=3)

@@ -140,8 +140,15 @@ def select_experts(
     return StandardTopKOutput(weights.to(torch.float32), ids, router_logits)
 
 
-def hook_for(policy: str, decode: bool = True) -> plugin.SelectExpertsHook:
-    return plugin.SelectExpertsHook(plugin_config.parse(policy), is_decode=lambda: decode)
+def hook_for(policy: str, decode: bool = True, model_config: Any = None) -> plugin.SelectExpertsHook:
+    """The hook, with `model_config` standing for the served model's transformers config (None: unreadable)."""
+    return plugin.SelectExpertsHook(plugin_config.parse(policy), is_decode=lambda: decode,
+                                    model_config=lambda: model_config)
+
+
+# A DeepSeek-V3 whose decoder layer 0 is dense: decoder layers 1, 2, 3 are MoE layers 0, 1, 2.
+DENSE_FIRST = types.SimpleNamespace(model_type="deepseek_v3", num_hidden_layers=4, first_k_dense_replace=1,
+                                    moe_layer_freq=1, n_routed_experts=16)
 
 
 def call(hook, logits, cfg, **kw):
@@ -298,8 +305,56 @@ def test_unsupported_layers_and_calls_are_passed_through(cfg, kw, why, logits_fa
 
 
 def test_policy_that_does_not_fit_fails_on_the_first_forward(logits_factory):
-    with pytest.raises(ValueError, match="does not fit MoE layer 3"):
-        call(hook_for("oea:k0=9"), logits_factory(4, 16), TopKConfig(top_k=4))
+    with pytest.raises(ValueError, match=r"does not fit MoE layer 2 \(decoder layer 3\) \(E=16, K=4\)"):
+        call(hook_for("oea:k0=9", model_config=DENSE_FIRST), logits_factory(4, 16), TopKConfig(top_k=4))
+    with pytest.raises(ValueError, match=r"does not fit MoE layer 2 \(decoder layer 3\).*lists 2 layers"):
+        call(hook_for("oea:k0=[1,2]", model_config=DENSE_FIRST), logits_factory(4, 16), TopKConfig(top_k=4))
+
+
+@pytest.mark.parametrize("layer_id, k", [(1, 4), (2, 1), (3, 2)])
+def test_the_policy_gets_the_moe_layer_index(layer_id, k, logits_factory):
+    """SGLang's layer_id is the decoder layer; a per-layer k is read at its MoE-layer index."""
+    logits = logits_factory(8, 16, seed=layer_id)
+    out = call(hook_for("cap:k=[4,1,2]", model_config=DENSE_FIRST), logits, TopKConfig(top_k=4), layer_id=layer_id)
+    expected = make_policy("cap", k=k)(logits, RouterSpec(16, 4))
+    assert torch.equal(out.topk_ids, expected.ids.to(torch.int32))
+
+
+def test_layers_without_a_moe_layer_index_take_only_uniform_policies(logits_factory):
+    logits = logits_factory(8, 16)
+    for config, why in [(None, "the model's config could not be read"),
+                        (types.SimpleNamespace(model_type="llama4", num_hidden_layers=4),
+                         "which decoder layers of model_type 'llama4'"),
+                        (DENSE_FIRST, "decoder layer 0 is not a MoE layer of the model's config")]:
+        out = call(hook_for("cap:k=2", model_config=config), logits, TopKConfig(top_k=4), layer_id=0)
+        assert torch.equal(out.topk_ids, make_policy("cap", k=2)(logits, RouterSpec(16, 4)).ids.to(torch.int32))
+        with pytest.raises(ValueError, match=f"decoder layer 0 has no MoE-layer index: {why}"):
+            call(hook_for("cap:k=[4,1]", model_config=config), logits, TopKConfig(top_k=4), layer_id=0)
+
+
+def test_served_model_config_is_read_as_sglang_reads_it(monkeypatch):
+    """From SGLang's global server args, through its own get_config (overrides applied) and text config."""
+    seen = {}
+
+    def get_config(model, trust_remote_code, revision=None, model_override_args=None):
+        seen.update(model=model, trust=trust_remote_code, revision=revision, overrides=model_override_args)
+        return types.SimpleNamespace(text_config=DENSE_FIRST)
+
+    args = types.SimpleNamespace(model_path="/models/dsv3", trust_remote_code=True, revision="main",
+                                 json_model_override_args='{"first_k_dense_replace": 1}')
+    server_args = types.ModuleType("sglang.srt.server_args")
+    server_args.get_global_server_args = lambda: args
+    hf_utils = types.ModuleType("sglang.srt.utils.hf_transformers_utils")
+    hf_utils.get_config, hf_utils.get_hf_text_config = get_config, lambda c: c.text_config
+    for name in ("sglang", "sglang.srt", "sglang.srt.utils"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "sglang.srt.server_args", server_args)
+    monkeypatch.setitem(sys.modules, "sglang.srt.utils.hf_transformers_utils", hf_utils)
+    assert plugin.served_model_config() is DENSE_FIRST
+    assert seen == {"model": "/models/dsv3", "trust": True, "revision": "main",
+                    "overrides": {"first_k_dense_replace": 1}}
+    server_args.get_global_server_args = lambda: (_ for _ in ()).throw(ValueError("not set yet"))
+    assert plugin.served_model_config() is None  # unreadable: layers get no MoE-layer index
 
 
 # --- the step's phase, from SGLang's forward context ---
@@ -404,6 +459,15 @@ def test_installed_sglang_matches_the_recorded_contract():
     assert any(isinstance(n, ast.FunctionDef) and n.name == "is_decode" for n in _class(batch, "ForwardMode").body)
     plugins = (root / "srt/plugins/__init__.py").read_text()
     assert f'GENERAL_PLUGINS_GROUP = "{PLUGIN_GROUP}"' in plugins
+    # served_model_config: the global server args, SGLang's get_config and get_hf_text_config
+    assert "get_global_server_args" in {n.name for n in ast.parse((root / "srt/server_args.py").read_text()).body
+                                        if isinstance(n, ast.FunctionDef)}
+    utils = root / "srt/utils/hf_transformers_utils.py"
+    utils = utils if utils.exists() else root / "srt/hf_transformers_utils.py"
+    tree = ast.parse(utils.read_text())
+    assert [a.arg for a in _function(tree, "get_config").args.args][:4] == [
+        "model", "trust_remote_code", "revision", "model_override_args"]
+    _function(tree, "get_hf_text_config")
 
 
 @pytest.mark.skipif(_sglang_root() is None, reason="SGLang is not installed (its source is read, not imported)")

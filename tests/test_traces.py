@@ -107,8 +107,8 @@ def test_calibrate_similarity_matches_direct_expert_outputs(arch, tmp_path):
     ids = torch.randint(2, 64, (2, 6), generator=torch.Generator().manual_seed(1))
     sims = calibrate_similarity(model, ids, method="cosine", experts_per_chunk=3, progress=False)
     layers = [i for i, _ in moe_routers(model)]
-    assert sorted(sims) == layers
-    layer = layers[-1]
+    assert sorted(sims) == list(range(len(layers)))  # keyed by MoE-layer index (DeepSeek-V3: layer 0 is dense)
+    layer, moe = layers[-1], len(layers) - 1
     captured = {}
 
     def grab(module, args):
@@ -120,12 +120,12 @@ def test_calibrate_similarity_matches_direct_expert_outputs(arch, tmp_path):
     handle.remove()
     x = captured["x"]
     experts = decoder(model).layers[layer].mlp.experts
-    E = sims[layer].shape[0]
+    E = sims[moe].shape[0]
     with torch.no_grad():  # expert e alone: route every token to e with weight 1
         outs = torch.stack([
             experts(x, torch.full((x.shape[0], 1), e), torch.ones(x.shape[0], 1)) for e in range(E)
         ])
-    torch.testing.assert_close(sims[layer], expert_similarity(outs, "cosine"))
+    torch.testing.assert_close(sims[moe], expert_similarity(outs, "cosine"))
     path = save_similarity(sims, tmp_path / "sim.safetensors")
     loaded = load_similarity(path, num_experts=E)
     policy = make_policy("sere", similarity=loaded)

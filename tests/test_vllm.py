@@ -158,7 +158,8 @@ def test_other_vllm_versions_are_refused(version):
 
 @pytest.fixture
 def wrapped(monkeypatch):
-    """wrapped(policy, phase) -> (CPURouter re-routed as in an engine, state of the step: {"decode", "padding"})."""
+    """wrapped(policy, phase, moe_layer) -> (CPURouter of decoder layer 3 re-routed as in an engine, state of the
+    step: {"decode", "padding"}). moe_layer: (its MoE-layer index, "") or (None, why it has none)."""
     import moe_reroute.vllm.plugin as plugin
     import moe_reroute.vllm.router as rr
 
@@ -167,11 +168,11 @@ def wrapped(monkeypatch):
     monkeypatch.setattr(rr, "step_padding", lambda: step["padding"])
     monkeypatch.setattr(plugin, "STATE", plugin.State())
 
-    def make(policy, phase="decode"):
+    def make(policy, phase="decode", moe_layer=(2, "")):
         cfg = plugin_config.parse(policy, counters=True)
         cfg = plugin_config.PluginConfig(cfg.policy, cfg.source, phase, True)
         router = cpu_router(top_k=4, global_num_experts=32)
-        plugin.wrap(router, cfg, layer=3, num_experts=32)
+        plugin.wrap(router, cfg, layer=3, num_experts=32, moe_layer=moe_layer)
         return router, step
 
     return make
@@ -275,10 +276,35 @@ def test_counters_count_every_step_and_pause(wrapped, logits_factory, policy):
 
 @needs_vllm
 def test_policy_that_does_not_fit_fails_at_build(wrapped):
-    with pytest.raises(ValueError, match="does not fit MoE layer 3"):
+    with pytest.raises(ValueError, match=r"does not fit MoE layer 2 \(decoder layer 3\) \(E=32, K=4\)"):
         wrapped("oea:k0=5")  # K is 4
-    with pytest.raises(ValueError, match="does not fit MoE layer 3"):
-        wrapped("oea:k0=[1,2]")  # no value for layer 3
+    with pytest.raises(ValueError, match=r"does not fit MoE layer 2 \(decoder layer 3\).*lists 2 layers"):
+        wrapped("oea:k0=[1,2]")  # no value for MoE layer 2
+
+
+@needs_vllm
+def test_the_policy_gets_the_moe_layer_index(wrapped, logits_factory):
+    """Decoder layer 3 as MoE layer 1 (two dense layers before it, say) routes with the per-layer value at
+    index 1; the counters keep the decoder-layer index. Without a MoE-layer index only a policy with one
+    value for every layer is taken."""
+    import moe_reroute.vllm as plugin
+    from moe_reroute import make_policy
+    from moe_reroute.vllm import router_spec
+
+    logits = logits_factory(8, 32)
+    router, _ = wrapped("cap:k=[4,1,3]", moe_layer=(1, ""))
+    w, i = router.select_experts(None, logits)
+    want = make_policy("cap", k=1)(logits, router_spec(router, 32)[0])
+    assert torch.equal(i.long(), want.ids)
+    torch.testing.assert_close(w, want.weights)
+    assert list(plugin.counters()) == [3]
+
+    router, _ = wrapped("cap:k=2", moe_layer=(None, "its model_type is not known"))  # one value: fine
+    w, i = router.select_experts(None, logits)
+    assert torch.equal(i.long(), make_policy("cap", k=2)(logits, router_spec(router, 32)[0]).ids)
+    for policy in ("cap:k=[4,1]", '{"name": "cap", "k": {"0": 2}}'):
+        with pytest.raises(ValueError, match="decoder layer 3 has no MoE-layer index: its model_type is not known"):
+            wrapped(policy, moe_layer=(None, "its model_type is not known"))
 
 
 # --- the real engine on CPU ---
@@ -315,6 +341,22 @@ def qwen3_moe(tmp_path_factory):
                             tie_word_embeddings=False)
     torch.manual_seed(0)
     return save_tiny(AutoModelForCausalLM.from_config(config).float().eval(), tmp_path_factory, "tiny-qwen3-moe")
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe_dense_first(tmp_path_factory):
+    """A tiny random Qwen3-MoE whose decoder layer 0 is dense (mlp_only_layers=[0]): decoder layers 1 and
+    2 are MoE layers 0 and 1."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(vocab_size=V, hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=32, intermediate_size=64, num_experts=32,
+                            num_experts_per_tok=4, moe_intermediate_size=32, norm_topk_prob=True,
+                            mlp_only_layers=[0], max_position_embeddings=128, pad_token_id=PAD, bos_token_id=1,
+                            eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(1)
+    return save_tiny(AutoModelForCausalLM.from_config(config).float().eval(), tmp_path_factory,
+                     "tiny-qwen3-moe-dense-first")
 
 
 @pytest.fixture(scope="module")
@@ -393,14 +435,17 @@ def hf_greedy(checkpoint, policy=None, ids=None):
 
 
 def check_counters(layers, fewer, batch=B):
-    """Every MoE layer re-routed each decode step (N - 1 of them: the first token comes from prefill)."""
+    """Every MoE layer re-routed each decode step (N - 1 of them: the first token comes from prefill).
+    layers: the decoder layers the counters are keyed by; fewer: U below native (True) or equal (False),
+    for all of them or, as a list, layer by layer."""
     import moe_reroute.vllm as plugin
 
     c = plugin.counters()
     assert sorted(c) == layers, c
-    for layer, v in c.items():
+    fewer = fewer if isinstance(fewer, list) else [fewer] * len(layers)
+    for (layer, v), less in zip(sorted(c.items()), fewer):
         assert v["steps"] == N - 1 and v["tokens"] == batch, (layer, v)
-        assert (v["unique"] < v["unique_native"]) if fewer else (v["unique"] == v["unique_native"]), (layer, v)
+        assert (v["unique"] < v["unique_native"]) if less else (v["unique"] == v["unique_native"]), (layer, v)
 
 
 @needs_vllm
@@ -432,7 +477,8 @@ def test_engine_qwen3_moe(qwen3_moe, run_vllm, tmp_path):
 @needs_vllm
 def test_engine_deepseek_v3(deepseek_v3, run_vllm):
     """DeepSeek-V3's grouped, biased, scaled routing through vLLM's router: the native policy gives vLLM's
-    own tokens, OEA lowers U on both MoE layers (the dense layer 0 is left alone). vLLM's and
+    own tokens, OEA lowers U on both MoE layers (the dense layer 0 is left alone), and a per-layer k is
+    read by MoE layer (the JSON's first value is decoder layer 1's). vLLM's and
     transformers' DeepSeek-V3 already differ in a few late greedy tokens of this random model without any
     policy, so the two engines are not compared here; the routing itself is compared with vLLM's router in
     test_native_matches_vllm_deepseek_v3_router."""
@@ -441,6 +487,33 @@ def test_engine_deepseek_v3(deepseek_v3, run_vllm):
     check_counters([1, 2], fewer=False)
     assert not torch.equal(run_vllm(deepseek_v3, "oea:k0=1", counters=True), stock)
     check_counters([1, 2], fewer=True)
+    # Per-layer values count MoE layers: k=4 (= K, native) on MoE layer 0 = decoder layer 1, k=2 on decoder layer 2.
+    run_vllm(deepseek_v3, '{"name": "cap", "k": [4, 2]}', counters=True)
+    check_counters([1, 2], fewer=[False, True])
+
+
+@needs_vllm
+def test_engine_counts_moe_layers_past_a_dense_first_layer(qwen3_moe_dense_first, run_vllm, tmp_path):
+    """Qwen3-MoE with a dense decoder layer 0: a per-layer policy is indexed by MoE layer in vLLM as in the
+    transformers adapter (the same greedy tokens), and the counters, keyed by decoder layer, show MoE
+    layer 0 (decoder 1) native under cap:k=[4,1] and MoE layer 1 (decoder 2) below native. A similarity
+    file holds one matrix per MoE layer: identity (SERE keeps every expert: native) on MoE layer 0."""
+    from moe_reroute import hf
+
+    path = qwen3_moe_dense_first
+    stock = run_vllm(path, None)
+    assert torch.equal(stock, hf_greedy(path)), "vLLM and transformers disagree even without a policy"
+
+    capped = run_vllm(path, "cap:k=[4,1]", counters=True)
+    check_counters([1, 2], fewer=[False, True])
+    assert not torch.equal(capped, stock)
+    assert torch.equal(capped, hf_greedy(path, "cap:k=[4,1]"))
+
+    sim = hf.save_similarity({0: torch.eye(32), 1: torch.ones(32, 32)}, tmp_path / "sim.safetensors")
+    policy = f"sere:similarity={sim},threshold=0.5"
+    sere = run_vllm(path, policy, counters=True)
+    check_counters([1, 2], fewer=[False, True])
+    assert torch.equal(sere, hf_greedy(path, policy))
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,11 @@
 
 Shape letters used throughout the package: T = tokens in the batch, E = routed experts,
 K = experts per token (the model's top-k), L = layers.
+
+Layer numbering: the `layer` a policy is called with is the 0-based MoE-layer index, the n-th decoder
+layer that holds a routed MoE block, dense layers not counted (`moe_layers` reads which those are from a
+config). Every per-layer value (a list, a {layer: value} mapping, a cap schedule, a stacked [L, E, E]
+similarity) is indexed that way, and the adapters map each decoder layer to its MoE-layer index.
 """
 
 from __future__ import annotations
@@ -16,6 +21,11 @@ SCORINGS = ("softmax", "sigmoid", "topk_softmax")
 
 # model_type of a transformers config -> how to read its router from the config.
 SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "gpt_oss")
+
+# model_types whose decoder-layer layout `moe_layers` knows, by the rule that lays them out.
+DEEPSEEK_LAYOUT = ("deepseek_v2", "deepseek_v3", "kimi_k2")  # first_k_dense_replace, moe_layer_freq
+QWEN_LAYOUT = ("qwen2_moe", "qwen3_moe")  # decoder_sparse_step, mlp_only_layers
+EVERY_LAYER_LAYOUT = ("mixtral", "olmoe", "gpt_oss")
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,84 @@ class RouterSpec:
             weights_in_logits_dtype=False,
             arch=model_type,
         )
+
+
+def moe_layers(config: Any) -> list[int] | None:
+    """The decoder layers that hold a routed MoE block, in order, from a transformers-style config (any
+    object with its attributes), or None when the layout of its model_type is not known.
+
+    Position n of the list is MoE layer n: the `layer` index policies are called with, which every
+    per-layer value counts (dense layers are not counted). The rules are the ones vLLM and transformers
+    build the models by:
+      - DeepSeek-V2/V3, Kimi-K2: layer i is MoE when i >= first_k_dense_replace and i % moe_layer_freq == 0
+        (transformers ignores moe_layer_freq, which is 1 in every released checkpoint; vLLM reads it).
+      - Qwen2-MoE, Qwen3-MoE: when i is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0.
+      - Mixtral, OLMoE, GPT-OSS: every layer.
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type not in DEEPSEEK_LAYOUT + QWEN_LAYOUT + EVERY_LAYER_LAYOUT:
+        return None
+    L = _config_int(config, "num_hidden_layers", None, model_type)
+    if model_type in EVERY_LAYER_LAYOUT:
+        return list(range(L))
+    if model_type in DEEPSEEK_LAYOUT:
+        if getattr(config, "n_routed_experts", None) is None:
+            return []
+        first = _config_int(config, "first_k_dense_replace", 0, model_type)
+        freq = _config_int(config, "moe_layer_freq", 1, model_type, low=1)
+        return [i for i in range(L) if i >= first and i % freq == 0]
+    if not getattr(config, "num_experts", 0):
+        return []
+    step = _config_int(config, "decoder_sparse_step", 1, model_type, low=1)
+    dense = set(getattr(config, "mlp_only_layers", None) or ())
+    return [i for i in range(L) if i not in dense and (i + 1) % step == 0]
+
+
+def _config_int(config: Any, name: str, default: int | None, model_type: str, low: int = 0) -> int:
+    value = getattr(config, name, None)
+    if value is None and default is not None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"the {model_type} config's {name} must be an int >= {low}, got {value!r}; "
+                         "check the model's config.json")
+    return value
+
+
+def moe_index(config: Any, decoder_layer: int | None) -> tuple[int | None, str]:
+    """(the MoE-layer index of `decoder_layer` by `moe_layers(config)`, ""), or (None, why it has none):
+    the config is missing, its model_type's layout is unknown, or that decoder layer is not one of its
+    MoE layers (e.g. a draft model's layer past the model's own)."""
+    if decoder_layer is None:
+        return None, "its module name holds no decoder-layer index"
+    if config is None:
+        return None, "the model's config could not be read"
+    layers = moe_layers(config)
+    if layers is None:
+        known = ", ".join(DEEPSEEK_LAYOUT + QWEN_LAYOUT + EVERY_LAYER_LAYOUT)
+        return None, (f"which decoder layers of model_type {getattr(config, 'model_type', None)!r} are MoE layers "
+                      f"is not known (known: {known})")
+    if decoder_layer not in layers:
+        return None, f"decoder layer {decoder_layer} is not a MoE layer of the model's config ({_spans(layers)})"
+    return layers.index(decoder_layer), ""
+
+
+def layer_name(decoder_layer: int | None, moe_layer: int | None) -> str:
+    """How messages name a layer: "MoE layer 0 (decoder layer 3)", or "decoder layer 3" without a MoE index."""
+    if moe_layer is None:
+        return f"decoder layer {decoder_layer}"
+    return f"MoE layer {moe_layer} (decoder layer {decoder_layer})"
+
+
+def _spans(layers: list[int]) -> str:
+    """MoE layers [3, 4, ..., 60] as "MoE layers: decoder layers 3-60" (runs of consecutive layers joined)."""
+    if not layers:
+        return "it has no MoE layers"
+    runs, start = [], layers[0]
+    for prev, cur in zip(layers, layers[1:] + [None]):
+        if cur != prev + 1:
+            runs.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = cur
+    return "MoE layers: decoder layers " + ", ".join(runs)
 
 
 def engine_spec(

@@ -5,6 +5,11 @@ of those tokens were real ([S, B]). Step s of the trace is one decode batch: the
 Traces of single sequences concatenate (`Trace.concat`) and re-batch (`Trace.rebatch`) into decode
 batches of any size, so policies can be studied at any batch size offline.
 
+Layers are keyed by decoder-layer index, as the model's modules are numbered (a DeepSeek-V3 trace starts
+at layer 3). A trace holds every MoE layer of its model, as `moe_reroute.hf.Recorder` writes it, so the
+n-th of its layers is MoE layer n: replaying a policy calls it with that MoE-layer index
+(`Trace.moe_layer`), the index per-layer values are given by.
+
 File format: safetensors with tensors `logits.<layer>` [S, B, E], `valid` [S, B] and, for DeepSeek-style
 specs, `bias.<layer>` [E]; its metadata key "moe_reroute" holds a JSON header (model, RouterSpec per
 layer, batch composition, dtype, library version).
@@ -30,9 +35,10 @@ FORMAT = "moe_reroute.trace/1"
 
 @dataclass
 class Trace:
-    """Router logits of S steps x B sequences for each MoE layer.
+    """Router logits of S steps x B sequences for each MoE layer of a model.
 
-    logits: {layer: [S, B, E]}. valid: [S, B] bool. specs: {layer: RouterSpec}. meta: model, dtype, ...
+    logits: {decoder layer: [S, B, E]}, one entry per MoE layer. valid: [S, B] bool. specs: {decoder
+    layer: RouterSpec}. meta: model, dtype, ...
     """
 
     logits: dict[int, torch.Tensor]
@@ -64,10 +70,19 @@ class Trace:
 
     @property
     def layers(self) -> list[int]:
+        """The decoder-layer indices of the trace's MoE layers, in order."""
         return sorted(self.logits)
 
+    def moe_layer(self, layer: int) -> int:
+        """The MoE-layer index of decoder layer `layer`: its position among the trace's layers (a trace
+        holds every MoE layer of its model). Policies are called with it."""
+        if layer not in self.logits:
+            raise ValueError(f"layer {layer} is not in this trace; it holds decoder layers {self.layers}")
+        return self.layers.index(layer)
+
     def replay(self, policy: Policy, layers: list[int] | None = None) -> dict[int, torch.Tensor]:
-        """U of each step under `policy`: {layer: [S] int64}. Each step's B tokens form one batch."""
+        """U of each step under `policy`: {decoder layer: [S] int64}. Each step's B tokens form one batch;
+        the policy is called with each layer's MoE-layer index (`moe_layer`). `layers`: decoder layers."""
         unknown = sorted(set(layers or ()) - set(self.layers))
         if unknown:
             raise ValueError(f"layers {unknown} are not in this trace; it holds layers {self.layers}")
@@ -75,8 +90,9 @@ class Trace:
         for layer in layers or self.layers:
             spec = self.specs[layer]
             x = self.logits[layer]
+            moe = self.moe_layer(layer)
             out[layer] = torch.stack([
-                unique_experts(policy(x[s].float(), spec, self.valid[s], layer=layer), spec.num_experts)
+                unique_experts(policy(x[s].float(), spec, self.valid[s], layer=moe), spec.num_experts)
                 for s in range(self.steps)
             ])
         return out

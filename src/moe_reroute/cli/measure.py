@@ -324,7 +324,7 @@ def _calibrate(args) -> int:
                                       max_tokens=args.tokens)
     out.parent.mkdir(parents=True, exist_ok=True)
     path = save_similarity(similarity, out, method=args.method, tokens=args.tokens)
-    print(f"similarity of {len(similarity)} layers written to {path}; use it with `--policy sere:similarity={path}`")
+    print(f"similarity of {len(similarity)} MoE layers written to {path}; use it with `--policy sere:similarity={path}`")
     return 0
 
 

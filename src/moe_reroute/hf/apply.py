@@ -4,6 +4,11 @@ The experts, shared experts and the experts implementation are untouched: each M
 (`mlp.gate`, or `mlp.router` for GPT-OSS) still computes its logits, and a forward hook replaces its
 (weights, ids) with the policy's. A pre-hook on the decoder model reads each forward's token layout
 (batch B, new tokens S, attention mask, finished sequences) so the router hooks know what a batch is.
+
+Layer numbering: the policy is called with each layer's MoE-layer index (the n-th MoE layer of the model
+is layer n, dense layers not counted), which is what per-layer values are indexed by. Where this module
+names layers to people (`apply(layers=...)`, `Applied.layers`, error messages) it uses decoder-layer
+indices, as the modules are named (`model.layers.3.mlp.gate` is decoder layer 3).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..contract import SUPPORTED_ARCHITECTURES, RouterSpec
+from ..contract import SUPPORTED_ARCHITECTURES, RouterSpec, layer_name
 from ..policies import Policy, make_policy
 
 # model_type -> (attribute of the MoE block holding the router, the router's class name)
@@ -39,7 +44,8 @@ def decoder(model: nn.Module) -> nn.Module:
 
 
 def moe_routers(model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
-    """(layer index, router module) of every MoE layer; dense layers (DeepSeek-V3's first ones) are skipped."""
+    """(decoder-layer index, router module) of every MoE layer, in order; dense layers (DeepSeek-V3's
+    first ones) are skipped, so the n-th pair is MoE layer n (see `moe_layer_indices`)."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in ROUTERS:
@@ -52,6 +58,11 @@ def moe_routers(model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
         router = getattr(getattr(layer, "mlp", None), attr, None)
         if router is not None and type(router).__name__ == cls_name:
             yield i, router
+
+
+def moe_layer_indices(routers: list[tuple[int, nn.Module]]) -> dict[int, int]:
+    """{decoder-layer index: MoE-layer index} of `moe_routers(model)`'s pairs: the n-th is MoE layer n."""
+    return {i: n for n, (i, _) in enumerate(routers)}
 
 
 def layer_spec(spec: RouterSpec, router: nn.Module) -> RouterSpec:
@@ -134,18 +145,24 @@ class HookSet:
 
 
 class Applied(HookSet):
-    """Handle returned by `apply`: `.remove()` restores the model; also a context manager."""
+    """Handle returned by `apply`: `.remove()` restores the model; also a context manager.
+
+    `layers`: the decoder-layer indices re-routed; `moe_layers`: {decoder layer: the MoE-layer index the
+    policy is called with}.
+    """
 
     def __init__(self, model, policy, spec, routers, phase, tracker) -> None:
         self.model = model
         self.policy = policy
         self.spec = spec
         self.phase = phase
-        self.layers = [i for i, _ in routers]
+        self.layers = [i for i, _, _ in routers]
+        self.moe_layers = {i: n for i, n, _ in routers}
         self._tracker = tracker
-        self._handles = [r.register_forward_hook(self._make_hook(i)) for i, r in routers]
+        self._handles = [r.register_forward_hook(self._make_hook(n)) for _, n, r in routers]
 
     def _make_hook(self, layer: int):
+        """The forward hook of the router of MoE layer `layer`."""
         def hook(module, args, output):
             logits = output[0]  # [N, E]
             spec = layer_spec(self.spec, module)  # read the bias now: model.to() replaces buffers
@@ -188,7 +205,9 @@ def apply(
 
     Args:
       policy: a Policy, or a name with its parameters as keyword arguments (`apply(model, "oea", k0=3)`).
-      layers: decoder layer indices to change (default: every MoE layer).
+      layers: decoder-layer indices to change, as the modules are numbered (default: every MoE layer).
+        Per-layer values of the policy are still indexed by MoE layer: on a model with one dense first
+        layer, `layers=[1]` re-routes decoder layer 1 with the policy's values for MoE layer 0.
       phase: "decode" (default): only forwards of one new token per sequence; prefill routes natively.
         "all": every forward, all its tokens as one batch. "decode-sim": a teacher-forced forward over
         [B, L] tokens where each position's B tokens form one decode batch.
@@ -207,9 +226,11 @@ def apply(
         raise TypeError(f"policy must be a Policy or a policy name, got {type(policy).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a transformers MoE model (an nn.Module), got {type(model).__name__}")
-    routers = list(moe_routers(model))  # checks the model type before its config is read
-    if not routers:
+    found = list(moe_routers(model))  # checks the model type before its config is read
+    if not found:
         raise ValueError(f"{type(model).__name__} has no MoE router modules to re-route")
+    moe = moe_layer_indices(found)
+    routers = [(i, moe[i], r) for i, r in found]  # (decoder layer, MoE layer, router)
     spec = RouterSpec.from_config(model.config)
     current = getattr(model, APPLIED_ATTR, None)
     if current is not None and not replace:
@@ -218,11 +239,11 @@ def apply(
     if layers is not None:
         if isinstance(layers, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
             raise TypeError(f"layers must be a list of layer indices (ints), got {layers!r}")
-        known = {i for i, _ in routers}
-        unknown = sorted(set(layers) - known)
+        unknown = sorted(set(layers) - set(moe))
         if unknown:
-            raise ValueError(f"layers {unknown} are not MoE layers of this model; MoE layers: {sorted(known)}")
-        routers = [(i, r) for i, r in routers if i in set(layers)]
+            raise ValueError(f"layers {unknown} are not MoE layers of this model; give decoder-layer indices of "
+                             f"its MoE layers: {sorted(moe)}")
+        routers = [(i, n, r) for i, n, r in routers if i in set(layers)]
     _dry_run(policy, spec, routers)
     if current is not None:
         current.remove()
@@ -234,10 +255,10 @@ def apply(
 def _dry_run(policy: Policy, spec: RouterSpec, routers) -> None:
     """Call the policy once per layer on dummy logits, so that a mismatch (E, K, a per-layer list too
     short, a similarity of the wrong size) fails before any hook is installed."""
-    for i, router in routers:
+    for i, n, router in routers:
         w = router.weight
         logits = torch.linspace(-1, 1, spec.num_experts, device=w.device, dtype=torch.float32)[None, :].repeat(2, 1)
         try:
-            policy(logits, layer_spec(spec, router), layer=i)
+            policy(logits, layer_spec(spec, router), layer=n)
         except (ValueError, TypeError) as e:
-            raise type(e)(f"policy {policy!r} does not fit layer {i} of this model: {e}") from None
+            raise type(e)(f"policy {policy!r} does not fit {layer_name(i, n)} of this model: {e}") from None

@@ -1,5 +1,9 @@
 """Calibrate SERE's expert similarity on a transformers model: run text, feed each MoE layer's input
-to every routed expert, compare the experts' outputs (moe_reroute.calibration.expert_similarity)."""
+to every routed expert, compare the experts' outputs (moe_reroute.calibration.expert_similarity).
+
+The result is keyed by MoE-layer index (0 = the model's first MoE layer, dense layers not counted), the
+index `sere` reads it by, in memory and in the file.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ def calibrate_similarity(
     experts_per_chunk: int = 8,
     progress: bool = True,
 ) -> dict[int, torch.Tensor]:
-    """Per-layer [E, E] similarity of the routed experts, {layer: matrix}, ready for `sere`.
+    """Per-layer [E, E] similarity of the routed experts, {MoE-layer index: matrix}, ready for `sere`
+    (on DeepSeek-V3, whose decoder layers 0-2 are dense, key 0 is decoder layer 3).
 
     Args:
       texts: strings (with `tokenizer`) or a [B, L] tensor of token ids.
@@ -71,12 +76,12 @@ def calibrate_similarity(
 
     bar = progress_bar(len(routers), progress, f"calibrating {method} similarity", unit="layer")
     out = {}
-    for layer, _ in routers:
+    for moe, (layer, _) in enumerate(routers):  # the n-th MoE layer is MoE layer n
         experts = layers[layer].mlp.experts
         hidden = inputs.pop(layer)
         N = hidden.shape[0]
         if N < 2:
-            raise ValueError(f"only {N} calibration token(s) reached layer {layer}; give more text")
+            raise ValueError(f"only {N} calibration token(s) reached decoder layer {layer}; give more text")
         outputs = []
         for start in range(0, spec.num_experts, experts_per_chunk):
             chunk = torch.arange(start, min(start + experts_per_chunk, spec.num_experts), device=hidden.device)
@@ -86,27 +91,29 @@ def calibrate_similarity(
             weight = torch.ones(c * N, 1, dtype=hidden.dtype, device=hidden.device)
             y = experts(x, index, weight)  # the expert's own output, gate weight 1
             outputs.append(y.float().reshape(c, N, -1).cpu())
-        out[layer] = expert_similarity(torch.cat(outputs), method)
+        out[moe] = expert_similarity(torch.cat(outputs), method)
         bar.update(1)
     bar.close()
     return out
 
 
 def save_similarity(similarity: dict[int, torch.Tensor], path: str | Path, **meta: str) -> Path:
-    """Write {layer: [E, E]} as safetensors (keys `layer.<i>`)."""
+    """Write {MoE-layer index: [E, E]} as safetensors (keys `layer.<i>`, i the MoE-layer index; the
+    metadata says so: "layers": "moe")."""
     from safetensors.torch import save_file
 
     path = Path(path)
     save_file(
         {f"layer.{k}": v.float().contiguous().cpu() for k, v in similarity.items()},
         str(path),
-        metadata={"moe_reroute": "similarity", **{k: str(v) for k, v in meta.items()}},
+        metadata={"moe_reroute": "similarity", "layers": "moe", **{k: str(v) for k, v in meta.items()}},
     )
     return path
 
 
 def load_similarity(path: str | Path, num_experts: int | None = None) -> dict[int, torch.Tensor]:
-    """Read {layer: [E, E]} written by `save_similarity`; checks the size when `num_experts` is given.
+    """Read {MoE-layer index: [E, E]} written by `save_similarity`; checks the size when `num_experts` is
+    given.
 
     A file that is missing raises FileNotFoundError; one that is not such a file (a directory, empty,
     truncated, other tensors, values that are not finite floats) raises ValueError naming it.

@@ -3,6 +3,10 @@
 The recorder reads the routing the experts actually receive (a pre-hook on each `mlp.experts`), so it
 sees a policy applied with `moe_reroute.hf.apply` whichever was installed first, and the router logits
 (a hook on the router) to know the native routing.
+
+Records are keyed by decoder-layer index, as the modules are numbered (`model.layers.3` is layer 3), so
+on DeepSeek-V3 they start at 3. A trace made from them keeps that numbering; replaying a policy on it
+gives the policy each layer's MoE-layer index (see `moe_reroute.traces`).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ class LayerRecord:
 class StepRecord:
     batch: int
     new_tokens: int
-    layers: dict[int, LayerRecord] = field(default_factory=dict)
+    layers: dict[int, LayerRecord] = field(default_factory=dict)  # by decoder-layer index
 
 
 class Recorder(HookSet):
@@ -104,8 +108,8 @@ class Recorder(HookSet):
         return hook
 
     def unique_per_layer(self, native: bool = False, decode_only: bool = False) -> dict[int, torch.Tensor]:
-        """{layer: U of every recorded position group}, concatenated over steps (a decode step is one
-        group; a forward over S new tokens gives S). decode_only: only forwards of one new token."""
+        """{decoder layer: U of every recorded position group}, concatenated over steps (a decode step is
+        one group; a forward over S new tokens gives S). decode_only: only forwards of one new token."""
         out: dict[int, list[torch.Tensor]] = {}
         for step in self.steps:
             if decode_only and step.new_tokens != 1:
@@ -116,7 +120,7 @@ class Recorder(HookSet):
 
     def to_trace(self, decode_only: bool = False):
         """The recorded router logits as a `moe_reroute.traces.Trace` (needs keep="logits"): each
-        position group of each forward is one step of B tokens."""
+        position group of each forward is one step of B tokens; layers keyed by decoder-layer index."""
         from ..traces import Trace
 
         if self.keep != "logits":

@@ -321,7 +321,7 @@ def routings_from_trace(
     for s, layer in pairs:
         logits = batched.logits[layer][s].float()  # [B, E]
         for name, policy in policies.items():
-            out[name].append(policy(logits, batched.specs[layer], batched.valid[s], layer=layer))
+            out[name].append(policy(logits, batched.specs[layer], batched.valid[s], layer=batched.moe_layer(layer)))
     return out
 
 
@@ -329,7 +329,7 @@ def uniform_routings(
     policies: dict[str, Policy], shape: LayerShape, batch_size: int, steps: int, seed: int = 0
 ) -> dict[str, list[Routing]]:
     """Routings from random router logits (standard normal, softmax top-K): not a trace of any model.
-    Policies with per-layer parameters use their layer-0 values."""
+    Policies with per-layer parameters use their values for MoE layer 0."""
     spec = RouterSpec(shape.num_experts, shape.top_k)
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, list[Routing]] = {name: [] for name in policies}

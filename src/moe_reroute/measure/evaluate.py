@@ -187,8 +187,8 @@ def evaluate(
       batching: "stream" for a token stream; "same-domain" or "mixed" for streams by domain.
     Returns: {"rows": [one dict per (policy, batch size)], "conditions": {...}}; each row holds
       cross-entropy and perplexity, the paired difference to native with its CI, the OEA paper's
-      standard-error rule, top-1 agreement and KL to native, mean U per layer (policy and native) and
-      mean experts kept per token.
+      standard-error rule, top-1 agreement and KL to native, mean U per layer (policy and native;
+      "unique_per_layer" is keyed by decoder-layer index) and mean experts kept per token.
     """
     if isinstance(ids, dict):
         if batching == "stream":

@@ -124,7 +124,7 @@ def plot_u_per_layer(rows: list[dict], batch: int, path: Path) -> Path:
         layers = sorted(r["unique_per_layer"], key=int)
         ax.plot([int(x) for x in layers], [r["unique_per_layer"][x] for x in layers], marker="o", label=r["policy"],
                 lw=2 if r["policy"] == "native" else 1)
-    ax.set_xlabel("layer")
+    ax.set_xlabel("decoder layer")
     ax.set_ylabel(f"mean U at batch {batch}")
     ax.legend(fontsize=7)
     return _save(fig, path)

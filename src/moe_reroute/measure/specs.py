@@ -1,6 +1,6 @@
 """Policy specs as written on a command line: `name` or `name:param=value,param=value`.
 
-Values are ints, floats, true/false/none, lists in brackets (`oea:k0=[2,3,3,4]`, one value per
+Values are ints, floats, true/false/none, lists in brackets (`oea:k0=[2,3,3,4]`, one value per MoE
 layer) or parentheses (`cap:schedule=(2,4,8,3),num_layers=48`), and otherwise plain strings such as a
 file path (`sere:similarity=sim.safetensors`).
 """

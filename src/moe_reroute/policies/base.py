@@ -2,6 +2,10 @@
 
 A field marked `per_layer(...)` accepts one value for every layer, a list indexed by layer, or a
 mapping {layer: value}; the policy resolves it with the `layer` argument of each call.
+
+Layers are counted over MoE layers only: `layer` is the 0-based MoE-layer index (0 = the model's first
+MoE layer; dense layers such as DeepSeek-V3's first three are not counted), so a list holds one value
+per MoE layer. The adapters (transformers, vLLM, SGLang, traces) map decoder layers to that index.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ MAX_LAYERS = 4096
 
 
 def per_layer(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
-    """A config field that may be given per layer (list or mapping by layer index)."""
+    """A config field that may be given per layer (list or mapping by MoE-layer index)."""
     return dataclasses.field(default=default, metadata={"per_layer": True}, **kwargs)
 
 
@@ -45,18 +49,24 @@ def layer_values(value: Any) -> list[Any]:
     return [value]
 
 
+# Said wherever a per-layer value does not cover a layer: the numbering is the usual surprise.
+COUNTING = "layers count MoE layers only, from 0; dense layers are not counted"
+
+
 def resolve(name: str, value: Any, layer: int | None) -> Any:
-    """The value of a per-layer field at `layer`."""
+    """The value of a per-layer field at MoE layer `layer`."""
     if not is_per_layer_value(value):
         return value
     if layer is None:
-        raise ValueError(f"{name} is given per layer; call the policy with layer=<layer index>")
+        raise ValueError(f"{name} is given per layer; call the policy with layer=<MoE-layer index>")
     if isinstance(value, Mapping):
         if layer not in value:
-            raise ValueError(f"{name} has no value for layer {layer} (it covers layers {sorted(value)})")
+            raise ValueError(f"{name} has no value for MoE layer {layer} (it covers MoE layers {sorted(value)}; "
+                             f"{COUNTING})")
         return value[layer]
     if not 0 <= layer < len(value):
-        raise ValueError(f"{name} lists {len(value)} layers; layer {layer} is out of range")
+        raise ValueError(f"{name} lists {len(value)} layers; MoE layer {layer} is out of range ({COUNTING}: "
+                         "give one value per MoE layer)")
     return value[layer]
 
 
@@ -84,6 +94,11 @@ class PolicyConfig:
     def check(self, name: str, value: Any) -> None:
         """Validate one (per-layer resolved) value of field `name`; raise ValueError naming the fix."""
 
+    def varies_by_layer(self) -> bool:
+        """Whether some value is given per layer, so that a call needs its MoE-layer index."""
+        return any(f.metadata.get("per_layer") and is_per_layer_value(getattr(self, f.name))
+                   for f in dataclasses.fields(self))
+
     def at_layer(self, layer: int | None) -> PolicyConfig:
         """This config with every per-layer field resolved to its value at `layer`.
 
@@ -105,6 +120,9 @@ class PolicyConfig:
 
 class Policy:
     """A routing policy: `policy(router_logits [T, E], spec, valid=None, layer=None) -> Routing`.
+
+    `layer` is the MoE-layer index (0 = the model's first MoE layer, dense layers not counted); it picks
+    the values given per layer and may be None when there are none.
 
     `check_inputs=True` also checks the valid rows' logits for NaN/inf (a host synchronisation); engines
     that run policies inside CUDA graphs turn it off. Shapes, dtypes and parameters are always checked.

@@ -49,7 +49,8 @@ def cap_schedule(b: int, h: int, e: int, p: int, num_layers: int) -> list[int]:
 
 @dataclass(frozen=True)
 class CapConfig(PolicyConfig):
-    """k: experts per token (int, or per layer). Or `schedule=(b, h, e, p)` with `num_layers`.
+    """k: experts per token (int, or per MoE layer). Or `schedule=(b, h, e, p)` with `num_layers`, the
+    model's number of MoE layers (dense layers not counted: 58 on DeepSeek-V3).
 
     renormalize: None follows the model (its RouterSpec); True/False forces it.
     """

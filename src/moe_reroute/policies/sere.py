@@ -22,14 +22,15 @@ import torch
 
 from ..contract import Routing
 from ..scoring import finish, native_where_unchanged, ranked_native, sanitize, score
-from .base import Policy, PolicyConfig, need_at_most, need_int, per_layer, resolve
+from .base import COUNTING, Policy, PolicyConfig, need_at_most, need_int, per_layer, resolve
 
 
 @dataclass(frozen=True)
 class SEREConfig(PolicyConfig):
     """similarity: an [E, E] tensor for every layer, an [L, E, E] tensor, or a list/mapping of [E, E]
-    by layer. primary (S): leading slots that form the primary set. threshold (rho): critical-expert
-    cut-off. primary and threshold may be given per layer."""
+    by layer; L and the list and mapping count MoE layers only (index 0 = the first MoE layer), as
+    `moe_reroute.hf.calibrate_similarity` returns them. primary (S): leading slots that form the primary
+    set. threshold (rho): critical-expert cut-off. primary and threshold may be given per layer."""
 
     similarity: Any = field(default=None, metadata={"sequence": True}, repr=False)
     primary: Any = per_layer(2)
@@ -63,13 +64,20 @@ class SEREConfig(PolicyConfig):
         elif name == "threshold" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value):
             raise ValueError(f"sere threshold must be a number, got {value!r}")
 
+    def varies_by_layer(self) -> bool:
+        sim = self.similarity
+        per_layer_sim = not isinstance(sim, torch.Tensor) or sim.dim() == 3
+        return per_layer_sim or super().varies_by_layer()
+
     def similarity_at(self, layer: int | None) -> torch.Tensor:
+        """The [E, E] similarity of MoE layer `layer`."""
         sim = self.similarity
         if isinstance(sim, torch.Tensor) and sim.dim() == 3:
             if layer is None:
-                raise ValueError("sere similarity is given per layer; call the policy with layer=<layer index>")
+                raise ValueError("sere similarity is given per layer; call the policy with layer=<MoE-layer index>")
             if not 0 <= layer < sim.shape[0]:
-                raise ValueError(f"sere similarity holds {sim.shape[0]} layers; layer {layer} is out of range")
+                raise ValueError(f"sere similarity holds {sim.shape[0]} layers; MoE layer {layer} is out of range "
+                                 f"({COUNTING}: stack one [E, E] per MoE layer)")
             return sim[layer]
         return resolve("sere similarity", sim, layer)
 
@@ -84,7 +92,7 @@ class SERE(Policy):
         sim = config.similarity_at(layer)
         if tuple(sim.shape) != (E, E):
             raise ValueError(
-                f"sere similarity for layer {layer} is {tuple(sim.shape)} but the model has E={E} experts; "
+                f"sere similarity for MoE layer {layer} is {tuple(sim.shape)} but the model has E={E} experts; "
                 f"it needs [{E}, {E}], calibrated on this model"
             )
 

@@ -8,18 +8,23 @@ after its own top-k: the routed scaling factor, the logical-to-physical expert m
 padded-row mask, the routed-experts capture and the expert-distribution recorder, and it returns its
 own StandardTopKOutput. Every other call is passed through unchanged.
 T = tokens in the step, E = routed experts, K = experts per token.
+
+Layers: SGLang passes the decoder-layer index (`layer_id`); the policy is called with that layer's
+MoE-layer index (dense layers not counted), read from the served model's config by
+`moe_reroute.contract.moe_index`. Messages keep the decoder-layer index.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import json
 import logging
 from typing import Any, Callable
 
 import torch
 
-from ..contract import RouterSpec, engine_spec
+from ..contract import RouterSpec, engine_spec, layer_name, moe_index
 from ..vllm import config as _config
 
 logger = logging.getLogger("sglang.moe_reroute")
@@ -116,15 +121,44 @@ def valid_rows(T: int, num_token_non_padded: torch.Tensor | None, device: torch.
     return torch.arange(T, device=device) < bound
 
 
-def check_fits(cfg: _config.PluginConfig, spec: RouterSpec, layer: int | None) -> None:
+def served_model_config() -> Any:
+    """The transformers config of the model this SGLang process serves (its language model's, for a
+    multimodal one), read as SGLang reads it from its global server args; None when it cannot be read."""
+    try:
+        from sglang.srt.server_args import get_global_server_args
+
+        try:
+            from sglang.srt.utils.hf_transformers_utils import get_config, get_hf_text_config
+        except ImportError:  # its place before SGLang moved it under utils/
+            from sglang.srt.hf_transformers_utils import get_config, get_hf_text_config
+
+        args = get_global_server_args()
+        overrides = json.loads(getattr(args, "json_model_override_args", None) or "{}")
+        config = get_config(args.model_path, trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
+                            revision=getattr(args, "revision", None), model_override_args=overrides or None)
+        return get_hf_text_config(config)
+    except Exception as e:  # noqa: BLE001 - a layer without a MoE-layer index still takes a uniform policy
+        logger.info("moe-reroute: cannot read the served model's config (%s: %s)", type(e).__name__, e)
+        return None
+
+
+def check_fits(cfg: _config.PluginConfig, spec: RouterSpec, layer: int | None,
+               moe_layer: tuple[int | None, str] = (None, "no MoE-layer index was given")) -> None:
     """Run the policy once on this layer's shape, so a policy that does not fit the model (k0 > K, a
-    per-layer list too short) fails on SGLang's first forward (its warm-up) with a message."""
+    per-layer list too short) fails on SGLang's first forward (its warm-up) with a message. `layer` is
+    the decoder-layer index, `moe_layer` (its MoE-layer index, "") or (None, why it has none): such a
+    layer takes only a policy that gives one value for every layer."""
+    moe, why = moe_layer
+    if moe is None and cfg.policy.config.varies_by_layer():
+        raise ValueError(f"moe-reroute: policy {cfg.source} gives values per MoE layer, but decoder layer {layer} "
+                         f"has no MoE-layer index: {why}. Give one value for every layer (e.g. cap:k=4), or unset "
+                         "the policy for this model")
     spec = spec.with_bias(None) if spec.e_score_correction_bias is not None else spec
     logits = torch.linspace(-1, 1, 2 * spec.num_experts).view(2, -1)  # [2, E], no ties
     try:
-        cfg.policy(logits, spec, layer=layer)
+        cfg.policy(logits, spec, layer=moe)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"moe-reroute: policy {cfg.source} does not fit MoE layer {layer} "
+        raise ValueError(f"moe-reroute: policy {cfg.source} does not fit {layer_name(layer, moe)} "
                          f"(E={spec.num_experts}, K={spec.top_k}): {e}") from None
 
 
@@ -132,14 +166,29 @@ class SelectExpertsHook:
     """The AROUND hook: `hook(select_experts, *args, **kwargs)` -> SGLang's TopKOutput.
 
     Per layer (one TopKConfig each) the RouterSpec is built on the first call, on the host, and rebuilt
-    only if E or the bias tensor changes. `is_decode` says whether the step in flight is a decode step.
+    only if E or the bias tensor changes. `is_decode` says whether the step in flight is a decode step;
+    `model_config` returns the served model's transformers config (or None), read once, for the
+    MoE-layer index of each `layer_id`.
     """
 
-    def __init__(self, config: _config.PluginConfig, is_decode: Callable[[], bool] = is_decode_step) -> None:
+    def __init__(self, config: _config.PluginConfig, is_decode: Callable[[], bool] = is_decode_step,
+                 model_config: Callable[[], Any] = served_model_config) -> None:
         self.config = config
         self.is_decode = is_decode
+        self.model_config = model_config
         self.specs: dict[int, tuple[Any, tuple, RouterSpec | None, str]] = {}  # id(TopKConfig) -> ...
+        self.moe_layers: dict[int | None, tuple[int | None, str]] = {}  # layer_id -> (MoE-layer index, why not)
+        self._model_config: Any = None
+        self._read_config = False
         self.native_reasons: set[str] = set()
+
+    def moe_layer(self, layer: int | None) -> tuple[int | None, str]:
+        """(MoE-layer index, "") of decoder layer `layer`, or (None, why it has none); computed once."""
+        if layer not in self.moe_layers:
+            if not self._read_config:
+                self._model_config, self._read_config = self.model_config(), True
+            self.moe_layers[layer] = moe_index(self._model_config, layer)
+        return self.moe_layers[layer]
 
     def layer_spec(self, topk_config: Any, num_experts: int, layer: int | None) -> RouterSpec | None:
         bias = topk_config.correction_bias
@@ -151,7 +200,7 @@ class SelectExpertsHook:
             return known[2]
         spec, reason = topk_spec(topk_config, num_experts)
         if spec is not None:
-            check_fits(self.config, spec, layer)
+            check_fits(self.config, spec, layer, self.moe_layer(layer))
         elif reason not in self.native_reasons:
             self.native_reasons.add(reason)
             logger.info("moe-reroute: MoE layers with %s keep SGLang's routing (first: layer %s)", reason, layer)
@@ -181,12 +230,13 @@ class SelectExpertsHook:
             return select_experts(*args, **kwargs)
         valid = valid_rows(logits.shape[0], call.get("num_token_non_padded"), logits.device)
         policy = self.config.policy
+        moe = self.moe_layer(layer)[0]
 
         def route(hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int, renormalize: bool):
             if topk != spec.top_k:
                 raise ValueError(f"moe-reroute: SGLang asked for {topk} experts per token; "
                                  f"layer {layer} has K={spec.top_k}")
-            routing = policy(gating_output, spec, valid, layer=layer)
+            routing = policy(gating_output, spec, valid, layer=moe)
             return routing.weights.to(torch.float32).contiguous(), routing.ids.to(torch.int32).contiguous()  # [T, K]
 
         rerouted = copy.copy(topk_config)

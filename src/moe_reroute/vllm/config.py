@@ -156,8 +156,9 @@ def load_json(text: str, origin: str, example: str) -> Any:
 
 
 def _layer_keys(name: str, value: Any) -> Any:
-    """JSON object keys are strings: {"0": 2, "3": 4} is a per-layer mapping {0: 2, 3: 4}. A key such as
-    "00" or "+1" would name the same layer as another spelling, so layer numbers are written plainly."""
+    """JSON object keys are strings: {"0": 2, "3": 4} is a per-layer mapping {0: 2, 3: 4}, by MoE-layer
+    index. A key such as "00" or "+1" would name the same layer as another spelling, so layer numbers are
+    written plainly."""
     if not isinstance(value, dict) or not value or not all(k.isascii() and k.isdigit() for k in value):
         return value
     odd = [k for k in value if str(int(k)) != k]

@@ -5,6 +5,9 @@ vLLM builds each MoE layer's router with `create_fused_moe_router`, called by na
 wrapper that builds vLLM's router as before and then, when a policy is configured at that moment,
 replaces the router's `_compute_routing` (see `router.py`). The policy is read per router, so each
 engine built in a process uses the configuration current when its model is built.
+
+The policy is called with each layer's MoE-layer index (see `router.moe_layer_of`); counters are keyed
+by decoder-layer index, as vLLM names the modules (`model.layers.3.mlp.experts` is layer 3).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 import torch
 
 from . import config as _config
-from .router import LayerCounter, Rerouter, layer_index
+from .router import LayerCounter, Rerouter, layer_index, moe_layer_of
 
 # A child of vLLM's logger, so our lines reach vLLM's handlers and formatting.
 logger = logging.getLogger("vllm.moe_reroute")
@@ -132,7 +135,8 @@ def install() -> None:
             return router
         prefix = sys._getframe(1).f_locals.get("prefix")  # FusedMoEFactory's own `prefix` argument
         num_experts = kwargs.get("num_logical_experts") or kwargs.get("global_num_experts")
-        wrap(router, cfg, layer_index(prefix if isinstance(prefix, str) else None), num_experts)
+        decoder_layer = layer_index(prefix if isinstance(prefix, str) else None)
+        wrap(router, cfg, decoder_layer, num_experts, moe_layer=moe_layer_of(decoder_layer))
         if compiles_through_router():
             STATE.warn_compiled()
         return router
@@ -151,12 +155,14 @@ def compiles_through_router() -> bool:
     return current_platform.is_cpu() and int(mode or 0) != 0
 
 
-def wrap(router: Any, cfg: _config.PluginConfig, layer: int | None, num_experts: int | None = None) -> Rerouter | None:
-    """Route `router` with `cfg`'s policy (on its instance only). None when it is not a BaseRouter."""
+def wrap(router: Any, cfg: _config.PluginConfig, layer: int | None, num_experts: int | None = None,
+         moe_layer: tuple[int | None, str] = (None, "no MoE-layer index was given")) -> Rerouter | None:
+    """Route `router` of decoder layer `layer` with `cfg`'s policy (on its instance only); `moe_layer` is
+    (its MoE-layer index, "") or (None, why it has none). None when it is not a BaseRouter."""
     if not hasattr(router, "_compute_routing"):
         STATE.skipped.append(f"layer {layer}: router {type(router).__name__} has no _compute_routing")
         return None
-    r = Rerouter(router, cfg, layer, STATE, int(num_experts or router.global_num_experts))
+    r = Rerouter(router, cfg, layer, STATE, int(num_experts or router.global_num_experts), moe_layer)
     r.check()
     if cfg.counters:
         # Made now, on the device the model is being built on: a tensor first made inside CUDA-graph
@@ -214,10 +220,11 @@ def disable() -> None:
 
 
 def counters() -> dict[int | str, dict[str, float]]:
-    """Per re-routed layer of this process: decode steps the policy ran (`steps`), mean U of the policy
-    and of native routing over them (`unique`, `unique_native`), mean valid tokens per such step
-    (`tokens`); every MoE step the layer saw, re-routed or not (`steps_seen`), and tokens re-routed and
-    seen in all (`tokens_rerouted`, `tokens_seen`). Reading synchronises with the device."""
+    """Per re-routed layer of this process, keyed by decoder-layer index (as vLLM names the modules):
+    decode steps the policy ran (`steps`), mean U of the policy and of native routing over them
+    (`unique`, `unique_native`), mean valid tokens per such step (`tokens`); every MoE step the layer
+    saw, re-routed or not (`steps_seen`), and tokens re-routed and seen in all (`tokens_rerouted`,
+    `tokens_seen`). Reading synchronises with the device."""
     return {k: c.read() for k, c in sorted(STATE.counters.items(), key=lambda kv: str(kv[0]).zfill(6))}
 
 

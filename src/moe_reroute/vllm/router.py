@@ -4,6 +4,10 @@ padding from the forward context, and the replacement for the router's `_compute
 vLLM's `BaseRouter._select_experts` calls `_compute_routing(hidden_states, router_logits, indices_type)`,
 then records the logical ids, maps them to physical experts (EPLB) and casts them. Replacing only
 `_compute_routing` on the instance keeps all of that. T = tokens in the step, E = experts, K = top-k.
+
+Layers: vLLM names a router by its decoder layer (`model.layers.3.mlp.experts`); the policy is called
+with that layer's MoE-layer index (dense layers not counted), read from the model's config by
+`moe_reroute.contract.moe_index`. Counters and messages keep the decoder-layer index.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..contract import RouterSpec, Routing, engine_spec
+from ..contract import RouterSpec, Routing, engine_spec, layer_name, moe_index
 from ..policies.native import Native, NativeConfig
 from .config import PluginConfig
 
@@ -24,6 +28,16 @@ def layer_index(prefix: str | None) -> int | None:
     """The decoder-layer index in a vLLM module prefix (`model.layers.3.mlp.experts` -> 3)."""
     m = _LAYER.search(prefix or "")
     return int(m.group(1)) if m else None
+
+
+def moe_layer_of(decoder_layer: int | None) -> tuple[int | None, str]:
+    """(MoE-layer index, "") of a decoder layer of the model vLLM is building, from its config
+    (`model_config.hf_text_config`: the language model's, for multimodal models), or (None, why not)."""
+    from vllm.config import get_current_vllm_config
+
+    model_config = getattr(get_current_vllm_config(), "model_config", None)
+    config = getattr(model_config, "hf_text_config", None) or getattr(model_config, "hf_config", None)
+    return moe_index(config, decoder_layer)
 
 
 def router_spec(router: Any, num_experts: int) -> tuple[RouterSpec | None, str]:
@@ -136,10 +150,12 @@ class LayerCounter:
 class Rerouter:
     """Replaces one router's `_compute_routing`: the policy on decode steps, vLLM's own otherwise."""
 
-    def __init__(self, router: Any, config: PluginConfig, layer: int | None, state: Any, num_experts: int) -> None:
+    def __init__(self, router: Any, config: PluginConfig, layer: int | None, state: Any, num_experts: int,
+                 moe_layer: tuple[int | None, str] = (None, "no MoE-layer index was given")) -> None:
         self.router = router
         self.config = config
-        self.layer = layer
+        self.layer = layer  # decoder-layer index: counters and messages
+        self.moe_layer, self.moe_why = moe_layer  # MoE-layer index: the policy's `layer`, or None and why
         self.state = state  # the plugin's shared state: start-up log, counters
         self.native_compute = router._compute_routing
         self.native_policy = Native(NativeConfig(), check_inputs=False)
@@ -165,16 +181,22 @@ class Rerouter:
 
     def check(self) -> None:
         """Run the policy once on this layer's shape, so a policy that does not fit the model (k0 > K, a
-        per-layer list too short, a similarity of the wrong size) fails while vLLM builds the model."""
+        per-layer list too short, a similarity of the wrong size) fails while vLLM builds the model. A layer
+        without a MoE-layer index takes only a policy that gives one value for every layer."""
         if self.spec is None:
             return
+        if self.moe_layer is None and self.config.policy.config.varies_by_layer():
+            raise ValueError(f"moe-reroute: policy {self.config.source} gives values per MoE layer, but decoder layer "
+                             f"{self.layer} has no MoE-layer index: {self.moe_why}. Give one value for every layer "
+                             "(e.g. cap:k=4), or unset the policy for this model")
         spec = self.spec.with_bias(None) if self.spec.e_score_correction_bias is not None else self.spec
         logits = torch.linspace(-1, 1, 2 * spec.num_experts, device="cpu").view(2, -1)  # [2, E], no ties
         try:
-            self.config.policy(logits, spec, layer=self.layer)
+            self.config.policy(logits, spec, layer=self.moe_layer)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"moe-reroute: policy {self.config.source} does not fit MoE layer {self.layer} "
-                             f"(E={spec.num_experts}, K={spec.top_k}): {e}") from None
+            raise ValueError(f"moe-reroute: policy {self.config.source} does not fit "
+                             f"{layer_name(self.layer, self.moe_layer)} (E={spec.num_experts}, K={spec.top_k}): {e}"
+                             ) from None
 
     def __call__(
         self,
@@ -209,7 +231,7 @@ class Rerouter:
             # ranks 1..K are vLLM's own top-K, ties as vLLM breaks them (the fused kernels' ties go to the
             # lower id, as vLLM's CUDA top-k)
             native_topk = self.native_compute(hidden_states, router_logits, indices_type, input_ids=input_ids)
-        routing = policy(router_logits, spec, valid, layer=self.layer, native=native_topk)
+        routing = policy(router_logits, spec, valid, layer=self.moe_layer, native=native_topk)
         if counter is not None:
             v = valid if valid is not None else torch.ones(T, dtype=torch.bool, device=router_logits.device)
             native = self.native_policy(router_logits, spec, v, layer=self.layer)

@@ -82,9 +82,12 @@ def test_summarize_serving_by_hand():
     assert (p["steps_rerouted"], p["steps_seen"], p["tokens_rerouted"], p["tokens_seen"]) == (7, 8, 28, 44)
 
 
-def test_default_policies_scale_with_k():
+def test_default_policies_scale_with_k(tmp_path):
     assert sb.default_policies(8) == ["cap:k=4", "oea:k0=3", "budget:budget=32"]
-    assert sb.default_policies(2) == ["cap:k=1", "oea:k0=1", "budget:budget=8"]
+    assert sb.default_policies(2, tmp_path) == ["cap:k=1", "oea:k0=1", "budget:budget=8"]
+    (tmp_path / "sere").mkdir()
+    (tmp_path / "sere" / "similarity.safetensors").write_bytes(b"")
+    assert sb.default_policies(8, tmp_path) == ["cap:k=4", "oea:k0=3", "sere", "budget:budget=32"]
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))

@@ -169,9 +169,15 @@ def _dry_run(policy, spec) -> None:
             raise ValueError(f"it does not fit the model (E={spec.num_experts}, K={spec.top_k}): {e}") from None
 
 
-def default_policies(top_k: int) -> list[str]:
-    """The default of each policy scaled to the model's K (for K = 8: cap:k=4, oea:k0=3, budget:budget=32)."""
-    return [f"cap:k={max(1, top_k // 2)}", f"oea:k0={max(1, (3 * top_k) // 8)}", f"budget:budget={4 * top_k}"]
+def default_policies(top_k: int, model: str | Path | None = None) -> list[str]:
+    """The default of each policy scaled to the model's K (for K = 8: cap:k=4, oea:k0=3, budget:budget=32),
+    and `sere` when the model folder holds its similarity (sere/similarity.safetensors)."""
+    from ..measure.evaluate import SIMILARITY_FILE
+
+    out = [f"cap:k={max(1, top_k // 2)}", f"oea:k0={max(1, (3 * top_k) // 8)}"]
+    if model is not None and (Path(model) / SIMILARITY_FILE).exists():
+        out.append("sere")
+    return out + [f"budget:budget={4 * top_k}"]
 
 
 def check_port(port: int) -> None:
@@ -679,7 +685,7 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
     """The whole bench: checks, runs, results.json, plot and report section. Returns the results."""
     config = read_model_config(cfg.model)
     spec = router_of(config)
-    policies = resolve_policies(cfg.policies or default_policies(spec.top_k), cfg.model, spec)
+    policies = resolve_policies(cfg.policies or default_policies(spec.top_k, cfg.model), cfg.model, spec)
     if cfg.serve:
         check_port(cfg.port)
     version = vllm_version()

@@ -48,7 +48,8 @@ def _run(policy, B, r, tpot, prefill=0.01, counters=None):
 
 def _counters(u, un):
     return {str(i): {"steps": 7, "unique": a, "unique_native": b, "tokens": 4.0, "steps_seen": 8,
-                     "tokens_rerouted": 28, "tokens_seen": 44} for i, (a, b) in enumerate(zip(u, un))}
+                     "tokens_rerouted": 28, "tokens_seen": 44, "decode_tokens_total": 30,
+                     "decode_tokens_rerouted_total": 27} for i, (a, b) in enumerate(zip(u, un))}
 
 
 def test_summarize_offline_by_hand():
@@ -80,6 +81,8 @@ def test_summarize_serving_by_hand():
     assert p["output_throughput"] == pytest.approx(135.5) and p["concurrency"] == 8
     assert p["throughput_ratio"] == pytest.approx(math.sqrt(1.5 * 1.1))
     assert (p["steps_rerouted"], p["steps_seen"], p["tokens_rerouted"], p["tokens_seen"]) == (7, 8, 28, 44)
+    assert (p["decode_tokens_rerouted"], p["decode_tokens"]) == (27, 30)
+    assert "| 27/30 (90%) |" in sb.table({"mode": "serve", "rows": rows})
 
 
 def test_default_policies_scale_with_k(tmp_path):

@@ -163,8 +163,14 @@ def wrapped(monkeypatch):
     import moe_reroute.vllm.plugin as plugin
     import moe_reroute.vllm.router as rr
 
-    step = {"decode": True, "padding": None}
-    monkeypatch.setattr(rr, "is_decode_step", lambda: step["decode"])
+    step = {"decode": True, "padding": None, "kind": None, "prefill": None}
+
+    def step_rows(T, threshold=1, device="cpu"):
+        if step["kind"] is not None:
+            return step["kind"], step["prefill"]
+        return (rr.DECODE if step["decode"] else rr.PREFILL), None
+
+    monkeypatch.setattr(rr, "step_rows", step_rows)
     monkeypatch.setattr(rr, "step_padding", lambda: step["padding"])
     monkeypatch.setattr(plugin, "STATE", plugin.State())
 
@@ -232,7 +238,38 @@ def test_wrapped_router_counters_and_phase_all(wrapped, logits_factory):
     c = plugin.counters()
     assert list(c) == [3]
     assert c[3] == {"steps": 3, "unique": sum(u) / 3, "unique_native": sum(un) / 3, "tokens": 8.0,
-                    "steps_seen": 3, "tokens_rerouted": 24, "tokens_seen": 24}
+                    "steps_seen": 3, "tokens_rerouted": 24, "tokens_seen": 24, "decode_tokens_total": 0,
+                    "decode_tokens_rerouted_total": 0,
+                    "steps_by_kind": {"decode": 0, "verify": 0, "mixed": 0, "prefill": 3, "unknown": 0}}
+
+
+@needs_vllm
+def test_step_rows_from_attention_metadata(monkeypatch):
+    """Which rows of a step are prefill, from each kind of metadata: counts with decodes first (FlashInfer,
+    MLA), host query_start_loc (CPU, any order, padding rows past the tokens), max_query_len alone."""
+    from types import SimpleNamespace as NS
+
+    import moe_reroute.vllm.router as rr
+
+    meta = {}
+    monkeypatch.setattr(rr, "_step_metadata", lambda: meta.get("m"))
+    assert rr.step_rows(4) == (rr.UNKNOWN, None)
+    meta["m"] = NS(num_decodes=3, num_prefills=1, num_decode_tokens=3)
+    kind, prefill = rr.step_rows(6)
+    assert kind == rr.MIXED and prefill.tolist() == [False, False, False, True, True, True]
+    meta["m"] = NS(num_decodes=2, num_prefills=0, num_decode_tokens=6)
+    assert rr.step_rows(6) == (rr.VERIFY, None)
+    meta["m"] = NS(num_decodes=0, num_prefills=2, num_decode_tokens=0)
+    assert rr.step_rows(6) == (rr.PREFILL, None)
+    meta["m"] = NS(max_query_len=1, query_start_loc=None)
+    assert rr.step_rows(6) == (rr.DECODE, None)
+    # sequences of 1, 1, 5 and 1 tokens, then 2 padding rows
+    meta["m"] = NS(max_query_len=5, query_start_loc=torch.tensor([0, 1, 2, 7, 8]))
+    kind, prefill = rr.step_rows(10)
+    assert kind == rr.MIXED and prefill.tolist() == [False, False] + [True] * 5 + [False] + [True] * 2
+    meta["m"] = NS(max_query_len=3, query_start_loc=torch.tensor([0, 3, 6]))
+    assert rr.step_rows(6, decode_threshold=3) == (rr.VERIFY, None)  # 2 speculative tokens + 1
+    assert rr.step_rows(6, decode_threshold=1) == (rr.PREFILL, None)
 
 
 @needs_vllm
@@ -265,7 +302,10 @@ def test_counters_count_every_step_and_pause(wrapped, logits_factory, policy):
     u = int(metrics.unique_experts(policy_from_spec(policy)(x, spec), 32))
     un = int(metrics.unique_experts(make_policy("native")(x, spec), 32))
     assert plugin.counters()[3] == {"steps": 1, "unique": u, "unique_native": un, "tokens": 8.0,
-                                    "steps_seen": 2, "tokens_rerouted": 8, "tokens_seen": 13}
+                                    "steps_seen": 2, "tokens_rerouted": 8, "tokens_seen": 13,
+                                    "decode_tokens_total": 8, "decode_tokens_rerouted_total": 8,
+                                    "steps_by_kind": {"decode": 1, "verify": 0, "mixed": 0, "prefill": 1,
+                                                      "unknown": 0}}
     if policy == "native":
         assert u == un
         w0, i0 = cpu_router(top_k=4, global_num_experts=32).select_experts(None, x)
@@ -548,3 +588,100 @@ def test_engine_reference_model(reference_model, run_vllm):
     if sim.exists():
         policy = f"sere:similarity={sim}"
         assert torch.equal(run_vllm(path, policy, ids=batch, vocab=vocab), hf_greedy(path, policy, ids=batch))
+
+
+@needs_vllm
+@pytest.mark.parametrize("phase", ["decode", "pure-decode"])
+def test_mixed_and_verification_steps(wrapped, logits_factory, phase):
+    """A step mixing prefill and decode rows: its decode rows are re-routed with the prefill rows fixed
+    (native, and loaded for the others to share), as the policy called with `fixed` gives; the prefill rows
+    are exactly vLLM's routing. "pure-decode" keeps such steps native. Verification steps are re-routed
+    unless `"verify": false`."""
+    import moe_reroute.vllm as plugin
+    import moe_reroute.vllm.router as rr
+    from moe_reroute.measure.specs import policy_from_spec
+    from moe_reroute.vllm import router_spec
+
+    router, step = wrapped("oea:k0=1", phase=phase)
+    spec, _ = router_spec(router, 32)
+    x = logits_factory(8, 32, seed=2)
+    prefill = torch.tensor([False] * 5 + [True] * 3)
+    step["kind"], step["prefill"] = rr.MIXED, prefill
+    w, i = router.select_experts(None, x)
+    w0, i0 = cpu_router(top_k=4, global_num_experts=32).select_experts(None, x)
+    c = plugin.counters()[3]
+    if phase == "pure-decode":
+        assert torch.equal(i, i0) and torch.equal(w, w0)
+        assert (c["decode_tokens_total"], c["decode_tokens_rerouted_total"]) == (5, 0)
+        return
+    want = policy_from_spec("oea:k0=1")(x, spec, fixed=prefill)
+    assert torch.equal(i.long(), want.ids) and torch.equal(w, want.weights.float())
+    assert torch.equal(i[5:], i0[5:]) and torch.equal(w[5:], w0[5:])
+    assert not torch.equal(i[:5], i0[:5])
+    assert (c["decode_tokens_total"], c["decode_tokens_rerouted_total"], c["steps_by_kind"]["mixed"]) == (5, 5, 1)
+
+    step["kind"], step["prefill"] = rr.VERIFY, None
+    w, i = router.select_experts(None, x)
+    assert torch.equal(i.long(), policy_from_spec("oea:k0=1")(x, spec).ids)
+    keep, step2 = wrapped('{"name": "oea", "k0": 1, "verify": false}')
+    step2["kind"] = rr.VERIFY
+    w, i = keep.select_experts(None, x)
+    assert torch.equal(i, i0) and torch.equal(w, w0)
+
+
+def test_verify_setting_is_a_bool():
+    assert plugin_config.parse('{"name": "oea", "k0": 1, "verify": false}').verify is False
+    assert plugin_config.parse("oea:k0=1").verify is True
+    with pytest.raises(ValueError, match="verify must be true"):
+        plugin_config.parse('{"name": "oea", "k0": 1, "verify": "no"}')
+    assert plugin_config.parse('{"name": "oea", "k0": 1, "phase": "pure-decode"}').phase == "pure-decode"
+
+
+@needs_vllm
+def test_engine_chunked_prefill_reroutes_decode_tokens(qwen3_moe, monkeypatch):
+    """Prompts of very different lengths and a small token budget per step, so that long prompts are
+    prefilled in chunks alongside the decodes of short ones: the counters show mixed steps, and nearly
+    every decode token re-routed (the first token of each sequence comes from its prefill); `native`
+    through the plugin gives vLLM's own tokens."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    import moe_reroute.vllm as plugin
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    g = torch.Generator().manual_seed(1)
+    lengths = (3, 4, 40, 56, 5, 30)
+    prompts = [TokensPrompt(prompt_token_ids=torch.randint(3, V, (n,), generator=g).tolist()) for n in lengths]
+    new_tokens = 12
+
+    def run(policy):
+        if policy is None:
+            plugin.disable()
+        else:
+            plugin.enable(policy, counters=True)
+        llm = LLM(model=str(qwen3_moe), dtype="float32", enforce_eager=True, distributed_executor_backend="uni",
+                  skip_tokenizer_init=True, max_model_len=96, max_num_seqs=len(prompts), seed=0,
+                  enable_chunked_prefill=True, max_num_batched_tokens=16, enable_prefix_caching=False)
+        try:
+            params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True,
+                                    allowed_token_ids=list(range(1, V)))
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            return [list(o.outputs[0].token_ids) for o in outs], plugin.counters()
+        finally:
+            plugin.disable()
+            del llm
+            import gc
+
+            gc.collect()
+
+    stock, _ = run(None)
+    native, c = run("native")
+    assert native == stock
+    oea, c = run("oea:k0=1")
+    decode_tokens = len(prompts) * (new_tokens - 1)
+    for layer, v in c.items():
+        assert v["steps_by_kind"]["mixed"] > 0, (layer, v)
+        assert v["decode_tokens_total"] == decode_tokens, (layer, v)
+        assert v["decode_tokens_rerouted_total"] >= 0.95 * decode_tokens, (layer, v)
+        assert v["unique"] < v["unique_native"], (layer, v)
+    assert oea != stock

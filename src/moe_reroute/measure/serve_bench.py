@@ -567,7 +567,9 @@ def summarize_serving(results: list[dict], policies: list[str], batch_sizes: lis
                    "steps_rerouted": max((c[k]["steps"] for k in layers), default=0),
                    "steps_seen": max((c[k]["steps_seen"] for k in layers), default=0),
                    "tokens_rerouted": max((c[k]["tokens_rerouted"] for k in layers), default=0),
-                   "tokens_seen": max((c[k]["tokens_seen"] for k in layers), default=0)}
+                   "tokens_seen": max((c[k]["tokens_seen"] for k in layers), default=0),
+                   "decode_tokens_rerouted": max((c[k].get("decode_tokens_rerouted_total", 0) for k in layers), default=0),
+                   "decode_tokens": max((c[k].get("decode_tokens_total", 0) for k in layers), default=0)}
             rows.append(row)
     return rows
 
@@ -607,7 +609,7 @@ def table(data: dict) -> str:
                          f"{r['tpot_ms_max']:.2f} | {ratio} | {r['decode_tokens_per_s']:.1f} | {r['prefill_ms']:.1f} | {u} |")
         return "\n".join(lines)
     lines = ["| concurrency | policy | output tok/s | / native [95% CI] | TTFT p50 / p99 ms | TPOT p50 / p99 ms | "
-             "U / layer (native) | steps re-routed | tokens re-routed |",
+             "U / layer (native) | steps re-routed | decode tokens re-routed |",
              "| ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in data["rows"]:
         ratio = "" if r["throughput_ratio"] is None else f"{r['throughput_ratio']:.3f}"
@@ -616,8 +618,15 @@ def table(data: dict) -> str:
         u = "" if r["unique"] is None else f"{r['unique']:.1f} ({r['unique_native']:.1f})"
         lines.append(f"| {r['concurrency']} | `{r['policy']}` | {r['output_throughput']:.1f} | {ratio} | "
                      f"{r['p50_ttft_ms']:.1f} / {r['p99_ttft_ms']:.1f} | {r['p50_tpot_ms']:.2f} / {r['p99_tpot_ms']:.2f} | "
-                     f"{u} | {r['steps_rerouted']}/{r['steps_seen']} | {r['tokens_rerouted']}/{r['tokens_seen']} |")
+                     f"{u} | {r['steps_rerouted']}/{r['steps_seen']} | {_share(r)} |")
     return "\n".join(lines)
+
+
+def _share(row: dict) -> str:
+    total = row.get("decode_tokens") or 0
+    if not total:
+        return f"{row['tokens_rerouted']} tokens"
+    return f"{row['decode_tokens_rerouted']}/{total} ({100 * row['decode_tokens_rerouted'] / total:.0f}%)"
 
 
 def conditions(data: dict) -> str:

@@ -18,15 +18,18 @@ from ..policies import Policy
 POLICY_ENV = "MOE_REROUTE_POLICY"
 POLICY_FILE_ENV = "MOE_REROUTE_POLICY_FILE"
 COUNTERS_ENV = "MOE_REROUTE_COUNTERS"
-PHASES = ("decode", "all")
+PHASES = ("decode", "pure-decode", "all")
 
 
 @dataclass(frozen=True)
 class PluginConfig:
     """A built policy and where it applies.
 
-    phase: "decode" (default): only steps whose every sequence decodes one token; a step holding any
-      prefill routes natively. "all": every step, all its tokens as one batch.
+    phase: "decode" (default): the decode tokens of every step: pure decode steps, speculative
+      verification steps (all their tokens are decode tokens), and the decode rows of steps that mix
+      prefill chunks with decodes (their prefill rows keep native routing and count as loaded experts).
+      "pure-decode": only steps whose every sequence decodes one token. "all": every token of every step.
+    verify: re-route speculative verification steps (default True); False keeps them native.
     counters: record U per layer and step on the device (`moe_reroute.vllm.counters()`).
     """
 
@@ -34,9 +37,12 @@ class PluginConfig:
     source: str
     phase: str = "decode"
     counters: bool = False
+    verify: bool = True
 
     def describe(self) -> str:
-        return f"{self.source} ({self.phase} steps)"
+        what = {"decode": "decode tokens of every step", "pure-decode": "pure decode steps",
+                "all": "every token"}[self.phase]
+        return f"{self.source} ({what}{'' if self.verify else ', verification native'})"
 
 
 def from_env(environ: Any = None) -> PluginConfig | None:
@@ -115,12 +121,15 @@ def parse(text: str, counters: bool = False, origin: str = "policy") -> PluginCo
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         raise ValueError(f"{origin}: the JSON must be an object with a \"name\", e.g. " '{"name": "oea", "k0": 3}')
     try:
-        params = {k: _layer_keys(k, v) for k, v in obj.items() if k not in ("name", "phase")}
+        params = {k: _layer_keys(k, v) for k, v in obj.items() if k not in ("name", "phase", "verify")}
     except ValueError as e:
         raise ValueError(f"{origin}: {e}") from None
     phase = obj.get("phase", "decode")
     if phase not in PHASES:
         raise ValueError(f"{origin}: phase must be one of {PHASES}, got {phase!r}")
+    verify = obj.get("verify", True)
+    if not isinstance(verify, bool):
+        raise ValueError(f"{origin}: verify must be true (re-route speculative verification) or false, got {verify!r}")
     name = obj["name"]
     try:
         if name == "sere" and isinstance(params.get("similarity"), str):
@@ -130,8 +139,8 @@ def parse(text: str, counters: bool = False, origin: str = "policy") -> PluginCo
         policy = make_policy(name, check_inputs=False, **params)
     except (TypeError, ValueError, OSError) as e:
         raise ValueError(f"{origin}: {e}") from None
-    shown = ", ".join(f"{k}={v}" for k, v in obj.items() if k not in ("name", "phase"))
-    return PluginConfig(policy, f"{name}:{shown}" if shown else name, phase, counters)
+    shown = ", ".join(f"{k}={v}" for k, v in obj.items() if k not in ("name", "phase", "verify"))
+    return PluginConfig(policy, f"{name}:{shown}" if shown else name, phase, counters, verify)
 
 
 def load_json(text: str, origin: str, example: str) -> Any:

@@ -201,7 +201,7 @@ def enable(policy: str | None = None, *, counters: bool | None = None) -> _confi
             raise ValueError(f"enable(): no policy given and {_config.POLICY_ENV} is not set")
     else:
         cfg = _config.parse(policy)
-    cfg = _config.PluginConfig(cfg.policy, cfg.source, cfg.phase, counters)
+    cfg = _config.PluginConfig(cfg.policy, cfg.source, cfg.phase, counters, cfg.verify)
     install()
     STATE.explicit = cfg
     STATE.counters = {}

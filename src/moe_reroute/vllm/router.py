@@ -76,27 +76,68 @@ def router_spec(router: Any, num_experts: int) -> tuple[RouterSpec | None, str]:
                        topk_group=topk_group, arch="vllm", **extra)
 
 
-def is_decode_step() -> bool:
-    """Whether every sequence of the step in flight decodes one token, from vLLM's forward context.
+DECODE, VERIFY, MIXED, PREFILL, UNKNOWN = "decode", "verify", "mixed", "prefill", "unknown"
+STEP_KINDS = (DECODE, VERIFY, MIXED, PREFILL, UNKNOWN)
 
-    The attention metadata says whether the step holds prefill: `num_prefills` (FlashInfer, MLA) or
-    `max_query_len` (CPU, FlashAttention, Triton). No metadata (profiling, a dummy step) counts as prefill.
-    """
+
+def _step_metadata():
     from vllm.forward_context import get_forward_context, is_forward_context_available
 
     if not is_forward_context_available():
-        return False
+        return None
     meta = get_forward_context().attn_metadata
     if isinstance(meta, list):  # dual-batch overlap: one dict per micro-batch
         meta = meta[0] if meta else None
     if not isinstance(meta, dict) or not meta:
-        return False
-    m = next(iter(meta.values()))
-    if getattr(m, "num_prefills", None) is not None:
-        return m.num_prefills == 0 and getattr(m, "num_decodes", 1) > 0
-    if getattr(m, "max_query_len", None) is not None:
-        return m.max_query_len == 1
-    return False
+        return None
+    return next(iter(meta.values()))
+
+
+def step_rows(T: int, decode_threshold: int = 1, device: torch.device | str = "cpu") -> tuple[str, torch.Tensor | None]:
+    """What the step in flight holds, from vLLM's attention metadata, and which of its T rows are prefill.
+
+    Returns (kind, prefill): kind is "decode" (every sequence decodes one token), "verify" (every sequence
+    has at most `decode_threshold` tokens, some more than one: speculative verification), "mixed" (decode
+    and prefill sequences), "prefill" (no decode sequence) or "unknown" (no metadata: profiling, dummy
+    steps; or metadata that cannot be read without a host synchronisation). `prefill` is a [T] bool mask
+    (True: a prefill row, or a row past the step's tokens) for "mixed" steps, else None.
+
+    A sequence is a decode sequence when its query length is at most `decode_threshold` (1, or 1 + the
+    speculative tokens), as vLLM's own backends split them. Counts come from `num_decodes` /
+    `num_decode_tokens` / `num_prefills` (FlashInfer, MLA: decodes first) or from `query_start_loc` when it
+    lives on the host (CPU); `max_query_len == 1` alone tells a pure decode step on every backend.
+    """
+    m = _step_metadata()
+    if m is None:
+        return UNKNOWN, None
+    if getattr(m, "num_prefills", None) is not None and getattr(m, "num_decode_tokens", None) is not None:
+        nd, npf, ndt = int(getattr(m, "num_decodes", 0)), int(m.num_prefills), int(m.num_decode_tokens)
+        if npf == 0 and nd > 0:
+            return (DECODE if ndt == nd else VERIFY), None
+        if nd == 0:
+            return PREFILL, None
+        return MIXED, torch.arange(T, device=device) >= ndt  # these backends put the decodes first
+    max_q = getattr(m, "max_query_len", None)
+    if max_q == 1:
+        return DECODE, None
+    qsl = getattr(m, "query_start_loc", None)
+    if max_q is None or not isinstance(qsl, torch.Tensor) or qsl.device.type != "cpu" or qsl.numel() < 2:
+        return UNKNOWN, None
+    qlen = qsl[1:] - qsl[:-1]  # [R] tokens per sequence
+    is_decode = qlen <= decode_threshold  # [R]
+    if bool(is_decode.all()):
+        return (DECODE if max_q <= 1 else VERIFY), None
+    if not bool(is_decode.any()):
+        return PREFILL, None
+    n = int(qsl[-1])
+    prefill = torch.ones(T, dtype=torch.bool)
+    prefill[: min(n, T)] = torch.repeat_interleave(~is_decode, qlen)[:T]
+    return MIXED, prefill.to(device)
+
+
+def is_decode_step() -> bool:
+    """Whether every sequence of the step in flight decodes one token (a step without metadata is not)."""
+    return step_rows(0)[0] == DECODE
 
 
 def step_padding() -> torch.Tensor | None:
@@ -109,19 +150,24 @@ def step_padding() -> torch.Tensor | None:
 
 class LayerCounter:
     """Per layer, kept on the device (no host synchronisation until read): the steps the policy ran, U of
-    the policy and of native routing summed over them, their valid tokens; and every MoE step the layer
-    saw (re-routed or not) with its tokens."""
+    the policy and of native routing summed over them, their valid tokens; every MoE step the layer saw
+    with its tokens; decode tokens in all and re-routed; steps by kind (`STEP_KINDS`)."""
+
+    # steps re-routed, U, native U, tokens re-routed, steps seen, tokens seen, decode tokens, decode tokens
+    # re-routed, then one count per step kind
+    SLOTS = 8 + len(STEP_KINDS)
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        # steps re-routed, U, native U, tokens re-routed, steps seen, tokens seen
-        self.sums = torch.zeros(6, dtype=torch.int64, device=device)
+        self.sums = torch.zeros(self.SLOTS, dtype=torch.int64, device=device)
 
     def _on(self, device: torch.device) -> None:
         if self.sums.device != device:
             self.sums = self.sums.to(device)
 
-    def add(self, routing: Routing, native: Routing, valid: torch.Tensor, num_experts: int) -> None:
+    def add(self, routing: Routing, native: Routing, valid: torch.Tensor, num_experts: int, kind: str,
+            decode_rows: torch.Tensor) -> None:
+        """A step the policy ran on: `valid` [T] its real rows, `decode_rows` [T] the decode rows among them."""
         from ..metrics import unique_experts
 
         self._on(valid.device)
@@ -129,26 +175,44 @@ class LayerCounter:
         un = unique_experts(native, num_experts)
         one = torch.ones((), dtype=torch.int64, device=u.device)
         n = valid.sum()
-        self.sums += torch.stack([one, u.long(), un.long(), n, one, n])
+        d = (decode_rows & valid).sum()
+        self.sums[:8] += torch.stack([one, u.long(), un.long(), n, one, n, d, d])
+        self.sums[8 + STEP_KINDS.index(kind)] += 1
 
-    def add_native(self, tokens: torch.Tensor) -> None:
-        """A step the policy did not run on (prefill, a mixed step): `tokens` [] int64, its valid tokens."""
+    def add_native(self, tokens: torch.Tensor, decode_tokens: torch.Tensor | int, kind: str) -> None:
+        """A step the policy did not run on: `tokens` its valid tokens, `decode_tokens` its decode tokens."""
         self._on(tokens.device)
         self.sums[4] += 1
         self.sums[5] += tokens
+        self.sums[6] += decode_tokens
+        self.sums[8 + STEP_KINDS.index(kind)] += 1
 
     def reset(self) -> None:
         self.sums.zero_()
 
     def read(self) -> dict[str, float]:
-        steps, u, un, tokens, seen, tokens_seen = self.sums.tolist()
+        steps, u, un, tokens, seen, tokens_seen, dec, dec_rr, *kinds = self.sums.tolist()
         d = max(steps, 1.0)
         return {"steps": int(steps), "unique": u / d, "unique_native": un / d, "tokens": tokens / d,
-                "steps_seen": int(seen), "tokens_rerouted": int(tokens), "tokens_seen": int(tokens_seen)}
+                "steps_seen": int(seen), "tokens_rerouted": int(tokens), "tokens_seen": int(tokens_seen),
+                "decode_tokens_total": int(dec), "decode_tokens_rerouted_total": int(dec_rr),
+                "steps_by_kind": {k: int(v) for k, v in zip(STEP_KINDS, kinds)}}
+
+
+def decode_threshold() -> int:
+    """Tokens a decode sequence may have in one step: 1, or 1 + the speculative tokens being verified."""
+    try:
+        from vllm.config import get_current_vllm_config
+
+        spec = get_current_vllm_config().speculative_config
+        return 1 + int(getattr(spec, "num_speculative_tokens", 0) or 0) if spec is not None else 1
+    except Exception:  # noqa: BLE001 - no configuration in context (a router built by hand): plain decoding
+        return 1
 
 
 class Rerouter:
-    """Replaces one router's `_compute_routing`: the policy on decode steps, vLLM's own otherwise."""
+    """Replaces one router's `_compute_routing`: the policy on the decode tokens of every step (phase
+    "decode"), on pure decode steps only ("pure-decode"), or on every token ("all"); vLLM's own otherwise."""
 
     def __init__(self, router: Any, config: PluginConfig, layer: int | None, state: Any, num_experts: int,
                  moe_layer: tuple[int | None, str] = (None, "no MoE-layer index was given")) -> None:
@@ -164,6 +228,7 @@ class Rerouter:
         self.reason = ""
         self.counter: LayerCounter | None = None
         self._bias_key: tuple | None = None
+        self.decode_threshold = decode_threshold()
         self.layer_spec(num_experts)
 
     def layer_spec(self, num_experts: int) -> RouterSpec | None:
@@ -213,14 +278,24 @@ class Rerouter:
         self.state.on_step()
         counter = self.counter if self.state.counting else None
         spec = self.layer_spec(router_logits.shape[-1])
-        if spec is None or router_logits.shape[0] == 0 or not (self.config.phase == "all" or is_decode_step()):
+        T = router_logits.shape[0]
+        device = router_logits.device
+        phase = self.config.phase
+        kind, prefill = step_rows(T, self.decode_threshold, device)
+        reroute = spec is not None and T > 0 and (
+            phase == "all" or kind == DECODE
+            or (phase == "decode" and (kind == MIXED or (kind == VERIFY and self.config.verify))))
+        fixed = prefill if phase == "decode" else None  # "all": prefill rows re-routed too
+        if not reroute:
             if counter is not None:
-                counter.add_native(self._valid_tokens(router_logits.shape[0], router_logits.device))
+                valid_n = self._valid_tokens(T, device)
+                decode_n = valid_n if kind in (DECODE, VERIFY) else (
+                    (~prefill & self._valid_rows(T, device)).sum() if prefill is not None else 0)
+                counter.add_native(valid_n, decode_n, kind)
             return self.native_compute(hidden_states, router_logits, indices_type, input_ids=input_ids)
         if self.is_native and counter is None:
             # exactly vLLM's routing (tests check the native policy gives it), without the policy's ops
             return self.native_compute(hidden_states, router_logits, indices_type, input_ids=input_ids)
-        T = router_logits.shape[0]
         padding = step_padding()
         # is_padding covers the step's tokens; a layer that sees another slice of them (sequence-parallel
         # MoE) cannot tell its padding, and counts every row.
@@ -231,14 +306,30 @@ class Rerouter:
             # ranks 1..K are vLLM's own top-K, ties as vLLM breaks them (the fused kernels' ties go to the
             # lower id, as vLLM's CUDA top-k)
             native_topk = self.native_compute(hidden_states, router_logits, indices_type, input_ids=input_ids)
-        routing = policy(router_logits, spec, valid, layer=self.moe_layer, native=native_topk)
+        if fixed is not None:  # a mixed step: prefill rows keep native routing, and count as loaded
+            routing = policy(router_logits, spec, valid, layer=self.moe_layer, native=native_topk, fixed=fixed)
+        else:
+            routing = policy(router_logits, spec, valid, layer=self.moe_layer, native=native_topk)
         if counter is not None:
-            v = valid if valid is not None else torch.ones(T, dtype=torch.bool, device=router_logits.device)
-            native = self.native_policy(router_logits, spec, v, layer=self.layer)
-            counter.add(routing, native, v, spec.num_experts)
+            v = valid if valid is not None else torch.ones(T, dtype=torch.bool, device=device)
+            native = self.native_policy(router_logits, spec, v, layer=self.moe_layer)
+            if prefill is not None:
+                decode_rows = ~prefill
+            elif kind in (DECODE, VERIFY):
+                decode_rows = v
+            else:  # "all" on a prefill (or unreadable) step
+                decode_rows = torch.zeros(T, dtype=torch.bool, device=device)
+            counter.add(routing, native, v, spec.num_experts, kind, decode_rows)
         weights = routing.weights.to(torch.float32).contiguous()  # [T, K]
         ids = routing.ids.to(indices_type or torch.int32).contiguous()  # [T, K]
         return weights, ids
+
+    @staticmethod
+    def _valid_rows(T: int, device: torch.device) -> torch.Tensor:
+        padding = step_padding()
+        if padding is not None and padding.shape[0] == T:
+            return ~padding
+        return torch.ones(T, dtype=torch.bool, device=device)
 
     @staticmethod
     def _valid_tokens(T: int, device: torch.device) -> torch.Tensor:

@@ -190,6 +190,8 @@ def test_results_roundtrip_and_table(tmp_path):
     back = sb.read_results(tmp_path / "results.json")
     text = sb.table(back)
     assert "| 2 | `p` | 10.00 |" in text and "0.500" in text and "3.0 (6.0)" in text
+    data["labels"] = {"p": "sere"}  # shown as the user wrote it
+    assert "| 2 | `sere` | 10.00 |" in sb.table(data)
     with pytest.raises(ValueError, match="serve-bench"):
         (tmp_path / "bad.json").write_text("{}")
         sb.read_results(tmp_path / "bad.json")

@@ -131,9 +131,10 @@ def router_of(config: dict):
         raise BenchError(f"the model is not an MoE model the project can route ({e})") from None
 
 
-def resolve_policies(specs: list[str], model: str, spec) -> list[str]:
+def resolve_policies(specs: list[str], model: str, spec, labels: dict | None = None) -> list[str]:
     """The specs to run, native first: `sere` without a similarity uses the model folder's
-    sere/similarity.safetensors; each spec must build and fit the model's E and K."""
+    sere/similarity.safetensors; each spec must build and fit the model's E and K. `labels`, when given,
+    receives {spec run: spec as the user wrote it}, for tables."""
     from ..measure.evaluate import SIMILARITY_FILE
     from ..vllm import config as plugin_config
 
@@ -142,6 +143,7 @@ def resolve_policies(specs: list[str], model: str, spec) -> list[str]:
         s = s.strip()
         if s == NATIVE or s in out:
             continue
+        given = s
         if s.split(":")[0] == "sere" and "similarity=" not in s:
             sim = Path(model) / SIMILARITY_FILE
             if not sim.exists():
@@ -155,6 +157,8 @@ def resolve_policies(specs: list[str], model: str, spec) -> list[str]:
         except ValueError as e:
             raise BenchError(f"policy {s!r}: {e}") from None
         out.append(s)
+        if labels is not None:
+            labels[s] = given
     return out
 
 
@@ -596,7 +600,8 @@ def device_name(device: str) -> str:
 
 
 def table(data: dict) -> str:
-    """The results as a Markdown table."""
+    """The results as a Markdown table (policies as the user named them; results.json has the specs run)."""
+    labels = data.get("labels") or {}
     if data["mode"] == "offline":
         lines = ["| batch | policy | TPOT ms (median) | range ms | TPOT / native [95% CI] | decode tok/s | "
                  "prefill ms | U / layer (native) |", "| ---: | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
@@ -605,7 +610,7 @@ def table(data: dict) -> str:
             if r.get("tpot_ratio_ci"):
                 ratio += f" [{r['tpot_ratio_ci'][0]:.3f}, {r['tpot_ratio_ci'][1]:.3f}]"
             u = "" if r["unique"] is None else f"{r['unique']:.1f} ({r['unique_native']:.1f})"
-            lines.append(f"| {r['batch']} | `{r['policy']}` | {r['tpot_ms']:.2f} | {r['tpot_ms_min']:.2f}–"
+            lines.append(f"| {r['batch']} | `{labels.get(r['policy'], r['policy'])}` | {r['tpot_ms']:.2f} | {r['tpot_ms_min']:.2f}–"
                          f"{r['tpot_ms_max']:.2f} | {ratio} | {r['decode_tokens_per_s']:.1f} | {r['prefill_ms']:.1f} | {u} |")
         return "\n".join(lines)
     lines = ["| concurrency | policy | output tok/s | / native [95% CI] | TTFT p50 / p99 ms | TPOT p50 / p99 ms | "
@@ -616,7 +621,7 @@ def table(data: dict) -> str:
         if r.get("throughput_ratio_ci"):
             ratio += f" [{r['throughput_ratio_ci'][0]:.3f}, {r['throughput_ratio_ci'][1]:.3f}]"
         u = "" if r["unique"] is None else f"{r['unique']:.1f} ({r['unique_native']:.1f})"
-        lines.append(f"| {r['concurrency']} | `{r['policy']}` | {r['output_throughput']:.1f} | {ratio} | "
+        lines.append(f"| {r['concurrency']} | `{labels.get(r['policy'], r['policy'])}` | {r['output_throughput']:.1f} | {ratio} | "
                      f"{r['p50_ttft_ms']:.1f} / {r['p99_ttft_ms']:.1f} | {r['p50_tpot_ms']:.2f} / {r['p99_tpot_ms']:.2f} | "
                      f"{u} | {r['steps_rerouted']}/{r['steps_seen']} | {_share(r)} |")
     return "\n".join(lines)
@@ -668,9 +673,10 @@ def plot(data: dict, path: Path) -> Path | None:
     for p in dict.fromkeys(r["policy"] for r in data["rows"]):
         rows = [r for r in data["rows"] if r["policy"] == p]
         xs = [r[xkey] for r in rows]
-        a.plot(xs, [r[ykey] for r in rows], marker="o", label=p)
+        label = (data.get("labels") or {}).get(p, p)
+        a.plot(xs, [r[ykey] for r in rows], marker="o", label=label)
         if p != NATIVE:
-            b.plot(xs, [r[rkey] for r in rows], marker="o", label=p)
+            b.plot(xs, [r[rkey] for r in rows], marker="o", label=label)
             lo = [r[rkey + "_ci"][0] if r.get(rkey + "_ci") else r[rkey] for r in rows]
             hi = [r[rkey + "_ci"][1] if r.get(rkey + "_ci") else r[rkey] for r in rows]
             b.fill_between(xs, lo, hi, alpha=0.15)
@@ -694,7 +700,8 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
     """The whole bench: checks, runs, results.json, plot and report section. Returns the results."""
     config = read_model_config(cfg.model)
     spec = router_of(config)
-    policies = resolve_policies(cfg.policies or default_policies(spec.top_k, cfg.model), cfg.model, spec)
+    labels: dict[str, str] = {}
+    policies = resolve_policies(cfg.policies or default_policies(spec.top_k, cfg.model), cfg.model, spec, labels)
     if cfg.serve:
         check_port(cfg.port)
     version = vllm_version()
@@ -712,7 +719,8 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
                            "batch_sizes": cfg.batch_sizes, "num_prompts": cfg.num_prompts,
                            "request_rate": str(cfg.request_rate), "num_experts": spec.num_experts,
                            "top_k": spec.top_k, "seconds": round(time.time() - t0, 1)},
-            "policies": policies, "rows": summarize(results, policies, cfg.batch_sizes), "runs": results}
+            "policies": policies, "labels": labels, "rows": summarize(results, policies, cfg.batch_sizes),
+            "runs": results}
     (out / RESULTS).write_text(json.dumps(data, indent=1) + "\n")
     png = plot(data, out / ("serve.png" if cfg.serve else "tpot.png"))
     md = ["# moe-reroute serve-bench", "", markdown_section(data)]

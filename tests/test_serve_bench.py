@@ -222,3 +222,17 @@ def test_report_has_an_engine_section(tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"rows": []}')
     bad_input(capsys, ["report", tmp_path / "eval.json", "--serve-bench", tmp_path / "bad.json", "--out", tmp_path / "r2"],
               "--serve-bench", "serve-bench")
+
+
+def test_failure_reason_finds_the_root_cause(tmp_path):
+    log = tmp_path / "run.log"
+    log.write_text("\n".join([
+        "(APIServer pid=1) WARNING 12-02 07:07:11 [x.py:1] failed with error OSError: [Errno 24] Too many open files",
+        "(Worker pid=2) ERROR 12-02 07:07:42 [y.py:9] Traceback (most recent call last):",
+        "(Worker pid=2) ERROR 12-02 07:07:42 [y.py:9] TypeError: bad argument 'fixed'",
+        "(EngineCore pid=3) ERROR 12-02 07:07:42 [core.py:1] RuntimeError: Worker failed with error 'bad argument'",
+        "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue.", "done"]))
+    assert sb.failure_reason(log) == "TypeError: bad argument 'fixed'"
+    log.write_text("starting\nlast words\n")
+    assert sb.failure_reason(log) == "last words"
+    assert sb.failure_reason(tmp_path / "missing.log") == "no log"

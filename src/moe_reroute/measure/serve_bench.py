@@ -308,18 +308,23 @@ def run_process(cmd: list[str], env: dict, log: Path, timeout_s: float) -> int:
                 _reap_group(proc.pid)
 
 
-_ERROR_LINE = re.compile(r"^(?:[\w.]+(?:Error|Exception)|moe-reroute[^:]*): (.+)$")
+_ERROR = re.compile(r"\b([A-Z]\w*(?:Error|Exception)): (.+)$")
+_LOGGED = re.compile(r"\b(?:WARNING|INFO|DEBUG) \d\d-\d\d ")  # a log record that is not an error
+# wrappers that repeat a root cause logged before them
+_WRAPPERS = ("EngineDeadError", "Worker failed with error", "Engine core initialization failed")
 
 
 def failure_reason(log: Path) -> str:
-    """The last exception line of a run's log (the engine's own message), or its last line."""
+    """The root cause in a run's log: the first exception line (traceback ends, ERROR records) that is not
+    a wrapper of another (vLLM's workers log the cause, then the engine's own errors), else the last line."""
     try:
         lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return "no log"
-    for ln in reversed(lines):
-        if _ERROR_LINE.match(ln) or ln.startswith("ValueError") or ln.startswith("RuntimeError"):
-            return ln[:400]
+    causes = [f"{m.group(1)}: {m.group(2)}" for ln in lines if not _LOGGED.search(ln) and (m := _ERROR.search(ln))]
+    causes = [c for c in causes if not any(w in c for w in _WRAPPERS)]
+    if causes:
+        return causes[0][:400]
     return lines[-1][:400] if lines else "the process printed nothing"
 
 
@@ -528,7 +533,8 @@ def run_serving(cfg: Config, policies: list[str], out: Path, say=print) -> list[
                 bench = json.loads((runs_dir / res_name).read_text())
                 if bench.get("failed"):
                     raise BenchError(f"{bench['failed']} of {cfg.num_prompts} requests failed against {run['policy']} "
-                                     f"at concurrency {B}; see {log}; results.json not written")
+                                     f"at concurrency {B}: {failure_reason(log)} (server log: {log}); "
+                                     "results.json not written")
                 counters = rpc(cfg.port, "moe_reroute_counters")
                 results.append({**run, "batch": B, "bench": _bench_fields(bench), "counters": counters})
         finally:

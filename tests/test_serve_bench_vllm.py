@@ -29,7 +29,8 @@ def tiny(tmp_path_factory):
                        tmp_path_factory.mktemp("synth") / "tiny", progress=False)
 
 
-def _processes_with(needle: str) -> list[str]:
+def _processes_with(*needles: str) -> list[str]:
+    """Command lines of running processes holding every one of `needles`."""
     found = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
@@ -37,7 +38,7 @@ def _processes_with(needle: str) -> list[str]:
                 cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if needle in cmd:
+            if all(n in cmd for n in needles):
                 found.append(cmd)
     return found
 
@@ -78,7 +79,7 @@ def test_serving_stops_the_server(tiny, tmp_path):
         assert 0 < r["tokens_rerouted"] and r["tokens_seen"] >= 4 * (16 + 5)
         # every decode token is re-routed, in mixed steps too (the first token of each comes from prefill)
         assert r["decode_tokens_rerouted"] == r["decode_tokens"] == 4 * 5
-    assert not _processes_with(f"--port {port}")
+    assert not _processes_with("api_server", f"--port {port}")
 
 
 def test_a_failed_run_writes_no_results(tiny, tmp_path, monkeypatch):
@@ -90,3 +91,34 @@ def test_a_failed_run_writes_no_results(tiny, tmp_path, monkeypatch):
     with pytest.raises(sb.BenchError, match="does not fit MoE layer 1"):
         sb.run(cfg, tmp_path, "test")
     assert not (tmp_path / "results.json").exists()
+
+
+def test_ctrl_c_stops_the_server(tiny, tmp_path):
+    """SIGINT to serve-bench while its server starts: the command ends and no server process is left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port = 8793
+    log = tmp_path / "bench.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "moe_reroute.cli", "serve-bench", "--model", str(tiny),
+                                 "--serve", "--port", str(port), "--batch-sizes", "2", "--repeats", "1",
+                                 "--num-prompts", "2", "--output-len", "4", "--out", str(tmp_path / "o")],
+                                stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while not _processes_with("api_server", f"--port {port}") and time.time() < deadline:
+            time.sleep(0.5)
+        assert _processes_with("api_server", f"--port {port}"), log.read_text()[-2000:]
+        time.sleep(3)  # the server is loading the model
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "interrupted" in log.read_text()
+    time.sleep(1)
+    assert not _processes_with("api_server", f"--port {port}")
+    assert not (tmp_path / "o" / "results.json").exists()

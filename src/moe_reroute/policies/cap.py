@@ -108,4 +108,4 @@ class Cap(Policy):
         if renorm:  # back to the total of the model's top-K weights
             w = w * (w_r.sum(dim=-1, keepdim=True) / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny))
         ids, w = native_where_unchanged(s, ids, keep, w)
-        return finish(*native_where_fixed(s, ids, w, fixed), valid)
+        return finish(*native_where_fixed(s, ids, w, fixed, valid), valid)

@@ -22,16 +22,16 @@ from moe_reroute.kernels import triton_route as tr  # noqa: E402
 
 POLICIES = {"native": tr.NATIVE, "cap": tr.CAP, "oea": tr.OEA, "sere": tr.SERE, "budget": tr.BUDGET}
 SCORINGS = {"softmax": tr.SOFTMAX, "topk_softmax": tr.TOPK_SOFTMAX, "sigmoid": tr.SIGMOID}
-TYPES = dict(logits_ptr="*bf16", stride="i32", valid_ptr="*u8", bias_ptr="*fp32", sim_ptr="*fp32", part_a_ptr="*i32",
-             part_b_ptr="*i32", ids_ptr="*i64", w_ptr="*fp32", T="i32", nb="i32", rsf="fp32", k_param="i32",
-             k_max="i32", max_rank="i32", p_top="fp32", threshold="fp32")
+TYPES = dict(logits_ptr="*bf16", stride="i32", valid_ptr="*u8", fixed_ptr="*u8", bias_ptr="*fp32", sim_ptr="*fp32",
+             part_a_ptr="*i32", part_b_ptr="*i32", ids_ptr="*i64", w_ptr="*fp32", T="i32", nb="i32", rsf="fp32",
+             k_param="i32", k_max="i32", max_rank="i32", p_top="fp32", threshold="fp32")
 
 
 def compile_case(policy: str, scoring: str, phase: int) -> float:
     """Seconds to compile one case at E=128, K=8 (DeepSeek-V3's groups for sigmoid), every option on."""
     consts = dict(POLICY=POLICIES[policy], SCORING=SCORINGS[scoring], PHASE=phase, K=8, K_BLOCK=8, E=128,
-                  E_BLOCK=128, BT=32, T_CHUNK=64, P_CHUNK=32, HAS_VALID=True, HAS_BIAS=False, RENORM=True,
-                  CAP_RENORM=True, N_GROUP=1, TOPK_GROUP=1, GROUP_SIZE=128, G_BLOCK=2, ROUND_BF16=False,
+                  E_BLOCK=128, BT=32, T_CHUNK=64, P_CHUNK=32, HAS_VALID=True, HAS_FIXED=True, HAS_BIAS=False,
+                  RENORM=True, CAP_RENORM=True, N_GROUP=1, TOPK_GROUP=1, GROUP_SIZE=128, G_BLOCK=2, ROUND_BF16=False,
                   ROUND_FP16=False, TOP_P=policy == "oea", LIMIT_RANK=policy == "oea", GRID=256, CHUNK=32)
     if scoring == "sigmoid":
         consts.update(HAS_BIAS=True, N_GROUP=8, TOPK_GROUP=4, GROUP_SIZE=16, G_BLOCK=8)

@@ -6,6 +6,10 @@ ranking is the library's documented rule: its native top-K first, in the model's
 `native_ids`, else by score with ties to the lower id), then the rest by score, ties to the lower id.
 Scores are formed with float32 arithmetic (as the models do) so that rankings match exactly; weights
 are summed in float64.
+
+`fixed` (a list of bools, or None) marks tokens that keep their native routing; a valid fixed token's
+native experts are loaded anyway, so each batch-wide set below counts them. An invalid token is padding
+whatever `fixed` says.
 """
 
 from __future__ import annotations
@@ -62,6 +66,11 @@ def rankings(logits, spec, native_ids=None):
     return toks, [ranking(c, n) for (c, _), n in zip(toks, nat)]
 
 
+def is_fixed(fixed, valid, t):
+    """Whether token t is a valid token that keeps its native routing."""
+    return fixed is not None and bool(fixed[t]) and bool(valid[t])
+
+
 def weights(gate, kept, spec, renormalize):
     w = {e: gate[e] for e in kept}
     if renormalize or spec.scoring == "topk_softmax":
@@ -70,16 +79,21 @@ def weights(gate, kept, spec, renormalize):
     return {e: v * spec.routed_scaling_factor for e, v in w.items()}
 
 
-def ref_native(logits, spec, valid, native_ids=None):
+def ref_native(logits, spec, valid, native_ids=None, fixed=None):
+    """Every token's own top-K (fixed or not: native routing is all native)."""
     toks, ranks = rankings(logits, spec, native_ids)
     return [weights(gate, order[: spec.top_k], spec, spec.renormalize) for (_, gate), order in zip(toks, ranks)]
 
 
-def ref_cap(logits, spec, valid, k, renormalize=None, native_ids=None):
-    """The model's top-k: its native weights cut to k (renormalize False), or rescaled to their native total."""
+def ref_cap(logits, spec, valid, k, renormalize=None, native_ids=None, fixed=None):
+    """The model's top-k: its native weights cut to k (renormalize False), or rescaled to their native total.
+    A fixed token keeps all K."""
     renorm = spec.renormalize if renormalize is None else renormalize
     out = []
-    for native in ref_native(logits, spec, valid, native_ids):
+    for t, native in enumerate(ref_native(logits, spec, valid, native_ids)):
+        if is_fixed(fixed, valid, t):
+            out.append(dict(native))
+            continue
         kept = list(native)[:k]  # dicts keep the ranking order
         w = {e: native[e] for e in kept}
         if renorm:
@@ -89,8 +103,10 @@ def ref_cap(logits, spec, valid, k, renormalize=None, native_ids=None):
     return out
 
 
-def ref_oea(logits, spec, valid, k0, p=1.0, k_max=None, max_rank=None, native_ids=None):
-    """OEA, Algorithm 2 of arXiv 2511.02237 (simplified OEA when p=1, k_max=K, max_rank=E)."""
+def ref_oea(logits, spec, valid, k0, p=1.0, k_max=None, max_rank=None, native_ids=None, fixed=None):
+    """OEA, Algorithm 2 of arXiv 2511.02237 (simplified OEA when p=1, k_max=K, max_rank=E). The loaded set
+    is the union of the re-routed tokens' base sets and the fixed tokens' native top-K; a fixed token
+    routes to its native top-K, the others piggyback on the loaded set."""
     K, E = spec.top_k, spec.num_experts
     k_max = K if k_max is None else k_max
     max_rank = E if max_rank is None else max_rank
@@ -108,11 +124,17 @@ def ref_oea(logits, spec, valid, k0, p=1.0, k_max=None, max_rank=None, native_id
                     break
         base.append(order[: min(k0, t)])
     loaded = set()
-    for b, v in zip(base, valid):
-        if v:
+    for t, (b, order) in enumerate(zip(base, ranks)):
+        if is_fixed(fixed, valid, t):
+            for e in order[:K]:
+                loaded.add(e)
+        elif valid[t]:
             loaded.update(b)
     out = []
-    for (choice, gate), order, b in zip(toks, ranks, base):
+    for t, ((choice, gate), order, b) in enumerate(zip(toks, ranks, base)):
+        if is_fixed(fixed, valid, t):
+            out.append(weights(gate, order[:K], spec, spec.renormalize))
+            continue
         kept = list(b)
         for j in range(len(b), max_rank):  # j is the 0-based rank
             if len(kept) >= k_max:
@@ -124,19 +146,26 @@ def ref_oea(logits, spec, valid, k0, p=1.0, k_max=None, max_rank=None, native_id
     return out
 
 
-def ref_sere(logits, spec, valid, sim, primary=2, threshold=0.1, native_ids=None):
-    """SERE re-routing, arXiv 2602.07616; duplicate experts' weights are summed."""
+def ref_sere(logits, spec, valid, sim, primary=2, threshold=0.1, native_ids=None, fixed=None):
+    """SERE re-routing, arXiv 2602.07616; duplicate experts' weights are summed. Every native expert of a
+    fixed token is in the primary set P (it is loaded anyway); a fixed token is not re-routed."""
     K = spec.top_k
     sim = np.asarray(sim, dtype=np.float32)
     toks, ranks = rankings(logits, spec, native_ids)
     topk = [order[:K] for order in ranks]
     P = set()
-    for ids, v in zip(topk, valid):
-        if v:
+    for t, ids in enumerate(topk):
+        if is_fixed(fixed, valid, t):
+            for e in ids:
+                P.add(e)
+        elif valid[t]:
             P.update(ids[:primary])
     out = []
-    for (choice, gate), ids in zip(toks, topk):
+    for t, ((choice, gate), ids) in enumerate(zip(toks, topk)):
         w = weights(gate, ids, spec, spec.renormalize)
+        if is_fixed(fixed, valid, t):
+            out.append(w)
+            continue
         result = {}
         for slot, e in enumerate(ids):
             target = e
@@ -153,15 +182,22 @@ def ref_sere(logits, spec, valid, sim, primary=2, threshold=0.1, native_ids=None
     return out
 
 
-def ref_budget(logits, spec, valid, budget, native_ids=None, grid=256):
+def ref_budget(logits, spec, valid, budget, native_ids=None, grid=256, fixed=None):
     """Batch-wide expert set under a budget (XShare-style), top-1 of every token guaranteed; each token's
-    share of an expert's mass counted in whole 1/grid-ths (rounded half up), at least one."""
+    share of an expert's mass counted in whole 1/grid-ths (rounded half up), at least one. A fixed token's
+    native top-K is in the set before the budget is filled (and counts against it); it routes natively.
+    Only the re-routed tokens' mass is counted here: a fixed token's lies on experts already chosen."""
     K = spec.top_k
     toks, ranks = rankings(logits, spec, native_ids)
     score = {}
     chosen = []
-    for (choice, gate), order, v in zip(toks, ranks, valid):
+    for t, ((choice, gate), order, v) in enumerate(zip(toks, ranks, valid)):
         if not v:
+            continue
+        if is_fixed(fixed, valid, t):
+            for e in order[:K]:
+                if e not in chosen:
+                    chosen.append(e)
             continue
         if order[0] not in chosen:
             chosen.append(order[0])
@@ -172,7 +208,10 @@ def ref_budget(logits, spec, valid, budget, native_ids=None, grid=256):
     extra = sorted((e for e in range(spec.num_experts) if e not in chosen), key=lambda e: (-score.get(e, 0), e))
     chosen += extra[: max(0, budget - len(chosen))]
     out = []
-    for (choice, gate), order in zip(toks, ranks):
+    for t, ((choice, gate), order) in enumerate(zip(toks, ranks)):
+        if is_fixed(fixed, valid, t):
+            out.append(weights(gate, order[:K], spec, spec.renormalize))
+            continue
         kept = [e for e in order if e in chosen and choice[e] != NEG_INF][:K]
         out.append(weights(gate, kept, spec, spec.renormalize))
     return out

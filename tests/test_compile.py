@@ -45,3 +45,22 @@ def test_fullgraph(scoring, name, params):
         got, want = compiled(x, v), run(x, v)
         assert torch.equal(got.ids, want.ids)
         torch.testing.assert_close(got.weights, want.weights)
+
+
+@pytest.mark.parametrize("name,params", POLICIES, ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x)))
+def test_fullgraph_with_fixed_rows(name, params):
+    """A `fixed` mask traces in the same single graph (eager backend: the tracing, no codegen)."""
+    torch._dynamo.reset()
+    spec = SPECS["sigmoid"]
+    policy = make_policy(name, **params)
+    layer = 2 if isinstance(params.get("k0"), list) else None
+
+    def run(x, v, f):
+        return policy(x, spec, v, layer=layer, fixed=f)
+
+    compiled = torch.compile(run, fullgraph=True, backend="eager")
+    for T, seed in ((16, 0), (5, 1)):
+        x, v, f = distinct_logits(T, E, seed=seed), random_mask(T, seed), random_mask(T, seed + 7, p_invalid=0.6)
+        got, want = compiled(x, v, f), run(x, v, f)
+        assert torch.equal(got.ids, want.ids)
+        torch.testing.assert_close(got.weights, want.weights)

@@ -31,30 +31,32 @@ def test_cuda_matches_cpu(spec, name, params):
     torch.testing.assert_close(gpu.weights.sum(-1).cpu(), cpu.weights.sum(-1))
 
 
+@pytest.mark.parametrize("with_fixed", [False, True])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("T", [16, 300])
 @pytest.mark.parametrize("name,params", POLICIES, ids=lambda x: x if isinstance(x, str) else "")
-def test_cuda_graph_capture(name, params, T, backend):
+def test_cuda_graph_capture(name, params, T, backend, with_fixed):
     spec = SPECS[0]
     if backend == "triton":
         pytest.importorskip("triton")
     policy = make_policy(name, check_inputs=False, backend=backend, **params)
     x = distinct_logits(T, E, seed=2).cuda()
     v = random_mask(T, 2).cuda()
+    f = random_mask(T, 5, p_invalid=0.7).cuda() if with_fixed else None  # prefill rows of a mixed step
     if name == "sere":  # keep the matrix on the device: a host-to-device copy cannot be captured
         policy = make_policy(name, check_inputs=False, backend=backend, similarity=params["similarity"].cuda())
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        policy(x, spec, v)  # warm-up outside the graph
+        policy(x, spec, v, fixed=f)  # warm-up outside the graph
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = policy(x, spec, v)
+        out = policy(x, spec, v, fixed=f)
     y = distinct_logits(T, E, seed=3).cuda()
     x.copy_(y)
     graph.replay()
-    want = policy(y, spec, v)
+    want = policy(y, spec, v, fixed=f)
     assert torch.equal(out.ids, want.ids)
     torch.testing.assert_close(out.weights, want.weights)
 

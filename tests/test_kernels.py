@@ -123,15 +123,16 @@ def assert_same(torch_r, kern_r, spec, logits, valid, rows_native=False):
     assert torch.allclose(wa, wb, rtol=rel, atol=1e-7), f"weights differ by {(wa - wb).abs().max():.3g}"
 
 
-def run_both(name, spec, logits, valid, params):
+def run_both(name, spec, logits, valid, params, fixed=None):
     dev = torch.device(DEVICE)
     x = logits.to(dev)
     v = valid.to(dev) if valid is not None else None
+    f = fixed.to(dev) if fixed is not None else None
     if spec.e_score_correction_bias is not None:
         spec = spec.with_bias(spec.e_score_correction_bias.to(dev))
-    ref = make_policy(name, backend="torch", ties="lower-id", check_inputs=False, **params)(x, spec, v)
+    ref = make_policy(name, backend="torch", ties="lower-id", check_inputs=False, **params)(x, spec, v, fixed=f)
     with kernels.counting() as c:
-        got = make_policy(name, backend="triton", check_inputs=False, **params)(x, spec, v)
+        got = make_policy(name, backend="triton", check_inputs=False, **params)(x, spec, v, fixed=f)
     return ref, got, c.count, spec
 
 
@@ -147,6 +148,49 @@ def test_kernel_matches_torch(name, batch, data):
     fits = T <= kernels.block_tokens(T, E, torch.device(DEVICE))
     limit = 1 if (name in ("native", "cap") or fits) else 2
     assert launches <= limit, f"{launches} launches"
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+@FAST
+@given(batch=batches(), share=st.sampled_from([0.0, 0.3, 0.7, 1.0]), data=st.data())
+def test_kernel_matches_torch_with_fixed_rows(name, batch, share, data):
+    """Random fixed rows (on padding rows too): the kernel's answer is the torch policy's, fixed rows are
+    the kernel's native routing, and an all-False mask routes as no mask, bit for bit."""
+    spec, logits, valid = batch
+    T, E = logits.shape
+    fixed = torch.rand(T, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 10**6)))) < share
+    params = params_for(name, spec, data)
+    ref, got, launches, spec = run_both(name, spec, logits, valid, params, fixed)
+    assert_same(ref, got, spec, logits, valid, rows_native=name == "native")
+    fits = T <= kernels.block_tokens(T, E, torch.device(DEVICE))
+    assert launches <= (1 if (name in ("native", "cap") or fits) else 2), f"{launches} launches"
+    dev = got.ids.device
+    rows = fixed.to(dev) if valid is None else fixed.to(dev) & valid.to(dev)
+    nat = make_policy("native", backend="triton", check_inputs=False)(logits.to(dev), spec)
+    assert torch.equal(got.ids[rows], nat.ids[rows])  # the kernel's native (weights: the same code in another kernel variant)
+    assert torch.allclose(got.weights[rows], nat.weights[rows], rtol=1e-6, atol=1e-7)
+    if share == 0.0:
+        _, plain, _, _ = run_both(name, spec, logits, valid, params)
+        assert torch.equal(got.ids, plain.ids)  # (native's padding rows may hold NaN weights: garbage in)
+        torch.testing.assert_close(got.weights, plain.weights, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", ["oea", "sere", "budget"])
+def test_fixed_rows_across_programs(name):
+    """T=300 over several programs (two launches): a fixed row's experts in one program are used by the
+    re-routed rows of the others, as in the torch policy."""
+    spec = RouterSpec(128, 4)
+    logits = distinct_logits(300, 128, torch.float32, seed=5)
+    g = torch.Generator().manual_seed(6)
+    valid = torch.rand(300, generator=g) > 0.1
+    fixed = torch.rand(300, generator=g) < 0.2
+    params = {"oea": {"k0": 1}, "sere": {"similarity": similarity(128, 3), "primary": 1, "threshold": 0.0},
+              "budget": {"budget": 16}}[name]
+    ref, got, launches, spec = run_both(name, spec, logits, valid, params, fixed)
+    assert_same(ref, got, spec, logits, valid)
+    assert launches == (1 if 300 <= kernels.block_tokens(300, 128, torch.device(DEVICE)) else 2)
+    alone, _, _, _ = run_both(name, spec, logits, valid, params)
+    assert not torch.equal(ref.ids[valid & ~fixed], alone.ids[valid & ~fixed])  # the fixed rows' experts are used
 
 
 @pytest.mark.parametrize("name,params", [
@@ -196,8 +240,9 @@ class OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("with_fixed", [False, True])
 @pytest.mark.parametrize("name", POLICY_NAMES)
-def test_a_call_is_launches_and_allocations_only(name, monkeypatch):
+def test_a_call_is_launches_and_allocations_only(name, with_fixed, monkeypatch):
     """No torch op runs around the kernels (no sort, no copy, no host read): only empty() and views."""
     from moe_reroute.kernels import triton_route
 
@@ -220,9 +265,10 @@ def test_a_call_is_launches_and_allocations_only(name, monkeypatch):
     pol = make_policy(name, backend="triton", check_inputs=False, **params.get(name, {}))
     x = distinct_logits(16, 128, seed=2)
     valid = torch.ones(16, dtype=torch.bool)
-    pol(x, spec, valid)  # warm: similarity converted once and cached
+    fixed = (torch.arange(16) % 3 == 0) if with_fixed else None
+    pol(x, spec, valid, fixed=fixed)  # warm: similarity converted once and cached
     with kernels.counting() as c, log:
-        pol(x, spec, valid)
+        pol(x, spec, valid, fixed=fixed)
     assert c.count == 1  # T=16, E=128 fits one program
     assert set(log.ops) <= {"empty", "view", "detach", "empty_strided"}, log.ops  # detach: view(dtype)
 
@@ -239,6 +285,10 @@ def test_bad_input_is_refused_before_the_launch():
             make_policy("oea", backend="triton", k0=6)(torch.zeros(2, 16), spec)
         with pytest.raises(ValueError, match=r"valid must have shape"):
             pol(torch.zeros(2, 16), spec, torch.ones(3, dtype=torch.bool))
+        with pytest.raises(ValueError, match=r"fixed must have shape \[T\]=\[2\]"):
+            pol(torch.zeros(2, 16), spec, fixed=torch.ones(3, dtype=torch.bool))
+        with pytest.raises(ValueError, match="fixed must be a bool tensor"):
+            pol(torch.zeros(2, 16), spec, fixed=torch.ones(2))
     assert c.count == 0
     # NaN only in a padding row is accepted with checks on
     r = pol(torch.cat([torch.zeros(1, 16), torch.full((1, 16), float("nan"))]), spec, torch.tensor([True, False]))

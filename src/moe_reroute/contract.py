@@ -272,6 +272,7 @@ def check_inputs(
     valid: torch.Tensor | None,
     check_values: bool,
     materialize: bool = True,
+    fixed: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Validate a policy call and return `valid` as a [T] bool tensor on the logits' device (None stays None
     unless `materialize`).
@@ -279,6 +280,7 @@ def check_inputs(
     Shapes and dtypes are checked always (free); values (NaN/inf) of the valid rows only when
     `check_values`, since that needs a host synchronisation, and never while compiling or capturing a
     CUDA graph. Invalid (padding) rows may hold anything: no policy lets them change a valid row.
+    `fixed` (None, or the [T] bool mask of rows that keep native routing) is checked like `valid`.
     """
     if not isinstance(spec, RouterSpec):
         raise TypeError(f"spec must be a RouterSpec, got {type(spec).__name__}; build one with RouterSpec.from_config(config)")
@@ -306,6 +308,8 @@ def check_inputs(
             raise ValueError(f"valid must have shape [T]=[{T}], got {tuple(valid.shape)}")
         if valid.device != router_logits.device:
             raise ValueError(f"valid is on {valid.device} but router_logits on {router_logits.device}; put both on one device")
+    if fixed is not None:
+        check_fixed(fixed, T, router_logits.device)
     bias = spec.e_score_correction_bias
     if bias is not None and bias.device != router_logits.device:
         raise ValueError(
@@ -323,6 +327,25 @@ def check_inputs(
                 "the model produced non-finite router logits, check its dtype and inputs"
             )
     return valid
+
+
+def check_fixed(fixed: Any, T: int, device: torch.device) -> None:
+    """Raise ValueError, saying how to fix it, unless `fixed` is a [T] bool tensor on `device`.
+
+    fixed [T] bool: True on the rows that keep the model's own routing (an engine's prefill tokens in a
+    step that mixes prefill and decode). No tensor op, no host synchronisation: safe in a CUDA graph.
+    """
+    if not isinstance(fixed, torch.Tensor):
+        raise ValueError(f"fixed must be a [T] bool tensor (True: the row keeps native routing) or None, got "
+                         f"{type(fixed).__name__}; build it with torch.tensor(mask, dtype=torch.bool)")
+    if fixed.dtype != torch.bool:
+        raise ValueError(f"fixed must be a bool tensor [T], got {fixed.dtype}; pass fixed.bool() "
+                         "(True: the row keeps native routing)")
+    if tuple(fixed.shape) != (T,):
+        raise ValueError(f"fixed must have shape [T]=[{T}], one flag per router-logits row, got {tuple(fixed.shape)}")
+    if fixed.device != device:
+        raise ValueError(f"fixed is on {fixed.device} but router_logits on {device}; put both on one device "
+                         "(fixed.to(router_logits.device))")
 
 
 def _tracing() -> bool:

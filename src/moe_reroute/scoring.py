@@ -9,6 +9,11 @@ policy at its no-op setting (`cap:k=K`, `oea:k0=K`, `budget >= E`) is exactly na
 `ties` says whose top-K that is: "model" (the model's `torch.topk`, whose order among equal scores
 is the library's) or "lower-id" (equal scores to the lower expert id, the fused kernels' rule, which
 is also deterministic across devices).
+
+Fixed rows (the `fixed` mask of a policy call, e.g. an engine's prefill tokens): such a row keeps its
+native top-K, ids and weights exactly as `native` returns them (`native_where_fixed`), and since those
+experts are read anyway they belong to the batch's expert set (`fixed_members`), which the other rows
+may then use. An invalid row is padding whatever `fixed` says.
 """
 
 from __future__ import annotations
@@ -198,6 +203,27 @@ def native_where_unchanged(
     same_set = (torch.sort(ids, dim=-1)[0] == torch.sort(s.native_ids, dim=-1)[0]).all(dim=-1)
     same = (same_set & keep.all(dim=-1))[:, None]
     return torch.where(same, s.native_ids, ids), torch.where(same, s.native_w, weights)
+
+
+def fixed_members(s: Scored, fixed: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor | None:
+    """[T, E] bool: the native top-K experts of each valid fixed row (False on every other row), the
+    experts those rows load whatever the policy does; None when no row is fixed."""
+    if fixed is None:
+        return None
+    members = torch.zeros_like(s.choice, dtype=torch.bool).scatter_(1, s.native_ids, True)  # [T, E]
+    return members & (fixed & valid)[:, None]
+
+
+def native_where_fixed(
+    s: Scored, ids: torch.Tensor, weights: torch.Tensor, fixed: torch.Tensor | None, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, weights) with the model's own ids and weights (or the engine's `native`, in its slot order) on
+    every valid fixed row, so that those rows come back exactly native (padding rows are left to `finish`,
+    whatever `fixed` says). [T, K] each"""
+    if fixed is None:
+        return ids, weights
+    f = (fixed & valid)[:, None]
+    return torch.where(f, s.native_ids, ids), torch.where(f, s.native_w, weights)
 
 
 def sanitize(router_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Fused Triton kernels for every policy: one launch per call where the batch fits one program, two otherwise.
 
-`route(policy, router_logits, spec, valid, config)` runs the policy's kernel on checked inputs with its
-parameters resolved on the host, so a call never synchronises, never makes a data-dependent shape and
+`route(policy, router_logits, spec, valid, config, layer, fixed)` runs the policy's kernel on checked inputs
+with its parameters resolved on the host, so a call never synchronises, never makes a data-dependent shape and
 can be captured in a CUDA graph. The kernels follow the library's ranking rule with ties="lower-id";
 their answers are the torch policies' (`make_policy(..., backend="torch", ties="lower-id")`): the same
 ids, weights within float32 rounding.
@@ -151,8 +151,11 @@ def _similarity(policy: Any, config: Any, layer: int | None, device: torch.devic
 
 
 def route(policy: Any, router_logits: torch.Tensor, spec: RouterSpec, valid: torch.Tensor | None,
-          config: Any, layer: int | None) -> Routing:
-    """Run `policy` (its name and resolved `config`) as a fused kernel. Inputs are already checked."""
+          config: Any, layer: int | None, fixed: torch.Tensor | None = None) -> Routing:
+    """Run `policy` (its name and resolved `config`) as a fused kernel. Inputs are already checked.
+
+    fixed: [T] bool rows that keep native routing, or None (the kernel is then built without that code).
+    """
     name = policy.name
     tr = _kernel()
     T, E = router_logits.shape
@@ -173,21 +176,23 @@ def route(policy: Any, router_logits: torch.Tensor, spec: RouterSpec, valid: tor
     bias = spec.e_score_correction_bias
     sim = _similarity(policy, config, layer, dev) if name == "sere" else router_logits
     valid_arg = valid.view(torch.uint8) if valid is not None else router_logits
+    fixed_arg = fixed.view(torch.uint8) if fixed is not None else router_logits
     scoring = {"softmax": tr.SOFTMAX, "topk_softmax": tr.TOPK_SOFTMAX, "sigmoid": tr.SIGMOID}[spec.scoring]
     n_group = spec.n_group if spec.scoring == "sigmoid" else 1
     topk_group = spec.topk_group if spec.scoring == "sigmoid" else 1
     consts = dict(
         POLICY=tr.__dict__[name.upper()], SCORING=scoring, K=K, K_BLOCK=K_BLOCK, E=E, E_BLOCK=E_BLOCK, BT=BT,
         T_CHUNK=1024, P_CHUNK=max(1, min(64, _TILE // E_BLOCK)),
-        HAS_VALID=valid is not None, HAS_BIAS=bias is not None, RENORM=bool(spec.renormalize),
-        CAP_RENORM=params.pop("CAP_RENORM"), N_GROUP=n_group, TOPK_GROUP=topk_group, GROUP_SIZE=E // n_group,
+        HAS_VALID=valid is not None, HAS_FIXED=fixed is not None, HAS_BIAS=bias is not None,
+        RENORM=bool(spec.renormalize), CAP_RENORM=params.pop("CAP_RENORM"), N_GROUP=n_group, TOPK_GROUP=topk_group,
+        GROUP_SIZE=E // n_group,
         G_BLOCK=max(_p2(n_group), 2), ROUND_BF16=spec.scoring == "topk_softmax" and router_logits.dtype == torch.bfloat16,
         ROUND_FP16=spec.scoring == "topk_softmax" and router_logits.dtype == torch.float16,
         TOP_P=params.pop("TOP_P"), LIMIT_RANK=params.pop("LIMIT_RANK"), GRID=BUDGET_GRID,
         CHUNK=max(1, min(E_BLOCK, _TILE // E_BLOCK)),
     )
-    args = (router_logits, router_logits.stride(0), valid_arg, bias if bias is not None else router_logits, sim,
-            part_a, part_b, ids, weights, T, nb, float(spec.routed_scaling_factor), params["k_param"],
+    args = (router_logits, router_logits.stride(0), valid_arg, fixed_arg, bias if bias is not None else router_logits,
+            sim, part_a, part_b, ids, weights, T, nb, float(spec.routed_scaling_factor), params["k_param"],
             params["k_max"], params["max_rank"], params["p_top"], params["threshold"])
     phases = (0,) if (nb == 1 or not batch_wide) else (1, 2)
     for phase in phases:

@@ -9,6 +9,10 @@ of the set ([NB, E_BLOCK] int32: a union is a max, a sum of whole numbers is exa
 PHASE 2 reads all parts, rebuilds the set in every program and routes. The ranking rule is the
 library's with ties="lower-id": by score, equal scores to the lower expert id, so every program computes
 the same ranking and the same set without talking to the others.
+
+Fixed rows (HAS_FIXED, a [T] uint8 mask): a valid fixed row writes its native top-K, and its part of the
+set is its whole native top-K (oea's base, sere's primaries, budget's forced experts). Without the mask
+(HAS_FIXED False) that code is not compiled in.
 """
 
 from __future__ import annotations
@@ -173,12 +177,13 @@ def _unchanged(kept_ids, keep, nat_ids, nat_w, w, kc, K: tl.constexpr):
 
 @triton.jit
 def route_kernel(
-    logits_ptr, stride, valid_ptr, bias_ptr, sim_ptr, part_a_ptr, part_b_ptr, ids_ptr, w_ptr,
+    logits_ptr, stride, valid_ptr, fixed_ptr, bias_ptr, sim_ptr, part_a_ptr, part_b_ptr, ids_ptr, w_ptr,
     T, nb, rsf, k_param, k_max, max_rank, p_top, threshold,
     POLICY: tl.constexpr, SCORING: tl.constexpr, PHASE: tl.constexpr,
     K: tl.constexpr, K_BLOCK: tl.constexpr, E: tl.constexpr, E_BLOCK: tl.constexpr, BT: tl.constexpr,
     T_CHUNK: tl.constexpr, P_CHUNK: tl.constexpr,
-    HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, CAP_RENORM: tl.constexpr,
+    HAS_VALID: tl.constexpr, HAS_FIXED: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr,
+    CAP_RENORM: tl.constexpr,
     N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, G_BLOCK: tl.constexpr,
     ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, TOP_P: tl.constexpr, LIMIT_RANK: tl.constexpr,
     GRID: tl.constexpr, CHUNK: tl.constexpr,
@@ -195,6 +200,10 @@ def route_kernel(
         rvalid = tl.load(valid_ptr + rows, mask=rmask, other=0) != 0
     else:
         rvalid = rmask
+    if HAS_FIXED:  # rows that keep native routing; an invalid row is padding whatever it says
+        rfixed = (tl.load(fixed_ptr + rows, mask=rmask, other=0) != 0) & rvalid
+    else:
+        rfixed = rows < 0
     SANITIZE: tl.constexpr = POLICY != 0
     x, key, gate = _scores(logits_ptr, stride, bias_ptr, rows, rmask, rvalid, cols, cmask, SCORING, HAS_BIAS,
                            SANITIZE, N_GROUP, TOPK_GROUP, GROUP_SIZE, G_BLOCK, BIG)
@@ -203,6 +212,11 @@ def route_kernel(
     kin = (kc < K)[None, :]
     out_mask = rmask[:, None] & kin
     out_off = rows[:, None].to(tl.int64) * K + kc[None, :]
+    if HAS_FIXED and POLICY >= 2:  # each row's native top-K as a set: a fixed row's part of the batch's set
+        nat_set = cols[None, :] < 0
+        for j in tl.static_range(K):
+            nat_set = nat_set | (cols[None, :] == _col(nat_ids, kc, j)[:, None])
+        nat_set = nat_set & rfixed[:, None]
 
     if POLICY == 0:
         tl.store(ids_ptr + out_off, nat_ids.to(tl.int64), mask=out_mask)
@@ -226,13 +240,19 @@ def route_kernel(
             for j in tl.static_range(K):
                 e = _col(nat_ids, kc, j)
                 base = base | ((cols[None, :] == e[:, None]) & (j < n)[:, None])
-            part_a = tl.max(tl.where(base & rvalid[:, None], 1, 0), axis=0)  # [E_BLOCK]
+            members = base & rvalid[:, None]
+            if HAS_FIXED:
+                members = tl.where(rfixed[:, None], nat_set, members)
+            part_a = tl.max(tl.where(members, 1, 0), axis=0)  # [E_BLOCK]
         elif POLICY == 3:  # sere: primary slots
             prim = cols[None, :] < 0
             for j in tl.static_range(K):
                 e = _col(nat_ids, kc, j)
                 prim = prim | ((cols[None, :] == e[:, None]) & (j < k_param))
-            part_a = tl.max(tl.where(prim & rvalid[:, None], 1, 0), axis=0)
+            prim = prim & rvalid[:, None]
+            if HAS_FIXED:
+                prim = prim | nat_set
+            part_a = tl.max(tl.where(prim, 1, 0), axis=0)
         elif POLICY == 4:  # budget: quantised native mass per expert, and the forced top-1s
             mass_tot = tl.maximum(tl.sum(gk, axis=1), 1.1754943508222875e-38)
             q = tl.zeros([BT, E_BLOCK], tl.int32)
@@ -242,7 +262,10 @@ def route_kernel(
                 q = tl.where(cols[None, :] == e[:, None], qj[:, None], q)
             part_a = tl.sum(tl.where(rvalid[:, None], q, 0), axis=0)
             top1 = _col(nat_ids, kc, 0)
-            part_b = tl.max(tl.where((cols[None, :] == top1[:, None]) & rvalid[:, None], 1, 0), axis=0)
+            forced_rows = (cols[None, :] == top1[:, None]) & rvalid[:, None]
+            if HAS_FIXED:
+                forced_rows = forced_rows | nat_set
+            part_b = tl.max(tl.where(forced_rows, 1, 0), axis=0)
 
         if POLICY >= 2 and PHASE != 2:
             tl.store(part_a_ptr + pid * E_BLOCK + cols, part_a)
@@ -361,6 +384,9 @@ def route_kernel(
                 w = _weights(gate, out_ids, keep, kc, rsf, SCORING, RENORM, K_BLOCK)
                 w = _unchanged(out_ids, keep, nat_ids, nat_w, w, kc, K)
 
+            if HAS_FIXED:
+                out_ids = tl.where(rfixed[:, None], nat_ids, out_ids)
+                w = tl.where(rfixed[:, None], nat_w, w)
             if HAS_VALID:
                 out_ids = tl.where(rvalid[:, None], out_ids, anchor[:, None])
                 w = tl.where(rvalid[:, None], w, 0.0)

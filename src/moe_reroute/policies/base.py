@@ -119,10 +119,17 @@ class PolicyConfig:
 
 
 class Policy:
-    """A routing policy: `policy(router_logits [T, E], spec, valid=None, layer=None) -> Routing`.
+    """A routing policy: `policy(router_logits [T, E], spec, valid=None, layer=None, native=None, fixed=None)
+    -> Routing`.
 
     `layer` is the MoE-layer index (0 = the model's first MoE layer, dense layers not counted); it picks
     the values given per layer and may be None when there are none.
+
+    `fixed` [T] bool marks rows that must keep native routing (an engine's prefill tokens in a step that
+    mixes them with decode tokens): they come back exactly as `native` routes them (the engine's `native`
+    top-K when given), and their native experts, which are loaded anyway, count as part of the batch's
+    expert set, so the other rows may use them (each policy's module says how). None: no row is fixed,
+    the routing of a call without it. An invalid row is padding whatever `fixed` says.
 
     `check_inputs=True` also checks the valid rows' logits for NaN/inf (a host synchronisation); engines
     that run policies inside CUDA graphs turn it off. Shapes, dtypes and parameters are always checked.
@@ -172,31 +179,33 @@ class Policy:
         valid: torch.Tensor | None = None,
         layer: int | None = None,
         native: tuple[torch.Tensor, torch.Tensor] | None = None,
+        fixed: torch.Tensor | None = None,
     ) -> Routing:
         """native: an engine's own top-K (weights [T, K], ids [T, K]) for ranks 1..K, so that "native"
-        means the engine's routing, ties included (torch backend; the kernels rank by their own)."""
+        means the engine's routing, ties included (torch backend; the kernels rank by their own).
+        fixed: [T] bool, True on the rows that keep native routing (None: none)."""
         fused = isinstance(router_logits, torch.Tensor) and self.uses_kernels(router_logits)
-        valid = check_inputs(router_logits, spec, valid, self.check_inputs, materialize=not fused)
+        valid = check_inputs(router_logits, spec, valid, self.check_inputs, materialize=not fused, fixed=fixed)
         config = self.config.at_layer(layer)
         self.check_fit(spec, config, layer)
         if fused:
-            return kernels.route(self, router_logits, spec, valid, config, layer)
+            return kernels.route(self, router_logits, spec, valid, config, layer, fixed)
         if native is not None:
             w, ids = native
             if tuple(ids.shape) != (router_logits.shape[0], spec.top_k) or tuple(w.shape) != tuple(ids.shape):
                 raise ValueError(f"native top-K must be (weights, ids) of shape [T, K]=[{router_logits.shape[0]}, "
                                  f"{spec.top_k}], got {tuple(w.shape)} and {tuple(ids.shape)}")
             native = (w.float(), ids.long())
-        return self.route(router_logits, spec, valid, config, layer, native)
+        return self.route(router_logits, spec, valid, config, layer, native, fixed)
 
     def check_fit(self, spec: RouterSpec, config: Any, layer: int | None) -> None:
         """Raise ValueError if `config` (resolved at `layer`) does not fit the model (e.g. k0 > K)."""
 
     def route(
         self, router_logits: torch.Tensor, spec: RouterSpec, valid: torch.Tensor, config: Any, layer: int | None,
-        native: tuple[torch.Tensor, torch.Tensor] | None = None,
+        native: tuple[torch.Tensor, torch.Tensor] | None = None, fixed: torch.Tensor | None = None,
     ) -> Routing:
-        """The policy proper, on checked inputs, with `config` resolved at `layer`."""
+        """The policy proper, on checked inputs, with `config` resolved at `layer`; `fixed` [T] bool or None."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

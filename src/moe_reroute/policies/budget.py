@@ -1,7 +1,9 @@
 """`budget`: one expert set for the whole batch under a budget of experts (XShare-style, arXiv 2602.07265).
 
 Per layer and batch:
-1. Every valid token's top-1 expert is in the set (its best expert is never taken away).
+1. Every valid token's top-1 expert is in the set (its best expert is never taken away), and so is
+   every native expert of a valid fixed token (`fixed`), which keeps its native routing exactly: its
+   experts are loaded anyway. These forced experts count against the budget.
 2. The rest of the budget goes greedily to the experts holding the most native gate mass: expert e
    scores the sum over valid tokens of its weight in their native top-K (each token's top-K weights
    normalised to sum 1, counted in whole 1/256ths and at least one, so that the sum is exact in any
@@ -9,8 +11,9 @@ Per layer and batch:
    top-K fill a budget larger than needed by lower id).
 3. Each token routes to its best K experts within the set, by its own ranking, with the model's weights
    over those (renormalised as the model does; the model's own weights if that is its native top-K).
-The set holds max(budget, distinct top-1 experts) experts at most: the top-1 guarantee wins when more
-tokens disagree on their best expert than the budget allows. With budget >= K a single token gets
+The set holds max(budget, forced experts) experts at most: the forced experts are all in it when they
+alone exceed the budget (then the set is just them). A fixed token's mass lies on forced experts, so
+it does not change which others fill the budget. With budget >= K a single token gets
 exactly its native experts.
 """
 
@@ -22,7 +25,8 @@ from typing import Any
 import torch
 
 from ..contract import Routing
-from ..scoring import BUDGET_GRID, finish, native_where_unchanged, pack, rank, ranked_native, sanitize, score, weights_for
+from ..scoring import (BUDGET_GRID, finish, fixed_members, native_where_fixed, native_where_unchanged, pack, rank,
+                       ranked_native, sanitize, score, weights_for)
 from .base import Policy, PolicyConfig, need_at_most, need_int, per_layer
 
 
@@ -44,7 +48,7 @@ class Budget(Policy):
     def check_fit(self, spec, config, layer) -> None:
         need_at_most("budget", config.budget, spec.num_experts, "the number of experts E")
 
-    def route(self, router_logits, spec, valid, config, layer, native=None) -> Routing:
+    def route(self, router_logits, spec, valid, config, layer, native=None, fixed=None) -> Routing:
         K, E = spec.top_k, spec.num_experts
         s = score(sanitize(router_logits, valid), spec, self.ties, native)
         native = ranked_native(s)[0]  # [T, K], best first
@@ -56,6 +60,9 @@ class Budget(Policy):
         mass_e = torch.zeros(E, dtype=torch.int32, device=q.device).scatter_add_(0, native.reshape(-1), q.reshape(-1))
 
         forced = torch.zeros_like(mass_e).scatter_add_(0, native[:, 0], valid.to(torch.int32)) > 0  # [E]
+        held = fixed_members(s, fixed, valid)
+        if held is not None:  # every native expert of a fixed row
+            forced = forced | held.any(dim=0)
         key = torch.where(forced, torch.full_like(mass_e, torch.iinfo(torch.int32).max), mass_e)
         chosen = torch.sort(key, descending=True, stable=True)[1][: config.budget]
         in_set = torch.zeros_like(forced).scatter_(0, chosen, True) | forced  # [E]
@@ -64,4 +71,5 @@ class Budget(Policy):
         keep = allowed & (allowed.cumsum(dim=-1) <= K)
         ids, kept = pack(order, keep, K)
         w = weights_for(s.gate, ids, kept, spec, spec.renormalize)
-        return finish(*native_where_unchanged(s, ids, kept, w), valid)
+        ids, w = native_where_unchanged(s, ids, kept, w)
+        return finish(*native_where_fixed(s, ids, w, fixed, valid), valid)

@@ -7,6 +7,9 @@ is the 0-based MoE-layer index, so schedule layer 1 is layer index 0; dense laye
 Weights (one rule for every scoring): renormalize=False keeps, for each kept expert, exactly the weight
 the model gives it (native weights cut to k'); True rescales the kept weights to the total the model's
 top-K weights have (1, or DeepSeek-V3's scaling factor). Either way `cap:k=K` is native routing.
+
+Fixed rows (`fixed`) keep all K native experts with their native weights; cap has no batch-wide set, so
+they change nothing for the other rows.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 import torch
 
 from ..contract import Routing
-from ..scoring import finish, native_where_unchanged, ranked_native, sanitize, score
+from ..scoring import finish, native_where_fixed, native_where_unchanged, ranked_native, sanitize, score
 from .base import MAX_LAYERS, Policy, PolicyConfig, is_int, layer_values, need_at_most, need_int, per_layer
 
 
@@ -94,7 +97,7 @@ class Cap(Policy):
     def check_fit(self, spec, config, layer) -> None:
         need_at_most("cap k", config.k, spec.top_k, "the model's K")
 
-    def route(self, router_logits, spec, valid, config, layer, native=None) -> Routing:
+    def route(self, router_logits, spec, valid, config, layer, native=None, fixed=None) -> Routing:
         K = spec.top_k
         s = score(sanitize(router_logits, valid), spec, self.ties, native)
         ids_r, w_r = ranked_native(s)  # [T, K] each, best first
@@ -104,4 +107,5 @@ class Cap(Policy):
         renorm = spec.renormalize if config.renormalize is None else config.renormalize
         if renorm:  # back to the total of the model's top-K weights
             w = w * (w_r.sum(dim=-1, keepdim=True) / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny))
-        return finish(*native_where_unchanged(s, ids, keep, w), valid)
+        ids, w = native_where_unchanged(s, ids, keep, w)
+        return finish(*native_where_fixed(s, ids, w, fixed, valid), valid)

@@ -1,8 +1,9 @@
 """`native`: the model's own routing, bit for bit what its transformers router computes.
 
-`valid` is accepted but does not change any row: this is the baseline every other policy is measured
-against. With ties="lower-id" equal scores are ordered by lower expert id (the fused kernels' native). `Routing.weights` is float32; cast it with `spec.model_weights_dtype(logits.dtype)` to get
-exactly the tensor the stock router hands its experts.
+`valid` and `fixed` are accepted but do not change any row (every row is native already): this is
+the baseline every other policy is measured against. With ties="lower-id" equal scores are ordered by lower
+expert id (the fused kernels' native). `Routing.weights` is float32; cast it with
+`spec.model_weights_dtype(logits.dtype)` to get exactly the tensor the stock router hands its experts.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class Native(Policy):
     name = "native"
     Config = NativeConfig
 
-    def route(self, router_logits, spec, valid, config, layer, native=None) -> Routing:
+    def route(self, router_logits, spec, valid, config, layer, native=None, fixed=None) -> Routing:
         weights, ids = native_topk(router_logits, spec, self.ties) if native is None else native
         return Routing(weights=weights, ids=ids, valid=valid)
 

@@ -4,9 +4,11 @@ Per layer and decode step:
 1. Each token ranks its experts: its native top-K in the model's order, then the rest by the model's
    score (see `moe_reroute.scoring`).
 2. Base set: its top n_i = min(k0, t_i) experts, t_i the fewest whose probability reaches p
-   (p = 1: n_i = k0). The batch's loaded set S is the union of the valid tokens' base sets.
-3. Piggyback: walking down its ranking (ranks n_i+1 .. max_rank), a token adds an expert only if it
-   is in S, until it holds k_max experts. S never grows, so U = |S| <= U(native).
+   (p = 1: n_i = k0). The batch's loaded set S is the union of the valid tokens' base sets; a fixed
+   token's (`fixed`) base set is its whole native top-K, which it routes to exactly.
+3. Piggyback: walking down its ranking (ranks n_i+1 .. max_rank), a token that is not fixed adds an
+   expert only if it is in S (a fixed token's experts included), until it holds k_max experts. S never
+   grows, so U = |S| <= U(native).
 4. Weights: the token's router probabilities over its kept experts, renormalised when the model
    renormalises its top-k (raw probabilities otherwise); a token that kept exactly its native top-K
    gets the model's own weights.
@@ -21,7 +23,8 @@ from typing import Any
 import torch
 
 from ..contract import Routing
-from ..scoring import finish, native_where_unchanged, pack, rank, ranked_native, sanitize, score, token_probs, weights_for
+from ..scoring import (finish, fixed_members, native_where_fixed, native_where_unchanged, pack, rank, ranked_native,
+                       sanitize, score, token_probs, weights_for)
 from .base import Policy, PolicyConfig, is_int, need_at_most, need_int, per_layer
 
 
@@ -60,7 +63,7 @@ class OEA(Policy):
         need_at_most("oea k0", config.k0, k_max, "k_max")
         need_at_most("oea max_rank", max_rank, E, "the number of experts E")
 
-    def route(self, router_logits, spec, valid, config, layer, native=None) -> Routing:
+    def route(self, router_logits, spec, valid, config, layer, native=None, fixed=None) -> Routing:
         K, E = spec.top_k, spec.num_experts
         k0 = config.k0
         k_max = K if config.k_max is None else config.k_max
@@ -78,10 +81,15 @@ class OEA(Policy):
             n = t.clamp(max=k0)
         base = pos < n  # [T, E], in rank order
         base_by_expert = torch.zeros_like(base).scatter(1, order, base)  # [T, E]
-        loaded = (base_by_expert & valid[:, None]).any(dim=0)  # [E], the batch's set S
+        members = base_by_expert & valid[:, None]  # [T, E]
+        held = fixed_members(s, fixed, valid)
+        if held is not None:  # a fixed row brings its whole native top-K
+            members = torch.where(fixed[:, None], held, members)
+        loaded = members.any(dim=0)  # [E], the batch's set S
         piggyback = loaded[order] & torch.isfinite(values) & (pos < max_rank)
         eligible = base | piggyback
         keep = eligible & (eligible.cumsum(dim=-1) <= k_max)
         ids, kept = pack(order, keep, K)
         w = weights_for(s.gate, ids, kept, spec, spec.renormalize)
-        return finish(*native_where_unchanged(s, ids, kept, w), valid)
+        ids, w = native_where_unchanged(s, ids, kept, w)
+        return finish(*native_where_fixed(s, ids, w, fixed, valid), valid)

@@ -2,7 +2,9 @@
 
 Per layer and batch:
 1. The model's own top-K (ids and weights), in its order.
-2. Primary set P: the experts in slots [0, primary) of any valid token.
+2. Primary set P: the experts in slots [0, primary) of any valid token, and every native expert (all K
+   slots) of a valid fixed token (`fixed`): its experts are loaded anyway, so they count as primary.
+   A fixed token keeps its native routing exactly.
 3. Every secondary slot (slot >= primary) whose expert e is not in P goes to p* = argmax_{p in P}
    Sim[e, p] (ties: lowest id), unless Sim[e, p*] < threshold: then e is "critical" and kept.
    threshold <= 0 keeps nothing (critical-expert preservation off).
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 
 from ..contract import Routing
-from ..scoring import finish, native_where_unchanged, ranked_native, sanitize, score
+from ..scoring import finish, fixed_members, native_where_fixed, native_where_unchanged, ranked_native, sanitize, score
 from .base import COUNTING, Policy, PolicyConfig, need_at_most, need_int, per_layer, resolve
 
 
@@ -96,7 +98,7 @@ class SERE(Policy):
                 f"it needs [{E}, {E}], calibrated on this model"
             )
 
-    def route(self, router_logits, spec, valid, config, layer, native=None) -> Routing:
+    def route(self, router_logits, spec, valid, config, layer, native=None, fixed=None) -> Routing:
         K, E = spec.top_k, spec.num_experts
         S = config.primary
         sim = config.similarity_at(layer).to(device=router_logits.device, dtype=torch.float32)  # [E, E]
@@ -106,7 +108,11 @@ class SERE(Policy):
         slot = torch.arange(K, device=ids.device)
         in_primary = torch.zeros(ids.shape[0], E, dtype=torch.bool, device=ids.device)
         in_primary.scatter_(1, ids[:, :S], True)
-        P = (in_primary & valid[:, None]).any(dim=0)  # [E]
+        in_primary &= valid[:, None]
+        held = fixed_members(s, fixed, valid)
+        if held is not None:  # a fixed row's K native experts are all loaded
+            in_primary |= held
+        P = in_primary.any(dim=0)  # [E]
         sim_to_p = sim.masked_fill(~P[None, :], float("-inf"))  # [E, E]: rows e, columns p in P
         best = sim_to_p.argmax(dim=-1)  # [E], first maximum: lowest id on ties
         best_sim = sim_to_p.gather(1, best[:, None]).squeeze(1)  # [E]
@@ -119,5 +125,6 @@ class SERE(Policy):
         same = new_ids[:, :, None] == new_ids[:, None, :]  # [T, K, K]
         first = same.to(torch.int32).argmax(dim=-1)  # [T, K]
         folded = torch.zeros_like(weights).scatter_add_(1, first, weights)
-        return finish(*native_where_unchanged(s, new_ids, torch.ones_like(reroute), folded), valid)
+        ids, w = native_where_unchanged(s, new_ids, torch.ones_like(reroute), folded)
+        return finish(*native_where_fixed(s, ids, w, fixed, valid), valid)
 

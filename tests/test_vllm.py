@@ -176,7 +176,7 @@ def wrapped(monkeypatch):
 
     def make(policy, phase="decode", moe_layer=(2, "")):
         cfg = plugin_config.parse(policy, counters=True)
-        cfg = plugin_config.PluginConfig(cfg.policy, cfg.source, phase, True)
+        cfg = plugin_config.PluginConfig(cfg.policy, cfg.source, phase, True, cfg.verify)
         router = cpu_router(top_k=4, global_num_experts=32)
         plugin.wrap(router, cfg, layer=3, num_experts=32, moe_layer=moe_layer)
         return router, step
@@ -614,7 +614,7 @@ def test_mixed_and_verification_steps(wrapped, logits_factory, phase):
         assert torch.equal(i, i0) and torch.equal(w, w0)
         assert (c["decode_tokens_total"], c["decode_tokens_rerouted_total"]) == (5, 0)
         return
-    want = policy_from_spec("oea:k0=1")(x, spec, fixed=prefill)
+    want = policy_from_spec("oea:k0=1")(x, spec, fixed=prefill, native=(w0, i0))  # vLLM's top-K as native
     assert torch.equal(i.long(), want.ids) and torch.equal(w, want.weights.float())
     assert torch.equal(i[5:], i0[5:]) and torch.equal(w[5:], w0[5:])
     assert not torch.equal(i[:5], i0[:5])

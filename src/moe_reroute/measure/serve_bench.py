@@ -95,13 +95,9 @@ def vllm_version() -> str:
 
 
 def check_vllm_version(version: str) -> None:
-    from ..vllm.plugin import SUPPORTED_VLLM
+    from ..vllm.plugin import SUPPORTED_VLLM, is_supported
 
-    try:
-        major, minor = (int(x) for x in version.split(".")[:2])
-    except ValueError:
-        major = minor = -1
-    if (major, minor) not in SUPPORTED_VLLM:
+    if not is_supported(version):
         known = ", ".join(f"{a}.{b}" for a, b in SUPPORTED_VLLM)
         raise BenchError(f"vLLM {version} is installed; the plugin supports {known}: pip install 'moe-reroute[vllm]'")
 

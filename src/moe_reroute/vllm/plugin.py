@@ -83,6 +83,15 @@ class State:
 STATE = State()
 
 
+def is_supported(version: str) -> bool:
+    """Whether vLLM `version` ("0.32.0") is a release whose seams this plugin knows (`SUPPORTED_VLLM`)."""
+    try:
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) in SUPPORTED_VLLM
+
+
 def check_version(version: str | None = None) -> None:
     """Raise with a clear message when vLLM is not a release whose seams this plugin knows."""
     try:
@@ -91,11 +100,7 @@ def check_version(version: str | None = None) -> None:
         raise RuntimeError(f"moe_reroute.vllm needs vLLM ({e}); pip install 'moe-reroute[vllm]'") from None
 
     version = version or getattr(vllm, "__version__", "unknown")
-    try:
-        major, minor = (int(x) for x in version.split(".")[:2])
-    except ValueError:
-        major = minor = -1
-    if (major, minor) not in SUPPORTED_VLLM:
+    if not is_supported(version):
         known = ", ".join(f"{a}.{b}" for a, b in SUPPORTED_VLLM)
         raise RuntimeError(
             f"moe-reroute: vLLM {version} is not supported (its MoE router seams were checked for {known}). "

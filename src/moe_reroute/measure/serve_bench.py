@@ -343,7 +343,7 @@ def offline_plan(cfg: Config, policies: list[str]) -> list[dict]:
     return runs
 
 
-def run_offline(cfg: Config, policies: list[str], out: Path, say=print) -> list[dict]:
+def run_offline(cfg: Config, policies: list[str], out: Path, say=print, labels: dict | None = None) -> list[dict]:
     """Run every offline run in a fresh process; returns the per-run results. A failed run stops the bench
     (BenchError with the engine's message); runs already done stay in out/runs/."""
     runs_dir = out / "runs"
@@ -362,7 +362,8 @@ def run_offline(cfg: Config, policies: list[str], out: Path, say=print) -> list[
         if results:
             left = (time.time() - t0) / (i - 1) * (len(plan) - i + 1)
             eta = f", about {left / 60:.0f} min left"
-        say(f"[run {i}/{len(plan)}] batch {run['batch']}, {run['policy']}, {what}{eta}", flush=True)
+        name = (labels or {}).get(run["policy"], run["policy"])
+        say(f"[run {i}/{len(plan)}] batch {run['batch']}, {name}, {what}{eta}", flush=True)
         spec_file.write_text(json.dumps({
             **run, "model": str(Path(cfg.model).absolute()), "dtype": cfg.dtype, "device": cfg.device,
             "enforce_eager": cfg.enforce_eager, "prompt_len": cfg.prompt_len, "output_len": cfg.output_len,
@@ -480,7 +481,7 @@ def serve_plan(cfg: Config, policies: list[str]) -> list[dict]:
     return [{"policy": p, "repeat": r} for r in range(cfg.repeats) for p in policies]
 
 
-def run_serving(cfg: Config, policies: list[str], out: Path, say=print) -> list[dict]:
+def run_serving(cfg: Config, policies: list[str], out: Path, say=print, labels: dict | None = None) -> list[dict]:
     """Per (repeat, policy): start a server, run vLLM's bench client at each concurrency (the batch sizes),
     read the counters, stop the server (also on errors and Ctrl-C)."""
     runs_dir = out / "runs"
@@ -495,7 +496,8 @@ def run_serving(cfg: Config, policies: list[str], out: Path, say=print) -> list[
         tag = f"serve-r{run['repeat']}-{_slug(run['policy'])}"
         log = runs_dir / f"{tag}.log"
         log.unlink(missing_ok=True)
-        say(f"[server {i}/{len(plan)}] {run['policy']}, repeat {run['repeat'] + 1}/{cfg.repeats}: starting vLLM",
+        name = (labels or {}).get(run["policy"], run["policy"])
+        say(f"[server {i}/{len(plan)}] {name}, repeat {run['repeat'] + 1}/{cfg.repeats}: starting vLLM",
             flush=True)
         check_port(cfg.port)
         env = engine_env(cfg, run["policy"], in_process=False)
@@ -712,7 +714,7 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS).unlink(missing_ok=True)
     t0 = time.time()
-    results = (run_serving if cfg.serve else run_offline)(cfg, policies, out, say)
+    results = (run_serving if cfg.serve else run_offline)(cfg, policies, out, say, labels)
     summarize = summarize_serving if cfg.serve else summarize_offline
     data = {"command": command, "mode": "serve" if cfg.serve else "offline",
             "conditions": {"model": str(cfg.model), "model_note": model_note(cfg.model), "vllm": version,

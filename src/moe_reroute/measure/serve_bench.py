@@ -192,18 +192,22 @@ def check_port(port: int) -> None:
 # ---------------------------------------------------------------------------------------------- prompts
 
 
-def prompt_ids(model: str, count: int, length: int) -> list[list[int]]:
-    """`count` prompts of exactly `length` token ids, windows of the reference held-out text (the domains in
-    turn), tokenised by the model's own tokenizer."""
+def model_tokenizer(model: str):
     from transformers import AutoTokenizer
 
-    from ..reference import heldout_documents
-
     try:
-        tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
+        return AutoTokenizer.from_pretrained(model, local_files_only=True)
     except (OSError, ValueError) as e:
         raise BenchError(f"--model {model}: no tokenizer can be loaded from it ({e}); the folder needs "
                          "tokenizer.json (synth-model writes the reference one)") from None
+
+
+def prompt_ids(model: str, count: int, length: int, tok=None) -> list[list[int]]:
+    """`count` prompts of exactly `length` token ids, windows of the reference held-out text (the domains in
+    turn), tokenised by the model's own tokenizer (`tok`, loaded from `model` when not given)."""
+    from ..reference import heldout_documents
+
+    tok = tok or model_tokenizer(model)
     docs = heldout_documents()
     streams = [tok(d.text, add_special_tokens=False).input_ids for d in docs]
     streams = [s for s in streams if len(s) >= length]
@@ -223,10 +227,8 @@ def prompt_ids(model: str, count: int, length: int) -> list[list[int]]:
 
 
 def prompt_texts(model: str, count: int, length: int) -> list[str]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
-    return [tok.decode(ids) for ids in prompt_ids(model, count, length)]
+    tok = model_tokenizer(model)
+    return [tok.decode(ids) for ids in prompt_ids(model, count, length, tok)]
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -423,14 +425,19 @@ def summarize_offline(results: list[dict], policies: list[str], batch_sizes: lis
 
 
 def _u_fields(counters: dict | None) -> dict:
+    """From one run's counters {layer: ...}: mean U (policy and native) over layers, U per layer, and the
+    steps and tokens re-routed and seen (the most of any layer: every layer sees every step)."""
+    totals = ("steps_rerouted", "steps_seen", "tokens_rerouted", "tokens_seen", "decode_tokens_rerouted",
+              "decode_tokens")
     if not counters:
-        return {"unique": None, "unique_native": None, "unique_per_layer": None}
+        return {"unique": None, "unique_native": None, "unique_per_layer": None, **{k: 0 for k in totals}}
     layers = sorted(counters, key=lambda k: int(k) if str(k).isdigit() else 1 << 30)
+    names = {"steps_rerouted": "steps", "decode_tokens_rerouted": "decode_tokens_rerouted_total",
+             "decode_tokens": "decode_tokens_total"}
     return {"unique": statistics.fmean(counters[k]["unique"] for k in layers),
             "unique_native": statistics.fmean(counters[k]["unique_native"] for k in layers),
             "unique_per_layer": {k: counters[k]["unique"] for k in layers},
-            "steps_rerouted": max(counters[k]["steps"] for k in layers),
-            "steps_seen": max(counters[k]["steps_seen"] for k in layers)}
+            **{t: max(counters[k].get(names.get(t, t), 0) for k in layers) for t in totals}}
 
 
 # ---------------------------------------------------------------------------------------------- serving
@@ -565,19 +572,10 @@ def summarize_serving(results: list[dict], policies: list[str], batch_sizes: lis
             logs = [math.log(runs[k]["bench"]["output_throughput"] / by[NATIVE][k]["bench"]["output_throughput"])
                     for k in runs if k in by[NATIVE]]
             ci = t_interval(logs)
-            c = next(iter(runs.values()))["counters"]
-            layers = list(c)
             row = {"policy": p, "concurrency": B, "repeats": len(runs), **med,
                    "throughput_ratio": math.exp(statistics.fmean(logs)) if logs else None,
                    "throughput_ratio_ci": [math.exp(ci[0]), math.exp(ci[1])] if ci else None,
-                   "unique": statistics.fmean(c[k]["unique"] for k in layers) if layers else None,
-                   "unique_native": statistics.fmean(c[k]["unique_native"] for k in layers) if layers else None,
-                   "steps_rerouted": max((c[k]["steps"] for k in layers), default=0),
-                   "steps_seen": max((c[k]["steps_seen"] for k in layers), default=0),
-                   "tokens_rerouted": max((c[k]["tokens_rerouted"] for k in layers), default=0),
-                   "tokens_seen": max((c[k]["tokens_seen"] for k in layers), default=0),
-                   "decode_tokens_rerouted": max((c[k].get("decode_tokens_rerouted_total", 0) for k in layers), default=0),
-                   "decode_tokens": max((c[k].get("decode_tokens_total", 0) for k in layers), default=0)}
+                   **_u_fields(next(iter(runs.values()))["counters"])}
             rows.append(row)
     return rows
 

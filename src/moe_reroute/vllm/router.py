@@ -135,11 +135,6 @@ def step_rows(T: int, decode_threshold: int = 1, device: torch.device | str = "c
     return MIXED, prefill.to(device)
 
 
-def is_decode_step() -> bool:
-    """Whether every sequence of the step in flight decodes one token (a step without metadata is not)."""
-    return step_rows(0)[0] == DECODE
-
-
 def step_padding() -> torch.Tensor | None:
     """[T] bool, True for rows vLLM added as padding. It is the runner's persistent buffer, so a CUDA
     graph reads each replay's value."""
@@ -288,9 +283,9 @@ class Rerouter:
         fixed = prefill if phase == "decode" else None  # "all": prefill rows re-routed too
         if not reroute:
             if counter is not None:
-                valid_n = self._valid_tokens(T, device)
-                decode_n = valid_n if kind in (DECODE, VERIFY) else (
-                    (~prefill & self._valid_rows(T, device)).sum() if prefill is not None else 0)
+                rows = self._valid_rows(T, device)
+                valid_n = rows.sum()
+                decode_n = valid_n if kind in (DECODE, VERIFY) else ((~prefill & rows).sum() if prefill is not None else 0)
                 counter.add_native(valid_n, decode_n, kind)
             return self.native_compute(hidden_states, router_logits, indices_type, input_ids=input_ids)
         if self.is_native and counter is None:
@@ -306,10 +301,8 @@ class Rerouter:
             # ranks 1..K are vLLM's own top-K, ties as vLLM breaks them (the fused kernels' ties go to the
             # lower id, as vLLM's CUDA top-k)
             native_topk = self.native_compute(hidden_states, router_logits, indices_type, input_ids=input_ids)
-        if fixed is not None:  # a mixed step: prefill rows keep native routing, and count as loaded
-            routing = policy(router_logits, spec, valid, layer=self.moe_layer, native=native_topk, fixed=fixed)
-        else:
-            routing = policy(router_logits, spec, valid, layer=self.moe_layer, native=native_topk)
+        # fixed: a mixed step's prefill rows keep native routing, and their experts count as loaded
+        routing = policy(router_logits, spec, valid, layer=self.moe_layer, native=native_topk, fixed=fixed)
         if counter is not None:
             v = valid if valid is not None else torch.ones(T, dtype=torch.bool, device=device)
             native = self.native_policy(router_logits, spec, v, layer=self.moe_layer)
@@ -331,9 +324,3 @@ class Rerouter:
             return ~padding
         return torch.ones(T, dtype=torch.bool, device=device)
 
-    @staticmethod
-    def _valid_tokens(T: int, device: torch.device) -> torch.Tensor:
-        padding = step_padding()
-        if padding is not None and padding.shape[0] == T:
-            return (~padding).sum()
-        return torch.tensor(T, dtype=torch.int64, device=device)

@@ -1,9 +1,11 @@
 """The SGLang plugin, by contract tests: SGLang has no CPU build, so no engine runs here.
 
 The signatures below were read from SGLang 0.5.23 (`sglang/srt/layers/moe/topk.py`,
-`sglang/srt/model_executor/forward_context.py`, `sglang/srt/plugins/`). The hook is driven through a
-plain-torch stand-in of `select_experts` with exactly that signature, on the paths the hook uses; ids
-are compared with `make_policy(...)` applied directly, and native routing with SGLang's own top-k.
+`sglang/srt/model_executor/forward_context.py` and `forward_batch_info.py`,
+`sglang/srt/managers/schedule_batch.py`, `sglang/srt/plugins/`). The hook is driven through a plain-torch
+stand-in of `select_experts` with exactly that signature, on the paths the hook uses, and reads its step
+from stand-ins of `ForwardMode` and `ForwardBatch`; ids are compared with `make_policy(...)` applied
+directly (with `fixed` for a mixed step's prefill rows), and native routing with SGLang's own top-k.
 When SGLang's source is installed, `test_installed_sglang_matches_the_recorded_contract` checks the
 recorded contract against it (by reading the files: its modules need a GPU build to import).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import ast
 import collections
 import dataclasses
+import enum
 import importlib.util
 import sys
 import types
@@ -140,9 +143,10 @@ def select_experts(
     return StandardTopKOutput(weights.to(torch.float32), ids, router_logits)
 
 
-def hook_for(policy: str, decode: bool = True, model_config: Any = None) -> plugin.SelectExpertsHook:
-    """The hook, with `model_config` standing for the served model's transformers config (None: unreadable)."""
-    return plugin.SelectExpertsHook(plugin_config.parse(policy), is_decode=lambda: decode,
+def hook_for(policy: str, step: tuple = ("decode", None), model_config: Any = None) -> plugin.SelectExpertsHook:
+    """The hook on a step of the given (kind, fixed rows), with `model_config` standing for the served
+    model's transformers config (None: unreadable)."""
+    return plugin.SelectExpertsHook(plugin_config.parse(policy), step=lambda T, device: step,
                                     model_config=lambda: model_config)
 
 
@@ -270,9 +274,9 @@ def test_extend_steps_route_natively_and_phase_all_does_not(logits_factory):
     logits = logits_factory(9, 16, seed=3)
     cfg = TopKConfig(top_k=4)
     native = select_experts(torch.zeros(9, 8), logits, cfg)
-    assert_same_routing(call(hook_for("oea:k0=1", decode=False), logits, cfg), native)
+    assert_same_routing(call(hook_for("oea:k0=1", step=("prefill", None)), logits, cfg), native)
     every = plugin.SelectExpertsHook(plugin_config.parse('{"name": "oea", "k0": 1, "phase": "all"}'),
-                                     is_decode=lambda: False)
+                                     step=lambda T, device: ("prefill", None))
     expected = make_policy("oea", k0=1)(logits, RouterSpec(16, 4), layer=3)
     assert torch.equal(call(every, logits, cfg).topk_ids, expected.ids.to(torch.int32))
 
@@ -357,31 +361,239 @@ def test_served_model_config_is_read_as_sglang_reads_it(monkeypatch):
     assert plugin.served_model_config() is None  # unreadable: layers get no MoE-layer index
 
 
-# --- the step's phase, from SGLang's forward context ---
+# --- the step's kind and rows, from SGLang's forward context ---
 
 
-class ForwardMode:
-    def __init__(self, name):
-        self.name = name
+class ForwardMode(enum.IntEnum):
+    """SGLang 0.5.x's ForwardMode (`model_executor/forward_batch_info.py`), with the predicates the plugin asks."""
+
+    EXTEND = enum.auto()
+    DECODE = enum.auto()
+    MIXED = enum.auto()
+    IDLE = enum.auto()
+    TARGET_VERIFY = enum.auto()
+    DRAFT_EXTEND_V2 = enum.auto()
+    PREBUILT = enum.auto()
+    SPLIT_PREFILL = enum.auto()
+    DLLM_EXTEND = enum.auto()
+
+    def is_extend(self, include_draft_extend_v2: bool = False):
+        return self in (ForwardMode.EXTEND, ForwardMode.MIXED, ForwardMode.TARGET_VERIFY, ForwardMode.SPLIT_PREFILL,
+                        ForwardMode.DLLM_EXTEND) or (include_draft_extend_v2 and self == ForwardMode.DRAFT_EXTEND_V2)
 
     def is_decode(self):
-        return self.name == "DECODE"
+        return self == ForwardMode.DECODE
+
+    def is_mixed(self):
+        return self == ForwardMode.MIXED
+
+    def is_idle(self):
+        return self == ForwardMode.IDLE
+
+    def is_target_verify(self):
+        return self == ForwardMode.TARGET_VERIFY
 
 
+# ForwardBatch fields the plugin reads for a step's layout, as SGLang names them
+BATCH_FIELDS = ["forward_mode", "batch_size", "extend_num_tokens", "extend_seq_lens_cpu"]
+
+
+@dataclasses.dataclass
 class ForwardBatch:
-    def __init__(self, mode):
-        self.forward_mode = ForwardMode(mode)
+    """The fields of SGLang's ForwardBatch the plugin reads; `mixed` lays a step out as
+    `ScheduleBatch.mix_with_running` does."""
+
+    forward_mode: ForwardMode
+    batch_size: int = 0
+    extend_num_tokens: int | None = None
+    extend_seq_lens_cpu: list | None = None
+    attn_cp_metadata: Any = None
+    attn_tp_sequence_sharded: bool = False
+    num_token_non_padded: torch.Tensor | None = None
+
+    @classmethod
+    def mixed(cls, prefill_lens: list[int], running_bs: int, pad: int = 0) -> "ForwardBatch":
+        """The extend requests first, then `running_bs` decodes of one token; `pad` rows of DP padding after
+        them (`prepare_mlp_sync_batch` sets extend_num_tokens to the padded count)."""
+        lens = list(prefill_lens) + [1] * running_bs
+        return cls(ForwardMode.MIXED, len(lens), sum(lens) + pad, lens)
 
     def moe_num_token_non_padded(self):
-        return None
+        return self.num_token_non_padded
 
 
-@pytest.mark.parametrize("mode, decode", [("DECODE", True), ("EXTEND", False), ("MIXED", False),
-                                          ("TARGET_VERIFY", False), ("IDLE", False)])
-def test_phase_comes_from_the_batch_behind_the_forward_context(mode, decode):
-    ctx = ForwardContext(attn_backend=None, moe_num_token_non_padded=ForwardBatch(mode).moe_num_token_non_padded)
-    assert plugin.batch_is_decode(ctx) is decode
-    assert plugin.batch_is_decode(ForwardContext(attn_backend=None)) is False  # no batch: not decode
+def context_of(batch: ForwardBatch) -> ForwardContext:
+    return ForwardContext(attn_backend=None, moe_num_token_non_padded=batch.moe_num_token_non_padded)
+
+
+@pytest.mark.parametrize("mode, kind", [
+    (ForwardMode.DECODE, "decode"), (ForwardMode.TARGET_VERIFY, "verify"), (ForwardMode.MIXED, "mixed"),
+    (ForwardMode.EXTEND, "prefill"), (ForwardMode.SPLIT_PREFILL, "prefill"), (ForwardMode.IDLE, "unknown"),
+    (ForwardMode.DRAFT_EXTEND_V2, "unknown"), (ForwardMode.PREBUILT, "unknown")])
+def test_step_kind_comes_from_the_batch_behind_the_forward_context(mode, kind):
+    batch = ForwardBatch(mode)
+    assert plugin.batch_of(context_of(batch)) is batch
+    assert plugin.step_kind(plugin.batch_of(context_of(batch))) == kind
+    assert plugin.batch_of(ForwardContext(attn_backend=None)) is None
+    assert plugin.step_kind(None) == "unknown"  # no batch: routed natively
+
+
+def test_prefill_rows_follow_the_mixed_layout():
+    # two prompts (4 and 3 tokens), a one-token prefill, two decodes; then two rows of padding
+    fixed = plugin.prefill_rows([4, 1, 3, 1, 1], 12)
+    assert fixed.tolist() == [True] * 4 + [False] + [True] * 3 + [False, False] + [True, True]
+    assert plugin.prefill_rows([0, 2, 1], 3).tolist() == [True, True, False]  # empty requests hold no row
+
+
+@pytest.mark.parametrize("batch, T, why", [
+    (ForwardBatch(ForwardMode.MIXED, 3, 5, None), 5, "no host list"),
+    (ForwardBatch(ForwardMode.MIXED, 3, 5, [3, 1, "1"]), 5, "no host list"),
+    (ForwardBatch(ForwardMode.MIXED, 4, 5, [3, 1, 1]), 5, "not one per request: 3 for batch_size=4"),
+    (ForwardBatch.mixed([3], 2), 6, "the layer sees 6 rows, the step has 5 tokens"),  # a DP-gathered MoE input
+    (ForwardBatch.mixed([3], 2), 4, "the layer sees 4 rows"),  # a sequence-sharded slice
+    (ForwardBatch(ForwardMode.MIXED, 3, 5, [3, 1, 2]), 5, "the step has 6 tokens"),
+    (dataclasses.replace(ForwardBatch.mixed([3], 2), attn_tp_sequence_sharded=True), 5, "attention-TP ranks"),
+    (dataclasses.replace(ForwardBatch.mixed([3], 2), attn_cp_metadata=object()), 5, "context-parallel"),
+])
+def test_a_mixed_layout_that_does_not_match_the_rows_is_not_read(batch, T, why):
+    lens, reason = plugin.mixed_lens(batch, T)
+    assert lens is None and why in reason
+    assert plugin.StepRows(lambda: batch)(T, torch.device("cpu")) == ("unknown", None)
+
+
+def test_an_unreadable_mixed_layout_is_logged_once_per_reason(caplog):
+    step = plugin.StepRows(lambda: ForwardBatch.mixed([3], 2))
+    with caplog.at_level("INFO", logger="sglang.moe_reroute"):
+        for T in (6, 7, 8):
+            assert step(T, torch.device("cpu")) == ("unknown", None)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "the layer sees 6 rows, the step has 5 tokens" in lines[0]
+
+
+def test_mixed_layout_is_read_from_host_fields():
+    assert plugin.mixed_lens(ForwardBatch.mixed([3, 2], 3), 8) == ((3, 2, 1, 1, 1), "")
+    assert plugin.mixed_lens(ForwardBatch.mixed([3], 2, pad=3), 8) == ((3, 1, 1), "")  # DP padding after
+    no_total = ForwardBatch(ForwardMode.MIXED, 2, None, torch.tensor([4, 1]))  # a host tensor is read too
+    assert plugin.mixed_lens(no_total, 5) == ((4, 1), "")
+
+
+def test_step_rows_builds_the_mask_once_per_layout():
+    in_flight = [ForwardBatch.mixed([3, 2], 3)]
+    step = plugin.StepRows(lambda: in_flight[0])
+    kind, fixed = step(8, torch.device("cpu"))
+    assert kind == "mixed" and fixed.tolist() == [True] * 5 + [False] * 3
+    assert step(8, torch.device("cpu"))[1] is fixed  # the next layer of the step reuses it
+    in_flight[0] = ForwardBatch.mixed([3, 2], 3)
+    assert step(8, torch.device("cpu"))[1] is fixed  # so does the next step of the same layout
+    in_flight[0] = ForwardBatch.mixed([2], 6)
+    assert step(8, torch.device("cpu"))[1].tolist() == [True] * 2 + [False] * 6
+    assert plugin.StepRows(lambda: ForwardBatch(ForwardMode.DECODE))(8, torch.device("cpu")) == ("decode", None)
+
+
+def step_hook(policy: str, batch: ForwardBatch) -> plugin.SelectExpertsHook:
+    """The hook reading its step from `batch`, as it reads SGLang's ForwardBatch in flight."""
+    return plugin.SelectExpertsHook(plugin_config.parse(policy), step=plugin.StepRows(lambda: batch),
+                                    model_config=lambda: None)
+
+
+def native_out(logits, cfg, **kw):
+    return select_experts(torch.zeros(logits.shape[0], 8), logits, cfg, layer_id=3, **kw)
+
+
+def deepseek_spec(cfg, E=32, K=4):
+    return RouterSpec(E, K, "sigmoid", True, n_group=4, topk_group=2, e_score_correction_bias=cfg.correction_bias,
+                      weights_in_logits_dtype=False)
+
+
+@pytest.mark.parametrize("deepseek", [False, True])
+def test_mixed_step_reroutes_its_decode_rows_with_the_prefill_rows_fixed(deepseek, logits_factory):
+    """Prompts of 5 and 4 tokens, then 7 decodes, then 2 rows of DP padding: the decode rows are the
+    policy's routing called with the prefill rows fixed; the prefill rows are exactly SGLang's top-k."""
+    T, E, K = 18, 32, 4
+    logits = logits_factory(T, E, torch.float32, seed=11)
+    cfg = deepseek_config(E, K) if deepseek else TopKConfig(top_k=K)
+    spec = deepseek_spec(cfg) if deepseek else RouterSpec(E, K)
+    batch = ForwardBatch.mixed([5, 4], 7, pad=2)
+    n_real = torch.tensor([16])
+    log2phy = torch.randperm(E, generator=torch.Generator().manual_seed(5)).to(torch.int32)
+    info = types.SimpleNamespace(ep_dispatch_algorithm="static", log2phy=log2phy)
+    out = call(step_hook("oea:k0=1", batch), logits, cfg, num_token_non_padded=n_real,
+               expert_location_dispatch_info=info)
+
+    prefill = torch.tensor([True] * 9 + [False] * 7 + [True] * 2)  # written out by hand
+    valid = torch.arange(T) < 16
+    expected = make_policy("oea", k0=1)(logits, spec, valid, layer=3, fixed=prefill)
+    scale = 2.5 if deepseek else 1.0
+    assert torch.equal(out.topk_ids[:16], log2phy[expected.ids[:16]])
+    torch.testing.assert_close(out.topk_weights[:16], expected.weights[:16] * scale)
+    assert (out.topk_ids[16:] == -1).all()
+    native = native_out(logits, cfg, num_token_non_padded=n_real, expert_location_dispatch_info=info)
+    rows = slice(0, 9)
+    assert_same_routing(StandardTopKOutput(out.topk_weights[rows], out.topk_ids[rows], None),
+                        StandardTopKOutput(native.topk_weights[rows], native.topk_ids[rows], None))
+    decode = slice(9, 16)
+    assert not torch.equal(out.topk_ids[decode].sort(-1)[0], native.topk_ids[decode].sort(-1)[0])
+    # the decode rows may use the prefill rows' experts: fewer experts than the decode rows alone would take
+    alone = make_policy("oea", k0=1)(logits[decode], spec)
+    assert out.topk_ids[:16].unique().numel() <= log2phy[torch.cat([native.topk_ids[rows].long().flatten(),
+                                                                    alone.ids.flatten()])].unique().numel()
+
+
+def test_mixed_step_under_phase_all_reroutes_every_row(logits_factory):
+    logits = logits_factory(8, 16, seed=12)
+    out = call(step_hook('{"name": "oea", "k0": 1, "phase": "all"}', ForwardBatch.mixed([5], 3)), logits,
+               TopKConfig(top_k=4))
+    assert torch.equal(out.topk_ids, make_policy("oea", k0=1)(logits, RouterSpec(16, 4), layer=3).ids.to(torch.int32))
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_verification_step_is_rerouted_unless_verify_is_false(verify, logits_factory):
+    """TARGET_VERIFY: every row is a decode token being verified (bs x draft tokens), padding masked."""
+    T, E = 12, 16
+    logits = logits_factory(T, E, seed=13)
+    cfg = TopKConfig(top_k=4)
+    batch = ForwardBatch(ForwardMode.TARGET_VERIFY, batch_size=3)
+    policy = '{"name": "oea", "k0": 1, "verify": %s}' % ("true" if verify else "false")
+    n_real = torch.tensor([10])
+    out = call(step_hook(policy, batch), logits, cfg, num_token_non_padded=n_real)
+    native = native_out(logits, cfg, num_token_non_padded=n_real)
+    if not verify:
+        assert_same_routing(out, native)
+        return
+    expected = make_policy("oea", k0=1)(logits, RouterSpec(E, 4), torch.arange(T) < 10, layer=3)
+    assert torch.equal(out.topk_ids[:10], expected.ids[:10].to(torch.int32)) and (out.topk_ids[10:] == -1).all()
+    assert out.topk_ids[:10].unique().numel() < native.topk_ids[:10].unique().numel()
+
+
+@pytest.mark.parametrize("batch", [ForwardBatch.mixed([5], 3), ForwardBatch(ForwardMode.TARGET_VERIFY, 2)])
+def test_pure_decode_keeps_mixed_and_verification_steps_native(batch, logits_factory):
+    logits = logits_factory(8, 16, seed=14)
+    cfg = TopKConfig(top_k=4)
+    hook = step_hook('{"name": "oea", "k0": 1, "phase": "pure-decode"}', batch)
+    assert_same_routing(call(hook, logits, cfg), native_out(logits, cfg))
+    batch.forward_mode = ForwardMode.DECODE  # a pure decode step is still re-routed
+    expected = make_policy("oea", k0=1)(logits, RouterSpec(16, 4), layer=3)
+    assert torch.equal(call(hook, logits, cfg).topk_ids, expected.ids.to(torch.int32))
+
+
+@pytest.mark.parametrize("batch", [
+    ForwardBatch(ForwardMode.MIXED, 3, 8, None),  # counts only on the device
+    ForwardBatch(ForwardMode.MIXED, 3, 9, [6, 1, 1]),  # the layer sees fewer rows than the step
+    ForwardBatch(ForwardMode.MIXED, 3, 8, [6, 1, 2]),  # counts that do not add up
+    ForwardBatch(ForwardMode.EXTEND, 1, 8, [8]), ForwardBatch(ForwardMode.IDLE),
+    ForwardBatch(ForwardMode.DRAFT_EXTEND_V2, 2, 8, [4, 4])])
+def test_steps_whose_rows_cannot_be_told_route_natively(batch, logits_factory):
+    logits = logits_factory(8, 16, seed=15)
+    cfg = TopKConfig(top_k=4)
+    CALLS.clear()
+    assert_same_routing(call(step_hook("oea:k0=1", batch), logits, cfg), native_out(logits, cfg))
+    assert CALLS == []  # SGLang's own top-k, no policy
+
+
+def test_a_mixed_step_without_its_prefill_rows_routes_natively(logits_factory):
+    logits = logits_factory(8, 16, seed=16)
+    cfg = TopKConfig(top_k=4)
+    assert_same_routing(call(hook_for("oea:k0=1", step=("mixed", None)), logits, cfg), native_out(logits, cfg))
 
 
 # --- start-up ---
@@ -454,9 +666,19 @@ def test_installed_sglang_matches_the_recorded_contract():
     assert "moe_num_token_non_padded" in _fields(_class(ctx, "ForwardContext"))
     batch = ast.parse((root / "srt/model_executor/forward_batch_info.py").read_text())
     fb = _class(batch, "ForwardBatch")
-    assert "forward_mode" in _fields(fb)
+    assert set(BATCH_FIELDS) <= set(_fields(fb))  # a step's kind and a mixed step's layout
     assert any(isinstance(n, ast.FunctionDef) and n.name == "moe_num_token_non_padded" for n in fb.body)
-    assert any(isinstance(n, ast.FunctionDef) and n.name == "is_decode" for n in _class(batch, "ForwardMode").body)
+    modes = _class(batch, "ForwardMode")
+    assert {"EXTEND", "DECODE", "MIXED", "IDLE", "TARGET_VERIFY"} <= {
+        t.id for n in modes.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    assert {"is_decode", "is_mixed", "is_target_verify", "is_extend"} <= {
+        n.name for n in modes.body if isinstance(n, ast.FunctionDef)}
+    # a mixed step: the extend requests, then every running decode with one token (extend_lens += [1] * running_bs)
+    schedule = (root / "srt/managers/schedule_batch.py").read_text()
+    mix = ast.get_source_segment(schedule, next(
+        n for n in _class(ast.parse(schedule), "ScheduleBatch").body
+        if isinstance(n, ast.FunctionDef) and n.name == "mix_with_running"))
+    assert "ForwardMode.MIXED" in mix and "[1] * running_bs" in mix
     plugins = (root / "srt/plugins/__init__.py").read_text()
     assert f'GENERAL_PLUGINS_GROUP = "{PLUGIN_GROUP}"' in plugins
     # served_model_config: the global server args, SGLang's get_config and get_hf_text_config

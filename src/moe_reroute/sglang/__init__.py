@@ -1,4 +1,4 @@
-"""SGLang plugin: re-route the decode steps of the MoE layers SGLang serves, without a fork of SGLang.
+"""SGLang plugin: re-route the decode tokens of the MoE layers SGLang serves, without a fork of SGLang.
 
 SGLang 0.5.x loads it in each of its processes through the `sglang.srt.plugins` entry point (install
 SGLang yourself; no extra pins it). It does nothing unless a policy is configured:

@@ -1,13 +1,25 @@
-"""Hook SGLang's `select_experts` so the decode steps of its MoE layers route with the configured policy.
+"""Hook SGLang's `select_experts` so the decode tokens of its MoE layers route with the configured policy.
 
 SGLang 0.5.x calls `register` in each of its processes through the `sglang.srt.plugins` entry point.
 `register` adds an AROUND hook on `sglang.srt.layers.moe.topk.select_experts` to SGLang's HookRegistry.
-On a decode step of a supported layer the hook calls SGLang's own `select_experts` with a copy of the
-layer's TopKConfig whose `custom_routing_function` is the policy. SGLang then does everything it does
-after its own top-k: the routed scaling factor, the logical-to-physical expert map (EPLB), the
-padded-row mask, the routed-experts capture and the expert-distribution recorder, and it returns its
-own StandardTopKOutput. Every other call is passed through unchanged.
+On a step with decode tokens, at a supported layer, the hook calls SGLang's own `select_experts` with a
+copy of the layer's TopKConfig whose `custom_routing_function` is the policy. SGLang then does
+everything it does after its own top-k: the routed scaling factor, the logical-to-physical expert map
+(EPLB), the padded-row mask, the routed-experts capture and the expert-distribution recorder, and it
+returns its own StandardTopKOutput. Every other call is passed through unchanged.
 T = tokens in the step, E = routed experts, K = experts per token.
+
+Steps, by the `forward_mode` of the step's ForwardBatch (`step_kind`), under the default phase "decode":
+- DECODE ("decode"; a speculative draft model's decode steps too): every row re-routed.
+- TARGET_VERIFY ("verify"): every row is a decode token being verified, re-routed; native with
+  `"verify": false`.
+- MIXED ("mixed", chunked prefill with the running decodes appended): the rows of one-token requests
+  are re-routed, the prefill rows keep native routing and count as loaded experts (`fixed`). The layout
+  is read from host-side fields (`extend_seq_lens_cpu`, `extend_num_tokens`); a step whose layout cannot
+  be read, or does not cover the layer's T rows exactly, routes natively ("unknown").
+- EXTEND and other extend-like steps ("prefill"), IDLE, DRAFT_EXTEND_V2 and anything else ("unknown"):
+  native.
+"pure-decode" re-routes DECODE steps only; "all" re-routes every row of every step.
 
 Layers: SGLang passes the decoder-layer index (`layer_id`); the policy is called with that layer's
 MoE-layer index (dense layers not counted), read from the served model's config by
@@ -20,12 +32,15 @@ import copy
 import inspect
 import json
 import logging
+import numbers
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
 
 from ..contract import RouterSpec, engine_spec, layer_name, moe_index
 from ..vllm import config as _config
+from ..vllm.router import DECODE, MIXED, PREFILL, UNKNOWN, VERIFY
 
 logger = logging.getLogger("sglang.moe_reroute")
 
@@ -92,24 +107,148 @@ def topk_spec(cfg: Any, num_experts: int) -> tuple[RouterSpec | None, str]:
                        topk_group=topk_group, e_score_correction_bias=data, arch="sglang")
 
 
-def batch_is_decode(ctx: Any) -> bool:
-    """Whether the step of SGLang's ForwardContext `ctx` is a pure decode step (ForwardMode.DECODE).
+def batch_of(ctx: Any) -> Any:
+    """The ForwardBatch of SGLang's ForwardContext `ctx`, or None.
 
     The context carries the step's ForwardBatch only as the bound method it lends for the MoE padding
-    bound (`moe_num_token_non_padded`); its `__self__` is the batch. Extend, mixed (chunked prefill),
-    speculative verification and idle steps, and a context without a batch, are not decode.
+    bound (`moe_num_token_non_padded`); its `__self__` is the batch.
     """
-    getter = getattr(ctx, "moe_num_token_non_padded", None)
-    mode = getattr(getattr(getter, "__self__", None), "forward_mode", None)
-    is_decode = getattr(mode, "is_decode", None)
-    return bool(is_decode()) if callable(is_decode) else False
+    return getattr(getattr(ctx, "moe_num_token_non_padded", None), "__self__", None)
 
 
-def is_decode_step() -> bool:
-    """`batch_is_decode` of the step in flight, from SGLang's forward context."""
+def current_batch() -> Any:
+    """`batch_of` the step in flight, from SGLang's forward context (None outside a forward)."""
     from sglang.srt.model_executor.forward_context import get_forward_context, has_forward_context
 
-    return has_forward_context() and batch_is_decode(get_forward_context())
+    return batch_of(get_forward_context()) if has_forward_context() else None
+
+
+def _mode_is(mode: Any, name: str) -> bool:
+    test = getattr(mode, name, None)
+    return bool(test()) if callable(test) else False
+
+
+def step_kind(batch: Any) -> str:
+    """What a ForwardBatch's step holds, from its `forward_mode`: DECODE -> "decode" (a speculative draft
+    model's decode steps are DECODE steps too), TARGET_VERIFY -> "verify", MIXED -> "mixed", other extend
+    modes (EXTEND, SPLIT_PREFILL, ...) -> "prefill", anything else (IDLE, DRAFT_EXTEND_V2, no batch) ->
+    "unknown". TARGET_VERIFY and MIXED are extend modes to SGLang, so they are asked first."""
+    mode = getattr(batch, "forward_mode", None)
+    if _mode_is(mode, "is_decode"):
+        return DECODE
+    if _mode_is(mode, "is_target_verify"):
+        return VERIFY
+    if _mode_is(mode, "is_mixed"):
+        return MIXED
+    if _mode_is(mode, "is_extend"):
+        return PREFILL
+    return UNKNOWN
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 0
+
+
+def mixed_lens(batch: Any, T: int) -> tuple[tuple[int, ...] | None, str]:
+    """(tokens of each request, "") of a MIXED step whose layout covers the layer's T rows, or (None, why
+    not: a reason, then ": " and this step's numbers).
+
+    SGLang's `ScheduleBatch.mix_with_running` puts the new extend (prefill) requests first, then every
+    running decode request with one token, and `ForwardBatch.init_new` hands the per-request counts on as
+    the host list `extend_seq_lens_cpu`. With DP attention, `prepare_mlp_sync_batch` may pad the step:
+    `extend_num_tokens` becomes the padded count and the pad rows follow the requests' rows. Read on the
+    host only. Refused: counts missing or not on the host, a count per request that does not match
+    `batch_size`, a layer that sees another number of rows than the step (a DP-gathered or
+    sequence-sharded MoE input), context-parallel or attention-TP-sharded steps.
+    """
+    lens = getattr(batch, "extend_seq_lens_cpu", None)
+    if isinstance(lens, torch.Tensor):
+        if lens.device.type != "cpu":
+            return None, f"per-request token counts not on the host: extend_seq_lens_cpu on {lens.device}"
+        lens = lens.tolist()
+    if not isinstance(lens, Sequence) or not all(_is_count(n) for n in lens):
+        return None, f"no host list of per-request token counts: extend_seq_lens_cpu={type(lens).__name__}"
+    bs = getattr(batch, "batch_size", None)
+    if _is_count(bs) and bs != len(lens):
+        return None, f"per-request token counts not one per request: {len(lens)} for batch_size={bs}"
+    if getattr(batch, "attn_cp_metadata", None) is not None or getattr(batch, "attn_tp_sequence_sharded", False):
+        return None, "tokens split over context-parallel or attention-TP ranks: a shard of the step per rank"
+    n = sum(lens)
+    total = getattr(batch, "extend_num_tokens", None)
+    total = total if _is_count(total) else n
+    if total != T or n > T:
+        return None, (f"MoE rows that are not the step's tokens: the layer sees {T} rows, the step has {n} "
+                      f"tokens (extend_num_tokens={total})")
+    return tuple(int(x) for x in lens), ""
+
+
+def prefill_rows(lens: Sequence[int], T: int) -> torch.Tensor:
+    """[T] bool on the host, True on the rows of requests with more than one token and on the rows past
+    the requests' tokens (padding), in the order SGLang lays a mixed step out (requests one after another).
+
+    A request of one token is a decode row: SGLang's ForwardBatch does not say how many decode requests it
+    appended, and a prefill request that extends by one token only (all of its prompt but the last token
+    found in the prefix cache) is computed exactly as a decode token is; vLLM's backends, and so the vLLM
+    plugin, split them by the same rule.
+    """
+    counts = torch.tensor(list(lens), dtype=torch.long)  # [R]
+    fixed = torch.ones(T, dtype=torch.bool)  # [T]
+    n = int(counts.sum())
+    fixed[:n] = torch.repeat_interleave(counts > 1, counts)
+    return fixed
+
+
+def reroutes(kind: str, fixed: torch.Tensor | None, cfg: _config.PluginConfig) -> bool:
+    """Whether a step of `kind` runs the policy under `cfg`: "all" every step; "pure-decode" decode steps;
+    "decode" decode steps, verification steps unless `cfg.verify` is False, and mixed steps whose prefill
+    rows are known (`fixed`)."""
+    if cfg.phase == "all" or kind == DECODE:
+        return True
+    if cfg.phase != "decode":
+        return False
+    return (kind == VERIFY and cfg.verify) or (kind == MIXED and fixed is not None)
+
+
+class StepRows:
+    """`step(T, device) -> (kind, fixed)`: `step_kind` of the step in flight and, for a mixed step, its
+    `prefill_rows` on `device` (else None); a mixed step whose layout cannot be read is "unknown".
+
+    Every MoE layer of a step asks: the mask is built and copied to the device once per layout (pinned
+    memory, no synchronisation) and kept until the layout changes. `batch` returns the ForwardBatch in
+    flight (`current_batch`; tests pass their own).
+    """
+
+    def __init__(self, batch: Callable[[], Any] = current_batch) -> None:
+        self.batch = batch
+        self._key: tuple | None = None
+        self._fixed: torch.Tensor | None = None
+        self.unread: set[str] = set()
+
+    def __call__(self, T: int, device: torch.device) -> tuple[str, torch.Tensor | None]:
+        batch = self.batch()
+        kind = step_kind(batch)
+        if kind != MIXED:
+            return kind, None
+        device = torch.device(device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return self._unread("CUDA-graph capture: a copied mask would replay stale rows")
+        lens, why = mixed_lens(batch, T)
+        if lens is None:
+            return self._unread(why)
+        key = (lens, T, device)
+        if key != self._key:
+            fixed = prefill_rows(lens, T)  # [T]
+            if device.type == "cuda":
+                fixed = fixed.pin_memory()
+            self._fixed, self._key = fixed.to(device, non_blocking=True), key
+        return MIXED, self._fixed
+
+    def _unread(self, why: str) -> tuple[str, None]:
+        reason = why.split(": ")[0]  # logged once per reason, not once per step
+        if reason not in self.unread:
+            self.unread.add(reason)
+            logger.info("moe-reroute: a mixed step routes natively (%s); so will others for this reason", why)
+        return UNKNOWN, None
 
 
 def valid_rows(T: int, num_token_non_padded: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -166,15 +305,16 @@ class SelectExpertsHook:
     """The AROUND hook: `hook(select_experts, *args, **kwargs)` -> SGLang's TopKOutput.
 
     Per layer (one TopKConfig each) the RouterSpec is built on the first call, on the host, and rebuilt
-    only if E or the bias tensor changes. `is_decode` says whether the step in flight is a decode step;
-    `model_config` returns the served model's transformers config (or None), read once, for the
-    MoE-layer index of each `layer_id`.
+    only if E or the bias tensor changes. `step(T, device)` says what the step in flight holds: (kind,
+    [T] bool prefill rows of a mixed step or None), `StepRows()` by default; `model_config` returns the
+    served model's transformers config (or None), read once, for the MoE-layer index of each `layer_id`.
     """
 
-    def __init__(self, config: _config.PluginConfig, is_decode: Callable[[], bool] = is_decode_step,
+    def __init__(self, config: _config.PluginConfig,
+                 step: Callable[[int, torch.device], tuple[str, torch.Tensor | None]] | None = None,
                  model_config: Callable[[], Any] = served_model_config) -> None:
         self.config = config
-        self.is_decode = is_decode
+        self.step = StepRows() if step is None else step
         self.model_config = model_config
         self.specs: dict[int, tuple[Any, tuple, RouterSpec | None, str]] = {}  # id(TopKConfig) -> ...
         self.moe_layers: dict[int | None, tuple[int | None, str]] = {}  # layer_id -> (MoE-layer index, why not)
@@ -226,9 +366,14 @@ class SelectExpertsHook:
         ):
             return select_experts(*args, **kwargs)
         spec = self.layer_spec(topk_config, logits.shape[1], layer)
-        if spec is None or not (self.config.phase == "all" or self.is_decode()):
+        if spec is None:
             return select_experts(*args, **kwargs)
-        valid = valid_rows(logits.shape[0], call.get("num_token_non_padded"), logits.device)
+        T = logits.shape[0]
+        # fixed [T]: a mixed step's prefill rows keep native routing, and their experts count as loaded
+        kind, fixed = (UNKNOWN, None) if self.config.phase == "all" else self.step(T, logits.device)
+        if not reroutes(kind, fixed, self.config):
+            return select_experts(*args, **kwargs)
+        valid = valid_rows(T, call.get("num_token_non_padded"), logits.device)
         policy = self.config.policy
         moe = self.moe_layer(layer)[0]
 
@@ -236,7 +381,7 @@ class SelectExpertsHook:
             if topk != spec.top_k:
                 raise ValueError(f"moe-reroute: SGLang asked for {topk} experts per token; "
                                  f"layer {layer} has K={spec.top_k}")
-            routing = policy(gating_output, spec, valid, layer=moe)
+            routing = policy(gating_output, spec, valid, layer=moe, fixed=fixed)
             return routing.weights.to(torch.float32).contiguous(), routing.ids.to(torch.int32).contiguous()  # [T, K]
 
         rerouted = copy.copy(topk_config)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from moe_reroute import RouterSpec, make_policy, traces
 from moe_reroute.hf import load_similarity, save_similarity
-from moe_reroute.measure.specs import parse_policy_spec, policy_from_spec
+from moe_reroute.policies.spec import parse_policy_spec, policy_from_spec
 from moe_reroute.sglang import plugin as sglang_plugin
 from moe_reroute.traces import Trace
 from moe_reroute.vllm import config

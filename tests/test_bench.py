@@ -13,7 +13,7 @@ from moe_reroute.cli import main
 from moe_reroute.contract import Routing
 from moe_reroute.measure import bench, costmodel
 from moe_reroute.measure.shapes import SHAPES, LayerShape, custom_shape, get_shape
-from moe_reroute.measure.specs import parse_policy_spec, policy_from_spec
+from moe_reroute.policies.spec import parse_policy_spec, policy_from_spec
 from moe_reroute.traces import Trace
 
 SHAPE = LayerShape("tiny", 32, 16, 16, 4)  # H, I, E, K

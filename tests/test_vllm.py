@@ -279,7 +279,7 @@ def test_counters_count_every_step_and_pause(wrapped, logits_factory, policy):
     the routing is unchanged; the native policy counts U == native U and routes as vLLM does."""
     import moe_reroute.vllm as plugin
     from moe_reroute import make_policy, metrics
-    from moe_reroute.measure.specs import policy_from_spec
+    from moe_reroute.policies.spec import policy_from_spec
     from moe_reroute.vllm import router_spec
 
     router, step = wrapped(policy)
@@ -462,7 +462,7 @@ def hf_greedy(checkpoint, policy=None, ids=None):
     from transformers import AutoModelForCausalLM
 
     from moe_reroute import hf
-    from moe_reroute.measure.specs import policy_from_spec
+    from moe_reroute.policies.spec import policy_from_spec
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     ids = prompts() if ids is None else ids
@@ -599,7 +599,7 @@ def test_mixed_and_verification_steps(wrapped, logits_factory, phase):
     unless `"verify": false`."""
     import moe_reroute.vllm as plugin
     import moe_reroute.vllm.router as rr
-    from moe_reroute.measure.specs import policy_from_spec
+    from moe_reroute.policies.spec import policy_from_spec
     from moe_reroute.vllm import router_spec
 
     router, step = wrapped("oea:k0=1", phase=phase)

@@ -38,7 +38,7 @@ def _policies(specs: list[str] | None, shape) -> tuple[dict, list[str]]:
     import torch
 
     from ..contract import RouterSpec
-    from ..measure.specs import policy_from_spec
+    from ..policies.spec import policy_from_spec
 
     notes = []
     explicit = specs is not None
@@ -106,7 +106,7 @@ def _routing_bench(args) -> int:
     import torch
 
     from ..measure import routing
-    from ..measure.specs import parse_policy_spec
+    from ..policies.spec import parse_policy_spec
 
     if args.trace or args.shape or args.dims or args.ep:
         raise UsageError("--routing times the routing call alone: --trace, --shape, --dims and --ep do not apply "

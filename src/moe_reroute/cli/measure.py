@@ -91,7 +91,7 @@ def default_policies(model) -> list[str]:
 
 def build_policies(specs, model, with_native: bool = False) -> dict:
     from ..measure.evaluate import build_policy
-    from ..measure.specs import parse_policy_spec
+    from ..policies.spec import parse_policy_spec
 
     out = {}
     for spec in specs:

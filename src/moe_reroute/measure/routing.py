@@ -151,7 +151,7 @@ def bench_routing(
     layer_share: also time the native MoE layer of LAYER_FOR_EXPERTS[E] at T=16 (moe_reroute.measure.bench).
     """
     from .layer import resolve_device
-    from .specs import parse_policy_spec
+    from ..policies.spec import parse_policy_spec
 
     device = resolve_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)

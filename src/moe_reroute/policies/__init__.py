@@ -49,6 +49,8 @@ def make_policy(
     return cls(config, **opts)
 
 
+from .spec import load_policy, parse_policy_spec, policy_from_object, policy_from_spec, policy_from_text  # noqa: E402
+
 __all__ = [
     "POLICIES",
     "Budget",
@@ -64,5 +66,10 @@ __all__ = [
     "SERE",
     "SEREConfig",
     "cap_schedule",
+    "load_policy",
     "make_policy",
+    "parse_policy_spec",
+    "policy_from_object",
+    "policy_from_spec",
+    "policy_from_text",
 ]

@@ -1,7 +1,9 @@
 """What every policy shares: a frozen config whose fields may differ per layer, and the call contract.
 
 A field marked `per_layer(...)` accepts one value for every layer, a list indexed by layer, or a
-mapping {layer: value}; the policy resolves it with the `layer` argument of each call.
+mapping {layer: value}; the policy resolves it with the `layer` argument of each call. Such a field may
+also depend on the size of the step, its number of tokens T (rows of the call, padding included): `{"by_batch":
+{"1": 8, "4": 4, "32": 3, "max": 2}}` (see `ByBatch`), each bucket's value one value or per layer.
 
 Layers are counted over MoE layers only: `layer` is the 0-based MoE-layer index (0 = the model's first
 MoE layer; dense layers such as DeepSeek-V3's first three are not counted), so a list holds one value
@@ -34,14 +36,78 @@ def per_layer(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
     return dataclasses.field(default=default, metadata={"per_layer": True}, **kwargs)
 
 
+BY_BATCH = "by_batch"
+REST = "max"  # the bucket of every step larger than the largest bound
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class ByBatch:
+    """A parameter whose value depends on the step's number of tokens T.
+
+    `buckets`: ((bound, value), ...) in increasing bound order; a step of T tokens takes the value of the
+    first bucket with T <= bound, and `rest` (the "max" bucket) when T exceeds every bound. Written
+    `{"by_batch": {"1": 8, "4": 4, "32": 3, "max": 2}}`: T = 1 -> 8, 2..4 -> 4, 5..32 -> 3, more -> 2.
+    A value may itself be per layer (a list or {layer: value}). T is the rows of the call, known on
+    the host from the logits' shape (under CUDA graphs, the captured size: one graph per size, each with
+    its bucket's value; no host synchronisation).
+    """
+
+    buckets: tuple[tuple[int, Any], ...]
+    rest: Any
+
+    @classmethod
+    def parse(cls, name: str, obj: Any) -> ByBatch:
+        """From `{"by_batch": {bound: value, ..., "max": value}}` (bounds as ints or plain decimal strings)."""
+        example = '{"by_batch": {"1": 8, "4": 4, "max": 2}}'
+        table = obj.get(BY_BATCH) if isinstance(obj, Mapping) else None
+        if not isinstance(table, Mapping) or set(obj) != {BY_BATCH} or not table:
+            raise ValueError(f"{name}: a value by batch size is an object {example}")
+        if REST not in table:
+            raise ValueError(f"{name}: by_batch needs a \"max\" bucket for steps larger than its largest bound "
+                             f"(bounds {sorted(k for k in table if k != REST)}), e.g. {example}")
+        buckets = {}
+        for key, value in table.items():
+            if key == REST:
+                continue
+            bound = key if is_int(key) else (int(key) if isinstance(key, str) and key.isascii() and key.isdigit()
+                                              and str(int(key)) == key else None)
+            if bound is None or bound < 1:
+                raise ValueError(f"{name}: by_batch bound {key!r} is not a step size; write sizes as plain "
+                                 f"positive integers (largest tokens per step of the bucket) or \"max\", e.g. {example}")
+            if int(bound) in buckets:
+                raise ValueError(f"{name}: by_batch bound {int(bound)} is given twice")
+            buckets[int(bound)] = value
+        return cls(tuple(sorted(buckets.items())), table[REST])
+
+    def at(self, tokens: int) -> Any:
+        """The value for a step of `tokens` rows."""
+        for bound, value in self.buckets:
+            if tokens <= bound:
+                return value
+        return self.rest
+
+    def values(self) -> list[Any]:
+        """The value of every bucket, "max" last."""
+        return [v for _, v in self.buckets] + [self.rest]
+
+    def to_json(self) -> dict[str, Any]:
+        return {BY_BATCH: {**{str(b): v for b, v in self.buckets}, REST: self.rest}}
+
+
+def is_by_batch(value: Any) -> bool:
+    return isinstance(value, ByBatch) or (isinstance(value, Mapping) and BY_BATCH in value)
+
+
 def is_per_layer_value(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, (torch.Tensor, ByBatch)):
         return False
     return isinstance(value, Mapping) or (isinstance(value, Sequence) and not isinstance(value, str))
 
 
 def layer_values(value: Any) -> list[Any]:
-    """Every value a per-layer field may take (for validation)."""
+    """Every value a per-layer field may take (for validation), over every batch bucket."""
+    if isinstance(value, ByBatch):
+        return [v for bucket in value.values() for v in layer_values(bucket)]
     if isinstance(value, Mapping):
         return list(value.values())
     if is_per_layer_value(value):
@@ -51,6 +117,10 @@ def layer_values(value: Any) -> list[Any]:
 
 # Said wherever a per-layer value does not cover a layer: the numbering is the usual surprise.
 COUNTING = "layers count MoE layers only, from 0; dense layers are not counted"
+
+
+def _buckets(value: Any) -> list[Any]:
+    return value.values() if isinstance(value, ByBatch) else [value]
 
 
 def resolve(name: str, value: Any, layer: int | None) -> Any:
@@ -78,14 +148,27 @@ class PolicyConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.metadata.get("per_layer"):
-                if isinstance(value, Mapping):
-                    bad = [k for k in value if not isinstance(k, int) or k < 0]
-                    if bad:
-                        raise ValueError(f"{f.name}: layer keys must be non-negative ints, got {bad}")
-                if is_per_layer_value(value) and len(layer_values(value)) == 0:
-                    raise ValueError(f"{f.name}: an empty per-layer list or mapping gives no value for any layer")
+                if is_by_batch(value):
+                    if not isinstance(value, ByBatch):
+                        value = ByBatch.parse(f.name, value)
+                        object.__setattr__(self, f.name, value)
+                    buckets = value.values()
+                else:
+                    buckets = [value]
+                for bucket in buckets:
+                    if is_by_batch(bucket):
+                        raise ValueError(f"{f.name}: by_batch cannot nest; give one by_batch whose buckets "
+                                         "hold a value or a per-layer list")
+                    if isinstance(bucket, Mapping):
+                        bad = [k for k in bucket if not isinstance(k, int) or k < 0]
+                        if bad:
+                            raise ValueError(f"{f.name}: layer keys must be non-negative ints, got {bad}")
+                    if is_per_layer_value(bucket) and len(layer_values(bucket)) == 0:
+                        raise ValueError(f"{f.name}: an empty per-layer list or mapping gives no value for any layer")
                 for v in layer_values(value):
                     self.check(f.name, v)
+            elif is_by_batch(value):
+                raise ValueError(f"{f.name} cannot differ by batch size")
             elif is_per_layer_value(value) and not f.metadata.get("sequence"):
                 raise ValueError(f"{f.name} cannot differ per layer")
             else:
@@ -96,20 +179,39 @@ class PolicyConfig:
 
     def varies_by_layer(self) -> bool:
         """Whether some value is given per layer, so that a call needs its MoE-layer index."""
-        return any(f.metadata.get("per_layer") and is_per_layer_value(getattr(self, f.name))
+        return any(f.metadata.get("per_layer") and any(is_per_layer_value(v) for v in _buckets(getattr(self, f.name)))
                    for f in dataclasses.fields(self))
 
-    def at_layer(self, layer: int | None) -> PolicyConfig:
-        """This config with every per-layer field resolved to its value at `layer`.
+    def varies_by_batch(self) -> bool:
+        """Whether some value depends on the step's number of tokens (`ByBatch`)."""
+        return any(isinstance(getattr(self, f.name), ByBatch) for f in dataclasses.fields(self))
+
+    def bucket_sizes(self) -> list[int]:
+        """A step size in every batch bucket of every field (the bounds, and one past the largest for
+        "max"); [1] when nothing depends on the batch size. For checking every bucket."""
+        bounds = sorted({b for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), ByBatch)
+                         for b, _ in getattr(self, f.name).buckets})
+        return bounds + [bounds[-1] + 1] if bounds else [1]
+
+    def at_layer(self, layer: int | None, tokens: int | None = None) -> PolicyConfig:
+        """This config with every per-layer field resolved to its value at `layer` (and every by-batch
+        field at a step of `tokens` rows).
 
         The values were validated at construction, so the copy skips `__post_init__` (which may read
         tensors, a host synchronisation that must not happen inside a CUDA graph).
         """
-        changes = {
-            f.name: resolve(f.name, getattr(self, f.name), layer)
-            for f in dataclasses.fields(self)
-            if f.metadata.get("per_layer") and is_per_layer_value(getattr(self, f.name))
-        }
+        changes = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not f.metadata.get("per_layer"):
+                continue
+            if isinstance(value, ByBatch):
+                if tokens is None:
+                    raise ValueError(f"{f.name} depends on the batch size; call with the step's tokens")
+                value = value.at(int(tokens))
+                changes[f.name] = value
+            if is_per_layer_value(value):
+                changes[f.name] = resolve(f.name, value, layer)
         if not changes:
             return self
         resolved = copy.copy(self)
@@ -186,7 +288,7 @@ class Policy:
         fixed: [T] bool, True on the rows that keep native routing (None: none)."""
         fused = isinstance(router_logits, torch.Tensor) and self.uses_kernels(router_logits)
         valid = check_inputs(router_logits, spec, valid, self.check_inputs, materialize=not fused, fixed=fixed)
-        config = self.config.at_layer(layer)
+        config = self.config.at_layer(layer, router_logits.shape[-2] if router_logits.dim() >= 2 else None)
         self.check_fit(spec, config, layer)
         if fused:
             return kernels.route(self, router_logits, spec, valid, config, layer, fixed)
@@ -200,6 +302,20 @@ class Policy:
 
     def check_fit(self, spec: RouterSpec, config: Any, layer: int | None) -> None:
         """Raise ValueError if `config` (resolved at `layer`) does not fit the model (e.g. k0 > K)."""
+
+    def check_model(self, spec: RouterSpec, layer: int | None) -> None:
+        """Raise ValueError if the policy does not fit a layer of the model at some step size: `check_fit`
+        on every batch bucket's values at `layer` (the engines' dry runs call this)."""
+        for tokens in self.config.bucket_sizes():
+            config = self.config.at_layer(layer, tokens)
+            try:
+                self.check_fit(spec, config, layer)
+            except ValueError as e:
+                if not self.config.varies_by_batch():
+                    raise
+                bounds = self.config.bucket_sizes()
+                which = '"max"' if tokens == bounds[-1] else f"of steps up to {tokens} tokens"
+                raise ValueError(f"{e} (by_batch bucket {which})") from None
 
     def route(
         self, router_logits: torch.Tensor, spec: RouterSpec, valid: torch.Tensor, config: Any, layer: int | None,

@@ -7,10 +7,8 @@ settings too long for a variable (per-layer values). A JSON object may also say 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..policies import Policy
@@ -88,27 +86,15 @@ def counters_from_env(environ: Any = None) -> bool:
 
 
 def _read_policy_file(path: str) -> str:
-    example = '{"name": "oea", "k0": [2, 3, 3, 4]}'
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"{POLICY_FILE_ENV}={path}: no such file; it should hold a JSON object such as {example}")
-    try:
-        text = p.read_text(encoding="utf-8").strip()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{POLICY_FILE_ENV}={path}: not UTF-8 text (byte {e.start}); save it as UTF-8 JSON "
-                         f"such as {example}") from None
-    except OSError as e:
-        raise ValueError(f"{POLICY_FILE_ENV}={path}: cannot read it ({e.strerror or e})") from None
-    if not text:
-        raise ValueError(f"{POLICY_FILE_ENV}={path}: the file is empty; write a JSON object such as {example}, "
-                         f"or unset {POLICY_FILE_ENV} to run without a policy")
+    from ..policies.spec import read_policy_text
+
+    text = read_policy_text(path, origin=f"{POLICY_FILE_ENV}={path}")
     return text
 
 
 def parse(text: str, counters: bool = False, origin: str = "policy") -> PluginConfig:
     """A spec (`oea:k0=3`) or a JSON object (`{"name": "oea", "k0": 3, "phase": "decode"}`) -> PluginConfig."""
-    from ..measure.specs import policy_from_spec
-    from ..policies import make_policy
+    from ..policies.spec import describe_object, load_json, policy_from_object, policy_from_spec
 
     text = text.strip()
     if not text.startswith("{"):
@@ -118,60 +104,11 @@ def parse(text: str, counters: bool = False, origin: str = "policy") -> PluginCo
             raise ValueError(f"{origin}: {e}") from None
         return PluginConfig(policy, text, "decode", counters)
     obj = load_json(text, origin, '{"name": "oea", "k0": 3}')
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        raise ValueError(f"{origin}: the JSON must be an object with a \"name\", e.g. " '{"name": "oea", "k0": 3}')
-    try:
-        params = {k: _layer_keys(k, v) for k, v in obj.items() if k not in ("name", "phase", "verify")}
-    except ValueError as e:
-        raise ValueError(f"{origin}: {e}") from None
+    policy = policy_from_object(obj, check_inputs=False, origin=origin)
     phase = obj.get("phase", "decode")
     if phase not in PHASES:
         raise ValueError(f"{origin}: phase must be one of {PHASES}, got {phase!r}")
     verify = obj.get("verify", True)
     if not isinstance(verify, bool):
         raise ValueError(f"{origin}: verify must be true (re-route speculative verification) or false, got {verify!r}")
-    name = obj["name"]
-    try:
-        if name == "sere" and isinstance(params.get("similarity"), str):
-            from ..hf.calibrate import load_similarity
-
-            params["similarity"] = load_similarity(params["similarity"])
-        policy = make_policy(name, check_inputs=False, **params)
-    except (TypeError, ValueError, OSError) as e:
-        raise ValueError(f"{origin}: {e}") from None
-    shown = ", ".join(f"{k}={v}" for k, v in obj.items() if k not in ("name", "phase", "verify"))
-    return PluginConfig(policy, f"{name}:{shown}" if shown else name, phase, counters, verify)
-
-
-def load_json(text: str, origin: str, example: str) -> Any:
-    """json.loads that rejects a key given twice in one object and nesting too deep to read, saying so."""
-
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in pairs:
-            if k in out:
-                raise ValueError(f"key {k!r} is given twice in one object; give each key once")
-            out[k] = v
-        return out
-
-    try:
-        return json.loads(text, object_pairs_hook=no_duplicates)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{origin}: not valid JSON ({e}); write e.g. {example}") from None
-    except RecursionError:
-        raise ValueError(f"{origin}: the JSON is nested too deeply to read; write e.g. {example}") from None
-    except ValueError as e:
-        raise ValueError(f"{origin}: {e}") from None
-
-
-def _layer_keys(name: str, value: Any) -> Any:
-    """JSON object keys are strings: {"0": 2, "3": 4} is a per-layer mapping {0: 2, 3: 4}, by MoE-layer
-    index. A key such as "00" or "+1" would name the same layer as another spelling, so layer numbers are
-    written plainly."""
-    if not isinstance(value, dict) or not value or not all(k.isascii() and k.isdigit() for k in value):
-        return value
-    odd = [k for k in value if str(int(k)) != k]
-    if odd:
-        raise ValueError(f"{name}: layer key {odd[0]!r} is not written plainly; write layer numbers without "
-                         f"leading zeros, e.g. {str(int(odd[0]))!r}")
-    return {int(k): v for k, v in value.items()}
+    return PluginConfig(policy, describe_object(obj), phase, counters, verify)

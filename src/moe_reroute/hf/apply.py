@@ -3,7 +3,8 @@
 The experts, shared experts and the experts implementation are untouched: each MoE block's router
 (`mlp.gate`, or `mlp.router` for GPT-OSS) still computes its logits, and a forward hook replaces its
 (weights, ids) with the policy's. A pre-hook on the decoder model reads each forward's token layout
-(batch B, new tokens S, attention mask, finished sequences) so the router hooks know what a batch is.
+(batch B, new tokens S, attention mask, finished sequences) and its kind (see `LayoutTracker`) so the
+router hooks know what a batch is and whether it holds decode tokens.
 
 Layer numbering: the policy is called with each layer's MoE-layer index (the n-th MoE layer of the model
 is layer n, dense layers not counted), which is what per-layer values are indexed by. Where this module
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import MethodType
 
 import torch
 from torch import nn
@@ -32,7 +34,9 @@ ROUTERS = {
     "gpt_oss": ("router", "GptOssTopKRouter"),
 }
 PHASES = ("decode", "all", "decode-sim")
+KINDS = ("decode", "verify", "prefill", "unknown")
 APPLIED_ATTR = "_moe_reroute_applied"  # the model's Applied handle while a policy is on it
+PREFILL_ATTR = "_moe_reroute_prefill"  # the model's PrefillWatch while a tracker needs it
 
 
 def decoder(model: nn.Module) -> nn.Module:
@@ -72,23 +76,109 @@ def layer_spec(spec: RouterSpec, router: nn.Module) -> RouterSpec:
 
 @dataclass
 class StepLayout:
-    """The token layout of the forward pass in flight: B sequences of S new tokens each."""
+    """The token layout of the forward pass in flight: B sequences of S new tokens each, and its kind
+    (one of KINDS, see `LayoutTracker`)."""
 
     batch: int
     new_tokens: int
     valid: torch.Tensor  # [B, S] bool: real tokens of sequences still generating
+    kind: str
+
+
+class PrefillWatch:
+    """Counts the calls in flight of generate()'s prefill (`GenerationMixin._prefill`, which makes the
+    prompt forward and, with `prefill_chunk_size`, every chunk's forward), so that a tracker knows those
+    forwards are prefill even when one looks like a decode step (a last chunk of one token).
+
+    One per model, shared by the trackers on it (`acquire` / `release`); it shadows `_prefill` on the
+    instance with a method bound to the model, which the class's own `_prefill` then runs.
+    """
+
+    def __init__(self) -> None:
+        self.depth = 0  # prefill calls in flight
+        self.users = 0
+
+    @classmethod
+    def acquire(cls, model: nn.Module) -> PrefillWatch | None:
+        """The model's watch, installed on first use; None for a model without generate()'s `_prefill`."""
+        if not callable(getattr(type(model), "_prefill", None)):
+            return None
+        watch = model.__dict__.get(PREFILL_ATTR)
+        if watch is None:
+            watch = cls()
+            object.__setattr__(model, PREFILL_ATTR, watch)
+            object.__setattr__(model, "_prefill", MethodType(_counted_prefill, model))
+        watch.users += 1
+        return watch
+
+    def release(self, model: nn.Module) -> None:
+        self.users -= 1
+        if self.users == 0 and model.__dict__.get(PREFILL_ATTR) is self:
+            del model.__dict__[PREFILL_ATTR]
+            if getattr(model.__dict__.get("_prefill"), "__func__", None) is _counted_prefill:
+                del model.__dict__["_prefill"]
+
+
+def _counted_prefill(model, *args, **kwargs):
+    """generate()'s prefill, counted by the model's PrefillWatch while it runs."""
+    watch = model.__dict__.get(PREFILL_ATTR)
+    if watch is not None:
+        watch.depth += 1
+    try:
+        return type(model)._prefill(model, *args, **kwargs)
+    finally:
+        if watch is not None:
+            watch.depth -= 1
+
+
+def _past_length(kwargs: dict) -> int | None:
+    """Tokens already in the forward's KV cache; None without a cache."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    get = getattr(cache, "get_seq_length", None)
+    return None if get is None else int(get())
 
 
 class LayoutTracker:
-    """Pre-hook on the decoder model: records each forward's layout for the router hooks."""
+    """Pre-hooks on the model and its decoder: record each forward's layout and kind for the router hooks.
+
+    Kinds, from the forward's inputs and whether generate() is prefilling:
+      "prefill": a forward made inside generate()'s prefill (the prompt, or one `prefill_chunk_size` chunk,
+        whatever its length), or one of S > 1 tokens on an empty cache or without one (assisted
+        generation's first forward, prompt plus first candidates, is one);
+      "decode": any other forward of one new token per sequence;
+      "verify": S > 1 new tokens per sequence on a non-empty cache with `logits_to_keep == S`, the
+        forward assisted generation (`assistant_model=`, `prompt_lookup_num_tokens=`) makes to check the
+        last token and its candidates: it needs every position's logits, where a prefill chunk keeps 1;
+      "unknown": anything else (S > 1 on a cache without logits_to_keep == S).
+    `logits_to_keep` is an argument of the CausalLM's forward, not of the decoder's, hence the second
+    pre-hook; a decoder called on its own never sees it, so its multi-token forwards are never "verify".
+
+    Why these signals: generate() passes no phase to the forward, and inside `_prefill` a chunk of
+    `prefill_chunk_size` tokens on a non-empty cache has the inputs a verification forward has, except
+    that it keeps 1 logit (generate() sets `logits_to_keep=1`; assisted decoding resets it to the
+    candidates + 1 before each verification forward). A last chunk of one token is shaped like a decode
+    step in every input, so only knowing that `_prefill` is running tells it apart (`PrefillWatch`).
+    Marking the assisted-decoding loop instead would not work on one model: generate() looks its
+    decoding method up on the class. Should a transformers release drop `_prefill`, the watch is not
+    installed and the input rules still keep chunks of S > 1 native.
+    """
 
     def __init__(self, model: nn.Module, on_forward=None) -> None:
         self.layout: StepLayout | None = None
         self.on_forward = on_forward
         self.model = model
-        self.handle = decoder(model).register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        self._logits_to_keep = None
+        inner = decoder(model)
+        self.handles = [inner.register_forward_pre_hook(self._pre_hook, with_kwargs=True)]
+        if inner is not model:
+            self.handles.append(model.register_forward_pre_hook(self._outer_pre_hook, with_kwargs=True))
+        self.prefill = PrefillWatch.acquire(model)
+
+    def _outer_pre_hook(self, module, args, kwargs):
+        self._logits_to_keep = kwargs.get("logits_to_keep")
 
     def _pre_hook(self, module, args, kwargs):
+        keep, self._logits_to_keep = self._logits_to_keep, None  # this forward's only
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         ref = ids if ids is not None else embeds
@@ -105,9 +195,20 @@ class LayoutTracker:
         if S == 1 and ids is not None:
             for token in self.finished_tokens():
                 valid &= ids != token
-        self.layout = StepLayout(B, S, valid)
+        self.layout = StepLayout(B, S, valid, self._kind(S, kwargs, keep))
         if self.on_forward is not None:
             self.on_forward(self.layout)
+
+    def _kind(self, S: int, kwargs: dict, logits_to_keep) -> str:
+        if self.prefill is not None and self.prefill.depth > 0:
+            return "prefill"
+        if S == 1:
+            return "decode"
+        if not _past_length(kwargs):
+            return "prefill"
+        if type(logits_to_keep) is int and logits_to_keep == S:
+            return "verify"
+        return "unknown"
 
     def finished_tokens(self) -> list[int]:
         """Token ids that, fed at a decode step, mean the sequence already finished: generate() feeds the
@@ -120,7 +221,12 @@ class LayoutTracker:
         return []
 
     def remove(self) -> None:
-        self.handle.remove()
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        if self.prefill is not None:
+            self.prefill.release(self.model)
+            self.prefill = None
 
 
 class HookSet:
@@ -151,11 +257,12 @@ class Applied(HookSet):
     policy is called with}.
     """
 
-    def __init__(self, model, policy, spec, routers, phase, tracker) -> None:
+    def __init__(self, model, policy, spec, routers, phase, verify, tracker) -> None:
         self.model = model
         self.policy = policy
         self.spec = spec
         self.phase = phase
+        self.verify = verify
         self.layers = [i for i, _, _ in routers]
         self.moe_layers = {i: n for i, n, _ in routers}
         self._tracker = tracker
@@ -169,7 +276,7 @@ class Applied(HookSet):
             layout = self._tracker.layout
             if layout is None or layout.batch * layout.new_tokens != logits.shape[0]:
                 return output  # a forward whose layout we do not know: leave it native
-            if self.phase == "decode" and layout.new_tokens != 1:
+            if self.phase == "decode" and not (layout.kind == "decode" or (layout.kind == "verify" and self.verify)):
                 return output
             if self.phase == "decode-sim":
                 B, S = layout.batch, layout.new_tokens
@@ -181,7 +288,7 @@ class Applied(HookSet):
                     weights.append(r.weights)
                 ids = torch.stack(ids, dim=1).reshape(B * S, -1)
                 weights = torch.stack(weights, dim=1).reshape(B * S, -1)
-            else:
+            else:  # a decode step, a verification forward (phase "decode") or any forward ("all"): one batch
                 r = self.policy(logits, spec, layout.valid.reshape(-1), layer=layer)
                 ids, weights = r.ids, r.weights
             return (logits, weights.to(spec.model_weights_dtype(logits.dtype)), ids.to(output[2].dtype))
@@ -189,7 +296,8 @@ class Applied(HookSet):
         return hook
 
     def __repr__(self) -> str:
-        return f"Applied({self.policy!r}, phase={self.phase!r}, layers={self.layers})"
+        verify = "" if self.verify else ", verify=False"
+        return f"Applied({self.policy!r}, phase={self.phase!r}{verify}, layers={self.layers})"
 
 
 def apply(
@@ -198,6 +306,7 @@ def apply(
     *,
     layers: list[int] | None = None,
     phase: str = "decode",
+    verify: bool = True,
     replace: bool = False,
     **params,
 ) -> Applied:
@@ -208,9 +317,12 @@ def apply(
       layers: decoder-layer indices to change, as the modules are numbered (default: every MoE layer).
         Per-layer values of the policy are still indexed by MoE layer: on a model with one dense first
         layer, `layers=[1]` re-routes decoder layer 1 with the policy's values for MoE layer 0.
-      phase: "decode" (default): only forwards of one new token per sequence; prefill routes natively.
-        "all": every forward, all its tokens as one batch. "decode-sim": a teacher-forced forward over
-        [B, L] tokens where each position's B tokens form one decode batch.
+      phase: "decode" (default): forwards of one new token per sequence, and the verification forwards of
+        assisted generation (`generate(assistant_model=...)` or `prompt_lookup_num_tokens=`), all valid
+        tokens of one as one batch; prefill, prefill chunks and any forward not recognised route natively
+        (see `LayoutTracker`). "all": every forward, all its tokens as one batch. "decode-sim": a
+        teacher-forced forward over [B, L] tokens where each position's B tokens form one decode batch.
+      verify: with phase "decode", re-route verification forwards (default); False keeps them native.
       replace: a model that already routes with a policy from `apply` raises unless this is True,
         which removes that policy first (hooks are never stacked).
     Padding (attention mask) and sequences generate() already finished are marked invalid, so they
@@ -218,6 +330,9 @@ def apply(
     """
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be True (re-route assisted generation's verification forwards) or False, "
+                        f"got {verify!r}")
     if isinstance(policy, str):
         policy = make_policy(policy, **params)
     elif params:
@@ -247,7 +362,7 @@ def apply(
     _dry_run(policy, spec, routers)
     if current is not None:
         current.remove()
-    applied = Applied(model, policy, spec, routers, phase, LayoutTracker(model))
+    applied = Applied(model, policy, spec, routers, phase, verify, LayoutTracker(model))
     object.__setattr__(model, APPLIED_ATTR, applied)  # a plain attribute, not a submodule or buffer
     return applied
 

@@ -27,7 +27,9 @@ KEEP = ("counts", "routing", "logits")
 class LayerRecord:
     """One MoE layer in one forward pass of B sequences x S new tokens (N = B*S rows).
 
-    unique / native_unique: [S] int64, U of each position's B tokens (a decode step has S = 1).
+    unique / native_unique: [S] int64, U of each position's B tokens (a decode step has S = 1). A
+    verification forward is re-routed as one batch of all its B*S tokens; its U is that of `ids` (keep
+    "routing"), not a sum over positions.
     """
 
     unique: torch.Tensor
@@ -41,8 +43,12 @@ class LayerRecord:
 
 @dataclass
 class StepRecord:
+    """One forward pass: its layout, its kind ("decode", "verify", "prefill" or "unknown", as
+    `moe_reroute.hf.apply.LayoutTracker` tells them) and what each MoE layer did."""
+
     batch: int
     new_tokens: int
+    kind: str
     layers: dict[int, LayerRecord] = field(default_factory=dict)  # by decoder-layer index
 
 
@@ -72,7 +78,7 @@ class Recorder(HookSet):
 
     def _new_step(self, layout) -> None:
         if layout is not None:
-            self.steps.append(StepRecord(layout.batch, layout.new_tokens))
+            self.steps.append(StepRecord(layout.batch, layout.new_tokens, layout.kind))
 
     def _router_hook(self, layer: int):
         def hook(module, args, output):
@@ -109,10 +115,11 @@ class Recorder(HookSet):
 
     def unique_per_layer(self, native: bool = False, decode_only: bool = False) -> dict[int, torch.Tensor]:
         """{decoder layer: U of every recorded position group}, concatenated over steps (a decode step is
-        one group; a forward over S new tokens gives S). decode_only: only forwards of one new token."""
+        one group; a forward over S new tokens gives S). decode_only: only decode steps (kind "decode": one
+        new token per sequence, outside generate()'s prefill)."""
         out: dict[int, list[torch.Tensor]] = {}
         for step in self.steps:
-            if decode_only and step.new_tokens != 1:
+            if decode_only and step.kind != "decode":
                 continue
             for layer, rec in step.layers.items():
                 out.setdefault(layer, []).append(rec.native_unique if native else rec.unique)
@@ -125,7 +132,7 @@ class Recorder(HookSet):
 
         if self.keep != "logits":
             raise ValueError('to_trace() needs the router logits: record with Recorder(model, keep="logits")')
-        steps = [s for s in self.steps if s.layers and (s.new_tokens == 1 or not decode_only)]
+        steps = [s for s in self.steps if s.layers and (s.kind == "decode" or not decode_only)]
         if not steps:
             raise ValueError("nothing recorded: run generate() or a forward pass inside the Recorder first")
         B = steps[0].batch

@@ -177,3 +177,16 @@ def test_the_fused_kernels_take_each_buckets_value():
         r, want = fused(x, SPEC, layer=1), ref(x, SPEC, layer=1)
         assert torch.equal(r.ids.long(), want.ids)
         assert torch.allclose(r.weights, want.weights, rtol=1e-6, atol=0)
+
+
+def test_adapters_check_every_bucket_before_the_first_forward():
+    from tiny_models import tiny_model
+
+    from moe_reroute import hf
+
+    model = tiny_model("qwen3_moe")
+    K = model.config.num_experts_per_tok
+    with pytest.raises(ValueError, match=r"by_batch bucket \"max\""):
+        hf.apply(model, make_policy("oea", k0={"by_batch": {"1": 1, "max": K + 1}}))
+    with pytest.raises(ValueError, match=r"by_batch bucket of steps up to 4 tokens"):
+        plugin_config.parse('{"name": "cap", "k": {"by_batch": {"4": 99, "max": 1}}}').policy.check_model(SPEC, 0)

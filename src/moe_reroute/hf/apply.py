@@ -374,6 +374,7 @@ def _dry_run(policy: Policy, spec: RouterSpec, routers) -> None:
         w = router.weight
         logits = torch.linspace(-1, 1, spec.num_experts, device=w.device, dtype=torch.float32)[None, :].repeat(2, 1)
         try:
+            policy.check_model(layer_spec(spec, router), n)  # every by_batch bucket
             policy(logits, layer_spec(spec, router), layer=n)
         except (ValueError, TypeError) as e:
             raise type(e)(f"policy {policy!r} does not fit {layer_name(i, n)} of this model: {e}") from None

@@ -295,8 +295,8 @@ def check_fits(cfg: _config.PluginConfig, spec: RouterSpec, layer: int | None,
     spec = spec.with_bias(None) if spec.e_score_correction_bias is not None else spec
     logits = torch.linspace(-1, 1, 2 * spec.num_experts).view(2, -1)  # [2, E], no ties
     try:
-        cfg.policy(logits, spec, layer=moe)
         cfg.policy.check_model(spec, moe)  # every by_batch bucket
+        cfg.policy(logits, spec, layer=moe)
     except (TypeError, ValueError) as e:
         raise ValueError(f"moe-reroute: policy {cfg.source} does not fit {layer_name(layer, moe)} "
                          f"(E={spec.num_experts}, K={spec.top_k}): {e}") from None

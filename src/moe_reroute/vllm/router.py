@@ -252,8 +252,8 @@ class Rerouter:
         spec = self.spec.with_bias(None) if self.spec.e_score_correction_bias is not None else self.spec
         logits = torch.linspace(-1, 1, 2 * spec.num_experts, device="cpu").view(2, -1)  # [2, E], no ties
         try:
-            self.config.policy(logits, spec, layer=self.moe_layer)
             self.config.policy.check_model(spec, self.moe_layer)  # every by_batch bucket
+            self.config.policy(logits, spec, layer=self.moe_layer)
         except (TypeError, ValueError) as e:
             raise ValueError(f"moe-reroute: policy {self.config.source} does not fit "
                              f"{layer_name(self.layer, self.moe_layer)} (E={spec.num_experts}, K={spec.top_k}): {e}"

@@ -59,3 +59,35 @@ def test_fetch_deb_checks_the_pin(tmp_path, monkeypatch):
     (tmp_path / "debs" / "tiny-pkg_1.0_all.deb").write_bytes(b"not the pinned file")
     with pytest.raises(RuntimeError, match="not the pinned"):
         corpus.fetch_deb("tiny-pkg", tmp_path)
+
+
+def test_calibration_sample_is_bounded_deterministic_training_text():
+    """Every domain, at most CALIBRATION_CHARS per domain and CALIBRATION_DOC_CHARS per document, each the
+    start of a training document of its name, never a held-out one; independent of the input's order."""
+    docs = fake_corpus()
+    train, held = corpus.split(docs)
+    cal = corpus.calibration_sample(train)
+    by_key = {(d.domain, d.name): d for d in train}
+    held_keys = {(d.domain, d.name) for d in held}
+    assert {d.domain for d in cal} == set(corpus.DOMAINS)
+    for domain in corpus.DOMAINS:
+        size = sum(len(d.text) for d in cal if d.domain == domain)
+        train_size = sum(len(d.text) for d in train if d.domain == domain)
+        assert size <= corpus.CALIBRATION_CHARS, domain
+        assert size >= min(train_size, corpus.CALIBRATION_CHARS - corpus.CALIBRATION_MIN_LEFT), domain  # filled
+    for d in cal:
+        assert len(d.text) <= corpus.CALIBRATION_DOC_CHARS
+        assert (d.domain, d.name) not in held_keys
+        assert by_key[(d.domain, d.name)].text.startswith(d.text)
+    assert corpus.calibration_sample(train[::-1]) == cal
+    assert corpus.calibration_sample(train) == cal
+    with pytest.raises(RuntimeError, match="man-es"):
+        corpus.calibration_sample([d for d in train if d.domain != "man-es"])
+
+
+def test_calibration_slices_end_at_a_paragraph():
+    text = "first paragraph\nof two lines\n\nsecond paragraph\n\nthird\n"
+    assert corpus._leading(text, 1_000) == text
+    assert corpus._leading(text, 40) == "first paragraph\nof two lines\n"  # not into the second paragraph
+    assert corpus._leading(text, 20) == "first paragraph\n"  # no paragraph ends in time: a line does
+    assert corpus._leading("x" * 50, 20) == "x" * 20

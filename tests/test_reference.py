@@ -1,11 +1,14 @@
 """The shipped reference model: files match their recorded checksums, it loads offline, generates, its
 held-out cross-entropy on a fixed slice matches the model card, its held-out split carries domain labels,
-and the card's routing numbers are those of a domain-specialised, balanced model."""
+its calibration sample holds training text of every domain and none of the held-out split, and the card's
+routing numbers are those of a domain-specialised, balanced model."""
 
 from __future__ import annotations
 
 import json
+import random
 import socket
+import string
 
 import pytest
 import torch
@@ -104,6 +107,65 @@ def test_heldout_split_has_domain_labels(folder, loaded):
         assert {d.name for d in docs if d.domain == domain} == set(names)
 
 
+# Longest run of text a calibration document may share with the held-out split: man pages' translator
+# credits and licence footers repeat across pages and reach 1,901 characters (French util-linux pages).
+MAX_SHARED = 2_500
+
+
+def shared_run(text: str, blocks: set[str], width: int) -> int:
+    """Longest stretch of `text` covered by `width`-character pieces found in `blocks`."""
+    covered = bytearray(len(text))
+    for i in range(len(text) - width + 1):
+        if text[i : i + width] in blocks:
+            covered[i : i + width] = b"\x01" * width
+    best = run = 0
+    for c in covered:
+        run = run + 1 if c else 0
+        best = max(best, run)
+    return best
+
+
+def test_calibration_sample_is_training_text_of_every_domain(folder):
+    """calibration.jsonl: every domain, within its size limits, and no held-out text (no held-out name, no
+    document a prefix of a held-out one or the reverse, no stretch of over MAX_SHARED characters shared)."""
+    cal, held = reference.calibration_documents(), reference.heldout_documents()
+    assert reference.calibration_documents(folder) == cal
+    assert {d.domain for d in cal} == set(corpus.DOMAINS)
+    for domain in corpus.DOMAINS:
+        size = sum(len(d.text) for d in cal if d.domain == domain)
+        assert corpus.CALIBRATION_CHARS - corpus.CALIBRATION_MIN_LEFT <= size <= corpus.CALIBRATION_CHARS, domain
+    assert (folder / "calibration.jsonl").stat().st_size < 1_000_000
+    held_names = {(d.domain, d.name) for d in held}
+    width = 100  # a shared run of 2 * width - 1 characters holds an aligned block of the held-out text
+    blocks = {d.text[i : i + width] for d in held for i in range(0, len(d.text) - width + 1, width)}
+    for d in cal:
+        assert len(d.text) <= corpus.CALIBRATION_DOC_CHARS
+        assert (d.domain, d.name) not in held_names, d.name
+        assert not any(h.text.startswith(d.text) or d.text.startswith(h.text) for h in held), d.name
+        run = shared_run(d.text, blocks, width)
+        assert run <= MAX_SHARED, f"{d.domain}/{d.name} shares {run} characters in a row with the held-out split"
+
+
+def test_shared_run_finds_held_out_text():
+    held = "".join(random.Random(0).choices(string.ascii_lowercase, k=5_000))
+    blocks = {held[i : i + 100] for i in range(0, len(held) - 99, 100)}
+    assert shared_run("z" * 300 + held[1_234:3_734] + "z" * 300, blocks, 100) >= MAX_SHARED - 100
+    assert shared_run("z" * 300 + held[1_234:1_433] + "z" * 300, blocks, 100) >= 100  # any 199-character run
+    assert shared_run("z" * 3_000, blocks, 100) == 0
+
+
+def test_calibration_sample_is_drawn_from_the_built_training_split(folder):
+    """calibration.jsonl == corpus.calibration_sample(train.jsonl) where the corpus is built (at
+    `moe-reroute train-reference`'s default --workdir); CI cannot build it offline."""
+    from moe_reroute.cli.reference import DEFAULT_WORKDIR
+
+    if not corpus.is_built(DEFAULT_WORKDIR):
+        pytest.skip(f"no built corpus in {DEFAULT_WORKDIR} (corpus.build needs apt-get and the package registries)")
+    train = corpus.read_jsonl(DEFAULT_WORKDIR / "train.jsonl")
+    assert corpus.read_jsonl(DEFAULT_WORKDIR / "heldout.jsonl") == reference.heldout_documents()
+    assert corpus.calibration_sample(train) == reference.calibration_documents()
+
+
 def test_card_routing_is_domain_specialised(card_json):
     """Same-domain batches touch fewer experts than mixed ones in every layer, both below uniform; the
     card's per-domain cross-entropy beats the bigram baseline fitted on the training split."""
@@ -164,3 +226,27 @@ def test_revive_splits_busy_experts_into_idle_ones():
     assert torch.allclose(gate[1], before["gate.weight"][3], atol=0.1 * before["gate.weight"].abs().mean().item())
     assert not torch.equal(gate[1], before["gate.weight"][3])
     assert float(opt.state[gate]["exp_avg"][1].abs().sum()) == 0.0
+
+
+def test_export_ships_the_calibration_sample(tmp_path):
+    """A rebuilt model folder holds calibration.jsonl = corpus.calibration_sample(the workdir's train.jsonl),
+    readable by calibration_documents(folder), and no held-out document in it."""
+    from test_corpus import fake_corpus
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    from moe_reroute.reference.train import TrainConfig, export
+
+    work, out = tmp_path / "work", tmp_path / "model"
+    work.mkdir()
+    train, held = corpus.split(fake_corpus())
+    corpus.write_jsonl(work / "train.jsonl", train)
+    corpus.write_jsonl(work / "heldout.jsonl", held)
+    (work / "corpus.json").write_text("{}")
+    export(tiny_model("qwen3_moe"), tiny_tokenizer(), work, out, TrainConfig(), [], 0.0)
+    cal = reference.calibration_documents(out)
+    assert cal == corpus.calibration_sample(train) and {d.domain for d in cal} == set(corpus.DOMAINS)
+    assert not {(d.domain, d.name) for d in cal} & {(d.domain, d.name) for d in held}
+    assert reference.heldout_documents(out) == held
+    (out / "calibration.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="train-reference"):
+        reference.calibration_documents(out)

@@ -43,7 +43,7 @@ def _train_reference(args) -> int:
 def _reference_card(args) -> int:
     import torch
 
-    from ..reference import card, heldout_documents, load, path
+    from ..reference import calibration_documents, card, heldout_documents, load, path
     from ..reference.train import train_stream
 
     out = shipped_folder() if args.refresh_shipped else check_out_dir(args.out)
@@ -77,6 +77,7 @@ def _reference_card(args) -> int:
         "train_split_tokens": len(train_ids),
         "train_split_tokens_by_domain": {k: len(v) for k, v in
                                          torch.load(workdir / "train_ids.pt", weights_only=True).items()},
+        "calibration": card.calibration_summary(tokenizer, calibration_documents(folder)),
         "sha256": {str(f.relative_to(folder)): card.sha256(f) for f in sorted(folder.rglob("*"))
                    if f.is_file() and f.name not in ("card.json", "MODEL_CARD.md")},
     }

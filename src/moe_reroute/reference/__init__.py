@@ -1,8 +1,10 @@
 """The embedded default model: a small Qwen3-MoE trained by the project (128 experts, top-8).
 
-`path()` is the folder holding config, bf16 weights, tokenizer and held-out text; `load()` returns
-(model, tokenizer, heldout_text) on CPU in float32, without network access; `heldout_documents()` gives
-the held-out split with each document's domain (heldout.jsonl; heldout.txt is the same text, plain).
+`path()` is the folder holding config, bf16 weights, tokenizer, held-out text and a calibration sample;
+`load()` returns (model, tokenizer, heldout_text) on CPU in float32, without network access;
+`heldout_documents()` gives the held-out split with each document's domain (heldout.jsonl; heldout.txt is
+the same text, plain), for evaluation; `calibration_documents()` a sample of the training split
+(calibration.jsonl), for calibration and tuning, never for evaluation.
 Rebuild it with `moe-reroute train-reference` (see moe_reroute.reference.train).
 """
 
@@ -10,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "heldout.txt", "heldout.jsonl")
+FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "heldout.txt", "heldout.jsonl",
+         "calibration.jsonl")
 
 
 def path() -> Path:
@@ -42,3 +45,17 @@ def heldout_documents(folder=None):
     from .corpus import read_jsonl
 
     return read_jsonl((path() if folder is None else Path(folder)) / "heldout.jsonl")
+
+
+def calibration_documents(folder=None):
+    """A sample of the training split as `corpus.Document`s (domain, name, text), every domain: text to
+    calibrate or tune on (see `corpus.calibration_sample`); evaluate on `heldout_documents()` instead."""
+    from .corpus import read_jsonl
+
+    folder = path() if folder is None else Path(folder)
+    file = folder / "calibration.jsonl"
+    if not file.exists():
+        raise FileNotFoundError(f"{file} does not exist: {folder} was exported before models shipped a calibration "
+                                "sample. Rerun the `moe-reroute train-reference` command that made it, with the same "
+                                "--workdir and options: it resumes from the final checkpoint and exports again.")
+    return read_jsonl(file)

@@ -32,6 +32,19 @@ def domain_streams(tokenizer, docs) -> dict[str, torch.Tensor]:
     return {k: torch.tensor(v, dtype=torch.long) for k, v in streams.items()}
 
 
+def calibration_summary(tokenizer, docs) -> dict:
+    """The calibration sample's size for the card: documents, characters and tokens (as in training) per
+    domain, and the `corpus.calibration_sample` limits it was drawn with."""
+    from .corpus import CALIBRATION_CHARS, CALIBRATION_DOC_CHARS
+
+    streams = domain_streams(tokenizer, docs)
+    by_domain = {dom: {"documents": sum(d.domain == dom for d in docs),
+                       "chars": sum(len(d.text) for d in docs if d.domain == dom),
+                       "tokens": len(ids)} for dom, ids in streams.items()}
+    return {"by_domain": by_domain, "max_chars_per_domain": CALIBRATION_CHARS,
+            "max_chars_per_document": CALIBRATION_DOC_CHARS}
+
+
 @torch.no_grad()
 def cross_entropy(model, ids: torch.Tensor, seq_len: int = 256, max_tokens: int | None = None) -> float:
     """Mean next-token cross-entropy (nats) over consecutive windows of `seq_len` tokens."""
@@ -293,10 +306,18 @@ def render(result: dict, training: dict) -> str:
         "| domain | source | licence | train documents | train tokens | held-out documents | held-out tokens |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
+    cal = result.get("calibration")
+    if cal:
+        lines[-2] += " calibration documents | calibration tokens |"
+        lines[-1] += " ---: | ---: |"
     for d, info in corpus["domains"].items():
         src = corpus["sources"][d]
-        lines.append(f"| {d} | {src['from']} | {src['licence']} | {info['train_documents']} |"
-                     f" {train_tokens.get(d, 0):,} | {info['heldout_documents']} | {ce[d]['tokens']:,} |")
+        row = (f"| {d} | {src['from']} | {src['licence']} | {info['train_documents']} |"
+               f" {train_tokens.get(d, 0):,} | {info['heldout_documents']} | {ce[d]['tokens']:,} |")
+        if cal:
+            c = cal["by_domain"].get(d, {"documents": 0, "tokens": 0})
+            row += f" {c['documents']} | {c['tokens']:,} |"
+        lines.append(row)
     total_train = result["train_split_tokens"]
     lines += [
         "",
@@ -304,6 +325,17 @@ def render(result: dict, training: dict) -> str:
         f" {cfg['train_tokens']:,} ({cfg['train_tokens'] / total_train:.1f} passes). Held-out split:"
         f" {sum(v['tokens'] for v in ce.values()):,} tokens ({corpus['heldout_chars']:,} characters), in"
         " `heldout.jsonl` (one document per line with its domain) and, as plain text, `heldout.txt`.",
+    ]
+    if cal:
+        by = cal["by_domain"].values()
+        lines.append(
+            f"- Calibration sample: {sum(c['tokens'] for c in by):,} tokens ({sum(c['chars'] for c in by):,}"
+            f" characters) of the training split, in `calibration.jsonl` (same format as `heldout.jsonl`): per"
+            " domain, training documents in a stable pseudo-random order, the first"
+            f" {cal['max_chars_per_document']:,} characters of each at most (cut at a paragraph end), up to"
+            f" {cal['max_chars_per_domain']:,} characters per domain (`corpus.calibration_sample`). For calibration"
+            " and tuning; never evaluate on it (the model was trained on it), evaluate on the held-out split.")
+    lines += [
         "- SERE's expert similarity (`sere/similarity.safetensors`, linear CKA per layer) was calibrated on 2,048"
         " tokens of the training split (16 evenly spaced windows across the domains), never on held-out text.",
         "",

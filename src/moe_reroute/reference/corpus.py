@@ -11,7 +11,8 @@ Domains (documents in brackets):
 
 Debian packages are fetched with `apt-get download NAME=VERSION` and unpacked with `dpkg-deb -x`; nothing is
 installed. The held-out split is whole documents per domain; the training split of each domain is capped so
-that no domain dominates the tokenizer or the data card.
+that no domain dominates the tokenizer or the data card. The calibration sample (`calibration_sample`) is
+drawn from the training split only: text to calibrate and tune on, where the held-out split is for evaluation.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ HELDOUT_NAMED = {"shakespeare": ["twelfth_night"], "kjv": ["Ruth", "Jonah", "Phi
 HELDOUT_CHARS = 150_000  # per domain, whole documents
 HELDOUT_MAX_DOC = 40_000  # documents drawn for the held-out split are at most this long
 TRAIN_CHARS = 2_500_000  # per domain cap on the training split, whole documents
+CALIBRATION_CHARS = 100_000  # per domain, from the training split (the held-out split has about 150,000)
+CALIBRATION_DOC_CHARS = 20_000  # each calibration document is at most this much of one training document
+CALIBRATION_MIN_LEFT = 1_000  # a domain's sample stops once less than this is left of CALIBRATION_CHARS
 
 
 @dataclass
@@ -270,6 +274,44 @@ def split(docs: list[Document]) -> tuple[list[Document], list[Document]]:
             train.append(d)
             n += len(d.text)
     return train, held
+
+
+def _leading(text: str, limit: int) -> str:
+    """The start of `text`, at most `limit` characters, cut after a paragraph (else a line) where one ends."""
+    if len(text) <= limit:
+        return text
+    for sep in ("\n\n", "\n"):
+        cut = text.rfind(sep, 0, limit)
+        if cut > 0:
+            return text[: cut + 1]
+    return text[:limit]
+
+
+def calibration_sample(train: list[Document]) -> list[Document]:
+    """A deterministic sample of the training split for calibration and tuning, never the held-out text.
+
+    Per domain of DOMAINS, the training documents in a stable pseudo-random order of their own (no RNG,
+    independent of the held-out draw); from each, its leading CALIBRATION_DOC_CHARS at most, cut at a
+    paragraph end (else a line end), until less than CALIBRATION_MIN_LEFT is left of the domain's
+    CALIBRATION_CHARS. A calibration document keeps the name of the training document it starts: whole
+    short documents and the openings of long ones.
+    """
+    out = []
+    for domain in DOMAINS:
+        mine = sorted((d for d in train if d.domain == domain),
+                      key=lambda d: hashlib.sha256(f"calibration/{d.domain}/{d.name}".encode()).hexdigest())
+        if not mine:
+            raise RuntimeError(f"the training split has no documents of domain {domain}")
+        left = CALIBRATION_CHARS
+        for d in mine:
+            text = _leading(d.text, min(CALIBRATION_DOC_CHARS, left))
+            if not text.strip():
+                continue
+            out.append(Document(domain, d.name, text))
+            left -= len(text)
+            if left < CALIBRATION_MIN_LEFT:  # a last sliver would be a few lines of one page
+                break
+    return out
 
 
 def write_jsonl(path: Path, docs: list[Document]) -> None:

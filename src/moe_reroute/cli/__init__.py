@@ -10,9 +10,9 @@ import argparse
 import sys
 import traceback
 
-from . import bench, demo, engine, measure, reference
+from . import bench, demo, engine, measure, reference, tune
 
-COMMANDS = [demo, reference, measure, bench, engine]
+COMMANDS = [demo, reference, measure, tune, bench, engine]
 EXIT_BAD_INPUT = 2
 # What a bad input raises: a command's own checks, the library's ValueError/TypeError naming the
 # parameter, a file that cannot be read or written, a missing optional dependency.

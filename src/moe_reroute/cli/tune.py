@@ -1,0 +1,209 @@
+"""`moe-reroute tune`: the cheapest per-layer, per-batch-size policy within a quality budget, as a policy
+file (`MOE_REROUTE_POLICY_FILE`, `moe_reroute.load_policy`), validated on held-out text."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from .inputs import InputError, at_least, check_out_file, read_json_file
+from .measure import command_line, int_list, load_model, read_text
+
+
+def _cost(args) -> tuple[str, float, float, str]:
+    """(objective, b, a, where the coefficients came from)."""
+    if args.cost and args.bench:
+        raise InputError("--cost and --bench are exclusive: give the coefficients or the bench results they are fitted in")
+    if args.objective == "experts":
+        if args.cost or args.bench:
+            raise InputError("--objective experts minimises U alone; drop --cost/--bench, or use --objective time")
+        return "experts", 1.0, 0.0, "U alone"
+    if args.cost:
+        try:
+            b, a = (float(x) for x in args.cost.split(","))
+        except ValueError:
+            raise InputError(f"--cost takes B,A (latency = B*U + A*T*K, e.g. 0.07,0.0004), got {args.cost!r}") from None
+        return "time", b, a, f"--cost {args.cost}"
+    if args.bench:
+        bench = read_json_file(args.bench, "--bench", "the JSON of `moe-reroute bench --json`")
+        model = bench.get("cost_model")
+        if not isinstance(model, dict) or not all(isinstance(model.get(k), (int, float)) for k in ("b", "a")):
+            raise InputError(f"--bench {args.bench}: no fitted cost model in it (run `moe-reroute bench` over several "
+                             "batch sizes, e.g. --batch-sizes 1,4,16,64, so that one can be fitted), or give --cost B,A")
+        return "time", float(model["b"]), float(model["a"]), f"the cost model of {args.bench}"
+    return "time", 1.0, 0.0, "no cost model given: b=1, a=0 (U alone); give --bench or --cost for T*K's share"
+
+
+def _sequences(tokenizer, text: str | None, seq_len: int, num: int):
+    """[N, L] calibration sequences in batch order: the reference model's calibration sample by domain
+    (mixed batches) when `text` is None, else the text cut into consecutive sequences."""
+    from ..measure.evaluate import batch_order, domain_sequences, make_sequences
+    from ..reference.card import domain_streams, heldout_ids
+
+    if text is None:
+        from .. import reference
+
+        seqs, labels = domain_sequences(domain_streams(tokenizer, reference.calibration_documents()), seq_len, num)
+        return seqs[batch_order(labels, 1, "mixed")]
+    return make_sequences(heldout_ids(tokenizer, text), seq_len, num)
+
+
+def _policy_params(name: str, params: dict, model) -> dict:
+    """The fixed parameters as the policy file holds them: SERE's similarity as an absolute path."""
+    params = dict(params)
+    if name == "sere" and isinstance(params.get("similarity"), str):
+        params["similarity"] = str(Path(params["similarity"]).resolve())  # the policy file is read elsewhere
+    if name == "sere" and "similarity" not in params:
+        from ..measure.evaluate import SIMILARITY_FILE
+
+        folder = Path(getattr(model, "name_or_path", "") or ".")
+        if not (folder / SIMILARITY_FILE).exists():
+            raise InputError("sere needs expert similarity: run `moe-reroute calibrate --model PATH --text FILE --out "
+                             "sim.safetensors` and pass --policy sere:similarity=sim.safetensors")
+        params["similarity"] = str((folder / SIMILARITY_FILE).resolve())
+    return params
+
+
+def _tune(args) -> int:
+    from ..measure.tune import TuneConfig, tune
+
+    batch_sizes = int_list(args.batch_sizes)
+    for option, value, low in (("--seq-len", args.seq_len, 2), ("--sequences", args.sequences, 2),
+                               ("--rounds", args.rounds, 1), ("--refine", args.refine, 0),
+                               ("--resamples", args.resamples, 1)):
+        at_least(value, low, option)
+    if args.budget is not None and args.agreement is not None:
+        raise InputError("--budget and --agreement are exclusive: a cross-entropy budget or an agreement floor")
+    budget = args.budget if args.agreement is None else None
+    if budget is None and args.agreement is None:
+        budget = 0.01
+    out = check_out_file(args.out)
+    state = Path(args.state) if args.state else out.with_name(out.name + ".state")
+    check_out_file(state, "--state")
+    if args.model is not None and args.text is None:
+        raise InputError("--text CALIB is needed with --model: calibration text (a sample of the training data), "
+                         "never the text you evaluate on")
+    if args.model is not None and args.heldout is None and not args.no_validate:
+        raise InputError("--heldout FILE is needed with --model to validate the tuned policy on text the search "
+                         "never saw; or pass --no-validate")
+    objective, b, a, cost_note = _cost(args)
+    from ..policies.spec import parse_policy_spec
+
+    family, fixed = parse_policy_spec(args.policy)
+    config = TuneConfig(family=family, budget=budget, agreement=args.agreement, batch_sizes=batch_sizes,
+                        objective=objective, cost_b=b, cost_a=a, params=fixed, rounds=args.rounds,
+                        refine=args.refine)  # checks the settings before the model loads
+    calib = read_text(args.text) if args.text else None
+    heldout = read_text(args.heldout) if args.heldout else None
+    model, tokenizer, _ = load_model(args.model, None, need_text=False)
+    config = dataclasses.replace(config, params=_policy_params(family, fixed, model))
+    say = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    say(f"cost: {cost_note}")
+    sequences = _sequences(tokenizer, calib, args.seq_len, args.sequences)
+    if sequences.shape[0] < max(batch_sizes):
+        raise InputError(f"the calibration text gives {sequences.shape[0]} sequences of {args.seq_len} tokens, fewer "
+                         f"than batch size {max(batch_sizes)}; give more text, more --sequences or a smaller --seq-len")
+    result = tune(model, sequences, config, state_path=state, progress=not args.json, log=say)
+    result["command"] = command_line(args)
+    result["conditions"]["calibration"] = args.text or "the reference model's calibration.jsonl (training split)"
+    result["conditions"]["cost_source"] = cost_note
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result["policy"], indent=1) + "\n")
+    say(f"policy written to {out}: serve it with MOE_REROUTE_POLICY_FILE={out}, or moe_reroute.load_policy({str(out)!r})")
+    if not args.no_validate:
+        result["validation"] = _validate(args, model, tokenizer, heldout, out, result, say)
+    summary = out.with_name(out.stem + ".tune.json")
+    summary.write_text(json.dumps(result, indent=1) + "\n")
+    say(f"search and validation written to {summary}")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def _validate(args, model, tokenizer, heldout, policy_file: Path, result: dict, say) -> dict:
+    """The tuned policy (read back from its file), the best uniform settings and native on held-out text."""
+    from ..measure import report
+    from ..measure.evaluate import EvalConfig, evaluate
+    from ..policies import load_policy
+    from ..policies.spec import policy_from_object
+
+    tuned = load_policy(policy_file)
+    family, parameter = result["policy"]["name"], next(k for k in result["policy"] if k not in ("name", "about"))
+    fixed = {k: v for k, v in result["policy"].items() if k not in ("name", "about", parameter)}
+    policies = {f"tuned:{policy_file.name}": tuned}
+    uniform = {}
+    for B, r in result["by_batch"].items():
+        v = r["uniform"]["values"][0]
+        label = f"{family}:{parameter}={v}"
+        uniform[B] = label
+        if label not in policies:
+            policies[label] = policy_from_object({"name": family, **fixed, parameter: v}, origin=label)
+    from ..reference.card import domain_streams, heldout_ids
+
+    if heldout is None:
+        from ..reference import heldout_documents
+
+        ids, batching = domain_streams(tokenizer, heldout_documents()), "mixed"
+    else:
+        ids, batching = heldout_ids(tokenizer, heldout), "stream"
+    config = EvalConfig(batch_sizes=tuple(sorted(result["by_batch"])), seq_len=args.seq_len,
+                        num_sequences=args.sequences, resamples=args.resamples)
+    say(f"validating on held-out text: {args.sequences} sequences of {args.seq_len} tokens, native, the tuned "
+        f"policy and the best uniform {parameter}")
+    evaluation = evaluate(model, ids, policies, config, progress=not args.json, batching=batching)
+    rows = evaluation["rows"]
+    out = policy_file.with_name(policy_file.stem + ".validation.json")
+    out.write_text(json.dumps({"command": command_line(args), **evaluation}, indent=1) + "\n")
+    keep = [r for r in rows if r["policy"] == "native" or r["policy"].startswith("tuned:")
+            or r["policy"] == uniform.get(r["batch_size"])]
+    say(report.quality_table(keep))
+    summary = {}
+    for B in sorted(result["by_batch"]):
+        at = {r["policy"]: r for r in rows if r["batch_size"] == B}
+        t, u = at[f"tuned:{policy_file.name}"], at[uniform[B]]
+        summary[B] = {"tuned_unique_ratio": t["mean_unique"] / t["native_mean_unique"],
+                      "uniform_unique_ratio": u["mean_unique"] / u["native_mean_unique"],
+                      "tuned_delta_ce": t["delta_ce"], "tuned_delta_ce_ci": t["delta_ce_ci"],
+                      "tuned_significant_loss": t["significant_loss"], "uniform": uniform[B],
+                      "uniform_delta_ce": u["delta_ce"], "uniform_significant_loss": u["significant_loss"]}
+        say(f"batch {B}: tuned U {t['mean_unique']:.1f} ({summary[B]['tuned_unique_ratio']:.2f}x native), delta CE "
+            f"{t['delta_ce']:+.4f} [{t['delta_ce_ci'][0]:+.4f}, {t['delta_ce_ci'][1]:+.4f}]"
+            f"{' significant loss' if t['significant_loss'] else ''}; best uniform {uniform[B]} U "
+            f"{u['mean_unique']:.1f} ({summary[B]['uniform_unique_ratio']:.2f}x)")
+    say(f"held-out evaluation written to {out}; plot it with `moe-reroute report {out}`")
+    return {"file": str(out), "by_batch": summary}
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("tune", help="the cheapest per-layer, per-batch-size policy within a quality budget, as a "
+                       "policy file engines load")
+    p.add_argument("--model", help="local transformers MoE checkpoint (default: the shipped reference model)")
+    p.add_argument("--policy", required=True, help="family to tune, with any fixed parameters: oea, oea:p=0.9, cap, "
+                   "budget, sere (its similarity: the model folder's, or sere:similarity=FILE)")
+    p.add_argument("--budget", type=float, help="largest mean cross-entropy increase over native on the calibration "
+                   "text, nats (default 0.01)")
+    p.add_argument("--agreement", type=float, help="instead of --budget: smallest top-1 agreement with native (0..1)")
+    p.add_argument("--batch-sizes", default="1,4,16,64", help="decode batch sizes to tune (default 1,4,16,64); a step "
+                   "of T tokens takes the setting of the largest of them <= T")
+    p.add_argument("--text", help="calibration text (default with the reference model: its calibration.jsonl, a "
+                   "sample of the training split); needed with --model; never your held-out text")
+    p.add_argument("--heldout", help="held-out text to validate on (default with the reference model: its held-out "
+                   "split); needed with --model unless --no-validate")
+    p.add_argument("--no-validate", action="store_true", help="skip the held-out validation")
+    p.add_argument("--objective", choices=("time", "experts"), default="time",
+                   help="minimise the predicted MoE time b*U + a*T*K (default) or U alone")
+    p.add_argument("--cost", metavar="B,A", help="cost coefficients b (per expert) and a (per token-expert slot)")
+    p.add_argument("--bench", help="JSON of `moe-reroute bench --json`: its fitted cost model gives b and a")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--sequences", type=int, default=64, help="calibration sequences, and held-out ones (default 64)")
+    p.add_argument("--rounds", type=int, default=6, help="joint evaluations of the allocation step (default 6)")
+    p.add_argument("--refine", type=int, default=8, help="evaluations of the refinement step (default 8; 0: none)")
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the validation (default 2000)")
+    p.add_argument("--state", help="file of the search's evaluations, to resume an interrupted run "
+                   "(default: OUT.state)")
+    p.add_argument("--out", default="tuned.json", help="policy file to write (default tuned.json); the search "
+                   "summary goes to OUT_STEM.tune.json and the held-out evaluation to OUT_STEM.validation.json")
+    p.add_argument("--json", action="store_true", help="print one JSON object (progress and log on stderr)")
+    p.set_defaults(run=_tune)

@@ -1,0 +1,187 @@
+"""`moe-reroute tune`: the search against a planted optimum and against `evaluate`, the knapsack against
+brute force, the policy file through every loader, resuming, and bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+
+from cli_helpers import bad_input
+from moe_reroute import RouterSpec, load_policy, make_policy
+from moe_reroute.measure.evaluate import EvalConfig, evaluate
+from moe_reroute.measure.tune import Forwards, Search, TuneConfig, policy_object, tune, value_grid
+from moe_reroute.vllm import config as plugin_config
+from tiny_models import tiny_model
+
+IRRELEVANT = 1  # the MoE layer whose experts are zeroed: its routing cannot change the output
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """A 3-layer tiny Qwen3-MoE (16 experts, top-4) whose MoE layer 1 outputs zero whatever its routing,
+    and 16 random sequences of 12 tokens."""
+    model = tiny_model("qwen3_moe", num_hidden_layers=3)
+    with torch.no_grad():
+        for p in model.model.layers[IRRELEVANT].mlp.experts.parameters():
+            p.zero_()
+    g = torch.Generator().manual_seed(0)
+    return model, torch.randint(2, 64, (16, 12), generator=g)
+
+
+def test_irrelevant_layer_gets_the_smallest_value_and_the_result_matches_evaluate(planted):
+    model, seqs = planted
+    config = TuneConfig("oea", budget=0.0, batch_sizes=(4,), objective="experts", refine=4)
+    out = tune(model, seqs, config, progress=False, log=lambda _: None)
+    tuned = out["by_batch"][4]["tuned"]
+    assert tuned["values"][IRRELEVANT] == 1  # planted: the cheapest k0 costs nothing there
+    assert tuned["delta_ce"] <= 0.0
+    assert tuned["cost"] <= out["by_batch"][4]["uniform"]["cost"]
+    # independent reference: the plain evaluation of the written policy on the same sequences and batches
+    policy = make_policy("oea", k0=tuned["values"])
+    rows = evaluate(model, seqs.flatten(), {"t": policy}, EvalConfig(batch_sizes=(4,), seq_len=12, num_sequences=16,
+                                                                     resamples=10), progress=False)["rows"]
+    row = next(r for r in rows if r["policy"] == "t")
+    assert row["delta_ce"] == pytest.approx(tuned["delta_ce"], abs=2e-6)  # fp32 rounding: other batch shapes
+    assert row["mean_unique"] == pytest.approx(tuned["mean_unique"], abs=1e-9)
+    native = next(r for r in rows if r["policy"] == "native")
+    assert native["mean_unique"] == pytest.approx(sum(out["by_batch"][4]["native_unique"]) / 3, abs=1e-9)
+
+
+def test_layers_below_the_first_changed_one_are_not_recomputed(planted):
+    """Starting from the cached native outputs gives what the full forward gives, without running the
+    layers below (counted)."""
+    model, seqs = planted
+    fw = Forwards(model, seqs, chunk=5)
+    fw.native()
+    policy = make_policy("oea", k0=[4, 4, 2])  # layers 0 and 1 native (k0 = K)
+    rows = torch.arange(4, 8)
+    full, calls = fw.run(rows, policy, 0), []
+    handle = model.model.layers[0].self_attn.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        part = fw.run(rows, policy, 2)
+    finally:
+        handle.remove()
+    assert not calls
+    assert part["d_ce"] == pytest.approx(full["d_ce"], abs=2e-6)  # fp32 rounding of other batch shapes
+    assert part["agree"] == pytest.approx(full["agree"], abs=1e-12)
+    assert part["unique"][2] == full["unique"][2] and part["kept"][2] == full["kept"][2]
+
+
+def test_allocation_is_the_brute_force_optimum():
+    """The knapsack rounds each loss up to its grid (limit / 400): its answer is the brute-force optimum
+    over the settings whose rounded-up losses fit, and its true loss fits too."""
+    import math
+
+    rng = random.Random(0)
+    search = Search.__new__(Search)
+    for trial in range(40):
+        table = []
+        for _ in range(rng.randint(1, 4)):
+            opts = [(8, 10.0, 0.0)]
+            for v in range(7, 7 - rng.randint(1, 5), -1):
+                opts.append((v, opts[-1][1] - rng.uniform(0.1, 2), opts[-1][2] + rng.uniform(-0.002, 0.01)))
+            table.append(opts)
+        limit = rng.uniform(0.001, 0.03)
+        got = search.allocate(table, limit)
+        picked = [next(o for o in opts if o[0] == v) for opts, v in zip(table, got)]
+        assert sum(max(o[2], 0.0) for o in picked) <= limit * (1 + 1e-9), (trial, got)
+        unit = limit / 400
+        best = min(sum(o[1] for o in combo) for combo in itertools.product(*table)
+                   if sum(math.ceil(max(o[2], 0.0) / unit - 1e-9) for o in combo) <= 400)
+        assert sum(o[1] for o in picked) == pytest.approx(best, abs=1e-9), (trial, got)
+    table = [[(4, 5.0, 0.0), (2, 3.0, -0.001), (1, 1.0, 0.002)], [(4, 5.0, 0.0), (3, 4.0, 0.0)]]
+    assert search.allocate(table, 0.0) == (2, 3)  # no budget: the cheapest options that cost no quality
+
+
+def test_policy_file_by_batch_round_trips_through_every_loader(tmp_path):
+    config = TuneConfig("oea", budget=0.01, batch_sizes=(1, 4, 16))
+    tuned = {1: [4, 4, 2], 4: [3, 1, 2], 16: [2, 2, 2]}
+    obj = policy_object(config, tuned, "m")
+    assert obj["k0"] == {"by_batch": {"3": [4, 4, 2], "15": [3, 1, 2], "max": 2}}
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps(obj))
+    spec = RouterSpec(num_experts=16, top_k=4)
+    loaders = {"load_policy": load_policy(path),
+               "MOE_REROUTE_POLICY_FILE": plugin_config.from_env({plugin_config.POLICY_FILE_ENV: str(path)}).policy}
+    g = torch.Generator().manual_seed(1)
+    for T, values in ((1, [4, 4, 2]), (3, [4, 4, 2]), (4, [3, 1, 2]), (15, [3, 1, 2]), (16, [2, 2, 2]), (64, [2, 2, 2])):
+        logits = torch.randn(T, 16, generator=g)
+        for layer in range(3):
+            want = make_policy("oea", k0=values[layer])(logits, spec, layer=layer)
+            for name, policy in loaders.items():
+                got = policy(logits, spec, layer=layer)
+                assert torch.equal(got.ids, want.ids), (name, T, layer)
+                assert torch.equal(got.weights, want.weights), (name, T, layer)
+    same = policy_object(config, {1: [2, 3, 2], 4: [2, 3, 2], 16: [2, 3, 2]})
+    assert same["k0"] == [2, 3, 2] and "about" in same
+
+
+def test_interrupted_search_resumes_without_repeating_evaluations(planted, tmp_path):
+    model, seqs = planted
+    state = tmp_path / "state.json"
+    config = TuneConfig("cap", budget=0.02, batch_sizes=(2, 8), objective="experts", rounds=2, refine=2)
+    built = []
+
+    def build(values):
+        built.append(values)
+        return make_policy("cap", k=values)
+
+    first = tune(model, seqs, config, state_path=state, progress=False, log=lambda _: None, build=build)
+    assert len(built) > 3 and state.exists()
+    built.clear()
+    lines = []
+    again = tune(model, seqs, config, state_path=state, progress=False, log=lines.append, build=build)
+    assert len(built) == 1  # the up-front check of the fixed parameters only: every evaluation was saved
+    assert again["policy"] == first["policy"] and any("resuming" in line for line in lines)
+    other = TuneConfig("cap", budget=0.05, batch_sizes=(2, 8), objective="experts")
+    with pytest.raises(ValueError, match="other arguments"):
+        tune(model, seqs, other, state_path=state, progress=False, log=lambda _: None)
+
+
+def test_value_grids():
+    spec = RouterSpec(num_experts=128, top_k=8)
+    assert value_grid("oea", spec) == [8, 7, 6, 5, 4, 3, 2, 1]
+    grid = value_grid("budget", spec)
+    assert grid[0] == 128 and grid == sorted(grid, reverse=True) and min(grid) >= 8
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(family="native"), "has no tunable parameter"),
+    (dict(family="lynx"), "not a policy family"),
+    (dict(family="oea", budget=-0.1), ">= 0"),
+    (dict(family="oea", budget=float("nan")), ">= 0"),
+    (dict(family="oea", budget=None, agreement=1.5), "in [0, 1]"),
+    (dict(family="oea", budget=0.01, agreement=0.9), "not both"),
+    (dict(family="oea", params={"k0": 3}), "do not fix it"),
+    (dict(family="oea", batch_sizes=(0, 4)), ">= 1"),
+    (dict(family="oea", cost_b=0.0, cost_a=0.0), "not both 0"),
+])
+def test_bad_config(kwargs, needle):
+    with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        TuneConfig(**kwargs)
+
+
+def test_too_few_sequences(planted):
+    model, seqs = planted
+    with pytest.raises(ValueError, match="needs at least 32 calibration sequences"):
+        tune(model, seqs, TuneConfig("oea", batch_sizes=(32,)), progress=False, log=lambda _: None)
+
+
+def test_cli_bad_input(capsys, tmp_path):
+    out = tmp_path / "t.json"
+    bad_input(capsys, ["tune", "--policy", "native", "--out", out], "has no tunable parameter")
+    bad_input(capsys, ["tune", "--policy", "oea", "--budget", "-1", "--out", out], ">= 0")
+    bad_input(capsys, ["tune", "--policy", "oea", "--budget", "0.01", "--agreement", "0.9", "--out", out], "exclusive")
+    bad_input(capsys, ["tune", "--policy", "oea", "--model", tmp_path, "--out", out], "--text CALIB is needed")
+    text = tmp_path / "c.txt"
+    text.write_text("some text\n")
+    bad_input(capsys, ["tune", "--policy", "oea", "--model", tmp_path, "--text", text, "--out", out], "--heldout")
+    bad_input(capsys, ["tune", "--policy", "oea", "--cost", "1", "--out", out], "B,A")
+    bad_input(capsys, ["tune", "--policy", "oea", "--objective", "experts", "--cost", "1,0", "--out", out], "drop --cost")
+    bad_input(capsys, ["tune", "--policy", "oea:k0=3", "--out", out], "do not fix it")
+    bad_input(capsys, ["tune", "--policy", "oea", "--out", tmp_path], "is a folder")
+    assert not out.exists()

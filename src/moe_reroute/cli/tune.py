@@ -99,7 +99,9 @@ def _tune(args) -> int:
     heldout = read_text(args.heldout) if args.heldout else None
     model, tokenizer, _ = load_model(args.model, None, need_text=False)
     config = dataclasses.replace(config, params=_policy_params(family, fixed, model))
-    say = (lambda line: print(line, file=sys.stderr)) if args.json else print
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
     say(f"cost: {cost_note}")
     sequences = _sequences(tokenizer, calib, args.seq_len, args.sequences)
     if sequences.shape[0] < max(batch_sizes):

@@ -384,10 +384,13 @@ class Search:
 
     def run(self) -> tuple[Point, Point]:
         """(best uniform, tuned) within budget."""
+        self.log(f"batch {self.B}: {len(self.batches)} decode batches; uniform settings")
         uniform = self.best_uniform()
         self.log(f"batch {self.B}: best uniform {self.config.parameter}={uniform.values[0]} "
                  f"U {_mean(uniform.unique):.1f} (native {_mean(self.native_unique):.1f}) loss {uniform.loss:+.4f}")
+        self.log(f"batch {self.B}: sensitivity, {self.num_layers} layers one at a time")
         table = self.sensitivity()
+        self.log(f"batch {self.B}: allocation")
         best = uniform
         limit = self.config.loss_limit()
         target = limit

@@ -294,9 +294,12 @@ class Policy:
             return kernels.route(self, router_logits, spec, valid, config, layer, fixed)
         if native is not None:
             w, ids = native
-            if tuple(ids.shape) != (router_logits.shape[0], spec.top_k) or tuple(w.shape) != tuple(ids.shape):
-                raise ValueError(f"native top-K must be (weights, ids) of shape [T, K]=[{router_logits.shape[0]}, "
-                                 f"{spec.top_k}], got {tuple(w.shape)} and {tuple(ids.shape)}")
+            want = (*router_logits.shape[:-1], spec.top_k)
+            if tuple(ids.shape) != want or tuple(w.shape) != tuple(ids.shape):
+                name = "[T, K]" if router_logits.dim() == 2 else "[S, T, K]"
+                raise ValueError(f"native top-K must be (weights, ids) of shape {name}={list(want)} ([T, K] for "
+                                 f"router_logits [T, E], [S, T, K] for [S, T, E]), got {tuple(w.shape)} and "
+                                 f"{tuple(ids.shape)}")
             native = (w.float(), ids.long())
         return self.route(router_logits, spec, valid, config, layer, native, fixed)
 

@@ -71,22 +71,22 @@ class OEA(Policy):
 
         s = score(sanitize(router_logits, valid), spec, self.ties, native)
         order = rank(s.choice, ranked_native(s)[0], self.ties)  # [T, E]
-        values = s.choice.gather(1, order)
+        values = s.choice.gather(-1, order)
         pos = torch.arange(E, device=order.device)
         if config.p >= 1.0:
-            n = torch.full_like(order[:, :1], k0)
+            n = torch.full_like(order[..., :1], k0)
         else:
-            cum = token_probs(s.choice, s.gate).gather(1, order).cumsum(dim=-1)  # [T, E]
+            cum = token_probs(s.choice, s.gate).gather(-1, order).cumsum(dim=-1)  # [T, E]
             t = (cum < config.p).sum(dim=-1, keepdim=True) + 1  # fewest experts whose mass reaches p
             n = t.clamp(max=k0)
         base = pos < n  # [T, E], in rank order
-        base_by_expert = torch.zeros_like(base).scatter(1, order, base)  # [T, E]
-        members = base_by_expert & valid[:, None]  # [T, E]
+        base_by_expert = torch.zeros_like(base).scatter(-1, order, base)  # [T, E]
+        members = base_by_expert & valid[..., None]  # [T, E]
         held = fixed_members(s, fixed, valid)
         if held is not None:  # a fixed row brings its whole native top-K
-            members = torch.where(fixed[:, None], held, members)
-        loaded = members.any(dim=0)  # [E], the batch's set S
-        piggyback = loaded[order] & torch.isfinite(values) & (pos < max_rank)
+            members = torch.where(fixed[..., None], held, members)
+        loaded = members.any(dim=-2, keepdim=True).expand_as(order)  # [T, E] by expert: the batch's set S
+        piggyback = loaded.gather(-1, order) & torch.isfinite(values) & (pos < max_rank)
         eligible = base | piggyback
         keep = eligible & (eligible.cumsum(dim=-1) <= k_max)
         ids, kept = pack(order, keep, K)

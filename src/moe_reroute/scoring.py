@@ -82,15 +82,17 @@ def stable_topk(choice: torch.Tensor, K: int) -> torch.Tensor:
     return torch.sort(choice, dim=-1, descending=True, stable=True)[1][..., :K]
 
 
-def native_topk(router_logits: torch.Tensor, spec: RouterSpec, ties: str = "model") -> tuple[torch.Tensor, torch.Tensor]:
+def native_topk(router_logits: torch.Tensor, spec: RouterSpec, ties: str = "model",
+                probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's routing: (weights [T, K] float32, ids [T, K] int64).
 
     ties="model": the stock transformers routers' exact operations (bit for bit). "lower-id": the same
-    weights, with equal scores ordered by lower expert id.
+    weights, with equal scores ordered by lower expert id. probs: `softmax_probs(router_logits)` when the
+    caller has it already (softmax scoring).
     """
     K = spec.top_k
     if spec.scoring == "softmax":  # Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral
-        probs = torch.softmax(router_logits, dtype=torch.float, dim=-1)
+        probs = softmax_probs(router_logits) if probs is None else probs
         if ties == "model":
             top, ids = torch.topk(probs, K, dim=-1)
         else:
@@ -117,14 +119,20 @@ def native_topk(router_logits: torch.Tensor, spec: RouterSpec, ties: str = "mode
     return weights * spec.routed_scaling_factor, ids
 
 
+def softmax_probs(router_logits: torch.Tensor) -> torch.Tensor:
+    """The softmax routers' probabilities, as they compute them: float32 softmax over E. [T, E]"""
+    return torch.softmax(router_logits, dtype=torch.float, dim=-1)
+
+
 def score(router_logits: torch.Tensor, spec: RouterSpec, ties: str = "model",
           native: tuple[torch.Tensor, torch.Tensor] | None = None) -> Scored:
     """The model's view of each expert (float32) and its own top-K (or `native`: an engine's (weights, ids))."""
-    native_w, native_ids = native_topk(router_logits, spec, ties) if native is None else native
+    probs = softmax_probs(router_logits) if spec.scoring == "softmax" else None
+    native_w, native_ids = native_topk(router_logits, spec, ties, probs) if native is None else native
     x = router_logits.float()
     if spec.scoring == "softmax":
         # rank by the logits: the same order as the probabilities, and exact on every device
-        return Scored(x, torch.softmax(x, dim=-1), native_ids, native_w)
+        return Scored(x, probs, native_ids, native_w)
     if spec.scoring == "topk_softmax":
         return Scored(x, torch.exp(x - x.amax(dim=-1, keepdim=True)), native_ids, native_w)
     s = x.sigmoid()
@@ -162,6 +170,27 @@ def rank(choice: torch.Tensor, native_ids: torch.Tensor, ties: str = "model") ->
     pri = torch.full(choice.shape, K, dtype=torch.long, device=choice.device).scatter_(-1, native_ids, slot)
     perm = torch.sort(pri.gather(-1, order), dim=-1, stable=True)[1]
     return order.gather(-1, perm)
+
+
+def order_key(choice: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+    """[T, E] integer keys that order each token's experts as the ranking rule orders the rest: by
+    `choice`, equal scores to the lower id. All keys of a row are distinct, so `torch.topk` of them is
+    exact (it orders equal values arbitrarily) and far cheaper than the stable sort it replaces.
+
+    A float's bits read as sign and magnitude give its order as an integer (-0 = +0; -inf lowest, and
+    garbage in, garbage out for NaN); the expert id fills the low bits. logits: the 16-bit (bfloat16 or
+    float16) logits `choice` was cast from, if it was (softmax scoring): their bits make int32 keys.
+    """
+    E = choice.shape[-1]
+    shift = max(E - 1, 1).bit_length()
+    ids = (1 << shift) - 1 - torch.arange(E, device=choice.device)  # lower id: larger key
+    if logits is not None and logits.dtype in (torch.bfloat16, torch.float16) and shift <= 15:
+        bits = logits.view(torch.int16).to(torch.int32)
+        mag = bits & 0x7FFF
+        return torch.where(bits < 0, -mag, mag).bitwise_left_shift_(shift).bitwise_or_(ids.to(torch.int32))
+    bits = choice.float().view(torch.int32).to(torch.int64)
+    mag = bits & 0x7FFFFFFF
+    return torch.where(bits < 0, -mag, mag).bitwise_left_shift_(shift).bitwise_or_(ids)
 
 
 def pack(order: torch.Tensor, keep_sorted: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:

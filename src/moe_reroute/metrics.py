@@ -41,7 +41,7 @@ def unique_experts(routing: Routing, num_experts: int) -> torch.Tensor:
 def experts_per_token(routing: Routing) -> torch.Tensor:
     """[T] int64: distinct experts each token computes (its kept experts). [S, T] for S steps."""
     ids = torch.sort(routing.ids, dim=-1).values
-    return 1 + (ids[:, 1:] != ids[:, :-1]).sum(dim=-1)
+    return 1 + (ids[..., 1:] != ids[..., :-1]).sum(dim=-1)
 
 
 def retained_mass(routing: Routing, router_logits: torch.Tensor, spec: RouterSpec) -> torch.Tensor:

@@ -222,7 +222,8 @@ class PolicyConfig:
 
 class Policy:
     """A routing policy: `policy(router_logits [T, E], spec, valid=None, layer=None, native=None, fixed=None)
-    -> Routing`.
+    -> Routing`. router_logits [S, T, E] (valid, fixed [S, T], native [S, T, K]) routes S steps of one
+    layer, each as its own batch (the answer of S separate calls), into a Routing of [S, T, K] tensors.
 
     `layer` is the MoE-layer index (0 = the model's first MoE layer, dense layers not counted); it picks
     the values given per layer and may be None when there are none.
@@ -285,7 +286,8 @@ class Policy:
     ) -> Routing:
         """native: an engine's own top-K (weights [T, K], ids [T, K]) for ranks 1..K, so that "native"
         means the engine's routing, ties included (torch backend; the kernels rank by their own).
-        fixed: [T] bool, True on the rows that keep native routing (None: none)."""
+        fixed: [T] bool, True on the rows that keep native routing (None: none). With [S, T, E] logits
+        every [T, ...] argument gains the leading S."""
         fused = isinstance(router_logits, torch.Tensor) and self.uses_kernels(router_logits)
         valid = check_inputs(router_logits, spec, valid, self.check_inputs, materialize=not fused, fixed=fixed)
         config = self.config.at_layer(layer, router_logits.shape[-2] if router_logits.dim() >= 2 else None)

@@ -22,7 +22,7 @@ from moe_reroute.kernels import triton_route as tr  # noqa: E402
 
 POLICIES = {"native": tr.NATIVE, "cap": tr.CAP, "oea": tr.OEA, "sere": tr.SERE, "budget": tr.BUDGET}
 SCORINGS = {"softmax": tr.SOFTMAX, "topk_softmax": tr.TOPK_SOFTMAX, "sigmoid": tr.SIGMOID}
-TYPES = dict(logits_ptr="*bf16", stride="i32", valid_ptr="*u8", fixed_ptr="*u8", bias_ptr="*fp32", sim_ptr="*fp32",
+TYPES = dict(logits_ptr="*bf16", stride="i32", stride_s="i64", valid_ptr="*u8", fixed_ptr="*u8", bias_ptr="*fp32", sim_ptr="*fp32",
              part_a_ptr="*i32", part_b_ptr="*i32", ids_ptr="*i64", w_ptr="*fp32", T="i32", nb="i32", rsf="fp32",
              k_param="i32", k_max="i32", max_rank="i32", p_top="fp32", threshold="fp32")
 

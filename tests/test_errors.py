@@ -93,8 +93,8 @@ def test_similarity_errors():
 
 def test_shape_and_dtype_errors():
     policy = make_policy("oea", k0=2)
-    with pytest.raises(ValueError, match=r"2-D \[T, E\].*reshape"):
-        policy(X[None], SPEC)
+    with pytest.raises(ValueError, match=r"2-D \[T, E\].* or 3-D \[S, T, E\].*reshape"):
+        policy(X[None, None], SPEC)  # (X[None] is one step of X: [S, T, E] with S = 1)
     with pytest.raises(ValueError, match="E=15 experts but the RouterSpec says num_experts=16"):
         policy(X[:, :15], SPEC)
     with pytest.raises(TypeError, match="floating-point"):

@@ -1,7 +1,11 @@
 """The routing contract: what a model's router does (`RouterSpec`) and what a policy returns (`Routing`).
 
 Shape letters used throughout the package: T = tokens in the batch, E = routed experts,
-K = experts per token (the model's top-k), L = layers.
+K = experts per token (the model's top-k), L = layers, S = steps.
+
+Steps: a policy call takes one batch, router logits [T, E], or S batches at once, [S, T, E] (valid and
+fixed [S, T]): each step is routed as its own batch, exactly as S separate calls would route it, and
+the Routing holds [S, T, K] tensors. Trace replay uses this to route many decode steps per call.
 
 Layer numbering: the `layer` a policy is called with is the 0-based MoE-layer index, the n-th decoder
 layer that holds a routed MoE block, dense layers not counted (`moe_layers` reads which those are from a
@@ -247,7 +251,7 @@ def engine_spec(
 
 @dataclass(frozen=True)
 class Routing:
-    """One layer's routing of one batch: exactly K slots per token.
+    """One layer's routing of one batch: exactly K slots per token (or of S batches: [S, T, ...] tensors).
 
     weights: [T, K] float32. ids: [T, K] int64. valid: [T] bool (None: every row is a real token).
     A slot a policy dropped repeats an expert its token already uses, with weight 0.
@@ -259,11 +263,12 @@ class Routing:
 
     @property
     def num_tokens(self) -> int:
-        return self.ids.shape[0]
+        """T, the tokens of one batch (of each step, for [S, T, K] routing)."""
+        return self.ids.shape[-2]
 
     @property
     def top_k(self) -> int:
-        return self.ids.shape[1]
+        return self.ids.shape[-1]
 
 
 def check_inputs(
@@ -274,42 +279,46 @@ def check_inputs(
     materialize: bool = True,
     fixed: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Validate a policy call and return `valid` as a [T] bool tensor on the logits' device (None stays None
-    unless `materialize`).
+    """Validate a policy call and return `valid` as a bool tensor of the logits' rows ([T], or [S, T] for
+    [S, T, E] logits) on the logits' device (None stays None unless `materialize`).
 
     Shapes and dtypes are checked always (free); values (NaN/inf) of the valid rows only when
     `check_values`, since that needs a host synchronisation, and never while compiling or capturing a
     CUDA graph. Invalid (padding) rows may hold anything: no policy lets them change a valid row.
-    `fixed` (None, or the [T] bool mask of rows that keep native routing) is checked like `valid`.
+    `fixed` (None, or the bool mask of rows that keep native routing, shaped as `valid`) is checked like `valid`.
     """
     if not isinstance(spec, RouterSpec):
         raise TypeError(f"spec must be a RouterSpec, got {type(spec).__name__}; build one with RouterSpec.from_config(config)")
     if not isinstance(router_logits, torch.Tensor):
-        raise TypeError(f"router_logits must be a torch.Tensor [T, E], got {type(router_logits).__name__}")
-    if router_logits.dim() != 2:
+        raise TypeError(f"router_logits must be a torch.Tensor [T, E] or [S, T, E], got {type(router_logits).__name__}")
+    if router_logits.dim() not in (2, 3):
         raise ValueError(
-            f"router_logits must be 2-D [T, E], got shape {tuple(router_logits.shape)}; "
-            "flatten batch and sequence first: logits.reshape(-1, E)"
+            f"router_logits must be 2-D [T, E] (one batch) or 3-D [S, T, E] (S steps, each its own batch), got "
+            f"shape {tuple(router_logits.shape)}; flatten batch and sequence of a step first: logits.reshape(-1, E)"
         )
-    T, E = router_logits.shape
+    E = router_logits.shape[-1]
+    T = router_logits.shape[-2]
+    rows = tuple(router_logits.shape[:-1])  # (T,) or (S, T)
     if E != spec.num_experts:
         raise ValueError(f"router_logits has E={E} experts but the RouterSpec says num_experts={spec.num_experts}")
-    if T < 1:
-        raise ValueError("router_logits has no tokens (T=0)")
+    if T < 1 or router_logits.numel() == 0:
+        raise ValueError(f"router_logits has no tokens (shape {tuple(router_logits.shape)})")
     if not router_logits.dtype.is_floating_point:
         raise TypeError(f"router_logits must be a floating-point tensor, got {router_logits.dtype}")
     if valid is None:
         if materialize:
-            valid = torch.ones(T, dtype=torch.bool, device=router_logits.device)
+            valid = torch.ones(rows, dtype=torch.bool, device=router_logits.device)
     else:
         if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
-            raise TypeError(f"valid must be a bool tensor [T], got {getattr(valid, 'dtype', type(valid).__name__)}")
-        if tuple(valid.shape) != (T,):
-            raise ValueError(f"valid must have shape [T]=[{T}], got {tuple(valid.shape)}")
+            raise TypeError(f"valid must be a bool tensor {_rows_name(rows)}, got "
+                            f"{getattr(valid, 'dtype', type(valid).__name__)}")
+        if tuple(valid.shape) != rows:
+            raise ValueError(f"valid must have shape {_rows_name(rows)}={list(rows)}, one flag per router-logits row, "
+                             f"got {tuple(valid.shape)}; {_FORMS}")
         if valid.device != router_logits.device:
             raise ValueError(f"valid is on {valid.device} but router_logits on {router_logits.device}; put both on one device")
     if fixed is not None:
-        check_fixed(fixed, T, router_logits.device)
+        check_fixed(fixed, rows, router_logits.device)
     bias = spec.e_score_correction_bias
     if bias is not None and bias.device != router_logits.device:
         raise ValueError(
@@ -321,28 +330,42 @@ def check_inputs(
         if valid is not None:
             bad_rows = bad_rows & valid  # padding rows may hold anything
         if bool(bad_rows.any()):
-            bad = bad_rows.nonzero().flatten()[:5].tolist()
+            bad = bad_rows.nonzero()[:5]
+            bad = bad.flatten().tolist() if bad_rows.dim() == 1 else [tuple(r) for r in bad.tolist()]
+            where = "token rows" if bad_rows.dim() == 1 else "(step, token row)s"
             raise ValueError(
-                f"router_logits contain NaN or inf (first bad token rows: {bad}); "
+                f"router_logits contain NaN or inf (first bad {where}: {bad}); "
                 "the model produced non-finite router logits, check its dtype and inputs"
             )
     return valid
 
 
-def check_fixed(fixed: Any, T: int, device: torch.device) -> None:
-    """Raise ValueError, saying how to fix it, unless `fixed` is a [T] bool tensor on `device`.
+# How the masks' shapes follow the logits', said by every shape error.
+_FORMS = "router_logits [T, E] takes valid and fixed [T]; router_logits [S, T, E] takes them [S, T]"
 
-    fixed [T] bool: True on the rows that keep the model's own routing (an engine's prefill tokens in a
+
+def _rows_name(rows: tuple[int, ...]) -> str:
+    return "[T]" if len(rows) == 1 else "[S, T]"
+
+
+def check_fixed(fixed: Any, rows: int | tuple[int, ...], device: torch.device) -> None:
+    """Raise ValueError, saying how to fix it, unless `fixed` is a bool tensor of shape `rows` ([T], or
+    [S, T] for [S, T, E] logits; an int T means [T]) on `device`.
+
+    fixed bool: True on the rows that keep the model's own routing (an engine's prefill tokens in a
     step that mixes prefill and decode). No tensor op, no host synchronisation: safe in a CUDA graph.
     """
+    rows = (rows,) if isinstance(rows, int) else tuple(rows)
+    name = _rows_name(rows)
     if not isinstance(fixed, torch.Tensor):
-        raise ValueError(f"fixed must be a [T] bool tensor (True: the row keeps native routing) or None, got "
+        raise ValueError(f"fixed must be a {name} bool tensor (True: the row keeps native routing) or None, got "
                          f"{type(fixed).__name__}; build it with torch.tensor(mask, dtype=torch.bool)")
     if fixed.dtype != torch.bool:
-        raise ValueError(f"fixed must be a bool tensor [T], got {fixed.dtype}; pass fixed.bool() "
+        raise ValueError(f"fixed must be a bool tensor {name}, got {fixed.dtype}; pass fixed.bool() "
                          "(True: the row keeps native routing)")
-    if tuple(fixed.shape) != (T,):
-        raise ValueError(f"fixed must have shape [T]=[{T}], one flag per router-logits row, got {tuple(fixed.shape)}")
+    if tuple(fixed.shape) != rows:
+        raise ValueError(f"fixed must have shape {name}={list(rows)}, one flag per router-logits row, got "
+                         f"{tuple(fixed.shape)}; {_FORMS}")
     if fixed.device != device:
         raise ValueError(f"fixed is on {fixed.device} but router_logits on {device}; put both on one device "
                          "(fixed.to(router_logits.device))")

@@ -1,7 +1,8 @@
 """Metrics of a routing: pure functions of tensors, no host synchronisation (results stay tensors).
 
-T = tokens, E = experts, K = slots per token, D = expert-parallel ranks. Padding rows
-(`Routing.valid` False) never count.
+T = tokens, E = experts, K = slots per token, D = expert-parallel ranks, S = steps. Padding rows
+(`Routing.valid` False) never count. A routing of S steps ([S, T, K], as a policy returns for
+[S, T, E] logits) gives one value per step: [S] where one batch gives a 0-d tensor, [S, T] for [T].
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from .scoring import score
 
 def _valid(routing: Routing) -> torch.Tensor:
     if routing.valid is None:
-        return torch.ones(routing.ids.shape[0], dtype=torch.bool, device=routing.ids.device)
+        return torch.ones(routing.ids.shape[:-1], dtype=torch.bool, device=routing.ids.device)
     return routing.valid
 
 
@@ -23,24 +24,24 @@ def expert_mask(routing: Routing, num_experts: int) -> torch.Tensor:
     ids = routing.ids
     if int(num_experts) < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-    mask = torch.zeros(ids.shape[0], num_experts, dtype=torch.bool, device=ids.device)
-    return mask.scatter_(1, ids.long(), True)
+    mask = torch.zeros(*ids.shape[:-1], num_experts, dtype=torch.bool, device=ids.device)
+    return mask.scatter_(-1, ids.long(), True)
 
 
 def used_experts(routing: Routing, num_experts: int) -> torch.Tensor:
-    """[E] bool: the batch's expert set, over valid tokens."""
-    return (expert_mask(routing, num_experts) & _valid(routing)[:, None]).any(dim=0)
+    """[E] bool: the batch's expert set, over valid tokens ([S, E]: each step's)."""
+    return (expert_mask(routing, num_experts) & _valid(routing)[..., None]).any(dim=-2)
 
 
 def unique_experts(routing: Routing, num_experts: int) -> torch.Tensor:
-    """U: distinct experts the batch's valid tokens activate (0-d int64 tensor)."""
-    return used_experts(routing, num_experts).sum()
+    """U: distinct experts the batch's valid tokens activate (0-d int64 tensor; [S] for S steps)."""
+    return used_experts(routing, num_experts).sum(dim=-1)
 
 
 def experts_per_token(routing: Routing) -> torch.Tensor:
-    """[T] int64: distinct experts each token computes (its kept experts)."""
+    """[T] int64: distinct experts each token computes (its kept experts). [S, T] for S steps."""
     ids = torch.sort(routing.ids, dim=-1).values
-    return 1 + (ids[:, 1:] != ids[:, :-1]).sum(dim=-1)
+    return 1 + (ids[..., 1:] != ids[..., :-1]).sum(dim=-1)
 
 
 def retained_mass(routing: Routing, router_logits: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
@@ -52,7 +53,7 @@ def retained_mass(routing: Routing, router_logits: torch.Tensor, spec: RouterSpe
     """
     s = score(router_logits, spec)
     kept = (s.gate * expert_mask(routing, spec.num_experts)).sum(dim=-1)
-    native = s.gate.gather(1, s.native_ids).sum(dim=-1)
+    native = s.gate.gather(-1, s.native_ids).sum(dim=-1)
     return kept / native.clamp_min(torch.finfo(native.dtype).tiny)
 
 
@@ -73,7 +74,7 @@ def default_placement(num_experts: int, ranks: int, device: torch.device | str |
 def unique_experts_per_rank(
     routing: Routing, num_experts: int, ranks: int, placement: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """[D] int64: distinct experts each rank must read under expert parallelism.
+    """[D] int64: distinct experts each rank must read under expert parallelism ([S, D] for S steps).
 
     placement: [E] rank of each expert; default contiguous blocks (expert e on rank e*D//E).
     """
@@ -81,29 +82,31 @@ def unique_experts_per_rank(
         placement = default_placement(num_experts, ranks, routing.ids.device)
     elif tuple(placement.shape) != (num_experts,):
         raise ValueError(f"placement must have shape [E]=[{num_experts}], got {tuple(placement.shape)}")
-    used = used_experts(routing, num_experts).long()
-    return torch.zeros(ranks, dtype=torch.long, device=used.device).scatter_add_(0, placement.long(), used)
+    used = used_experts(routing, num_experts).long()  # [E] ([S, E])
+    out = torch.zeros(*used.shape[:-1], ranks, dtype=torch.long, device=used.device)
+    return out.scatter_add_(-1, placement.long().expand(used.shape), used)
 
 
 def max_unique_per_rank(
     routing: Routing, num_experts: int, ranks: int, placement: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The step time under expert parallelism follows the busiest rank: max over ranks of its U (0-d)."""
-    return unique_experts_per_rank(routing, num_experts, ranks, placement).max()
+    """The step time under expert parallelism follows the busiest rank: max over ranks of its U (0-d; [S])."""
+    return unique_experts_per_rank(routing, num_experts, ranks, placement).amax(dim=-1)
 
 
 def summarize(
     routing: Routing, router_logits: torch.Tensor, spec: RouterSpec, native: Routing | None = None
 ) -> dict[str, float]:
-    """Means over valid tokens of the metrics above, as Python floats (this one does synchronise)."""
+    """Means over valid tokens of the metrics above, as Python floats (this one does synchronise); U is
+    the mean over steps for a routing of S steps."""
     valid = _valid(routing)
     n = valid.sum().clamp_min(1)
     out = {
-        "unique_experts": float(unique_experts(routing, spec.num_experts)),
+        "unique_experts": float(unique_experts(routing, spec.num_experts).float().mean()),
         "experts_per_token": float((experts_per_token(routing) * valid).sum() / n),
         "retained_mass": float((retained_mass(routing, router_logits, spec) * valid).sum() / n),
     }
     if native is not None:
-        out["native_unique_experts"] = float(unique_experts(native, spec.num_experts))
+        out["native_unique_experts"] = float(unique_experts(native, spec.num_experts).float().mean())
         out["overlap_with_native"] = float((overlap_with_native(routing, native, spec.num_experts) * valid).sum() / n)
     return out

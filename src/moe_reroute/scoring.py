@@ -1,7 +1,9 @@
 """Shared pieces of every policy: the model's scores and top-K, ranking, packing kept experts into K slots, weights.
 
-T = tokens, E = experts, K = experts per token. Nothing here synchronises with the host or makes a
-data-dependent shape, so policies built from it run inside CUDA graphs and torch.compile(fullgraph=True).
+T = tokens, E = experts, K = experts per token, S = steps. Every function takes one batch ([T, ...]
+tensors) or S batches at once ([S, T, ...]; a batch-wide reduction is then one per step). Nothing here
+synchronises with the host or makes a data-dependent shape, so policies built from it run inside CUDA
+graphs and torch.compile(fullgraph=True).
 
 Ranking rule (every policy, every backend): a token's ranks 1..K are the model's own top-K experts, in
 the model's order; the other experts follow by the model's score, ties to the lower expert id. So a
@@ -58,42 +60,44 @@ def grouped_choice(scores: torch.Tensor, spec: RouterSpec, ties: str = "model") 
     With ties="model" the same operations, in the same order, as transformers' DeepseekV3TopkRouter,
     so that top-K of the result gives its ids bit for bit; "lower-id" picks equal groups by lower id.
     """
-    T, E = scores.shape
+    *rows, E = scores.shape
     bias = spec.e_score_correction_bias
     choice = scores if bias is None else scores + bias
     G = spec.n_group
     if G == 1 or spec.topk_group == G:
         return choice
-    group_scores = choice.view(T, G, E // G).topk(2, dim=-1)[0].sum(dim=-1)  # [T, G]
+    group_scores = choice.view(*rows, G, E // G).topk(2, dim=-1)[0].sum(dim=-1)  # [T, G]
     if ties == "model":
         group_idx = torch.topk(group_scores, k=spec.topk_group, dim=-1, sorted=False)[1]
     else:
-        group_idx = torch.sort(group_scores, dim=-1, descending=True, stable=True)[1][:, : spec.topk_group]
+        group_idx = torch.sort(group_scores, dim=-1, descending=True, stable=True)[1][..., : spec.topk_group]
     group_mask = torch.zeros_like(group_scores)
-    group_mask.scatter_(1, group_idx, 1)
-    score_mask = group_mask.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
+    group_mask.scatter_(-1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(*rows, G, E // G).reshape(*rows, E)
     return choice.masked_fill(~score_mask.bool(), float("-inf"))  # [T, E]
 
 
 def stable_topk(choice: torch.Tensor, K: int) -> torch.Tensor:
     """[T, K] ids of the K best, ties to the lower id."""
-    return torch.sort(choice, dim=-1, descending=True, stable=True)[1][:, :K]
+    return torch.sort(choice, dim=-1, descending=True, stable=True)[1][..., :K]
 
 
-def native_topk(router_logits: torch.Tensor, spec: RouterSpec, ties: str = "model") -> tuple[torch.Tensor, torch.Tensor]:
+def native_topk(router_logits: torch.Tensor, spec: RouterSpec, ties: str = "model",
+                probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's routing: (weights [T, K] float32, ids [T, K] int64).
 
     ties="model": the stock transformers routers' exact operations (bit for bit). "lower-id": the same
-    weights, with equal scores ordered by lower expert id.
+    weights, with equal scores ordered by lower expert id. probs: `softmax_probs(router_logits)` when the
+    caller has it already (softmax scoring).
     """
     K = spec.top_k
     if spec.scoring == "softmax":  # Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral
-        probs = torch.softmax(router_logits, dtype=torch.float, dim=-1)
+        probs = softmax_probs(router_logits) if probs is None else probs
         if ties == "model":
             top, ids = torch.topk(probs, K, dim=-1)
         else:
             ids = stable_topk(router_logits.float(), K)  # softmax is monotone: rank by the exact logits
-            top = probs.gather(1, ids)
+            top = probs.gather(-1, ids)
         if spec.renormalize:
             top /= top.sum(dim=-1, keepdim=True)
         return top, ids
@@ -102,27 +106,33 @@ def native_topk(router_logits: torch.Tensor, spec: RouterSpec, ties: str = "mode
             top, ids = torch.topk(router_logits, K, dim=-1)
         else:
             ids = stable_topk(router_logits.float(), K)
-            top = router_logits.gather(1, ids)
-        return torch.softmax(top, dim=1, dtype=top.dtype).float(), ids
+            top = router_logits.gather(-1, ids)
+        return torch.softmax(top, dim=-1, dtype=top.dtype).float(), ids
     scores = router_logits.float().sigmoid()  # DeepSeek-V3
     if ties == "model":
         ids = torch.topk(grouped_choice(scores, spec), k=K, dim=-1, sorted=False)[1]
     else:
         ids = stable_topk(grouped_choice(scores, spec, ties), K)
-    weights = scores.gather(1, ids)
+    weights = scores.gather(-1, ids)
     if spec.renormalize:
         weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
     return weights * spec.routed_scaling_factor, ids
 
 
+def softmax_probs(router_logits: torch.Tensor) -> torch.Tensor:
+    """The softmax routers' probabilities, as they compute them: float32 softmax over E. [T, E]"""
+    return torch.softmax(router_logits, dtype=torch.float, dim=-1)
+
+
 def score(router_logits: torch.Tensor, spec: RouterSpec, ties: str = "model",
           native: tuple[torch.Tensor, torch.Tensor] | None = None) -> Scored:
     """The model's view of each expert (float32) and its own top-K (or `native`: an engine's (weights, ids))."""
-    native_w, native_ids = native_topk(router_logits, spec, ties) if native is None else native
+    probs = softmax_probs(router_logits) if spec.scoring == "softmax" else None
+    native_w, native_ids = native_topk(router_logits, spec, ties, probs) if native is None else native
     x = router_logits.float()
     if spec.scoring == "softmax":
         # rank by the logits: the same order as the probabilities, and exact on every device
-        return Scored(x, torch.softmax(x, dim=-1), native_ids, native_w)
+        return Scored(x, probs, native_ids, native_w)
     if spec.scoring == "topk_softmax":
         return Scored(x, torch.exp(x - x.amax(dim=-1, keepdim=True)), native_ids, native_w)
     s = x.sigmoid()
@@ -144,8 +154,8 @@ def token_probs(choice: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
 def ranked_native(s: Scored) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's top-K by score, equal scores in the model's order: (ids, weights) [T, K]. (DeepSeek-V3's
     router returns its top-K unsorted; the others sorted, so this is their own order.)"""
-    perm = torch.sort(s.choice.gather(1, s.native_ids), dim=-1, descending=True, stable=True)[1]
-    return s.native_ids.gather(1, perm), s.native_w.gather(1, perm)
+    perm = torch.sort(s.choice.gather(-1, s.native_ids), dim=-1, descending=True, stable=True)[1]
+    return s.native_ids.gather(-1, perm), s.native_w.gather(-1, perm)
 
 
 def rank(choice: torch.Tensor, native_ids: torch.Tensor, ties: str = "model") -> torch.Tensor:
@@ -155,12 +165,32 @@ def rank(choice: torch.Tensor, native_ids: torch.Tensor, ties: str = "model") ->
     order = torch.sort(choice, dim=-1, descending=True, stable=True)[1]  # [T, E]
     if ties == "lower-id":
         return order  # the lower-id top-K is the head of this order
-    T, E = choice.shape
-    K = native_ids.shape[1]
-    slot = torch.arange(K, device=choice.device).expand(T, K)
-    pri = torch.full((T, E), K, dtype=torch.long, device=choice.device).scatter_(1, native_ids, slot)
-    perm = torch.sort(pri.gather(1, order), dim=-1, stable=True)[1]
-    return order.gather(1, perm)
+    K = native_ids.shape[-1]
+    slot = torch.arange(K, device=choice.device).expand(native_ids.shape)
+    pri = torch.full(choice.shape, K, dtype=torch.long, device=choice.device).scatter_(-1, native_ids, slot)
+    perm = torch.sort(pri.gather(-1, order), dim=-1, stable=True)[1]
+    return order.gather(-1, perm)
+
+
+def order_key(choice: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+    """[T, E] integer keys that order each token's experts as the ranking rule orders the rest: by
+    `choice`, equal scores to the lower id. All keys of a row are distinct, so `torch.topk` of them is
+    exact (it orders equal values arbitrarily) and far cheaper than the stable sort it replaces.
+
+    A float's bits read as sign and magnitude give its order as an integer (-0 = +0; -inf lowest, and
+    garbage in, garbage out for NaN); the expert id fills the low bits. logits: the 16-bit (bfloat16 or
+    float16) logits `choice` was cast from, if it was (softmax scoring): their bits make int32 keys.
+    """
+    E = choice.shape[-1]
+    shift = max(E - 1, 1).bit_length()
+    ids = (1 << shift) - 1 - torch.arange(E, device=choice.device)  # lower id: larger key
+    if logits is not None and logits.dtype in (torch.bfloat16, torch.float16) and shift <= 15:
+        bits = logits.view(torch.int16).to(torch.int32)
+        mag = bits & 0x7FFF
+        return torch.where(bits < 0, -mag, mag).bitwise_left_shift_(shift).bitwise_or_(ids.to(torch.int32))
+    bits = choice.float().view(torch.int32).to(torch.int64)
+    mag = bits & 0x7FFFFFFF
+    return torch.where(bits < 0, -mag, mag).bitwise_left_shift_(shift).bitwise_or_(ids)
 
 
 def pack(order: torch.Tensor, keep_sorted: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,20 +202,20 @@ def pack(order: torch.Tensor, keep_sorted: torch.Tensor, K: int) -> tuple[torch.
     Returns:
       ids [T, K] (unkept slots repeat the token's slot-0 expert) and keep [T, K] bool.
     """
-    E = order.shape[1]
+    E = order.shape[-1]
     pos = torch.arange(E, device=order.device)
     key = torch.where(keep_sorted, -pos, -E - pos)  # kept first, each group in rank order
     top = torch.topk(key, K, dim=-1).indices  # [T, K]
-    ids = order.gather(1, top)
-    keep = keep_sorted.gather(1, top)
-    return torch.where(keep, ids, ids[:, :1]), keep
+    ids = order.gather(-1, top)
+    keep = keep_sorted.gather(-1, top)
+    return torch.where(keep, ids, ids[..., :1]), keep
 
 
 def weights_for(
     gate: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor, spec: RouterSpec, renormalize: bool
 ) -> torch.Tensor:
     """Gate weights of the kept slots (0 elsewhere), renormalised over the kept ones if asked. [T, K] float32"""
-    w = gate.gather(1, ids) * keep
+    w = gate.gather(-1, ids) * keep
     if renormalize or spec.scoring == "topk_softmax":
         eps = 1e-20 if spec.scoring == "sigmoid" else torch.finfo(w.dtype).tiny
         w = w / (w.sum(dim=-1, keepdim=True) + eps)
@@ -201,7 +231,7 @@ def native_where_unchanged(
     exactly its native top-K, so a policy that changes nothing returns native routing bit for bit,
     whatever the dtype. [T, K] each"""
     same_set = (torch.sort(ids, dim=-1)[0] == torch.sort(s.native_ids, dim=-1)[0]).all(dim=-1)
-    same = (same_set & keep.all(dim=-1))[:, None]
+    same = (same_set & keep.all(dim=-1))[..., None]
     return torch.where(same, s.native_ids, ids), torch.where(same, s.native_w, weights)
 
 
@@ -210,8 +240,8 @@ def fixed_members(s: Scored, fixed: torch.Tensor | None, valid: torch.Tensor) ->
     experts those rows load whatever the policy does; None when no row is fixed."""
     if fixed is None:
         return None
-    members = torch.zeros_like(s.choice, dtype=torch.bool).scatter_(1, s.native_ids, True)  # [T, E]
-    return members & (fixed & valid)[:, None]
+    members = torch.zeros_like(s.choice, dtype=torch.bool).scatter_(-1, s.native_ids, True)  # [T, E]
+    return members & (fixed & valid)[..., None]
 
 
 def native_where_fixed(
@@ -222,24 +252,25 @@ def native_where_fixed(
     whatever `fixed` says). [T, K] each"""
     if fixed is None:
         return ids, weights
-    f = (fixed & valid)[:, None]
+    f = (fixed & valid)[..., None]
     return torch.where(f, s.native_ids, ids), torch.where(f, s.native_w, weights)
 
 
 def sanitize(router_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Logits with invalid rows zeroed, so that their values (NaN, inf, stale CUDA-graph buffers) can never
     reach a batch-wide decision. [T, E]"""
-    return torch.where(valid[:, None], router_logits, torch.zeros((), dtype=router_logits.dtype,
+    return torch.where(valid[..., None], router_logits, torch.zeros((), dtype=router_logits.dtype,
                                                                   device=router_logits.device))
 
 
 def finish(ids: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor) -> Routing:
     """Make padding rows harmless: all their slots point at one expert a real token already uses, weight 0.
 
-    The anchor is slot 0 of the first valid row (row 0 if none is valid), so padding never adds an expert.
+    The anchor is slot 0 of the first valid row (row 0 if none is valid) of each step, so padding never
+    adds an expert.
     """
-    first = valid.to(torch.int32).argmax().view(1, 1)
-    anchor = ids.gather(0, first)  # [1, 1]; indexing with a tensor would read it on the host
-    ids = torch.where(valid[:, None], ids, anchor)
-    weights = torch.where(valid[:, None], weights, torch.zeros_like(weights))
+    first = valid.to(torch.int32).argmax(dim=-1)[..., None, None]  # [1, 1] ([S, 1, 1])
+    anchor = ids.gather(-2, first)  # slot 0 of that row; indexing with a tensor would read it on the host
+    ids = torch.where(valid[..., None], ids, anchor)
+    weights = torch.where(valid[..., None], weights, torch.zeros_like(weights))
     return Routing(weights=weights.float(), ids=ids.long(), valid=valid)

@@ -80,20 +80,24 @@ class Trace:
             raise ValueError(f"layer {layer} is not in this trace; it holds decoder layers {self.layers}")
         return self.layers.index(layer)
 
-    def replay(self, policy: Policy, layers: list[int] | None = None) -> dict[int, torch.Tensor]:
+    def replay(self, policy: Policy, layers: list[int] | None = None,
+               chunk_steps: int | None = None) -> dict[int, torch.Tensor]:
         """U of each step under `policy`: {decoder layer: [S] int64}. Each step's B tokens form one batch;
-        the policy is called with each layer's MoE-layer index (`moe_layer`). `layers`: decoder layers."""
+        the policy is called with each layer's MoE-layer index (`moe_layer`), on `chunk_steps` steps at a
+        time ([chunk, B, E], each step its own batch; default: about CHUNK_BYTES of float32 logits).
+        `layers`: decoder layers."""
         unknown = sorted(set(layers or ()) - set(self.layers))
         if unknown:
             raise ValueError(f"layers {unknown} are not in this trace; it holds layers {self.layers}")
+        _check_chunk(chunk_steps)
         out = {}
         for layer in layers or self.layers:
             spec = self.specs[layer]
             x = self.logits[layer]
-            moe = self.moe_layer(layer)
-            out[layer] = torch.stack([
-                unique_experts(policy(x[s].float(), spec, self.valid[s], layer=moe), spec.num_experts)
-                for s in range(self.steps)
+            steps = chunk_steps or default_chunk_steps(self.batch_size, spec.num_experts)
+            out[layer] = torch.cat([
+                replay_steps(policy, x[s0:s0 + steps], self.valid[s0:s0 + steps], spec, self.moe_layer(layer))
+                for s0 in range(0, self.steps, steps)
             ])
         return out
 
@@ -177,6 +181,80 @@ class Trace:
 
 WHAT = "a moe-reroute routing trace (written by Trace.save or moe_reroute.hf.Recorder)"
 
+# Replay routes this many bytes of float32 logits per policy call (the policy's own tensors take about
+# ten times as much): large enough that per-call overhead vanishes, small enough to bound memory.
+CHUNK_BYTES = 64 << 20
+
+
+def default_chunk_steps(batch_size: int, num_experts: int) -> int:
+    """Steps per replay chunk: about CHUNK_BYTES of float32 [steps, B, E] logits."""
+    return max(1, CHUNK_BYTES // (4 * batch_size * num_experts))
+
+
+def replay_steps(policy: Policy, logits: torch.Tensor, valid: torch.Tensor, spec: RouterSpec,
+                 moe_layer: int) -> torch.Tensor:
+    """U of each of S steps ([S, B, E] logits, [S, B] valid), each step one batch, in one policy call. [S]
+
+    The logits go in as stored, except that GPT-OSS's top-K softmax weighs in the logits' dtype: it
+    gets float32, as a replay always gave it (the other scorings work in float32 from any dtype).
+    """
+    if spec.scoring == "topk_softmax":
+        logits = logits.float()
+    return unique_experts(policy(logits, spec, valid, layer=moe_layer), spec.num_experts)
+
+
+def replay_file(path: str | Path, policy: Policy, layers: list[int] | None = None,
+                chunk_steps: int | None = None) -> dict[int, torch.Tensor]:
+    """`load(path).replay(policy, layers)` without loading the trace: one layer at a time, read from the
+    file `chunk_steps` steps at a time, so memory holds one chunk whatever the trace's size.
+
+    Returns {decoder layer: [S] int64 U of each step}; `summary` turns it into mean U per layer. The
+    header is checked as `load` checks it; the logits' values are not (a NaN reaches the policy, which
+    refuses it unless made with check_inputs=False).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    _check_chunk(chunk_steps)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {path}; expected {WHAT}")
+    try:
+        f = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); expected {WHAT}") from None
+    with f:
+        specs, _, valid = _parse(path, dict(f.metadata() or {}), set(f.keys()), f.get_tensor)
+        order = sorted(specs)
+        unknown = sorted(set(layers or ()) - set(order))
+        if unknown:
+            raise ValueError(f"layers {unknown} are not in this trace; it holds layers {order}")
+        S, B = valid.shape
+        out = {}
+        for layer in layers or order:
+            spec = specs[layer]
+            x = f.get_slice(f"logits.{layer}")
+            if tuple(x.get_shape()) != (S, B, spec.num_experts) or x.get_dtype() not in _FLOAT_DTYPES:
+                raise _bad(path, f"'logits.{layer}' must be [S, B, E]=[{S}, {B}, {spec.num_experts}] floating "
+                                 f"point router logits, got {x.get_shape()} {x.get_dtype()}")
+            steps = chunk_steps or default_chunk_steps(B, spec.num_experts)
+            out[layer] = torch.cat([replay_steps(policy, x[s0:s0 + steps], valid[s0:s0 + steps], spec,
+                                                 order.index(layer)) for s0 in range(0, S, steps)])
+    return out
+
+
+# safetensors' names of the floating-point dtypes
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def _check_chunk(chunk_steps: Any) -> None:
+    if chunk_steps is not None and (isinstance(chunk_steps, bool) or not isinstance(chunk_steps, int) or chunk_steps < 1):
+        raise ValueError(f"chunk_steps must be a positive int (steps per policy call) or None, got {chunk_steps!r}")
+
+
+def summary(unique: dict[int, torch.Tensor]) -> dict[int, float]:
+    """Mean U over the steps of each layer, from `replay` or `replay_file`: {decoder layer: mean U}."""
+    return {layer: float(u.float().mean()) for layer, u in unique.items()}
+
 
 def load(path: str | Path) -> Trace:
     """Read a trace written by `Trace.save`; every header field and tensor is checked, and a problem
@@ -185,9 +263,33 @@ def load(path: str | Path) -> Trace:
 
     path = Path(path)
     tensors, metadata = read_safetensors(path, WHAT)
+    specs, meta, valid = _parse(path, metadata, set(tensors), tensors.get)
+    logits = {}
+    for layer in specs:
+        x = tensors[f"logits.{layer}"]
+        if not x.dtype.is_floating_point:
+            raise _bad(path, f"'logits.{layer}' must be floating point router logits, got {x.dtype}")
+        if not bool(torch.isfinite(x).all()):
+            step = int(torch.isfinite(x).flatten(1).all(1).logical_not().nonzero()[0, 0]) if x.dim() > 1 else 0
+            raise _bad(path, f"'logits.{layer}' holds NaN or inf (first at step {step}); record the trace again in float32")
+        logits[layer] = x
+    try:
+        return Trace(logits, valid, specs, meta)
+    except ValueError as e:
+        raise _bad(path, str(e)) from None
+
+
+def _bad(path: Path, msg: str) -> ValueError:
+    return ValueError(f"{path}: {msg}; expected {WHAT}")
+
+
+def _parse(path: Path, metadata: dict[str, str], names: set[str], get: Any
+           ) -> tuple[dict[int, RouterSpec], dict[str, Any], torch.Tensor]:
+    """(specs, meta, valid) of a trace file from its metadata, tensor names and `get(name)` (a small
+    tensor: valid, a bias); checks every header field, and that each spec layer has its logits."""
 
     def bad(msg: str) -> ValueError:
-        return ValueError(f"{path}: {msg}; expected {WHAT}")
+        return _bad(path, msg)
 
     raw = metadata.get("moe_reroute")
     try:
@@ -203,7 +305,7 @@ def load(path: str | Path) -> Trace:
     meta = header.get("meta", {})
     if not isinstance(meta, dict):
         raise bad(f"header field 'meta' must be a mapping, got {type(meta).__name__}")
-    valid = tensors.get("valid")
+    valid = get("valid") if "valid" in names else None
     if valid is None:
         raise bad("no 'valid' tensor")
     if valid.dtype != torch.bool or valid.dim() != 2:
@@ -211,7 +313,7 @@ def load(path: str | Path) -> Trace:
     if valid.shape[0] == 0 or valid.shape[1] == 0:
         raise bad(f"the trace holds no tokens (valid is {tuple(valid.shape)}: S steps x B sequences)")
 
-    specs, logits = {}, {}
+    specs = {}
     for key, d in header["specs"].items():
         layer = _layer_key(key)
         if layer is None:
@@ -221,7 +323,7 @@ def load(path: str | Path) -> Trace:
         problem = _spec_problem(d)
         if problem:
             raise bad(f"spec of layer {key}: {problem}")
-        bias = tensors.get(f"bias.{key}")
+        bias = get(f"bias.{key}") if f"bias.{key}" in names else None
         if bias is not None and (not bias.dtype.is_floating_point or not bool(torch.isfinite(bias).all())):
             raise bad(f"'bias.{key}' must be finite floating point, got {bias.dtype}"
                       + ("" if not bias.dtype.is_floating_point else " with NaN or inf"))
@@ -231,22 +333,12 @@ def load(path: str | Path) -> Trace:
             specs[layer] = RouterSpec(**d, e_score_correction_bias=bias)
         except ValueError as e:
             raise bad(f"spec of layer {key}: {e}") from None
-        x = tensors.get(f"logits.{key}")
-        if x is None:
+        if f"logits.{key}" not in names:
             raise bad(f"no 'logits.{key}' tensor for spec layer {key}")
-        if not x.dtype.is_floating_point:
-            raise bad(f"'logits.{key}' must be floating point router logits, got {x.dtype}")
-        if not bool(torch.isfinite(x).all()):
-            step = int(torch.isfinite(x).flatten(1).all(1).logical_not().nonzero()[0, 0]) if x.dim() > 1 else 0
-            raise bad(f"'logits.{key}' holds NaN or inf (first at step {step}); record the trace again in float32")
-        logits[layer] = x
-    extra = sorted(k for k in tensors if k.startswith(("logits.", "bias.")) and k.split(".", 1)[1] not in header["specs"])
+    extra = sorted(k for k in names if k.startswith(("logits.", "bias.")) and k.split(".", 1)[1] not in header["specs"])
     if extra:
         raise bad(f"tensors {extra} have no spec in the header")
-    try:
-        return Trace(logits, valid, specs, meta)
-    except ValueError as e:
-        raise bad(str(e)) from None
+    return specs, meta, valid
 
 
 # RouterSpec field -> the JSON types a trace header may give it.

@@ -29,6 +29,7 @@ MIN_TRITON = (3, 0)
 _TILE = 4096  # tokens x padded experts per program on a GPU (registers)
 _MAX_BT = 128
 _TILE_INTERPRETED = 1 << 16  # the interpreter runs a program as numpy arrays: fewer, larger programs
+MAX_GRID_STEPS = 65535  # steps per launch: CUDA's limit on a grid's second axis
 
 
 def block_tokens(T: int, E: int, device: torch.device) -> int:
@@ -155,28 +156,33 @@ def route(policy: Any, router_logits: torch.Tensor, spec: RouterSpec, valid: tor
     """Run `policy` (its name and resolved `config`) as a fused kernel. Inputs are already checked.
 
     fixed: [T] bool rows that keep native routing, or None (the kernel is then built without that code).
+    router_logits [S, T, E] (valid, fixed [S, T]) routes each step as its own batch, on a grid over steps
+    (one launch per phase for up to MAX_GRID_STEPS steps).
     """
     name = policy.name
     tr = _kernel()
-    T, E = router_logits.shape
+    T, E = router_logits.shape[-2:]
+    steps = tuple(router_logits.shape[:-2])  # () or (S,)
+    S = steps[0] if steps else 1
     K = spec.top_k
     dev = router_logits.device
-    if router_logits.stride(1) != 1:
+    if router_logits.stride(-1) != 1:
         router_logits = router_logits.contiguous()
     E_BLOCK = max(_p2(E), 16)
     K_BLOCK = max(_p2(K), 2)
     BT = block_tokens(T, E, dev)
     nb = -(-T // BT)
-    ids = torch.empty(T, K, dtype=torch.int64, device=dev)
-    weights = torch.empty(T, K, dtype=torch.float32, device=dev)
+    ids = torch.empty(*steps, T, K, dtype=torch.int64, device=dev)
+    weights = torch.empty(*steps, T, K, dtype=torch.float32, device=dev)
     params = _policy_params(name, spec, config)
     batch_wide = name in ("oea", "sere", "budget")
-    part_a = torch.empty(nb, E_BLOCK, dtype=torch.int32, device=dev) if batch_wide else ids
-    part_b = torch.empty(nb, E_BLOCK, dtype=torch.int32, device=dev) if name == "budget" else part_a
+    part_a = torch.empty(S, nb, E_BLOCK, dtype=torch.int32, device=dev) if batch_wide else ids
+    part_b = torch.empty(S, nb, E_BLOCK, dtype=torch.int32, device=dev) if name == "budget" else part_a
     bias = spec.e_score_correction_bias
     sim = _similarity(policy, config, layer, dev) if name == "sere" else router_logits
-    valid_arg = valid.view(torch.uint8) if valid is not None else router_logits
-    fixed_arg = fixed.view(torch.uint8) if fixed is not None else router_logits
+    # the kernel reads a step's flags at step * T: a [S, T] mask must be contiguous (a [T] one always is)
+    valid_arg = valid.contiguous().view(torch.uint8) if valid is not None else router_logits
+    fixed_arg = fixed.contiguous().view(torch.uint8) if fixed is not None else router_logits
     scoring = {"softmax": tr.SOFTMAX, "topk_softmax": tr.TOPK_SOFTMAX, "sigmoid": tr.SIGMOID}[spec.scoring]
     n_group = spec.n_group if spec.scoring == "sigmoid" else 1
     topk_group = spec.topk_group if spec.scoring == "sigmoid" else 1
@@ -191,12 +197,20 @@ def route(policy: Any, router_logits: torch.Tensor, spec: RouterSpec, valid: tor
         TOP_P=params.pop("TOP_P"), LIMIT_RANK=params.pop("LIMIT_RANK"), GRID=BUDGET_GRID,
         CHUNK=max(1, min(E_BLOCK, _TILE // E_BLOCK)),
     )
-    args = (router_logits, router_logits.stride(0), valid_arg, fixed_arg, bias if bias is not None else router_logits,
-            sim, part_a, part_b, ids, weights, T, nb, float(spec.routed_scaling_factor), params["k_param"],
-            params["k_max"], params["max_rank"], params["p_top"], params["threshold"])
+    stride_s = router_logits.stride(0) if steps else 0
     phases = (0,) if (nb == 1 or not batch_wide) else (1, 2)
-    for phase in phases:
-        tr.route_kernel[(nb,)](*args, PHASE=phase, num_warps=4 if BT * E_BLOCK <= 2048 else 8, **consts)
-        for c in _counters:
-            c.count += 1
+    for s0 in range(0, S, MAX_GRID_STEPS):  # CUDA bounds the grid's second axis
+        n = min(MAX_GRID_STEPS, S - s0)
+
+        def at(x: torch.Tensor) -> torch.Tensor:  # a step-major tensor from step s0 on (a view)
+            return x[s0:] if s0 else x
+
+        args = (at(router_logits), router_logits.stride(-2), stride_s, at(valid_arg), at(fixed_arg),
+                bias if bias is not None else router_logits, sim, at(part_a), at(part_b), at(ids), at(weights),
+                T, nb, float(spec.routed_scaling_factor), params["k_param"], params["k_max"], params["max_rank"],
+                params["p_top"], params["threshold"])
+        for phase in phases:
+            tr.route_kernel[(nb, n)](*args, PHASE=phase, num_warps=4 if BT * E_BLOCK <= 2048 else 8, **consts)
+            for c in _counters:
+                c.count += 1
     return Routing(weights=weights, ids=ids, valid=valid)

@@ -1,8 +1,10 @@
 """Every policy as one Triton kernel: scoring, ranking, the batch-wide set and the K output slots, fused.
 
-T = tokens, E = experts (padded to E_BLOCK, a power of 2), K = experts per token, BT = tokens per program.
+T = tokens, E = experts (padded to E_BLOCK, a power of 2), K = experts per token, BT = tokens per program,
+S = steps.
 
-Each program routes BT tokens. Policies without a batch-wide set (native, cap) finish in one launch on
+Each program routes BT tokens of one step: the grid is (programs per step, steps), and every step is its
+own batch (its own set, its own padding anchor), at offsets of one step in every tensor. Policies without a batch-wide set (native, cap) finish in one launch on
 any grid. Policies with one (oea: the loaded set; sere: the primary set; budget: the expert set) run in
 one launch when the batch fits one program (PHASE 0), else in two: PHASE 1 writes each program's part
 of the set ([NB, E_BLOCK] int32: a union is a max, a sum of whole numbers is exact in any order) and
@@ -177,7 +179,7 @@ def _unchanged(kept_ids, keep, nat_ids, nat_w, w, kc, K: tl.constexpr):
 
 @triton.jit
 def route_kernel(
-    logits_ptr, stride, valid_ptr, fixed_ptr, bias_ptr, sim_ptr, part_a_ptr, part_b_ptr, ids_ptr, w_ptr,
+    logits_ptr, stride, stride_s, valid_ptr, fixed_ptr, bias_ptr, sim_ptr, part_a_ptr, part_b_ptr, ids_ptr, w_ptr,
     T, nb, rsf, k_param, k_max, max_rank, p_top, threshold,
     POLICY: tl.constexpr, SCORING: tl.constexpr, PHASE: tl.constexpr,
     K: tl.constexpr, K_BLOCK: tl.constexpr, E: tl.constexpr, E_BLOCK: tl.constexpr, BT: tl.constexpr,
@@ -191,6 +193,14 @@ def route_kernel(
     """Route BT tokens of one layer. k_param: cap's k, oea's k0, sere's primary, budget's budget."""
     BIG: tl.constexpr = 1 << 30
     pid = tl.program_id(0)
+    step = tl.program_id(1).to(tl.int64)  # each step is its own batch: move every pointer to its rows
+    logits_ptr += step * stride_s
+    valid_ptr += step * T
+    fixed_ptr += step * T
+    part_a_ptr += step * nb * E_BLOCK
+    part_b_ptr += step * nb * E_BLOCK
+    ids_ptr += step * T * K
+    w_ptr += step * T * K
     rows = pid * BT + tl.arange(0, BT)
     rmask = rows < T
     cols = tl.arange(0, E_BLOCK)

@@ -222,7 +222,8 @@ class PolicyConfig:
 
 class Policy:
     """A routing policy: `policy(router_logits [T, E], spec, valid=None, layer=None, native=None, fixed=None)
-    -> Routing`.
+    -> Routing`. router_logits [S, T, E] (valid, fixed [S, T], native [S, T, K]) routes S steps of one
+    layer, each as its own batch (the answer of S separate calls), into a Routing of [S, T, K] tensors.
 
     `layer` is the MoE-layer index (0 = the model's first MoE layer, dense layers not counted); it picks
     the values given per layer and may be None when there are none.
@@ -285,7 +286,8 @@ class Policy:
     ) -> Routing:
         """native: an engine's own top-K (weights [T, K], ids [T, K]) for ranks 1..K, so that "native"
         means the engine's routing, ties included (torch backend; the kernels rank by their own).
-        fixed: [T] bool, True on the rows that keep native routing (None: none)."""
+        fixed: [T] bool, True on the rows that keep native routing (None: none). With [S, T, E] logits
+        every [T, ...] argument gains the leading S."""
         fused = isinstance(router_logits, torch.Tensor) and self.uses_kernels(router_logits)
         valid = check_inputs(router_logits, spec, valid, self.check_inputs, materialize=not fused, fixed=fixed)
         config = self.config.at_layer(layer, router_logits.shape[-2] if router_logits.dim() >= 2 else None)
@@ -294,9 +296,12 @@ class Policy:
             return kernels.route(self, router_logits, spec, valid, config, layer, fixed)
         if native is not None:
             w, ids = native
-            if tuple(ids.shape) != (router_logits.shape[0], spec.top_k) or tuple(w.shape) != tuple(ids.shape):
-                raise ValueError(f"native top-K must be (weights, ids) of shape [T, K]=[{router_logits.shape[0]}, "
-                                 f"{spec.top_k}], got {tuple(w.shape)} and {tuple(ids.shape)}")
+            want = (*router_logits.shape[:-1], spec.top_k)
+            if tuple(ids.shape) != want or tuple(w.shape) != tuple(ids.shape):
+                name = "[T, K]" if router_logits.dim() == 2 else "[S, T, K]"
+                raise ValueError(f"native top-K must be (weights, ids) of shape {name}={list(want)} ([T, K] for "
+                                 f"router_logits [T, E], [S, T, K] for [S, T, E]), got {tuple(w.shape)} and "
+                                 f"{tuple(ids.shape)}")
             native = (w.float(), ids.long())
         return self.route(router_logits, spec, valid, config, layer, native, fixed)
 

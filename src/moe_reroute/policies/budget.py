@@ -53,21 +53,24 @@ class Budget(Policy):
         s = score(sanitize(router_logits, valid), spec, self.ties, native)
         native = ranked_native(s)[0]  # [T, K], best first
         order = rank(s.choice, native, self.ties)  # [T, E]
-        mass = s.gate.gather(1, native)
+        mass = s.gate.gather(-1, native)
         mass = mass / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
         q = torch.floor(mass * BUDGET_GRID + 0.5).to(torch.int32).clamp_min(1)  # exact integer sums, in any order
-        q = torch.where(valid[:, None], q, torch.zeros_like(q))
-        mass_e = torch.zeros(E, dtype=torch.int32, device=q.device).scatter_add_(0, native.reshape(-1), q.reshape(-1))
+        q = torch.where(valid[..., None], q, torch.zeros_like(q))
+        steps = native.shape[:-2]  # () or (S,): one expert set per step
+        mass_e = torch.zeros(*steps, E, dtype=torch.int32, device=q.device).scatter_add_(
+            -1, native.flatten(-2), q.flatten(-2))  # [E]
 
-        forced = torch.zeros_like(mass_e).scatter_add_(0, native[:, 0], valid.to(torch.int32)) > 0  # [E]
+        forced = torch.zeros_like(mass_e).scatter_add_(-1, native[..., 0], valid.to(torch.int32)) > 0  # [E]
         held = fixed_members(s, fixed, valid)
         if held is not None:  # every native expert of a fixed row
-            forced = forced | held.any(dim=0)
+            forced = forced | held.any(dim=-2)
         key = torch.where(forced, torch.full_like(mass_e, torch.iinfo(torch.int32).max), mass_e)
-        chosen = torch.sort(key, descending=True, stable=True)[1][: config.budget]
-        in_set = torch.zeros_like(forced).scatter_(0, chosen, True) | forced  # [E]
+        chosen = torch.sort(key, dim=-1, descending=True, stable=True)[1][..., : config.budget]
+        in_set = torch.zeros_like(forced).scatter_(-1, chosen, True) | forced  # [E]
 
-        allowed = in_set[order] & torch.isfinite(s.choice.gather(1, order))  # [T, E], rank order
+        in_set = in_set[..., None, :].expand(order.shape)  # [T, E] by expert
+        allowed = in_set.gather(-1, order) & torch.isfinite(s.choice.gather(-1, order))  # [T, E], rank order
         keep = allowed & (allowed.cumsum(dim=-1) <= K)
         ids, kept = pack(order, keep, K)
         w = weights_for(s.gate, ids, kept, spec, spec.renormalize)

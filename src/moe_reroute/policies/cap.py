@@ -102,7 +102,7 @@ class Cap(Policy):
         s = score(sanitize(router_logits, valid), spec, self.ties, native)
         ids_r, w_r = ranked_native(s)  # [T, K] each, best first
         keep = (torch.arange(K, device=ids_r.device) < config.k).expand_as(ids_r)  # [T, K]
-        ids = torch.where(keep, ids_r, ids_r[:, :1])
+        ids = torch.where(keep, ids_r, ids_r[..., :1])
         w = torch.where(keep, w_r, torch.zeros_like(w_r))
         renorm = spec.renormalize if config.renormalize is None else config.renormalize
         if renorm:  # back to the total of the model's top-K weights

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from ..contract import Routing
-from ..scoring import (finish, fixed_members, native_where_fixed, native_where_unchanged, pack, rank, ranked_native,
-                       sanitize, score, token_probs, weights_for)
+from ..scoring import (finish, fixed_members, native_where_fixed, native_where_unchanged, order_key, pack, rank,
+                       ranked_native, sanitize, score, token_probs, weights_for)
 from .base import Policy, PolicyConfig, is_int, need_at_most, need_int, per_layer
 
 
@@ -65,31 +65,78 @@ class OEA(Policy):
 
     def route(self, router_logits, spec, valid, config, layer, native=None, fixed=None) -> Routing:
         K, E = spec.top_k, spec.num_experts
-        k0 = config.k0
         k_max = K if config.k_max is None else config.k_max
         max_rank = E if config.max_rank is None else config.max_rank
-
-        s = score(sanitize(router_logits, valid), spec, self.ties, native)
-        order = rank(s.choice, ranked_native(s)[0], self.ties)  # [T, E]
-        values = s.choice.gather(1, order)
-        pos = torch.arange(E, device=order.device)
-        if config.p >= 1.0:
-            n = torch.full_like(order[:, :1], k0)
+        x = sanitize(router_logits, valid)
+        s = score(x, spec, self.ties, native)
+        if max_rank >= E and (native is None or self.ties == "model"):
+            ids, kept = self._keep_by_topk(x, s, spec, valid, config.k0, config.p, k_max, fixed)
         else:
-            cum = token_probs(s.choice, s.gate).gather(1, order).cumsum(dim=-1)  # [T, E]
-            t = (cum < config.p).sum(dim=-1, keepdim=True) + 1  # fewest experts whose mass reaches p
-            n = t.clamp(max=k0)
-        base = pos < n  # [T, E], in rank order
-        base_by_expert = torch.zeros_like(base).scatter(1, order, base)  # [T, E]
-        members = base_by_expert & valid[:, None]  # [T, E]
-        held = fixed_members(s, fixed, valid)
-        if held is not None:  # a fixed row brings its whole native top-K
-            members = torch.where(fixed[:, None], held, members)
-        loaded = members.any(dim=0)  # [E], the batch's set S
-        piggyback = loaded[order] & torch.isfinite(values) & (pos < max_rank)
-        eligible = base | piggyback
-        keep = eligible & (eligible.cumsum(dim=-1) <= k_max)
-        ids, kept = pack(order, keep, K)
+            ids, kept = self._keep_by_rank(s, spec, valid, config.k0, config.p, k_max, max_rank, fixed)
         w = weights_for(s.gate, ids, kept, spec, spec.renormalize)
         ids, w = native_where_unchanged(s, ids, kept, w)
         return finish(*native_where_fixed(s, ids, w, fixed, valid), valid)
+
+    def _keep_by_rank(self, s, spec, valid, k0, p, k_max, max_rank, fixed):
+        """Steps 1-3 on each token's whole ranking ([T, E], a sort): (ids, kept) [T, K]."""
+        E = spec.num_experts
+        order = rank(s.choice, ranked_native(s)[0], self.ties)  # [T, E]
+        values = s.choice.gather(-1, order)
+        pos = torch.arange(E, device=order.device)
+        if p >= 1.0:
+            n = torch.full_like(order[..., :1], k0)
+        else:
+            cum = token_probs(s.choice, s.gate).gather(-1, order).cumsum(dim=-1)  # [T, E]
+            t = (cum < p).sum(dim=-1, keepdim=True) + 1  # fewest experts whose mass reaches p
+            n = t.clamp(max=k0)
+        base = pos < n  # [T, E], in rank order
+        base_by_expert = torch.zeros_like(base).scatter(-1, order, base)  # [T, E]
+        loaded = self._loaded(base_by_expert, s, valid, fixed)  # [T, E] by expert
+        piggyback = loaded.gather(-1, order) & torch.isfinite(values) & (pos < max_rank)
+        eligible = base | piggyback
+        keep = eligible & (eligible.cumsum(dim=-1) <= k_max)
+        return pack(order, keep, spec.top_k)
+
+    def _keep_by_topk(self, x, s, spec, valid, k0, p, k_max, fixed):
+        """Steps 1-3 without sorting E (max_rank = E): the same (ids, kept) [T, K] as `_keep_by_rank`.
+
+        A token's ranking is its native top-K, then the rest by `order_key`; the experts it may add past
+        its native top-K are the loaded ones, so the best k_max - 1 of those (a top-k of keys, which are
+        distinct) are all it can reach: its kept experts are the first k_max eligible of
+        [native top-K, those]."""
+        K, E = spec.top_k, spec.num_experts
+        nat = ranked_native(s)[0]  # [T, K], rank order
+        slot = torch.arange(K, device=nat.device)
+        if p >= 1.0:
+            base = (slot < k0).expand(nat.shape)  # [T, K]
+        else:  # the mass of ranks 1..K is all that n = min(k0, t) <= K depends on
+            cum = token_probs(s.choice, s.gate).gather(-1, nat).cumsum(dim=-1)  # [T, K]
+            base = slot < ((cum < p).sum(dim=-1, keepdim=True) + 1).clamp(max=k0)
+        native_set = torch.zeros_like(s.choice, dtype=torch.bool).scatter_(-1, nat, True)  # [T, E]
+        loaded = self._loaded(torch.zeros_like(native_set).scatter_(-1, nat, base), s, valid, fixed)  # [T, E]
+        finite = torch.isfinite(s.choice)
+        nat_ok = base | (loaded & finite).gather(-1, nat)  # [T, K]
+        seq, ok = nat, nat_ok
+        m = min(k_max - 1, E - K)  # beyond its native top-K a token adds at most k_max - 1 (base >= 1)
+        if m > 0:
+            key = order_key(s.choice, x if spec.scoring != "sigmoid" else None)
+            key = key.masked_fill_(~(loaded & finite & ~native_set), torch.iinfo(key.dtype).min)
+            top_key, top = torch.topk(key, m, dim=-1)  # [T, m], rank order
+            seq = torch.cat([nat, top], dim=-1)  # [T, K + m]
+            ok = torch.cat([nat_ok, top_key != torch.iinfo(key.dtype).min], dim=-1)
+        keep = ok & (ok.cumsum(dim=-1) <= k_max)  # [T, K + m]
+        # pack: kept experts to slots 0.., in rank order; the other slots repeat slot 0 (always kept: base)
+        dest = torch.where(keep, keep.cumsum(dim=-1) - 1, K)  # slot K collects the unkept, then is cut
+        ids = nat[..., :1].expand(*nat.shape[:-1], K + 1).contiguous().scatter_(-1, dest, seq)[..., :K]
+        kept = slot < keep.sum(dim=-1, keepdim=True)
+        return ids, kept
+
+    @staticmethod
+    def _loaded(base_by_expert, s, valid, fixed):
+        """Each step's loaded set S, the union of its valid tokens' base sets (a fixed token's whole native
+        top-K), as [T, E] bool by expert (every token's row the same)."""
+        members = base_by_expert & valid[..., None]  # [T, E]
+        held = fixed_members(s, fixed, valid)
+        if held is not None:  # a fixed row brings its whole native top-K
+            members = torch.where(fixed[..., None], held, members)
+        return members.any(dim=-2, keepdim=True).expand_as(members)

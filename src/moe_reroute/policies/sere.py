@@ -106,25 +106,26 @@ class SERE(Policy):
         s = score(sanitize(router_logits, valid), spec, self.ties, native)
         ids, weights = ranked_native(s)  # [T, K], best first
         slot = torch.arange(K, device=ids.device)
-        in_primary = torch.zeros(ids.shape[0], E, dtype=torch.bool, device=ids.device)
-        in_primary.scatter_(1, ids[:, :S], True)
-        in_primary &= valid[:, None]
+        in_primary = torch.zeros(*ids.shape[:-1], E, dtype=torch.bool, device=ids.device)  # [T, E]
+        in_primary.scatter_(-1, ids[..., :S], True)
+        in_primary &= valid[..., None]
         held = fixed_members(s, fixed, valid)
         if held is not None:  # a fixed row's K native experts are all loaded
             in_primary |= held
-        P = in_primary.any(dim=0)  # [E]
-        sim_to_p = sim.masked_fill(~P[None, :], float("-inf"))  # [E, E]: rows e, columns p in P
+        P = in_primary.any(dim=-2)  # [E] ([S, E])
+        sim_to_p = sim.masked_fill(~P[..., None, :], float("-inf"))  # [E, E]: rows e, columns p in P
         best = sim_to_p.argmax(dim=-1)  # [E], first maximum: lowest id on ties
-        best_sim = sim_to_p.gather(1, best[:, None]).squeeze(1)  # [E]
+        best_sim = sim_to_p.gather(-1, best[..., None]).squeeze(-1)  # [E]
         critical = best_sim < config.threshold if config.threshold > 0 else torch.zeros_like(P)
         movable = ~P & ~critical  # [E]
-        reroute = (slot >= S) & movable[ids]  # [T, K]
-        new_ids = torch.where(reroute, best[ids], ids)
+        by_row = ids.shape[:-1] + (E,)  # per-expert values, one row per token: [T, E]
+        reroute = (slot >= S) & movable[..., None, :].expand(by_row).gather(-1, ids)  # [T, K]
+        new_ids = torch.where(reroute, best[..., None, :].expand(by_row).gather(-1, ids), ids)
 
         # Fold duplicates: each slot's weight goes to the first slot holding the same expert.
-        same = new_ids[:, :, None] == new_ids[:, None, :]  # [T, K, K]
+        same = new_ids[..., :, None] == new_ids[..., None, :]  # [T, K, K]
         first = same.to(torch.int32).argmax(dim=-1)  # [T, K]
-        folded = torch.zeros_like(weights).scatter_add_(1, first, weights)
+        folded = torch.zeros_like(weights).scatter_add_(-1, first, weights)
         ids, w = native_where_unchanged(s, new_ids, torch.ones_like(reroute), folded)
         return finish(*native_where_fixed(s, ids, w, fixed, valid), valid)
 

@@ -280,14 +280,10 @@ class Applied(HookSet):
                 return output
             if self.phase == "decode-sim":
                 B, S = layout.batch, layout.new_tokens
-                per_pos = logits.view(B, S, -1)
-                ids, weights = [], []
-                for s in range(S):  # each position's B tokens form one decode batch
-                    r = self.policy(per_pos[:, s], spec, layout.valid[:, s], layer=layer)
-                    ids.append(r.ids)
-                    weights.append(r.weights)
-                ids = torch.stack(ids, dim=1).reshape(B * S, -1)
-                weights = torch.stack(weights, dim=1).reshape(B * S, -1)
+                per_pos = logits.view(B, S, -1).transpose(0, 1)  # [S, B, E]: each position one decode batch
+                r = self.policy(per_pos, spec, layout.valid.transpose(0, 1), layer=layer)  # [S, B, K]
+                ids = r.ids.transpose(0, 1).reshape(B * S, -1)
+                weights = r.weights.transpose(0, 1).reshape(B * S, -1)
             else:  # a decode step, a verification forward (phase "decode") or any forward ("all"): one batch
                 r = self.policy(logits, spec, layout.valid.reshape(-1), layer=layer)
                 ids, weights = r.ids, r.weights

@@ -185,3 +185,47 @@ def test_cli_bad_input(capsys, tmp_path):
     bad_input(capsys, ["tune", "--policy", "oea:k0=3", "--out", out], "do not fix it")
     bad_input(capsys, ["tune", "--policy", "oea", "--out", tmp_path], "is a folder")
     assert not out.exists()
+
+
+TEXT = ("the quick brown fox jumps over the lazy dog. " * 3 + "\n\n") * 30
+HELDOUT = ("a lazy dog sleeps while the brown fox runs far away. " * 3 + "\n\n") * 30
+
+
+def test_cli_end_to_end_on_a_local_checkpoint(tmp_path, capsys):
+    """tune --model: the policy file loads through load_policy and the engines' variable, routes as the
+    values the search reports, and the validation file feeds `report`."""
+    from moe_reroute.cli import main
+    from tiny_models import tiny_tokenizer
+
+    folder = tmp_path / "tiny"
+    tiny_model("qwen3_moe").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    (tmp_path / "calib.txt").write_text(TEXT)
+    (tmp_path / "held.txt").write_text(HELDOUT)
+    out = tmp_path / "run" / "tuned.json"
+    argv = ["tune", "--model", str(folder), "--text", str(tmp_path / "calib.txt"), "--heldout",
+            str(tmp_path / "held.txt"), "--policy", "cap", "--budget", "0.05", "--batch-sizes", "1,4",
+            "--seq-len", "16", "--sequences", "8", "--resamples", "50", "--cost", "1.0,0.01", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert json.loads(out.read_text()) == result["policy"]
+    assert result["conditions"]["cost"] == {"b": 1.0, "a": 0.01}
+    values = {B: result["by_batch"][str(B)]["tuned"]["values"] for B in (1, 4)}  # JSON keys are strings
+    spec = RouterSpec.from_config(tiny_model("qwen3_moe").config)
+    policy = load_policy(out)
+    g = torch.Generator().manual_seed(3)
+    for T, B in ((1, 1), (3, 1), (4, 4), (9, 4)):
+        logits = torch.randn(T, spec.num_experts, generator=g)
+        for layer in range(2):
+            want = make_policy("cap", k=values[B][layer])(logits, spec, layer=layer)
+            assert torch.equal(policy(logits, spec, layer=layer).ids, want.ids)
+    engine = plugin_config.from_env({plugin_config.POLICY_FILE_ENV: str(out)})
+    assert type(engine.policy) is type(policy)
+    validation = json.loads((tmp_path / "run" / "tuned.validation.json").read_text())
+    labels = {r["policy"] for r in validation["rows"]}
+    assert {"native", "tuned:tuned.json"} <= labels
+    assert set(result["validation"]["by_batch"]) == {"1", "4"}
+    assert (tmp_path / "run" / "tuned.tune.json").exists() and (tmp_path / "run" / "tuned.json.state").exists()
+    assert main(["report", str(tmp_path / "run" / "tuned.validation.json"), "--batch-size", "4",
+                 "--out", str(tmp_path / "rep")]) == 0
+    assert "tuned" in (tmp_path / "rep" / "report.md").read_text()

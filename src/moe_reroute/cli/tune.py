@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
 from .inputs import InputError, at_least, check_out_file, read_json_file
 from .measure import command_line, int_list, load_model, read_text
+
+
+def policy_json(obj: dict) -> str:
+    """The policy file's text: indented, each list of numbers on one line."""
+    text = json.dumps(obj, indent=1)
+    numbers = re.compile(r"\[([-0-9.eE+,\s]*)\]")
+    return numbers.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text) + "\n"
 
 
 def _cost(args) -> tuple[str, float, float, str]:
@@ -112,7 +120,7 @@ def _tune(args) -> int:
     result["conditions"]["calibration"] = args.text or "the reference model's calibration.jsonl (training split)"
     result["conditions"]["cost_source"] = cost_note
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result["policy"], indent=1) + "\n")
+    out.write_text(policy_json(result["policy"]))
     say(f"policy written to {out}: serve it with MOE_REROUTE_POLICY_FILE={out}, or moe_reroute.load_policy({str(out)!r})")
     if not args.no_validate:
         result["validation"] = _validate(args, model, tokenizer, heldout, out, result, say)

@@ -142,6 +142,29 @@ def test_interrupted_search_resumes_without_repeating_evaluations(planted, tmp_p
         tune(model, seqs, other, state_path=state, progress=False, log=lambda _: None)
 
 
+@pytest.mark.parametrize("family,params", [("budget", {}), ("sere", {"similarity": "SIM"})])
+def test_other_families_stay_within_budget(planted, tmp_path, family, params):
+    from moe_reroute.hf.calibrate import save_similarity
+
+    model, seqs = planted
+    if family == "sere":
+        g = torch.Generator().manual_seed(2)
+        sim = [torch.rand(16, 16, generator=g) for _ in range(3)]
+        sim = [(s + s.T) / 2 for s in sim]
+        for s in sim:
+            s.fill_diagonal_(1.0)
+        params = {"similarity": str(save_similarity(dict(enumerate(sim)), tmp_path / "sim.safetensors", method="cka"))}
+    config = TuneConfig(family, budget=0.02, batch_sizes=(4,), objective="experts", params=params, rounds=2, refine=2)
+    out = tune(model, seqs, config, progress=False, log=lambda _: None)
+    tuned = out["by_batch"][4]["tuned"]
+    grid = value_grid(family, RouterSpec.from_config(model.config))
+    assert all(v in grid for v in tuned["values"]) and tuned["delta_ce"] <= 0.02
+    assert tuned["cost"] <= out["by_batch"][4]["uniform"]["cost"] <= out["by_batch"][4]["native_cost"]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(out["policy"]))
+    assert type(load_policy(path)).__name__.lower() == family
+
+
 def test_value_grids():
     spec = RouterSpec(num_experts=128, top_k=8)
     assert value_grid("oea", spec) == [8, 7, 6, 5, 4, 3, 2, 1]
@@ -159,6 +182,7 @@ def test_value_grids():
     (dict(family="oea", params={"k0": 3}), "do not fix it"),
     (dict(family="oea", batch_sizes=(0, 4)), ">= 1"),
     (dict(family="oea", cost_b=0.0, cost_a=0.0), "not both 0"),
+    (dict(family="sere", params={"similarity": torch.eye(4)}), "as a file path"),
 ])
 def test_bad_config(kwargs, needle):
     with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("]", r"\]")):

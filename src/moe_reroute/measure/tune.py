@@ -102,6 +102,12 @@ class TuneConfig:
             raise ValueError(f"rounds must be >= 1 and refine >= 0, got {self.rounds} and {self.refine}")
         if self.parameter in self.params:
             raise ValueError(f"{self.parameter} is what tune searches for {self.family}; do not fix it")
+        for name, value in self.params.items():
+            try:
+                json.dumps(value)
+            except TypeError:
+                raise ValueError(f"{self.family} parameter {name} must be what a policy file can hold (a number, "
+                                 f"list or string; a similarity as a file path), got a {type(value).__name__}") from None
 
     @property
     def parameter(self) -> str:

@@ -68,20 +68,21 @@ def _top(x: torch.Tensor, spec: RouterSpec, ties: str, n: int) -> tuple[torch.Te
     """The best m logits of each row and their ids, m = K + 1 (softmax, ties="model") or n + 1. [S, T, m]"""
     E, K = spec.num_experts, spec.top_k
     m = min(E, K + 1) if spec.scoring == "softmax" and ties == "model" else n + 1
-    # the policies rank by float32 logits: a float64 tie in float32 must be seen as one
-    v = x if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else x.float()
-    return torch.topk(v, m, dim=-1)
+    return torch.topk(x, m, dim=-1)
 
 
 def _certain(vals: torch.Tensor, spec: RouterSpec, ties: str, n: int) -> torch.Tensor:
     """[S, T] bool: rows whose first n ranks are surely their n best logits (`vals`, from `_top`)."""
-    K = spec.top_k
-    v = vals.double()  # exact for every float32 value, and for their differences below
-    ok = torch.isfinite(v).all(dim=-1) & (v[..., n - 1] > v[..., n])
+    K, m = spec.top_k, vals.shape[-1]
+    # the policies rank by float32 logits: strictly ordered in float32, two values are so in any dtype
+    # (a float64 tie in float32 must count as a tie); a float32 difference is rounded, which the margins dwarf
+    best, nth, next_ = (vals[..., i].float() for i in (0, n - 1, n))
+    # sorted, NaN first: all m are finite iff the first and the last are
+    ok = torch.isfinite(best) & torch.isfinite(vals[..., m - 1].float()) & (nth > next_)
     if spec.scoring == "softmax" and ties == "model":
-        if K < v.shape[-1]:  # else the native top-K is every expert
-            ok &= v[..., n - 1] - v[..., K] >= MARGIN
-        ok &= v[..., 0] - v[..., n - 1] <= SPAN
+        if K < m:  # else the native top-K is every expert
+            ok &= nth - vals[..., K].float() >= MARGIN
+        ok &= best - nth <= SPAN
     return ok
 
 

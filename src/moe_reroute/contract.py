@@ -325,7 +325,7 @@ def check_inputs(
             f"spec.e_score_correction_bias is on {bias.device} but router_logits on {router_logits.device}; "
             "move it with spec.with_bias(bias.to(device))"
         )
-    if check_values and not _tracing():
+    if check_values and not _tracing() and not all_finite(router_logits):
         bad_rows = (~torch.isfinite(router_logits)).any(-1)
         if valid is not None:
             bad_rows = bad_rows & valid  # padding rows may hold anything
@@ -338,6 +338,17 @@ def check_inputs(
                 "the model produced non-finite router logits, check its dtype and inputs"
             )
     return valid
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every element of `x` is finite (one host synchronisation).
+
+    One pass over `x`: its smallest and largest element are finite iff every element is (aminmax
+    propagates NaN, and an inf is an extreme), several times cheaper than `isfinite` per element on
+    16-bit logits. Padding rows count here, so a False sends the caller to the per-row check.
+    """
+    lo, hi = torch.aminmax(x)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 # How the masks' shapes follow the logits', said by every shape error.

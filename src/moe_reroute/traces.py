@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from .contract import RouterSpec
-from .metrics import unique_experts
 from .policies import Policy
 
 FORMAT = "moe_reroute.trace/1"
@@ -195,12 +194,13 @@ def replay_steps(policy: Policy, logits: torch.Tensor, valid: torch.Tensor, spec
                  moe_layer: int) -> torch.Tensor:
     """U of each of S steps ([S, B, E] logits, [S, B] valid), each step one batch, in one policy call. [S]
 
+    `policy.unique`: the U of the policy's routing, counted without building it where the policy can.
     The logits go in as stored, except that GPT-OSS's top-K softmax weighs in the logits' dtype: it
     gets float32, as a replay always gave it (the other scorings work in float32 from any dtype).
     """
     if spec.scoring == "topk_softmax":
         logits = logits.float()
-    return unique_experts(policy(logits, spec, valid, layer=moe_layer), spec.num_experts)
+    return policy.unique(logits, spec, valid, layer=moe_layer)
 
 
 def replay_file(path: str | Path, policy: Policy, layers: list[int] | None = None,

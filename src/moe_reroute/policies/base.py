@@ -22,6 +22,7 @@ import torch
 
 from ..contract import RouterSpec, Routing, check_inputs
 from .. import kernels
+from ..metrics import unique_experts
 from ..scoring import check_ties
 
 BACKENDS = ("auto", "torch", "triton")
@@ -288,10 +289,7 @@ class Policy:
         means the engine's routing, ties included (torch backend; the kernels rank by their own).
         fixed: [T] bool, True on the rows that keep native routing (None: none). With [S, T, E] logits
         every [T, ...] argument gains the leading S."""
-        fused = isinstance(router_logits, torch.Tensor) and self.uses_kernels(router_logits)
-        valid = check_inputs(router_logits, spec, valid, self.check_inputs, materialize=not fused, fixed=fixed)
-        config = self.config.at_layer(layer, router_logits.shape[-2] if router_logits.dim() >= 2 else None)
-        self.check_fit(spec, config, layer)
+        fused, valid, config = self._prepare(router_logits, spec, valid, layer, fixed)
         if fused:
             return kernels.route(self, router_logits, spec, valid, config, layer, fixed)
         if native is not None:
@@ -304,6 +302,39 @@ class Policy:
                                  f"{tuple(ids.shape)}")
             native = (w.float(), ids.long())
         return self.route(router_logits, spec, valid, config, layer, native, fixed)
+
+    def unique(
+        self,
+        router_logits: torch.Tensor,
+        spec: RouterSpec,
+        valid: torch.Tensor | None = None,
+        layer: int | None = None,
+        fixed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """U of the routing `self(router_logits, spec, valid, layer, fixed=fixed)` returns, exactly
+        `metrics.unique_experts` of it: 0-d int64 for [T, E] logits, [S] for [S, T, E]. The same checks
+        as a call; policies that can count U without building the routing do (`count_unique`), which may
+        synchronise with the host, so this is for measuring (trace replay), not for CUDA graphs."""
+        fused, valid, config = self._prepare(router_logits, spec, valid, layer, fixed)
+        if fused:
+            return _unique(kernels.route(self, router_logits, spec, valid, config, layer, fixed), spec)
+        return self.count_unique(router_logits, spec, valid, config, layer, fixed)
+
+    def count_unique(
+        self, router_logits: torch.Tensor, spec: RouterSpec, valid: torch.Tensor, config: Any, layer: int | None,
+        fixed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`unique` on checked inputs (as `route` takes them): U of `route`'s routing. Policies override
+        it where U follows from less than the routing."""
+        return _unique(self.route(router_logits, spec, valid, config, layer, None, fixed), spec)
+
+    def _prepare(self, router_logits, spec, valid, layer, fixed) -> tuple[bool, torch.Tensor | None, Any]:
+        """(fused, valid, config) of a call: inputs checked, config resolved at `layer` and the step size."""
+        fused = isinstance(router_logits, torch.Tensor) and self.uses_kernels(router_logits)
+        valid = check_inputs(router_logits, spec, valid, self.check_inputs, materialize=not fused, fixed=fixed)
+        config = self.config.at_layer(layer, router_logits.shape[-2] if router_logits.dim() >= 2 else None)
+        self.check_fit(spec, config, layer)
+        return fused, valid, config
 
     def check_fit(self, spec: RouterSpec, config: Any, layer: int | None) -> None:
         """Raise ValueError if `config` (resolved at `layer`) does not fit the model (e.g. k0 > K)."""
@@ -331,6 +362,10 @@ class Policy:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
+
+
+def _unique(routing: Routing, spec: RouterSpec) -> torch.Tensor:
+    return unique_experts(routing, spec.num_experts)
 
 
 def is_int(value: Any) -> bool:

@@ -22,6 +22,7 @@ import torch
 from ..contract import Routing
 from ..scoring import finish, native_where_fixed, native_where_unchanged, ranked_native, sanitize, score
 from .base import MAX_LAYERS, Policy, PolicyConfig, is_int, layer_values, need_at_most, need_int, per_layer
+from .unique import head_union
 
 
 def cap_schedule(b: int, h: int, e: int, p: int, num_layers: int) -> list[int]:
@@ -109,3 +110,7 @@ class Cap(Policy):
             w = w * (w_r.sum(dim=-1, keepdim=True) / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny))
         ids, w = native_where_unchanged(s, ids, keep, w)
         return finish(*native_where_fixed(s, ids, w, fixed, valid), valid)
+
+    def count_unique(self, router_logits, spec, valid, config, layer, fixed=None) -> torch.Tensor:
+        """U: a token uses exactly its first k ranks (a fixed token its native top-K)."""
+        return head_union(router_logits, spec, valid, self.ties, config.k, fixed=fixed)

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..contract import Routing
 from ..scoring import native_topk
 from .base import Policy, PolicyConfig
+from .unique import head_union
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,10 @@ class Native(Policy):
     def route(self, router_logits, spec, valid, config, layer, native=None, fixed=None) -> Routing:
         weights, ids = native_topk(router_logits, spec, self.ties) if native is None else native
         return Routing(weights=weights, ids=ids, valid=valid)
+
+    def count_unique(self, router_logits, spec, valid, config, layer, fixed=None) -> torch.Tensor:
+        """U: the union of the valid rows' native top-K, their first K ranks."""
+        return head_union(router_logits, spec, valid, self.ties, spec.top_k)
 
 
 __all__ = ["Native", "NativeConfig", "native_topk"]

@@ -13,6 +13,7 @@ Per layer and decode step:
    renormalises its top-k (raw probabilities otherwise); a token that kept exactly its native top-K
    gets the model's own weights.
 A batch of one token therefore gets exactly its top-k0: with nobody else, there is nothing to piggyback.
+Its U is |S|, which `unique` counts without routing (`moe_reroute.policies.unique`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..contract import Routing
 from ..scoring import (finish, fixed_members, native_where_fixed, native_where_unchanged, order_key, pack, rank,
                        ranked_native, sanitize, score, token_probs, weights_for)
 from .base import Policy, PolicyConfig, is_int, need_at_most, need_int, per_layer
+from .unique import head_union
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,13 @@ class OEA(Policy):
         w = weights_for(s.gate, ids, kept, spec, spec.renormalize)
         ids, w = native_where_unchanged(s, ids, kept, w)
         return finish(*native_where_fixed(s, ids, w, fixed, valid), valid)
+
+    def count_unique(self, router_logits, spec, valid, config, layer, fixed=None) -> torch.Tensor:
+        """U = |S|: every kept expert of a token is in S (its base, and piggybacked experts only from S), and
+        every base expert is kept (n <= k0 <= k_max, base first), so the union of the kept experts is S."""
+        max_rank = spec.num_experts if config.max_rank is None else config.max_rank
+        return head_union(router_logits, spec, valid, self.ties, config.k0, config.p, fixed,
+                          full_rank=max_rank < spec.num_experts)
 
     def _keep_by_rank(self, s, spec, valid, k0, p, k_max, max_rank, fixed):
         """Steps 1-3 on each token's whole ranking ([T, E], a sort): (ids, kept) [T, K]."""

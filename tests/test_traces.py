@@ -133,3 +133,17 @@ def test_calibrate_similarity_matches_direct_expert_outputs(arch, tmp_path):
         model(input_ids=ids)
     with pytest.raises(ValueError, match=r"expected \[7, 7\]"):
         load_similarity(path, num_experts=7)
+
+
+def test_save_copies_tensors_that_share_memory(tmp_path):
+    """Layers given one bias tensor, and logits sliced from one stacked tensor, save and load back."""
+    from moe_reroute import RouterSpec
+
+    bias = torch.linspace(-1, 1, 8)
+    spec = RouterSpec(num_experts=8, top_k=2, scoring="sigmoid", renormalize=True).with_bias(bias)
+    stacked = torch.randn(2, 5, 3, 8)  # [layers, S, B, E]
+    trace = Trace({0: stacked[0], 1: stacked[1]}, torch.ones(5, 3, dtype=torch.bool), {0: spec, 1: spec})
+    back = traces.load(trace.save(tmp_path / "t.safetensors"))
+    assert torch.equal(back.logits[0], stacked[0]) and torch.equal(back.logits[1], stacked[1])
+    assert all(torch.equal(back.specs[k].e_score_correction_bias, bias) for k in (0, 1))
+    assert torch.equal(back.replay(make_policy("oea", k0=1))[1], trace.replay(make_policy("oea", k0=1))[1])

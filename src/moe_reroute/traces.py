@@ -174,7 +174,8 @@ class Trace:
             "meta": self.meta,
         }
         path = Path(path)
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata={"moe_reroute": json.dumps(header)})
+        save_file(_unshared({k: v.cpu() for k, v in tensors.items()}), str(path),
+                  metadata={"moe_reroute": json.dumps(header)})
         return path
 
 
@@ -254,6 +255,17 @@ def _check_chunk(chunk_steps: Any) -> None:
 def summary(unique: dict[int, torch.Tensor]) -> dict[int, float]:
     """Mean U over the steps of each layer, from `replay` or `replay_file`: {decoder layer: mean U}."""
     return {layer: float(u.float().mean()) for layer, u in unique.items()}
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with each sharing memory with an earlier one copied: safetensors refuses shared storage
+    (layers given one bias tensor, or logits sliced from one stacked tensor)."""
+    seen, out = set(), {}
+    for name, t in tensors.items():
+        storage = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if storage in seen else t
+        seen.add(storage)
+    return out
 
 
 def load(path: str | Path) -> Trace:

@@ -93,11 +93,7 @@ class Trace:
         for layer in layers or self.layers:
             spec = self.specs[layer]
             x = self.logits[layer]
-            steps = chunk_steps or default_chunk_steps(self.batch_size, spec.num_experts)
-            out[layer] = torch.cat([
-                replay_steps(policy, x[s0:s0 + steps], self.valid[s0:s0 + steps], spec, self.moe_layer(layer))
-                for s0 in range(0, self.steps, steps)
-            ])
+            out[layer] = replay_layer(policy, x, self.valid, spec, self.moe_layer(layer), chunk_steps)
         return out
 
     def rebatch(self, batch_size: int) -> Trace:
@@ -204,6 +200,18 @@ def replay_steps(policy: Policy, logits: torch.Tensor, valid: torch.Tensor, spec
     return policy.unique(logits, spec, valid, layer=moe_layer)
 
 
+def replay_layer(policy: Policy, logits: Any, valid: torch.Tensor, spec: RouterSpec, moe_layer: int,
+                 chunk_steps: int | None = None) -> torch.Tensor:
+    """U of each of one layer's S steps, `chunk_steps` steps per policy call (default: about CHUNK_BYTES of
+    float32 logits). [S]
+
+    logits: [S, B, E], anything sliced along steps (a tensor, or a safetensors slice read on demand)."""
+    S, B = valid.shape
+    steps = chunk_steps or default_chunk_steps(B, spec.num_experts)
+    return torch.cat([replay_steps(policy, logits[s0:s0 + steps], valid[s0:s0 + steps], spec, moe_layer)
+                      for s0 in range(0, S, steps)])
+
+
 def replay_file(path: str | Path, policy: Policy, layers: list[int] | None = None,
                 chunk_steps: int | None = None) -> dict[int, torch.Tensor]:
     """`load(path).replay(policy, layers)` without loading the trace: one layer at a time, read from the
@@ -237,9 +245,7 @@ def replay_file(path: str | Path, policy: Policy, layers: list[int] | None = Non
             if tuple(x.get_shape()) != (S, B, spec.num_experts) or x.get_dtype() not in _FLOAT_DTYPES:
                 raise _bad(path, f"'logits.{layer}' must be [S, B, E]=[{S}, {B}, {spec.num_experts}] floating "
                                  f"point router logits, got {x.get_shape()} {x.get_dtype()}")
-            steps = chunk_steps or default_chunk_steps(B, spec.num_experts)
-            out[layer] = torch.cat([replay_steps(policy, x[s0:s0 + steps], valid[s0:s0 + steps], spec,
-                                                 order.index(layer)) for s0 in range(0, S, steps)])
+            out[layer] = replay_layer(policy, x, valid, spec, order.index(layer), chunk_steps)
     return out
 
 

@@ -64,13 +64,9 @@ def _policy_params(name: str, params: dict, model) -> dict:
     if name == "sere" and isinstance(params.get("similarity"), str):
         params["similarity"] = str(Path(params["similarity"]).resolve())  # the policy file is read elsewhere
     if name == "sere" and "similarity" not in params:
-        from ..measure.evaluate import SIMILARITY_FILE
+        from ..measure.evaluate import model_similarity_file
 
-        folder = Path(getattr(model, "name_or_path", "") or ".")
-        if not (folder / SIMILARITY_FILE).exists():
-            raise InputError("sere needs expert similarity: run `moe-reroute calibrate --model PATH --text FILE --out "
-                             "sim.safetensors` and pass --policy sere:similarity=sim.safetensors")
-        params["similarity"] = str((folder / SIMILARITY_FILE).resolve())
+        params["similarity"] = str(model_similarity_file(model).resolve())
     return params
 
 

@@ -61,16 +61,20 @@ def build_policy(name: str, params: dict, model: nn.Module | None = None) -> Pol
         E = RouterSpec.from_config(model.config).num_experts if model is not None else None
         sim = params.get("similarity")
         if sim is None:
-            folder = Path(getattr(model, "name_or_path", "") or ".") if model is not None else None
-            if folder is None or not (folder / SIMILARITY_FILE).exists():
-                raise ValueError(
-                    "sere needs expert similarity: run `moe-reroute calibrate --model PATH --text FILE --out "
-                    "sim.safetensors` and pass `sere:similarity=sim.safetensors`"
-                )
-            sim = folder / SIMILARITY_FILE
+            sim = model_similarity_file(model)
         if isinstance(sim, (str, Path)):
             params["similarity"] = load_similarity(sim, num_experts=E)
     return make_policy(name, **params)
+
+
+def model_similarity_file(model: nn.Module | None) -> Path:
+    """The model folder's SERE similarity file (`sere/similarity.safetensors`, as `moe-reroute calibrate
+    --out` writes it), for a `sere` given none; ValueError saying how to make one when there is none."""
+    folder = Path(getattr(model, "name_or_path", "") or ".") if model is not None else None
+    if folder is None or not (folder / SIMILARITY_FILE).exists():
+        raise ValueError("sere needs expert similarity: run `moe-reroute calibrate --model PATH --text FILE --out "
+                         "sim.safetensors` and pass `sere:similarity=sim.safetensors`")
+    return folder / SIMILARITY_FILE
 
 
 def make_sequences(ids: torch.Tensor, seq_len: int, num_sequences: int) -> torch.Tensor:

@@ -149,7 +149,8 @@ class Forwards:
     """Teacher-forced forwards of the calibration sequences, native ones cached per decoder layer.
 
     `native()` runs every sequence once with native routing and keeps its cross-entropy, top-1 tokens,
-    U per layer at each batch size, and the output of every decoder layer; `run(rows, policy, start)`
+    native top-K per MoE layer (U at any batch size follows from them), and the output of every decoder
+    layer; `run(rows, policy, start)`
     evaluates a policy on the sequences `rows` (one decode batch), taking the native outputs of the
     decoder layers below `start` instead of recomputing them (their routing is native under the policy).
     """
@@ -165,6 +166,7 @@ class Forwards:
         self.chunk = chunk
         self.outputs: list[torch.Tensor] | None = None  # per decoder layer [N, L, H]
         self.ce = self.top1 = None
+        self.native_ids: list[torch.Tensor] = []  # per MoE layer [N, L, K], by native()
         self.reusable = True
 
     def native(self) -> None:
@@ -182,35 +184,37 @@ class Forwards:
                     self.reusable = False  # an architecture whose layers return more than hidden states
             return hook
 
+        from ..hf import Recorder
+
+        native_ids: list[list[torch.Tensor]] = [[] for _ in self.moe]
         handles = [layer.register_forward_hook(keep(j)) for j, layer in enumerate(self.layers)]
         try:
-            for g in range(0, N, self.chunk):
-                batch = self.sequences[g : g + self.chunk]
-                logits = self.model(input_ids=batch, use_cache=False).logits.float()
-                c, t = _ce_top1(logits, batch)
-                ce.append(c)
-                top1.append(t)
+            with Recorder(self.model, keep="routing") as rec:
+                for g in range(0, N, self.chunk):
+                    batch = self.sequences[g : g + self.chunk]
+                    logits = self.model(input_ids=batch, use_cache=False).logits.float()
+                    c, t = _ce_top1(logits, batch)
+                    ce.append(c)
+                    top1.append(t)
+                    for m, layer in enumerate(self.moe):
+                        native_ids[m].append(rec.steps[-1].layers[layer].native_ids.view(*batch.shape, -1))
         finally:
             for h in handles:
                 h.remove()
         self.ce, self.top1 = torch.cat(ce), torch.cat(top1)  # [N], [N, L-1]
+        self.native_ids = [torch.cat(x) for x in native_ids]  # per MoE layer [N, L, K]
         self.outputs = [torch.cat(o) for o in outs] if self.reusable else None
 
     def native_unique(self, order: torch.Tensor, B: int) -> list[float]:
         """Mean native U per MoE layer at batch size B (sequences `order`, B consecutive ones a batch)."""
-        from ..hf import Recorder
-
         self.native()
-        sums = [0.0] * len(self.moe)
-        n = 0
-        with Recorder(self.model, keep="counts") as rec:
-            for g in range(0, len(order), B):
-                rows = order[g : g + B]
-                self._from(rows, self.moe[0])
-                for m, layer in enumerate(self.moe):
-                    sums[m] += rec.steps[-1].layers[layer].native_unique.double().sum().item()
-                n += rec.steps[-1].layers[self.moe[0]].native_unique.numel()
-        return [s / n for s in sums]
+        E = self.spec.num_experts
+        out = []
+        for ids in self.native_ids:  # [N, L, K]
+            used = torch.zeros(len(order) // B, B, ids.shape[1], E, dtype=torch.bool)
+            used.scatter_(3, ids[order[: len(order) // B * B]].view(*used.shape[:3], -1), True)
+            out.append(used.any(dim=1).sum(dim=-1).double().mean().item())  # U of each batch's positions
+        return out
 
     @contextmanager
     def _skipping(self, rows: torch.Tensor, start: int):

@@ -11,6 +11,7 @@ route). Prints one JSON line last. The file is deleted afterwards unless --keep.
 
     python benchmarks/replay_bench.py                       # 62,500 steps x 16, 48 layers, oea k0=4
     python benchmarks/replay_bench.py --layers 2            # a smaller file; per-layer time extrapolates
+    python benchmarks/replay_bench.py --layers 4 --baseline # also without the compiled CPU kernel (torch.topk)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from moe_reroute import RouterSpec, make_policy, traces
+from moe_reroute.kernels import cpu_top
 from moe_reroute.traces import Trace
 
 DTYPES = {"bfloat16": (torch.bfloat16, "BF16"), "float16": (torch.float16, "F16"), "float32": (torch.float32, "F32")}
@@ -125,6 +127,8 @@ def main() -> None:
     p.add_argument("--dir", type=Path, default=Path("."), help="where to write the trace file")
     p.add_argument("--keep", action="store_true", help="keep the trace file")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--baseline", action="store_true",
+                   help="also replay with the compiled CPU top-m kernel turned off (torch.topk), in the same run")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default torch's; on a machine busy with other work 1 can be much faster)")
     a = p.parse_args()
@@ -144,10 +148,25 @@ def main() -> None:
         dropped = drop_cache(path)
         read_s = read_only(path, chunk)
         print(f"read only: {read_s:.1f}s ({size / read_s / 2**20:.0f} MiB/s)", flush=True)
+        kernel, why = cpu_top.available()
+        print("compiled CPU top-m kernel: " + ("on" if kernel else f"off ({why})"), flush=True)
         drop_cache(path)
         t0 = time.perf_counter()
         u = traces.replay_file(path, policy, chunk_steps=a.chunk_steps)
         seconds = time.perf_counter() - t0
+        baseline_s = None
+        if a.baseline:
+            os.environ["MOE_REROUTE_CPU_KERNEL"] = "0"
+            cpu_top.reset()
+            drop_cache(path)
+            t0 = time.perf_counter()
+            u_base = traces.replay_file(path, policy, chunk_steps=a.chunk_steps)
+            baseline_s = time.perf_counter() - t0
+            del os.environ["MOE_REROUTE_CPU_KERNEL"]
+            cpu_top.reset()
+            if any(not torch.equal(u[k], u_base[k]) for k in u):
+                raise SystemExit("replay with and without the compiled kernel disagree")
+            print(f"baseline (torch.topk): {baseline_s:.1f}s, {baseline_s / seconds:.2f}x the time", flush=True)
     finally:
         if not a.keep:
             path.unlink()
@@ -159,7 +178,8 @@ def main() -> None:
           f"(48 layers: {48 * seconds / a.layers:.0f}s)", flush=True)
     print(json.dumps({
         "bench": "replay_file", "policy": f"oea:k0={a.k0}", "token_layers_per_s": round(rate),
-        "seconds": round(seconds, 2), "read_only_seconds": round(read_s, 2), "write_seconds": round(write_s, 1),
+        "seconds": round(seconds, 2), "cpu_kernel": kernel,
+        "baseline_torch_topk_seconds": None if baseline_s is None else round(baseline_s, 2), "read_only_seconds": round(read_s, 2), "write_seconds": round(write_s, 1),
         "seconds_per_layer": round(seconds / a.layers, 3), "page_cache_dropped": dropped,
         "shape": {"layers": a.layers, "steps": a.steps, "batch": a.batch, "experts": a.experts, "top_k": a.top_k},
         "dtype": a.dtype, "file_bytes": size, "chunk_steps": chunk, "mean_unique_experts": round(mean_u, 2),

@@ -1,0 +1,156 @@
+"""A compiled CPU kernel for the m best logits of each row (small m), which trace replay spends its time on.
+
+`torch.topk(x, m, dim=-1)` on CPU costs about as much for m = 9 of 128 experts as a sort; `topk(x, m)` here
+answers the same in one pass over each row (an insertion into the m best so far, which most logits skip
+after one comparison), several times faster, on float32, bfloat16 and float16 CPU tensors, rows split
+between torch's threads.
+
+The C source (`cpu_top.c`, shipped with the package) is compiled on first use with the system's C compiler
+(`$CC`, else `cc`, `gcc` or `clang`) into the cache directory (`$MOE_REROUTE_CACHE`, else
+`$XDG_CACHE_HOME/moe-reroute` or `~/.cache/moe-reroute`), once per source version and machine type. Without
+a compiler, or with `MOE_REROUTE_CPU_KERNEL=0`, `topk` returns None and callers use `torch.topk` (one warning
+says why when a build fails). `available()` says whether it runs and why not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_top.c")
+MAX_M = 64  # the C kernel's limit
+FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC")
+MIN_ROWS_PER_THREAD = 8192  # below this a second thread costs more than it saves
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+_lock = threading.Lock()
+_fn = None  # the C function once loaded
+_why: str | None = None  # why it cannot run, once known
+_pool: ThreadPoolExecutor | None = None
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("MOE_REROUTE_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe-reroute"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc) or cc
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _build() -> ctypes._CFuncPtr:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    src = SOURCE.read_bytes()
+    tag = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(FLAGS).encode(), platform.machine().encode()]))
+    out = cache_dir() / f"cpu_top-{tag.hexdigest()[:16]}.so"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # built aside, then renamed: safe across processes
+            built = Path(tmp) / out.name
+            r = subprocess.run([cc, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True, timeout=300)
+            if r.returncode != 0:
+                raise RuntimeError(f"{cc} failed to compile {SOURCE}: {(r.stderr or r.stdout).strip()[-500:]}")
+            os.replace(built, out)
+    fn = ctypes.CDLL(str(out)).top_rows
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_void_p, ctypes.c_void_p]
+    return fn
+
+
+def _load() -> ctypes._CFuncPtr | None:
+    global _fn, _why
+    if _fn is not None or _why is not None:
+        return _fn
+    with _lock:
+        if _fn is None and _why is None:
+            if os.environ.get("MOE_REROUTE_CPU_KERNEL", "1").strip().lower() in ("0", "false", "no", "off"):
+                _why = "turned off by MOE_REROUTE_CPU_KERNEL=0"
+            else:
+                try:
+                    _fn = _build()
+                except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                    _why = str(e)
+                    warnings.warn(f"moe_reroute: the compiled CPU top-k kernel is unavailable ({_why}); "
+                                  "using torch.topk, which is slower", RuntimeWarning, stacklevel=3)
+    return _fn
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") when the kernel runs here, else (False, why)."""
+    _load()
+    return (_fn is not None, "" if _fn is not None else str(_why))
+
+
+def reset() -> None:
+    """Forget the loaded kernel and any failure (the next call builds or loads it again; for tests)."""
+    global _fn, _why
+    with _lock:
+        _fn, _why = None, None
+
+
+def topk(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(values float32 [..., m], ids int64 [..., m]) of the m largest of each row along the last dimension,
+    largest first, as `torch.topk(x, m, dim=-1)` (NaN largest; equal values lowest id first), or None when
+    the kernel does not apply (not a CPU tensor, another dtype, m outside 1..min(E, MAX_M), no compiler):
+    then use torch.topk."""
+    if (x.device.type != "cpu" or x.dtype not in _DTYPES or x.dim() < 1 or not 1 <= m <= min(x.shape[-1], MAX_M)
+            or x.requires_grad):
+        return None
+    fn = _load()
+    if fn is None:
+        return None
+    E = x.shape[-1]
+    rows = x.reshape(-1, E)
+    if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < E):
+        rows = rows.contiguous()
+    R = rows.shape[0]
+    vals = torch.empty(R, m, dtype=torch.float32)
+    ids = torch.empty(R, m, dtype=torch.int64)
+    if R:
+        code, stride = _DTYPES[x.dtype], rows.stride(0) if R > 1 else E
+        item = rows.element_size()
+        threads = max(1, min(torch.get_num_threads(), R // MIN_ROWS_PER_THREAD))
+
+        def run(r0: int, r1: int) -> int:
+            return fn(rows.data_ptr() + r0 * stride * item, code, r1 - r0, E, stride, m,
+                      vals.data_ptr() + r0 * m * 4, ids.data_ptr() + r0 * m * 8)
+
+        bounds = [R * i // threads for i in range(threads + 1)]
+        if threads == 1:
+            codes = [run(0, R)]
+        else:  # ctypes releases the GIL during the call, so the threads run at once
+            codes = list(_executor().map(run, bounds[:-1], bounds[1:]))
+        if any(codes):
+            raise RuntimeError(f"cpu_top.top_rows refused its arguments (m={m}, E={E}, dtype={x.dtype})")
+    return vals.reshape(*x.shape[:-1], m), ids.reshape(*x.shape[:-1], m)
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="moe-reroute-top")
+        return _pool

@@ -118,6 +118,11 @@ def test_turned_off_and_failed_build(monkeypatch, tmp_path):
         cpu_top.reset()
         with pytest.warns(RuntimeWarning, match="CPU top-k kernel is unavailable.*using torch.topk"):
             assert cpu_top.topk(x, 9) is None
+        monkeypatch.setenv("CC", "false")  # a compiler that fails
+        cpu_top.reset()
+        with pytest.warns(RuntimeWarning, match="failed to compile"):
+            assert cpu_top.topk(x, 9) is None
+        assert not list(tmp_path.glob("cpu_top-*.so"))
         # head_union falls back to torch.topk with the same answer
         spec = RouterSpec(128, 8)
         logits = torch.randn(8, 16, 128)

@@ -253,3 +253,28 @@ def test_cli_end_to_end_on_a_local_checkpoint(tmp_path, capsys):
     assert main(["report", str(tmp_path / "run" / "tuned.validation.json"), "--batch-size", "4",
                  "--out", str(tmp_path / "rep")]) == 0
     assert "tuned" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_cli_with_a_fixed_parameter_validates_that_family(tmp_path, capsys):
+    """tune --policy oea:p=0.9: the tuned file keeps p, and the validation's best uniform setting is oea with
+    that p at the uniform k0 (the tuned parameter is k0 whatever order the policy file's keys take)."""
+    from moe_reroute.cli import main
+    from tiny_models import tiny_tokenizer
+
+    folder = tmp_path / "tiny"
+    tiny_model("qwen3_moe").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    (tmp_path / "calib.txt").write_text(TEXT)
+    (tmp_path / "held.txt").write_text(HELDOUT)
+    out = tmp_path / "tuned.json"
+    argv = ["tune", "--model", str(folder), "--text", str(tmp_path / "calib.txt"), "--heldout",
+            str(tmp_path / "held.txt"), "--policy", "oea:p=0.9", "--budget", "0.05", "--batch-sizes", "4",
+            "--seq-len", "16", "--sequences", "8", "--resamples", "50", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["policy"]["p"] == 0.9 and "k0" in result["policy"]
+    k0 = result["by_batch"]["4"]["uniform"]["values"][0]
+    label = f"oea:p=0.9,k0={k0}"
+    assert result["validation"]["by_batch"]["4"]["uniform"] == label
+    rows = {r["policy"]: r for r in json.loads((tmp_path / "tuned.validation.json").read_text())["rows"]}
+    assert {"native", "tuned:tuned.json", label} <= set(rows)

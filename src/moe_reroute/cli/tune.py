@@ -132,17 +132,21 @@ def _validate(args, model, tokenizer, heldout, policy_file: Path, result: dict, 
     """The tuned policy (read back from its file), the best uniform settings and native on held-out text."""
     from ..measure import report
     from ..measure.evaluate import EvalConfig, evaluate
+    from ..measure.tune import TUNABLE
     from ..policies import load_policy
     from ..policies.spec import policy_from_object
 
     tuned = load_policy(policy_file)
-    family, parameter = result["policy"]["name"], next(k for k in result["policy"] if k not in ("name", "about"))
+    family = result["policy"]["name"]
+    parameter = TUNABLE[family]
     fixed = {k: v for k, v in result["policy"].items() if k not in ("name", "about", parameter)}
+    # the label names the fixed numbers too (oea:p=0.9,k0=6); a similarity file stays out of it
+    shown = "".join(f"{k}={v}," for k, v in fixed.items() if isinstance(v, (int, float)))
     policies = {f"tuned:{policy_file.name}": tuned}
     uniform = {}
     for B, r in result["by_batch"].items():
         v = r["uniform"]["values"][0]
-        label = f"{family}:{parameter}={v}"
+        label = f"{family}:{shown}{parameter}={v}"
         uniform[B] = label
         if label not in policies:
             policies[label] = policy_from_object({"name": family, **fixed, parameter: v}, origin=label)

@@ -1,5 +1,6 @@
 /* The m largest values of each row of a [rows, E] matrix and their column ids, largest first: the answer of
- * torch.topk(x, m, dim=-1) (sorted) for small m, in one pass over each row.
+ * torch.topk(x, m, dim=-1) (sorted) for small m: m branch-free max passes over each row's packed keys (rows of
+ * at most MAX_E experts), else one insertion pass into the m best so far.
  *
  * Ordering: every NaN is larger than +inf (as torch.topk orders them); -0.0 sorts below +0.0, which compare
  * equal as floats, so the values equal torch's. Ids of equal values come lowest id first (torch leaves that
@@ -49,8 +50,7 @@ static inline uint32_t load_bits(const void *x, int dtype, int64_t i) {
         keys[E - 1 - (int64_t)(best & ID_MASK)] = KEY_MIN;                                         \
     }
 
-#define MAX_E16 4096  /* 16-bit inputs: keys on the stack, ids in 16 bits */
-#define MAX_E32 4096
+#define MAX_E 4096  /* experts per row for the max passes: their keys live on the stack (16-bit ids fit) */
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(MOE_REROUTE_NO_CLONES)
 #define CLONES __attribute__((target_clones("avx2", "default")))
@@ -61,7 +61,7 @@ static inline uint32_t load_bits(const void *x, int dtype, int64_t i) {
 /* 16-bit floats (dtype 1 bfloat16, 2 float16): int32 keys */
 CLONES static void top16(const uint16_t *x, int dtype, int64_t rows, int64_t E, int64_t row_stride, int64_t m,
                          float *vals, int64_t *ids) {
-    int32_t keys[MAX_E16], out[MAX_M];
+    int32_t keys[MAX_E], out[MAX_M];
     const uint16_t nan_above = dtype == 1 ? 0x7f80u : 0x7c00u; /* |bits| above this is NaN */
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *row = x + r * row_stride;
@@ -84,12 +84,11 @@ CLONES static void top16(const uint16_t *x, int dtype, int64_t rows, int64_t E, 
 /* float32: int64 keys */
 CLONES static void top32(const uint32_t *x, int64_t rows, int64_t E, int64_t row_stride, int64_t m, float *vals,
                          int64_t *ids) {
-    int64_t keys[MAX_E32], out[MAX_M];
+    int64_t keys[MAX_E], out[MAX_M];
     for (int64_t r = 0; r < rows; r++) {
         const uint32_t *row = x + r * row_stride;
         for (int64_t j = 0; j < E; j++) {
-            uint32_t b = row[j];
-            uint32_t ord = (b & 0x7fffffffu) > 0x7f800000u ? 0x7fffffffu : ((b & 0x80000000u) ? (b ^ 0x7fffffffu) : b);
+            uint32_t ord = (uint32_t)order_key(row[j]);
             keys[j] = (int64_t)(((uint64_t)ord << 32) | (uint64_t)(E - 1 - j));
         }
         PASSES(int64_t, INT64_MIN, 0xffffffff)
@@ -132,9 +131,9 @@ static void top_insert(const void *x, int dtype, int64_t rows, int64_t E, int64_
 int top_rows(const void *x, int dtype, int64_t rows, int64_t E, int64_t row_stride, int64_t m,
              float *vals, int64_t *ids) {
     if (m < 1 || m > MAX_M || m > E || dtype < 0 || dtype > 2) return -1;
-    if (dtype != 0 && E <= MAX_E16)
+    if (dtype != 0 && E <= MAX_E)
         top16((const uint16_t *)x, dtype, rows, E, row_stride, m, vals, ids);
-    else if (dtype == 0 && E <= MAX_E32)
+    else if (dtype == 0 && E <= MAX_E)
         top32((const uint32_t *)x, rows, E, row_stride, m, vals, ids);
     else
         top_insert(x, dtype, rows, E, row_stride, m, vals, ids);

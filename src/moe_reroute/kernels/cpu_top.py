@@ -1,9 +1,9 @@
 """A compiled CPU kernel for the m best logits of each row (small m), which trace replay spends its time on.
 
 `torch.topk(x, m, dim=-1)` on CPU costs about as much for m = 9 of 128 experts as a sort; `topk(x, m)` here
-answers the same in one pass over each row (an insertion into the m best so far, which most logits skip
-after one comparison), several times faster, on float32, bfloat16 and float16 CPU tensors, rows split
-between torch's threads.
+answers the same with m passes of a branch-free (vectorised) max over each row's keys, value and id packed
+in one integer so that each pass finds one more of the best, several times faster, on float32, bfloat16 and
+float16 CPU tensors, rows split between torch's threads.
 
 The C source (`cpu_top.c`, shipped with the package) is compiled on first use with the system's C compiler
 (`$CC`, else `cc`, `gcc` or `clang`) into the cache directory (`$MOE_REROUTE_CACHE`, else

@@ -7,11 +7,13 @@ from typing import Any
 from .base import Policy, PolicyConfig
 from .budget import Budget, BudgetConfig
 from .cap import Cap, CapConfig, cap_schedule
+from .lynx import Lynx, LynxConfig
 from .native import Native, NativeConfig
 from .oea import OEA, OEAConfig
 from .sere import SERE, SEREConfig
+from .xshare import XShare, XShareConfig
 
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (Native, Cap, OEA, SERE, Budget)}
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (Native, Cap, OEA, SERE, Budget, XShare, Lynx)}
 _BY_CONFIG: dict[type[PolicyConfig], type[Policy]] = {p.Config: p for p in POLICIES.values()}
 
 
@@ -57,6 +59,8 @@ __all__ = [
     "BudgetConfig",
     "Cap",
     "CapConfig",
+    "Lynx",
+    "LynxConfig",
     "Native",
     "NativeConfig",
     "OEA",
@@ -65,6 +69,8 @@ __all__ = [
     "PolicyConfig",
     "SERE",
     "SEREConfig",
+    "XShare",
+    "XShareConfig",
     "cap_schedule",
     "load_policy",
     "make_policy",

@@ -245,6 +245,7 @@ class Policy:
 
     name: ClassVar[str]
     Config: ClassVar[type[PolicyConfig]]
+    has_kernel: ClassVar[bool] = True  # whether `moe_reroute.kernels` has a fused kernel for it
 
     def __init__(self, config: PolicyConfig, check_inputs: bool = True, ties: str | None = None,
                  backend: str = "auto") -> None:
@@ -252,6 +253,10 @@ class Policy:
             raise TypeError(f"policy {self.name!r} takes a {self.Config.__name__}, got {type(config).__name__}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "triton" and not self.has_kernel:
+            kernels.warn_once(f"policy {self.name!r} has no fused kernel; it runs as torch ops (backend='torch'), "
+                              "with equal scores to the lower expert id as the kernels order them")
+            backend, ties = "torch", ties or "lower-id"
         if backend == "triton":
             if ties == "model":
                 raise ValueError("the Triton kernels order equal scores by lower expert id: use ties='lower-id' "
@@ -267,7 +272,7 @@ class Policy:
 
     def uses_kernels(self, router_logits: torch.Tensor) -> bool:
         """Whether a call on these logits runs the fused kernels (backend "triton", or "auto" on CUDA)."""
-        if self.backend == "torch" or torch.compiler.is_compiling():
+        if self.backend == "torch" or not self.has_kernel or torch.compiler.is_compiling():
             return False  # under torch.compile the torch ops are traced and fused by the compiler
         if self.backend == "triton":
             ok, why = kernels.available(router_logits.device)

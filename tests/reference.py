@@ -215,3 +215,111 @@ def ref_budget(logits, spec, valid, budget, native_ids=None, grid=256, fixed=Non
         kept = [e for e in order if e in chosen and choice[e] != NEG_INF][:K]
         out.append(weights(gate, kept, spec, spec.renormalize))
     return out
+
+
+def _top_by(values, n):
+    """The n indices of the largest values, ties to the lower index."""
+    return sorted(range(len(values)), key=lambda e: (-values[e], e))[:n]
+
+
+def ref_xshare(logits, spec, valid, budget=None, alpha=None, k0=0, group_budget=0, group_size=0, min_batch=0,
+               max_batch=0, guarantee=True, native_ids=None, fixed=None):
+    """XShare's pruning, read from `_prune_experts` of vLLM PR #35551: masks each row's logits outside
+    (global top-m by the batch's logit sums) | (its own top-k0) | (its group's top-group_budget) |
+    (its own top-K when m < K), then the row takes its top-K among the unmasked. Padding and fixed rows
+    are left out of the sums; a fixed row's native experts stay unmasked for every row."""
+    K, E = spec.top_k, spec.num_experts
+    T = len(logits)
+    toks, ranks = rankings(logits, spec, native_ids)
+    native = [weights(gate, order[:K], spec, spec.renormalize) for (_, gate), order in zip(toks, ranks)]
+    if budget is not None:
+        m = min(budget, E)
+    else:
+        a = 0.5 if alpha is None else alpha
+        m = max(1, int(a * E)) if a > 0 else 0
+    off = ((min_batch and T < min_batch) or (max_batch and T > max_batch) or m >= E
+           or (m == 0 and k0 == 0 and group_budget == 0) or (guarantee and m < K))
+    if off:
+        return native
+    rows = [[float(v) for v in r.double().tolist()] for r in logits]
+    counted = [bool(valid[t]) and not is_fixed(fixed, valid, t) for t in range(T)]
+
+    def sums(ts):
+        out = [0.0] * E
+        for t in ts:
+            if counted[t]:
+                for e in range(E):
+                    out[e] += rows[t][e]
+        return out
+
+    shared = set()
+    for t in range(T):
+        if is_fixed(fixed, valid, t):
+            shared.update(ranks[t][:K])
+    allow = [set(shared) for _ in range(T)]
+    if m > 0:
+        g = set(_top_by(sums(range(T)), m))
+        for a in allow:
+            a.update(g)
+    for t in range(T):
+        allow[t].update(ranks[t][:k0])
+    if group_budget > 0:
+        n = T // group_size * group_size
+        for start in range(0, n, group_size):
+            members = range(start, start + group_size)
+            best = set(_top_by(sums(members), group_budget))
+            for t in members:
+                allow[t].update(best)
+        rest = set(_top_by(sums(range(T)), group_budget))
+        for t in range(n, T):
+            allow[t].update(rest)
+    out = []
+    for t, ((choice, gate), order) in enumerate(zip(toks, ranks)):
+        if is_fixed(fixed, valid, t):
+            out.append(native[t])
+            continue
+        kept = [e for e in order if e in allow[t] and choice[e] != NEG_INF][:K]
+        out.append(weights(gate, kept, spec, spec.renormalize))
+    return out
+
+
+def ref_lynx(logits, spec, valid, alpha, beta=None, native_ids=None, fixed=None):
+    """Lynx's "quant" policies, read from gt-nexs/lynx `src/lynx/routing.py`: per token q = ceil(alpha *
+    (x - max x)) (q <= -beta -> -beta), h = B**q; each token picks its top-K of q + (sum of h over the batch
+    - own h) / B (ties to the lower id); the batch keeps the experts picked; each token then takes its top-K
+    logits among them, weights renormalised, or scaled to its native top-K mass when the model does not
+    renormalise. B counts the valid rows; a fixed row keeps its native top-K, which the batch keeps too."""
+    K, E = spec.top_k, spec.num_experts
+    T = len(logits)
+    toks, ranks = rankings(logits, spec, native_ids)
+    native = [weights(gate, order[:K], spec, spec.renormalize) for (_, gate), order in zip(toks, ranks)]
+    B = max(1, sum(1 for t in range(T) if valid[t]))
+    qs, hs = [], []
+    for r in logits:
+        x = [float(v) for v in r.float().tolist()]
+        mx = max(x)
+        q = []
+        for v in x:
+            raw = float(np.float32(alpha) * (np.float32(v) - np.float32(mx)))
+            q.append(-float(beta) if beta is not None and raw <= -beta else float(math.ceil(raw)))
+        qs.append(q)
+        hs.append([B ** v for v in q])
+    pop = [sum(sorted(hs[t][e] for t in range(T) if valid[t])) for e in range(E)]
+    keep = set()
+    for t in range(T):
+        if is_fixed(fixed, valid, t):
+            keep.update(ranks[t][:K])
+        elif valid[t]:
+            keep.update(_top_by([qs[t][e] + (pop[e] - hs[t][e]) / B for e in range(E)], K))
+    out = []
+    for t, ((choice, gate), order) in enumerate(zip(toks, ranks)):
+        if is_fixed(fixed, valid, t):
+            out.append(native[t])
+            continue
+        kept = [e for e in order if e in keep and choice[e] != NEG_INF][:K]
+        w = weights(gate, kept, spec, True)
+        if not spec.renormalize:
+            total = sum(native[t].values())
+            w = {e: v * total for e, v in w.items()}
+        out.append(w)
+    return out

@@ -5,7 +5,8 @@ defines it in `src/lynx/routing.py` (its "quant" policies: `quant`, `quant_optim
 Per layer and batch (B = the step's valid rows):
 1. Bucket: each token's logits relative to its best, q_e = ceil(alpha * (x_e - max x)), an integer <= 0;
    with beta, every q_e <= -beta becomes -beta (one bottom bucket).
-2. Popularity: h_e = B ** q_e per token; an expert's batch score is the sum of h_e over the valid rows.
+2. Popularity: h_e = B ** q_e per token; an expert's batch score is the sum of h_e over the valid rows
+   (in float64, smallest first, so that equal contributions tie exactly; the peer sums in float32).
 3. Re-rank: each token scores q_e + (score_e - h_e) / B, its bucket first (the others' share is below 1,
    so it never crosses a bucket), then the popularity of the expert among the other tokens; it chooses
    its K best by that score, equal scores to the lower id (the peer's Triton kernels' argmax).
@@ -65,11 +66,12 @@ class Lynx(Policy):
             q = torch.ceil(q)
         else:
             q = torch.where(q <= -float(config.beta), torch.full_like(q, -float(config.beta)), torch.ceil(q))
-        B = valid.sum(dim=-1, keepdim=True).clamp_min(1).float()[..., None]  # [1, 1]: valid rows of the step
-        h = torch.exp(q * torch.log(B))  # [T, E]
+        B = valid.sum(dim=-1, keepdim=True).clamp_min(1).double()[..., None]  # [1, 1]: valid rows of the step
+        h = torch.pow(B, q.double())  # [T, E], float64: B ** q exactly where representable
         h = torch.where(valid[..., None], h, torch.zeros_like(h))
-        pop = h.sum(dim=-2, keepdim=True)  # [1, E]
-        modified = q + (pop - h) / B
+        # summed in ascending order, so that two experts with the same values (in any rows) tie exactly
+        pop = torch.sort(h, dim=-2)[0].sum(dim=-2, keepdim=True)  # [1, E]
+        modified = q.double() + (pop - h) / B
         chosen = torch.sort(modified, dim=-1, descending=True, stable=True)[1][..., :K]  # [T, K]
         voters = valid if fixed is None else valid & ~fixed
         members = torch.zeros_like(s.choice, dtype=torch.bool).scatter_(-1, chosen, True) & voters[..., None]

@@ -158,13 +158,13 @@ def ranked_native(s: Scored) -> tuple[torch.Tensor, torch.Tensor]:
     return s.native_ids.gather(-1, perm), s.native_w.gather(-1, perm)
 
 
-def rank(choice: torch.Tensor, native_ids: torch.Tensor, ties: str = "model") -> torch.Tensor:
+def rank(choice: torch.Tensor, native_ids: torch.Tensor, ties: str = "model") -> torch.Tensor:  # noqa: ARG001
     """[T, E] expert ids of each token from best to worst: its native top-K (`native_ids`, from
     `ranked_native`) first in that order, then the rest by `choice`, ties to the lower id (the module's
     ranking rule)."""
     order = torch.sort(choice, dim=-1, descending=True, stable=True)[1]  # [T, E]
-    if ties == "lower-id":
-        return order  # the lower-id top-K is the head of this order
+    # with ties="lower-id" the library's own top-K is the head of this order, but an engine's `native`
+    # top-K (its own ties) may not be: ranks 1..K are always `native_ids`
     K = native_ids.shape[-1]
     slot = torch.arange(K, device=choice.device).expand(native_ids.shape)
     pri = torch.full(choice.shape, K, dtype=torch.long, device=choice.device).scatter_(-1, native_ids, slot)

@@ -56,7 +56,7 @@ def build_policy(name: str, params: dict, model: nn.Module | None = None) -> Pol
     the model folder's `sere/similarity.safetensors` (e.g. written by `moe-reroute calibrate --out`) is used."""
     params = dict(params)
     if name == "sere":
-        from ..hf.calibrate import load_similarity
+        from ..similarity import load_similarity
 
         E = RouterSpec.from_config(model.config).num_experts if model is not None else None
         sim = params.get("similarity")

@@ -70,7 +70,10 @@ class Budget(Policy):
         in_set = torch.zeros_like(forced).scatter_(-1, chosen, True) | forced  # [E]
 
         in_set = in_set[..., None, :].expand(order.shape)  # [T, E] by expert
-        allowed = in_set.gather(-1, order) & torch.isfinite(s.choice.gather(-1, order))  # [T, E], rank order
+        # a token's native top-K (ranks 1..K) may hold experts of weight 0 (fewer than K finite logits): they
+        # stay allowed, so that the no-op setting is native routing exactly
+        head = torch.arange(E, device=order.device) < K
+        allowed = in_set.gather(-1, order) & (torch.isfinite(s.choice.gather(-1, order)) | head)  # [T, E], rank order
         keep = allowed & (allowed.cumsum(dim=-1) <= K)
         ids, kept = pack(order, keep, K)
         w = weights_for(s.gate, ids, kept, spec, spec.renormalize)

@@ -80,7 +80,10 @@ class Lynx(Policy):
             members = members | held
         in_set = members.any(dim=-2, keepdim=True).expand_as(members)  # [T, E] by expert
         order = rank(s.choice, ranked_native(s)[0], self.ties)  # [T, E]
-        ok = in_set.gather(-1, order) & torch.isfinite(s.choice.gather(-1, order))
+        # a token's native top-K (ranks 1..K) may hold experts of weight 0 (fewer than K finite logits): they
+        # stay allowed, so that the no-op setting is native routing exactly
+        head = torch.arange(E, device=order.device) < K
+        ok = in_set.gather(-1, order) & (torch.isfinite(s.choice.gather(-1, order)) | head)  # [T, E], rank order
         ok[..., 0] |= ~ok.any(dim=-1)  # no valid row in the step: padding keeps its best, for `pack`
         keep = ok & (ok.cumsum(dim=-1) <= K)
         ids, kept = pack(order, keep, K)

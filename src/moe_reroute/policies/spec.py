@@ -65,7 +65,7 @@ def policy_from_spec(text: str, check_inputs: bool = True, num_experts: int | No
     name, params = parse_policy_spec(text)
     try:
         if name == "sere" and isinstance(params.get("similarity"), str):
-            from ..hf.calibrate import load_similarity
+            from ..similarity import load_similarity
 
             params["similarity"] = load_similarity(params["similarity"], num_experts=num_experts)
         return make_policy(name, check_inputs=check_inputs, **params)
@@ -162,7 +162,7 @@ def policy_from_object(obj: Any, check_inputs: bool = True, num_experts: int | N
     name, params = policy_params(obj, origin)
     try:
         if name == "sere" and isinstance(params.get("similarity"), str):
-            from ..hf.calibrate import load_similarity
+            from ..similarity import load_similarity
 
             params["similarity"] = load_similarity(params["similarity"], num_experts=num_experts)
         return make_policy(name, check_inputs=check_inputs, **params)

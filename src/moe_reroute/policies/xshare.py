@@ -142,7 +142,10 @@ class XShare(Policy):
         held = fixed_members(s, fixed, valid)
         if held is not None:
             allowed |= held.any(dim=-2, keepdim=True)
-        ok = allowed.gather(-1, order) & torch.isfinite(s.choice.gather(-1, order))  # [T, E], rank order
+        # a token's native top-K (ranks 1..K) may hold experts of weight 0 (fewer than K finite logits): they
+        # stay allowed, so that the no-op setting is native routing exactly
+        head = torch.arange(E, device=order.device) < K
+        ok = allowed.gather(-1, order) & (torch.isfinite(s.choice.gather(-1, order)) | head)  # [T, E], rank order
         ok[..., 0] |= ~ok.any(dim=-1)  # a row with nothing allowed (padding only) keeps its best, for `pack`
         keep = ok & (ok.cumsum(dim=-1) <= K)
         ids, kept = pack(order, keep, K)

@@ -332,3 +332,21 @@ def test_kernel_compiles_for_hopper():
     out = subprocess.run([sys.executable, str(script), *cases], env=env, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("ok ") == 4
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_a_step_without_valid_rows_routes_as_torch_does(name):
+    """Every row padding, sigmoid scoring with a bias (the anchor cannot be a valid row's expert): the kernels
+    and the torch policies point the padding at the same expert, and both return `valid` as a tensor."""
+    bias = torch.tensor([-0.83, 0.10, 0.19, 1.31, 0.56, 0.08, 0.71, 1.33])
+    spec = RouterSpec(8, 3, "sigmoid", True, n_group=4, topk_group=3, e_score_correction_bias=bias)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 8, generator=g).to(DEVICE)
+    valid = torch.tensor([[False] * 5, [True, False, True, False, False]], device=DEVICE)
+    params = {"cap": {"k": 1}, "oea": {"k0": 1}, "sere": {"similarity": similarity(8, 0), "primary": 1},
+              "budget": {"budget": 3}}.get(name, {})
+    a = make_policy(name, backend="torch", ties="lower-id", **params)(x, spec, valid)
+    b = make_policy(name, backend="triton", **params)(x, spec, valid)
+    assert torch.equal(a.ids, b.ids)
+    for r in (make_policy(name, backend="triton", **params)(x[0], spec), make_policy(name, backend="torch", **params)(x[0], spec)):
+        assert isinstance(r.valid, torch.Tensor) and r.valid.shape == (5,) and bool(r.valid.all())

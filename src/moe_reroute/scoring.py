@@ -263,14 +263,18 @@ def sanitize(router_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
                                                                   device=router_logits.device))
 
 
-def finish(ids: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor) -> Routing:
+def finish(ids: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor, s: Scored | None = None) -> Routing:
     """Make padding rows harmless: all their slots point at one expert a real token already uses, weight 0.
 
-    The anchor is slot 0 of the first valid row (row 0 if none is valid) of each step, so padding never
-    adds an expert.
+    The anchor is slot 0 of the first valid row of each step, so padding never adds an expert. A step
+    with no valid row has no such expert: its anchor is row 0's top-1 by the model's ranking (given `s`,
+    the step's scores), the expert the fused kernels pick, so that every backend routes it alike.
     """
     first = valid.to(torch.int32).argmax(dim=-1)[..., None, None]  # [1, 1] ([S, 1, 1])
     anchor = ids.gather(-2, first)  # slot 0 of that row; indexing with a tensor would read it on the host
+    if s is not None:
+        top1 = ranked_native(s)[0][..., :1, :1]  # [1, 1]: row 0's rank 1
+        anchor = torch.where(valid.any(dim=-1)[..., None, None], anchor, top1)
     ids = torch.where(valid[..., None], ids, anchor)
     weights = torch.where(valid[..., None], weights, torch.zeros_like(weights))
     return Routing(weights=weights.float(), ids=ids.long(), valid=valid)

@@ -213,4 +213,10 @@ def route(policy: Any, router_logits: torch.Tensor, spec: RouterSpec, valid: tor
             tr.route_kernel[(nb, n)](*args, PHASE=phase, num_warps=4 if BT * E_BLOCK <= 2048 else 8, **consts)
             for c in _counters:
                 c.count += 1
+    if valid is None:  # as the torch policies return it: every row valid (made once per shape, then cached)
+        cache = policy.__dict__.setdefault("_all_valid", {})
+        key = (steps, T, str(dev))
+        if key not in cache:
+            cache[key] = torch.ones(*steps, T, dtype=torch.bool, device=dev)
+        valid = cache[key]
     return Routing(weights=weights, ids=ids, valid=valid)

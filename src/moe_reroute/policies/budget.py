@@ -78,4 +78,4 @@ class Budget(Policy):
         ids, kept = pack(order, keep, K)
         w = weights_for(s.gate, ids, kept, spec, spec.renormalize)
         ids, w = native_where_unchanged(s, ids, kept, w)
-        return finish(*native_where_fixed(s, ids, w, fixed, valid), valid)
+        return finish(*native_where_fixed(s, ids, w, fixed, valid), valid, s)

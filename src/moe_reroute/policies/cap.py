@@ -109,7 +109,7 @@ class Cap(Policy):
         if renorm:  # back to the total of the model's top-K weights
             w = w * (w_r.sum(dim=-1, keepdim=True) / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny))
         ids, w = native_where_unchanged(s, ids, keep, w)
-        return finish(*native_where_fixed(s, ids, w, fixed, valid), valid)
+        return finish(*native_where_fixed(s, ids, w, fixed, valid), valid, s)
 
     def count_unique(self, router_logits, spec, valid, config, layer, fixed=None) -> torch.Tensor:
         """U: a token uses exactly its first k ranks (a fixed token its native top-K)."""

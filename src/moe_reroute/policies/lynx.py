@@ -92,4 +92,4 @@ class Lynx(Policy):
         else:  # Lynx keeps each token's native top-K mass
             w = weights_for(s.gate, ids, kept, spec, True) * s.native_w.sum(dim=-1, keepdim=True)
         ids, w = native_where_unchanged(s, ids, kept, w)
-        return finish(*native_where_fixed(s, ids, w, fixed, valid), valid)
+        return finish(*native_where_fixed(s, ids, w, fixed, valid), valid, s)

@@ -77,7 +77,7 @@ class OEA(Policy):
             ids, kept = self._keep_by_rank(s, spec, valid, config.k0, config.p, k_max, max_rank, fixed)
         w = weights_for(s.gate, ids, kept, spec, spec.renormalize)
         ids, w = native_where_unchanged(s, ids, kept, w)
-        return finish(*native_where_fixed(s, ids, w, fixed, valid), valid)
+        return finish(*native_where_fixed(s, ids, w, fixed, valid), valid, s)
 
     def count_unique(self, router_logits, spec, valid, config, layer, fixed=None) -> torch.Tensor:
         """U = |S|: every kept expert of a token is in S (its base, and piggybacked experts only from S), and

@@ -127,5 +127,5 @@ class SERE(Policy):
         first = same.to(torch.int32).argmax(dim=-1)  # [T, K]
         folded = torch.zeros_like(weights).scatter_add_(-1, first, weights)
         ids, w = native_where_unchanged(s, new_ids, torch.ones_like(reroute), folded)
-        return finish(*native_where_fixed(s, ids, w, fixed, valid), valid)
+        return finish(*native_where_fixed(s, ids, w, fixed, valid), valid, s)
 

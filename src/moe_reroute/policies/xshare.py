@@ -121,7 +121,7 @@ class XShare(Policy):
         x = sanitize(router_logits, valid)
         s = score(x, spec, self.ties, native)
         if self._off(spec, config, T):
-            return finish(*native_where_fixed(s, s.native_ids, s.native_w, fixed, valid), valid)
+            return finish(*native_where_fixed(s, s.native_ids, s.native_w, fixed, valid), valid, s)
         nat = ranked_native(s)[0]  # [T, K], best first
         order = rank(s.choice, nat, self.ties)  # [T, E]
         counted = valid if fixed is None else valid & ~fixed  # a fixed row's experts join the set below
@@ -151,7 +151,7 @@ class XShare(Policy):
         ids, kept = pack(order, keep, K)
         w = weights_for(s.gate, ids, kept, spec, spec.renormalize)
         ids, w = native_where_unchanged(s, ids, kept, w)
-        return finish(*native_where_fixed(s, ids, w, fixed, valid), valid)
+        return finish(*native_where_fixed(s, ids, w, fixed, valid), valid, s)
 
 
 def _best(sums: torch.Tensor, n: int) -> torch.Tensor:

@@ -15,14 +15,45 @@ whatever `fixed` says.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
+import torch
 
 NEG_INF = float("-inf")
 
 
-def token_scores(row, spec):
-    """(choice, gate) lists for one token: what the model ranks by (-inf: not allowed) and gate mass."""
+class StockTopK(NamedTuple):
+    """The stock router's own choice for each token: its top-K ids and (grouped sigmoid) its groups."""
+
+    ids: list
+    groups: list | None
+
+
+def stock_topk(logits, spec):
+    """Each token's top-K as the stock transformers routers compute it, with their own torch ops (so equal
+    scores fall where their torch.topk puts them), written here, not taken from the library."""
+    K, E = spec.top_k, spec.num_experts
+    if spec.scoring == "softmax":
+        return StockTopK(torch.topk(torch.softmax(logits, dtype=torch.float, dim=-1), K, dim=-1)[1].tolist(), None)
+    if spec.scoring == "topk_softmax":
+        return StockTopK(torch.topk(logits, K, dim=-1)[1].tolist(), None)
+    s = logits.float().sigmoid()
+    choice = s if spec.e_score_correction_bias is None else s + spec.e_score_correction_bias
+    G = spec.n_group
+    if G == 1 or spec.topk_group == G:
+        return StockTopK(torch.topk(choice, K, dim=-1, sorted=False)[1].tolist(), None)
+    T = logits.shape[0]
+    group_scores = choice.view(T, G, E // G).topk(2, dim=-1)[0].sum(dim=-1)
+    groups = torch.topk(group_scores, k=spec.topk_group, dim=-1, sorted=False)[1]
+    mask = torch.zeros(T, G).scatter_(1, groups, 1).bool().repeat_interleave(E // G, dim=1)
+    ids = torch.topk(choice.masked_fill(~mask, float("-inf")), K, dim=-1, sorted=False)[1]
+    return StockTopK(ids.tolist(), groups.tolist())
+
+
+def token_scores(row, spec, groups=None):
+    """(choice, gate) lists for one token: what the model ranks by (-inf: not allowed) and gate mass.
+    groups: the groups the model chose (grouped sigmoid), else the best by score, ties to the lower id."""
     x = row.float().numpy() if hasattr(row, "numpy") else np.asarray(row, dtype=np.float32)
     E = len(x)
     if spec.scoring == "softmax":
@@ -45,7 +76,7 @@ def token_scores(row, spec):
     for g in range(G):
         members = sorted((float(v) for v in sel[g * size : (g + 1) * size]), reverse=True)
         group_score.append(float(np.float32(members[0]) + np.float32(members[1])))
-    best_groups = sorted(range(G), key=lambda g: (-group_score[g], g))[: spec.topk_group]
+    best_groups = sorted(range(G), key=lambda g: (-group_score[g], g))[: spec.topk_group] if groups is None else groups
     choice = [float(sel[e]) if e // size in best_groups else NEG_INF for e in range(E)]
     return choice, [float(v) for v in sig]
 
@@ -61,7 +92,13 @@ def ranking(choice, native=None):
 
 
 def rankings(logits, spec, native_ids=None):
-    toks = [token_scores(row, spec) for row in logits]
+    """native_ids: the model's top-K per token (a list, or `stock_topk`'s answer, which also gives its groups)."""
+    groups = [None] * len(logits)
+    if isinstance(native_ids, StockTopK):
+        if native_ids.groups is not None:
+            groups = native_ids.groups
+        native_ids = native_ids.ids
+    toks = [token_scores(row, spec, g) for row, g in zip(logits, groups)]
     nat = [None] * len(toks) if native_ids is None else [list(map(int, r)) for r in native_ids]
     return toks, [ranking(c, n) for (c, _), n in zip(toks, nat)]
 

@@ -100,10 +100,10 @@ def test_fixed_rows_are_native_with_ties(batch, name, ties, data):
     nat = make_policy("native", ties=ties)(x, spec)
     vl = valid_list(valid, T)
     assert_native_on(r, nat, fixed & torch.tensor(vl))
-    grouped = spec.scoring == "sigmoid" and spec.topk_group < spec.n_group
-    if ties == "lower-id" or not grouped:  # (torch.topk's choice among equal groups is not the loops')
-        expected = REFS[name](x, spec, vl, *args, native_ids=nat.ids.tolist(), fixed=fixed.tolist(), **ref_params)
-        check_against(r, expected, spec, checked(name, valid), tol(spec, x))
+    # the loops' own top-K: the stock router's torch ops (groups included) for "model", their order otherwise
+    native_ids = ref.stock_topk(x, spec) if ties == "model" else None
+    expected = REFS[name](x, spec, vl, *args, native_ids=native_ids, fixed=fixed.tolist(), **ref_params)
+    check_against(r, expected, spec, checked(name, valid), tol(spec, x))
 
 
 @settings(max_examples=100, deadline=None)

@@ -82,7 +82,7 @@ def test_xshare_matches_the_loops(batch, data):
     p = xshare_params(data, spec, T)
     ties = data.draw(st.sampled_from(["model", "lower-id"]))
     r = make_policy("xshare", ties=ties, **p)(logits, spec, valid, fixed=fixed)
-    expected = ref.ref_xshare(logits, spec, vl(valid, T), native_ids=_own_topk(logits, spec, ties), fixed=fixed, **p)
+    expected = ref.ref_xshare(logits, spec, vl(valid, T), native_ids=ref.stock_topk(logits, spec) if ties == "model" else None, fixed=fixed, **p)
     check_against(r, expected, spec, valid, tol(spec, logits))
 
 
@@ -94,18 +94,8 @@ def test_lynx_matches_the_loops(batch, data):
     p = lynx_params(data)
     ties = data.draw(st.sampled_from(["model", "lower-id"]))
     r = make_policy("lynx", ties=ties, **p)(logits, spec, valid, fixed=fixed)
-    expected = ref.ref_lynx(logits, spec, vl(valid, T), native_ids=_own_topk(logits, spec, ties), fixed=fixed, **p)
+    expected = ref.ref_lynx(logits, spec, vl(valid, T), native_ids=ref.stock_topk(logits, spec) if ties == "model" else None, fixed=fixed, **p)
     check_against(r, expected, spec, valid, tol(spec, logits))
-
-
-def _own_topk(logits, spec, ties):
-    """Each token's top-K computed here (not by the library): by the logits, equal values to the lower id,
-    or torch.topk's order for ties="model" (the transformers routers' own call)."""
-    if ties == "lower-id":
-        return None
-    if spec.scoring == "softmax":
-        return torch.topk(torch.softmax(logits, dtype=torch.float, dim=-1), spec.top_k, dim=-1)[1]
-    return torch.topk(logits, spec.top_k, dim=-1)[1]
 
 
 @settings(max_examples=60, deadline=None)

@@ -1,4 +1,5 @@
-"""`budget`: one expert set for the whole batch under a budget of experts (XShare-style, arXiv 2602.07265).
+"""`budget`: one expert set for the whole batch under a budget of experts (XShare-style, arXiv 2602.07265;
+XShare's own rule is `xshare`, compared with this one in docs/peers.md).
 
 Per layer and batch:
 1. Every valid token's top-1 expert is in the set (its best expert is never taken away), and so is

@@ -64,3 +64,27 @@ def test_fullgraph_with_fixed_rows(name, params):
         got, want = compiled(x, v, f), run(x, v, f)
         assert torch.equal(got.ids, want.ids)
         torch.testing.assert_close(got.weights, want.weights)
+
+
+PEERS = [("xshare", {"budget": 20}), ("xshare", {"budget": 12, "k0": 1, "group_budget": 4, "group_size": 2}),
+         ("lynx", {"alpha": 3, "beta": 2}), ("lynx", {"alpha": 1})]
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "topk_softmax"])  # the peers' rules are defined on these
+@pytest.mark.parametrize("name,params", PEERS, ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x)))
+def test_fullgraph_peers(scoring, name, params):
+    """xshare and lynx, with and without fixed rows, trace as one graph too (eager backend)."""
+    torch._dynamo.reset()
+    spec = SPECS[scoring]
+    policy = make_policy(name, **params)
+
+    def run(x, v, f):
+        return policy(x, spec, v, fixed=f)
+
+    compiled = torch.compile(run, fullgraph=True, backend="eager")
+    for T, seed in ((16, 0), (5, 1)):
+        x, v = distinct_logits(T, E, seed=seed), random_mask(T, seed)
+        for f in (None, random_mask(T, seed + 7, p_invalid=0.6)):
+            got, want = compiled(x, v, f), run(x, v, f)
+            assert torch.equal(got.ids, want.ids)
+            torch.testing.assert_close(got.weights, want.weights)

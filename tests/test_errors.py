@@ -56,8 +56,9 @@ def test_parameter_errors():
         make_policy("cap")
     with pytest.raises(ValueError, match="budget=17 > the number of experts E=16"):
         make_policy("budget", budget=17)(X, SPEC)
-    with pytest.raises(ValueError, match="unknown policy 'xshare'; available: native, cap, oea, sere, budget"):
-        make_policy("xshare")
+    with pytest.raises(ValueError, match="unknown policy 'expert-share'; available: native, cap, oea, sere, budget, "
+                                         "xshare, lynx"):
+        make_policy("expert-share")
     with pytest.raises(ValueError, match="sere primary=5 > the model's K=4"):
         make_policy("sere", similarity=torch.eye(16), primary=5)(X, SPEC)
 

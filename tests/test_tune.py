@@ -174,7 +174,8 @@ def test_value_grids():
 
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(family="native"), "has no tunable parameter"),
-    (dict(family="lynx"), "not a policy family"),
+    (dict(family="expert-share"), "not a policy family"),
+    (dict(family="lynx"), "no parameter grid for it yet"),
     (dict(family="oea", budget=-0.1), ">= 0"),
     (dict(family="oea", budget=float("nan")), ">= 0"),
     (dict(family="oea", budget=None, agreement=1.5), "in [0, 1]"),

@@ -80,7 +80,10 @@ class TuneConfig:
     def __post_init__(self) -> None:
         if self.family not in TUNABLE:
             known = ", ".join(TUNABLE)
-            why = "it has no tunable parameter" if self.family == "native" else "it is not a policy family"
+            from ..policies import POLICIES
+
+            why = ("it has no tunable parameter" if self.family == "native" else
+                   "tune has no parameter grid for it yet" if self.family in POLICIES else "it is not a policy family")
             raise ValueError(f"cannot tune {self.family!r}: {why}; tune one of {known}")
         if (self.budget is None) == (self.agreement is None):
             raise ValueError("give a quality budget (mean cross-entropy increase in nats) or an agreement floor, "

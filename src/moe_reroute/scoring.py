@@ -158,10 +158,10 @@ def ranked_native(s: Scored) -> tuple[torch.Tensor, torch.Tensor]:
     return s.native_ids.gather(-1, perm), s.native_w.gather(-1, perm)
 
 
-def rank(choice: torch.Tensor, native_ids: torch.Tensor, ties: str = "model") -> torch.Tensor:  # noqa: ARG001
+def rank(choice: torch.Tensor, native_ids: torch.Tensor, ties: str = "model") -> torch.Tensor:
     """[T, E] expert ids of each token from best to worst: its native top-K (`native_ids`, from
     `ranked_native`) first in that order, then the rest by `choice`, ties to the lower id (the module's
-    ranking rule)."""
+    ranking rule). `ties` changes nothing here: it decided `native_ids` (or the engine did)."""
     order = torch.sort(choice, dim=-1, descending=True, stable=True)[1]  # [T, E]
     # with ties="lower-id" the library's own top-K is the head of this order, but an engine's `native`
     # top-K (its own ties) may not be: ranks 1..K are always `native_ids`

@@ -440,7 +440,10 @@ def run_vllm(monkeypatch):
             plugin.enable(policy, counters=counters)
         ids = prompts() if ids is None else ids
         llm = LLM(model=str(checkpoint), dtype="float32", enforce_eager=True, distributed_executor_backend="uni",
-                  skip_tokenizer_init=True, max_model_len=64, max_num_seqs=len(ids), seed=0)
+                  skip_tokenizer_init=True, max_model_len=64, max_num_seqs=len(ids), seed=0,
+                  # On a CPU with AMX, vLLM picks its AMX MLA backend for DeepSeek, which takes bf16 weights
+                  # only; the reference MLA backend runs float32 (other models ignore the choice).
+                  attention_config={"backend": "CPU_MLA"})
         try:
             params = SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True,
                                     allowed_token_ids=list(range(1, vocab)))  # PAD never: see hf_greedy

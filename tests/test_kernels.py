@@ -241,7 +241,7 @@ class OpLog(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("with_fixed", [False, True])
-@pytest.mark.parametrize("name", POLICY_NAMES)
+@pytest.mark.parametrize("name", POLICY_NAMES + ["xshare"])
 def test_a_call_is_launches_and_allocations_only(name, with_fixed, monkeypatch):
     """No torch op runs around the kernels (no sort, no copy, no host read): only empty() and views."""
     from moe_reroute.kernels import triton_route
@@ -261,7 +261,8 @@ def test_a_call_is_launches_and_allocations_only(name, with_fixed, monkeypatch):
 
     monkeypatch.setattr(triton_route, "route_kernel", Counted())
     spec = RouterSpec(128, 8)
-    params = {"cap": {"k": 4}, "oea": {"k0": 3}, "sere": {"similarity": similarity(128, 0)}, "budget": {"budget": 32}}
+    params = {"cap": {"k": 4}, "oea": {"k0": 3}, "sere": {"similarity": similarity(128, 0)}, "budget": {"budget": 32},
+              "xshare": {"budget": 16, "k0": 1, "group_budget": 4, "group_size": 5}}
     pol = make_policy(name, backend="triton", check_inputs=False, **params.get(name, {}))
     x = distinct_logits(16, 128, seed=2)
     valid = torch.ones(16, dtype=torch.bool)

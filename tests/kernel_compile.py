@@ -1,7 +1,7 @@
 """Compile the routing kernel for a Hopper GPU (sm_90) without one: Triton's own compiler and the ptxas it
 ships, as a GPU would, so that code the interpreter accepts but the compiler refuses is caught on CPU.
 
-python tests/kernel_compile.py [POLICY[:SCORING[:PHASE]] ...]   (names: native cap oea sere budget;
+python tests/kernel_compile.py [POLICY[:SCORING[:PHASE]] ...]   (names: native cap oea sere budget xshare;
 softmax topk_softmax sigmoid; phases 0 1 2); exits 1 if any case fails. Run without TRITON_INTERPRET.
 """
 
@@ -20,11 +20,11 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from moe_reroute.kernels import triton_route as tr  # noqa: E402
 
-POLICIES = {"native": tr.NATIVE, "cap": tr.CAP, "oea": tr.OEA, "sere": tr.SERE, "budget": tr.BUDGET}
+POLICIES = {"native": tr.NATIVE, "cap": tr.CAP, "oea": tr.OEA, "sere": tr.SERE, "budget": tr.BUDGET, "xshare": tr.XSHARE}
 SCORINGS = {"softmax": tr.SOFTMAX, "topk_softmax": tr.TOPK_SOFTMAX, "sigmoid": tr.SIGMOID}
 TYPES = dict(logits_ptr="*bf16", stride="i32", stride_s="i64", valid_ptr="*u8", fixed_ptr="*u8", bias_ptr="*fp32", sim_ptr="*fp32",
              part_a_ptr="*i32", part_b_ptr="*i32", ids_ptr="*i64", w_ptr="*fp32", T="i32", nb="i32", rsf="fp32",
-             k_param="i32", k_max="i32", max_rank="i32", p_top="fp32", threshold="fp32")
+             k_param="i32", k_max="i32", max_rank="i32", p_top="fp32", threshold="fp32", k_group="i32")
 
 
 def compile_case(policy: str, scoring: str, phase: int) -> float:
@@ -38,7 +38,8 @@ def compile_case(policy: str, scoring: str, phase: int) -> float:
     if scoring == "topk_softmax":
         consts.update(ROUND_BF16=True)
     names = tr.route_kernel.arg_names
-    signature = {a: "constexpr" if a in consts else TYPES[a] for a in names}
+    types = dict(TYPES, part_a_ptr="*fp64") if policy == "xshare" else TYPES  # xshare's parts: float64 logit sums
+    signature = {a: "constexpr" if a in consts else types[a] for a in names}
     src = ASTSource(tr.route_kernel, signature, {(names.index(k),): v for k, v in consts.items()})
     t0 = time.time()
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})

@@ -241,7 +241,7 @@ class OpLog(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("with_fixed", [False, True])
-@pytest.mark.parametrize("name", POLICY_NAMES)
+@pytest.mark.parametrize("name", POLICY_NAMES + ["xshare"])
 def test_a_call_is_launches_and_allocations_only(name, with_fixed, monkeypatch):
     """No torch op runs around the kernels (no sort, no copy, no host read): only empty() and views."""
     from moe_reroute.kernels import triton_route
@@ -261,7 +261,8 @@ def test_a_call_is_launches_and_allocations_only(name, with_fixed, monkeypatch):
 
     monkeypatch.setattr(triton_route, "route_kernel", Counted())
     spec = RouterSpec(128, 8)
-    params = {"cap": {"k": 4}, "oea": {"k0": 3}, "sere": {"similarity": similarity(128, 0)}, "budget": {"budget": 32}}
+    params = {"cap": {"k": 4}, "oea": {"k0": 3}, "sere": {"similarity": similarity(128, 0)}, "budget": {"budget": 32},
+              "xshare": {"budget": 16, "k0": 1, "group_budget": 4, "group_size": 5}}
     pol = make_policy(name, backend="triton", check_inputs=False, **params.get(name, {}))
     x = distinct_logits(16, 128, seed=2)
     valid = torch.ones(16, dtype=torch.bool)
@@ -350,3 +351,119 @@ def test_a_step_without_valid_rows_routes_as_torch_does(name):
     assert torch.equal(a.ids, b.ids)
     for r in (make_policy(name, backend="triton", **params)(x[0], spec), make_policy(name, backend="torch", **params)(x[0], spec)):
         assert isinstance(r.valid, torch.Tensor) and r.valid.shape == (5,) and bool(r.valid.all())
+
+
+# ---- xshare (softmax and topk_softmax routers only): its own specs and options ----
+
+@st.composite
+def softmax_specs(draw):
+    scoring = draw(st.sampled_from(["softmax", "topk_softmax"]))
+    E = draw(st.sampled_from([8, 16, 60, 64]))
+    K = draw(st.integers(1, min(6, E)))
+    return RouterSpec(E, K, scoring, True if scoring == "topk_softmax" else draw(st.booleans()))
+
+
+def xshare_params(spec, T, data):
+    """Every option of xshare, each on or off; group sizes up to T (the step's rows)."""
+    K, E = spec.top_k, spec.num_experts
+    p = {}
+    which = data.draw(st.sampled_from(["budget", "alpha", "default"]))
+    if which == "budget":
+        p["budget"] = data.draw(st.sampled_from([1, max(1, K - 1), K, E // 4 or 1, E // 2, E]))
+    elif which == "alpha":
+        p["alpha"] = data.draw(st.sampled_from([0.0, 0.1, 0.3, 1.0]))
+    if data.draw(st.booleans()):
+        p["k0"] = data.draw(st.integers(0, min(E, K + 1)))
+    if data.draw(st.booleans()):
+        p["group_budget"] = data.draw(st.integers(1, max(1, E // 2)))
+        p["group_size"] = data.draw(st.integers(1, T))
+    if data.draw(st.booleans()):
+        p["max_batch"] = data.draw(st.sampled_from([0, T, max(1, T - 1)]))
+        p["min_batch"] = data.draw(st.integers(0, p["max_batch"] or 2 * T))
+    p["guarantee"] = data.draw(st.booleans())
+    return p
+
+
+@st.composite
+def xshare_batches(draw):
+    spec = draw(softmax_specs())
+    E = spec.num_experts
+    T = draw(st.one_of(st.integers(1, 24), st.sampled_from([40, 100])))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    seed = draw(st.integers(0, 10**6))
+    g = torch.Generator().manual_seed(seed)
+    kind = draw(st.sampled_from(["distinct", "ties", "neg-inf"]))
+    if kind == "ties":  # few distinct values: equal logits, equal sums
+        x = torch.randint(-2, 3, (T, E), generator=g).float()
+    else:
+        x = distinct_logits(T, E, torch.float32, seed)
+        if kind == "neg-inf":  # some rows with fewer than K finite logits
+            drop = torch.rand(T, E, generator=g) < 0.6
+            drop[:, 0] = False
+            x = x.masked_fill(drop, float("-inf"))
+    valid = None
+    if draw(st.booleans()):
+        valid = torch.rand(T, generator=g) > 0.3
+        x[~valid] = draw(st.sampled_from([float("nan"), float("inf"), 3e4]))
+    fixed = None
+    if draw(st.booleans()):
+        fixed = torch.rand(T, generator=g) < draw(st.sampled_from([0.2, 0.6, 1.0]))
+    return spec, x.to(dtype), valid, fixed
+
+
+@FAST
+@given(batch=xshare_batches(), data=st.data())
+def test_xshare_kernel_matches_torch(batch, data):
+    """Every option, padding, fixed rows, ties and -inf logits: the kernel's ids are the torch policy's."""
+    spec, logits, valid, fixed = batch
+    params = xshare_params(spec, logits.shape[0], data)
+    ref, got, launches, spec = run_both("xshare", spec, logits, valid, params, fixed)
+    assert_same(ref, got, spec, logits, valid)
+    assert launches == 1  # T <= 100 fits one program
+
+
+def test_xshare_kernel_steps_and_by_batch():
+    """[S, T, E] steps (each its own batch: its own sums, groups and padding) with per-step valid and fixed
+    rows, and parameters by batch size, resolved on the host."""
+    spec = RouterSpec(16, 3)
+    S, T = 3, 9
+    x = torch.stack([distinct_logits(T, 16, torch.float32, seed=s) for s in range(S)])
+    g = torch.Generator().manual_seed(1)
+    valid = torch.rand(S, T, generator=g) > 0.25
+    valid[1] = False  # a step of padding only
+    fixed = torch.rand(S, T, generator=g) < 0.3
+    for params in ({"budget": 4, "k0": 1, "group_budget": 2, "group_size": 4},
+                   {"alpha": 0.0, "group_budget": 3, "group_size": 2, "guarantee": False},
+                   {"budget": {"by_batch": {"8": 2, "max": 5}}, "k0": {"by_batch": {"4": 3, "max": 1}}}):
+        for f in (None, fixed):
+            ref, got, launches, _ = run_both("xshare", spec, x, valid, params, f)
+            assert torch.equal(ref.ids, got.ids), params
+            assert torch.allclose(ref.weights, got.weights, rtol=1e-6, atol=1e-7)
+            assert launches == 1
+            for s in range(S):  # each step routes as that batch alone
+                alone, _, _, _ = run_both("xshare", spec, x[s], valid[s], params, None if f is None else f[s])
+                assert torch.equal(got.ids[s], alone.ids)
+
+
+def test_xshare_kernel_across_programs():
+    """T=600 over two programs (two launches): the batch's sums, the fixed rows' experts and groups that
+    straddle two programs are the torch policy's."""
+    spec = RouterSpec(128, 4)
+    T = 600
+    assert T > kernels.block_tokens(T, 128, torch.device(DEVICE))
+    logits = distinct_logits(T, 128, torch.bfloat16, seed=7)
+    g = torch.Generator().manual_seed(8)
+    valid = torch.rand(T, generator=g) > 0.1
+    fixed = torch.rand(T, generator=g) < 0.1
+    for params in ({"budget": 6, "k0": 1, "group_budget": 4, "group_size": 7}, {"alpha": 0.05, "guarantee": False}):
+        ref, got, launches, spec = run_both("xshare", spec, logits, valid, params, fixed)
+        assert_same(ref, got, spec, logits, valid)
+        assert launches == 2
+
+
+def test_xshare_kernel_refuses_what_torch_refuses():
+    spec = RouterSpec(16, 4)
+    pol = make_policy("xshare", backend="triton", budget=4, group_budget=2, group_size=6)
+    with kernels.counting() as c, pytest.raises(ValueError, match="group_size=6 > the step's 4 rows"):
+        pol(torch.zeros(4, 16), spec)
+    assert c.count == 0

@@ -139,6 +139,14 @@ def _policy_params(name: str, spec: RouterSpec, config: Any) -> dict[str, Any]:
     return p
 
 
+def _xshare_params(policy: Any, spec: RouterSpec, config: Any, T: int) -> dict[str, Any]:
+    """xshare: k_param = the global set's size m, k_max = k0, max_rank = the group budget, k_group = the group
+    size; all 0 (k_group 1) where the policy routes natively at this batch size."""
+    m, k0, gb, g = policy.kernel_params(spec, config, T)
+    return dict(k_param=m, k_max=k0, max_rank=gb, k_group=g, p_top=1.0, threshold=0.0, CAP_RENORM=False,
+                TOP_P=False, LIMIT_RANK=False)
+
+
 def _similarity(policy: Any, config: Any, layer: int | None, device: torch.device) -> torch.Tensor:
     """The layer's similarity as a contiguous float32 tensor on `device`, converted once and cached."""
     sim = config.similarity_at(layer)
@@ -174,10 +182,11 @@ def route(policy: Any, router_logits: torch.Tensor, spec: RouterSpec, valid: tor
     nb = -(-T // BT)
     ids = torch.empty(*steps, T, K, dtype=torch.int64, device=dev)
     weights = torch.empty(*steps, T, K, dtype=torch.float32, device=dev)
-    params = _policy_params(name, spec, config)
-    batch_wide = name in ("oea", "sere", "budget")
-    part_a = torch.empty(S, nb, E_BLOCK, dtype=torch.int32, device=dev) if batch_wide else ids
-    part_b = torch.empty(S, nb, E_BLOCK, dtype=torch.int32, device=dev) if name == "budget" else part_a
+    params = _xshare_params(policy, spec, config, T) if name == "xshare" else _policy_params(name, spec, config)
+    batch_wide = name in ("oea", "sere", "budget", "xshare")
+    part_dtype = torch.float64 if name == "xshare" else torch.int32  # xshare: logit sums, in float64 as torch
+    part_a = torch.empty(S, nb, E_BLOCK, dtype=part_dtype, device=dev) if batch_wide else ids
+    part_b = torch.empty(S, nb, E_BLOCK, dtype=torch.int32, device=dev) if name in ("budget", "xshare") else part_a
     bias = spec.e_score_correction_bias
     sim = _similarity(policy, config, layer, dev) if name == "sere" else router_logits
     # the kernel reads a step's flags at step * T: a [S, T] mask must be contiguous (a [T] one always is)
@@ -208,7 +217,7 @@ def route(policy: Any, router_logits: torch.Tensor, spec: RouterSpec, valid: tor
         args = (at(router_logits), router_logits.stride(-2), stride_s, at(valid_arg), at(fixed_arg),
                 bias if bias is not None else router_logits, sim, at(part_a), at(part_b), at(ids), at(weights),
                 T, nb, float(spec.routed_scaling_factor), params["k_param"], params["k_max"], params["max_rank"],
-                params["p_top"], params["threshold"])
+                params["p_top"], params["threshold"], params.get("k_group", 1))
         for phase in phases:
             tr.route_kernel[(nb, n)](*args, PHASE=phase, num_warps=4 if BT * E_BLOCK <= 2048 else 8, **consts)
             for c in _counters:

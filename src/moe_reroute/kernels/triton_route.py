@@ -5,9 +5,11 @@ S = steps.
 
 Each program routes BT tokens of one step: the grid is (programs per step, steps), and every step is its
 own batch (its own set, its own padding anchor), at offsets of one step in every tensor. Policies without a batch-wide set (native, cap) finish in one launch on
-any grid. Policies with one (oea: the loaded set; sere: the primary set; budget: the expert set) run in
+any grid. Policies with one (oea: the loaded set; sere: the primary set; budget: the expert set; xshare:
+the batch's logit sums and the fixed rows' experts) run in
 one launch when the batch fits one program (PHASE 0), else in two: PHASE 1 writes each program's part
-of the set ([NB, E_BLOCK] int32: a union is a max, a sum of whole numbers is exact in any order) and
+of the set ([NB, E_BLOCK] int32: a union is a max, a sum of whole numbers is exact in any order; xshare's
+sums are float64, as the torch policy's) and
 PHASE 2 reads all parts, rebuilds the set in every program and routes. The ranking rule is the
 library's with ties="lower-id": by score, equal scores to the lower expert id, so every program computes
 the same ranking and the same set without talking to the others.
@@ -23,7 +25,7 @@ import triton
 import triton.language as tl
 
 # POLICY
-NATIVE, CAP, OEA, SERE, BUDGET = 0, 1, 2, 3, 4
+NATIVE, CAP, OEA, SERE, BUDGET, XSHARE = 0, 1, 2, 3, 4, 5
 # SCORING
 SOFTMAX, TOPK_SOFTMAX, SIGMOID = 0, 1, 2
 
@@ -37,6 +39,61 @@ def _pick(key, avail, cols, BIG: tl.constexpr):
     # a NaN key matches nothing: fall back to the lowest available id (garbage in, ids still in range)
     low = tl.min(tl.where(avail, cols[None, :], BIG), axis=1)
     return tl.where(idx == BIG, low, idx)
+
+
+@triton.jit
+def _top_n(v, avail, cols, n, BIG: tl.constexpr):
+    """[E_BLOCK] bool: the n largest of v [E_BLOCK] among `avail`, ties to the lower id."""
+    sel = cols < 0
+    for r in range(n):
+        a = avail & ~sel
+        u = tl.where(a, v, float("-inf"))
+        mx = tl.max(u, axis=0)
+        idx = tl.min(tl.where(a & (u == mx), cols, BIG), axis=0)
+        sel = sel | (cols == idx)
+    return sel
+
+
+@triton.jit
+def _xs_allowed(logits_ptr, stride, valid_ptr, fixed_ptr, rows, key, cols, cmask, gsum, held, T,
+                m, k0, gb, g, HAS_VALID: tl.constexpr, HAS_FIXED: tl.constexpr, BIG: tl.constexpr):
+    """xshare: [BT, E_BLOCK] the experts each of `rows` may take: the batch's best m by logit sum (gsum,
+    [E_BLOCK] float64), the row's own first k0 ranks, its group's best gb (groups of g consecutive rows,
+    summed here from the group's counted rows; a remainder row takes the best gb of gsum), and `held`."""
+    live = (rows >= 0)[:, None]
+    allowed = (cols[None, :] < 0) & live
+    allowed = allowed | _top_n(gsum, cmask, cols, m, BIG)[None, :]
+    avail = cmask[None, :] & live
+    for r in range(k0):
+        idx = _pick(key, avail, cols, BIG)
+        sel = cols[None, :] == idx[:, None]
+        allowed = allowed | sel
+        avail = avail & ~sel
+    g1 = tl.maximum(g, 1)
+    in_full = rows < T // g1 * g1
+    start = rows // g1 * g1
+    acc = tl.zeros([rows.shape[0], cols.shape[0]], tl.float64)
+    n_rows = g
+    if gb == 0:
+        n_rows = 0
+    for i in range(n_rows):  # the group's rows, in order
+        r2 = start + i
+        c2 = in_full
+        if HAS_VALID:
+            c2 = c2 & (tl.load(valid_ptr + r2, mask=c2, other=0) != 0)
+        if HAS_FIXED:
+            c2 = c2 & (tl.load(fixed_ptr + r2, mask=c2, other=0) == 0)
+        x2 = tl.load(logits_ptr + r2[:, None].to(tl.int64) * stride + cols[None, :], mask=c2[:, None] & cmask[None, :],
+                     other=0.0)
+        acc = acc + x2.to(tl.float32).to(tl.float64)
+    key_g = tl.where(in_full[:, None], acc, gsum[None, :])
+    avail = cmask[None, :] & live
+    for r in range(gb):
+        idx = _pick(key_g, avail, cols, BIG)
+        sel = cols[None, :] == idx[:, None]
+        allowed = allowed | sel
+        avail = avail & ~sel
+    return allowed | held[None, :]
 
 
 @triton.jit
@@ -180,7 +237,7 @@ def _unchanged(kept_ids, keep, nat_ids, nat_w, w, kc, K: tl.constexpr):
 @triton.jit
 def route_kernel(
     logits_ptr, stride, stride_s, valid_ptr, fixed_ptr, bias_ptr, sim_ptr, part_a_ptr, part_b_ptr, ids_ptr, w_ptr,
-    T, nb, rsf, k_param, k_max, max_rank, p_top, threshold,
+    T, nb, rsf, k_param, k_max, max_rank, p_top, threshold, k_group,
     POLICY: tl.constexpr, SCORING: tl.constexpr, PHASE: tl.constexpr,
     K: tl.constexpr, K_BLOCK: tl.constexpr, E: tl.constexpr, E_BLOCK: tl.constexpr, BT: tl.constexpr,
     T_CHUNK: tl.constexpr, P_CHUNK: tl.constexpr,
@@ -190,7 +247,8 @@ def route_kernel(
     ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, TOP_P: tl.constexpr, LIMIT_RANK: tl.constexpr,
     GRID: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """Route BT tokens of one layer. k_param: cap's k, oea's k0, sere's primary, budget's budget."""
+    """Route BT tokens of one layer. k_param: cap's k, oea's k0, sere's primary, budget's budget, xshare's m
+    (xshare: k_max = k0, max_rank = group budget, k_group = group size; m = k0 = group budget = 0: native)."""
     BIG: tl.constexpr = 1 << 30
     pid = tl.program_id(0)
     step = tl.program_id(1).to(tl.int64)  # each step is its own batch: move every pointer to its rows
@@ -276,10 +334,17 @@ def route_kernel(
             if HAS_FIXED:
                 forced_rows = forced_rows | nat_set
             part_b = tl.max(tl.where(forced_rows, 1, 0), axis=0)
+        elif POLICY == 5:  # xshare: the counted rows' logit sums (float64), and the valid fixed rows' experts
+            counted = rvalid & ~rfixed
+            part_a = tl.sum(tl.where(counted[:, None] & cmask[None, :], x.to(tl.float64), 0.0), axis=0)
+            if HAS_FIXED:
+                part_b = tl.max(tl.where(nat_set, 1, 0), axis=0)
+            else:
+                part_b = tl.zeros([E_BLOCK], tl.int32)
 
         if POLICY >= 2 and PHASE != 2:
             tl.store(part_a_ptr + pid * E_BLOCK + cols, part_a)
-            if POLICY == 4:
+            if POLICY >= 4:
                 tl.store(part_b_ptr + pid * E_BLOCK + cols, part_b)
 
         if PHASE != 1:  # (PHASE 1 ends with its part of the set written)
@@ -287,13 +352,16 @@ def route_kernel(
                 if PHASE == 0:
                     tl.debug_barrier()
                 # ---- the whole batch's set, rebuilt from every program's part ----
-                acc_a = tl.zeros([E_BLOCK], tl.int32)
+                if POLICY == 5:
+                    acc_a = tl.zeros([E_BLOCK], tl.float64)
+                else:
+                    acc_a = tl.zeros([E_BLOCK], tl.int32)
                 acc_b = tl.zeros([E_BLOCK], tl.int32)
                 for c in range(0, nb, P_CHUNK):
                     pr = c + tl.arange(0, P_CHUNK)
                     pm = (pr < nb)[:, None] & (cols[None, :] < E_BLOCK)
                     parts = tl.load(part_a_ptr + pr[:, None] * E_BLOCK + cols[None, :], mask=pm, other=0)
-                    if POLICY == 4:
+                    if POLICY >= 4:
                         acc_a = acc_a + tl.sum(parts, axis=0)
                         acc_b = tl.maximum(acc_b, tl.max(tl.load(part_b_ptr + pr[:, None] * E_BLOCK + cols[None, :],
                                                                  mask=pm, other=0), axis=0))
@@ -302,6 +370,9 @@ def route_kernel(
                 if POLICY == 4:
                     mass_e = acc_a
                     forced = (acc_b > 0) & cmask
+                elif POLICY == 5:
+                    gsum = acc_a
+                    held = (acc_b > 0) & cmask
                 else:
                     in_set = (acc_a > 0) & cmask
 
@@ -319,6 +390,22 @@ def route_kernel(
                 _, akey, _ = _scores(logits_ptr, stride, bias_ptr, arow, arow < T, avalid, cols, cmask, SCORING, HAS_BIAS,
                                      SANITIZE, N_GROUP, TOPK_GROUP, GROUP_SIZE, G_BLOCK, BIG)
                 anchor = _pick(akey, cmask[None, :] & (arow >= 0)[:, None], cols, BIG)  # [BT], all equal
+                if POLICY == 5:  # the first valid row's slot 0 is its best allowed expert, not always its top-1
+                    anat = cols[None, :] < 0
+                    aav = cmask[None, :] & (arow >= 0)[:, None]
+                    for j in tl.static_range(K):
+                        aidx = _pick(akey, aav, cols, BIG)
+                        asel = cols[None, :] == aidx[:, None]
+                        anat = anat | asel
+                        aav = aav & ~asel
+                    a_ok = _xs_allowed(logits_ptr, stride, valid_ptr, fixed_ptr, arow, akey, cols, cmask, gsum, held,
+                                       T, k_param, k_max, max_rank, k_group, HAS_VALID, HAS_FIXED, BIG)
+                    a_ok = a_ok & ((akey > float("-inf")) | anat) & cmask[None, :]
+                    a_has = tl.max(tl.where(a_ok, 1, 0), axis=1) > 0
+                    a_move = a_has & avalid & ~((k_param == 0) & (k_max == 0) & (max_rank == 0))
+                    if HAS_FIXED:
+                        a_move = a_move & (tl.load(fixed_ptr + arow) == 0)
+                    anchor = tl.where(a_move, _pick(akey, a_ok, cols, BIG), anchor)
 
             if POLICY == 1:  # cap: the model's top-k, its weights cut (and rescaled to their native total)
                 keep = (kc[None, :] < k_param) & kin
@@ -348,7 +435,7 @@ def route_kernel(
                     fj = tl.min(tl.where(same, kc[None, :], K_BLOCK), axis=1)
                     w = w + tl.where(kc[None, :] == fj[:, None], _col(nat_w, kc, j)[:, None], 0.0)
                 out_ids = new_ids
-            else:  # oea and budget: the best k_max (budget: K) experts of each token among those it may take
+            else:  # oea, budget and xshare: the best k_max (else K) experts of each token among those it may take
                 if POLICY == 2:
                     elig = base | (in_set[None, :] & (key > float("-inf")))
                     if LIMIT_RANK:  # only the token's first max_rank ranks may be piggybacked
@@ -362,7 +449,7 @@ def route_kernel(
                             avail = avail & ~sel
                         elig = base | (elig & ranked)
                     take = k_max
-                else:
+                elif POLICY == 4:
                     # budget: the forced top-1s, then the experts with most mass; ties to the lower id
                     nforced = tl.sum(forced.to(tl.int32), axis=0)
                     room = k_param - nforced
@@ -381,6 +468,16 @@ def route_kernel(
                         in_set = in_set | (tl.max(tl.where(at, pick_c[:, None].to(tl.int32), 0), axis=0) > 0)
                     elig = in_set[None, :] & (key > float("-inf"))
                     take = K
+                if POLICY == 5:
+                    # a token's native top-K stays allowed where its logits are -inf (fewer than K finite ones),
+                    # so that the no-op setting is native routing exactly
+                    nat_row = cols[None, :] < 0
+                    for j in tl.static_range(K):
+                        nat_row = nat_row | (cols[None, :] == _col(nat_ids, kc, j)[:, None])
+                    allowed = _xs_allowed(logits_ptr, stride, valid_ptr, fixed_ptr, rows, key, cols, cmask, gsum,
+                                          held, T, k_param, k_max, max_rank, k_group, HAS_VALID, HAS_FIXED, BIG)
+                    elig = allowed & ((key > float("-inf")) | nat_row)
+                    take = K
                 keep = kc[None, :] < 0
                 out_ids = tl.zeros([BT, K_BLOCK], tl.int32)
                 avail = elig & cmask[None, :]
@@ -390,9 +487,17 @@ def route_kernel(
                     avail = avail & ~((cols[None, :] == idx[:, None]) & ok[:, None])
                     out_ids = tl.where((kc[None, :] == j) & ok[:, None], idx[:, None], out_ids)
                     keep = keep | ((kc[None, :] == j) & ok[:, None])
+                if POLICY == 5:  # a row allowed nothing keeps its best
+                    none = (tl.max(tl.where(keep, 1, 0), axis=1) == 0)[:, None] & (kc[None, :] == 0)
+                    out_ids = tl.where(none, nat_ids, out_ids)
+                    keep = keep | none
                 out_ids = tl.where(keep, out_ids, _col(out_ids, kc, 0)[:, None])
                 w = _weights(gate, out_ids, keep, kc, rsf, SCORING, RENORM, K_BLOCK)
                 w = _unchanged(out_ids, keep, nat_ids, nat_w, w, kc, K)
+                if POLICY == 5:  # off at this batch size: native routing
+                    off = (k_param == 0) & (k_max == 0) & (max_rank == 0)
+                    out_ids = tl.where(off, nat_ids, out_ids)
+                    w = tl.where(off, nat_w, w)
 
             if HAS_FIXED:
                 out_ids = tl.where(rfixed[:, None], nat_ids, out_ids)

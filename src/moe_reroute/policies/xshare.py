@@ -82,7 +82,7 @@ def global_budget(config: XShareConfig, E: int) -> int:
 class XShare(Policy):
     name = "xshare"
     Config = XShareConfig
-    has_kernel = False
+    has_kernel = True
 
     def check_fit(self, spec, config, layer) -> None:
         if spec.scoring == "sigmoid":
@@ -111,13 +111,25 @@ class XShare(Policy):
             return True
         return c.guarantee and m < K  # every token keeps its own top-K: native
 
-    def route(self, router_logits, spec, valid, config, layer, native=None, fixed=None) -> Routing:
-        K, E = spec.top_k, spec.num_experts
-        T = router_logits.shape[-2]
+    def _check_groups(self, config, T: int) -> None:
         if config.group_size > T:
             raise ValueError(f"xshare group_size={config.group_size} > the step's {T} rows: groups cannot be "
                              "formed; give a smaller group_size, or one per batch size with "
                              '{"by_batch": {...}}')
+
+    def kernel_params(self, spec, config, T: int) -> tuple[int, int, int, int]:
+        """(m, k0, group_budget, group_size) for the fused kernel, resolved on the host for a step of T rows;
+        (0, 0, 0, 1) when the policy is off (native routing)."""
+        self._check_groups(config, T)
+        if self._off(spec, config, T):
+            return 0, 0, 0, 1
+        gb = int(config.group_budget)
+        return global_budget(config, spec.num_experts), int(config.k0), gb, int(config.group_size) if gb else 1
+
+    def route(self, router_logits, spec, valid, config, layer, native=None, fixed=None) -> Routing:
+        K, E = spec.top_k, spec.num_experts
+        T = router_logits.shape[-2]
+        self._check_groups(config, T)
         x = sanitize(router_logits, valid)
         s = score(x, spec, self.ties, native)
         if self._off(spec, config, T):

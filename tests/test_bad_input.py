@@ -331,7 +331,7 @@ def test_non_utf8_policy_file_is_an_error(tmp_path):
 
 
 def test_policy_file_that_is_a_folder_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match=f"MOE_REROUTE_POLICY_FILE={tmp_path}: no such file"):
+    with pytest.raises(ValueError, match=f"MOE_REROUTE_POLICY_FILE={tmp_path} is a folder"):
         config.from_env({"MOE_REROUTE_POLICY_FILE": str(tmp_path)})
 
 

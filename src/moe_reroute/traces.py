@@ -169,10 +169,11 @@ class Trace:
             "dtype": str(next(iter(self.logits.values())).dtype).removeprefix("torch."),
             "meta": self.meta,
         }
-        path = Path(path)
-        save_file(_unshared({k: v.cpu() for k, v in tensors.items()}), str(path),
-                  metadata={"moe_reroute": json.dumps(header)})
-        return path
+        from .files import write_atomic
+
+        tensors = _unshared({k: v.cpu() for k, v in tensors.items()})
+        # written beside `path` and renamed onto it; a device, FIFO or folder at `path` is refused, never replaced
+        return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"moe_reroute": json.dumps(header)}))
 
 
 WHAT = "a moe-reroute routing trace (written by Trace.save or moe_reroute.hf.Recorder)"

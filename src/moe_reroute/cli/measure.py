@@ -185,9 +185,10 @@ def _eval(args) -> int:
 def write_results(args, name: str, result: dict) -> Path:
     """`result` with the command line, as JSON in --out; returns the file."""
     out = Path(args.out)
+    from ..files import write_text_atomic
+
     out.mkdir(parents=True, exist_ok=True)
-    (out / name).write_text(json.dumps({"command": command_line(args), **result}, indent=1) + "\n")
-    return out / name
+    return write_text_atomic(out / name, json.dumps({"command": command_line(args), **result}, indent=1) + "\n")
 
 
 def _eval_task(args, model, tokenizer, policies) -> int:

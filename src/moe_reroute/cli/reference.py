@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..files import write_text_atomic
 from .inputs import InputError, at_least, check_out_dir
 
 DEFAULT_WORKDIR = Path.home() / ".cache" / "moe_reroute" / "reference"
@@ -23,7 +24,7 @@ def _train_reference(args) -> int:
     out = shipped_folder() if args.refresh_shipped else Path(args.out)
     if args.refresh_shipped and args.out != DEFAULT_MODEL_OUT:
         raise InputError("give --out or --refresh-shipped, not both")
-    check_out_dir(out)
+    check_out_dir(out, package=args.refresh_shipped)
     check_out_dir(args.workdir, "--workdir")
     at_least(args.tokens, 1, "--tokens")
     cfg = TrainConfig(train_tokens=args.tokens, seed=args.seed, balance_coef=args.balance_coef,
@@ -46,7 +47,7 @@ def _reference_card(args) -> int:
     from ..reference import calibration_documents, card, heldout_documents, load, path
     from ..reference.train import train_stream
 
-    out = shipped_folder() if args.refresh_shipped else check_out_dir(args.out)
+    out = check_out_dir(shipped_folder(), package=True) if args.refresh_shipped else check_out_dir(args.out)
     if args.refresh_shipped and args.out != DEFAULT_CARD_OUT:
         raise InputError("give --out or --refresh-shipped, not both")
     folder = Path(args.model_dir) if args.model_dir else path()
@@ -84,8 +85,8 @@ def _reference_card(args) -> int:
     text = json.dumps(result, indent=1)
     training = json.loads((folder / "training.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
-    (out / "card.json").write_text(text + "\n")
-    (out / "MODEL_CARD.md").write_text(card.render(result, training))
+    write_text_atomic(out / "card.json", text + "\n")
+    write_text_atomic(out / "MODEL_CARD.md", card.render(result, training))
     print(text)
     print(f"model card written to {out / 'MODEL_CARD.md'}")
     return 0

@@ -118,6 +118,8 @@ def _eval(args) -> int:
         at_least(value, low, option)
     if args.out:
         check_out_dir(args.out)
+        for name in ("eval.json", "task.json", "lm_eval.json"):  # the result file, checked before the run
+            check_out_file(Path(args.out) / name, f"--out {args.out}: its")
     if args.task:
         read_text_file(args.task, "--task")
     if args.task and args.lm_eval:

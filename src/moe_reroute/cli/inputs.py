@@ -103,3 +103,12 @@ def at_least(value: int, low: int, option: str) -> int:
     if value < low:
         raise InputError(f"{option} must be >= {low}, got {value}")
     return value
+
+
+def in_range(value: float, low: float, high: float, option: str) -> float:
+    """`value` is a number (not NaN) in low..high; else InputError naming `option`."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value) or not low <= value <= high:
+        raise InputError(f"{option} must be a number in {low:g}..{high:g}, got {value}")
+    return value

@@ -9,9 +9,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from .inputs import InputError, at_least, check_out_dir, check_out_file, read_json_file, read_text_file
+from .inputs import InputError, at_least, in_range, check_out_dir, check_out_file, read_json_file, read_text_file
 
 DEFAULT_POLICIES = ("cap:k=4", "oea:k0=3", "sere", "budget:budget=32")
+MAX_RESAMPLES = 1_000_000  # bootstrap resamples: each holds an index per sequence
 
 
 def command_line(args) -> str:
@@ -117,6 +118,7 @@ def _eval(args) -> int:
                                ("--resamples", args.resamples, 1), ("--generate", args.generate, 0),
                                ("--generation-batch", args.generation_batch, 1)):
         at_least(value, low, option)
+    in_range(args.resamples, 1, MAX_RESAMPLES, "--resamples")
     if args.out:
         check_out_dir(args.out)
         for name in ("eval.json", "task.json", "lm_eval.json"):  # the result file, checked before the run

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 from ..files import write_text_atomic
-from .inputs import InputError, at_least, check_out_dir
+from .inputs import InputError, at_least, check_out_dir, in_range
 
 DEFAULT_WORKDIR = Path.home() / ".cache" / "moe_reroute" / "reference"
 DEFAULT_MODEL_OUT = "moe-reroute-reference"  # in the working directory, never the installed package
@@ -27,12 +28,21 @@ def _train_reference(args) -> int:
     check_out_dir(out, package=args.refresh_shipped)
     check_out_dir(args.workdir, "--workdir")
     at_least(args.tokens, 1, "--tokens")
+    at_least(args.balance_window, 1, "--balance-window")
+    if args.stop_after is not None:
+        at_least(args.stop_after, 1, "--stop-after")
+    for option, value in (("--balance-coef", args.balance_coef), ("--z-loss", args.z_loss),
+                          ("--revive-below", args.revive_below)):
+        in_range(value, 0.0, 1e6, option)
     cfg = TrainConfig(train_tokens=args.tokens, seed=args.seed, balance_coef=args.balance_coef,
                       balance_window=args.balance_window, z_loss_coef=args.z_loss,
                       revive_below=args.revive_below)
     print(f"corpus, tokenizer and checkpoints in {args.workdir}; {cfg.steps} steps of "
           f"{cfg.batch_size}x{cfg.seq_len} tokens; an interrupted run resumes from its last checkpoint")
-    folder = train(Path(args.workdir), out, cfg, stop_after=args.stop_after)
+    try:
+        folder = train(Path(args.workdir), out, cfg, stop_after=args.stop_after)
+    except (RuntimeError, subprocess.SubprocessError) as e:  # building the corpus: a download or tool failed
+        raise SystemExit(f"error: {e}") from None
     if folder is None:
         print(f"stopped after step {args.stop_after}; run again to resume")
         return 0

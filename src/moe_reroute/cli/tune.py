@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ..files import write_text_atomic
-from .inputs import InputError, at_least, check_out_file, read_json_file
+from .inputs import InputError, at_least, check_out_file, in_range, read_json_file
 from .measure import command_line, int_list, load_model, read_text
 
 
@@ -79,6 +79,9 @@ def _tune(args) -> int:
                                ("--rounds", args.rounds, 1), ("--refine", args.refine, 0),
                                ("--resamples", args.resamples, 1)):
         at_least(value, low, option)
+    from .measure import MAX_RESAMPLES
+
+    in_range(args.resamples, 1, MAX_RESAMPLES, "--resamples")
     if args.budget is not None and args.agreement is not None:
         raise InputError("--budget and --agreement are exclusive: a cross-entropy budget or an agreement floor")
     budget = args.budget if args.agreement is None else None

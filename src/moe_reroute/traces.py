@@ -295,7 +295,8 @@ def load(path: str | Path) -> Trace:
         x = tensors[f"logits.{layer}"]
         name = str(x.dtype).removeprefix("torch.")
         if name not in _FLOAT_NAMES.values():
-            raise _bad(path, f"'logits.{layer}' must be {', '.join(_FLOAT_NAMES.values())} router logits, got {name}")
+            raise _bad(path, f"'logits.{layer}' must be floating point router logits "
+                             f"({', '.join(_FLOAT_NAMES.values())}), got {name}")
         if not bool(torch.isfinite(x).all()):
             step = int(torch.isfinite(x).flatten(1).all(1).logical_not().nonzero()[0, 0]) if x.dim() > 1 else 0
             raise _bad(path, f"'logits.{layer}' holds NaN or inf (first at step {step}); record the trace again in float32")

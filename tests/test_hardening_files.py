@@ -50,6 +50,15 @@ def test_policy_file_holding_an_array_or_bom(tmp_path):
     f.write_text('"oea"')
     with pytest.raises(ValueError, match="holds a string, not an object"):
         load_policy(f)
+    from moe_reroute.policies import parse_policy_spec
+
+    with pytest.raises(ValueError, match="JSON that is not an object"):  # what the engine plugins parse
+        parse_policy_spec('[{"name": "oea", "k0": 3}]')
+    from moe_reroute.vllm import config
+
+    f.write_text('[{"name": "oea", "k0": 3}]')
+    with pytest.raises(ValueError, match="MOE_REROUTE_POLICY_FILE.*JSON that is not an object"):
+        config.from_env({"MOE_REROUTE_POLICY_FILE": str(f)})
 
 
 def test_policy_file_engine_options_backend_and_ties(tmp_path):

@@ -32,6 +32,9 @@ def parse_policy_spec(text: str) -> tuple[str, dict[str, Any]]:
     if not isinstance(text, str) or not text.strip():
         raise ValueError("empty policy spec; write e.g. native, cap:k=4, oea:k0=3 or budget:budget=32")
     label = repr(text) if len(text) <= 80 else repr(text[:60]) + f"... ({len(text)} characters)"
+    if text.lstrip("\ufeff \t\r\n").startswith(("[", '"')):  # JSON that is not an object: say so
+        raise ValueError(f"policy spec {label}: JSON that is not an object; a policy is one JSON object with a "
+                         f'"name", e.g. {EXAMPLE}, or a spec such as oea:k0=3')
     name, _, rest = text.strip().partition(":")
     name = name.strip()
     if name not in POLICIES:

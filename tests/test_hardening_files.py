@@ -106,6 +106,10 @@ def test_text_task_and_safetensors_readers_refuse_fifos_and_devices(tmp_path, ca
         no_hang(lambda: load_similarity(fifo))
     with pytest.raises(ValueError, match=f"{fifo} is a FIFO"):
         no_hang(lambda: load(fifo))
+    from moe_reroute.policies import make_policy
+
+    with pytest.raises(ValueError, match=f"{fifo} is a FIFO"):
+        no_hang(lambda: replay_file(fifo, make_policy("native")))
     no_hang(lambda: bad_input(capsys, ["calibrate", "--text", fifo, "--out", tmp_path / "s.safetensors"],
                               f"--text {fifo} is a FIFO"))
     zero = char_device(tmp_path / "zero")

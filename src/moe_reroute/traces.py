@@ -226,8 +226,13 @@ def replay_file(path: str | Path, policy: Policy, layers: list[int] | None = Non
 
     path = Path(path)
     _check_chunk(chunk_steps)
-    if not path.is_file():
+    from .files import regular_file_problem
+
+    problem = regular_file_problem(path, limit=None)
+    if problem and problem[0] == "missing":
         raise FileNotFoundError(f"no file at {path}; expected {WHAT}")
+    if problem:
+        raise ValueError(f"{path} {problem[1]}; expected {WHAT}")
     try:
         f = safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as e:

@@ -37,10 +37,8 @@ def _demo(args) -> int:
     from ..measure.shapes import get_shape
     from ..reference import heldout_documents, load
     from ..reference.card import domain_streams, trace_sequences
-    from .inputs import check_out_dir
+    from .inputs import at_least, check_out_dir
     from .measure import build_policies
-
-    from .inputs import at_least
 
     check_out_dir(args.out)  # bad --out or --shape fail now, not after the run
     for option, value, low in (("--sequences", args.sequences, 2), ("--seq-len", args.seq_len, 2),

@@ -17,14 +17,14 @@ def save_similarity(similarity: dict[int, torch.Tensor], path: str | Path, **met
     metadata says so: "layers": "moe")."""
     from safetensors.torch import save_file
 
+    from .files import write_atomic
+
     path = Path(path)
-    save_file(
-        # a copy of each: layers may share one tensor, which safetensors refuses to write twice
-        {f"layer.{k}": v.detach().to("cpu", torch.float32).clone().contiguous() for k, v in similarity.items()},
-        str(path),
-        metadata={"moe_reroute": "similarity", "layers": "moe", **{k: str(v) for k, v in meta.items()}},
-    )
-    return path
+    # a copy of each: layers may share one tensor, which safetensors refuses to write twice
+    tensors = {f"layer.{k}": v.detach().to("cpu", torch.float32).clone().contiguous() for k, v in similarity.items()}
+    metadata = {"moe_reroute": "similarity", "layers": "moe", **{k: str(v) for k, v in meta.items()}}
+    # written beside `path` and renamed onto it; a device, FIFO or folder at `path` is refused, never replaced
+    return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_similarity(path: str | Path, num_experts: int | None = None) -> dict[int, torch.Tensor]:

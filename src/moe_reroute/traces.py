@@ -169,10 +169,11 @@ class Trace:
             "dtype": str(next(iter(self.logits.values())).dtype).removeprefix("torch."),
             "meta": self.meta,
         }
-        path = Path(path)
-        save_file(_unshared({k: v.cpu() for k, v in tensors.items()}), str(path),
-                  metadata={"moe_reroute": json.dumps(header)})
-        return path
+        from .files import write_atomic
+
+        tensors = _unshared({k: v.cpu() for k, v in tensors.items()})
+        # written beside `path` and renamed onto it; a device, FIFO or folder at `path` is refused, never replaced
+        return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"moe_reroute": json.dumps(header)}))
 
 
 WHAT = "a moe-reroute routing trace (written by Trace.save or moe_reroute.hf.Recorder)"
@@ -225,8 +226,13 @@ def replay_file(path: str | Path, policy: Policy, layers: list[int] | None = Non
 
     path = Path(path)
     _check_chunk(chunk_steps)
-    if not path.is_file():
+    from .files import regular_file_problem
+
+    problem = regular_file_problem(path, limit=None)
+    if problem and problem[0] == "missing":
         raise FileNotFoundError(f"no file at {path}; expected {WHAT}")
+    if problem:
+        raise ValueError(f"{path} {problem[1]}; expected {WHAT}")
     try:
         f = safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as e:
@@ -238,6 +244,11 @@ def replay_file(path: str | Path, policy: Policy, layers: list[int] | None = Non
         if unknown:
             raise ValueError(f"layers {unknown} are not in this trace; it holds layers {order}")
         S, B = valid.shape
+        stored = {f.get_slice(f"logits.{layer}").get_dtype() for layer in order}
+        said = json.loads(f.metadata()["moe_reroute"]).get("dtype")
+        if said is not None and stored <= set(_FLOAT_NAMES) and said not in {_FLOAT_NAMES[d] for d in stored}:
+            raise _bad(path, f"the header says dtype {said} but the logits are "
+                             f"{', '.join(sorted(_FLOAT_NAMES[d] for d in stored))}")
         out = {}
         for layer in layers or order:
             spec = specs[layer]
@@ -249,8 +260,9 @@ def replay_file(path: str | Path, policy: Policy, layers: list[int] | None = Non
     return out
 
 
-# safetensors' names of the floating-point dtypes
-_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# safetensors' names of the floating-point dtypes a trace may hold, and torch's
+_FLOAT_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_FLOAT_DTYPES = tuple(_FLOAT_NAMES)
 
 
 def _check_chunk(chunk_steps: Any) -> None:
@@ -283,14 +295,20 @@ def load(path: str | Path) -> Trace:
     tensors, metadata = read_safetensors(path, WHAT)
     specs, meta, valid = _parse(path, metadata, set(tensors), tensors.get)
     logits = {}
+    said = json.loads(metadata["moe_reroute"]).get("dtype")
     for layer in specs:
         x = tensors[f"logits.{layer}"]
-        if not x.dtype.is_floating_point:
-            raise _bad(path, f"'logits.{layer}' must be floating point router logits, got {x.dtype}")
+        name = str(x.dtype).removeprefix("torch.")
+        if name not in _FLOAT_NAMES.values():
+            raise _bad(path, f"'logits.{layer}' must be floating point router logits "
+                             f"({', '.join(_FLOAT_NAMES.values())}), got {name}")
         if not bool(torch.isfinite(x).all()):
             step = int(torch.isfinite(x).flatten(1).all(1).logical_not().nonzero()[0, 0]) if x.dim() > 1 else 0
             raise _bad(path, f"'logits.{layer}' holds NaN or inf (first at step {step}); record the trace again in float32")
         logits[layer] = x
+    stored = sorted({str(x.dtype).removeprefix("torch.") for x in logits.values()})
+    if said is not None and said not in stored:
+        raise _bad(path, f"the header says dtype {said} but the logits are {', '.join(stored)}")
     try:
         return Trace(logits, valid, specs, meta)
     except ValueError as e:
@@ -330,6 +348,13 @@ def _parse(path: Path, metadata: dict[str, str], names: set[str], get: Any
         raise bad(f"'valid' must be a [S, B] bool tensor, got {tuple(valid.shape)} {valid.dtype}")
     if valid.shape[0] == 0 or valid.shape[1] == 0:
         raise bad(f"the trace holds no tokens (valid is {tuple(valid.shape)}: S steps x B sequences)")
+    for key, size in (("steps", valid.shape[0]), ("batch_size", valid.shape[1])):
+        if key in header and (isinstance(header[key], bool) or header[key] != size):
+            raise bad(f"header field {key!r} is {header[key]!r:.40} but the tensors hold {size} "
+                      f"({'steps' if key == 'steps' else 'sequences'}; valid is {tuple(valid.shape)})")
+    if "dtype" in header and header["dtype"] not in _FLOAT_NAMES.values():
+        raise bad(f"header field 'dtype' is {header['dtype']!r:.40}; traces hold logits in "
+                  f"{', '.join(_FLOAT_NAMES.values())}")
 
     specs = {}
     for key, d in header["specs"].items():

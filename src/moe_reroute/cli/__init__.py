@@ -1,7 +1,7 @@
 """The `moe-reroute` command: one subcommand per module of this package.
 
 A bad input ends the command with one line on stderr and exit status 2, never a traceback;
-`--debug` also prints the traceback.
+`--debug` also prints the traceback. Ctrl-C ends it with one line and exit status 130.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from . import bench, demo, engine, measure, reference, tune
 
 COMMANDS = [demo, reference, measure, tune, bench, engine]
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 # What a bad input raises: a command's own checks, the library's ValueError/TypeError naming the
 # parameter, a file that cannot be read or written, a missing optional dependency.
 BAD_INPUT = (ValueError, TypeError, OSError, ImportError)
@@ -77,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         fail(_message(prog, str(e) or type(e).__name__))
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print(f"\n{prog}: interrupted; outputs are written complete or not at all", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
     return EXIT_BAD_INPUT
 
 

@@ -12,6 +12,10 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "float16": "float16", "fp16": "float16"}
 
 
+MAX_SIZE = 1 << 20  # batch sizes and expert counts
+MAX_SEED = (1 << 63) - 1
+
+
 class UsageError(ValueError):
     """A bad command-line argument; the message says how to fix it."""
 
@@ -26,10 +30,10 @@ def _shape(args):
     return get_shape(args.shape or "qwen3-30b-a3b")
 
 
-def _batch_sizes(text: str) -> list[int]:
+def _batch_sizes(text: str, option: str = "--batch-sizes", example: str = "1,4,16,32") -> list[int]:
     parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise UsageError(f"--batch-sizes must be positive integers separated by commas, e.g. 1,4,16,32; got {text!r}")
+    if not parts or not all(p.isascii() and p.isdigit() and 0 < int(p) <= MAX_SIZE for p in parts):
+        raise UsageError(f"{option} must be integers 1..{MAX_SIZE} separated by commas, e.g. {example}; got {text!r}")
     return sorted({int(p) for p in parts})
 
 
@@ -96,6 +100,8 @@ def _routings(args, shape, policies, batch_sizes):
 
 def _run(args) -> int:
     try:
+        if not 0 <= args.seed <= MAX_SEED:
+            raise UsageError(f"--seed must be 0..{MAX_SEED}, got {args.seed}")
         return _bench(args)
     except UsageError as e:
         raise SystemExit(f"moe-reroute bench: error: {e}") from None
@@ -113,7 +119,7 @@ def _routing_bench(args) -> int:
                          "(the layer share uses the shape of each E: " +
                          ", ".join(f"E={e}: {n}" for e, n in routing.LAYER_FOR_EXPERTS.items()) + ")")
     batch_sizes = _batch_sizes(args.batch_sizes or ",".join(map(str, routing.ROUTING_BATCH_SIZES)))
-    experts = _batch_sizes(args.experts) if args.experts else list(routing.ROUTING_EXPERTS)
+    experts = _batch_sizes(args.experts, "--experts", "64,128,256") if args.experts else list(routing.ROUTING_EXPERTS)
     specs = list(dict.fromkeys(args.policy or routing.DEFAULT_ROUTING_POLICIES))
     if "native" not in specs:
         specs.insert(0, "native")

@@ -37,10 +37,14 @@ def _demo(args) -> int:
     from ..measure.shapes import get_shape
     from ..reference import heldout_documents, load
     from ..reference.card import domain_streams, trace_sequences
-    from .inputs import check_out_dir
+    from .inputs import at_least, check_out_dir
     from .measure import build_policies
 
     check_out_dir(args.out)  # bad --out or --shape fail now, not after the run
+    for option, value, low in (("--sequences", args.sequences, 2), ("--seq-len", args.seq_len, 2),
+                               ("--generate", args.generate, 1), ("--replay-steps", args.replay_steps, 1),
+                               ("--bench-steps", args.bench_steps, 1), ("--repeats", args.repeats, 1)):
+        at_least(value, low, option)
     get_shape(args.shape)
     if args.engine:
         from ..measure import serve_bench

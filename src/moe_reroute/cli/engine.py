@@ -48,9 +48,16 @@ def _serve_bench(args) -> int:
     at_least(args.num_prompts, 1, "--num-prompts")
     if not 1 <= args.port <= 65535:
         raise InputError(f"--port must be 1..65535, got {args.port}")
-    rate = math.inf if args.request_rate in ("inf", "") else float(args.request_rate)
+    try:
+        rate = math.inf if args.request_rate in ("inf", "") else float(args.request_rate)
+    except ValueError:
+        raise InputError(f"--request-rate must be requests/s > 0 or inf, got {args.request_rate!r}") from None
     if not rate > 0:
         raise InputError(f"--request-rate must be > 0 requests/s or inf, got {args.request_rate}")
+    if not (args.run_timeout > 0 and math.isfinite(args.run_timeout)):
+        raise InputError(f"--run-timeout must be a number of seconds > 0, got {args.run_timeout}")
+    if args.dtype != "auto" and args.dtype not in DTYPES:
+        raise InputError(f"--dtype must be auto or one of {', '.join(sorted(DTYPES))}, got {args.dtype!r}")
     out = check_out_dir(args.out)
     cfg = serve_bench.Config(model=model, policies=args.policy or [], batch_sizes=batch_sizes,
                              output_len=args.output_len, prompt_len=args.prompt_len, repeats=args.repeats,

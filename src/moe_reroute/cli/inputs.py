@@ -31,39 +31,58 @@ def _writable_below(path: Path, option: str) -> None:
         raise InputError(f"{option} {path}: {base} is not writable; choose a folder you can write to")
 
 
-def check_out_dir(path: str | Path, option: str = "--out") -> Path:
-    """`path` can be used (or made) as an output folder; nothing is created yet."""
+def package_folder() -> Path:
+    """The installed package's own folder (its code, the shipped reference model): never an output."""
+    return Path(__file__).resolve().parent.parent
+
+
+def _outside_package(path: Path, option: str) -> None:
+    here = path.absolute().resolve()
+    pkg = package_folder()
+    if here == pkg or pkg in here.parents:
+        raise InputError(f"{option} {path} is inside the installed moe_reroute package ({pkg}); write outputs "
+                         "somewhere else, such as the working directory")
+
+
+def check_out_dir(path: str | Path, option: str = "--out", package: bool = False) -> Path:
+    """`path` can be used (or made) as an output folder; nothing is created yet. `package`: the
+    installed package's folder is allowed (for --refresh-shipped only)."""
+    from ..files import output_problem
+
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise InputError(f"{option} {path} is an existing file; give a folder (it is made if missing)")
+        kind = output_problem(path) or "is an existing file"
+        raise InputError(f"{option} {path} {kind.split(';')[0]}, not a folder; give a folder (it is made if missing)")
+    if not package:
+        _outside_package(path, option)
     _writable_below(path, option)
     return path
 
 
 def check_out_file(path: str | Path, option: str = "--out") -> Path:
-    """`path` can be written as a file (its folder is made if missing); nothing is created yet."""
+    """`path` can be written as a file (its folder is made if missing): missing or a regular file, never
+    a device, FIFO, socket or folder, and not inside the installed package; nothing is created yet."""
+    from ..files import output_problem
+
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{option} {path} is a folder; give a file name such as {path / 'similarity.safetensors'}")
+    problem = output_problem(path)
+    if problem:
+        raise InputError(f"{option} {path} {problem}; give the name of a new or regular file")
     if path.exists() and not os.access(path, os.W_OK):
         raise InputError(f"{option} {path} exists and is not writable; choose another file")
+    _outside_package(path, option)
     _writable_below(path.parent, option)
     return path
 
 
 def read_text_file(path: str | Path, option: str) -> str:
-    """The UTF-8 text of `path`."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{option} {p}: no such file")
-    if p.is_dir():
-        raise InputError(f"{option} {p} is a folder; give a text file")
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{option} {p}: not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
-    except OSError as e:
-        raise InputError(f"{option} {p}: cannot read it ({e.strerror or e})") from None
+    """The UTF-8 text of the regular file `path` (a FIFO, device or folder is refused before reading;
+    at most files.MAX_TEXT_BYTES)."""
+    from ..files import read_regular_text
+
+    return read_regular_text(path, f"{option} {path}", error=InputError)
 
 
 def read_json_file(path: str | Path, option: str, what: str) -> Any:
@@ -83,4 +102,13 @@ def read_json_file(path: str | Path, option: str, what: str) -> Any:
 def at_least(value: int, low: int, option: str) -> int:
     if value < low:
         raise InputError(f"{option} must be >= {low}, got {value}")
+    return value
+
+
+def in_range(value: float, low: float, high: float, option: str) -> float:
+    """`value` is a number (not NaN) in low..high; else InputError naming `option`."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value) or not low <= value <= high:
+        raise InputError(f"{option} must be a number in {low:g}..{high:g}, got {value}")
     return value

@@ -4,13 +4,15 @@ reports with plots, and SERE's expert similarity for a model."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
 
-from .inputs import InputError, at_least, check_out_dir, check_out_file, read_json_file, read_text_file
+from .inputs import InputError, at_least, in_range, check_out_dir, check_out_file, read_json_file, read_text_file
 
 DEFAULT_POLICIES = ("cap:k=4", "oea:k0=3", "sere", "budget:budget=32")
+MAX_RESAMPLES = 1_000_000  # bootstrap resamples: each holds an index per sequence
 
 
 def command_line(args) -> str:
@@ -116,8 +118,11 @@ def _eval(args) -> int:
                                ("--resamples", args.resamples, 1), ("--generate", args.generate, 0),
                                ("--generation-batch", args.generation_batch, 1)):
         at_least(value, low, option)
+    in_range(args.resamples, 1, MAX_RESAMPLES, "--resamples")
     if args.out:
         check_out_dir(args.out)
+        for name in ("eval.json", "task.json", "lm_eval.json"):  # the result file, checked before the run
+            check_out_file(Path(args.out) / name, f"--out {args.out}: its")
     if args.task:
         read_text_file(args.task, "--task")
     if args.task and args.lm_eval:
@@ -185,9 +190,10 @@ def _eval(args) -> int:
 def write_results(args, name: str, result: dict) -> Path:
     """`result` with the command line, as JSON in --out; returns the file."""
     out = Path(args.out)
+    from ..files import write_text_atomic
+
     out.mkdir(parents=True, exist_ok=True)
-    (out / name).write_text(json.dumps({"command": command_line(args), **result}, indent=1) + "\n")
-    return out / name
+    return write_text_atomic(out / name, json.dumps({"command": command_line(args), **result}, indent=1) + "\n")
 
 
 def _eval_task(args, model, tokenizer, policies) -> int:
@@ -277,40 +283,86 @@ def read_results(path: str, option: str = "results file"):
     return data
 
 
+REPORT_FILES = ("report.md", "results.json")  # a folder holding either holds a report
+
+
 def _report(args) -> int:
+    """Every input read and checked field by field, then the report written into a temporary folder
+    beside --out and moved into place: a bad input leaves nothing behind, and a failure part-way leaves
+    --out as it was."""
     from ..measure import report
+    from ..measure.report_check import ReportInputError, check_bench, check_eval, check_serve
 
     data = read_results(args.eval_json)
-    bench = None
-    if args.bench:
-        what = "the JSON of `moe-reroute bench --json > FILE`"
-        bench = read_json_file(args.bench, "--bench", what)
-        problem = _fields_problem(bench, BENCH_FIELDS, "it")
-        if problem:
-            raise InputError(f"--bench {args.bench}: {problem}; expected {what}")
-    serve = None
-    if args.serve_bench:
-        from ..measure.serve_bench import read_results as read_serve
-
-        read_json_file(args.serve_bench, "--serve-bench", "results.json of `moe-reroute serve-bench`")
-        try:
-            serve = read_serve(args.serve_bench)
-        except ValueError as e:
-            raise InputError(f"--serve-bench {e}") from None
+    try:
+        check_eval(data, f"results file {args.eval_json}")
+        bench = serve = None
+        if args.bench:
+            bench = read_json_file(args.bench, "--bench", "the JSON of `moe-reroute bench --json > FILE`")
+            problem = _fields_problem(bench, BENCH_FIELDS, "it")
+            if problem:
+                raise InputError(f"--bench {args.bench}: {problem}; expected the JSON of `moe-reroute bench --json > FILE`")
+            check_bench(bench, f"--bench {args.bench}")
+        if args.serve_bench:
+            serve = read_json_file(args.serve_bench, "--serve-bench", "results.json of `moe-reroute serve-bench`")
+            check_serve(serve, f"--serve-bench {args.serve_bench}")
+    except ReportInputError as e:
+        raise InputError(str(e)) from None
     try:
         report.pick_batch_size(data["rows"], args.batch_size)
     except ValueError as e:
         raise InputError(f"--batch-size: {e}") from None
     out = check_out_dir(args.out)
+    held = [name for name in REPORT_FILES if (out / name).exists()]
+    if held and not args.force:
+        raise InputError(f"--out {out} already holds a report ({', '.join(held)}); pass --force to replace it, or "
+                         "give another folder")
     evaluation = {"rows": data["rows"], "conditions": data["conditions"]}
     command = str(data.get("command", "")) + (f"\n{bench.get('command', '')}" if bench else "")
     try:
-        path = report.write(out, evaluation, command, bench=bench, generation=data.get("generation"),
-                            batch=args.batch_size, serve=serve)
+        report._plt()  # matplotlib missing: say so before anything is made
+        path = _write_report_into(out, lambda tmp: report.write(tmp, evaluation, command, bench=bench,
+                                                                generation=data.get("generation"),
+                                                                batch=args.batch_size, serve=serve))
     except (ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"report written to {path}")
     return 0
+
+
+def _write_report_into(out: Path, write) -> Path:
+    """`write(folder)` into a new temporary folder beside `out`, then into place: the whole folder renamed
+    to `out` when `out` does not exist, else its files renamed into `out` one by one, report.md last (so a
+    report.md is only ever beside complete plots and results). The temporary folder is removed on any
+    error or interrupt. Returns the path of report.md in `out`."""
+    import shutil
+    import tempfile
+
+    out = out.absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        md = Path(write(tmp))
+        if not out.exists():
+            os.chmod(tmp, 0o777 & ~_umask())
+            tmp.rename(out)
+            return out / md.name
+        from ..files import check_output
+
+        names = sorted((p.name for p in tmp.iterdir()), key=lambda n: n == md.name)
+        for name in names:
+            check_output(out / name, f"--out {out}: {name}")
+        for name in names:
+            os.replace(tmp / name, out / name)
+        return out / md.name
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _calibrate(args) -> int:
@@ -360,6 +412,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--serve-bench", help="results.json written by `moe-reroute serve-bench` (end-to-end engine speed)")
     p.add_argument("--batch-size", type=int, help="batch size of the Pareto and per-layer plots (default 16)")
     p.add_argument("--out", default="moe-reroute-report", help="output folder (default ./moe-reroute-report)")
+    p.add_argument("--force", action="store_true", help="replace the report already in --out")
     p.set_defaults(run=_report)
 
     p = sub.add_parser("calibrate", help="SERE expert similarity of a model, from calibration text")

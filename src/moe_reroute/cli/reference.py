@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
-from .inputs import InputError, at_least, check_out_dir
+from ..files import write_text_atomic
+from .inputs import InputError, at_least, check_out_dir, in_range
 
 DEFAULT_WORKDIR = Path.home() / ".cache" / "moe_reroute" / "reference"
 DEFAULT_MODEL_OUT = "moe-reroute-reference"  # in the working directory, never the installed package
@@ -23,15 +25,24 @@ def _train_reference(args) -> int:
     out = shipped_folder() if args.refresh_shipped else Path(args.out)
     if args.refresh_shipped and args.out != DEFAULT_MODEL_OUT:
         raise InputError("give --out or --refresh-shipped, not both")
-    check_out_dir(out)
+    check_out_dir(out, package=args.refresh_shipped)
     check_out_dir(args.workdir, "--workdir")
     at_least(args.tokens, 1, "--tokens")
+    at_least(args.balance_window, 1, "--balance-window")
+    if args.stop_after is not None:
+        at_least(args.stop_after, 1, "--stop-after")
+    for option, value in (("--balance-coef", args.balance_coef), ("--z-loss", args.z_loss),
+                          ("--revive-below", args.revive_below)):
+        in_range(value, 0.0, 1e6, option)
     cfg = TrainConfig(train_tokens=args.tokens, seed=args.seed, balance_coef=args.balance_coef,
                       balance_window=args.balance_window, z_loss_coef=args.z_loss,
                       revive_below=args.revive_below)
     print(f"corpus, tokenizer and checkpoints in {args.workdir}; {cfg.steps} steps of "
           f"{cfg.batch_size}x{cfg.seq_len} tokens; an interrupted run resumes from its last checkpoint")
-    folder = train(Path(args.workdir), out, cfg, stop_after=args.stop_after)
+    try:
+        folder = train(Path(args.workdir), out, cfg, stop_after=args.stop_after)
+    except (RuntimeError, subprocess.SubprocessError) as e:  # building the corpus: a download or tool failed
+        raise SystemExit(f"error: {e}") from None
     if folder is None:
         print(f"stopped after step {args.stop_after}; run again to resume")
         return 0
@@ -46,7 +57,7 @@ def _reference_card(args) -> int:
     from ..reference import calibration_documents, card, heldout_documents, load, path
     from ..reference.train import train_stream
 
-    out = shipped_folder() if args.refresh_shipped else check_out_dir(args.out)
+    out = check_out_dir(shipped_folder(), package=True) if args.refresh_shipped else check_out_dir(args.out)
     if args.refresh_shipped and args.out != DEFAULT_CARD_OUT:
         raise InputError("give --out or --refresh-shipped, not both")
     folder = Path(args.model_dir) if args.model_dir else path()
@@ -84,8 +95,8 @@ def _reference_card(args) -> int:
     text = json.dumps(result, indent=1)
     training = json.loads((folder / "training.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
-    (out / "card.json").write_text(text + "\n")
-    (out / "MODEL_CARD.md").write_text(card.render(result, training))
+    write_text_atomic(out / "card.json", text + "\n")
+    write_text_atomic(out / "MODEL_CARD.md", card.render(result, training))
     print(text)
     print(f"model card written to {out / 'MODEL_CARD.md'}")
     return 0

@@ -9,7 +9,8 @@ import re
 import sys
 from pathlib import Path
 
-from .inputs import InputError, at_least, check_out_file, read_json_file
+from ..files import write_text_atomic
+from .inputs import InputError, at_least, check_out_file, in_range, read_json_file
 from .measure import command_line, int_list, load_model, read_text
 
 
@@ -78,6 +79,9 @@ def _tune(args) -> int:
                                ("--rounds", args.rounds, 1), ("--refine", args.refine, 0),
                                ("--resamples", args.resamples, 1)):
         at_least(value, low, option)
+    from .measure import MAX_RESAMPLES
+
+    in_range(args.resamples, 1, MAX_RESAMPLES, "--resamples")
     if args.budget is not None and args.agreement is not None:
         raise InputError("--budget and --agreement are exclusive: a cross-entropy budget or an agreement floor")
     budget = args.budget if args.agreement is None else None
@@ -86,6 +90,8 @@ def _tune(args) -> int:
     out = check_out_file(args.out)
     state = Path(args.state) if args.state else out.with_name(out.name + ".state")
     check_out_file(state, "--state")
+    for side in (out.with_name(out.stem + ".tune.json"), out.with_name(out.stem + ".validation.json")):
+        check_out_file(side, f"--out {out}: its companion file")  # written beside it, checked now
     if args.model is not None and args.text is None:
         raise InputError("--text CALIB is needed with --model: calibration text (a sample of the training data), "
                          "never the text you evaluate on")
@@ -116,12 +122,12 @@ def _tune(args) -> int:
     result["conditions"]["calibration"] = args.text or "the reference model's calibration.jsonl (training split)"
     result["conditions"]["cost_source"] = cost_note
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(policy_json(result["policy"]))
+    write_text_atomic(out, policy_json(result["policy"]), "--out")
     say(f"policy written to {out}: serve it with MOE_REROUTE_POLICY_FILE={out}, or moe_reroute.load_policy({str(out)!r})")
     if not args.no_validate:
         result["validation"] = _validate(args, model, tokenizer, heldout, out, result, say)
     summary = out.with_name(out.stem + ".tune.json")
-    summary.write_text(json.dumps(result, indent=1) + "\n")
+    write_text_atomic(summary, json.dumps(result, indent=1) + "\n")
     say(f"search and validation written to {summary}")
     if args.json:
         print(json.dumps(result))
@@ -165,7 +171,7 @@ def _validate(args, model, tokenizer, heldout, policy_file: Path, result: dict, 
     evaluation = evaluate(model, ids, policies, config, progress=not args.json, batching=batching)
     rows = evaluation["rows"]
     out = policy_file.with_name(policy_file.stem + ".validation.json")
-    out.write_text(json.dumps({"command": command_line(args), **evaluation}, indent=1) + "\n")
+    write_text_atomic(out, json.dumps({"command": command_line(args), **evaluation}, indent=1) + "\n")
     keep = [r for r in rows if r["policy"] == "native" or r["policy"].startswith("tuned:")
             or r["policy"] == uniform.get(r["batch_size"])]
     say(report.quality_table(keep))

@@ -723,12 +723,14 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
                            "top_k": spec.top_k, "seconds": round(time.time() - t0, 1)},
             "policies": policies, "labels": labels, "rows": summarize(results, policies, cfg.batch_sizes),
             "runs": results}
-    (out / RESULTS).write_text(json.dumps(data, indent=1) + "\n")
+    from ..files import write_text_atomic
+
+    write_text_atomic(out / RESULTS, json.dumps(data, indent=1) + "\n")
     png = plot(data, out / ("serve.png" if cfg.serve else "tpot.png"))
     md = ["# moe-reroute serve-bench", "", markdown_section(data)]
     if png:
         md += [f"![{png.name}]({png.name})", ""]
-    (out / "report.md").write_text("\n".join(md))
+    write_text_atomic(out / "report.md", "\n".join(md))
     return data
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,15 +168,32 @@ def available_memory() -> int | None:
 def write(p: Plan, out: str | Path, seed: int = 0, progress: bool = True) -> Path:
     """Write the checkpoint `p` to `out` (a new or empty folder): random weights (normal, std 0.02; norms 1,
     biases and DeepSeek's correction bias 0), the reference tokenizer, and `synth.json` describing it."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out} is not empty; give a new folder")
+    check_room(p, out)
+    # written into a temporary folder beside `out` and renamed to it at the end: an error or Ctrl-C part-way
+    # leaves no partial checkpoint (and no folder that a second run would refuse as not empty)
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    final, out = out, Path(tempfile.mkdtemp(dir=out.absolute().parent, prefix=f".{out.name}.partial-"))
+    try:
+        _write_into(p, out, seed, progress)
+        os.chmod(out, 0o755)
+        if final.exists():
+            final.rmdir()  # empty (checked above)
+        out.rename(final)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return final
+
+
+def _write_into(p: Plan, out: Path, seed: int, progress: bool) -> None:
     from transformers import AutoModelForCausalLM
 
     from .. import reference
     from ..progress import progress as bar
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"--out {out} is not empty; give a new folder")
-    check_room(p, out)
     t0 = time.time()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(p.config, dtype=p.dtype)
@@ -196,7 +214,6 @@ def write(p: Plan, out: str | Path, seed: int = 0, progress: bool = True) -> Pat
     for _, buf in model.named_buffers():  # non-persistent (rotary tables): not saved, but keep them finite
         if buf.is_floating_point():
             buf.zero_()
-    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size=SHARD_BYTES)
     for f in TOKENIZER_FILES:
         shutil.copy(reference.path() / f, out / f)
@@ -207,7 +224,6 @@ def write(p: Plan, out: str | Path, seed: int = 0, progress: bool = True) -> Pat
     (out / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
     for f in out.iterdir():  # save_pretrained writes shards 0600
         os.chmod(f, 0o644)
-    return out
 
 
 def read_marker(model: str | Path) -> dict | None:

@@ -25,15 +25,11 @@ from .stats import mean_se, paired_bootstrap, worse_by_se_rule
 
 def load_jsonl(path: str | Path) -> tuple[str, list[dict]]:
     """(kind, items) with kind "multiple_choice" or "generation"; every line is checked."""
+    from ..files import read_regular_text
+
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no task file at {path}")
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder; give a JSONL task file (one JSON object per line)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); save the task file as UTF-8 JSONL") from None
+    text = read_regular_text(path, str(path), "give a JSONL task file (one JSON object per line)",
+                             missing=FileNotFoundError, how_to_fix="save the task file as UTF-8 JSONL")
     items, kinds = [], set()
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():

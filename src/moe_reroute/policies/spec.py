@@ -24,6 +24,7 @@ from . import POLICIES, Policy, make_policy
 ENGINE_KEYS = ("phase", "verify")  # read by the engine plugins, not parameters of the policy
 ABOUT_KEY = "about"  # free-form information, ignored by every loader
 EXAMPLE = '{"name": "oea", "k0": 3}'
+POLICY_FILE_BYTES = 64 << 20  # a policy file larger than this is refused unread
 
 
 def parse_policy_spec(text: str) -> tuple[str, dict[str, Any]]:
@@ -31,6 +32,9 @@ def parse_policy_spec(text: str) -> tuple[str, dict[str, Any]]:
     if not isinstance(text, str) or not text.strip():
         raise ValueError("empty policy spec; write e.g. native, cap:k=4, oea:k0=3 or budget:budget=32")
     label = repr(text) if len(text) <= 80 else repr(text[:60]) + f"... ({len(text)} characters)"
+    if text.lstrip("\ufeff \t\r\n").startswith(("[", '"')):  # JSON that is not an object: say so
+        raise ValueError(f"policy spec {label}: JSON that is not an object; a policy is one JSON object with a "
+                         f'"name", e.g. {EXAMPLE}, or a spec such as oea:k0=3')
     name, _, rest = text.strip().partition(":")
     name = name.strip()
     if name not in POLICIES:
@@ -146,13 +150,22 @@ def load_json(text: str, origin: str, example: str = EXAMPLE) -> Any:
 def policy_params(obj: Any, origin: str = "policy") -> tuple[str, dict[str, Any]]:
     """(name, parameters) of a policy JSON object; engine settings and "about" are left out, layer keys
     ("0", "3") become ints, inside `by_batch` buckets too."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+    if not isinstance(obj, dict):
+        raise ValueError(f'{origin}: the JSON holds {_json_kind(obj)}, not an object; a policy is one JSON object '
+                         f'with a "name", e.g. {EXAMPLE}')
+    if not isinstance(obj.get("name"), str):
         raise ValueError(f'{origin}: the JSON must be an object with a "name", e.g. {EXAMPLE}')
     try:
         params = {k: _json_value(k, v) for k, v in obj.items() if k not in ("name", ABOUT_KEY, *ENGINE_KEYS)}
     except ValueError as e:
         raise ValueError(f"{origin}: {e}") from None
     return obj["name"], params
+
+
+def _json_kind(obj: Any) -> str:
+    kinds = {list: "an array", str: "a string", bool: "true/false", int: "a number", float: "a number",
+             type(None): "null"}
+    return kinds.get(type(obj), type(obj).__name__)
 
 
 def policy_from_object(obj: Any, check_inputs: bool = True, num_experts: int | None = None,
@@ -179,17 +192,13 @@ def describe_object(obj: dict[str, Any]) -> str:
 def read_policy_text(path: str | Path, origin: str | None = None) -> str:
     """The stripped UTF-8 text of a policy file; missing, unreadable, not UTF-8 or empty files raise
     ValueError naming `origin` (default: the path)."""
+    from ..files import read_regular_text
+
     example = '{"name": "oea", "k0": [2, 3, 3, 4]}'
-    p = Path(path)
     origin = origin or str(path)
-    if not p.is_file():
-        raise ValueError(f"{origin}: no such file; it should hold a JSON object such as {example}")
-    try:
-        text = p.read_text(encoding="utf-8").strip()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{origin}: not UTF-8 text (byte {e.start}); save it as UTF-8 JSON such as {example}") from None
-    except OSError as e:
-        raise ValueError(f"{origin}: cannot read it ({e.strerror or e})") from None
+    text = read_regular_text(path, origin, f"it should hold a JSON object such as {example}",
+                             limit=POLICY_FILE_BYTES,
+                             how_to_fix=f"save it as UTF-8 JSON such as {example}").strip()
     if not text:
         raise ValueError(f"{origin}: the file is empty; write a JSON object such as {example}")
     return text
@@ -198,8 +207,8 @@ def read_policy_text(path: str | Path, origin: str | None = None) -> str:
 def policy_from_text(text: str, check_inputs: bool = True, num_experts: int | None = None,
                      origin: str = "policy") -> Policy:
     """A spec (`oea:k0=3`) or JSON object text (`{"name": "oea", "k0": 3}`) -> the policy."""
-    text = text.strip()
-    if text.startswith("{"):
+    text = text.removeprefix("\ufeff").strip()
+    if text.startswith(("{", "[", '"')):  # JSON: only an object names a policy, and policy_from_object says so
         return policy_from_object(load_json(text, origin), check_inputs, num_experts, origin)
     try:
         return policy_from_spec(text, check_inputs=check_inputs, num_experts=num_experts)

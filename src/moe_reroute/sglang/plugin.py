@@ -39,8 +39,8 @@ from typing import Any, Callable
 import torch
 
 from ..contract import RouterSpec, engine_spec, layer_name, moe_index
-from ..vllm import config as _config
-from ..vllm.router import DECODE, MIXED, PREFILL, UNKNOWN, VERIFY
+from ..serving import config as _config
+from ..serving.steps import DECODE, MIXED, PREFILL, UNKNOWN, VERIFY
 
 logger = logging.getLogger("sglang.moe_reroute")
 
@@ -473,22 +473,23 @@ def register() -> None:
     """The `sglang.srt.plugins` entry point: runs in every SGLang process; does nothing unless
     MOE_REROUTE_POLICY or MOE_REROUTE_POLICY_FILE is set.
 
-    A bad value or an unsupported SGLang raises here. SGLang logs a failing plugin and goes on, so when
+    A bad value, an unsupported SGLang or a failure to register the hook raises here. SGLang logs a failing plugin and goes on, so when
     SGLang is importable the plugin also registers a hook that raises the same message on the first
     MoE forward: the server stops at its warm-up instead of serving without the policy asked for. Any
-    failure to read the configuration does this, whatever its exception.
+    failure (reading the configuration, registering the hook) does this, whatever its exception.
     """
     try:
         cfg = _config.from_env()
         if cfg is None:
             return
         check_version()
+        install(cfg)
     except Exception as e:  # noqa: BLE001 - SGLang would otherwise serve natively
         message = str(e) if isinstance(e, (ValueError, RuntimeError)) else (
-            f"moe-reroute: cannot read {_config.POLICY_ENV} / {_config.POLICY_FILE_ENV} ({type(e).__name__}: {e})")
+            f"moe-reroute: cannot start the SGLang plugin with {_config.POLICY_ENV} / {_config.POLICY_FILE_ENV} "
+            f"({type(e).__name__}: {e})")
         _fail_on_first_forward(message)
         raise
-    install(cfg)
     logger.info("moe-reroute: SGLang plugin loaded, policy %s on select_experts", cfg.describe())
 
 

@@ -39,8 +39,10 @@ from typing import Any, Callable
 import torch
 
 from ..contract import RouterSpec, engine_spec, layer_name, moe_index
+from ..policies.native import Native, NativeConfig
 from ..serving import config as _config
-from ..serving.steps import DECODE, MIXED, PREFILL, UNKNOWN, VERIFY
+from ..serving.distinct import distinct_ids
+from ..serving.steps import DECODE, MIXED, PREFILL, UNKNOWN, VERIFY, LayerCounter
 
 logger = logging.getLogger("sglang.moe_reroute")
 
@@ -322,6 +324,28 @@ class SelectExpertsHook:
         self._model_config: Any = None
         self._read_config = False
         self.native_reasons: set[str] = set()
+        self.counters: dict[int | str, LayerCounter] = {}  # decoder-layer index -> counter (config.counters)
+        self.native_policy = Native(NativeConfig(), check_inputs=False)
+        self.records: list[dict[str, Any]] | None = None  # every re-routed call, while recording
+        self._rpc_attached = False
+
+    def set_config(self, config: _config.PluginConfig) -> None:
+        """Route with `config` from the next step on (layers are checked against it again); counters restart."""
+        self.config = config
+        self.specs.clear()
+        self.counters.clear()
+
+    def counter(self, layer: int | None) -> LayerCounter | None:
+        if not self.config.counters:
+            return None
+        key = layer if layer is not None else "?"
+        if key not in self.counters:
+            self.counters[key] = LayerCounter(None)
+        return self.counters[key]
+
+    def read_counters(self) -> dict[int | str, dict[str, Any]]:
+        """Per layer (decoder-layer index), as `moe_reroute.vllm.counters()` reports them."""
+        return {k: c.read() for k, c in sorted(self.counters.items(), key=lambda kv: str(kv[0]).zfill(6))}
 
     def moe_layer(self, layer: int | None) -> tuple[int | None, str]:
         """(MoE-layer index, "") of decoder layer `layer`, or (None, why it has none); computed once."""
@@ -370,19 +394,43 @@ class SelectExpertsHook:
         if spec is None:
             return select_experts(*args, **kwargs)
         T = logits.shape[0]
+        self._attach_rpc()
         # fixed [T]: a mixed step's prefill rows keep native routing, and their experts count as loaded
         kind, fixed = (UNKNOWN, None) if self.config.phase == "all" else self.step(T, logits.device)
-        if not reroutes(kind, fixed, self.config):
-            return select_experts(*args, **kwargs)
         valid = valid_rows(T, call.get("num_token_non_padded"), logits.device)
+        counter = self.counter(layer)
+        if not reroutes(kind, fixed, self.config):
+            if counter is not None:
+                v = valid if valid is not None else torch.ones(T, dtype=torch.bool, device=logits.device)
+                n = v.sum()
+                decode = n if kind in (DECODE, VERIFY) else ((~fixed & v).sum() if fixed is not None else 0)
+                counter.add_native(n, decode, kind)
+            return select_experts(*args, **kwargs)
         policy = self.config.policy
         moe = self.moe_layer(layer)[0]
+        records = self.records
 
         def route(hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int, renormalize: bool):
             if topk != spec.top_k:
                 raise ValueError(f"moe-reroute: SGLang asked for {topk} experts per token; "
                                  f"layer {layer} has K={spec.top_k}")
             routing = policy(gating_output, spec, valid, layer=moe, fixed=fixed)
+            if counter is not None:
+                v = valid if valid is not None else torch.ones(T, dtype=torch.bool, device=gating_output.device)
+                native = self.native_policy(gating_output, spec, v, layer=moe)
+                if fixed is not None:
+                    decode_rows = ~fixed
+                elif kind in (DECODE, VERIFY):
+                    decode_rows = v
+                else:  # "all" on a prefill (or unreadable) step
+                    decode_rows = torch.zeros(T, dtype=torch.bool, device=gating_output.device)
+                counter.add(routing, native, v, spec.num_experts, kind, decode_rows)
+            # SGLang's native MoE counts tokens per expert with scatter_ (set, not add): K distinct ids per row
+            routing = distinct_ids(routing, spec.num_experts)
+            if records is not None:
+                records.append({"layer": layer, "moe_layer": moe, "kind": kind, "logits": gating_output.detach().cpu().clone(),
+                                "ids": routing.ids.cpu().clone(), "weights": routing.weights.cpu().clone(),
+                                "fixed": None if fixed is None else fixed.cpu().clone()})
             return routing.weights.to(torch.float32).contiguous(), routing.ids.to(torch.int32).contiguous()  # [T, K]
 
         rerouted = copy.copy(topk_config)
@@ -390,6 +438,54 @@ class SelectExpertsHook:
         rerouted.use_grouped_topk = False  # select_experts checks grouping before a custom function
         call["topk_config"] = rerouted
         return select_experts(**call)
+
+
+    def _attach_rpc(self) -> None:
+        """Give SGLang's Scheduler the plugin's methods for `Engine.collective_rpc` (see `RPC_METHODS`), once, in
+        the process that runs the model (the scheduler's module is loaded there by then)."""
+        if self._rpc_attached:
+            return
+        self._rpc_attached = True
+        import sys
+
+        scheduler = getattr(sys.modules.get("sglang.srt.managers.scheduler"), "Scheduler", None)
+        if scheduler is not None:
+            for name, fn in RPC_METHODS.items():
+                setattr(scheduler, name, fn)
+
+
+def _rpc_save(scheduler: Any, path: str) -> None:
+    """`moe_reroute_save(path)`: write {"policy", "counters", "records"} of this scheduler (torch.save)."""
+    hook = STATE.hook
+    torch.save({"policy": hook.config.source if hook else None, "counters": hook.read_counters() if hook else {},
+                "records": (hook.records or []) if hook else []}, path)
+
+
+def _rpc_record(scheduler: Any, on: bool = True) -> None:
+    """`moe_reroute_record(on)`: record every re-routed call (logits, ids, weights, fixed rows) from now on."""
+    if STATE.hook is not None:
+        STATE.hook.records = [] if on else None
+
+
+def _rpc_set_policy(scheduler: Any, policy: str) -> None:
+    """`moe_reroute_set_policy(policy)`: route with `policy` (a spec or JSON object) from the next step on."""
+    if STATE.hook is None:
+        raise RuntimeError("moe-reroute: the plugin is not active in this server (no policy was set at start-up)")
+    cfg = _config.parse(policy, counters=STATE.hook.config.counters, origin="moe_reroute_set_policy")
+    STATE.hook.set_config(cfg)
+
+
+def _rpc_reset_counters(scheduler: Any) -> None:
+    """`moe_reroute_reset_counters()`: zero every counter of this scheduler."""
+    if STATE.hook is not None:
+        for c in STATE.hook.counters.values():
+            c.reset()
+
+
+# Scheduler methods for `Engine.collective_rpc(name, **kwargs)` (it returns no value: `moe_reroute_save` writes
+# the counters and records to a file).
+RPC_METHODS = {"moe_reroute_save": _rpc_save, "moe_reroute_record": _rpc_record,
+               "moe_reroute_set_policy": _rpc_set_policy, "moe_reroute_reset_counters": _rpc_reset_counters}
 
 
 class State:

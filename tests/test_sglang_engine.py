@@ -34,7 +34,7 @@ from moe_reroute.sglang.model import needs_untying, untied_copy  # noqa: E402
 NEW = 8  # tokens generated per prompt
 CHUNK = 16  # chunked_prefill_size: prompts longer than this prefill in chunks, beside running decodes
 SERE = str(reference.path() / "sere" / "similarity.safetensors")
-POLICIES = ["oea:k0=2", "cap:k=4", f"sere:similarity={SERE}", "budget:budget=24"]
+POLICIES = ["oea:k0=[2,2,3,2]", "cap:k=4", f"sere:similarity={SERE}", "budget:budget=24"]
 ENGINE_ARGS = dict(device="cpu", attention_backend="torch_native", disable_cuda_graph=True, mem_fraction_static=0.05,
                    dtype="float32", skip_server_warmup=True, max_total_tokens=4096, log_level="error")
 

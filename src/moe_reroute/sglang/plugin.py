@@ -48,6 +48,9 @@ logger = logging.getLogger("sglang.moe_reroute")
 
 SUPPORTED_SGLANG = ((0, 5),)  # read against 0.5.23
 TARGET = "sglang.srt.layers.moe.topk.select_experts"
+# SGLang 0.5.23's eager runner turns a MIXED step into EXTEND before its forward ("a mixed batch is
+# extend-shaped"); an AROUND hook on it keeps the step's own mode for `step_kind` (`note_mode`).
+EXECUTE = "sglang.srt.model_executor.runner.eager_runner.EagerRunner.execute"
 # select_experts(hidden_states, router_logits, topk_config, *, layer_id, num_token_non_padded,
 #                expert_location_dispatch_info, dynamic_expert_bias, router_logits_partials)
 SELECT_EXPERTS_PARAMS = (
@@ -125,6 +128,25 @@ def current_batch() -> Any:
     return batch_of(get_forward_context()) if has_forward_context() else None
 
 
+class _Executing:
+    """The forward mode of the step the eager runner is executing (None outside `EagerRunner.execute`)."""
+
+    mode: Any = None
+
+
+EXECUTING = _Executing()
+
+
+def note_mode(execute: Callable, runner: Any, forward_batch: Any = None, *args: Any, **kwargs: Any) -> Any:
+    """AROUND hook on `EXECUTE`: keep the step's forward mode, as the scheduler made it, while it runs (SGLang
+    rewrites MIXED to EXTEND inside, and the forward context may carry another ForwardBatch object)."""
+    outer, EXECUTING.mode = EXECUTING.mode, getattr(forward_batch, "forward_mode", None)
+    try:
+        return execute(runner, forward_batch, *args, **kwargs)
+    finally:
+        EXECUTING.mode = outer
+
+
 def _mode_is(mode: Any, name: str) -> bool:
     test = getattr(mode, name, None)
     return bool(test()) if callable(test) else False
@@ -136,6 +158,8 @@ def step_kind(batch: Any) -> str:
     modes (EXTEND, SPLIT_PREFILL, ...) -> "prefill", anything else (IDLE, DRAFT_EXTEND_V2, no batch) ->
     "unknown". TARGET_VERIFY and MIXED are extend modes to SGLang, so they are asked first."""
     mode = getattr(batch, "forward_mode", None)
+    if batch is not None and _mode_is(EXECUTING.mode, "is_mixed") and _mode_is(mode, "is_extend"):
+        mode = EXECUTING.mode  # a mixed step SGLang's eager runner runs as EXTEND
     if _mode_is(mode, "is_decode"):
         return DECODE
     if _mode_is(mode, "is_target_verify"):
@@ -266,14 +290,16 @@ def served_model_config() -> Any:
     """The transformers config of the model this SGLang process serves (its language model's, for a
     multimodal one), read as SGLang reads it from its global server args; None when it cannot be read."""
     try:
-        from sglang.srt.server_args import get_global_server_args
+        from sglang.srt import server_args as _server_args
 
         try:
             from sglang.srt.utils.hf_transformers_utils import get_config, get_hf_text_config
         except ImportError:  # its place before SGLang moved it under utils/
             from sglang.srt.hf_transformers_utils import get_config, get_hf_text_config
 
-        args = get_global_server_args()
+        # the operator's arguments: get_server_args() in 0.5.23 (get_global_server_args() there only raises)
+        read = getattr(_server_args, "get_server_args", None) or _server_args.get_global_server_args
+        args = read()
         overrides = json.loads(getattr(args, "json_model_override_args", None) or "{}")
         config = get_config(args.model_path, trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
                             revision=getattr(args, "revision", None), model_override_args=overrides or None)
@@ -441,17 +467,21 @@ class SelectExpertsHook:
 
 
     def _attach_rpc(self) -> None:
-        """Give SGLang's Scheduler the plugin's methods for `Engine.collective_rpc` (see `RPC_METHODS`), once, in
-        the process that runs the model (the scheduler's module is loaded there by then)."""
-        if self._rpc_attached:
-            return
-        self._rpc_attached = True
-        import sys
+        if not self._rpc_attached:
+            self._rpc_attached = attach_rpc()
 
-        scheduler = getattr(sys.modules.get("sglang.srt.managers.scheduler"), "Scheduler", None)
-        if scheduler is not None:
-            for name, fn in RPC_METHODS.items():
-                setattr(scheduler, name, fn)
+
+def attach_rpc() -> bool:
+    """Give SGLang's Scheduler the plugin's methods for `Engine.collective_rpc` (see `RPC_METHODS`); True when
+    its module is loaded in this process (it is in the scheduler's: SGLang loads plugins from it)."""
+    import sys
+
+    scheduler = getattr(sys.modules.get("sglang.srt.managers.scheduler"), "Scheduler", None)
+    if scheduler is None:
+        return False
+    for name, fn in RPC_METHODS.items():
+        setattr(scheduler, name, fn)
+    return True
 
 
 def _rpc_save(scheduler: Any, path: str) -> None:
@@ -561,7 +591,9 @@ def install(cfg: _config.PluginConfig) -> SelectExpertsHook:
 
     hook = SelectExpertsHook(cfg)
     HookRegistry.register(TARGET, hook, HookType.AROUND)
+    HookRegistry.register(EXECUTE, note_mode, HookType.AROUND)
     STATE.hook = hook
+    hook._rpc_attached = attach_rpc()
     return hook
 
 

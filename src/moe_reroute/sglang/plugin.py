@@ -297,8 +297,12 @@ def served_model_config() -> Any:
         except ImportError:  # its place before SGLang moved it under utils/
             from sglang.srt.hf_transformers_utils import get_config, get_hf_text_config
 
-        # the operator's arguments: get_server_args() in 0.5.23 (get_global_server_args() there only raises)
-        read = getattr(_server_args, "get_server_args", None) or _server_args.get_global_server_args
+        # the operator's arguments: runtime_context.get_server_args() in 0.5.23 (get_global_server_args()
+        # there only raises); get_global_server_args() before
+        try:
+            from sglang.srt.runtime_context import get_server_args as read
+        except ImportError:
+            read = _server_args.get_global_server_args
         args = read()
         overrides = json.loads(getattr(args, "json_model_override_args", None) or "{}")
         config = get_config(args.model_path, trust_remote_code=bool(getattr(args, "trust_remote_code", False)),

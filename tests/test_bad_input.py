@@ -14,7 +14,8 @@ from moe_reroute.hf import load_similarity, save_similarity
 from moe_reroute.policies.spec import parse_policy_spec, policy_from_spec
 from moe_reroute.sglang import plugin as sglang_plugin
 from moe_reroute.traces import Trace
-from moe_reroute.vllm import config
+from moe_reroute.serving import config
+from moe_reroute.vllm import plugin as vllm_plugin
 
 SPEC = RouterSpec(8, 2)
 DEEPSEEK = RouterSpec(8, 2, "sigmoid", n_group=2, topk_group=1, routed_scaling_factor=2.5,
@@ -63,7 +64,7 @@ def test_sglang_register_guards_even_an_unexpected_exception(monkeypatch):
 
 
 def test_config_wraps_any_failure_to_build_the_policy_with_the_variable(monkeypatch):
-    import moe_reroute.vllm.config as cfg
+    import moe_reroute.serving.config as cfg
 
     def explode(*args, **kwargs):
         raise RuntimeError("disk on fire")
@@ -71,6 +72,45 @@ def test_config_wraps_any_failure_to_build_the_policy_with_the_variable(monkeypa
     monkeypatch.setattr(cfg, "parse", explode)
     with pytest.raises(ValueError, match=r"MOE_REROUTE_POLICY: cannot use 'oea:k0=3' \(RuntimeError: disk on fire\)"):
         cfg.from_env({"MOE_REROUTE_POLICY": "oea:k0=3"})
+
+
+def test_sglang_register_stops_the_server_when_registering_the_hook_fails(monkeypatch):
+    guards = []
+    monkeypatch.setattr(sglang_plugin, "_fail_on_first_forward", guards.append)
+    monkeypatch.setattr(sglang_plugin, "STATE", sglang_plugin.State())
+    monkeypatch.setattr(sglang_plugin, "check_version", lambda version=None: None)
+    monkeypatch.delenv("MOE_REROUTE_POLICY_FILE", raising=False)
+    monkeypatch.setenv("MOE_REROUTE_POLICY", "oea:k0=1")
+
+    def broken_install(cfg):
+        raise AttributeError("HookRegistry has no register")
+
+    monkeypatch.setattr(sglang_plugin, "install", broken_install)
+    with pytest.raises(AttributeError):
+        sglang_plugin.register()
+    assert len(guards) == 1 and "HookRegistry has no register" in guards[0] and "MOE_REROUTE_POLICY" in guards[0]
+
+
+@pytest.mark.parametrize("var", ["MOE_REROUTE_POLICY", "MOE_REROUTE_POLICY_FILE"])
+@pytest.mark.parametrize("value", [" ", "\t\n", "   "])
+def test_white_space_only_policy_variables_are_errors_not_unset(var, value):
+    with pytest.raises(ValueError, match=f"{var} is set to white space only.*unset {var}"):
+        config.from_env({var: value})
+    assert config.from_env({var: ""}) is None  # set but empty: unset
+
+
+def test_vllm_plugin_reads_the_policy_file_once_per_process(monkeypatch, tmp_path):
+    path = tmp_path / "policy.json"
+    path.write_text('{"name": "cap", "k": 2}')
+    monkeypatch.setattr(config, "_READ", {})
+    monkeypatch.setattr(vllm_plugin, "STATE", vllm_plugin.State())
+    monkeypatch.delenv("MOE_REROUTE_POLICY", raising=False)
+    monkeypatch.delenv("MOE_REROUTE_COUNTERS", raising=False)
+    monkeypatch.setenv("MOE_REROUTE_POLICY_FILE", str(path))
+    first = vllm_plugin.STATE.current()  # the first router built
+    path.write_text('{"name": "cap", "k": 3}')  # edited while the engine builds its layers
+    later = vllm_plugin.STATE.current()  # every later router
+    assert first is later and later.policy.config.k == 2
 
 
 # --- 2. the spec parser ---

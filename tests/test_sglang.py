@@ -28,7 +28,8 @@ import torch
 from moe_reroute.contract import RouterSpec
 from moe_reroute.policies import make_policy
 from moe_reroute.sglang import plugin
-from moe_reroute.vllm import config as plugin_config
+from moe_reroute.serving import config as plugin_config
+from moe_reroute.serving.distinct import distinct_ids
 
 # --- the contract, as read from SGLang 0.5.23 ---
 
@@ -237,7 +238,7 @@ def test_policy_ids_with_padding_and_eplb(policy, name, params, deepseek, logits
     spec = (RouterSpec(E, K, "sigmoid", True, n_group=4, topk_group=2, e_score_correction_bias=cfg.correction_bias,
                        weights_in_logits_dtype=False) if deepseek else RouterSpec(E, K))
     valid = torch.arange(T) < 13
-    expected = make_policy(name, **params)(logits, spec, valid, layer=3)
+    expected = distinct_ids(make_policy(name, **params)(logits, spec, valid, layer=3), E)  # dropped slots made distinct for SGLang's MoE
     scale = 2.5 if deepseek else 1.0
     assert torch.equal(out.topk_ids[:13], log2phy[expected.ids[:13]])  # the policy's ids, then SGLang's EPLB map
     assert (out.topk_ids[13:] == -1).all()  # SGLang's padded-row mask
@@ -277,7 +278,7 @@ def test_extend_steps_route_natively_and_phase_all_does_not(logits_factory):
     assert_same_routing(call(hook_for("oea:k0=1", step=("prefill", None)), logits, cfg), native)
     every = plugin.SelectExpertsHook(plugin_config.parse('{"name": "oea", "k0": 1, "phase": "all"}'),
                                      step=lambda T, device: ("prefill", None))
-    expected = make_policy("oea", k0=1)(logits, RouterSpec(16, 4), layer=3)
+    expected = distinct_ids(make_policy("oea", k0=1)(logits, RouterSpec(16, 4), layer=3), 16)  # dropped slots made distinct for SGLang's MoE
     assert torch.equal(call(every, logits, cfg).topk_ids, expected.ids.to(torch.int32))
 
 
@@ -320,7 +321,7 @@ def test_the_policy_gets_the_moe_layer_index(layer_id, k, logits_factory):
     """SGLang's layer_id is the decoder layer; a per-layer k is read at its MoE-layer index."""
     logits = logits_factory(8, 16, seed=layer_id)
     out = call(hook_for("cap:k=[4,1,2]", model_config=DENSE_FIRST), logits, TopKConfig(top_k=4), layer_id=layer_id)
-    expected = make_policy("cap", k=k)(logits, RouterSpec(16, 4))
+    expected = distinct_ids(make_policy("cap", k=k)(logits, RouterSpec(16, 4)), 16)  # dropped slots made distinct for SGLang's MoE
     assert torch.equal(out.topk_ids, expected.ids.to(torch.int32))
 
 
@@ -331,7 +332,7 @@ def test_layers_without_a_moe_layer_index_take_only_uniform_policies(logits_fact
                          "which decoder layers of model_type 'llama4'"),
                         (DENSE_FIRST, "decoder layer 0 is not a MoE layer of the model's config")]:
         out = call(hook_for("cap:k=2", model_config=config), logits, TopKConfig(top_k=4), layer_id=0)
-        assert torch.equal(out.topk_ids, make_policy("cap", k=2)(logits, RouterSpec(16, 4)).ids.to(torch.int32))
+        assert torch.equal(out.topk_ids, distinct_ids(make_policy("cap", k=2)(logits, RouterSpec(16, 4)), 16).ids.to(torch.int32))
         with pytest.raises(ValueError, match=f"decoder layer 0 has no MoE-layer index: {why}"):
             call(hook_for("cap:k=[4,1]", model_config=config), logits, TopKConfig(top_k=4), layer_id=0)
 
@@ -522,7 +523,7 @@ def test_mixed_step_reroutes_its_decode_rows_with_the_prefill_rows_fixed(deepsee
 
     prefill = torch.tensor([True] * 9 + [False] * 7 + [True] * 2)  # written out by hand
     valid = torch.arange(T) < 16
-    expected = make_policy("oea", k0=1)(logits, spec, valid, layer=3, fixed=prefill)
+    expected = distinct_ids(make_policy("oea", k0=1)(logits, spec, valid, layer=3, fixed=prefill), spec.num_experts)  # dropped slots made distinct for SGLang's MoE
     scale = 2.5 if deepseek else 1.0
     assert torch.equal(out.topk_ids[:16], log2phy[expected.ids[:16]])
     torch.testing.assert_close(out.topk_weights[:16], expected.weights[:16] * scale)
@@ -560,7 +561,7 @@ def test_verification_step_is_rerouted_unless_verify_is_false(verify, logits_fac
     if not verify:
         assert_same_routing(out, native)
         return
-    expected = make_policy("oea", k0=1)(logits, RouterSpec(E, 4), torch.arange(T) < 10, layer=3)
+    expected = distinct_ids(make_policy("oea", k0=1)(logits, RouterSpec(E, 4), torch.arange(T) < 10, layer=3), E)  # dropped slots made distinct for SGLang's MoE
     assert torch.equal(out.topk_ids[:10], expected.ids[:10].to(torch.int32)) and (out.topk_ids[10:] == -1).all()
     assert out.topk_ids[:10].unique().numel() < native.topk_ids[:10].unique().numel()
 
@@ -572,7 +573,7 @@ def test_pure_decode_keeps_mixed_and_verification_steps_native(batch, logits_fac
     hook = step_hook('{"name": "oea", "k0": 1, "phase": "pure-decode"}', batch)
     assert_same_routing(call(hook, logits, cfg), native_out(logits, cfg))
     batch.forward_mode = ForwardMode.DECODE  # a pure decode step is still re-routed
-    expected = make_policy("oea", k0=1)(logits, RouterSpec(16, 4), layer=3)
+    expected = distinct_ids(make_policy("oea", k0=1)(logits, RouterSpec(16, 4), layer=3), 16)  # dropped slots made distinct for SGLang's MoE
     assert torch.equal(call(hook, logits, cfg).topk_ids, expected.ids.to(torch.int32))
 
 
@@ -714,5 +715,5 @@ def test_installed_hook_registry_wraps_select_experts_with_the_hook(monkeypatch,
                                     topk_config=TopKConfig(top_k=4), layer_id=0)
     finally:
         registry.HookRegistry.reset()
-    expected = make_policy("cap", k=2)(logits, RouterSpec(16, 4), layer=0)
+    expected = distinct_ids(make_policy("cap", k=2)(logits, RouterSpec(16, 4), layer=0), 16)  # dropped slots made distinct for SGLang's MoE
     assert torch.equal(out.topk_ids, expected.ids.to(torch.int32))

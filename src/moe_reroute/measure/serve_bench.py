@@ -132,7 +132,7 @@ def resolve_policies(specs: list[str], model: str, spec, labels: dict | None = N
     sere/similarity.safetensors; each spec must build and fit the model's E and K. `labels`, when given,
     receives {spec run: spec as the user wrote it}, for tables."""
     from ..measure.evaluate import SIMILARITY_FILE
-    from ..vllm import config as plugin_config
+    from ..serving import config as plugin_config
 
     out = [NATIVE]
     for s in specs:
@@ -235,7 +235,7 @@ def prompt_texts(model: str, count: int, length: int) -> list[str]:
 
 
 def engine_env(cfg: Config, policy: str, in_process: bool) -> dict:
-    from ..vllm import config as plugin_config
+    from ..serving import config as plugin_config
 
     env = {k: v for k, v in os.environ.items() if k != plugin_config.POLICY_FILE_ENV}
     env[plugin_config.POLICY_ENV] = policy

@@ -8,7 +8,7 @@ SGLang yourself; no extra pins it). It does nothing unless a policy is configure
 Checked against SGLang 0.5.23's sources by contract tests only; see README, "On SGLang".
 """
 
-from ..vllm.config import POLICY_ENV, POLICY_FILE_ENV
+from ..serving.config import POLICY_ENV, POLICY_FILE_ENV
 from .plugin import SUPPORTED_SGLANG, TARGET, check_version, register, topk_spec
 
 __all__ = ["POLICY_ENV", "POLICY_FILE_ENV", "SUPPORTED_SGLANG", "TARGET", "check_version", "register", "topk_spec"]

@@ -39,13 +39,18 @@ from typing import Any, Callable
 import torch
 
 from ..contract import RouterSpec, engine_spec, layer_name, moe_index
-from ..vllm import config as _config
-from ..vllm.router import DECODE, MIXED, PREFILL, UNKNOWN, VERIFY
+from ..policies.native import Native, NativeConfig
+from ..serving import config as _config
+from ..serving.distinct import distinct_ids
+from ..serving.steps import DECODE, MIXED, PREFILL, UNKNOWN, VERIFY, LayerCounter
 
 logger = logging.getLogger("sglang.moe_reroute")
 
 SUPPORTED_SGLANG = ((0, 5),)  # read against 0.5.23
 TARGET = "sglang.srt.layers.moe.topk.select_experts"
+# SGLang 0.5.23's eager runner turns a MIXED step into EXTEND before its forward ("a mixed batch is
+# extend-shaped"); an AROUND hook on it keeps the step's own mode for `step_kind` (`note_mode`).
+EXECUTE = "sglang.srt.model_executor.runner.eager_runner.EagerRunner.execute"
 # select_experts(hidden_states, router_logits, topk_config, *, layer_id, num_token_non_padded,
 #                expert_location_dispatch_info, dynamic_expert_bias, router_logits_partials)
 SELECT_EXPERTS_PARAMS = (
@@ -123,6 +128,25 @@ def current_batch() -> Any:
     return batch_of(get_forward_context()) if has_forward_context() else None
 
 
+class _Executing:
+    """The forward mode of the step the eager runner is executing (None outside `EagerRunner.execute`)."""
+
+    mode: Any = None
+
+
+EXECUTING = _Executing()
+
+
+def note_mode(execute: Callable, runner: Any, forward_batch: Any = None, *args: Any, **kwargs: Any) -> Any:
+    """AROUND hook on `EXECUTE`: keep the step's forward mode, as the scheduler made it, while it runs (SGLang
+    rewrites MIXED to EXTEND inside, and the forward context may carry another ForwardBatch object)."""
+    outer, EXECUTING.mode = EXECUTING.mode, getattr(forward_batch, "forward_mode", None)
+    try:
+        return execute(runner, forward_batch, *args, **kwargs)
+    finally:
+        EXECUTING.mode = outer
+
+
 def _mode_is(mode: Any, name: str) -> bool:
     test = getattr(mode, name, None)
     return bool(test()) if callable(test) else False
@@ -134,6 +158,8 @@ def step_kind(batch: Any) -> str:
     modes (EXTEND, SPLIT_PREFILL, ...) -> "prefill", anything else (IDLE, DRAFT_EXTEND_V2, no batch) ->
     "unknown". TARGET_VERIFY and MIXED are extend modes to SGLang, so they are asked first."""
     mode = getattr(batch, "forward_mode", None)
+    if batch is not None and _mode_is(EXECUTING.mode, "is_mixed") and _mode_is(mode, "is_extend"):
+        mode = EXECUTING.mode  # a mixed step SGLang's eager runner runs as EXTEND
     if _mode_is(mode, "is_decode"):
         return DECODE
     if _mode_is(mode, "is_target_verify"):
@@ -264,14 +290,20 @@ def served_model_config() -> Any:
     """The transformers config of the model this SGLang process serves (its language model's, for a
     multimodal one), read as SGLang reads it from its global server args; None when it cannot be read."""
     try:
-        from sglang.srt.server_args import get_global_server_args
+        from sglang.srt import server_args as _server_args
 
         try:
             from sglang.srt.utils.hf_transformers_utils import get_config, get_hf_text_config
         except ImportError:  # its place before SGLang moved it under utils/
             from sglang.srt.hf_transformers_utils import get_config, get_hf_text_config
 
-        args = get_global_server_args()
+        # the operator's arguments: runtime_context.get_server_args() in 0.5.23 (get_global_server_args()
+        # there only raises); get_global_server_args() before
+        try:
+            from sglang.srt.runtime_context import get_server_args as read
+        except ImportError:
+            read = _server_args.get_global_server_args
+        args = read()
         overrides = json.loads(getattr(args, "json_model_override_args", None) or "{}")
         config = get_config(args.model_path, trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
                             revision=getattr(args, "revision", None), model_override_args=overrides or None)
@@ -322,6 +354,28 @@ class SelectExpertsHook:
         self._model_config: Any = None
         self._read_config = False
         self.native_reasons: set[str] = set()
+        self.counters: dict[int | str, LayerCounter] = {}  # decoder-layer index -> counter (config.counters)
+        self.native_policy = Native(NativeConfig(), check_inputs=False)
+        self.records: list[dict[str, Any]] | None = None  # every re-routed call, while recording
+        self._rpc_attached = False
+
+    def set_config(self, config: _config.PluginConfig) -> None:
+        """Route with `config` from the next step on (layers are checked against it again); counters restart."""
+        self.config = config
+        self.specs.clear()
+        self.counters.clear()
+
+    def counter(self, layer: int | None) -> LayerCounter | None:
+        if not self.config.counters:
+            return None
+        key = layer if layer is not None else "?"
+        if key not in self.counters:
+            self.counters[key] = LayerCounter(None)
+        return self.counters[key]
+
+    def read_counters(self) -> dict[int | str, dict[str, Any]]:
+        """Per layer (decoder-layer index), as `moe_reroute.vllm.counters()` reports them."""
+        return {k: c.read() for k, c in sorted(self.counters.items(), key=lambda kv: str(kv[0]).zfill(6))}
 
     def moe_layer(self, layer: int | None) -> tuple[int | None, str]:
         """(MoE-layer index, "") of decoder layer `layer`, or (None, why it has none); computed once."""
@@ -370,19 +424,43 @@ class SelectExpertsHook:
         if spec is None:
             return select_experts(*args, **kwargs)
         T = logits.shape[0]
+        self._attach_rpc()
         # fixed [T]: a mixed step's prefill rows keep native routing, and their experts count as loaded
         kind, fixed = (UNKNOWN, None) if self.config.phase == "all" else self.step(T, logits.device)
-        if not reroutes(kind, fixed, self.config):
-            return select_experts(*args, **kwargs)
         valid = valid_rows(T, call.get("num_token_non_padded"), logits.device)
+        counter = self.counter(layer)
+        if not reroutes(kind, fixed, self.config):
+            if counter is not None:
+                v = valid if valid is not None else torch.ones(T, dtype=torch.bool, device=logits.device)
+                n = v.sum()
+                decode = n if kind in (DECODE, VERIFY) else ((~fixed & v).sum() if fixed is not None else 0)
+                counter.add_native(n, decode, kind)
+            return select_experts(*args, **kwargs)
         policy = self.config.policy
         moe = self.moe_layer(layer)[0]
+        records = self.records
 
         def route(hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int, renormalize: bool):
             if topk != spec.top_k:
                 raise ValueError(f"moe-reroute: SGLang asked for {topk} experts per token; "
                                  f"layer {layer} has K={spec.top_k}")
             routing = policy(gating_output, spec, valid, layer=moe, fixed=fixed)
+            if counter is not None:
+                v = valid if valid is not None else torch.ones(T, dtype=torch.bool, device=gating_output.device)
+                native = self.native_policy(gating_output, spec, v, layer=moe)
+                if fixed is not None:
+                    decode_rows = ~fixed
+                elif kind in (DECODE, VERIFY):
+                    decode_rows = v
+                else:  # "all" on a prefill (or unreadable) step
+                    decode_rows = torch.zeros(T, dtype=torch.bool, device=gating_output.device)
+                counter.add(routing, native, v, spec.num_experts, kind, decode_rows)
+            # SGLang's native MoE counts tokens per expert with scatter_ (set, not add): K distinct ids per row
+            routing = distinct_ids(routing, spec.num_experts)
+            if records is not None:
+                records.append({"layer": layer, "moe_layer": moe, "kind": kind, "logits": gating_output.detach().cpu().clone(),
+                                "ids": routing.ids.cpu().clone(), "weights": routing.weights.cpu().clone(),
+                                "fixed": None if fixed is None else fixed.cpu().clone()})
             return routing.weights.to(torch.float32).contiguous(), routing.ids.to(torch.int32).contiguous()  # [T, K]
 
         rerouted = copy.copy(topk_config)
@@ -390,6 +468,58 @@ class SelectExpertsHook:
         rerouted.use_grouped_topk = False  # select_experts checks grouping before a custom function
         call["topk_config"] = rerouted
         return select_experts(**call)
+
+
+    def _attach_rpc(self) -> None:
+        if not self._rpc_attached:
+            self._rpc_attached = attach_rpc()
+
+
+def attach_rpc() -> bool:
+    """Give SGLang's Scheduler the plugin's methods for `Engine.collective_rpc` (see `RPC_METHODS`); True when
+    its module is loaded in this process (it is in the scheduler's: SGLang loads plugins from it)."""
+    import sys
+
+    scheduler = getattr(sys.modules.get("sglang.srt.managers.scheduler"), "Scheduler", None)
+    if scheduler is None:
+        return False
+    for name, fn in RPC_METHODS.items():
+        setattr(scheduler, name, fn)
+    return True
+
+
+def _rpc_save(scheduler: Any, path: str) -> None:
+    """`moe_reroute_save(path)`: write {"policy", "counters", "records"} of this scheduler (torch.save)."""
+    hook = STATE.hook
+    torch.save({"policy": hook.config.source if hook else None, "counters": hook.read_counters() if hook else {},
+                "records": (hook.records or []) if hook else []}, path)
+
+
+def _rpc_record(scheduler: Any, on: bool = True) -> None:
+    """`moe_reroute_record(on)`: record every re-routed call (logits, ids, weights, fixed rows) from now on."""
+    if STATE.hook is not None:
+        STATE.hook.records = [] if on else None
+
+
+def _rpc_set_policy(scheduler: Any, policy: str) -> None:
+    """`moe_reroute_set_policy(policy)`: route with `policy` (a spec or JSON object) from the next step on."""
+    if STATE.hook is None:
+        raise RuntimeError("moe-reroute: the plugin is not active in this server (no policy was set at start-up)")
+    cfg = _config.parse(policy, counters=STATE.hook.config.counters, origin="moe_reroute_set_policy")
+    STATE.hook.set_config(cfg)
+
+
+def _rpc_reset_counters(scheduler: Any) -> None:
+    """`moe_reroute_reset_counters()`: zero every counter of this scheduler."""
+    if STATE.hook is not None:
+        for c in STATE.hook.counters.values():
+            c.reset()
+
+
+# Scheduler methods for `Engine.collective_rpc(name, **kwargs)` (it returns no value: `moe_reroute_save` writes
+# the counters and records to a file).
+RPC_METHODS = {"moe_reroute_save": _rpc_save, "moe_reroute_record": _rpc_record,
+               "moe_reroute_set_policy": _rpc_set_policy, "moe_reroute_reset_counters": _rpc_reset_counters}
 
 
 class State:
@@ -465,7 +595,9 @@ def install(cfg: _config.PluginConfig) -> SelectExpertsHook:
 
     hook = SelectExpertsHook(cfg)
     HookRegistry.register(TARGET, hook, HookType.AROUND)
+    HookRegistry.register(EXECUTE, note_mode, HookType.AROUND)
     STATE.hook = hook
+    hook._rpc_attached = attach_rpc()
     return hook
 
 
@@ -473,22 +605,23 @@ def register() -> None:
     """The `sglang.srt.plugins` entry point: runs in every SGLang process; does nothing unless
     MOE_REROUTE_POLICY or MOE_REROUTE_POLICY_FILE is set.
 
-    A bad value or an unsupported SGLang raises here. SGLang logs a failing plugin and goes on, so when
+    A bad value, an unsupported SGLang or a failure to register the hook raises here. SGLang logs a failing plugin and goes on, so when
     SGLang is importable the plugin also registers a hook that raises the same message on the first
     MoE forward: the server stops at its warm-up instead of serving without the policy asked for. Any
-    failure to read the configuration does this, whatever its exception.
+    failure (reading the configuration, registering the hook) does this, whatever its exception.
     """
     try:
         cfg = _config.from_env()
         if cfg is None:
             return
         check_version()
+        install(cfg)
     except Exception as e:  # noqa: BLE001 - SGLang would otherwise serve natively
         message = str(e) if isinstance(e, (ValueError, RuntimeError)) else (
-            f"moe-reroute: cannot read {_config.POLICY_ENV} / {_config.POLICY_FILE_ENV} ({type(e).__name__}: {e})")
+            f"moe-reroute: cannot start the SGLang plugin with {_config.POLICY_ENV} / {_config.POLICY_FILE_ENV} "
+            f"({type(e).__name__}: {e})")
         _fail_on_first_forward(message)
         raise
-    install(cfg)
     logger.info("moe-reroute: SGLang plugin loaded, policy %s on select_experts", cfg.describe())
 
 

@@ -9,7 +9,7 @@ or, in Python, `moe_reroute.vllm.enable("oea:k0=3")` before building `vllm.LLM(.
 `MOE_REROUTE_COUNTERS=1` records U per layer on the device; `counters()` reads it.
 """
 
-from .config import COUNTERS_ENV, POLICY_ENV, POLICY_FILE_ENV, PluginConfig
+from ..serving.config import COUNTERS_ENV, POLICY_ENV, POLICY_FILE_ENV, PluginConfig
 from .plugin import (
     SUPPORTED_VLLM,
     WorkerExtension,

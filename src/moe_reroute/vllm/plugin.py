@@ -3,8 +3,9 @@
 vLLM builds each MoE layer's router with `create_fused_moe_router`, called by name from
 `vllm/model_executor/layers/fused_moe/layer.py:FusedMoEFactory`. The plugin replaces that name with a
 wrapper that builds vLLM's router as before and then, when a policy is configured at that moment,
-replaces the router's `_compute_routing` (see `router.py`). The policy is read per router, so each
-engine built in a process uses the configuration current when its model is built.
+replaces the router's `_compute_routing` (see `router.py`). The environment is read once per process
+for each value of its variables (a policy file is read once, not once per router); `enable()` sets the
+configuration of the engines built after it.
 
 The policy is called with each layer's MoE-layer index (see `router.moe_layer_of`); counters are keyed
 by decoder-layer index, as vLLM names the modules (`model.layers.3.mlp.experts` is layer 3).
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import config as _config
+from ..serving import config as _config
 from .router import LayerCounter, Rerouter, layer_index, moe_layer_of
 
 # A child of vLLM's logger, so our lines reach vLLM's handlers and formatting.
@@ -46,7 +47,8 @@ class State:
         self.counting = True  # counters record while True (`counting()`); read by each router per step
 
     def current(self) -> _config.PluginConfig | None:
-        return self.explicit if self.explicit is not None else _config.from_env()
+        # the environment is read once per process (a policy file is not re-read for every router)
+        return self.explicit if self.explicit is not None else _config.from_env_once()
 
     def on_step(self) -> None:
         if self.pending:

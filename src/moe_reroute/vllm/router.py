@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from ..contract import RouterSpec, Routing, engine_spec, layer_name, moe_index
+from ..contract import RouterSpec, engine_spec, layer_name, moe_index
 from ..policies.native import Native, NativeConfig
-from .config import PluginConfig
+from ..serving.config import PluginConfig
+from ..serving.steps import DECODE, MIXED, PREFILL, STEP_KINDS, UNKNOWN, VERIFY, LayerCounter  # noqa: F401
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -76,8 +77,6 @@ def router_spec(router: Any, num_experts: int) -> tuple[RouterSpec | None, str]:
                        topk_group=topk_group, arch="vllm", **extra)
 
 
-DECODE, VERIFY, MIXED, PREFILL, UNKNOWN = "decode", "verify", "mixed", "prefill", "unknown"
-STEP_KINDS = (DECODE, VERIFY, MIXED, PREFILL, UNKNOWN)
 
 
 def _step_metadata():
@@ -141,57 +140,6 @@ def step_padding() -> torch.Tensor | None:
     from vllm.forward_context import get_forward_context, is_forward_context_available
 
     return get_forward_context().is_padding if is_forward_context_available() else None
-
-
-class LayerCounter:
-    """Per layer, kept on the device (no host synchronisation until read): the steps the policy ran, U of
-    the policy and of native routing summed over them, their valid tokens; every MoE step the layer saw
-    with its tokens; decode tokens in all and re-routed; steps by kind (`STEP_KINDS`)."""
-
-    # steps re-routed, U, native U, tokens re-routed, steps seen, tokens seen, decode tokens, decode tokens
-    # re-routed, then one count per step kind
-    SLOTS = 8 + len(STEP_KINDS)
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.sums = torch.zeros(self.SLOTS, dtype=torch.int64, device=device)
-
-    def _on(self, device: torch.device) -> None:
-        if self.sums.device != device:
-            self.sums = self.sums.to(device)
-
-    def add(self, routing: Routing, native: Routing, valid: torch.Tensor, num_experts: int, kind: str,
-            decode_rows: torch.Tensor) -> None:
-        """A step the policy ran on: `valid` [T] its real rows, `decode_rows` [T] the decode rows among them."""
-        from ..metrics import unique_experts
-
-        self._on(valid.device)
-        u = unique_experts(routing, num_experts)
-        un = unique_experts(native, num_experts)
-        one = torch.ones((), dtype=torch.int64, device=u.device)
-        n = valid.sum()
-        d = (decode_rows & valid).sum()
-        self.sums[:8] += torch.stack([one, u.long(), un.long(), n, one, n, d, d])
-        self.sums[8 + STEP_KINDS.index(kind)] += 1
-
-    def add_native(self, tokens: torch.Tensor, decode_tokens: torch.Tensor | int, kind: str) -> None:
-        """A step the policy did not run on: `tokens` its valid tokens, `decode_tokens` its decode tokens."""
-        self._on(tokens.device)
-        self.sums[4] += 1
-        self.sums[5] += tokens
-        self.sums[6] += decode_tokens
-        self.sums[8 + STEP_KINDS.index(kind)] += 1
-
-    def reset(self) -> None:
-        self.sums.zero_()
-
-    def read(self) -> dict[str, float]:
-        steps, u, un, tokens, seen, tokens_seen, dec, dec_rr, *kinds = self.sums.tolist()
-        d = max(steps, 1.0)
-        return {"steps": int(steps), "unique": u / d, "unique_native": un / d, "tokens": tokens / d,
-                "steps_seen": int(seen), "tokens_rerouted": int(tokens), "tokens_seen": int(tokens_seen),
-                "decode_tokens_total": int(dec), "decode_tokens_rerouted_total": int(dec_rr),
-                "steps_by_kind": {k: int(v) for k, v in zip(STEP_KINDS, kinds)}}
 
 
 def decode_threshold() -> int:

@@ -1,0 +1,284 @@
+"""The SGLang plugin in SGLang's own engine on CPU (SGLang 0.5.23, `.ci/sglang` builds the environment).
+
+One engine serves the shipped reference model (float32, chunked prefill of 16 tokens with mixed steps)
+with the plugin active, its counters on; the tests switch its policy between runs over SGLang's
+`collective_rpc` (`moe_reroute_set_policy`) so that one start-up serves them all. Outputs are checked
+against transformers (greedy, the same token ids in), routing against the policy called on the logits
+the hook recorded. The HTTP server runs once, with the plugin installed and no policy set; the
+fail-closed cases start engines in child processes, since a failing SGLang scheduler signals its parent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+sglang = pytest.importorskip("sglang", reason="SGLang is not installed (.ci/sglang builds its environment)")
+
+from moe_reroute import RouterSpec, reference  # noqa: E402
+from moe_reroute.contract import Routing  # noqa: E402
+from moe_reroute.policies.spec import policy_from_spec  # noqa: E402
+from moe_reroute.serving.distinct import distinct_ids, has_repeats  # noqa: E402
+from moe_reroute.sglang.model import needs_untying, untied_copy  # noqa: E402
+
+NEW = 8  # tokens generated per prompt
+CHUNK = 16  # chunked_prefill_size: prompts longer than this prefill in chunks, beside running decodes
+SERE = str(reference.path() / "sere" / "similarity.safetensors")
+POLICIES = ["oea:k0=[2,2,3,2]", "cap:k=4", f"sere:similarity={SERE}", "budget:budget=24"]
+ENGINE_ARGS = dict(device="cpu", attention_backend="torch_native", disable_cuda_graph=True, mem_fraction_static=0.05,
+                   dtype="float32", skip_server_warmup=True, max_total_tokens=4096, log_level="error")
+
+
+def prompts() -> list[list[int]]:
+    """Three prompts of mixed lengths (5, 23, 41 tokens) from the held-out text."""
+    _, tokenizer, text = reference.load()
+    ids = tokenizer(text[:4000])["input_ids"]
+    return [ids[:5], ids[100:123], ids[300:341]]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    assert needs_untying(reference.path())
+    return untied_copy(reference.path(), tmp_path_factory.mktemp("sglang") / "model")
+
+
+@pytest.fixture(scope="module")
+def hf():
+    model, _, _ = reference.load()
+    return model
+
+
+def hf_generate(model, ids: list[int], policy: str | None = None) -> list[int]:
+    """transformers' greedy tokens for one prompt (batch of one), re-routed by `policy` on decode steps."""
+    from moe_reroute.hf import apply
+
+    handle = apply(model, policy_from_spec(policy), phase="decode") if policy else None
+    try:
+        out = model.generate(torch.tensor([ids]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    env = {"SGLANG_USE_CPU_ENGINE": "1", "MOE_REROUTE_POLICY": "native", "MOE_REROUTE_COUNTERS": "1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    llm = sglang.Engine(model_path=str(model_dir), chunked_prefill_size=CHUNK, enable_mixed_chunk=True, **ENGINE_ARGS)
+    try:
+        yield llm
+    finally:
+        llm.shutdown()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run(llm, policy: str, batch: list[list[int]], tmp_path: Path, record: bool = False) -> tuple[list[list[int]], dict]:
+    """Generate greedily with `policy` in the shared engine; (output ids per prompt, saved plugin state)."""
+    llm.collective_rpc("moe_reroute_set_policy", policy=policy)
+    llm.collective_rpc("moe_reroute_record", on=record)
+    out = llm.generate(input_ids=batch, sampling_params={"max_new_tokens": NEW, "temperature": 0.0, "ignore_eos": True})
+    path = tmp_path / "state.pt"
+    llm.collective_rpc("moe_reroute_save", path=str(path))
+    llm.collective_rpc("moe_reroute_record", on=False)
+    return [o["output_ids"] for o in out], torch.load(path, weights_only=False)
+
+
+def test_reference_model_in_sglang_generates_what_transformers_generates(engine, hf, tmp_path):
+    batch = prompts()
+    got, state = run(engine, "native", batch, tmp_path)
+    assert got == [hf_generate(hf, ids) for ids in batch]
+    kinds = {k for c in state["counters"].values() for k, n in c["steps_by_kind"].items() if n}
+    assert {"decode", "mixed"} <= kinds  # chunked prefill mixed the long prompts' chunks with decodes
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_policy_reroutes_every_decode_step_and_generates_what_it_implies(engine, hf, tmp_path, policy):
+    ids = prompts()[1]
+    got, state = run(engine, policy, [ids], tmp_path)
+    counters = state["counters"]
+    assert len(counters) == 4  # every MoE layer of the reference model
+    for c in counters.values():
+        assert c["decode_tokens_total"] == NEW - 1 and c["decode_tokens_rerouted_total"] == NEW - 1
+        assert c["unique"] < c["unique_native"]
+    assert got[0] == hf_generate(hf, ids, policy)
+    assert got[0] != hf_generate(hf, ids)  # the routing visibly matters on this model
+
+
+def test_recorded_routing_is_the_policy_on_each_steps_logits(engine, tmp_path):
+    policy = "oea:k0=2"
+    got, state = run(engine, policy, prompts(), tmp_path, record=True)
+    records = state["records"]
+    spec = RouterSpec(128, 8)
+    fn = policy_from_spec(policy)
+    kinds = {r["kind"] for r in records}
+    assert {"decode", "mixed"} <= kinds
+    repeats = 0
+    for r in records:
+        fixed = r["fixed"]
+        want = fn(r["logits"], spec, layer=r["moe_layer"], fixed=fixed)
+        repeats += int(has_repeats(want.ids).sum())
+        want = distinct_ids(want, 128)
+        assert torch.equal(r["ids"], want.ids), r["kind"]
+        torch.testing.assert_close(r["weights"], want.weights)
+        if fixed is not None:  # prefill rows of a mixed step keep native routing
+            native = policy_from_spec("native")(r["logits"], spec)
+            assert torch.equal(r["ids"][fixed].sort(-1).values, native.ids[fixed].sort(-1).values)
+    assert repeats > 0  # dropped slots were made distinct on the way into SGLang's MoE
+    decode = sum(c["decode_tokens_total"] for c in state["counters"].values())
+    rerouted = sum(c["decode_tokens_rerouted_total"] for c in state["counters"].values())
+    assert decode > 0 and rerouted / decode >= 0.95
+
+
+def test_distinct_ids_pass_sglang_native_moe_and_repeated_ids_do_not():
+    """SGLang's native MoE (CPU) against a plain loop: the contract's repeated ids break it, distinct ids
+    give the plain loop's output."""
+    from sglang.srt.layers.moe.fused_moe_native import moe_forward_native
+    from sglang.srt.layers.moe.moe_runner.base import MoeRunnerConfig
+    from sglang.srt.layers.moe.topk import StandardTopKOutput
+
+    g = torch.Generator().manual_seed(0)
+    E, K, H, I, T = 16, 4, 8, 6, 5
+    layer = torch.nn.Module()
+    layer.num_experts = E
+    layer.w13_weight = torch.randn(E, 2 * I, H, generator=g)
+    layer.w2_weight = torch.randn(E, H, I, generator=g)
+    x = torch.randn(T, H, generator=g)
+    logits = torch.randn(T, E, generator=g)
+    routing = policy_from_spec("oea:k0=1")(logits, RouterSpec(E, K))
+    assert has_repeats(routing.ids).any()
+
+    def loop(r: Routing) -> torch.Tensor:
+        out = torch.zeros(T, H)
+        for t in range(T):
+            for k in range(K):
+                e = int(r.ids[t, k])
+                gate, up = (layer.w13_weight[e] @ x[t]).split(I)
+                out[t] += r.weights[t, k] * (layer.w2_weight[e] @ (torch.nn.functional.silu(gate) * up))
+        return out
+
+    cfg = MoeRunnerConfig(activation="silu")
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        moe_forward_native(layer, x, StandardTopKOutput(routing.weights, routing.ids, logits), cfg)
+    d = distinct_ids(routing, E)
+    got = moe_forward_native(layer, x, StandardTopKOutput(d.weights, d.ids, logits), cfg)
+    torch.testing.assert_close(got, loop(routing), rtol=1e-4, atol=1e-4)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_http_server_with_the_plugin_installed_and_no_policy_serves_natively(model_dir, hf):
+    from transformers import PreTrainedTokenizerFast
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_REROUTE_")}
+    env["SGLANG_USE_CPU_ENGINE"] = "1"
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--host", "127.0.0.1",
+           "--port", str(port), "--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
+           "--mem-fraction-static", "0.05", "--dtype", "float32", "--max-total-tokens", "4096", "--skip-server-warmup"]
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up in 300 s"
+            time.sleep(2)
+        ids = prompts()[2]
+        body = json.dumps({"input_ids": ids, "sampling_params": {"max_new_tokens": NEW, "temperature": 0.0,
+                                                                 "ignore_eos": True}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            text = json.loads(r.read())["text"]
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+        assert text == tokenizer.decode(hf_generate(hf, ids))
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+CHILD = """
+import os, sys
+import sglang
+
+if __name__ == "__main__":
+    llm = sglang.Engine(model_path=sys.argv[1], **{args})
+    out = llm.generate(input_ids=[[5, 6, 7]], sampling_params={{"max_new_tokens": 2, "temperature": 0.0}})
+    print("GENERATED", out[0]["output_ids"], flush=True)
+    llm.shutdown()
+"""
+
+PATCHES = {  # sitecustomize lines, run in every process of the child engine
+    "version": "import moe_reroute.sglang.plugin as p; p.sglang_version = lambda: '0.6.0'",
+    "register": ("import moe_reroute.sglang.plugin as p\n"
+                 "def broken(self, *a, **k):\n    raise RuntimeError('hook construction failed')\n"
+                 "p.SelectExpertsHook.__init__ = broken"),
+}
+
+
+def test_fail_closed_in_the_real_engine(model_dir, tmp_path):
+    """A bad policy, a similarity file that does not fit, an unsupported SGLang and a failure while
+    registering the hook: each engine stops with the plugin's message and generates nothing."""
+    from moe_reroute.hf import save_similarity
+
+    small = save_similarity({0: torch.eye(8)}, tmp_path / "sim8.safetensors")
+    cases = {
+        "bad policy": ({"MOE_REROUTE_POLICY": "oea:k0=banana"}, None, "MOE_REROUTE_POLICY"),
+        "similarity": ({"MOE_REROUTE_POLICY": f"sere:similarity={small}"}, None, "does not fit"),
+        "version": ({"MOE_REROUTE_POLICY": "oea:k0=2"}, "version", "SGLang 0.6.0 is not supported"),
+        "register": ({"MOE_REROUTE_POLICY": "oea:k0=2"}, "register", "hook construction failed"),
+    }
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(args=repr(ENGINE_ARGS)))
+    children = {}
+    for name, (extra, patch, _) in cases.items():
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_REROUTE_")}
+        env.update(extra, SGLANG_USE_CPU_ENGINE="1")
+        if patch:
+            site = tmp_path / name
+            site.mkdir()
+            (site / "sitecustomize.py").write_text(textwrap.dedent(PATCHES[patch]) + "\n")
+            env["PYTHONPATH"] = os.pathsep.join([str(site)] + [p for p in [env.get("PYTHONPATH")] if p])
+        children[name] = subprocess.Popen([sys.executable, str(script), str(model_dir)], env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    failures = []
+    for name, child in children.items():
+        try:
+            out, _ = child.communicate(timeout=480)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            out, _ = child.communicate()
+            failures.append(f"{name}: did not stop in 480 s\n{out[-3000:]}")
+            continue
+        needle = cases[name][2]
+        if "GENERATED" in out or child.returncode == 0 or needle not in out:
+            failures.append(f"{name}: rc={child.returncode}, {needle!r} {'in' if needle in out else 'not in'} "
+                            f"the output\n{out[-3000:]}")
+    assert not failures, "\n\n".join(failures)

@@ -50,13 +50,15 @@ def test_too_many_experts_fall_back_to_torch_with_one_warning(monkeypatch):
         pol(x, spec)
 
 
-def test_experts_at_the_bound_use_the_kernels():
+def test_experts_at_the_bound_use_the_kernels(monkeypatch):
     pytest.importorskip("triton")
+    monkeypatch.setattr(kernels, "_warned", set())
     pol = make_policy("native", backend="triton")
     if not kernels.available(torch.device("cpu"))[0]:
         pytest.skip("kernels not runnable here")
     assert pol.uses_kernels(torch.zeros(1, kernels.MAX_EXPERTS))
-    assert not pol.uses_kernels(torch.zeros(1, kernels.MAX_EXPERTS + 1))
+    with pytest.warns(UserWarning, match="exceeds the kernels' bound"):
+        assert not pol.uses_kernels(torch.zeros(1, kernels.MAX_EXPERTS + 1))
 
 
 # ----------------------------------------------------------------------------------------- decode step
@@ -114,6 +116,15 @@ def test_decode_step_names_the_torch_it_needs(monkeypatch):
     monkeypatch.delattr(torch, "_grouped_mm", raising=False)
     with pytest.raises(SystemExit, match=r"needs torch >= 2\.8 \(torch\._grouped_mm\); this torch is"):
         decode_step.check_torch()
+
+
+def test_grouped_mm_status_names_the_torch_it_needs(monkeypatch):
+    from moe_reroute.measure.layer import grouped_mm_status
+
+    layer = MoELayer(LayerShape("tiny", 8, 4, 4, 2), "cpu", torch.float32, pool=4)
+    monkeypatch.delattr(torch, "_grouped_mm", raising=False)
+    ok, why = grouped_mm_status(layer)
+    assert not ok and "needs torch >= 2.8" in why
 
 
 def test_bootstrap_ci_brackets_the_median():

@@ -1,8 +1,9 @@
 """Compile the routing kernel for a Hopper GPU (sm_90) without one: Triton's own compiler and the ptxas it
 ships, as a GPU would, so that code the interpreter accepts but the compiler refuses is caught on CPU.
 
-python tests/kernel_compile.py [POLICY[:SCORING[:PHASE]] ...]   (names: native cap oea sere budget xshare;
-softmax topk_softmax sigmoid; phases 0 1 2); exits 1 if any case fails. Run without TRITON_INTERPRET.
+python tests/kernel_compile.py [--experts E] [POLICY[:SCORING[:PHASE]] ...]   (names: native cap oea sere
+budget xshare; softmax topk_softmax sigmoid; phases 0 1 2; E default 128); exits 1 if any case fails. Run without
+TRITON_INTERPRET. The seconds each case took are printed: how moe_reroute.kernels.MAX_EXPERTS was chosen.
 """
 
 from __future__ import annotations
@@ -27,14 +28,22 @@ TYPES = dict(logits_ptr="*bf16", stride="i32", stride_s="i64", valid_ptr="*u8", 
              k_param="i32", k_max="i32", max_rank="i32", p_top="fp32", threshold="fp32", k_group="i32")
 
 
-def compile_case(policy: str, scoring: str, phase: int) -> float:
-    """Seconds to compile one case at E=128, K=8 (DeepSeek-V3's groups for sigmoid), every option on."""
-    consts = dict(POLICY=POLICIES[policy], SCORING=SCORINGS[scoring], PHASE=phase, K=8, K_BLOCK=8, E=128,
-                  E_BLOCK=128, BT=32, T_CHUNK=64, P_CHUNK=32, HAS_VALID=True, HAS_FIXED=True, HAS_BIAS=False,
-                  RENORM=True, CAP_RENORM=True, N_GROUP=1, TOPK_GROUP=1, GROUP_SIZE=128, G_BLOCK=2, ROUND_BF16=False,
-                  ROUND_FP16=False, TOP_P=policy == "oea", LIMIT_RANK=policy == "oea", GRID=256, CHUNK=32)
+def compile_case(policy: str, scoring: str, phase: int, E: int = 128) -> float:
+    """Seconds to compile one case at E experts, K=8 (DeepSeek-V3's groups for sigmoid), every option on,
+    with the block sizes `moe_reroute.kernels.route` gives E on a GPU."""
+    import torch
+
+    from moe_reroute.kernels import _TILE, _p2, block_tokens
+
+    E_BLOCK = max(_p2(E), 16)
+    consts = dict(POLICY=POLICIES[policy], SCORING=SCORINGS[scoring], PHASE=phase, K=8, K_BLOCK=8, E=E,
+                  E_BLOCK=E_BLOCK, BT=block_tokens(64, E, torch.device("cuda")), T_CHUNK=64,
+                  P_CHUNK=max(1, min(64, _TILE // E_BLOCK)), HAS_VALID=True, HAS_FIXED=True, HAS_BIAS=False,
+                  RENORM=True, CAP_RENORM=True, N_GROUP=1, TOPK_GROUP=1, GROUP_SIZE=E, G_BLOCK=2, ROUND_BF16=False,
+                  ROUND_FP16=False, TOP_P=policy == "oea", LIMIT_RANK=policy == "oea", GRID=256,
+                  CHUNK=max(1, min(E_BLOCK, _TILE // E_BLOCK)))
     if scoring == "sigmoid":
-        consts.update(HAS_BIAS=True, N_GROUP=8, TOPK_GROUP=4, GROUP_SIZE=16, G_BLOCK=8)
+        consts.update(HAS_BIAS=True, N_GROUP=8, TOPK_GROUP=4, GROUP_SIZE=E // 8, G_BLOCK=8)
     if scoring == "topk_softmax":
         consts.update(ROUND_BF16=True)
     names = tr.route_kernel.arg_names
@@ -57,10 +66,13 @@ def cases(args: list[str]):
 
 
 if __name__ == "__main__":
+    args, experts = sys.argv[1:], 128
+    if args[:1] == ["--experts"]:
+        experts, args = int(args[1]), args[2:]
     failed = 0
-    for case in cases(sys.argv[1:]):
+    for case in cases(args):
         try:
-            print(f"ok   {case} {compile_case(*case):.1f}s", flush=True)
+            print(f"ok   {case} E={experts} {compile_case(*case, experts):.1f}s", flush=True)
         except Exception as e:  # report every case, then fail
             failed += 1
             print(f"FAIL {case} {type(e).__name__}: {str(e)[:2000]}", flush=True)

@@ -148,7 +148,7 @@ def grouped_mm_status(layer: MoELayer) -> tuple[bool, str]:
     """(available, why): `torch._grouped_mm` exists, runs for this device, dtype and shape, and agrees
     with the loop kernel on a small routing."""
     if not hasattr(torch, "_grouped_mm"):
-        return False, "torch._grouped_mm does not exist in this torch"
+        return False, f"torch._grouped_mm does not exist in torch {torch.__version__} (it needs torch >= 2.8)"
     K = layer.shape.top_k
     gen = torch.Generator().manual_seed(1)
     ids = torch.stack([torch.randperm(layer.shape.num_experts, generator=gen)[:K] for _ in range(3)])  # [3, K]

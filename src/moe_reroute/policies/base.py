@@ -274,6 +274,10 @@ class Policy:
         """Whether a call on these logits runs the fused kernels (backend "triton", or "auto" on CUDA)."""
         if self.backend == "torch" or not self.has_kernel or torch.compiler.is_compiling():
             return False  # under torch.compile the torch ops are traced and fused by the compiler
+        if router_logits.dim() >= 1 and (why := kernels.too_many_experts(router_logits.shape[-1])):
+            if self.backend == "triton" or router_logits.is_cuda:
+                kernels.warn_once(why)
+            return False
         if self.backend == "triton":
             ok, why = kernels.available(router_logits.device)
             if not ok:

@@ -1,0 +1,196 @@
+"""What the GPU run relies on, checked on CPU where it can be: the kernels' bound on E (through the
+dispatch), the decode-step bench's step against a plain per-layer loop, its too-old-torch message,
+`.ci/gpu --dry-run` end to end; and on CUDA (marked gpu) the whole decode step captured in one CUDA graph
+against the eager step."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import distinct_logits
+from moe_reroute import RouterSpec, kernels, make_policy
+from moe_reroute.measure.layer import MoELayer
+from moe_reroute.measure.shapes import LayerShape
+
+ROOT = Path(__file__).resolve().parents[1]
+spec_ = importlib.util.spec_from_file_location("decode_step", ROOT / "benchmarks" / "decode_step.py")
+decode_step = importlib.util.module_from_spec(spec_)
+sys.modules["decode_step"] = decode_step  # its dataclasses look their module up
+spec_.loader.exec_module(decode_step)
+
+POLICIES = [("native", {}), ("cap", {"k": 4}), ("oea", {"k0": 3}), ("budget", {"budget": 12})]
+
+
+# ----------------------------------------------------------------------------------------- E bound
+
+
+def test_too_many_experts_fall_back_to_torch_with_one_warning(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setattr(kernels, "_warned", set())
+    E = kernels.MAX_EXPERTS * 2
+    spec = RouterSpec(E, 8)
+    x = distinct_logits(6, E, seed=3)
+    pol = make_policy("oea", k0=3, backend="triton")
+    with kernels.counting() as c, pytest.warns(UserWarning, match=f"E={E} experts exceeds the kernels' bound"):
+        got = pol(x, spec)
+    assert c.count == 0  # no kernel launched (and none compiled)
+    want = make_policy("oea", k0=3, backend="torch", ties="lower-id")(x, spec)
+    assert torch.equal(got.ids, want.ids) and torch.equal(got.weights, want.weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call does not warn again
+        pol(x, spec)
+
+
+def test_experts_at_the_bound_use_the_kernels(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setattr(kernels, "_warned", set())
+    pol = make_policy("native", backend="triton")
+    if not kernels.available(torch.device("cpu"))[0]:
+        pytest.skip("kernels not runnable here")
+    assert pol.uses_kernels(torch.zeros(1, kernels.MAX_EXPERTS))
+    with pytest.warns(UserWarning, match="exceeds the kernels' bound"):
+        assert not pol.uses_kernels(torch.zeros(1, kernels.MAX_EXPERTS + 1))
+
+
+# ----------------------------------------------------------------------------------------- decode step
+
+
+def _stack(L=3, E=128, K=8, device="cpu", dtype=torch.float32):
+    shape = LayerShape("tiny", 32, 16, E, K)
+    return decode_step.Stack(shape, L, torch.device(device), dtype, seed=1), shape
+
+
+def _reference_step(stack, x, logits, specs, policy):
+    """The step as a plain loop: each layer's loop kernel (one matmul pair per used expert), residual."""
+    h = x
+    for i, layer in enumerate(stack.layers):
+        r = policy(logits[i], specs[i], layer=i)
+        h = h + layer.forward(h, r, "loop")
+    return h
+
+
+@pytest.mark.parametrize("name,params", POLICIES, ids=[p[0] for p in POLICIES])
+def test_decode_step_matches_a_plain_loop(name, params):
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm not in this torch")
+    stack, shape = _stack()
+    specs = [RouterSpec(128, 8)] * stack.L
+    logits = torch.stack([distinct_logits(5, 128, seed=10 + i) for i in range(stack.L)])  # [L, B, E]
+    x = torch.randn(5, shape.hidden, generator=torch.Generator().manual_seed(0))
+    pol = make_policy(name, check_inputs=False, **params)
+    got = decode_step.step(stack, x, logits, specs, list(range(stack.L)), policy=pol)
+    want = _reference_step(stack, x, logits, specs, pol)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # the "experts" variant with the policy's routing given beforehand is the same step
+    w, ids = decode_step.route_only(logits, specs, list(range(stack.L)), pol)
+    again = decode_step.step(stack, x, None, specs, list(range(stack.L)), routing=(w, ids))
+    torch.testing.assert_close(again, want, rtol=1e-4, atol=1e-5)
+
+
+def test_eager_runner_reads_its_input_buffers():
+    """The runner replays on whatever was copied into its buffers (the capture contract), on CPU eagerly."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm not in this torch")
+    stack, shape = _stack(L=2)
+    specs = [RouterSpec(128, 8)] * 2
+    pol = make_policy("oea", k0=3, check_inputs=False)
+    x = torch.randn(4, shape.hidden, generator=torch.Generator().manual_seed(2))
+    buf = torch.stack([distinct_logits(4, 128, seed=i) for i in range(2)])
+    run = decode_step.Runner(lambda x, logits: decode_step.step(stack, x, logits, specs, [0, 1], policy=pol),
+                             {"x": x, "logits": buf}, graph=False)
+    new = torch.stack([distinct_logits(4, 128, seed=7 + i) for i in range(2)])
+    buf.copy_(new)
+    torch.testing.assert_close(run.run(), _reference_step(stack, x, new, specs, pol), rtol=1e-4, atol=1e-5)
+
+
+def test_decode_step_names_the_torch_it_needs(monkeypatch):
+    monkeypatch.delattr(torch, "_grouped_mm", raising=False)
+    with pytest.raises(SystemExit, match=r"needs torch >= 2\.8 \(torch\._grouped_mm\); this torch is"):
+        decode_step.check_torch()
+
+
+def test_grouped_mm_status_names_the_torch_it_needs(monkeypatch):
+    from moe_reroute.measure.layer import grouped_mm_status
+
+    layer = MoELayer(LayerShape("tiny", 8, 4, 4, 2), "cpu", torch.float32, pool=4)
+    monkeypatch.delattr(torch, "_grouped_mm", raising=False)
+    ok, why = grouped_mm_status(layer)
+    assert not ok and "needs torch >= 2.8" in why
+
+
+def test_bootstrap_ci_brackets_the_median():
+    xs = [float(v) for v in range(1, 102)]
+    lo, hi = decode_step.bootstrap_ci(xs, decode_step.median, n=300)
+    assert lo <= 51 <= hi and hi - lo < 40
+    assert decode_step.median([3.0, 1.0, 2.0, 10.0]) == 2.5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name,params", POLICIES, ids=[p[0] for p in POLICIES])
+def test_decode_step_in_one_cuda_graph(name, params, backend):
+    """The whole step (router, policy, grouped experts, 3 layers) captured once, replayed on new logits,
+    returns what the eager step returns on them."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    stack, shape = _stack(device="cuda", dtype=torch.bfloat16)
+    specs = [RouterSpec(128, 8)] * stack.L
+    pol = make_policy(name, check_inputs=False, backend=backend, **params)
+    x = (torch.randn(16, shape.hidden, generator=torch.Generator().manual_seed(0)) * 0.1).to("cuda", torch.bfloat16)
+    buf = torch.stack([distinct_logits(16, 128, seed=i) for i in range(stack.L)]).cuda()
+    fn = lambda x, logits: decode_step.step(stack, x, logits, specs, list(range(stack.L)), policy=pol)  # noqa: E731
+    run = decode_step.Runner(fn, {"x": x, "logits": buf}, graph=True)
+    new = torch.stack([distinct_logits(16, 128, seed=20 + i) for i in range(stack.L)]).cuda()
+    buf.copy_(new)
+    got = run.run().clone()
+    torch.cuda.synchronize()
+    want = fn(x, new)
+    torch.testing.assert_close(got, want)
+
+
+# ----------------------------------------------------------------------------------------- .ci/gpu
+
+
+def _ci_gpu(tmp_path, *args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHON"] = sys.executable
+    return subprocess.run(["bash", str(ROOT / ".ci" / "gpu"), *args, str(tmp_path / "out")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_ci_gpu_dry_run_end_to_end(tmp_path):
+    run = _ci_gpu(tmp_path, "--dry-run")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = tmp_path / "out"
+    files = sorted(out.iterdir())
+    assert 1 <= len(files) <= 8 and all(f.stat().st_size < 16 * 2**20 for f in files)
+    assert min(files, key=lambda f: f.stat().st_ctime_ns).name == "summary.json"  # written first
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dry_run"] and summary["state"] == "done" and summary["ok"]
+    assert [s["section"] for s in summary["sections"]] == ["tests", "routing", "layer", "decode"]
+    assert all(s["status"] == "ok" for s in summary["sections"])
+    decode = json.loads((out / "decode_step.json").read_text())
+    got = {(r["batching"], r["B"], r["policy"]) for r in decode["results"]}
+    assert got == {(b, B, p) for b in ("same-domain", "mixed") for B in (1, 4) for p in decode_step.DEFAULT_POLICIES}
+    for r in decode["results"]:
+        lo, hi = r["step_ms"]["ci95"]
+        assert lo <= r["step_ms"]["median"] <= hi
+    json.loads((out / "layer.json").read_text())
+    json.loads((out / "routing.json").read_text())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_ci_gpu_without_cuda_says_so_and_exits_2(tmp_path):
+    run = _ci_gpu(tmp_path)
+    assert run.returncode == 2
+    assert "no CUDA device" in run.stderr and "--dry-run" in run.stderr

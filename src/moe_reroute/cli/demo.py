@@ -1,12 +1,13 @@
-"""`moe-reroute demo`: the main job on the shipped reference model, CPU, a few minutes.
+"""`moe-reroute demo`: the main job on the shipped reference model, CPU, about two minutes.
 
 Native routing and a default of each policy at decode batch 16, for decode batches of one domain
 ("same-domain") and batches mixing the held-out split's seven domains ("mixed"): distinct experts per
 layer (U), held-out cross-entropy against native with a paired 95% CI, greedy generation against native,
 and the MoE-layer latency ratio measured at Qwen3-30B-A3B's layer shape with the routings these policies
-make on the reference model's router logits (same 128-expert top-8 geometry). Then a report with plots
-(same-domain batches): each policy family swept over its parameter, and U against batch size replayed on
-the model's routing trace of mixed batches.
+make on the reference model's router logits (same 128-expert top-8 geometry), with a noise check: when
+the same call's time varies too much between repeats, the ratios are reported as noise. Then a report
+with everything printed and plots (same-domain batches): each policy family swept over its parameter,
+and U against batch size replayed on the model's routing trace of mixed batches.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pathlib import Path
 
 from .measure import DEFAULT_POLICIES
 
-SWEEP = ("cap:k=2", "cap:k=3", "cap:k=6", "oea:k0=1", "oea:k0=2", "oea:k0=5", "sere:primary=1", "sere:threshold=0",
-         "sere:primary=3", "budget:budget=16", "budget:budget=24", "budget:budget=48")
+# two more settings of each family beside its default: the ends of the quality-against-U curves
+SWEEP = ("cap:k=2", "cap:k=6", "oea:k0=1", "oea:k0=5", "sere:primary=1", "sere:primary=3", "budget:budget=16",
+         "budget:budget=48")
 BATCH = 16
 REPLAY_BATCHES = (1, 4, 8, 16, 32, 64)
 BATCHINGS = ("same-domain", "mixed")
@@ -227,13 +229,15 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", default="moe-reroute-report", help="report folder (default ./moe-reroute-report)")
     p.add_argument("--sequences", type=int, default=112, help="held-out sequences for the quality check, split "
                    "equally among the 7 domains; same-domain batches of 16 need 16 per domain (default 112)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default 64)")
     p.add_argument("--generate", type=int, default=24, help="greedy tokens in the generation check (default 24)")
     p.add_argument("--no-sweep", action="store_true", help="only the default of each policy, no parameter sweep")
     p.add_argument("--replay-steps", type=int, default=32, help="trace positions for U against batch size (default 32)")
     p.add_argument("--shape", default="qwen3-30b-a3b", help="MoE layer shape for the latency check (default qwen3-30b-a3b)")
-    p.add_argument("--bench-steps", type=int, default=16, help="decode steps (trace position x layer) timed (default 16)")
-    p.add_argument("--repeats", type=int, default=8, help="interleaved latency repeats (default 8)")
+    p.add_argument("--bench-steps", type=int, default=4, help="decode steps (trace position x layer) timed (default "
+                   "4; same-domain batches: at least one per domain)")
+    p.add_argument("--repeats", type=int, default=4, help="interleaved latency repeats (default 4; at least 3 for the "
+                   "noise check)")
     p.add_argument("--engine", action="store_true", help="also time vLLM end to end on the reference model at batch "
                    "16 (`serve-bench`; needs vLLM: pip install 'moe-reroute[vllm]'; about 4 more minutes on 2 cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object, no tables or progress")

@@ -342,8 +342,9 @@ def _bench_section(bench: dict) -> str:
                   "| policy | U | median ms | IQR ms | GB/s | latency / native |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for name, t in res["policies"].items():
             ratio = t.get("ratio_vs_native")
+            ratio = "" if ratio is None else "noise" if res.get("noisy") else f"{ratio:.3f}"
             lines.append(f"| {md_code(name)} | {t['mean_unique']:.1f} | {t['median_ms']:.3f} | {t['iqr_ms']:.3f} | "
-                         f"{t['achieved_gbps']:.1f} | {'' if ratio is None else f'{ratio:.3f}'} |")
+                         f"{t['achieved_gbps']:.1f} | {ratio} |")
         lines.append("")
     fit = bench.get("cost_model")
     if fit:

@@ -250,10 +250,17 @@ def test_cli_end_to_end_on_a_local_checkpoint(tmp_path, capsys):
     labels = {r["policy"] for r in validation["rows"]}
     assert {"native", "tuned:tuned.json"} <= labels
     assert set(result["validation"]["by_batch"]) == {"1", "4"}
-    assert (tmp_path / "run" / "tuned.tune.json").exists() and (tmp_path / "run" / "tuned.json.state").exists()
+    assert (tmp_path / "run" / "tuned.tune.json").exists() and len(list((tmp_path / "run").glob("tuned.json.*.state"))) == 1
     assert main(["report", str(tmp_path / "run" / "tuned.validation.json"), "--batch-size", "4",
                  "--out", str(tmp_path / "rep")]) == 0
     assert "tuned" in (tmp_path / "rep" / "report.md").read_text()
+    # another budget into the same --out is a new search with its own state, not refused
+    other = [a if a != "0.05" else "0.5" for a in argv] + ["--no-validate"]
+    assert main(other) == 0
+    capsys.readouterr()
+    assert len(list((tmp_path / "run").glob("tuned.json.*.state"))) == 2
+    assert main(other) == 0  # the same arguments again: resumed from its state
+    assert "resuming from" in capsys.readouterr().err
 
 
 def test_cli_with_a_fixed_parameter_validates_that_family(tmp_path, capsys):

@@ -7,6 +7,7 @@ A bad input ends the command with one line on stderr and exit status 2, never a 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import traceback
 
@@ -18,6 +19,15 @@ EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 # What a bad input raises: a command's own checks, the library's ValueError/TypeError naming the
 # parameter, a file that cannot be read or written, a missing optional dependency.
 BAD_INPUT = (ValueError, TypeError, OSError, ImportError)
+
+
+# The modules each extra installs; a command whose parser sets `needs=(extra, ...)` checks them first.
+EXTRAS = {"hf": ("transformers", "safetensors"), "plots": ("matplotlib",), "vllm": ("vllm",)}
+
+
+def missing_extras(needs) -> list[str]:
+    """The extras of `needs` with a module that cannot be found (found, not imported: this is cheap)."""
+    return [extra for extra in needs if any(importlib.util.find_spec(m) is None for m in EXTRAS[extra])]
 
 
 class CommandError(SystemExit):
@@ -64,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for reports
     prog = f"moe-reroute {args.command}"
+    missing = missing_extras(getattr(args, "needs", ()))
+    if missing:  # before the command prints anything
+        modules = ", ".join(m for extra in missing for m in EXTRAS[extra])
+        fail(f"{prog}: error: this command needs {modules}: pip install 'moe-reroute[{','.join(missing)}]'")
     try:
         return args.run(args)
     except CommandError:

@@ -196,6 +196,8 @@ def _bench(args) -> int:
         say(f"\ncost model: not fitted ({e})")
     if model is not None:
         say(f"\ncost model over batch sizes {batch_sizes}: {model.describe()}")
+        for warning in costmodel.physical_warnings(model):
+            say(f"WARNING: {warning}")
         out["cost_model"] = model.to_dict()
         out["predictions"] = _predictions(shape, layer.dtype, bandwidth, model, results, say)
         if args.ep:
@@ -206,6 +208,8 @@ def _bench(args) -> int:
 
 
 def _table(B: int, res) -> str:
+    from ..measure.bench import NOISE_SPREAD
+
     head = (f"batch {B}: {res.shape.name}, {res.dtype} on {res.device}, kernel {res.kernel_note}; "
             f"{next(iter(res.policies.values())).steps} steps x {res.repeats} repeats (+{res.warmup} warm-up), "
             f"interleaved; {res.cache}")
@@ -216,6 +220,10 @@ def _table(B: int, res) -> str:
                      f"{t.bytes_per_step / 1e6:.1f}", f"{t.achieved_gbps:.1f}", f"{100 * t.peak_fraction:.0f}", ratio))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    if res.noisy:
+        lines.append(f"WARNING: repeated calls vary by {100 * res.spread:.0f}% (IQR / median) here, more than "
+                     f"{100 * NOISE_SPREAD:.0f}%: the ratios above are noise, not results (other work on the machine?); "
+                     "rerun on an idle machine or with more --repeats")
     return "\n".join([head, *lines])
 
 

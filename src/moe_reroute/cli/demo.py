@@ -1,12 +1,13 @@
-"""`moe-reroute demo`: the main job on the shipped reference model, CPU, a few minutes.
+"""`moe-reroute demo`: the main job on the shipped reference model, CPU, about two minutes.
 
 Native routing and a default of each policy at decode batch 16, for decode batches of one domain
 ("same-domain") and batches mixing the held-out split's seven domains ("mixed"): distinct experts per
 layer (U), held-out cross-entropy against native with a paired 95% CI, greedy generation against native,
 and the MoE-layer latency ratio measured at Qwen3-30B-A3B's layer shape with the routings these policies
-make on the reference model's router logits (same 128-expert top-8 geometry). Then a report with plots
-(same-domain batches): each policy family swept over its parameter, and U against batch size replayed on
-the model's routing trace of mixed batches.
+make on the reference model's router logits (same 128-expert top-8 geometry), with a noise check: when
+the same call's time varies too much between repeats, the ratios are reported as noise. Then a report
+with everything printed and plots (same-domain batches): each policy family swept over its parameter,
+and U against batch size replayed on the model's routing trace of mixed batches.
 """
 
 from __future__ import annotations
@@ -18,13 +19,31 @@ from pathlib import Path
 
 from .measure import DEFAULT_POLICIES
 
-SWEEP = ("cap:k=2", "cap:k=3", "cap:k=6", "oea:k0=1", "oea:k0=2", "oea:k0=5", "sere:primary=1", "sere:threshold=0",
-         "sere:primary=3", "budget:budget=16", "budget:budget=24", "budget:budget=48")
+# two more settings of each family beside its default: the ends of the quality-against-U curves
+SWEEP = ("cap:k=2", "cap:k=6", "oea:k0=1", "oea:k0=5", "sere:primary=1", "sere:primary=3", "budget:budget=16",
+         "budget:budget=48")
 BATCH = 16
 REPLAY_BATCHES = (1, 4, 8, 16, 32, 64)
 BATCHINGS = ("same-domain", "mixed")
 ENGINE_REPEATS = 2
 ENGINE_OUTPUT_LEN = 32
+
+
+class Phases:
+    """Elapsed seconds of each phase, printed as each one ends: `[2/4 generation] done in 3 s`."""
+
+    def __init__(self, say, n: int) -> None:
+        self.say, self.n, self.seconds, self.t = say, n, {}, time.time()
+
+    def start(self, i: int, name: str, what: str) -> str:
+        """Announce phase i; returns its tag for progress lines, e.g. `[1/4 quality]`."""
+        self.t, self.name, self.tag = time.time(), name, f"[{i}/{self.n} {name}]"
+        self.say(f"{self.tag} {what}")
+        return self.tag
+
+    def end(self) -> None:
+        self.seconds[self.name] = round(time.time() - self.t, 1)
+        self.say(f"{self.tag} done in {self.seconds[self.name]:.0f} s")
 
 
 def _demo(args) -> int:
@@ -35,6 +54,7 @@ def _demo(args) -> int:
     from ..measure import bench, report
     from ..measure.evaluate import EvalConfig, batch_order, domain_sequences, evaluate, generation_check
     from ..measure.shapes import get_shape
+    from ..progress import progress as progress_bar
     from ..reference import heldout_documents, load
     from ..reference.card import domain_streams, trace_sequences
     from .inputs import at_least, check_out_dir
@@ -56,7 +76,8 @@ def _demo(args) -> int:
     t0 = time.time()
     torch.manual_seed(0)
     say = (lambda *a, **k: None) if args.json else print
-    n = 5 if args.engine else 4  # steps
+    n = 5 if args.engine else 4  # phases
+    phases = Phases(say, n)
     say("moe-reroute demo: the shipped reference model (Qwen3-MoE, 128 experts, top-8), CPU, float32, batch 16")
     model, tokenizer, _ = load()
     streams = domain_streams(tokenizer, heldout_documents())
@@ -66,37 +87,48 @@ def _demo(args) -> int:
     progress = not args.json
     D = len(streams)
 
-    say(f"\n[1/{n}] quality: {args.sequences} held-out sequences of {args.seq_len} tokens ({args.sequences // D} from each "
-        f"of {D} domains), each position's 16 tokens routed as one decode batch; same-domain batches: "
-        f"{1 + len(defaults) + len(sweep)} routings, mixed batches: {1 + len(defaults)}")
+    tag = phases.start(1, "quality", f"{args.sequences} held-out sequences of {args.seq_len} tokens "
+                       f"({args.sequences // D} from each of {D} domains), each position's 16 tokens routed as one "
+                       f"decode batch; same-domain batches: {1 + len(defaults) + len(sweep)} routings, mixed batches: "
+                       f"{1 + len(defaults)}")
     config = EvalConfig(batch_sizes=(BATCH,), seq_len=args.seq_len, num_sequences=args.sequences, resamples=2000)
     try:
         evaluations = {"same-domain": evaluate(model, streams, {**defaults, **sweep}, config, progress=progress,
-                                               batching="same-domain"),
-                       "mixed": evaluate(model, streams, defaults, config, progress=progress, batching="mixed")}
+                                               batching="same-domain", desc=f"{tag} same-domain batches"),
+                       "mixed": evaluate(model, streams, defaults, config, progress=progress, batching="mixed",
+                                         desc=f"{tag} mixed batches")}
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    phases.end()
 
-    say(f"[2/{n}] greedy generation: {BATCH} prompts of 32 tokens (the domains in turn), {args.generate} new tokens, "
-        "against native")
+    tag = phases.start(2, "generation", f"greedy generation: {BATCH} prompts of 32 tokens (the domains in turn), "
+                       f"{args.generate} new tokens, against native")
     seqs, labels = domain_sequences(streams, 32, BATCH * D)
     prompts = seqs[batch_order(labels, BATCH, "mixed")[:BATCH]]
-    generation = generation_check(model, prompts, defaults, max_new_tokens=args.generate)
+    generation = generation_check(model, prompts, defaults, max_new_tokens=args.generate, progress=progress, desc=tag)
+    phases.end()
 
-    say(f"[3/{n}] U against batch size: every policy replayed on the model's routing trace of mixed batches")
+    tag = phases.start(3, "U vs batch", "U against batch size: every policy replayed on the model's routing trace "
+                       "of mixed batches")
     trace = bench.reference_trace(max(REPLAY_BATCHES), args.replay_steps, model,
                                   trace_sequences(streams, max(REPLAY_BATCHES), args.replay_steps, "mixed")[0])
     u_by_batch = {}
+    bar = progress_bar(len(with_native) * len(REPLAY_BATCHES), progress, tag, unit="replays")
     for label, policy in with_native.items():
         u_by_batch[label] = {}
         for B in REPLAY_BATCHES:
             per_layer = trace.rebatch(B).replay(policy)
             u_by_batch[label][B] = sum(u.double().mean().item() for u in per_layer.values()) / len(per_layer)
+            bar.update(1)
+    bar.close()
+    phases.end()
 
     shape = get_shape(args.shape)
-    say(f"[4/{n}] MoE-layer latency: {shape.name} layer shape (H={shape.hidden}, I={shape.intermediate}, "
-        f"E={shape.num_experts}, K={shape.top_k}) on CPU, routings from the reference model's router logits")
-    ratios, bench_json, kernel, steps_timed = {}, {}, "", {}
+    tag = phases.start(4, "latency", f"MoE-layer latency: {shape.name} layer shape (H={shape.hidden}, "
+                       f"I={shape.intermediate}, E={shape.num_experts}, K={shape.top_k}) on CPU, routings from the "
+                       f"reference model's router logits, {args.repeats} interleaved repeats")
+    ratios, bench_json, kernel, steps_timed, noise = {}, {}, "", {}, {}
+    layer, bandwidth = bench.MoELayer(shape, "cpu", seed=0), bench.measure_bandwidth("cpu")
     for batching in BATCHINGS:
         parts = trace_sequences(streams, BATCH, 64, batching)  # steps spread over 64 positions
         per = math.ceil(args.bench_steps / len(parts))
@@ -105,7 +137,8 @@ def _demo(args) -> int:
             for name, rs in bench.routings_from_trace(bench.reference_trace(BATCH, 64, model, seq), with_native,
                                                       BATCH, per, shape=shape).items():
                 routings[name] += rs
-        result = bench.bench_policies(shape, routings, "cpu", repeats=args.repeats, warmup=2, progress=progress)
+        result = bench.bench_policies(shape, routings, "cpu", repeats=args.repeats, warmup=1, progress=progress,
+                                      layer=layer, bandwidth=bandwidth, desc=f"{tag} {batching} batches")
         measured = result.to_dict()
         kernel, steps_timed[batching] = result.kernel, len(routings["native"])
         bench_json[batching] = {
@@ -113,7 +146,9 @@ def _demo(args) -> int:
             "routing": f"the reference model's native router logits on held-out text, {batching} decode batches of "
                        f"{BATCH}, {len(routings['native'])} (position, layer) steps",
             "bandwidth": measured["bandwidth"], "results": {str(BATCH): measured}}
-        ratios[batching] = report.latency_ratios(bench_json[batching])[BATCH]
+        ratios[batching] = {name: t["ratio_vs_native"] for name, t in measured["policies"].items()}
+        noise[batching] = {"spread": result.spread, "noisy": result.noisy}
+    phases.end()
 
     command = "moe-reroute " + " ".join(shlex.quote(a) for a in args.argv)
     for b in bench_json.values():
@@ -123,48 +158,74 @@ def _demo(args) -> int:
         from ..measure import serve_bench
         from ..reference import path as reference_path
 
-        say(f"[5/{n}] vLLM end to end: the reference model at batch {BATCH}, native and each policy, {ENGINE_REPEATS} "
-            f"interleaved repeats, each run in a fresh engine")
+        phases.start(5, "vLLM", f"vLLM end to end: the reference model at batch {BATCH}, native and each policy, "
+                     f"{ENGINE_REPEATS} interleaved repeats, each run in a fresh engine")
         cfg = serve_bench.Config(model=str(reference_path()), policies=list(DEFAULT_POLICIES), batch_sizes=[BATCH],
                                  output_len=ENGINE_OUTPUT_LEN, repeats=ENGINE_REPEATS)
         try:
             engine = serve_bench.run(cfg, Path(args.out) / "engine", command, say=say)
         except serve_bench.BenchError as e:
             raise SystemExit(f"error: --engine: {e}") from None
-    out = report.write(Path(args.out), evaluations["same-domain"], command, bench=bench_json["same-domain"],
-                       generation=generation, batch=BATCH, u_by_batch=u_by_batch, serve=engine)
+        phases.end()
     gen = {g["policy"]: g for g in generation}
     rows = [dict(r, latency_ratio=ratios[b].get(r["policy"], float("nan")))
             for b in BATCHINGS for r in evaluations[b]["rows"] if r["policy"] in ("native", *defaults)]
+    conditions = (f"Batch {BATCH}, reference model, CPU float32; latency: {shape.name} MoE layer, {kernel} kernel, "
+                  f"median of {args.repeats} interleaved repeats x {steps_timed['same-domain']} (same-domain) / "
+                  f"{steps_timed['mixed']} (mixed) steps, peak read bandwidth {bandwidth.gbps:.1f} GB/s measured in "
+                  f"the same run; greedy generation: {BATCH} prompts of the domains in turn")
+    table = _table(rows, gen, noise)
+    lines = [conditions, "", table, ""]
+    for batching, nz in noise.items():
+        if nz["noisy"]:
+            lines.append(f"MoE latency, {batching}: the same call's time varied by {_pct(nz['spread'])} between repeats "
+                         f"(IQR / median), more than {100 * bench.NOISE_SPREAD:.0f}%: its ratios are noise, not "
+                         "results (other work on the machine?); they are in results.json. Rerun with more --repeats "
+                         "on an idle machine.")
+    lines.append(f"Uniform routing would activate {report.uniform_expectation(128, 8, BATCH):.1f} experts per layer at "
+                 f"batch {BATCH}.")
+    if engine:
+        from ..measure import serve_bench
+
+        lines += ["", f"vLLM {engine['conditions']['vllm']} end to end on {engine['conditions']['device']}, "
+                  f"{engine['conditions']['dtype']}, batch {BATCH}, {ENGINE_OUTPUT_LEN} output tokens:", "",
+                  serve_bench.table(engine)]
+    t_report = time.time()
+    out = report.write(Path(args.out), evaluations["same-domain"], command, bench=bench_json["same-domain"],
+                       generation=generation, batch=BATCH, u_by_batch=u_by_batch, serve=engine,
+                       more={"mixed": {"evaluation": evaluations["mixed"], "bench": bench_json["mixed"]}},
+                       summary="\n".join(lines), phases=phases.seconds)
+    phases.seconds["report"] = round(time.time() - t_report, 1)
     elapsed = time.time() - t0
     if args.json:
-        print(json.dumps({"rows": rows, "latency_ratio": ratios, "generation": generation, "report": str(out),
-                          "engine": engine["rows"] if engine else None,
-                          "seconds": round(elapsed, 1)}))
+        print(json.dumps({"rows": rows, "latency_ratio": ratios, "latency_noise": noise, "generation": generation,
+                          "report": str(out), "engine": engine["rows"] if engine else None,
+                          "phases": phases.seconds, "seconds": round(elapsed, 1)}))
         return 0
-    print(f"\nBatch {BATCH}, reference model, CPU float32; latency: {shape.name} MoE layer, {kernel} kernel, median of "
-          f"{args.repeats} interleaved repeats x {steps_timed['same-domain']} (same-domain) / "
-          f"{steps_timed['mixed']} (mixed) steps; greedy generation: {BATCH} prompts of the domains in turn\n")
-    print("| batches | policy | U / layer | experts / token | Δ CE [95% CI] | significant loss | greedy tokens changed | "
-          "MoE latency / native |")
-    print("| --- | --- | ---: | ---: | --- | --- | ---: | ---: |")
+    print("\n" + "\n".join(lines))
+    print("\nElapsed: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.seconds.items()) + f"; {elapsed:.0f} s in all")
+    print(f"Report with plots and both batchings: {out}")
+    return 0
+
+
+def _pct(x: float) -> str:
+    return "unknown (fewer than 3 repeats)" if x != x else f"{100 * x:.0f}%"
+
+
+def _table(rows: list[dict], gen: dict, noise: dict) -> str:
+    """The summary table: both batchings, the latency column `noise` where the timings were."""
+    out = ["| batches | policy | U / layer | experts / token | Δ CE [95% CI] | significant loss | greedy tokens changed | "
+           "MoE latency / native |", "| --- | --- | ---: | ---: | --- | --- | ---: | ---: |"]
     for r in rows:
         lo, hi = r["delta_ce_ci"]
         g = gen.get(r["policy"])
         # the generation check's prompts mix the domains: shown on the mixed rows
         changed = "—" if r["batching"] != "mixed" else f"{g['differing_tokens']}/{g['generated_tokens']}" if g else "0"
-        print(f"| {r['batching']} | {r['policy']} | {r['mean_unique']:.1f} | {r['experts_per_token']:.2f} | "
-              f"{r['delta_ce']:+.4f} [{lo:+.4f}, {hi:+.4f}] | {'yes' if r['significant_loss'] else 'no'} | {changed} | "
-              f"{r['latency_ratio']:.2f} |")
-    if engine:
-        from ..measure import serve_bench
-
-        print(f"\nvLLM {engine['conditions']['vllm']} end to end on {engine['conditions']['device']}, "
-              f"{engine['conditions']['dtype']}, batch {BATCH}, {ENGINE_OUTPUT_LEN} output tokens:\n")
-        print(serve_bench.table(engine))
-    print(f"\nUniform routing would activate {report.uniform_expectation(128, 8, BATCH):.1f} experts per layer at batch 16.")
-    print(f"Report with plots (same-domain batches): {out} ({elapsed:.0f} s)")
-    return 0
+        latency = "noise" if noise[r["batching"]]["noisy"] else f"{r['latency_ratio']:.2f}"
+        out.append(f"| {r['batching']} | {r['policy']} | {r['mean_unique']:.1f} | {r['experts_per_token']:.2f} | "
+                   f"{r['delta_ce']:+.4f} [{lo:+.4f}, {hi:+.4f}] | {'yes' if r['significant_loss'] else 'no'} | "
+                   f"{changed} | {latency} |")
+    return "\n".join(out)
 
 
 def add_parsers(sub) -> None:
@@ -172,14 +233,16 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", default="moe-reroute-report", help="report folder (default ./moe-reroute-report)")
     p.add_argument("--sequences", type=int, default=112, help="held-out sequences for the quality check, split "
                    "equally among the 7 domains; same-domain batches of 16 need 16 per domain (default 112)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default 64)")
     p.add_argument("--generate", type=int, default=24, help="greedy tokens in the generation check (default 24)")
     p.add_argument("--no-sweep", action="store_true", help="only the default of each policy, no parameter sweep")
     p.add_argument("--replay-steps", type=int, default=32, help="trace positions for U against batch size (default 32)")
     p.add_argument("--shape", default="qwen3-30b-a3b", help="MoE layer shape for the latency check (default qwen3-30b-a3b)")
-    p.add_argument("--bench-steps", type=int, default=16, help="decode steps (trace position x layer) timed (default 16)")
-    p.add_argument("--repeats", type=int, default=8, help="interleaved latency repeats (default 8)")
+    p.add_argument("--bench-steps", type=int, default=4, help="decode steps (trace position x layer) timed (default "
+                   "4; same-domain batches: at least one per domain)")
+    p.add_argument("--repeats", type=int, default=4, help="interleaved latency repeats (default 4; at least 3 for the "
+                   "noise check)")
     p.add_argument("--engine", action="store_true", help="also time vLLM end to end on the reference model at batch "
                    "16 (`serve-bench`; needs vLLM: pip install 'moe-reroute[vllm]'; about 4 more minutes on 2 cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object, no tables or progress")
-    p.set_defaults(run=_demo)
+    p.set_defaults(run=_demo, needs=("hf", "plots"))

@@ -94,7 +94,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--dims", help="H,I,E,K to replace the MoE dimensions (e.g. 64,32,32,4 for a tiny test model)")
     p.add_argument("--seed", type=int, default=0, help="weights' random seed (default 0)")
     p.add_argument("--out", required=True, help="new folder for the checkpoint")
-    p.set_defaults(run=_synth)
+    p.set_defaults(run=_synth, needs=("hf",))
 
     p = sub.add_parser("serve-bench", help="decode speed of a vLLM engine, native against each policy")
     p.add_argument("--model", help="local model folder (default: the shipped reference model)")

@@ -293,6 +293,10 @@ def _report(args) -> int:
     from ..measure import report
     from ..measure.report_check import ReportInputError, check_bench, check_eval, check_serve
 
+    data = read_json_file(args.eval_json, "results file", "eval.json of `moe-reroute eval --out DIR`, or the "
+                          "results.json of a report")
+    if isinstance(data, dict) and "evaluation" in data and "rows" not in data:
+        return _rebuild_report(args, data)
     data = read_results(args.eval_json)
     try:
         check_eval(data, f"results file {args.eval_json}")
@@ -365,6 +369,40 @@ def _umask() -> int:
     return mask
 
 
+def _rebuild_report(args, data: dict) -> int:
+    """`report results.json`: the report (the demo's, or an earlier `report`'s) rebuilt from its own results."""
+    from ..measure import report
+
+    if args.bench or args.serve_bench:
+        raise InputError(f"{args.eval_json} is a report's results.json, which holds its own latency and engine "
+                         "results: drop --bench and --serve-bench")
+    where = f"results file {args.eval_json}"
+    problem = _fields_problem(data["evaluation"], {"rows": list, "conditions": dict}, "its \"evaluation\"")
+    rows = data["evaluation"].get("rows") if isinstance(data["evaluation"], dict) else None
+    problem = problem or ("its evaluation has no rows" if not rows else None)
+    problem = problem or _fields_problem(data["evaluation"]["conditions"], CONDITION_FIELDS, "\"conditions\"")
+    for i, r in enumerate(rows or []):
+        problem = problem or _fields_problem(r, ROW_FIELDS, f"row {i}")
+    if problem:
+        raise InputError(f"{where}: {problem}; expected the results.json written with a report")
+    try:
+        report.pick_batch_size(rows, args.batch_size)
+    except ValueError as e:
+        raise InputError(f"--batch-size: {e}") from None
+    out = check_out_dir(args.out)
+    held = [name for name in REPORT_FILES if (out / name).exists()]
+    if held and not args.force:
+        raise InputError(f"--out {out} already holds a report ({', '.join(held)}); pass --force to replace it, or "
+                         "give another folder")
+    try:
+        report._plt()  # matplotlib missing: say so before anything is made
+        path = _write_report_into(out, lambda tmp: report.rebuild(data, tmp, args.batch_size))
+    except (ValueError, ImportError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {where}: {e}") from None
+    print(f"report written to {path}")
+    return 0
+
+
 def _calibrate(args) -> int:
     from ..hf.calibrate import calibrate_similarity, save_similarity
 
@@ -404,10 +442,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--generation-batch", type=int, default=16, help="prompts in the generation check (default 16)")
     p.add_argument("--out", help="folder for the results: eval.json, task.json or lm_eval.json")
     p.add_argument("--json", action="store_true", help="print one JSON object, no table or progress")
-    p.set_defaults(run=_eval)
+    p.set_defaults(run=_eval, needs=("hf",))
 
     p = sub.add_parser("report", help="plots and a Markdown report from `eval --out` (and `bench --json`) results")
-    p.add_argument("eval_json", help="eval.json written by `moe-reroute eval --out DIR`")
+    p.add_argument("eval_json", help="eval.json written by `moe-reroute eval --out DIR`, or a report's own "
+                   "results.json (the demo's, say) to rebuild that report")
     p.add_argument("--bench", help="JSON written by `moe-reroute bench --json > FILE`")
     p.add_argument("--serve-bench", help="results.json written by `moe-reroute serve-bench` (end-to-end engine speed)")
     p.add_argument("--batch-size", type=int, help="batch size of the Pareto and per-layer plots (default 16)")
@@ -421,4 +460,4 @@ def add_parsers(sub) -> None:
     p.add_argument("--method", default="cka", choices=("cka", "cosine", "frobenius"))
     p.add_argument("--tokens", type=int, default=512, help="calibration tokens (default 512)")
     p.add_argument("--out", required=True, help="similarity file to write (.safetensors)")
-    p.set_defaults(run=_calibrate)
+    p.set_defaults(run=_calibrate, needs=("hf",))

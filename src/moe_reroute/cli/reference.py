@@ -121,7 +121,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--balance-window", type=int, default=TrainConfig.balance_window,
                    help="steps whose expert counts make the global-batch load-balancing frequencies")
     p.add_argument("--z-loss", type=float, default=TrainConfig.z_loss_coef, help="router z-loss coefficient (0: off)")
-    p.set_defaults(run=_train_reference)
+    p.set_defaults(run=_train_reference, needs=("hf",))
     p = sub.add_parser("reference-card", help="measure the shipped reference model for its model card")
     p.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="training corpus for the n-gram baselines")
     p.add_argument("--out", default=DEFAULT_CARD_OUT,
@@ -129,4 +129,4 @@ def add_parsers(sub) -> None:
     p.add_argument("--refresh-shipped", action="store_true",
                    help="for maintainers: write them into the shipped model's folder in the package")
     p.add_argument("--model-dir", default=None, help="a model folder from `train-reference --out` (default: the shipped one)")
-    p.set_defaults(run=_reference_card)
+    p.set_defaults(run=_reference_card, needs=("hf",))

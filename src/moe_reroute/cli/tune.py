@@ -71,6 +71,24 @@ def _policy_params(name: str, params: dict, model) -> dict:
     return params
 
 
+SEARCH_ARGS = ("model", "policy", "budget", "agreement", "batch_sizes", "text", "objective", "cost", "bench",
+               "seq_len", "sequences", "rounds", "refine")
+
+
+def default_state(args, out: Path) -> Path:
+    """OUT.<digest of the search's arguments>.state: one state per search, so that a run with other
+    arguments (another --budget, say) into the same --out starts its own search instead of being refused,
+    and an interrupted run resumes when given the same arguments again."""
+    import hashlib
+
+    key = {k: getattr(args, k, None) for k in SEARCH_ARGS}
+    for k in ("model", "text", "bench"):  # the same file however it is spelled
+        if key[k] is not None:
+            key[k] = str(Path(key[k]).absolute())
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return out.with_name(f"{out.name}.{digest}.state")
+
+
 def _tune(args) -> int:
     from ..measure.tune import TuneConfig, tune
 
@@ -88,7 +106,7 @@ def _tune(args) -> int:
     if budget is None and args.agreement is None:
         budget = 0.01
     out = check_out_file(args.out)
-    state = Path(args.state) if args.state else out.with_name(out.name + ".state")
+    state = Path(args.state) if args.state else default_state(args, out)
     check_out_file(state, "--state")
     for side in (out.with_name(out.stem + ".tune.json"), out.with_name(out.stem + ".validation.json")):
         check_out_file(side, f"--out {out}: its companion file")  # written beside it, checked now
@@ -217,9 +235,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--rounds", type=int, default=6, help="joint evaluations of the allocation step (default 6)")
     p.add_argument("--refine", type=int, default=8, help="evaluations of the refinement step (default 8; 0: none)")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the validation (default 2000)")
-    p.add_argument("--state", help="file of the search's evaluations, to resume an interrupted run "
-                   "(default: OUT.state)")
+    p.add_argument("--state", help="file of the search's evaluations, to resume an interrupted run (default: "
+                   "OUT.<digest of the search's arguments>.state, one per search)")
     p.add_argument("--out", default="tuned.json", help="policy file to write (default tuned.json); the search "
                    "summary goes to OUT_STEM.tune.json and the held-out evaluation to OUT_STEM.validation.json")
     p.add_argument("--json", action="store_true", help="print one JSON object (progress and log on stderr)")
-    p.set_defaults(run=_tune)
+    p.set_defaults(run=_tune, needs=("hf",))

@@ -77,7 +77,7 @@ def _triton_status() -> tuple[bool, str]:
     try:
         import triton
     except ImportError as e:  # not installed, or broken
-        return False, f"Triton is not importable ({e}); install it with `pip install triton`"
+        return False, f"Triton is not importable ({e}); install it with `pip install 'moe-reroute[kernels]'` (Triton)"
     try:
         version = tuple(int(v) for v in triton.__version__.split(".")[:2])
     except ValueError:

@@ -26,6 +26,8 @@ from .shapes import LayerShape
 from ..progress import progress as progress_bar
 from .layer import FLUSH_BYTES, KERNELS, MoELayer, _free_bytes, _sync, default_dtype, grouped_mm_status, resolve_device
 
+NOISE_SPREAD = 0.10  # a run whose repeated calls vary more than this (IQR / median) gives noise, not ratios
+
 __all__ = ["KERNELS", "MoELayer", "default_dtype", "grouped_mm_status", "resolve_device", "FLUSH_BYTES"]
 
 
@@ -115,6 +117,8 @@ class BenchResult:
     repeats: int
     warmup: int
     policies: dict[str, PolicyTiming]
+    spread: float = float("nan")  # median over (policy, step) of the IQR / median of its repeated calls
+    noisy: bool = False  # spread > NOISE_SPREAD: the ratios are noise, not results
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -137,6 +141,7 @@ def bench_policies(
     layer: MoELayer | None = None,
     bandwidth: Bandwidth | None = None,
     seed: int = 0,
+    desc: str = "timed calls",
 ) -> BenchResult:
     """Time the layer under every policy's routings, interleaved in one run.
 
@@ -193,7 +198,7 @@ def bench_policies(
 
     kernel, kernel_note = _choose_kernel(layer, kernel, prepared, flush)
     flush_buf = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device) if flush else None
-    bar = progress_bar((warmup + repeats) * steps * len(names), progress, "timed calls", unit="call", leave=False)
+    bar = progress_bar((warmup + repeats) * steps * len(names), progress, desc, unit="calls", leave=False)
     times: dict[str, list[list[float]]] = {n: [[] for _ in range(steps)] for n in names}
     for rnd in range(warmup + repeats):
         for s in range(steps):
@@ -241,8 +246,27 @@ def bench_policies(
         if flush
         else "caches not flushed: a layer smaller than the last-level cache may be served from it"
     )
+    spread = timing_spread(times)
     return BenchResult(shape, str(device), str(layer.dtype).removeprefix("torch."), kernel, kernel_note, bandwidth,
-                       cache, layer.aliasing, repeats, warmup, timings)
+                       cache, layer.aliasing, repeats, warmup, timings, spread, not spread <= NOISE_SPREAD)
+
+
+def timing_spread(times: dict[str, list[list[float]]]) -> float:
+    """How much the same call's time varies between repeats: the median over (policy, step) of
+    IQR / median of that call's repeated timings. NaN with fewer than 3 repeats.
+
+    A policy that reads fewer experts saves tens of percent of native's time; when the same call
+    varies by more than NOISE_SPREAD from one repeat to the next (other work on the machine, frequency
+    changes), a ratio of medians cannot be told from noise.
+    """
+    rel = []
+    for per_step in times.values():
+        for t in per_step:
+            if len(t) >= 3:
+                q25, med, q75 = torch.quantile(torch.tensor(t, dtype=torch.float64),
+                                               torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+                rel.append((q75 - q25) / med if med > 0 else float("inf"))
+    return float(torch.tensor(rel, dtype=torch.float64).median()) if rel else float("nan")
 
 
 def _choose_kernel(layer: MoELayer, kernel: str, prepared, flush: bool) -> tuple[str, str]:

@@ -101,6 +101,19 @@ def fit_cost_model(points: Iterable[tuple[float, float, float]]) -> CostModel:
     )
 
 
+def physical_warnings(model: CostModel) -> list[str]:
+    """What makes a fit unphysical: a negative cost per expert, per slot or fixed. Every term is work
+    the layer does, so a negative one says the points are noise or too few to separate the terms."""
+    names = {"b": "per expert (b)", "a": "per token-expert slot (a)", "c": "fixed (c)"}
+    bad = [f"{names[k]} = {getattr(model, k):.4g}" for k in ("b", "a", "c")
+           if k not in model.unidentified and getattr(model, k) < 0]
+    if not bad:
+        return []
+    return [f"the cost model is not physical: negative cost {', '.join(bad)}; the timings are noisy or the "
+            "batch sizes too few to separate the terms: do not use its predictions (rerun with more --repeats "
+            "and batch sizes, e.g. --batch-sizes 1,4,16,64, on an idle machine)"]
+
+
 def bandwidth_bound_ms(unique: float, bytes_per_expert: int, gbps: float) -> float:
     """Time to read U experts' weights once at `gbps` GB/s: a lower bound on the layer's latency
     (it ignores compute, dispatch and launch costs and assumes peak bandwidth)."""

@@ -181,6 +181,7 @@ def evaluate(
     config: EvalConfig = EvalConfig(),
     progress: bool = True,
     batching: str = "stream",
+    desc: str = "evaluating",
 ) -> dict:
     """Compare every policy with native routing at every batch size.
 
@@ -189,6 +190,7 @@ def evaluate(
         held-out split, `moe_reroute.reference.heldout_streams`).
       policies: {label: Policy}, e.g. {"oea:k0=3": make_policy("oea", k0=3)}.
       batching: "stream" for a token stream; "same-domain" or "mixed" for streams by domain.
+      desc: what the progress lines say they count (the caller's phase).
     Returns: {"rows": [one dict per (policy, batch size)], "conditions": {...}}; each row holds
       cross-entropy and perplexity, the paired difference to native with its CI, the OEA paper's
       standard-error rule, top-1 agreement and KL to native, mean U per layer (policy and native;
@@ -211,7 +213,7 @@ def evaluate(
 
     layers = [i for i, _ in moe_routers(model)]
     total = sum(len(orders[b]) // b * (1 + len(policies)) for b in config.batch_sizes)
-    bar = progress_bar(total, progress, "evaluating", unit="batch")
+    bar = progress_bar(total, progress, desc, unit="forward passes")
     rows = []
     for B in config.batch_sizes:
         ordered = sequences[orders[B]]  # [n, L], B consecutive sequences one decode batch
@@ -295,7 +297,8 @@ def _row(label, B, p: _Pass, native: _Pass, u, native_u, kept, config: EvalConfi
 
 @torch.no_grad()
 def generation_check(
-    model: nn.Module, prompts: torch.Tensor, policies: dict[str, Policy], max_new_tokens: int = 32
+    model: nn.Module, prompts: torch.Tensor, policies: dict[str, Policy], max_new_tokens: int = 32,
+    progress: bool = False, desc: str = "greedy generation",
 ) -> list[dict]:
     """Greedy generate() of a batch of prompts with each policy (decode re-routed, prefill native) against
     native greedy on the same batch: how many generated tokens differ and the first step that differs.
@@ -315,10 +318,13 @@ def generation_check(
                 out = model.generate(prompts, **kw)
         return out[:, prompts.shape[1] :]  # [B, max_new_tokens]
 
+    bar = progress_bar(1 + len(policies), progress, desc, unit="generate() calls")
     ref = run(None)
+    bar.update(1)
     results = []
     for label, policy in policies.items():
         out = run(policy)
+        bar.update(1)
         differ = out != ref  # [B, G]
         first = [int(torch.nonzero(row)[0]) if row.any() else None for row in differ]
         results.append({
@@ -329,4 +335,5 @@ def generation_check(
             "identical_sequences": sum(f is None for f in first),
             "first_divergence_step": first,
         })
+    bar.close()
     return results

@@ -54,12 +54,24 @@ def _plt():
 
 
 def latency_ratios(bench: dict | None) -> dict[int, dict[str, float]]:
-    """{batch size: {policy: median latency / native}} from `moe-reroute bench --json` output."""
+    """{batch size: {policy: median latency / native}} from `moe-reroute bench --json` output; batch sizes
+    whose timings were noise (see `latency_noise`) are left out."""
     out = {}
+    noisy = latency_noise(bench)
     for B, res in (bench or {}).get("results", {}).items():
+        if int(B) in noisy:
+            continue
         out[int(B)] = {name: t["ratio_vs_native"] for name, t in res["policies"].items()
                        if t.get("ratio_vs_native") is not None}
     return out
+
+
+def latency_noise(bench: dict | None) -> dict[int, float]:
+    """{batch size: spread} for the batch sizes whose repeated calls varied more than the bench's noise
+    limit (IQR / median; NaN: too few repeats to tell): their ratios are noise, not results. Results of
+    older versions, without a spread, count as measured."""
+    return {int(B): float(res.get("spread", float("nan"))) for B, res in (bench or {}).get("results", {}).items()
+            if res.get("noisy")}
 
 
 def _save(fig, path: Path) -> Path:
@@ -69,12 +81,37 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+# One colour and marker per policy family, the same in every plot; other families cycle through the rest.
+FAMILY_STYLE = {"native": ("black", "*"), "cap": ("tab:blue", "o"), "oea": ("tab:orange", "s"),
+                "sere": ("tab:green", "^"), "budget": ("tab:red", "D"), "tuned": ("tab:purple", "v")}
+OTHER_STYLES = [("tab:brown", "P"), ("tab:pink", "X"), ("tab:olive", "h"), ("tab:cyan", "<"), ("tab:gray", ">")]
+LINESTYLES = ["-", "--", ":", "-."]
+
+
+def style(label: str, known: dict | None = None) -> tuple[str, str]:
+    """(colour, marker) of the policy family of `label`."""
+    fam = family(label)
+    if fam in FAMILY_STYLE:
+        return FAMILY_STYLE[fam]
+    known = {} if known is None else known
+    return known.setdefault(fam, OTHER_STYLES[len(known) % len(OTHER_STYLES)])
+
+
+def _legend(ax, fig) -> None:
+    """The legend right of the axes, off the data."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
 def plot_pareto(rows: list[dict], batch: int, path: Path, latency: dict[str, float] | None = None) -> Path:
-    """Delta cross-entropy (with CI) against mean U, or against the latency ratio when given."""
+    """Delta cross-entropy (with CI) against mean U, or against the latency ratio when given (then only
+    the policies that have one are drawn: a plot named for latency shows latency)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     at = [r for r in rows if r["batch_size"] == batch]
-    use_latency = bool(latency) and all(r["policy"] in latency for r in at)
+    use_latency = latency is not None
+    if use_latency:
+        at = [r for r in at if r["policy"] in latency]
+    others: dict = {}
     for fam in dict.fromkeys(family(r["policy"]) for r in at):
         pts = [r for r in at if family(r["policy"]) == fam]
         xs = [latency[r["policy"]] if use_latency else r["mean_unique"] for r in pts]
@@ -83,8 +120,9 @@ def plot_pareto(rows: list[dict], batch: int, path: Path, latency: dict[str, flo
         pts = [pts[i] for i in order]
         ys = [r["delta_ce"] for r in pts]
         err = [[r["delta_ce"] - r["delta_ce_ci"][0] for r in pts], [r["delta_ce_ci"][1] - r["delta_ce"] for r in pts]]
-        marker = "*" if fam == "native" else "o"
-        ax.errorbar(xs, ys, yerr=err, marker=marker, capsize=3, label=fam, markersize=9 if fam == "native" else 5)
+        colour, marker = style(fam, others)
+        ax.errorbar(xs, ys, yerr=err, marker=marker, color=colour, capsize=3, label=fam,
+                    markersize=10 if fam == "native" else 6)
         for x, r in zip(xs, pts):
             if ":" in r["policy"]:
                 ax.annotate(r["policy"].split(":", 1)[1], (x, r["delta_ce"]), fontsize=7,
@@ -92,8 +130,8 @@ def plot_pareto(rows: list[dict], batch: int, path: Path, latency: dict[str, flo
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("MoE-layer latency / native (measured)" if use_latency else "mean distinct experts per layer (U)")
     ax.set_ylabel("Δ cross-entropy vs native (nats, 95% CI)")
-    ax.set_title(f"quality vs cost at decode batch {batch}")
-    ax.legend(fontsize=8)
+    ax.set_title(f"quality vs {'measured latency' if use_latency else 'experts activated'} at decode batch {batch}")
+    _legend(ax, fig)
     return _save(fig, path)
 
 
@@ -101,32 +139,47 @@ def plot_u_vs_batch(u_by_batch: dict[str, dict[int, float]], path: Path, uniform
                     title: str = "") -> Path:
     """U against batch size, one line per policy: {policy: {batch size: mean U per layer}}."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    others: dict = {}
     for label, by_b in u_by_batch.items():
         pts = sorted(by_b.items())
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, lw=2 if label == "native" else 1)
+        colour, marker = style(label, others)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colour, label=label,
+                lw=2 if label == "native" else 1)
     if uniform:
         xs = sorted(uniform)
         ax.plot(xs, [uniform[x] for x in xs], ls="--", color="grey", label="uniform routing")
     ax.set_xscale("log", base=2)
+    xs = sorted({b for by_b in u_by_batch.values() for b in by_b})
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.minorticks_off()
     ax.set_xlabel("decode batch size")
     ax.set_ylabel("mean distinct experts per layer (U)")
-    if title:
-        ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_title("U against batch size" + (f" ({title})" if title else ""), fontsize=9)
+    _legend(ax, fig)
     return _save(fig, path)
 
 
 def plot_u_per_layer(rows: list[dict], batch: int, path: Path) -> Path:
+    """Mean U of each decoder layer, one line per policy: its family's colour and marker, a line style
+    per setting within the family."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    others: dict = {}
+    nth: dict[str, int] = {}
     for r in (r for r in rows if r["batch_size"] == batch):
         layers = sorted(r["unique_per_layer"], key=int)
-        ax.plot([int(x) for x in layers], [r["unique_per_layer"][x] for x in layers], marker="o", label=r["policy"],
-                lw=2 if r["policy"] == "native" else 1)
+        colour, marker = style(r["policy"], others)
+        i = nth[family(r["policy"])] = nth.get(family(r["policy"]), -1) + 1
+        ax.plot([int(x) for x in layers], [r["unique_per_layer"][x] for x in layers], marker=marker, color=colour,
+                ls=LINESTYLES[i % len(LINESTYLES)], label=r["policy"], lw=2 if r["policy"] == "native" else 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("decoder layer")
-    ax.set_ylabel(f"mean U at batch {batch}")
-    ax.legend(fontsize=7)
+    ax.set_ylabel("mean distinct experts (U)")
+    ax.set_title(f"U per layer at decode batch {batch}")
+    _legend(ax, fig)
     return _save(fig, path)
 
 
@@ -135,12 +188,15 @@ def uniform_expectation(num_experts: int, top_k: int, batch: int) -> float:
     return num_experts * (1 - (1 - top_k / num_experts) ** batch)
 
 
-def quality_table(rows: list[dict], latency: dict[int, dict[str, float]] | None = None) -> str:
-    """Markdown table of the eval rows (latency ratio column when a bench result is given)."""
+def quality_table(rows: list[dict], latency: dict[int, dict[str, float]] | None = None,
+                  noise: dict[int, float] | None = None) -> str:
+    """Markdown table of the eval rows (latency ratio column when a bench result is given; `noise` in
+    that column at the batch sizes of `noise`, whose timings were noise)."""
+    noise = noise or {}
     head = ("| policy | batch | U / layer | experts / token | CE | Δ CE [95% CI] | significant loss | worse by se rule "
             "| top-1 agree | KL |")
     sep = "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: |"
-    if latency:
+    if latency or noise:
         head += " latency / native |"
         sep += " ---: |"
     lines = [head, sep]
@@ -150,9 +206,9 @@ def quality_table(rows: list[dict], latency: dict[int, dict[str, float]] | None 
                 f"{r['cross_entropy']:.4f} | {r['delta_ce']:+.4f} [{lo:+.4f}, {hi:+.4f}] | "
                 f"{'yes' if r['significant_loss'] else 'no'} | {'yes' if r['worse_by_se_rule'] else 'no'} | "
                 f"{r['top1_agreement']:.3f} | {r['kl_native_policy']:.4f} |")
-        if latency:
-            ratio = latency.get(r["batch_size"], {}).get(r["policy"])
-            line += f" {ratio:.2f} |" if ratio is not None else " |"
+        if latency or noise:
+            ratio = (latency or {}).get(r["batch_size"], {}).get(r["policy"])
+            line += " noise |" if r["batch_size"] in noise else f" {ratio:.2f} |" if ratio is not None else " |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -166,11 +222,20 @@ def write(
     batch: int | None = None,
     u_by_batch: dict[str, dict[int, float]] | None = None,
     serve: dict | None = None,
+    more: dict[str, dict] | None = None,
+    summary: str | None = None,
+    phases: dict[str, float] | None = None,
 ) -> Path:
     """Write report.md, the PNG plots and results.json into `out`; returns the Markdown path.
 
     u_by_batch: U against batch size from elsewhere (e.g. replayed on a trace); default: the eval rows.
     serve: `moe-reroute serve-bench` results (results.json), for a section on end-to-end engine speed.
+    more: further evaluations of the same model, {title: {"evaluation": ..., "bench": ... or None}} (the
+      demo's mixed batches), each with its own quality table and latency section; the plots are of
+      `evaluation`'s rows.
+    summary: Markdown the command printed (its table), put first.
+    phases: seconds per phase of the command that made the results.
+    `write(out, **json.load(results.json))`-style rebuilding: see `rebuild`.
     """
     out = Path(out)
     rows = evaluation["rows"]
@@ -193,7 +258,7 @@ def write(
         "u_vs_batch.png": plot_u_vs_batch(u_by_batch, out / "u_vs_batch.png", uniform, u_title),
         "u_per_layer.png": plot_u_per_layer(rows, b, out / "u_per_layer.png"),
     }
-    if latency_at.get(b):
+    if len(latency_at.get(b, {})) >= 2:  # measured, not noise, and more than native alone
         plots["pareto_latency.png"] = plot_pareto(rows, b, out / "pareto_latency.png", latency_at[b])
     if serve:
         from .serve_bench import plot as serve_plot
@@ -203,10 +268,16 @@ def write(
             plots[name] = out / name
     (out / "results.json").write_text(json.dumps(
         {"command": command, "evaluation": evaluation, "bench": bench, "generation": generation,
-         "u_by_batch": u_by_batch, "serve_bench": serve}, indent=1) + "\n")
+         "u_by_batch": u_by_batch if replayed else None, "serve_bench": serve, "more": more, "summary": summary,
+         "phases": phases, "batch": b}, indent=1) + "\n")
 
     fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", command)), default=0))
-    md = [f"# moe-reroute report: {md_text(cond['model'])}", "", fence, command, fence, "", "## Conditions", ""]
+    md = [f"# moe-reroute report: {md_text(cond['model'])}", "", fence, command, fence, ""]
+    if summary:
+        md += ["## Summary (as printed by the command)", "", summary, ""]
+    if phases:
+        md += ["Elapsed: " + ", ".join(f"{md_text(k)} {v:.0f} s" for k, v in phases.items()) + "", ""]
+    md += ["## Conditions", ""]
     for k, v in cond.items():
         md.append(f"- {md_text(k)}: {md_text(v)}")
     md += ["", f"Uniform routing would activate E·(1−(1−K/E)^B) = {uniform_expectation(E, K, b):.1f} experts at batch {b}.",
@@ -215,7 +286,15 @@ def write(
            f"interval is a paired bootstrap over sequences ({cond['bootstrap_resamples']} resamples). "
            "'significant loss' means the whole interval is above zero; 'worse by se rule' is the OEA paper's rule "
            "(policy mean − se > native mean + se, on per-sequence cross-entropy).", "",
-           quality_table(rows, latency_at or None), ""]
+           quality_table(rows, latency_at or None, latency_noise(bench)), ""]
+    for title, extra in (more or {}).items():
+        ev, eb = extra["evaluation"], extra.get("bench")
+        md += [f"## Quality and cost: {md_text(title)}", ""]
+        differ = {k: v for k, v in ev["conditions"].items() if cond.get(k) != v}
+        md += [f"- {md_text(k)}: {md_text(v)}" for k, v in differ.items()] + ([""] if differ else [])
+        md += [quality_table(ev["rows"], latency_ratios(eb) or None, latency_noise(eb)), ""]
+        if eb:
+            md += [f"### MoE-layer latency: {md_text(title)}", "", _bench_section(eb), ""]
     md += [f"## U against batch size ({u_title})", "",
            "| policy | " + " | ".join(f"B={s}" for s in sizes) + " |", "| --- |" + " ---: |" * len(sizes)]
     md += [f"| {md_code(label)} | " + " | ".join(f"{by_b[s]:.1f}" if s in by_b else "" for s in sizes) + " |"
@@ -251,16 +330,39 @@ def _bench_section(bench: dict) -> str:
              f"- routing: {bench['routing']}",
              f"- peak read bandwidth: {bench['bandwidth']['gbps']:.1f} GB/s ({bench['bandwidth']['method']})"]
     for B, res in bench.get("results", {}).items():
+        spread = res.get("spread")
         lines += [f"- batch {B}: {res['dtype']} on {res['device']}, kernel {res['kernel']} ({res['kernel_note']}); "
-                  f"{res['cache']}" + (f"; {res['aliasing']}" if res.get("aliasing") else ""), "",
+                  f"{res['cache']}" + (f"; {res['aliasing']}" if res.get("aliasing") else "")]
+        if spread is not None:
+            told = "unknown: fewer than 3 repeats" if spread != spread else f"{100 * spread:.0f}%"
+            lines.append(f"- spread of the same call between repeats (IQR / median): {told}"
+                         + ("; **the ratios are noise, not results** (other work on the machine?): rerun on an idle "
+                            "machine or with more repeats" if res.get("noisy") else ""))
+        lines += ["",
                   "| policy | U | median ms | IQR ms | GB/s | latency / native |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for name, t in res["policies"].items():
             ratio = t.get("ratio_vs_native")
+            ratio = "" if ratio is None else "noise" if res.get("noisy") else f"{ratio:.3f}"
             lines.append(f"| {md_code(name)} | {t['mean_unique']:.1f} | {t['median_ms']:.3f} | {t['iqr_ms']:.3f} | "
-                         f"{t['achieved_gbps']:.1f} | {'' if ratio is None else f'{ratio:.3f}'} |")
+                         f"{t['achieved_gbps']:.1f} | {ratio} |")
         lines.append("")
     fit = bench.get("cost_model")
     if fit:
         lines.append("Cost model fitted on these measurements: latency = b·U + a·(T·K) + c with "
                      + ", ".join(f"{k} = {fit[k]:.4g}" for k in ("b", "a", "c", "r2") if isinstance(fit.get(k), float)))
+        negative = [k for k in ("b", "a", "c") if isinstance(fit.get(k), float) and fit[k] < 0
+                    and k not in fit.get("unidentified", [])]
+        if negative:
+            lines.append(f"\n**Not physical**: negative {', '.join(negative)}; the timings are noise or too few to "
+                         "separate the terms: do not use its predictions.")
     return "\n".join(lines)
+
+
+def rebuild(results: dict, out: Path, batch: int | None = None) -> Path:
+    """A report from the results.json that `write` (the demo, or `moe-reroute report`) wrote."""
+    return write(Path(out), results["evaluation"], str(results.get("command", "")), bench=results.get("bench"),
+                 generation=results.get("generation"), batch=batch or results.get("batch"),
+                 u_by_batch=results.get("u_by_batch") and {k: {int(B): u for B, u in v.items()}
+                                                           for k, v in results["u_by_batch"].items()},
+                 serve=results.get("serve_bench"), more=results.get("more"), summary=results.get("summary"),
+                 phases=results.get("phases"))

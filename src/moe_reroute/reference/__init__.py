@@ -34,8 +34,19 @@ def load(dtype=None, folder=None):
     import torch
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+    from transformers.utils import logging as hf_logging
+
+    from ..progress import is_terminal
+
     folder = path() if folder is None else Path(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, local_files_only=True)
+    quiet = not is_terminal() and hf_logging.is_progress_bar_enabled()  # no \r-bars in logs and files
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, local_files_only=True)
+    finally:
+        if quiet:  # the caller's setting is left as it was
+            hf_logging.enable_progress_bar()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
     return model.eval(), tokenizer, (folder / "heldout.txt").read_text()
 

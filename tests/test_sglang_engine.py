@@ -34,9 +34,11 @@ from moe_reroute.sglang.model import needs_untying, untied_copy  # noqa: E402
 NEW = 8  # tokens generated per prompt
 CHUNK = 16  # chunked_prefill_size: prompts longer than this prefill in chunks, beside running decodes
 SERE = str(reference.path() / "sere" / "similarity.safetensors")
-POLICIES = ["oea:k0=[2,2,3,2]", "cap:k=4", f"sere:similarity={SERE}", "budget:budget=24"]
+POLICIES = ["oea:k0=[2,2,3,2]", "cap:k=4", f"sere:similarity={SERE}", "budget:budget=4"]
+# no radix cache: every run prefills its prompts afresh, so each run's chunked prefill makes mixed steps
 ENGINE_ARGS = dict(device="cpu", attention_backend="torch_native", disable_cuda_graph=True, mem_fraction_static=0.05,
-                   dtype="float32", skip_server_warmup=True, max_total_tokens=4096, log_level="error")
+                   dtype="float32", skip_server_warmup=True, max_total_tokens=4096, log_level="error",
+                   disable_radix_cache=True)
 
 
 def prompts() -> list[list[int]]:
@@ -160,6 +162,7 @@ def test_distinct_ids_pass_sglang_native_moe_and_repeated_ids_do_not():
     layer.w2_weight = torch.randn(E, H, I, generator=g)
     x = torch.randn(T, H, generator=g)
     logits = torch.randn(T, E, generator=g)
+    logits[:, 3] += 10  # every token's top-1 is expert 3: OEA with k0=1 loads only it, so rows repeat it
     routing = policy_from_spec("oea:k0=1")(logits, RouterSpec(E, K))
     assert has_repeats(routing.ids).any()
 

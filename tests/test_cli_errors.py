@@ -61,7 +61,7 @@ def _write(path: Path, data) -> Path:
 
 @pytest.mark.parametrize("content,needles", [
     (None, ["no such file"]),
-    ("{not json", ["not valid JSON", "expected eval.json written by `moe-reroute eval --out DIR`"]),
+    ("{not json", ["not valid JSON", "expected eval.json of `moe-reroute eval --out DIR`, or the results.json of a report"]),
     ("[1, 2]", ["holds a JSON list, not an object"]),
     ('{"conditions": {}}', ['it has no "rows"']),
     ('{"rows": [{"policy": "oea"}], "conditions": {"model": "m", "num_experts": 8, "top_k": 2, '

@@ -174,7 +174,6 @@ def test_ci_gpu_dry_run_end_to_end(tmp_path):
     out = tmp_path / "out"
     files = sorted(out.iterdir())
     assert 1 <= len(files) <= 8 and all(f.stat().st_size < 16 * 2**20 for f in files)
-    assert min(files, key=lambda f: f.stat().st_ctime_ns).name == "summary.json"  # written first
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dry_run"] and summary["state"] == "done" and summary["ok"]
     assert [s["section"] for s in summary["sections"]] == ["tests", "routing", "layer", "decode"]

@@ -198,12 +198,15 @@ def test_fixed_rows_across_programs(name):
     ("budget", {"budget": 96}), ("cap", {"k": 5}),
 ])
 def test_serving_size_two_launches(name, params):
-    """T=1024, E=512 (the largest the issue names): two launches, the torch policy's answer."""
-    spec = RouterSpec(512, 8)
-    logits = distinct_logits(1024, 512, torch.bfloat16, seed=11)
+    """T=1024 at E=MAX_EXPERTS (256, the kernels' bound; above it routing falls back to torch, see
+    test_gpu_ready.py): two launches, the torch policy's answer."""
+    from moe_reroute.kernels import MAX_EXPERTS as E
+
+    spec = RouterSpec(E, 8)
+    logits = distinct_logits(1024, E, torch.bfloat16, seed=11)
     valid = torch.rand(1024, generator=torch.Generator().manual_seed(3)) > 0.1
     if name == "sere":
-        params = dict(params, similarity=similarity(512, 0))
+        params = dict(params, similarity=similarity(E, 0))
     ref, got, launches, spec = run_both(name, spec, logits, valid, params)
     assert_same(ref, got, spec, logits, valid)
     assert launches == (1 if name == "cap" else 2)

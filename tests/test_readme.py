@@ -114,3 +114,27 @@ def test_link_check_finds_broken_files_and_anchors(tmp_path):
         "#nowhere: no heading '#nowhere' in README.md",
         "../x.md: no such file",
     ]
+
+
+# ---------------------------------------------------------------------------------------------- first screen
+
+
+def test_readme_first_screen_fits_sixty_lines():
+    """What it does, the two commands, a result table and the links onward, before line 61."""
+    lines = (ROOT / "README.md").read_text().split("\n")
+    start = lines.index("## Where to go next")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    while end > start and not lines[end - 1].strip():
+        end -= 1
+    assert end <= 60, f"the README's first screen ends at line {end}"
+    assert sum(line.startswith("- [") for line in lines[start:end]) >= 5
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -n auto' in readme
+    assert re.search(r"^pip install [^\n]*torch==2\.13\.0$", ci, flags=re.M)
+    assert re.search(r'^pip install [^\n]*-e "\.\[test\]"$', ci, flags=re.M)
+    assert re.search(r"^python -m pytest -n auto$", ci, flags=re.M)
+    assert 'pip install torch==2.13.0 && pip install -e ".[hf,plots]" && moe-reroute demo' in readme

@@ -5,7 +5,8 @@ SGLang yourself; no extra pins it). It does nothing unless a policy is configure
 
     MOE_REROUTE_POLICY=oea:k0=3 python -m sglang.launch_server --model-path Qwen/Qwen3-30B-A3B
 
-Checked against SGLang 0.5.23's sources by contract tests only; see README, "On SGLang".
+Tested end to end in SGLang 0.5.23's own engine on CPU (`.ci/sglang`) and against its sources by contract
+tests; see docs/sglang.md and docs/sglang-engine.md.
 """
 
 from ..serving.config import POLICY_ENV, POLICY_FILE_ENV

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import json
+import re
+
+import torch
 
 from moe_reroute.cli import main
 from moe_reroute.measure.report import uniform_expectation
 
+PHASES = {"quality", "generation", "U vs batch", "latency"}
+
 
 def test_demo_small(tmp_path, capsys):
     out = tmp_path / "report"
-    code = main(["demo", "--sequences", "112", "--seq-len", "32", "--no-sweep", "--generate", "4", "--replay-steps", "4",
-                 "--shape", "reference", "--bench-steps", "4", "--repeats", "1", "--out", str(out), "--json"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        code = main(["demo", "--sequences", "112", "--seq-len", "32", "--no-sweep", "--generate", "4", "--replay-steps",
+                     "4", "--shape", "reference", "--bench-steps", "4", "--repeats", "1", "--out", str(out), "--json"])
+        # the demo runs on one thread by default and gives the caller's setting back
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     policies = ["native", "cap:k=4", "oea:k0=3", "sere", "budget:budget=32"]
@@ -32,10 +44,28 @@ def test_demo_small(tmp_path, capsys):
         assert (out / name).stat().st_size > 0
     # latency plot only from timings that are not noise (one repeat cannot tell: noise)
     assert result["latency_noise"]["same-domain"]["noisy"] and not (out / "pareto_latency.png").exists()
-    assert set(result["phases"]) == {"quality", "generation", "U vs batch", "latency", "report"}
+    assert set(result["phases"]) == set(result["phases_cpu"]) == PHASES | {"report"}
+    assert result["threads"] == 1 and 0 < result["cpu_seconds"]
     # the report holds both batchings, as printed, and rebuilds from its own results.json
     md = (out / "report.md").read_text()
     saved = json.loads((out / "results.json").read_text())
+    assert saved["bench"]["bandwidth"]["method"].endswith("CPU, 1 thread")  # measured while the demo held one thread
     assert "| mixed | oea:k0=3 |" in md and saved["more"]["mixed"]["evaluation"]["rows"]
     assert main(["report", str(out / "results.json"), "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "report.md").read_text() == md
+
+
+def test_demo_progress_lines_name_their_phase(tmp_path, capsys):
+    """In a log (stderr not a terminal) every progress line starts with its phase's tag, every phase ends
+    with its elapsed and CPU time, and the summary gives both for the whole run."""
+    code = main(["demo", "--sequences", "112", "--seq-len", "8", "--no-sweep", "--generate", "2", "--replay-steps", "2",
+                 "--shape", "reference", "--bench-steps", "1", "--repeats", "1", "--out", str(tmp_path / "r")])
+    assert code == 0
+    captured = capsys.readouterr()
+    progress = [line for line in captured.err.splitlines() if re.search(r": \d+/\d+ .*\(\d+%\), \d+ s$", line)]
+    tags = {m.group(1) for line in progress if (m := re.match(r"\[\d/4 ([^]]+)\]", line))}
+    assert progress and all(re.match(r"\[\d/4 [^]]+\]", line) for line in progress), progress
+    assert tags == PHASES, tags  # each phase reports progress
+    for phase in PHASES:
+        assert re.search(rf"^\[\d/4 {phase}\] done in \d+ s \(CPU \d+ s\)$", captured.out, re.M), phase
+    assert re.search(r"^Elapsed: quality \d+ s, .* s in all \(CPU time \d+ s, 1 thread", captured.out, re.M)

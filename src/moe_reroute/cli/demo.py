@@ -1,4 +1,4 @@
-"""`moe-reroute demo`: the main job on the shipped reference model, CPU, about two minutes.
+"""`moe-reroute demo`: the main job on the shipped reference model, CPU, one thread, under two minutes.
 
 Native routing and a default of each policy at decode batch 16, for decode batches of one domain
 ("same-domain") and batches mixing the held-out split's seven domains ("mixed"): distinct experts per
@@ -8,6 +8,11 @@ make on the reference model's router logits (same 128-expert top-8 geometry), wi
 the same call's time varies too much between repeats, the ratios are reported as noise. Then a report
 with everything printed and plots (same-domain batches): each policy family swept over its parameter,
 and U against batch size replayed on the model's routing trace of mixed batches.
+
+One torch thread by default (--threads): the reference model's matmuls are too small for a second thread
+to pay, and on a machine shared with other work a thread pool's threads wait for each other (spinning)
+whenever one is descheduled, which multiplied the demo's CPU time several times over on a busy 2-core
+machine. Each phase prints its elapsed and CPU time.
 """
 
 from __future__ import annotations
@@ -30,23 +35,54 @@ ENGINE_OUTPUT_LEN = 32
 
 
 class Phases:
-    """Elapsed seconds of each phase, printed as each one ends: `[2/4 generation] done in 3 s`."""
+    """Elapsed (wall-clock) and CPU seconds of each phase, printed as each one ends:
+    `[2/4 generation] done in 3 s (CPU 3 s)`. CPU time is this process's, all its threads: on a machine
+    shared with other work, wall time grows with the load while CPU time stays near what the phase costs."""
 
     def __init__(self, say, n: int) -> None:
-        self.say, self.n, self.seconds, self.t = say, n, {}, time.time()
+        self.say, self.n, self.seconds, self.cpu_seconds = say, n, {}, {}
 
     def start(self, i: int, name: str, what: str) -> str:
         """Announce phase i; returns its tag for progress lines, e.g. `[1/4 quality]`."""
-        self.t, self.name, self.tag = time.time(), name, f"[{i}/{self.n} {name}]"
+        self.t, self.cpu, self.name, self.tag = time.time(), time.process_time(), name, f"[{i}/{self.n} {name}]"
         self.say(f"{self.tag} {what}")
         return self.tag
 
     def end(self) -> None:
         self.seconds[self.name] = round(time.time() - self.t, 1)
-        self.say(f"{self.tag} done in {self.seconds[self.name]:.0f} s")
+        self.cpu_seconds[self.name] = round(time.process_time() - self.cpu, 1)
+        self.say(f"{self.tag} done in {self.seconds[self.name]:.0f} s (CPU {self.cpu_seconds[self.name]:.0f} s)")
 
 
 def _demo(args) -> int:
+    import torch
+
+    from ..measure.shapes import get_shape
+    from .inputs import at_least, check_out_dir
+
+    check_out_dir(args.out)  # bad --out or --shape fail now, not after the run
+    for option, value, low in (("--sequences", args.sequences, 2), ("--seq-len", args.seq_len, 2),
+                               ("--generate", args.generate, 1), ("--replay-steps", args.replay_steps, 1),
+                               ("--bench-steps", args.bench_steps, 1), ("--repeats", args.repeats, 1),
+                               ("--threads", args.threads, 1)):
+        at_least(value, low, option)
+    get_shape(args.shape)
+    if args.engine:
+        from ..measure import serve_bench
+
+        try:
+            serve_bench.check_vllm_version(serve_bench.vllm_version())
+        except serve_bench.BenchError as e:
+            raise SystemExit(f"error: --engine: {e}") from None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> int:
     import math
 
     import torch
@@ -57,28 +93,16 @@ def _demo(args) -> int:
     from ..progress import progress as progress_bar
     from ..reference import heldout_documents, load
     from ..reference.card import domain_streams, trace_sequences
-    from .inputs import at_least, check_out_dir
     from .measure import build_policies
 
-    check_out_dir(args.out)  # bad --out or --shape fail now, not after the run
-    for option, value, low in (("--sequences", args.sequences, 2), ("--seq-len", args.seq_len, 2),
-                               ("--generate", args.generate, 1), ("--replay-steps", args.replay_steps, 1),
-                               ("--bench-steps", args.bench_steps, 1), ("--repeats", args.repeats, 1)):
-        at_least(value, low, option)
-    get_shape(args.shape)
-    if args.engine:
-        from ..measure import serve_bench
-
-        try:
-            serve_bench.check_vllm_version(serve_bench.vllm_version())
-        except serve_bench.BenchError as e:
-            raise SystemExit(f"error: --engine: {e}") from None
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     torch.manual_seed(0)
     say = (lambda *a, **k: None) if args.json else print
     n = 5 if args.engine else 4  # phases
     phases = Phases(say, n)
-    say("moe-reroute demo: the shipped reference model (Qwen3-MoE, 128 experts, top-8), CPU, float32, batch 16")
+    threads = f"{args.threads} thread{'s' * (args.threads != 1)}"
+    say(f"moe-reroute demo: the shipped reference model (Qwen3-MoE, 128 experts, top-8), CPU ({threads}), float32, "
+        "batch 16")
     model, tokenizer, _ = load()
     streams = domain_streams(tokenizer, heldout_documents())
     defaults = build_policies(DEFAULT_POLICIES, model)
@@ -170,8 +194,8 @@ def _demo(args) -> int:
     gen = {g["policy"]: g for g in generation}
     rows = [dict(r, latency_ratio=ratios[b].get(r["policy"], float("nan")))
             for b in BATCHINGS for r in evaluations[b]["rows"] if r["policy"] in ("native", *defaults)]
-    conditions = (f"Batch {BATCH}, reference model, CPU float32; latency: {shape.name} MoE layer, {kernel} kernel, "
-                  f"median of {args.repeats} interleaved repeats x {steps_timed['same-domain']} (same-domain) / "
+    conditions = (f"Batch {BATCH}, reference model, CPU ({threads}) float32; latency: {shape.name} MoE layer, "
+                  f"{kernel} kernel, median of {args.repeats} interleaved repeats x {steps_timed['same-domain']} (same-domain) / "
                   f"{steps_timed['mixed']} (mixed) steps, peak read bandwidth {bandwidth.gbps:.1f} GB/s measured in "
                   f"the same run; greedy generation: {BATCH} prompts of the domains in turn")
     table = _table(rows, gen, noise)
@@ -190,20 +214,24 @@ def _demo(args) -> int:
         lines += ["", f"vLLM {engine['conditions']['vllm']} end to end on {engine['conditions']['device']}, "
                   f"{engine['conditions']['dtype']}, batch {BATCH}, {ENGINE_OUTPUT_LEN} output tokens:", "",
                   serve_bench.table(engine)]
-    t_report = time.time()
+    t_report, cpu_report = time.time(), time.process_time()
     out = report.write(Path(args.out), evaluations["same-domain"], command, bench=bench_json["same-domain"],
                        generation=generation, batch=BATCH, u_by_batch=u_by_batch, serve=engine,
                        more={"mixed": {"evaluation": evaluations["mixed"], "bench": bench_json["mixed"]}},
                        summary="\n".join(lines), phases=phases.seconds)
     phases.seconds["report"] = round(time.time() - t_report, 1)
-    elapsed = time.time() - t0
+    phases.cpu_seconds["report"] = round(time.process_time() - cpu_report, 1)
+    elapsed, cpu = time.time() - t0, time.process_time() - cpu0
     if args.json:
         print(json.dumps({"rows": rows, "latency_ratio": ratios, "latency_noise": noise, "generation": generation,
                           "report": str(out), "engine": engine["rows"] if engine else None,
-                          "phases": phases.seconds, "seconds": round(elapsed, 1)}))
+                          "phases": phases.seconds, "phases_cpu": phases.cpu_seconds, "seconds": round(elapsed, 1),
+                          "cpu_seconds": round(cpu, 1), "threads": args.threads}))
         return 0
     print("\n" + "\n".join(lines))
-    print("\nElapsed: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.seconds.items()) + f"; {elapsed:.0f} s in all")
+    busy = ": the machine was busy with other work, so the elapsed time is longer" if cpu < 0.75 * elapsed else ""
+    print("\nElapsed: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.seconds.items()) + f"; {elapsed:.0f} s in all "
+          f"(CPU time {cpu:.0f} s, {threads}{busy})")
     print(f"Report with plots and both batchings: {out}")
     return 0
 
@@ -244,5 +272,8 @@ def add_parsers(sub) -> None:
                    "noise check)")
     p.add_argument("--engine", action="store_true", help="also time vLLM end to end on the reference model at batch "
                    "16 (`serve-bench`; needs vLLM: pip install 'moe-reroute[vllm]'; about 4 more minutes on 2 cores)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the reference model's matmuls "
+                   "are too small for a second thread to pay, and on a machine shared with other work, threads that "
+                   "wait for each other can multiply the time several times over)")
     p.add_argument("--json", action="store_true", help="print one JSON object, no tables or progress")
     p.set_defaults(run=_demo, needs=("hf", "plots"))

@@ -292,10 +292,14 @@ def test_summarize_ab_by_hand():
     assert p["decode_tokens_per_s"] == pytest.approx(4 / 0.0085) and p["unique"] == 3
 
 
-def test_isolate_is_the_default_only_without_eager():
+def test_isolate_is_forced_only_with_cuda_graphs():
     assert sb.Config(model="m", policies=[], batch_sizes=[1], device="cpu").resolved().isolate is False
-    graphs = sb.Config(model="m", policies=[], batch_sizes=[1], device="cpu", enforce_eager=False).resolved()
+    compiled = sb.Config(model="m", policies=[], batch_sizes=[1], device="cpu", enforce_eager=False).resolved()
+    assert compiled.isolate is False  # compiled on CPU: the policy still runs, and switches, every step
+    graphs = sb.Config(model="m", policies=[], batch_sizes=[1], device="cuda", enforce_eager=False).resolved()
     assert graphs.isolate is True and "cannot switch policy" in sb.method_note(graphs)
+    eager = sb.Config(model="m", policies=[], batch_sizes=[1], device="cuda", enforce_eager=True).resolved()
+    assert eager.isolate is False
     assert sb.Config(model="m", policies=[], batch_sizes=[1], device="cpu", isolate=True).resolved().isolate
     cfg = sb.Config(model="m", policies=[], batch_sizes=[1], output_len=8, device="cpu")
     assert sb.ab_block_steps(cfg, 3) == 1  # 7 decode steps // (4 x 3), at least 1

@@ -473,7 +473,7 @@ def run_vllm(monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     import moe_reroute.vllm as plugin
 
-    def run(checkpoint, policy, counters=False, ids=None, vocab=V):
+    def run(checkpoint, policy, counters=False, ids=None, vocab=V, eager=True):
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -482,11 +482,12 @@ def run_vllm(monkeypatch):
         else:
             plugin.enable(policy, counters=counters)
         ids = prompts() if ids is None else ids
-        llm = LLM(model=str(checkpoint), dtype="float32", enforce_eager=True, distributed_executor_backend="uni",
+        llm = LLM(model=str(checkpoint), dtype="float32", enforce_eager=eager, distributed_executor_backend="uni",
                   skip_tokenizer_init=True, max_model_len=64, max_num_seqs=len(ids), seed=0,
                   # On a CPU with AMX, vLLM picks its AMX MLA backend for DeepSeek, which takes bf16 weights
                   # only; the reference MLA backend runs float32 (other models ignore the choice).
                   attention_config={"backend": "CPU_MLA"})
+        run.compile_mode = int(llm.llm_engine.vllm_config.compilation_config.mode or 0)
         try:
             params = SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True,
                                     allowed_token_ids=list(range(1, vocab)))  # PAD never: see hf_greedy
@@ -646,6 +647,46 @@ def test_engine_switches_policy_live(qwen3_moe, run_vllm, monkeypatch):
         gc.collect()
 
 
+def served(counters):
+    """The counters of the steps that served requests: a compiled engine runs more steps without requests
+    (of kind "unknown", while it compiles and warms up) than an eager one."""
+    keep = ("steps", "unique", "unique_native", "tokens", "tokens_rerouted", "decode_tokens_total",
+            "decode_tokens_rerouted_total")
+    return {layer: {**{k: v[k] for k in keep}, **{k: n for k, n in v["steps_by_kind"].items() if k != "unknown"}}
+            for layer, v in counters.items()}
+
+
+@needs_vllm
+def test_engine_compiled_on_cpu(qwen3_moe, run_vllm):
+    """vLLM's default on CPU, the model compiled (no enforce_eager): the plugin runs the MoE layer as vLLM's
+    opaque op, so the policy runs every step. Compiled and eager engines give the same tokens under
+    `native` (vLLM's own, eager, without the plugin) and the same tokens and U per layer under OEA."""
+    import moe_reroute.vllm as plugin
+
+    stock = run_vllm(qwen3_moe, None)
+    native = run_vllm(qwen3_moe, "native", counters=True, eager=False)
+    assert run_vllm.compile_mode != 0, "the engine was not compiled"
+    assert torch.equal(native, stock)
+    check_counters([0, 1], fewer=False)
+    eager = run_vllm(qwen3_moe, "oea:k0=1", counters=True)
+    eager_counters = plugin.counters()
+    compiled = run_vllm(qwen3_moe, "oea:k0=1", counters=True, eager=False)
+    assert run_vllm.compile_mode != 0
+    check_counters([0, 1], fewer=True)
+    assert torch.equal(compiled, eager) and not torch.equal(compiled, stock)
+    assert served(plugin.counters()) == served(eager_counters)
+
+
+@needs_vllm
+def test_engine_compiled_refused_where_the_router_would_be_traced(wrapped, logits_factory, monkeypatch):
+    """Should torch.compile trace the router (a vLLM whose CPU MoE layer cannot be made opaque), the plugin
+    refuses while the model compiles, at start-up, naming the fix, instead of routing natively in silence."""
+    router, _ = wrapped("oea:k0=1")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(RuntimeError, match="enforce_eager=True"):
+        router.select_experts(None, logits_factory(4, 32))
+
+
 @pytest.fixture(scope="module")
 def reference_model(tmp_path_factory):
     """The shipped reference model (Qwen3-MoE, 128 experts, top-8, 4 layers), loaded by vLLM from the
@@ -744,12 +785,12 @@ def test_engine_chunked_prefill_reroutes_decode_tokens(qwen3_moe, monkeypatch):
     prompts = [TokensPrompt(prompt_token_ids=torch.randint(3, V, (n,), generator=g).tolist()) for n in lengths]
     new_tokens = 12
 
-    def run(policy):
+    def run(policy, eager=True):
         if policy is None:
             plugin.disable()
         else:
             plugin.enable(policy, counters=True)
-        llm = LLM(model=str(qwen3_moe), dtype="float32", enforce_eager=True, distributed_executor_backend="uni",
+        llm = LLM(model=str(qwen3_moe), dtype="float32", enforce_eager=eager, distributed_executor_backend="uni",
                   skip_tokenizer_init=True, max_model_len=96, max_num_seqs=len(prompts), seed=0,
                   enable_chunked_prefill=True, max_num_batched_tokens=16, enable_prefix_caching=False)
         try:
@@ -775,6 +816,9 @@ def test_engine_chunked_prefill_reroutes_decode_tokens(qwen3_moe, monkeypatch):
         assert v["decode_tokens_rerouted_total"] >= 0.95 * decode_tokens, (layer, v)
         assert v["unique"] < v["unique_native"], (layer, v)
     assert oea != stock
+    # compiled (vLLM's default on CPU): the same tokens and counters, mixed steps re-routed too
+    compiled, cc = run("oea:k0=1", eager=False)
+    assert compiled == oea and served(cc) == served(c)
 
 
 

@@ -13,7 +13,7 @@ step prefills the batch and every later step decodes all of it: time per output 
 later steps / (output_len - 1). Counters are paused while timing; a last generation with counters on
 gives U per layer (policy and native over the same steps).
 
-A/B (RUN.json "mode": "ab"): one engine, built with the `native` policy. After a warm-up generation
+A/B (RUN.json "mode": "ab"): one engine (eager, or compiled on CPU), built with the `native` policy. After a warm-up generation
 under each policy, `repeats` timed generations of `output_len` tokens; their decode steps run in rounds,
 each round one block of `block_steps` steps per policy in an order drawn afresh for every round, the
 policy switched between steps (`moe_reroute.vllm.set_policy`). Each step's time and policy is recorded
@@ -116,7 +116,7 @@ def run_ab(run: dict) -> dict:
     policies, L, b = run["policies"], run["output_len"], run["block_steps"]
     plugin.counting(False)
     t0 = time.perf_counter()
-    llm = LLM(model=run["model"], dtype=run["dtype"], enforce_eager=True, max_model_len=run["max_model_len"],
+    llm = LLM(model=run["model"], dtype=run["dtype"], enforce_eager=run["enforce_eager"], max_model_len=run["max_model_len"],
               max_num_seqs=run["batch"], enable_prefix_caching=False, seed=0,
               max_num_batched_tokens=max(run["max_model_len"], run["batch"] * run["prompt_len"]),
               **run.get("engine_args", {}))

@@ -1,6 +1,6 @@
 """End-to-end decode speed of a vLLM engine, native against policies: `moe-reroute serve-bench`.
 
-Offline mode, A/B (the default where the engine runs eager, as on CPU): for each batch size one vLLM
+Offline mode, A/B (the default, except with CUDA graphs): for each batch size one vLLM
 `LLM` in a fresh process (`engine_run.run_ab`) runs native and every policy, switching the policy between
 decode steps: rounds of one block of steps per policy, in an order drawn for each round, so the growing
 KV cache and slow drift of the machine fall on every policy alike. Each step is timed. The ratio of a
@@ -8,7 +8,7 @@ policy's time per step to native's is the geometric mean over rounds of (median 
 median step of the native block of the same round), with a 95% bootstrap interval over rounds
 (`block_ratio`). U per layer comes from the plugin's counters in a counted generation per policy.
 
-Offline mode, isolated (`isolate`; the default on CUDA graphs, where a captured graph cannot switch
+Offline mode, isolated (`isolate`; forced with CUDA graphs, where a captured graph cannot switch
 policy): native and each policy each in a fresh process (`engine_run`), repeats interleaved (native, p1,
 p2, native, p1, ...). A run times prefill and decode of one batch of equal-length prompts from held-out
 text. Per (policy, batch size): medians, spread, and the time per output token relative to native,
@@ -63,7 +63,7 @@ class Config:
     repeats: int = 3
     dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
     device: str = "auto"
-    enforce_eager: bool | None = None  # default: eager on CPU (the plugin needs it there), graphs on CUDA
+    enforce_eager: bool | None = None  # default: eager on CPU (no compile time), graphs on CUDA
     run_timeout_s: float = 3600.0
     serve: bool = False
     num_prompts: int = 32
@@ -71,7 +71,7 @@ class Config:
     port: int = 8765
     kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU, when it is not set
     extra_env: dict = field(default_factory=dict)
-    isolate: bool | None = None  # one engine per policy; default: only when the engine is not eager (graphs)
+    isolate: bool | None = None  # one engine per policy; forced with CUDA graphs, which cannot switch policy
     block_steps: int | None = None  # A/B: decode steps per block (default: output_len - 1 // (4 x policies))
     seed: int = 0  # A/B: the block order of each round, and the bootstrap
 
@@ -83,7 +83,7 @@ class Config:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
         eager = self.enforce_eager if self.enforce_eager is not None else device == "cpu"
-        isolate = True if not eager else bool(self.isolate)  # a captured graph (or compiled forward) cannot switch
+        isolate = True if (not eager and device == "cuda") else bool(self.isolate)  # a captured graph cannot switch
         return Config(**{**asdict(self), "device": device, "dtype": dtype, "enforce_eager": eager, "isolate": isolate})
 
 
@@ -92,9 +92,9 @@ def method_note(cfg: Config) -> str:
     if not cfg.isolate:
         return ("A/B in one engine per batch size: the policy is switched between decode steps, in blocks of "
                 "every policy in a random order per round")
-    if not cfg.enforce_eager:
-        return ("each policy in its own engine process (--isolate is the default without --enforce-eager: a "
-                "captured CUDA graph, or a compiled forward, cannot switch policy)")
+    if not cfg.enforce_eager and cfg.device == "cuda":
+        return ("each policy in its own engine process (--isolate is the default with CUDA graphs: a captured "
+                "graph cannot switch policy)")
     return "each policy in its own engine process (--isolate)"
 
 
@@ -433,6 +433,7 @@ def run_ab(cfg: Config, policies: list[str], out: Path, say=print, labels: dict 
         spec_file.write_text(json.dumps({
             "mode": "ab", "policies": policies, "batch": B, "repeats": cfg.repeats, "block_steps": b,
             "seed": cfg.seed, "model": str(Path(cfg.model).absolute()), "dtype": cfg.dtype, "device": cfg.device,
+            "enforce_eager": cfg.enforce_eager,
             "prompt_len": cfg.prompt_len, "output_len": cfg.output_len,
             "max_model_len": cfg.prompt_len + cfg.output_len + 16, "prompts": prompts[:B],
             "result": str(result_file)}))
@@ -772,7 +773,8 @@ def conditions(data: dict) -> str:
     c = data["conditions"]
     lines = [f"- model: {c['model']}" + (f" — {c['model_note']}" if c.get("model_note") else ""),
              f"- engine: vLLM {c['vllm']} on {c['device']}, {c['dtype']}, "
-             f"{'eager' if c['enforce_eager'] else 'CUDA graphs'}, greedy, ignore_eos",
+             f"{'eager' if c['enforce_eager'] else ('CUDA graphs' if c['device'].startswith('cuda') else 'compiled')}, "
+             "greedy, ignore_eos",
              f"- prompts: {c['prompt_len']} tokens of held-out text, {c['output_len']} output tokens, "
              + (f"{c['repeats']} timed generations in one engine per batch size, policies switched between decode "
                 f"steps in blocks of {c.get('block_steps')} steps, every policy once per round in a random order"

@@ -50,7 +50,7 @@ class State:
         self.routers: weakref.WeakSet[Rerouter] = weakref.WeakSet()
         self.skipped: list[str] = []
         self.counters: dict[int | str, LayerCounter] = {}
-        self.warned_compiled = False
+        self.opaque_moe = False  # vLLM's CPU MoE layers run as an opaque op (`opaque_moe_on_cpu`)
         self.steps = 0
         self.counting = True  # counters record while True (`counting()`); read by each router per step
 
@@ -81,13 +81,6 @@ class State:
         key = layer if layer is not None else f"#{len(self.counters)}"
         self.counters[key] = LayerCounter(device)
         return self.counters[key]
-
-    def warn_compiled(self) -> None:
-        if not self.warned_compiled:
-            self.warned_compiled = True
-            logger.warning("moe-reroute: the model's forward is compiled through the MoE router (vLLM on CPU "
-                           "without enforce_eager); the policy cannot see each step's phase there and those "
-                           "steps route natively. Use enforce_eager=True on CPU.")
 
 
 STATE = State()
@@ -151,29 +144,65 @@ def install() -> None:
         prefix = sys._getframe(1).f_locals.get("prefix")  # FusedMoEFactory's own `prefix` argument
         num_experts = kwargs.get("num_logical_experts") or kwargs.get("global_num_experts")
         decoder_layer = layer_index(prefix if isinstance(prefix, str) else None)
-        r = wrap(router, cfg, decoder_layer, num_experts, moe_layer=moe_layer_of(decoder_layer))
         if compiles_through_router():
-            STATE.warn_compiled()
-            if r is not None:
-                r.frozen = ("its forward is compiled through the MoE router (vLLM on CPU without enforce_eager), "
-                            "where every step routes natively")
-        elif r is not None and captures_graphs():
+            raise RuntimeError(COMPILED_REFUSAL)
+        r = wrap(router, cfg, decoder_layer, num_experts, moe_layer=moe_layer_of(decoder_layer))
+        if r is not None and captures_graphs():
             r.frozen = ("it replays CUDA graphs, captured with the policy it was built with; a switch would not "
                         "reach the replayed steps")
         return router
 
     create_fused_moe_router.__wrapped__ = original  # type: ignore[attr-defined]
     layer.create_fused_moe_router = create_fused_moe_router
+    STATE.opaque_moe = opaque_moe_on_cpu()
     STATE.installed = True
 
 
+COMPILED_REFUSAL = ("moe-reroute: this vLLM compiles the model's forward through the MoE router on CPU (its MoE "
+                    "layer is not an opaque op here), where the policy cannot read each step's layout. Build the "
+                    "engine with enforce_eager=True (--enforce-eager), or unset the policy")
+
+
+def opaque_moe_on_cpu() -> bool:
+    """Make vLLM's CPU MoE layers call the fused-MoE step through its registered opaque custom op
+    (`torch.ops.vllm.moe_forward`, as on CUDA) instead of directly: torch.compile then leaves the layer, its
+    router and so the policy out of the compiled graph, and they run in Python every step, reading the
+    step's layout from the forward context as vLLM's attention op does. Returns whether it is in place
+    (on CPU, with the seams of a supported vLLM); elsewhere nothing changes."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    try:
+        from vllm.model_executor.layers.fused_moe.runner import moe_runner
+
+        runner = moe_runner.MoERunner
+        direct = {moe_runner._moe_forward: "moe_forward", moe_runner._moe_forward_shared: "moe_forward_shared"}
+        ops = {name: getattr(torch.ops.vllm, name) for name in direct.values()}
+    except (ImportError, AttributeError, RuntimeError):
+        return False
+    if getattr(runner._select_forward, "moe_reroute", False):
+        return True
+    original = runner._select_forward
+
+    def _select_forward(self: Any):
+        forward = original(self)
+        name = direct.get(forward)
+        return ops[name] if name is not None else forward
+
+    _select_forward.moe_reroute = True  # type: ignore[attr-defined]
+    runner._select_forward = _select_forward
+    return True
+
+
 def compiles_through_router() -> bool:
-    """vLLM on CPU calls the MoE layer directly (no opaque custom op), so torch.compile traces the router."""
+    """Whether torch.compile would trace the router of the model being built: vLLM on CPU, compiled, calls
+    its MoE layer directly unless `opaque_moe_on_cpu` put the opaque op in place."""
     from vllm.config import get_current_vllm_config
     from vllm.platforms import current_platform
 
     mode = getattr(get_current_vllm_config().compilation_config, "mode", 0)
-    return current_platform.is_cpu() and int(mode or 0) != 0
+    return current_platform.is_cpu() and int(mode or 0) != 0 and not STATE.opaque_moe
 
 
 def captures_graphs() -> bool:

@@ -224,9 +224,11 @@ class Rerouter:
         input_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.compiler.is_compiling():
-            # vLLM on CPU compiles through the router, where a step's phase cannot be read: stay native
-            # (the plugin warned when the model was built).
-            return self.native_compute(hidden_states, router_logits, indices_type, input_ids=input_ids)
+            # A compiled graph would fix this step's layout and policy for every step: refuse while vLLM
+            # compiles the model at start-up (on CPU the plugin runs the MoE layer as an opaque op instead).
+            from .plugin import COMPILED_REFUSAL
+
+            raise RuntimeError(COMPILED_REFUSAL)
         self.state.on_step()
         counter = self.counter if self.state.counting else None
         spec = self.layer_spec(router_logits.shape[-1])

@@ -168,7 +168,7 @@ def opaque_moe_on_cpu() -> bool:
     (`torch.ops.vllm.moe_forward`, as on CUDA) instead of directly: torch.compile then leaves the layer, its
     router and so the policy out of the compiled graph, and they run in Python every step, reading the
     step's layout from the forward context as vLLM's attention op does. Returns whether it is in place
-    (on CPU, with the seams of a supported vLLM); elsewhere nothing changes."""
+    (on CPU, with the seams of a supported vLLM); elsewhere, and in eager engines, nothing changes."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
@@ -188,11 +188,18 @@ def opaque_moe_on_cpu() -> bool:
     def _select_forward(self: Any):
         forward = original(self)
         name = direct.get(forward)
-        return ops[name] if name is not None else forward
+        return ops[name] if name is not None and compiling_model() else forward
 
     _select_forward.moe_reroute = True  # type: ignore[attr-defined]
     runner._select_forward = _select_forward
     return True
+
+
+def compiling_model() -> bool:
+    """Whether vLLM compiles the model being built (an eager engine keeps its direct call)."""
+    from vllm.config import get_current_vllm_config
+
+    return int(getattr(get_current_vllm_config().compilation_config, "mode", 0) or 0) != 0
 
 
 def compiles_through_router() -> bool:

@@ -236,3 +236,72 @@ def test_failure_reason_finds_the_root_cause(tmp_path):
     log.write_text("starting\nlast words\n")
     assert sb.failure_reason(log) == "last words"
     assert sb.failure_reason(tmp_path / "missing.log") == "no log"
+
+
+def test_block_ratio_by_hand():
+    """Two rounds: policy p's block medians 6 and 12 ms against native's 10 and 10 (the odd step of each
+    block is an outlier the median ignores): ratios 0.6 and 1.2, estimate their geometric mean
+    sqrt(0.72). A bootstrap of 2 rounds draws both ratios once (mean of logs: the estimate) with
+    probability 1/2, and one of them twice with 1/4 each: the 2.5% and 97.5% points are 0.6 and 1.2."""
+    rounds = [{"native": [0.010, 0.009, 0.050], "p": [0.006, 0.005, 0.007]},
+              {"p": [0.012, 0.011, 0.100], "native": [0.010, 0.011, 0.009]}]
+    est, ci, ratios = sb.block_ratio(rounds, "p", draws=4000, seed=1)
+    assert ratios == pytest.approx([0.6, 1.2])
+    assert est == pytest.approx(math.sqrt(0.6 * 1.2))
+    assert ci == pytest.approx([0.6, 1.2])
+    assert ci[0] <= est <= ci[1]
+    same = [{"native": [0.01], "p": [0.008]}] * 5  # every round agrees: the interval is the point
+    est, ci, _ = sb.block_ratio(same, "p")
+    assert est == pytest.approx(0.8) and ci == pytest.approx([0.8, 0.8])
+    assert sb.block_ratio([{"native": [0.01]}], "p") is None
+
+
+def test_ab_schedule_rounds_hold_every_policy_in_blocks():
+    import random
+
+    from moe_reroute.measure.engine_run import ab_schedule
+
+    plan = ab_schedule(["native", "a", "b"], 20, 2, random.Random(0))  # 3 rounds of 6 steps; 2 steps left over
+    assert len(plan) == 18
+    orders = []
+    for r in range(3):
+        steps = [p for rr, p in plan if rr == r]
+        blocks = [steps[i : i + 2] for i in range(0, 6, 2)]
+        assert all(b[0] == b[1] for b in blocks)  # blocks of 2 steps of one policy
+        orders.append(tuple(b[0] for b in blocks))
+        assert sorted(orders[-1]) == ["a", "b", "native"]
+    assert len(set(ab_schedule(["native", "a", "b"], 600, 1, random.Random(0))[i][1] for i in range(0, 600, 3))) == 3
+
+
+def test_summarize_ab_by_hand():
+    """Per-step p50 / p90 over every step of a policy, block medians' range, the block ratio, prefill."""
+    steps = []
+    for rnd, (native, p) in enumerate([([10, 12, 11], [5, 6, 7]), ([20, 22, 21], [10, 40, 11])]):
+        for pol, times in (("native", native), ("p", p)):
+            steps += [{"generation": 0, "round": rnd, "step": 0, "policy": pol, "s": t / 1e3} for t in times]
+    res = {"mode": "ab", "batch": 4, "policies": ["native", "p"], "block_steps": 3, "generations": 1,
+           "prefill_s": [0.1, 0.3], "steps": steps,
+           "counters": {"native": _counters([6], [6]), "p": _counters([3], [6])}}
+    native, p = sb.summarize_ab([res], ["native", "p"])
+    assert p["step_ms_p50"] == pytest.approx(8.5) and p["tpot_ms"] == p["step_ms_p50"]  # of 5 6 7 10 11 40
+    assert p["step_ms_p90"] == pytest.approx(25.5)  # between 11 and 40
+    assert (p["tpot_ms_min"], p["tpot_ms_max"]) == pytest.approx((6.0, 11.0))
+    assert p["tpot_ratio"] == pytest.approx(math.sqrt(6 / 11 * 11 / 21))
+    assert p["tpot_ratio_ci"][0] <= p["tpot_ratio"] <= p["tpot_ratio_ci"][1]
+    assert native["tpot_ratio"] == pytest.approx(1.0) and native["prefill_ms"] == pytest.approx(200.0)
+    assert p["decode_tokens_per_s"] == pytest.approx(4 / 0.0085) and p["unique"] == 3
+
+
+def test_isolate_is_forced_only_with_cuda_graphs():
+    assert sb.Config(model="m", policies=[], batch_sizes=[1], device="cpu").resolved().isolate is False
+    compiled = sb.Config(model="m", policies=[], batch_sizes=[1], device="cpu", enforce_eager=False).resolved()
+    assert compiled.isolate is False  # compiled on CPU: the policy still runs, and switches, every step
+    graphs = sb.Config(model="m", policies=[], batch_sizes=[1], device="cuda", enforce_eager=False).resolved()
+    assert graphs.isolate is True and "cannot switch policy" in sb.method_note(graphs)
+    eager = sb.Config(model="m", policies=[], batch_sizes=[1], device="cuda", enforce_eager=True).resolved()
+    assert eager.isolate is False
+    assert sb.Config(model="m", policies=[], batch_sizes=[1], device="cpu", isolate=True).resolved().isolate
+    cfg = sb.Config(model="m", policies=[], batch_sizes=[1], output_len=8, device="cpu")
+    assert sb.ab_block_steps(cfg, 3) == 1  # 7 decode steps // (4 x 3), at least 1
+    with pytest.raises(sb.BenchError, match="raise --output-len"):
+        sb.ab_block_steps(sb.Config(model="m", policies=[], batch_sizes=[1], output_len=4, block_steps=2), 3)

@@ -52,16 +52,53 @@ def _check_rows(rows, key, sizes):
             assert r["unique"] < r["unique_native"], r
 
 
-def test_offline(tiny, tmp_path):
+def test_offline_ab(tiny, tmp_path):
+    """The default offline mode on CPU: one engine per batch size, native and the policy in alternating
+    blocks of decode steps (order drawn per round), every step recorded, the ratio's interval around its
+    estimate, per-step p50 / p90 in results.json."""
     from moe_reroute.measure import serve_bench as sb
 
-    cfg = sb.Config(model=str(tiny), policies=["oea:k0=1"], batch_sizes=[1, 4], output_len=6, repeats=1)
-    data = sb.run(cfg, tmp_path, "test")
+    cfg = sb.Config(model=str(tiny), policies=["oea:k0=1"], batch_sizes=[1, 4], output_len=12, repeats=2,
+                    block_steps=1)
+    lines = []
+    data = sb.run(cfg, tmp_path, "test", say=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert any("A/B in one engine per batch size" in ln for ln in lines)
     _check_rows(data["rows"], "batch", [1, 4])
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["rows"] == data["rows"] and "random weights" in saved["conditions"]["model_note"]
-    assert all(r["tpot_ms"] > 0 and r["steps_rerouted"] == 5 for r in data["rows"])  # output_len - 1 decode steps
+    assert saved["rows"] == data["rows"] and saved["conditions"]["method"] == "ab"
+    assert [r["batch"] for r in saved["runs"]] == [1, 4] and all(r["mode"] == "ab" for r in saved["runs"])
+    for run in saved["runs"]:
+        rounds = sb.ab_rounds(run)
+        assert len(rounds) == 2 * (11 // 2)  # 2 generations x 5 rounds of 2 one-step blocks
+        assert all(sorted(r) == ["native", "oea:k0=1"] and all(len(v) == 1 for v in r.values()) for r in rounds)
+        for g in (0, 1):  # in run order, each round's two blocks are different policies, steps 1..10 of the generation
+            steps = [st for st in run["steps"] if st["generation"] == g]
+            assert [st["step"] for st in steps] == list(range(1, 11))
+            assert all(steps[i]["policy"] != steps[i + 1]["policy"] for i in range(0, 10, 2))
+        firsts = {tuple(st["policy"] for st in run["steps"] if (st["generation"], st["round"]) == k)[0]
+                  for k in {(st["generation"], st["round"]) for st in run["steps"]}}
+        assert firsts == {"native", "oea:k0=1"}  # the order is drawn per round
+        assert len(run["prefill_s"]) == 2
+    for r in data["rows"]:
+        assert r["steps_timed"] == 10 and r["blocks"] == 10 and r["steps_rerouted"] == 11  # counted: 12 - 1 steps
+        assert 0 < r["step_ms_p50"] <= r["step_ms_p90"] and r["tpot_ms"] == r["step_ms_p50"]
+        lo, hi = r["tpot_ratio_ci"]
+        assert lo <= r["tpot_ratio"] <= hi
     assert (tmp_path / "report.md").read_text().count("| `oea:k0=1` |") == 2
+    assert (tmp_path / "steps.png").stat().st_size > 0
+
+
+def test_offline_isolate(tiny, tmp_path):
+    """--isolate: each policy in its own engine process, as before the A/B mode."""
+    from moe_reroute.measure import serve_bench as sb
+
+    cfg = sb.Config(model=str(tiny), policies=["oea:k0=1"], batch_sizes=[2], output_len=6, repeats=1, isolate=True)
+    data = sb.run(cfg, tmp_path, "test", say=lambda *a, **k: None)
+    _check_rows(data["rows"], "batch", [2])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"] == data["rows"] and "random weights" in saved["conditions"]["model_note"]
+    assert saved["conditions"]["method"] == "isolate" and len(saved["runs"]) == 2
+    assert all(r["tpot_ms"] > 0 and r["steps_rerouted"] == 5 for r in data["rows"])  # output_len - 1 decode steps
 
 
 def test_serving_stops_the_server(tiny, tmp_path):

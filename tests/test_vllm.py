@@ -347,6 +347,49 @@ def test_the_policy_gets_the_moe_layer_index(wrapped, logits_factory):
             wrapped(policy, moe_layer=(None, "its model_type is not known"))
 
 
+@needs_vllm
+def test_set_policy_switches_every_layer_or_none(wrapped, logits_factory):
+    """set_policy in this process: every re-routed layer takes the new policy from its next call, counters
+    restart; a policy that does not fit one layer (MoE layer 2 of a list of 2) is refused before any layer
+    switches, and so is a bad spec; an engine that replays CUDA graphs refuses to switch."""
+    import moe_reroute.vllm as plugin
+    from moe_reroute import make_policy
+    from moe_reroute.vllm import router_spec
+
+    with pytest.raises(RuntimeError, match="no MoE layer in this process is under the plugin"):
+        plugin.set_policy("oea:k0=1")
+    first, step = wrapped("native", moe_layer=(0, ""))
+    second, _ = wrapped("native", moe_layer=(2, ""))
+    x = logits_factory(8, 32, seed=3)
+    w0, i0 = cpu_router(top_k=4, global_num_experts=32).select_experts(None, x)
+    spec, _ = router_spec(first, 32)
+    oea = make_policy("oea", k0=1)(x, spec)
+    assert not torch.equal(oea.ids, i0.long())
+
+    assert plugin.set_policy("oea:k0=1").startswith("oea:k0=1")
+    for r in (first, second):
+        w, i = r.select_experts(None, x)
+        assert torch.equal(i.long(), oea.ids) and torch.equal(w, oea.weights)
+    assert plugin.counters()[3]["steps"] == 1  # restarted at the switch (both routers are decoder layer 3)
+
+    for bad, message in (("cap:k=[1,1]", r"does not fit MoE layer 2 \(decoder layer 3\).*lists 2 layers"),
+                         ("oea:k0=5", r"does not fit MoE layer [02] .*K=4\): oea k0=5 > the model's K=4"), ("nope", "set_policy: .*unknown policy")):
+        with pytest.raises(ValueError, match=message):
+            plugin.set_policy(bad)
+        for r in (first, second):  # the previous policy is in force on every layer
+            w, i = r.select_experts(None, x)
+            assert torch.equal(i.long(), oea.ids), bad
+
+    plugin.set_policy("native")
+    w, i = first.select_experts(None, x)
+    assert torch.equal(i, i0) and torch.equal(w, w0)
+    second.moe_reroute.frozen = "it replays CUDA graphs"
+    with pytest.raises(RuntimeError, match="cannot switch policy: it replays CUDA graphs.*--isolate"):
+        plugin.set_policy("oea:k0=1")
+    w, i = first.select_experts(None, x)
+    assert torch.equal(i, i0)
+
+
 # --- the real engine on CPU ---
 
 
@@ -430,7 +473,7 @@ def run_vllm(monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     import moe_reroute.vllm as plugin
 
-    def run(checkpoint, policy, counters=False, ids=None, vocab=V):
+    def run(checkpoint, policy, counters=False, ids=None, vocab=V, eager=True):
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -439,11 +482,12 @@ def run_vllm(monkeypatch):
         else:
             plugin.enable(policy, counters=counters)
         ids = prompts() if ids is None else ids
-        llm = LLM(model=str(checkpoint), dtype="float32", enforce_eager=True, distributed_executor_backend="uni",
+        llm = LLM(model=str(checkpoint), dtype="float32", enforce_eager=eager, distributed_executor_backend="uni",
                   skip_tokenizer_init=True, max_model_len=64, max_num_seqs=len(ids), seed=0,
                   # On a CPU with AMX, vLLM picks its AMX MLA backend for DeepSeek, which takes bf16 weights
                   # only; the reference MLA backend runs float32 (other models ignore the choice).
                   attention_config={"backend": "CPU_MLA"})
+        run.compile_mode = int(llm.llm_engine.vllm_config.compilation_config.mode or 0)
         try:
             params = SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True,
                                     allowed_token_ids=list(range(1, vocab)))  # PAD never: see hf_greedy
@@ -559,6 +603,90 @@ def test_engine_counts_moe_layers_past_a_dense_first_layer(qwen3_moe_dense_first
     assert torch.equal(sere, hf_greedy(path, policy))
 
 
+@needs_vllm
+def test_engine_switches_policy_live(qwen3_moe, run_vllm, monkeypatch):
+    """One engine, its policy switched between generations (native -> OEA -> native): each generation gives
+    exactly the tokens of an engine built with that policy, and the counters show the switch. A policy
+    that does not fit the model is refused and the engine keeps routing with OEA."""
+    import gc
+
+    import moe_reroute.vllm as plugin
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    native = run_vllm(qwen3_moe, "native")
+    oea = run_vllm(qwen3_moe, "oea:k0=1")
+    assert not torch.equal(oea, native)
+
+    plugin.enable("native", counters=True)
+    llm = LLM(model=str(qwen3_moe), dtype="float32", enforce_eager=True, distributed_executor_backend="uni",
+              skip_tokenizer_init=True, max_model_len=64, max_num_seqs=B, seed=0)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True, allowed_token_ids=list(range(1, V)))
+
+        def generate():
+            outs = llm.generate([TokensPrompt(prompt_token_ids=p.tolist()) for p in prompts()], params,
+                                use_tqdm=False)
+            return torch.tensor([list(o.outputs[0].token_ids) for o in outs])
+
+        assert torch.equal(generate(), native)
+        check_counters([0, 1], fewer=False)
+        assert plugin.set_policy("oea:k0=1", llm).startswith("oea:k0=1")  # every worker, via collective_rpc
+        assert all(v["steps_seen"] == 0 for v in plugin.counters().values())  # restarted at the switch
+        assert torch.equal(generate(), oea)
+        check_counters([0, 1], fewer=True)
+        with pytest.raises(ValueError, match=r"does not fit MoE layer 0 \(decoder layer 0\) \(E=32, K=4\)"):
+            plugin.set_policy("oea:k0=5", llm)
+        assert torch.equal(generate(), oea)
+        plugin.set_policy("native")  # this process's engine, without the LLM
+        assert torch.equal(generate(), native)
+        check_counters([0, 1], fewer=False)
+    finally:
+        plugin.disable()
+        del llm
+        gc.collect()
+
+
+def served(counters):
+    """The counters of the steps that served requests: a compiled engine runs more steps without requests
+    (of kind "unknown", while it compiles and warms up) than an eager one."""
+    keep = ("steps", "unique", "unique_native", "tokens", "tokens_rerouted", "decode_tokens_total",
+            "decode_tokens_rerouted_total")
+    return {layer: {**{k: v[k] for k in keep}, **{k: n for k, n in v["steps_by_kind"].items() if k != "unknown"}}
+            for layer, v in counters.items()}
+
+
+@needs_vllm
+def test_engine_compiled_on_cpu(qwen3_moe, run_vllm):
+    """vLLM's default on CPU, the model compiled (no enforce_eager): the plugin runs the MoE layer as vLLM's
+    opaque op, so the policy runs every step. Compiled and eager engines give the same tokens under
+    `native` (vLLM's own, eager, without the plugin) and the same tokens and U per layer under OEA."""
+    import moe_reroute.vllm as plugin
+
+    stock = run_vllm(qwen3_moe, None)
+    native = run_vllm(qwen3_moe, "native", counters=True, eager=False)
+    assert run_vllm.compile_mode != 0, "the engine was not compiled"
+    assert torch.equal(native, stock)
+    check_counters([0, 1], fewer=False)
+    eager = run_vllm(qwen3_moe, "oea:k0=1", counters=True)
+    eager_counters = plugin.counters()
+    compiled = run_vllm(qwen3_moe, "oea:k0=1", counters=True, eager=False)
+    assert run_vllm.compile_mode != 0
+    check_counters([0, 1], fewer=True)
+    assert torch.equal(compiled, eager) and not torch.equal(compiled, stock)
+    assert served(plugin.counters()) == served(eager_counters)
+
+
+@needs_vllm
+def test_engine_compiled_refused_where_the_router_would_be_traced(wrapped, logits_factory, monkeypatch):
+    """Should torch.compile trace the router (a vLLM whose CPU MoE layer cannot be made opaque), the plugin
+    refuses while the model compiles, at start-up, naming the fix, instead of routing natively in silence."""
+    router, _ = wrapped("oea:k0=1")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(RuntimeError, match="enforce_eager=True"):
+        router.select_experts(None, logits_factory(4, 32))
+
+
 @pytest.fixture(scope="module")
 def reference_model(tmp_path_factory):
     """The shipped reference model (Qwen3-MoE, 128 experts, top-8, 4 layers), loaded by vLLM from the
@@ -657,12 +785,12 @@ def test_engine_chunked_prefill_reroutes_decode_tokens(qwen3_moe, monkeypatch):
     prompts = [TokensPrompt(prompt_token_ids=torch.randint(3, V, (n,), generator=g).tolist()) for n in lengths]
     new_tokens = 12
 
-    def run(policy):
+    def run(policy, eager=True):
         if policy is None:
             plugin.disable()
         else:
             plugin.enable(policy, counters=True)
-        llm = LLM(model=str(qwen3_moe), dtype="float32", enforce_eager=True, distributed_executor_backend="uni",
+        llm = LLM(model=str(qwen3_moe), dtype="float32", enforce_eager=eager, distributed_executor_backend="uni",
                   skip_tokenizer_init=True, max_model_len=96, max_num_seqs=len(prompts), seed=0,
                   enable_chunked_prefill=True, max_num_batched_tokens=16, enable_prefix_caching=False)
         try:
@@ -688,6 +816,9 @@ def test_engine_chunked_prefill_reroutes_decode_tokens(qwen3_moe, monkeypatch):
         assert v["decode_tokens_rerouted_total"] >= 0.95 * decode_tokens, (layer, v)
         assert v["unique"] < v["unique_native"], (layer, v)
     assert oea != stock
+    # compiled (vLLM's default on CPU): the same tokens and counters, mixed steps re-routed too
+    compiled, cc = run("oea:k0=1", eager=False)
+    assert compiled == oea and served(cc) == served(c)
 
 
 

@@ -46,6 +46,10 @@ def _serve_bench(args) -> int:
     at_least(args.prompt_len, 1, "--prompt-len")
     at_least(args.repeats, 1, "--repeats")
     at_least(args.num_prompts, 1, "--num-prompts")
+    if args.block_steps is not None:
+        at_least(args.block_steps, 1, "--block-steps")
+        if args.isolate or args.serve:
+            raise InputError("--block-steps sets the blocks of the A/B mode; drop it with --isolate or --serve")
     if not 1 <= args.port <= 65535:
         raise InputError(f"--port must be 1..65535, got {args.port}")
     try:
@@ -64,7 +68,8 @@ def _serve_bench(args) -> int:
                              dtype=DTYPES.get(args.dtype, args.dtype), device=args.device,
                              enforce_eager=True if args.enforce_eager else (False if args.cuda_graphs else None),
                              serve=args.serve, num_prompts=args.num_prompts, request_rate=rate, port=args.port,
-                             run_timeout_s=args.run_timeout)
+                             run_timeout_s=args.run_timeout, isolate=True if args.isolate else None,
+                             block_steps=args.block_steps)
     command = "moe-reroute " + " ".join(shlex.quote(a) for a in args.argv)
     try:
         data = serve_bench.run(cfg, out, command, say=print)
@@ -105,7 +110,13 @@ def add_parsers(sub) -> None:
                    "(default 1,4,16,32)")
     p.add_argument("--output-len", type=int, default=64, help="output tokens per sequence (default 64)")
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default 16)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats, each in a fresh engine (default 3)")
+    p.add_argument("--repeats", type=int, default=3, help="timed generations per batch size in the A/B engine; "
+                   "with --isolate or --serve, interleaved repeats, each in a fresh engine (default 3)")
+    p.add_argument("--isolate", action="store_true", help="offline: each policy in its own engine process instead "
+                   "of A/B in one engine (the default, and the only choice, with CUDA graphs, which cannot switch "
+                   "policy)")
+    p.add_argument("--block-steps", type=int, help="A/B: decode steps per policy block (default: (output-len - 1) "
+                   "// (4 x policies), so that each generation holds 4 rounds)")
     p.add_argument("--dtype", default="auto", help="engine dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda when available")
     g = p.add_mutually_exclusive_group()

@@ -1,5 +1,5 @@
-"""One engine run of `moe-reroute serve-bench`, in a process of its own (the vLLM plugin reads its policy
-when the engine builds the model, so each policy needs a fresh process).
+"""One engine run of `moe-reroute serve-bench`, in a process of its own: one policy per engine (`--isolate`),
+or every policy in one engine, switched between decode steps (A/B, `run_ab`).
 
     python -m moe_reroute.measure.engine_run RUN.json      # offline: time one batch, write the result
     python -m moe_reroute.measure.engine_run --client ...  # vLLM's own `bench serve` client, its arguments
@@ -12,6 +12,13 @@ stepped by hand and each step timed. Every prompt has the same length and ignore
 step prefills the batch and every later step decodes all of it: time per output token = the time of the
 later steps / (output_len - 1). Counters are paused while timing; a last generation with counters on
 gives U per layer (policy and native over the same steps).
+
+A/B (RUN.json "mode": "ab"): one engine (eager, or compiled on CPU), built with the `native` policy. After a warm-up generation
+under each policy, `repeats` timed generations of `output_len` tokens; their decode steps run in rounds,
+each round one block of `block_steps` steps per policy in an order drawn afresh for every round, the
+policy switched between steps (`moe_reroute.vllm.set_policy`). Each step's time and policy is recorded
+(the prefill step runs native; decode steps left over after the last whole round run native and are
+not used). Then one counted generation per policy gives its U per layer.
 """
 
 from __future__ import annotations
@@ -84,6 +91,99 @@ def run_offline(run: dict) -> dict:
     return result
 
 
+def ab_schedule(policies: list[str], decode_steps: int, block_steps: int, rng) -> list[tuple[int, str]]:
+    """[(round, policy)] for each decode step of a generation that is in a whole round: every round holds
+    one block of `block_steps` steps per policy, in an order `rng.shuffle` draws for that round."""
+    rounds = decode_steps // (block_steps * len(policies))
+    plan = []
+    for r in range(rounds):
+        order = list(policies)
+        rng.shuffle(order)
+        plan += [(r, p) for p in order for _ in range(block_steps)]
+    return plan
+
+
+def run_ab(run: dict) -> dict:
+    import random
+
+    import torch
+
+    import moe_reroute.vllm as plugin
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    policies, L, b = run["policies"], run["output_len"], run["block_steps"]
+    plugin.counting(False)
+    t0 = time.perf_counter()
+    llm = LLM(model=run["model"], dtype=run["dtype"], enforce_eager=run["enforce_eager"], max_model_len=run["max_model_len"],
+              max_num_seqs=run["batch"], enable_prefix_caching=False, seed=0,
+              max_num_batched_tokens=max(run["max_model_len"], run["batch"] * run["prompt_len"]),
+              **run.get("engine_args", {}))
+    build_s = time.perf_counter() - t0
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in run["prompts"]]
+    engine = llm.llm_engine
+    serial = iter(range(1 << 30))
+    current = [None]
+
+    def use(policy: str) -> None:
+        if policy != current[0]:
+            plugin.set_policy(policy, llm)  # between two steps: no step is in flight here
+            current[0] = policy
+
+    def sync() -> None:
+        if run["device"] == "cuda":
+            torch.cuda.synchronize()
+
+    def generate(n: int, plan: list[tuple[int, str]] | None = None, policy: str = "native"):
+        """Every prompt with max_tokens=n; decode step i (1-based) runs under plan[i - 1]'s policy (native
+        past the plan). Returns each step's (seconds, round or None, policy) and the finished outputs."""
+        use(policy)
+        params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)
+        for p in prompts:
+            engine.add_request(f"r{next(serial)}", p, params)
+        steps, done, i = [], [], 0
+        while engine.has_unfinished_requests():
+            rnd, pol = (None, policy) if i == 0 or plan is None else (plan[i - 1] if i - 1 < len(plan) else
+                                                                     (None, "native"))
+            use(pol)
+            sync()
+            t = time.perf_counter()
+            outs = engine.step()
+            sync()
+            steps.append((time.perf_counter() - t, rnd, pol))
+            done += [o for o in outs if o.finished]
+            i += 1
+        if len(done) != len(prompts) or sorted({len(o.outputs[0].token_ids) for o in done}) != [n]:
+            raise RuntimeError(f"the engine finished {len(done)} of {len(prompts)} sequences, not all with {n} tokens")
+        if len(steps) != n:
+            raise RuntimeError(f"a generation of {n} tokens took {len(steps)} engine steps, not {n} (one prefill "
+                               "step, then one step per token): its steps cannot be attributed to policies")
+        return steps, done
+
+    for p in policies:  # warm-up: first-call allocations and kernels of every policy
+        generate(min(L, 8), policy=p)
+    rng = random.Random(run.get("seed", 0))
+    records, prefill = [], []
+    for g in range(run["repeats"]):
+        plan = ab_schedule(policies, L - 1, b, rng)
+        steps, _ = generate(L, plan)
+        prefill.append(steps[0][0])
+        for i, (sec, rnd, pol) in enumerate(steps[1:], 1):
+            if rnd is not None:
+                records.append({"generation": g, "round": rnd, "step": i, "policy": pol, "s": sec})
+    counters = {}
+    for p in policies:  # U per layer: one counted generation per policy (counters restart at each switch)
+        use(p)
+        plugin.reset_counters()
+        plugin.counting(True)
+        generate(L, policy=p)
+        plugin.counting(False)
+        counters[p] = {str(k): v for k, v in plugin.counters().items()}
+    return {"mode": "ab", "build_s": build_s, "batch": run["batch"], "policies": policies, "block_steps": b,
+            "generations": run["repeats"], "prefill_s": prefill, "steps": records, "counters": counters}
+
+
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "--client":
         from vllm.benchmarks.serve import add_cli_args
@@ -98,7 +198,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m moe_reroute.measure.engine_run RUN.json | --client ARGS...", file=sys.stderr)
         return 2
     run = json.loads(Path(argv[0]).read_text())
-    result = run_offline(run)
+    result = run_ab(run) if run.get("mode") == "ab" else run_offline(run)
     out = Path(run["result"])
     tmp = out.with_suffix(".partial")
     tmp.write_text(json.dumps(result) + "\n")

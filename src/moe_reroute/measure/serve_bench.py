@@ -1,10 +1,18 @@
 """End-to-end decode speed of a vLLM engine, native against policies: `moe-reroute serve-bench`.
 
-Offline mode: for each batch size, native and each policy run in vLLM's offline `LLM`, each in a fresh
-process (`engine_run`), repeats interleaved (native, p1, p2, native, p1, ...). A run times prefill and
-decode of one batch of equal-length prompts from held-out text; U per layer comes from the plugin's
-counters in a counted pass after timing. Per (policy, batch size): medians, spread, and the time per
-output token relative to native, paired by repeat, with a 95% t-interval over repeats.
+Offline mode, A/B (the default, except with CUDA graphs): for each batch size one vLLM
+`LLM` in a fresh process (`engine_run.run_ab`) runs native and every policy, switching the policy between
+decode steps: rounds of one block of steps per policy, in an order drawn for each round, so the growing
+KV cache and slow drift of the machine fall on every policy alike. Each step is timed. The ratio of a
+policy's time per step to native's is the geometric mean over rounds of (median step of its block /
+median step of the native block of the same round), with a 95% bootstrap interval over rounds
+(`block_ratio`). U per layer comes from the plugin's counters in a counted generation per policy.
+
+Offline mode, isolated (`isolate`; forced with CUDA graphs, where a captured graph cannot switch
+policy): native and each policy each in a fresh process (`engine_run`), repeats interleaved (native, p1,
+p2, native, p1, ...). A run times prefill and decode of one batch of equal-length prompts from held-out
+text. Per (policy, batch size): medians, spread, and the time per output token relative to native,
+paired by repeat, with a 95% t-interval over repeats.
 
 Serving mode: vLLM's OpenAI-compatible server on 127.0.0.1 per policy (and repeat), driven by vLLM's own
 `bench serve` client with a fixed number of prompts at each concurrency; throughput, TTFT and TPOT
@@ -55,7 +63,7 @@ class Config:
     repeats: int = 3
     dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
     device: str = "auto"
-    enforce_eager: bool | None = None  # default: eager on CPU (the plugin needs it there), graphs on CUDA
+    enforce_eager: bool | None = None  # default: eager on CPU (no compile time), graphs on CUDA
     run_timeout_s: float = 3600.0
     serve: bool = False
     num_prompts: int = 32
@@ -63,6 +71,9 @@ class Config:
     port: int = 8765
     kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU, when it is not set
     extra_env: dict = field(default_factory=dict)
+    isolate: bool | None = None  # one engine per policy; forced with CUDA graphs, which cannot switch policy
+    block_steps: int | None = None  # A/B: decode steps per block (default: output_len - 1 // (4 x policies))
+    seed: int = 0  # A/B: the block order of each round, and the bootstrap
 
     def resolved(self) -> Config:
         import torch
@@ -72,7 +83,30 @@ class Config:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
         eager = self.enforce_eager if self.enforce_eager is not None else device == "cpu"
-        return Config(**{**asdict(self), "device": device, "dtype": dtype, "enforce_eager": eager})
+        isolate = True if (not eager and device == "cuda") else bool(self.isolate)  # a captured graph cannot switch
+        return Config(**{**asdict(self), "device": device, "dtype": dtype, "enforce_eager": eager, "isolate": isolate})
+
+
+def method_note(cfg: Config) -> str:
+    """How the offline runs compare policies, in a line for the output (cfg resolved)."""
+    if not cfg.isolate:
+        return ("A/B in one engine per batch size: the policy is switched between decode steps, in blocks of "
+                "every policy in a random order per round")
+    if not cfg.enforce_eager and cfg.device == "cuda":
+        return ("each policy in its own engine process (--isolate is the default with CUDA graphs: a captured "
+                "graph cannot switch policy)")
+    return "each policy in its own engine process (--isolate)"
+
+
+def ab_block_steps(cfg: Config, n_policies: int) -> int:
+    """Decode steps per block (A/B); BenchError when a round of every policy does not fit a generation."""
+    decode = cfg.output_len - 1
+    b = cfg.block_steps if cfg.block_steps is not None else max(1, decode // (4 * n_policies))
+    if b < 1 or b * n_policies > decode:
+        raise BenchError(f"A/B: a round of {n_policies} policies x {b} steps per block needs {b * n_policies} decode "
+                         f"steps, and --output-len {cfg.output_len} gives {decode}: raise --output-len, lower "
+                         "--block-steps, or pass --isolate")
+    return b
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -350,6 +384,8 @@ def run_offline(cfg: Config, policies: list[str], out: Path, say=print, labels: 
     (BenchError with the engine's message); runs already done stay in out/runs/."""
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.isolate:
+        return run_ab(cfg, policies, out, say, labels)
     plan = offline_plan(cfg, policies)
     prompts = prompt_ids(cfg.model, max(cfg.batch_sizes), cfg.prompt_len)
     results = []
@@ -378,6 +414,103 @@ def run_offline(cfg: Config, policies: list[str], out: Path, say=print, labels: 
                              f"{failure_reason(log)} (full log: {log}); results.json not written")
         results.append({**json.loads(result_file.read_text()), "count": run["count"]})
     return results
+
+
+def run_ab(cfg: Config, policies: list[str], out: Path, say=print, labels: dict | None = None) -> list[dict]:
+    """A/B: one engine process per batch size, every policy switched in by blocks of decode steps."""
+    runs_dir = out / "runs"
+    prompts = prompt_ids(cfg.model, max(cfg.batch_sizes), cfg.prompt_len)
+    b = ab_block_steps(cfg, len(policies))
+    rounds = (cfg.output_len - 1) // (b * len(policies))
+    results = []
+    for i, B in enumerate(cfg.batch_sizes, 1):
+        tag = f"b{B}-ab"
+        spec_file, result_file, log = (runs_dir / f"{tag}.{ext}" for ext in ("run.json", "result.json", "log"))
+        for f in (result_file, log):
+            f.unlink(missing_ok=True)
+        say(f"[engine {i}/{len(cfg.batch_sizes)}] batch {B}: {len(policies)} policies in one engine, {cfg.repeats} "
+            f"generations x {rounds} rounds of {b}-step blocks", flush=True)
+        spec_file.write_text(json.dumps({
+            "mode": "ab", "policies": policies, "batch": B, "repeats": cfg.repeats, "block_steps": b,
+            "seed": cfg.seed, "model": str(Path(cfg.model).absolute()), "dtype": cfg.dtype, "device": cfg.device,
+            "enforce_eager": cfg.enforce_eager,
+            "prompt_len": cfg.prompt_len, "output_len": cfg.output_len,
+            "max_model_len": cfg.prompt_len + cfg.output_len + 16, "prompts": prompts[:B],
+            "result": str(result_file)}))
+        code = run_process([sys.executable, "-m", "moe_reroute.measure.engine_run", str(spec_file)],
+                           engine_env(cfg, NATIVE, in_process=True), log, cfg.run_timeout_s)
+        if code != 0 or not result_file.exists():
+            raise BenchError(f"the A/B engine at batch {B} failed: {failure_reason(log)} (full log: {log}); "
+                             "results.json not written")
+        results.append(json.loads(result_file.read_text()))
+    return results
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of sorted values, linear between order statistics."""
+    x = (len(sorted_values) - 1) * q
+    lo = math.floor(x)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (x - lo)
+
+
+def block_ratio(rounds: list[dict[str, list[float]]], policy: str, base: str = NATIVE, draws: int = 2000,
+                seed: int = 0) -> tuple[float, list[float], list[float]] | None:
+    """Time per step of `policy` relative to `base`, from rounds of blocks ({policy: [step seconds]}).
+
+    Per round holding both: the median step of `policy`'s block / the median step of `base`'s block. The
+    estimate is the geometric mean of those ratios; the 95% interval is the percentile bootstrap of that
+    geometric mean, rounds drawn with replacement (`draws` times, seeded). Returns (estimate, [lo, hi],
+    per-round ratios), or None without a round holding both.
+    """
+    import random
+
+    ratios = [statistics.median(r[policy]) / statistics.median(r[base]) for r in rounds
+              if r.get(policy) and r.get(base)]
+    if not ratios:
+        return None
+    logs = [math.log(x) for x in ratios]
+    estimate = math.exp(statistics.fmean(logs))
+    rng = random.Random(seed)
+    n = len(logs)
+    boot = sorted(math.fsum(rng.choice(logs) for _ in range(n)) / n for _ in range(draws))
+    lo, hi = _percentile(boot, 0.025), _percentile(boot, 0.975)
+    return estimate, [math.exp(lo), math.exp(hi)], ratios
+
+
+def ab_rounds(result: dict) -> list[dict[str, list[float]]]:
+    """The rounds of an A/B run: [{policy: [step seconds of its block]}], in run order."""
+    rounds: dict[tuple[int, int], dict[str, list[float]]] = {}
+    for st in result["steps"]:
+        rounds.setdefault((st["generation"], st["round"]), {}).setdefault(st["policy"], []).append(st["s"])
+    return [rounds[k] for k in sorted(rounds)]
+
+
+def summarize_ab(results: list[dict], policies: list[str], seed: int = 0) -> list[dict]:
+    """One row per (policy, batch size) of A/B runs: per-step p50 / p90, block medians' range, the
+    ratio to native from adjacent blocks (`block_ratio`), U per layer from its counted generation."""
+    rows = []
+    for res in results:
+        B = res["batch"]
+        rounds = ab_rounds(res)
+        prefill_ms = statistics.median(res["prefill_s"]) * 1e3
+        for p in policies:
+            steps = sorted(st["s"] * 1e3 for st in res["steps"] if st["policy"] == p)
+            if not steps:
+                continue
+            blocks = [statistics.median(r[p]) * 1e3 for r in rounds if r.get(p)]
+            p50 = _percentile(steps, 0.5)
+            row = {"policy": p, "batch": B, "repeats": res["generations"], "blocks": len(blocks),
+                   "block_steps": res["block_steps"], "steps_timed": len(steps),
+                   "tpot_ms": p50, "step_ms_p50": p50, "step_ms_p90": _percentile(steps, 0.9),
+                   "tpot_ms_min": min(blocks), "tpot_ms_max": max(blocks), "prefill_ms": prefill_ms,
+                   "decode_tokens_per_s": B / (p50 / 1e3)}
+            est = block_ratio(rounds, p, seed=seed)
+            row["tpot_ratio"] = est[0] if est else None
+            row["tpot_ratio_ci"] = est[1] if est else None
+            row.update(_u_fields(res["counters"].get(p)))
+            rows.append(row)
+    return rows
 
 
 def _slug(policy: str) -> str:
@@ -640,10 +773,21 @@ def conditions(data: dict) -> str:
     c = data["conditions"]
     lines = [f"- model: {c['model']}" + (f" — {c['model_note']}" if c.get("model_note") else ""),
              f"- engine: vLLM {c['vllm']} on {c['device']}, {c['dtype']}, "
-             f"{'eager' if c['enforce_eager'] else 'CUDA graphs'}, greedy, ignore_eos",
+             f"{'eager' if c['enforce_eager'] else ('CUDA graphs' if c['device'].startswith('cuda') else 'compiled')}, "
+             "greedy, ignore_eos",
              f"- prompts: {c['prompt_len']} tokens of held-out text, {c['output_len']} output tokens, "
-             f"{c['repeats']} repeats interleaved across policies, each run in a fresh engine"]
-    if data["mode"] == "offline":
+             + (f"{c['repeats']} timed generations in one engine per batch size, policies switched between decode "
+                f"steps in blocks of {c.get('block_steps')} steps, every policy once per round in a random order"
+                if c.get("method") == "ab" else
+                f"{c['repeats']} repeats interleaved across policies, each run in a fresh engine")]
+    if c.get("method_note"):
+        lines.append(f"- method: {c['method_note']}")
+    if data["mode"] == "offline" and c.get("method") == "ab":
+        lines.append("- TPOT: the median decode step (p50; p90 in results.json); range: the medians of its blocks; "
+                     "ratio: geometric mean over rounds of (median step of the policy's block / median step of "
+                     "native's block in the same round), 95% bootstrap interval over rounds; U: the plugin's "
+                     "counters in a separate counted generation per policy")
+    elif data["mode"] == "offline":
         lines.append("- TPOT = (time of a generation of all output tokens − time of one of 1 token) / "
                      "(output tokens − 1); ratio: geometric mean over repeats of policy / native (same repeat), "
                      "95% t-interval on log ratios; U: the plugin's counters in a separate counted generation")
@@ -698,6 +842,35 @@ def plot(data: dict, path: Path) -> Path | None:
     return path
 
 
+def plot_steps(data: dict, path: Path) -> Path | None:
+    """A/B: each timed decode step's time over the run, coloured by policy, one panel per batch size."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    runs = [r for r in data["runs"] if r.get("mode") == "ab"]
+    if not runs:
+        return None
+    labels = data.get("labels") or {}
+    fig, axes = plt.subplots(len(runs), 1, figsize=(10, 2.6 * len(runs)), squeeze=False)
+    for ax, res in zip(axes[:, 0], runs):
+        for p in res["policies"]:
+            pts = [(i, st["s"] * 1e3) for i, st in enumerate(res["steps"]) if st["policy"] == p]
+            ax.scatter([x for x, _ in pts], [y for _, y in pts], s=6, label=labels.get(p, p))
+        ax.set_title(f"batch {res['batch']}", fontsize=9)
+        ax.set_ylabel("step ms")
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("timed decode step, in run order (generations one after another)")
+    axes[0, 0].legend(fontsize=8, markerscale=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def run(cfg: Config, out: Path, command: str, say=print) -> dict:
     """The whole bench: checks, runs, results.json, plot and report section. Returns the results."""
     config = read_model_config(cfg.model)
@@ -712,17 +885,28 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS).unlink(missing_ok=True)
     t0 = time.time()
+    ab = not cfg.serve and not cfg.isolate
+    if not cfg.serve:
+        say(f"serve-bench: {method_note(cfg)}", flush=True)
+    block_steps = ab_block_steps(cfg, len(policies)) if ab else None
     results = (run_serving if cfg.serve else run_offline)(cfg, policies, out, say, labels)
-    summarize = summarize_serving if cfg.serve else summarize_offline
+    if ab:
+        rows = summarize_ab(results, policies, cfg.seed)
+    elif cfg.serve:
+        rows = summarize_serving(results, policies, cfg.batch_sizes)
+    else:
+        rows = summarize_offline(results, policies, cfg.batch_sizes)
     data = {"command": command, "mode": "serve" if cfg.serve else "offline",
             "conditions": {"model": str(cfg.model), "model_note": model_note(cfg.model), "vllm": version,
                            "device": device_name(cfg.device), "dtype": cfg.dtype, "enforce_eager": cfg.enforce_eager,
                            "prompt_len": cfg.prompt_len, "output_len": cfg.output_len, "repeats": cfg.repeats,
                            "batch_sizes": cfg.batch_sizes, "num_prompts": cfg.num_prompts,
                            "request_rate": str(cfg.request_rate), "num_experts": spec.num_experts,
-                           "top_k": spec.top_k, "seconds": round(time.time() - t0, 1)},
-            "policies": policies, "labels": labels, "rows": summarize(results, policies, cfg.batch_sizes),
-            "runs": results}
+                           "top_k": spec.top_k, "seconds": round(time.time() - t0, 1),
+                           **({} if cfg.serve else {"method": "ab" if ab else "isolate",
+                                                    "method_note": method_note(cfg), "block_steps": block_steps,
+                                                    "seed": cfg.seed})},
+            "policies": policies, "labels": labels, "rows": rows, "runs": results}
     from ..files import write_text_atomic
 
     write_text_atomic(out / RESULTS, json.dumps(data, indent=1) + "\n")
@@ -730,6 +914,9 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
     md = ["# moe-reroute serve-bench", "", markdown_section(data)]
     if png:
         md += [f"![{png.name}]({png.name})", ""]
+    steps_png = plot_steps(data, out / "steps.png") if ab else None
+    if steps_png:
+        md += [f"![{steps_png.name}]({steps_png.name})", ""]
     write_text_atomic(out / "report.md", "\n".join(md))
     return data
 

@@ -66,12 +66,17 @@ def from_env(environ: Any = None) -> PluginConfig | None:
     if not text:
         return None
     counters = counters_from_env(env)
-    origin = POLICY_FILE_ENV if path else POLICY_ENV
+    return parse_checked(text, counters=counters, origin=POLICY_FILE_ENV if path else POLICY_ENV)
+
+
+def parse_checked(text: str, counters: bool = False, origin: str = "policy") -> PluginConfig:
+    """`parse`, with any failure to build the policy (a similarity file that cannot be read, ...) raised as
+    one ValueError naming `origin` (the variable, or the call that switches a live engine's policy)."""
     try:
         return parse(text, counters=counters, origin=origin)
     except ValueError:
         raise
-    except Exception as e:  # noqa: BLE001 - any failure to build the policy stops the engine with the variable named
+    except Exception as e:  # noqa: BLE001 - any failure to build the policy is refused with its origin named
         raise ValueError(f"{origin}: cannot use {text[:80]!r} ({type(e).__name__}: {e})") from None
 
 

@@ -505,7 +505,7 @@ def _rpc_set_policy(scheduler: Any, policy: str) -> None:
     """`moe_reroute_set_policy(policy)`: route with `policy` (a spec or JSON object) from the next step on."""
     if STATE.hook is None:
         raise RuntimeError("moe-reroute: the plugin is not active in this server (no policy was set at start-up)")
-    cfg = _config.parse(policy, counters=STATE.hook.config.counters, origin="moe_reroute_set_policy")
+    cfg = _config.parse_checked(policy, counters=STATE.hook.config.counters, origin="moe_reroute_set_policy")
     STATE.hook.set_config(cfg)
 
 

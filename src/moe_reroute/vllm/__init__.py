@@ -7,12 +7,14 @@ Installed with the `vllm` extra; vLLM loads it in each of its processes through 
 
 or, in Python, `moe_reroute.vllm.enable("oea:k0=3")` before building `vllm.LLM(...)`.
 `MOE_REROUTE_COUNTERS=1` records U per layer on the device; `counters()` reads it.
+`set_policy("cap:k=4", llm)` switches the policy of a live engine between two steps (see docs/vllm-ab.md).
 """
 
 from ..serving.config import COUNTERS_ENV, POLICY_ENV, POLICY_FILE_ENV, PluginConfig
 from .plugin import (
     SUPPORTED_VLLM,
     WorkerExtension,
+    check_policy,
     check_version,
     counters,
     counting,
@@ -21,7 +23,10 @@ from .plugin import (
     format_counters,
     register,
     reset_counters,
+    set_policy,
+    worker_check_policy,
     worker_counters,
+    worker_set_policy,
 )
 from .router import router_spec
 
@@ -32,6 +37,7 @@ __all__ = [
     "PluginConfig",
     "SUPPORTED_VLLM",
     "WorkerExtension",
+    "check_policy",
     "check_version",
     "counters",
     "counting",
@@ -41,5 +47,8 @@ __all__ = [
     "register",
     "reset_counters",
     "router_spec",
+    "set_policy",
+    "worker_check_policy",
     "worker_counters",
+    "worker_set_policy",
 ]

@@ -9,13 +9,19 @@ configuration of the engines built after it.
 
 The policy is called with each layer's MoE-layer index (see `router.moe_layer_of`); counters are keyed
 by decoder-layer index, as vLLM names the modules (`model.layers.3.mlp.experts` is layer 3).
+
+`set_policy()` switches the policy of a live engine, between two steps, without rebuilding it: every
+re-routed layer of this process (or, given the `LLM`, of each of its workers through `collective_rpc`)
+checks the new policy first and switches only when every layer takes it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
+import weakref
 from typing import Any
 
 import torch
@@ -40,9 +46,11 @@ class State:
         self.explicit: _config.PluginConfig | None = None
         self.installed = False
         self.pending: list[Rerouter] = []  # built since the last start-up log
+        # every re-routed layer of the engines alive in this process (an engine's layers go with it)
+        self.routers: weakref.WeakSet[Rerouter] = weakref.WeakSet()
         self.skipped: list[str] = []
         self.counters: dict[int | str, LayerCounter] = {}
-        self.warned_compiled = False
+        self.opaque_moe = False  # vLLM's CPU MoE layers run as an opaque op (`opaque_moe_on_cpu`)
         self.steps = 0
         self.counting = True  # counters record while True (`counting()`); read by each router per step
 
@@ -73,13 +81,6 @@ class State:
         key = layer if layer is not None else f"#{len(self.counters)}"
         self.counters[key] = LayerCounter(device)
         return self.counters[key]
-
-    def warn_compiled(self) -> None:
-        if not self.warned_compiled:
-            self.warned_compiled = True
-            logger.warning("moe-reroute: the model's forward is compiled through the MoE router (vLLM on CPU "
-                           "without enforce_eager); the policy cannot see each step's phase there and those "
-                           "steps route natively. Use enforce_eager=True on CPU.")
 
 
 STATE = State()
@@ -143,23 +144,83 @@ def install() -> None:
         prefix = sys._getframe(1).f_locals.get("prefix")  # FusedMoEFactory's own `prefix` argument
         num_experts = kwargs.get("num_logical_experts") or kwargs.get("global_num_experts")
         decoder_layer = layer_index(prefix if isinstance(prefix, str) else None)
-        wrap(router, cfg, decoder_layer, num_experts, moe_layer=moe_layer_of(decoder_layer))
         if compiles_through_router():
-            STATE.warn_compiled()
+            raise RuntimeError(COMPILED_REFUSAL)
+        r = wrap(router, cfg, decoder_layer, num_experts, moe_layer=moe_layer_of(decoder_layer))
+        if r is not None and captures_graphs():
+            r.frozen = ("it replays CUDA graphs, captured with the policy it was built with; a switch would not "
+                        "reach the replayed steps")
         return router
 
     create_fused_moe_router.__wrapped__ = original  # type: ignore[attr-defined]
     layer.create_fused_moe_router = create_fused_moe_router
+    STATE.opaque_moe = opaque_moe_on_cpu()
     STATE.installed = True
 
 
+COMPILED_REFUSAL = ("moe-reroute: this vLLM compiles the model's forward through the MoE router on CPU (its MoE "
+                    "layer is not an opaque op here), where the policy cannot read each step's layout. Build the "
+                    "engine with enforce_eager=True (--enforce-eager), or unset the policy")
+
+
+def opaque_moe_on_cpu() -> bool:
+    """Make vLLM's CPU MoE layers call the fused-MoE step through its registered opaque custom op
+    (`torch.ops.vllm.moe_forward`, as on CUDA) instead of directly: torch.compile then leaves the layer, its
+    router and so the policy out of the compiled graph, and they run in Python every step, reading the
+    step's layout from the forward context as vLLM's attention op does. Returns whether it is in place
+    (on CPU, with the seams of a supported vLLM); elsewhere, and in eager engines, nothing changes."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    try:
+        from vllm.model_executor.layers.fused_moe.runner import moe_runner
+
+        runner = moe_runner.MoERunner
+        direct = {moe_runner._moe_forward: "moe_forward", moe_runner._moe_forward_shared: "moe_forward_shared"}
+        ops = {name: getattr(torch.ops.vllm, name) for name in direct.values()}
+    except (ImportError, AttributeError, RuntimeError):
+        return False
+    if getattr(runner._select_forward, "moe_reroute", False):
+        return True
+    original = runner._select_forward
+
+    def _select_forward(self: Any):
+        forward = original(self)
+        name = direct.get(forward)
+        return ops[name] if name is not None and compiling_model() else forward
+
+    _select_forward.moe_reroute = True  # type: ignore[attr-defined]
+    runner._select_forward = _select_forward
+    return True
+
+
+def compiling_model() -> bool:
+    """Whether vLLM compiles the model being built (an eager engine keeps its direct call)."""
+    from vllm.config import get_current_vllm_config
+
+    return int(getattr(get_current_vllm_config().compilation_config, "mode", 0) or 0) != 0
+
+
 def compiles_through_router() -> bool:
-    """vLLM on CPU calls the MoE layer directly (no opaque custom op), so torch.compile traces the router."""
+    """Whether torch.compile would trace the router of the model being built: vLLM on CPU, compiled, calls
+    its MoE layer directly unless `opaque_moe_on_cpu` put the opaque op in place."""
     from vllm.config import get_current_vllm_config
     from vllm.platforms import current_platform
 
     mode = getattr(get_current_vllm_config().compilation_config, "mode", 0)
-    return current_platform.is_cpu() and int(mode or 0) != 0
+    return current_platform.is_cpu() and int(mode or 0) != 0 and not STATE.opaque_moe
+
+
+def captures_graphs() -> bool:
+    """Whether the engine being built replays CUDA graphs (on CUDA, without enforce_eager)."""
+    from vllm.config import get_current_vllm_config
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return False
+    mode = getattr(get_current_vllm_config().compilation_config, "cudagraph_mode", None)
+    return mode is not None and getattr(mode, "name", str(mode)) != "NONE"
 
 
 def wrap(router: Any, cfg: _config.PluginConfig, layer: int | None, num_experts: int | None = None,
@@ -178,6 +239,7 @@ def wrap(router: Any, cfg: _config.PluginConfig, layer: int | None, num_experts:
     router._compute_routing = r
     router.moe_reroute = r
     STATE.pending.append(r)
+    STATE.routers.add(r)
     return r
 
 
@@ -226,6 +288,76 @@ def disable() -> None:
         os.environ.pop(var, None)
 
 
+def set_policy(policy: str, llm: Any = None) -> str:
+    """Route the live engine's MoE layers with `policy` from its next step on, without rebuilding it.
+
+    Args:
+      policy: a spec (`"oea:k0=3"`, `"native"`) or JSON object text, as `enable()` takes.
+      llm: a `vllm.LLM`: switch every worker of that engine (through `collective_rpc`, also when its
+        engine runs in other processes). None: the engines in this process (an `LLM` built with
+        VLLM_ENABLE_V1_MULTIPROCESSING=0 and the uni executor runs its model here).
+    Returns the policy now in force, described. The engine must have been built with the plugin on
+    (a policy, `native` included); the counter setting it was built with stays, and counters restart.
+
+    The switch lands between two steps: in-process, `LLM.generate` returns after its last step; a worker
+    runs `collective_rpc` calls between steps. A policy that does not fit a layer of the model (k0 > K, a
+    per-layer list too short, ...) raises ValueError naming the layer, on every worker before any of
+    them switches, and the previous policy stays in force. An engine that replays CUDA graphs or compiles
+    through the router cannot switch: RuntimeError, saying what to do.
+    """
+    if llm is not None:
+        llm.collective_rpc(worker_check_policy, args=(policy,))  # every worker, before any switches
+        return llm.collective_rpc(worker_set_policy, args=(policy,))[0]
+    return switch(policy).describe()
+
+
+def _live_routers() -> list[Rerouter]:
+    routers = sorted(STATE.routers, key=lambda r: (r.layer is None, r.layer or 0))
+    if not routers:
+        raise RuntimeError("moe-reroute: no MoE layer in this process is under the plugin, so there is no policy to "
+                           "switch: build the engine with a policy (moe_reroute.vllm.enable('native') before "
+                           f"vllm.LLM(...), or {_config.POLICY_ENV}=native for a server), then switch")
+    frozen = next((r for r in routers if r.frozen), None)
+    if frozen is not None:
+        raise RuntimeError(f"moe-reroute: this engine cannot switch policy: {frozen.frozen}. Build it with "
+                           "enforce_eager=True to switch at run time, or build one engine per policy "
+                           "(`moe-reroute serve-bench --isolate`)")
+    return routers
+
+
+def check_policy(policy: str, origin: str = "set_policy") -> list[tuple[Rerouter, _config.PluginConfig]]:
+    """Each live re-routed layer of this process with the configuration `policy` would give it; raises
+    (ValueError: the policy does not fit a layer; RuntimeError: nothing can switch) and changes nothing."""
+    routers = _live_routers()
+    cfg = _config.parse_checked(policy, origin=origin)
+    plan = [(r, dataclasses.replace(cfg, counters=r.config.counters)) for r in routers]
+    for r, c in plan:
+        r.check(c)
+    return plan
+
+
+def switch(policy: str, origin: str = "set_policy") -> _config.PluginConfig:
+    """Switch every live re-routed layer of this process to `policy` (see `set_policy`); all or none."""
+    plan = check_policy(policy, origin)
+    for r, c in plan:
+        r.set_config(c)
+    reset_counters()
+    cfg = plan[0][1]
+    logger.info("moe-reroute: policy switched to %s on %d MoE layers", cfg.describe(), len(plan))
+    return cfg
+
+
+def worker_check_policy(worker: Any, policy: str) -> bool:
+    """`check_policy` for `LLM.collective_rpc(worker_check_policy, args=(policy,))` (vLLM passes the worker)."""
+    check_policy(policy)
+    return True
+
+
+def worker_set_policy(worker: Any, policy: str) -> str:
+    """`switch` for `LLM.collective_rpc(worker_set_policy, args=(policy,))`; the new policy, described."""
+    return switch(policy).describe()
+
+
 def counters() -> dict[int | str, dict[str, float]]:
     """Per re-routed layer of this process, keyed by decoder-layer index (as vLLM names the modules):
     decode steps the policy ran (`steps`), mean U of the policy and of native routing over them
@@ -254,9 +386,19 @@ def reset_counters() -> None:
 
 
 class WorkerExtension:
-    """Counter access over vLLM's `collective_rpc`, for servers: start vLLM with
+    """Counters and policy switches over vLLM's `collective_rpc`, for servers: start vLLM with
     `--worker-extension-cls moe_reroute.vllm.WorkerExtension` (and `VLLM_SERVER_DEV_MODE=1` for the
     server's `/collective_rpc` route), then call the methods below by name. Arguments arrive as strings."""
+
+    def moe_reroute_check_policy(self, policy: str) -> bool:
+        """Raise, changing nothing, unless `policy` fits every re-routed layer of this worker."""
+        check_policy(policy, origin="moe_reroute_check_policy")
+        return True
+
+    def moe_reroute_set_policy(self, policy: str) -> str:
+        """Route with `policy` (a spec or JSON object) from the next step on; the policy, described. With
+        several workers, call `moe_reroute_check_policy` on all of them first."""
+        return switch(policy, origin="moe_reroute_set_policy").describe()
 
     def moe_reroute_counters(self) -> dict[str, dict[str, float]]:
         return {str(k): v for k, v in counters().items()}

@@ -170,6 +170,7 @@ class Rerouter:
         self.spec: RouterSpec | None = None
         self.reason = ""
         self.counter: LayerCounter | None = None
+        self.frozen = ""  # why the policy cannot be switched at run time (CUDA graphs, compiled); "" when it can
         self._bias_key: tuple | None = None
         self.decode_threshold = decode_threshold()
         self.layer_spec(num_experts)
@@ -187,23 +188,30 @@ class Rerouter:
                 self.spec = self.spec.with_bias(data)
         return self.spec
 
-    def check(self) -> None:
-        """Run the policy once on this layer's shape, so a policy that does not fit the model (k0 > K, a
-        per-layer list too short, a similarity of the wrong size) fails while vLLM builds the model. A layer
-        without a MoE-layer index takes only a policy that gives one value for every layer."""
+    def set_config(self, config: PluginConfig) -> None:
+        """Route with `config` from the next call on (check it first with `check(config)`)."""
+        self.config = config
+        self.is_native = isinstance(config.policy, Native)
+
+    def check(self, config: PluginConfig | None = None) -> None:
+        """Run the policy (`config`'s, default this layer's own) once on this layer's shape, so a policy that
+        does not fit the model (k0 > K, a per-layer list too short, a similarity of the wrong size) fails while
+        vLLM builds the model, or before a switch to it. A layer without a MoE-layer index takes only a policy
+        that gives one value for every layer."""
+        config = self.config if config is None else config
         if self.spec is None:
             return
-        if self.moe_layer is None and self.config.policy.config.varies_by_layer():
-            raise ValueError(f"moe-reroute: policy {self.config.source} gives values per MoE layer, but decoder layer "
+        if self.moe_layer is None and config.policy.config.varies_by_layer():
+            raise ValueError(f"moe-reroute: policy {config.source} gives values per MoE layer, but decoder layer "
                              f"{self.layer} has no MoE-layer index: {self.moe_why}. Give one value for every layer "
                              "(e.g. cap:k=4), or unset the policy for this model")
         spec = self.spec.with_bias(None) if self.spec.e_score_correction_bias is not None else self.spec
         logits = torch.linspace(-1, 1, 2 * spec.num_experts, device="cpu").view(2, -1)  # [2, E], no ties
         try:
-            self.config.policy.check_model(spec, self.moe_layer)  # every by_batch bucket
-            self.config.policy(logits, spec, layer=self.moe_layer)
+            config.policy.check_model(spec, self.moe_layer)  # every by_batch bucket
+            config.policy(logits, spec, layer=self.moe_layer)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"moe-reroute: policy {self.config.source} does not fit "
+            raise ValueError(f"moe-reroute: policy {config.source} does not fit "
                              f"{layer_name(self.layer, self.moe_layer)} (E={spec.num_experts}, K={spec.top_k}): {e}"
                              ) from None
 
@@ -216,9 +224,11 @@ class Rerouter:
         input_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.compiler.is_compiling():
-            # vLLM on CPU compiles through the router, where a step's phase cannot be read: stay native
-            # (the plugin warned when the model was built).
-            return self.native_compute(hidden_states, router_logits, indices_type, input_ids=input_ids)
+            # A compiled graph would fix this step's layout and policy for every step: refuse while vLLM
+            # compiles the model at start-up (on CPU the plugin runs the MoE layer as an opaque op instead).
+            from .plugin import COMPILED_REFUSAL
+
+            raise RuntimeError(COMPILED_REFUSAL)
         self.state.on_step()
         counter = self.counter if self.state.counting else None
         spec = self.layer_spec(router_logits.shape[-1])

@@ -33,6 +33,7 @@ def nothing_loads(monkeypatch):
     (["demo", "--bench-steps", "0"], ["--bench-steps must be >= 1, got 0"]),
     (["demo", "--generate", "-1"], ["--generate must be >= 1, got -1"]),
     (["demo", "--threads", "0"], ["--threads must be >= 1, got 0"]),
+    (["serve-bench", "--threads", "0"], ["--threads"]),
     (["serve-bench", "--run-timeout", "-5"], ["--run-timeout must be a number of seconds > 0, got -5"]),
     (["serve-bench", "--run-timeout", "nan"], ["--run-timeout", "got nan"]),
     (["serve-bench", "--dtype", "bogus"], ["--dtype must be auto or one of", "'bogus'"]),

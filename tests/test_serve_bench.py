@@ -305,3 +305,23 @@ def test_isolate_is_forced_only_with_cuda_graphs():
     assert sb.ab_block_steps(cfg, 3) == 1  # 7 decode steps // (4 x 3), at least 1
     with pytest.raises(sb.BenchError, match="raise --output-len"):
         sb.ab_block_steps(sb.Config(model="m", policies=[], batch_sizes=[1], output_len=4, block_steps=2), 3)
+
+
+def test_threads_reach_the_engine_and_the_load_hint(monkeypatch):
+    cfg = sb.Config(model="m", policies=[], batch_sizes=[1], device="cpu", threads=1).resolved()
+    assert sb.engine_env(cfg, "native", in_process=True)["OMP_NUM_THREADS"] == "1"
+    assert sb.threads_note(cfg) == "1 (--threads)"
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    default = sb.Config(model="m", policies=[], batch_sizes=[1], device="cpu").resolved()
+    assert "OMP_NUM_THREADS" not in sb.engine_env(default, "native", in_process=True)
+    monkeypatch.setattr(sb.os, "cpu_count", lambda: 2)
+    assert sb.threads_note(default) == "the engine's default (all 2 cores on CPU)"
+    # 2 cores: one busy with other work, the engine's default 2 threads would share it; 1 thread would not.
+    monkeypatch.setattr(sb.os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    assert "--threads 1" in sb.load_hint(default) and "load average 1.0 on 2 cores" in sb.load_hint(default)
+    assert sb.load_hint(cfg) is None
+    monkeypatch.setattr(sb.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert sb.load_hint(default) is None  # a quiet machine: no hint
+    cuda = sb.Config(model="m", policies=[], batch_sizes=[1], device="cuda").resolved()
+    monkeypatch.setattr(sb.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    assert sb.load_hint(cuda) is None

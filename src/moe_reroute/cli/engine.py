@@ -50,6 +50,8 @@ def _serve_bench(args) -> int:
         at_least(args.block_steps, 1, "--block-steps")
         if args.isolate or args.serve:
             raise InputError("--block-steps sets the blocks of the A/B mode; drop it with --isolate or --serve")
+    if args.threads is not None:
+        at_least(args.threads, 1, "--threads")
     if not 1 <= args.port <= 65535:
         raise InputError(f"--port must be 1..65535, got {args.port}")
     try:
@@ -69,7 +71,7 @@ def _serve_bench(args) -> int:
                              enforce_eager=True if args.enforce_eager else (False if args.cuda_graphs else None),
                              serve=args.serve, num_prompts=args.num_prompts, request_rate=rate, port=args.port,
                              run_timeout_s=args.run_timeout, isolate=True if args.isolate else None,
-                             block_steps=args.block_steps)
+                             block_steps=args.block_steps, threads=args.threads)
     command = "moe-reroute " + " ".join(shlex.quote(a) for a in args.argv)
     try:
         data = serve_bench.run(cfg, out, command, say=print)
@@ -122,6 +124,8 @@ def add_parsers(sub) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (the default on CPU)")
     g.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs (the default on CUDA)")
+    p.add_argument("--threads", type=int, help="the engine's CPU threads (OMP_NUM_THREADS; default: the engine's "
+                   "own, a thread per core): on a machine where other work runs, the cores that are free")
     p.add_argument("--serve", action="store_true", help="serving mode: vLLM's OpenAI server and its bench client")
     p.add_argument("--num-prompts", type=int, default=32, help="--serve: requests per concurrency (default 32)")
     p.add_argument("--request-rate", default="inf", help="--serve: requests/s, or inf (default inf)")

@@ -74,6 +74,7 @@ class Config:
     isolate: bool | None = None  # one engine per policy; forced with CUDA graphs, which cannot switch policy
     block_steps: int | None = None  # A/B: decode steps per block (default: output_len - 1 // (4 x policies))
     seed: int = 0  # A/B: the block order of each round, and the bootstrap
+    threads: int | None = None  # the engine's OpenMP/torch threads (OMP_NUM_THREADS); None: the engine's default
 
     def resolved(self) -> Config:
         import torch
@@ -281,6 +282,8 @@ def engine_env(cfg: Config, policy: str, in_process: bool) -> dict:
     if cfg.device == "cpu":
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if cfg.threads is not None:
+        env["OMP_NUM_THREADS"] = str(cfg.threads)  # vLLM's CPU worker sizes its OpenMP team from it
     env.update(cfg.extra_env)
     return env
 
@@ -734,6 +737,29 @@ def device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def threads_note(cfg: Config) -> str:
+    """The engine's CPU threads, as results.json and the report state them."""
+    if cfg.threads is not None:
+        return f"{cfg.threads} (--threads)"
+    return f"the engine's default ({os.environ['OMP_NUM_THREADS']} from OMP_NUM_THREADS)" \
+        if os.environ.get("OMP_NUM_THREADS") else f"the engine's default (all {os.cpu_count()} cores on CPU)"
+
+
+def load_hint(cfg: Config) -> str | None:
+    """A line when other work already keeps the CPU busy, so an engine with a thread per core would contend."""
+    if cfg.device != "cpu" or not hasattr(os, "getloadavg"):
+        return None
+    cores = os.cpu_count() or 1
+    threads = cfg.threads or int(os.environ.get("OMP_NUM_THREADS") or cores)
+    load = os.getloadavg()[0]
+    if load + threads <= cores + 0.5:
+        return None
+    free = max(1, round(cores - load))
+    return (f"serve-bench: the machine is busy (load average {load:.1f} on {cores} cores) and the engine would run "
+            f"{threads} threads: OpenMP threads that share a core with other work wait for each other, so steps "
+            f"get slow and noisy; --threads {free} gives the engine the cores that are free")
+
+
 def table(data: dict) -> str:
     """The results as a Markdown table (policies as the user named them; results.json has the specs run)."""
     labels = data.get("labels") or {}
@@ -774,7 +800,7 @@ def conditions(data: dict) -> str:
     lines = [f"- model: {c['model']}" + (f" — {c['model_note']}" if c.get("model_note") else ""),
              f"- engine: vLLM {c['vllm']} on {c['device']}, {c['dtype']}, "
              f"{'eager' if c['enforce_eager'] else ('CUDA graphs' if c['device'].startswith('cuda') else 'compiled')}, "
-             "greedy, ignore_eos",
+             f"greedy, ignore_eos; CPU threads: {c.get('threads', 'not recorded')}",
              f"- prompts: {c['prompt_len']} tokens of held-out text, {c['output_len']} output tokens, "
              + (f"{c['repeats']} timed generations in one engine per batch size, policies switched between decode "
                 f"steps in blocks of {c.get('block_steps')} steps, every policy once per round in a random order"
@@ -885,9 +911,13 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS).unlink(missing_ok=True)
     t0 = time.time()
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     ab = not cfg.serve and not cfg.isolate
     if not cfg.serve:
         say(f"serve-bench: {method_note(cfg)}", flush=True)
+    hint = load_hint(cfg)
+    if hint:
+        say(hint, flush=True)
     block_steps = ab_block_steps(cfg, len(policies)) if ab else None
     results = (run_serving if cfg.serve else run_offline)(cfg, policies, out, say, labels)
     if ab:
@@ -903,6 +933,8 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
                            "batch_sizes": cfg.batch_sizes, "num_prompts": cfg.num_prompts,
                            "request_rate": str(cfg.request_rate), "num_experts": spec.num_experts,
                            "top_k": spec.top_k, "seconds": round(time.time() - t0, 1),
+                           "threads": threads_note(cfg),
+                           "load_average_start": round(load_start, 2) if load_start is not None else None,
                            **({} if cfg.serve else {"method": "ab" if ab else "isolate",
                                                     "method_note": method_note(cfg), "block_steps": block_steps,
                                                     "seed": cfg.seed})},

@@ -325,3 +325,27 @@ def test_threads_reach_the_engine_and_the_load_hint(monkeypatch):
     cuda = sb.Config(model="m", policies=[], batch_sizes=[1], device="cuda").resolved()
     monkeypatch.setattr(sb.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
     assert sb.load_hint(cuda) is None
+
+
+def test_policy_files_are_read_and_checked(tmp_path, capsys):
+    from moe_reroute.reference import path as reference_path
+    from moe_reroute.serving import config as plugin_config
+
+    model = str(reference_path())
+    spec = sb.router_of(sb.read_model_config(model))
+    good = tmp_path / "tuned.json"
+    good.write_text(json.dumps({"name": "oea", "k0": 2, "phase": "decode"}, indent=2))
+    labels: dict = {}
+    run = sb.resolve_policies([str(good), "oea:k0=3"], model, spec, labels)
+    assert run[0] == sb.NATIVE and run[2] == "oea:k0=3"
+    assert json.loads(run[1]) == {"name": "oea", "k0": 2, "phase": "decode"} and labels[run[1]] == "tuned.json"
+    assert plugin_config.parse(run[1]).policy.config.k0 == 2  # the text the engine's plugin reads back
+    assert sb._slug(run[1]).startswith("file-") and sb._slug(run[1]) != sb._slug('{"name":"oea","k0":1}')
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(sb.BenchError, match="is not JSON"):
+        sb.resolve_policies([str(tmp_path / "bad.json")], model, spec)
+    with pytest.raises(sb.BenchError, match="does not exist"):
+        sb.resolve_policies([str(tmp_path / "missing.json")], model, spec)
+    (tmp_path / "k9.json").write_text(json.dumps({"name": "oea", "k0": 9}))
+    with pytest.raises(sb.BenchError, match="k0"):
+        sb.resolve_policies([str(tmp_path / "k9.json")], model, spec)

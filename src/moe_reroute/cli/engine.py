@@ -105,7 +105,8 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("serve-bench", help="decode speed of a vLLM engine, native against each policy")
     p.add_argument("--model", help="local model folder (default: the shipped reference model)")
-    p.add_argument("--policy", action="append", help="policy spec, repeatable (default: the default of each "
+    p.add_argument("--policy", action="append", help="policy spec or policy file (the JSON `moe-reroute tune --out` writes), "
+                   "repeatable (default: the default of each "
                    "policy for the model's K, for K=8 cap:k=4 oea:k0=3 budget:budget=32, and sere when the model "
                    "folder holds sere/similarity.safetensors, e.g. from `moe-reroute calibrate`)")
     p.add_argument("--batch-sizes", default="1,4,16,32", help="decode batch sizes; concurrencies with --serve "

@@ -175,6 +175,11 @@ def resolve_policies(specs: list[str], model: str, spec, labels: dict | None = N
         if s == NATIVE or s in out:
             continue
         given = s
+        if s.endswith(".json") or (not s.startswith("{") and Path(s).is_file()):
+            s = _policy_file_text(s)  # a policy file (`moe-reroute tune --out`): its JSON travels to the engine
+            if s in out:
+                continue
+            given = f"{Path(given).name}"
         if s.split(":")[0] == "sere" and "similarity=" not in s:
             sim = Path(model) / SIMILARITY_FILE
             if not sim.exists():
@@ -516,7 +521,27 @@ def summarize_ab(results: list[dict], policies: list[str], seed: int = 0) -> lis
     return rows
 
 
+def _policy_file_text(path: str) -> str:
+    """A policy file's JSON object as one line of text (what MOE_REROUTE_POLICY takes)."""
+    p = Path(path)
+    if not p.is_file():
+        raise BenchError(f"policy file {path} does not exist; give a spec (oea:k0=3) or a file that "
+                         "`moe-reroute tune --out` wrote")
+    try:
+        obj = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BenchError(f"policy file {path} is not JSON ({e}); give a file that `moe-reroute tune --out` "
+                         "wrote") from None
+    if not isinstance(obj, dict):
+        raise BenchError(f"policy file {path} must hold a JSON object (a policy), got {type(obj).__name__}")
+    return json.dumps(obj, separators=(",", ":"))
+
+
 def _slug(policy: str) -> str:
+    if policy.startswith("{"):  # a policy file's JSON: a short name that differs between files
+        import hashlib
+
+        return "file-" + hashlib.sha1(policy.encode()).hexdigest()[:10]
     return re.sub(r"[^A-Za-z0-9=.]+", "_", policy)[:60].strip("_")
 
 

@@ -317,14 +317,12 @@ def test_threads_reach_the_engine_and_the_load_hint(monkeypatch):
     monkeypatch.setattr(sb.os, "cpu_count", lambda: 2)
     assert sb.threads_note(default) == "the engine's default (all 2 cores on CPU)"
     # 2 cores: one busy with other work, the engine's default 2 threads would share it; 1 thread would not.
-    monkeypatch.setattr(sb.os, "getloadavg", lambda: (1.0, 1.0, 1.0))
-    assert "--threads 1" in sb.load_hint(default) and "load average 1.0 on 2 cores" in sb.load_hint(default)
-    assert sb.load_hint(cfg) is None
-    monkeypatch.setattr(sb.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
-    assert sb.load_hint(default) is None  # a quiet machine: no hint
+    assert "--threads 1" in sb.load_hint(default, 1.0) and "load average 1.0 on 2 cores" in sb.load_hint(default, 1.0)
+    assert sb.load_hint(cfg, 1.0) is None
+    assert sb.load_hint(default, 0.1) is None  # a quiet machine: no hint
     cuda = sb.Config(model="m", policies=[], batch_sizes=[1], device="cuda").resolved()
-    monkeypatch.setattr(sb.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
-    assert sb.load_hint(cuda) is None
+    assert sb.load_hint(cuda, 5.0) is None
+    assert sb.load_hint(default, None) is None  # no load average on this platform
 
 
 def test_policy_files_are_read_and_checked(tmp_path, capsys):
@@ -349,3 +347,12 @@ def test_policy_files_are_read_and_checked(tmp_path, capsys):
     (tmp_path / "k9.json").write_text(json.dumps({"name": "oea", "k0": 9}))
     with pytest.raises(sb.BenchError, match="k0"):
         sb.resolve_policies([str(tmp_path / "k9.json")], model, spec)
+
+
+def test_policy_file_that_is_a_fifo_is_refused_not_read(tmp_path):
+    import os
+
+    fifo = tmp_path / "tuned.json"
+    os.mkfifo(fifo)  # reading it would block forever
+    with pytest.raises(sb.BenchError, match="not a regular file"):
+        sb._policy_file_text(str(fifo))

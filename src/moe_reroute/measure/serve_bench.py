@@ -179,7 +179,7 @@ def resolve_policies(specs: list[str], model: str, spec, labels: dict | None = N
             s = _policy_file_text(s)  # a policy file (`moe-reroute tune --out`): its JSON travels to the engine
             if s in out:
                 continue
-            given = f"{Path(given).name}"
+            given = Path(given).name
         if s.split(":")[0] == "sere" and "similarity=" not in s:
             sim = Path(model) / SIMILARITY_FILE
             if not sim.exists():
@@ -522,14 +522,20 @@ def summarize_ab(results: list[dict], policies: list[str], seed: int = 0) -> lis
 
 
 def _policy_file_text(path: str) -> str:
-    """A policy file's JSON object as one line of text (what MOE_REROUTE_POLICY takes)."""
-    p = Path(path)
-    if not p.is_file():
+    """A policy file's JSON object as one line of text (what MOE_REROUTE_POLICY takes), read as the plugin
+    reads MOE_REROUTE_POLICY_FILE (a regular file, size-limited, UTF-8)."""
+    from ..policies.spec import load_json, read_policy_text
+
+    if not Path(path).exists():
         raise BenchError(f"policy file {path} does not exist; give a spec (oea:k0=3) or a file that "
                          "`moe-reroute tune --out` wrote")
     try:
-        obj = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = read_policy_text(path, origin=f"policy file {path}")
+    except ValueError as e:
+        raise BenchError(str(e)) from None
+    try:
+        obj = load_json(text.removeprefix("\ufeff"), f"policy file {path}")
+    except ValueError as e:
         raise BenchError(f"policy file {path} is not JSON ({e}); give a file that `moe-reroute tune --out` "
                          "wrote") from None
     if not isinstance(obj, dict):
@@ -762,21 +768,31 @@ def device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def _engine_threads(cfg: Config) -> tuple[int, str]:
+    """The engine's CPU threads and where the number comes from."""
+    if cfg.threads is not None:
+        return cfg.threads, "--threads"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    return os.cpu_count() or 1, "cores"
+
+
 def threads_note(cfg: Config) -> str:
     """The engine's CPU threads, as results.json and the report state them."""
-    if cfg.threads is not None:
-        return f"{cfg.threads} (--threads)"
-    return f"the engine's default ({os.environ['OMP_NUM_THREADS']} from OMP_NUM_THREADS)" \
-        if os.environ.get("OMP_NUM_THREADS") else f"the engine's default (all {os.cpu_count()} cores on CPU)"
+    n, source = _engine_threads(cfg)
+    if source == "--threads":
+        return f"{n} (--threads)"
+    return (f"the engine's default ({n} from OMP_NUM_THREADS)" if source == "OMP_NUM_THREADS"
+            else f"the engine's default (all {n} cores on CPU)")
 
 
-def load_hint(cfg: Config) -> str | None:
-    """A line when other work already keeps the CPU busy, so an engine with a thread per core would contend."""
-    if cfg.device != "cpu" or not hasattr(os, "getloadavg"):
+def load_hint(cfg: Config, load: float | None) -> str | None:
+    """A line when other work already keeps the CPU busy (`load`: the 1-minute load average), so an engine
+    with a thread per core would contend."""
+    if cfg.device != "cpu" or load is None:
         return None
     cores = os.cpu_count() or 1
-    threads = cfg.threads or int(os.environ.get("OMP_NUM_THREADS") or cores)
-    load = os.getloadavg()[0]
+    threads, _ = _engine_threads(cfg)
     if load + threads <= cores + 0.5:
         return None
     free = max(1, round(cores - load))
@@ -940,7 +956,7 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
     ab = not cfg.serve and not cfg.isolate
     if not cfg.serve:
         say(f"serve-bench: {method_note(cfg)}", flush=True)
-    hint = load_hint(cfg)
+    hint = load_hint(cfg, load_start)
     if hint:
         say(hint, flush=True)
     block_steps = ab_block_steps(cfg, len(policies)) if ab else None

@@ -356,3 +356,47 @@ def test_policy_file_that_is_a_fifo_is_refused_not_read(tmp_path):
     os.mkfifo(fifo)  # reading it would block forever
     with pytest.raises(sb.BenchError, match="not a regular file"):
         sb._policy_file_text(str(fifo))
+
+
+def test_sglang_engine_is_checked_before_anything_runs(tmp_path, capsys, monkeypatch):
+    from moe_reroute.sglang import plugin
+
+    monkeypatch.setattr(plugin, "sglang_version", lambda: None)
+    bad_input(capsys, ["serve-bench", "--engine", "sglang", "--out", tmp_path / "o"], "SGLang, which is not installed",
+              ".ci/sglang")
+    monkeypatch.setattr(plugin, "sglang_version", lambda: "0.4.9")
+    bad_input(capsys, ["serve-bench", "--engine", "sglang", "--out", tmp_path / "o"], "SGLang 0.4.9 is installed",
+              "0.5")
+    bad_input(capsys, ["serve-bench", "--engine", "sglang", "--serve", "--out", tmp_path / "o"], "offline A/B bench only",
+              "drop --serve")
+    bad_input(capsys, ["serve-bench", "--engine", "sglang", "--isolate", "--out", tmp_path / "o"], "drop --isolate")
+    bad_input(capsys, ["serve-bench", "--engine", "sglang", "--cuda-graphs", "--out", tmp_path / "o"], "runs eager")
+    assert not (tmp_path / "o").exists()
+
+
+def test_sglang_runs_take_one_decode_step_less_and_their_own_environment(monkeypatch):
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    # 9 output tokens: 8 decode steps in vLLM; SGLang's last step has no next start to time it by, so 7
+    vllm = sb.Config(model="m", policies=[], batch_sizes=[1], output_len=9, block_steps=2, device="cpu")
+    sglang = sb.Config(model="m", policies=[], batch_sizes=[1], output_len=9, block_steps=2, device="cpu",
+                       engine="sglang")
+    assert sb.ab_block_steps(vllm, 4) == 2
+    with pytest.raises(sb.BenchError, match="gives 7"):
+        sb.ab_block_steps(sglang, 4)
+    env = sb.engine_env(sglang, "native", in_process=True)
+    assert env["SGLANG_USE_CPU_ENGINE"] == "1" and env["MOE_REROUTE_POLICY"] == "native"
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in env and "VLLM_CPU_KVCACHE_SPACE" not in env
+    assert "SGLang" in sb.method_note(sglang.resolved())
+    assert sb.engine_label({"engine": "sglang", "engine_version": "0.5.23"}) == "SGLang 0.5.23"
+    assert sb.engine_label({"vllm": "0.32.0"}) == "vLLM 0.32.0"  # a results.json from before --engine
+
+
+def test_sglang_serves_an_untied_copy_of_a_tied_checkpoint(tmp_path):
+    from moe_reroute.reference import path as reference_path
+
+    said = []
+    served = sb.sglang_model(str(reference_path()), tmp_path, lambda line, **kw: said.append(line))
+    assert served == str(tmp_path / "sglang-model") and "untied copy" in said[0]
+    assert json.loads((tmp_path / "sglang-model" / "config.json").read_text())["tie_word_embeddings"] is False
+    untied = tmp_path / "sglang-model"
+    assert sb.sglang_model(str(untied), tmp_path / "x") == str(untied)  # nothing to untie

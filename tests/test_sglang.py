@@ -717,3 +717,67 @@ def test_installed_hook_registry_wraps_select_experts_with_the_hook(monkeypatch,
         registry.HookRegistry.reset()
     expected = distinct_ids(make_policy("cap", k=2)(logits, RouterSpec(16, 4), layer=0), 16)  # dropped slots made distinct for SGLang's MoE
     assert torch.equal(out.topk_ids, expected.ids.to(torch.int32))
+
+
+# --- A/B in the scheduler: a plan of one policy per decode step (serve-bench --engine sglang) ---
+
+
+def test_ab_plan_routes_each_decode_step_with_its_policy_and_restores_the_policy_after(monkeypatch, tmp_path,
+                                                                                      logits_factory):
+    import json
+
+    batch = [ForwardBatch(ForwardMode.EXTEND, 6)]
+    hook = plugin.SelectExpertsHook(plugin_config.parse("native"), step=plugin.StepRows(lambda: batch[0]),
+                                    model_config=lambda: None)
+    start = hook.config
+    monkeypatch.setattr(plugin.STATE, "hook", hook)
+    monkeypatch.setattr(plugin.STATE, "ab", None)
+    fits = collections.Counter()
+    real_check = plugin.check_fits
+
+    def counted(cfg, *args, **kw):
+        fits[cfg.source] += 1
+        return real_check(cfg, *args, **kw)
+
+    monkeypatch.setattr(plugin, "check_fits", counted)
+    plan = [[0, "oea:k0=1"], [0, "cap:k=2"], [1, "cap:k=2"], [1, "oea:k0=1"]]
+    plugin._rpc_ab_plan(None, policies=["oea:k0=1", "cap:k=2"], plan=plan)
+    layers = {0: TopKConfig(top_k=4, renormalize=True), 1: TopKConfig(top_k=4, renormalize=True)}
+    spec = RouterSpec(16, 4)
+    # one prefill step, five decode steps: the last is past the plan and runs native
+    modes = [ForwardMode.EXTEND] + [ForwardMode.DECODE] * 5
+    want_policy = ["native", "oea:k0=1", "cap:k=2", "cap:k=2", "oea:k0=1", "native"]
+    for i, (mode, name) in enumerate(zip(modes, want_policy)):
+        batch[0] = ForwardBatch(mode, 6)
+        logits = logits_factory(6, 16, torch.float32, seed=i)
+
+        def execute(runner, forward_batch):  # the model's forward: two MoE layers read the step's routing
+            return [call(hook, logits, cfg, layer_id=layer) for layer, cfg in layers.items()]
+
+        outs = plugin.note_mode(execute, None, batch[0])
+        fn = make_policy(name.split(":")[0], **({} if name == "native" else
+                                               {name.split(":")[1].split("=")[0]: int(name.split("=")[1])}))
+        want = distinct_ids(fn(logits, spec), 16)
+        for out in outs:
+            assert torch.equal(out.topk_ids.sort(-1).values, want.ids.to(torch.int32).sort(-1).values), (i, name)
+    path = tmp_path / "ab.json"
+    plugin._rpc_ab_save(None, path=str(path))
+    steps = json.loads(path.read_text())["steps"]
+    assert [s["kind"] for s in steps] == ["prefill"] + ["decode"] * 5
+    assert [s["policy"] for s in steps] == want_policy
+    assert [s["round"] for s in steps] == [None, 0, 0, 1, 1, None]
+    assert all(s["batch"] == 6 and s["forward_s"] >= 0 for s in steps)
+    assert all(a["t"] <= b["t"] for a, b in zip(steps, steps[1:]))
+    assert plugin.STATE.ab is None and hook.config is start  # the policy from before the plan routes again
+    assert fits == {"native": 2, "oea:k0=1": 2, "cap:k=2": 2}  # each policy's fit checked once per layer
+
+
+def test_ab_plan_naming_a_policy_it_was_not_given_is_refused(monkeypatch):
+    hook = hook_for("native")
+    monkeypatch.setattr(plugin.STATE, "hook", hook)
+    monkeypatch.setattr(plugin.STATE, "ab", None)
+    with pytest.raises(ValueError, match="not given"):
+        plugin._rpc_ab_plan(None, policies=["cap:k=2"], plan=[[0, "oea:k0=1"]])
+    with pytest.raises(ValueError, match="moe_reroute_ab_plan"):
+        plugin._rpc_ab_plan(None, policies=["oea:k0=banana"], plan=[])
+    assert plugin.STATE.ab is None

@@ -147,6 +147,84 @@ def test_recorded_routing_is_the_policy_on_each_steps_logits(engine, tmp_path):
     assert decode > 0 and rerouted / decode >= 0.95
 
 
+def hf_generate_switching(model, ids: list[int], policies: list[str]) -> list[int]:
+    """transformers' greedy tokens for one prompt, stepped by hand: the prompt natively, then decode step i
+    (the forward of generated token i + 1) re-routed by policies[i] ("native": not re-routed)."""
+    import inspect
+
+    from moe_reroute.hf import apply
+
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), use_cache=True)
+        tokens = [int(out.logits[0, -1].argmax())]
+        for policy in policies:
+            handle = apply(model, policy_from_spec(policy), phase="decode") if policy != "native" else None
+            try:
+                out = model(torch.tensor([[tokens[-1]]]), **{cache_arg: out.past_key_values}, use_cache=True)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens
+
+
+def test_ab_plan_switches_the_policy_between_decode_steps_in_the_engine(engine, hf, tmp_path):
+    """serve-bench --engine sglang's plan: decode step i runs plan[i]'s policy, switched inside the scheduler;
+    the tokens are transformers' with the same switches, and every step is recorded with its policy."""
+    ids = prompts()[1]  # 23 tokens: two prefill chunks of at most 16, then NEW - 1 decode steps
+    decode = ["native", "native", "cap:k=4", "cap:k=4", "oea:k0=2", "native"]  # the last decode step: past the plan
+    plan = [[i // 2, p] for i, p in enumerate(decode[:-1])]
+    engine.collective_rpc("moe_reroute_ab_plan", policies=["cap:k=4", "oea:k0=2"], plan=plan)
+    out = engine.generate(input_ids=[ids], sampling_params={"max_new_tokens": NEW - 1, "temperature": 0.0,
+                                                           "ignore_eos": True})
+    path = tmp_path / "ab.json"
+    engine.collective_rpc("moe_reroute_ab_save", path=str(path))
+    steps = json.loads(path.read_text())["steps"]
+    assert [(s["kind"], s["policy"]) for s in steps] == [("prefill", "native")] * 2 + [("decode", p) for p in decode]
+    assert [s["round"] for s in steps[2:]] == [0, 0, 1, 1, 2, None]
+    assert out[0]["output_ids"] == hf_generate_switching(hf, ids, decode)
+    assert out[0]["output_ids"] != hf_generate_switching(hf, ids, ["native"] * len(decode))  # the switches mattered
+    # after the plan, the engine's policy is the one set before it (native): SGLang's own tokens again
+    again, _ = run(engine, "native", [ids], tmp_path)
+    assert again[0] == hf_generate(hf, ids)
+
+
+def test_serve_bench_on_sglang_measures_every_policy_in_one_engine(tmp_path):
+    """`moe-reroute serve-bench --engine sglang`, as a user runs it, on the shipped reference model."""
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "moe_reroute.cli", "serve-bench", "--engine", "sglang", "--policy", "oea:k0=2",
+           "--policy", "cap:k=4", "--batch-sizes", "2", "--output-len", "10", "--repeats", "2", "--block-steps", "1",
+           "--threads", "1", "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_REROUTE_")}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "untied copy" in done.stdout and "| 2 | `oea:k0=2` |" in done.stdout
+    data = json.loads((out / "results.json").read_text())
+    c = data["conditions"]
+    assert c["engine"] == "sglang" and c["engine_version"].startswith("0.5.") and c["method"] == "ab"
+    assert c["threads"] == "1 (--threads)"
+    rows = {r["policy"]: r for r in data["rows"]}
+    assert set(rows) == {"native", "oea:k0=2", "cap:k=4"}
+    for p in ("oea:k0=2", "cap:k=4"):
+        assert rows[p]["unique"] < rows[p]["unique_native"] and rows[p]["tpot_ratio"] > 0
+        lo, hi = rows[p]["tpot_ratio_ci"]
+        assert lo <= rows[p]["tpot_ratio"] <= hi
+    # the steps timed are the schedule drawn from the seed: 8 decode steps timed per generation (the last
+    # has no next start), 2 rounds of 3 one-step blocks, every policy once per round
+    import random
+
+    from moe_reroute.measure.engine_run import ab_schedule
+
+    run_ = data["runs"][0]
+    rng = random.Random(0)
+    want = [ab_schedule(data["policies"], 8, 1, rng) for _ in range(2)]
+    got = [[(s["round"], s["policy"]) for s in run_["steps"] if s["generation"] == g] for g in range(2)]
+    assert got == want
+    assert all(s["s"] >= s["forward_s"] > 0 for s in run_["steps"])
+    assert (out / "report.md").read_text().count("SGLang 0.5.") >= 1
+
+
 def test_distinct_ids_pass_sglang_native_moe_and_repeated_ids_do_not():
     """SGLang's native MoE (CPU) against a plain loop: the contract's repeated ids break it, distinct ids
     give the plain loop's output."""

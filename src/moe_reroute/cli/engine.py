@@ -1,5 +1,5 @@
 """`moe-reroute synth-model` (real-shaped checkpoints with random weights) and `moe-reroute serve-bench`
-(decode speed of a real vLLM engine, native against policies)."""
+(decode speed of a real vLLM or SGLang engine, native against policies)."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def _serve_bench(args) -> int:
                              enforce_eager=True if args.enforce_eager else (False if args.cuda_graphs else None),
                              serve=args.serve, num_prompts=args.num_prompts, request_rate=rate, port=args.port,
                              run_timeout_s=args.run_timeout, isolate=True if args.isolate else None,
-                             block_steps=args.block_steps, threads=args.threads)
+                             block_steps=args.block_steps, threads=args.threads, engine=args.engine)
     command = "moe-reroute " + " ".join(shlex.quote(a) for a in args.argv)
     try:
         data = serve_bench.run(cfg, out, command, say=print)
@@ -103,7 +103,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="new folder for the checkpoint")
     p.set_defaults(run=_synth, needs=("hf",))
 
-    p = sub.add_parser("serve-bench", help="decode speed of a vLLM engine, native against each policy")
+    p = sub.add_parser("serve-bench", help="decode speed of a vLLM or SGLang engine, native against each policy")
+    p.add_argument("--engine", default="vllm", choices=("vllm", "sglang"), help="the engine to run (default vllm); "
+                   "sglang: SGLang 0.5's offline engine, A/B mode only, eager")
     p.add_argument("--model", help="local model folder (default: the shipped reference model)")
     p.add_argument("--policy", action="append", help="policy spec or policy file (the JSON `moe-reroute tune --out` writes), "
                    "repeatable (default: the default of each "

@@ -184,6 +184,87 @@ def run_ab(run: dict) -> dict:
             "generations": run["repeats"], "prefill_s": prefill, "steps": records, "counters": counters}
 
 
+def run_ab_sglang(run: dict) -> dict:
+    """`run_ab` in SGLang's offline engine (`sglang.Engine`): the same schedule and result.
+
+    SGLang's engine runs its steps in a scheduler process, so the plugin there follows the plan
+    (`moe_reroute_ab_plan`): decode step i of the generation runs plan[i]'s policy, and every step's start
+    is recorded; a step's time is the start of the next minus its own (forward, sampling and scheduling,
+    as the engine runs them one after another with the overlap scheduler off). The plan stops one decode
+    step short of the generation, whose last step has no next start. Engine: eager (no CUDA graphs, which
+    a policy switch cannot reach), no radix cache (each generation prefills afresh), every prompt in one
+    prefill step, at most `batch` running requests.
+    """
+    import random
+    import tempfile
+
+    import sglang
+
+    policies, L, b, B = run["policies"], run["output_len"], run["block_steps"], run["batch"]
+    cpu = run["device"] == "cpu"
+    args = dict(model_path=run["model"], device=run["device"], dtype=run["dtype"], disable_cuda_graph=True,
+                disable_radix_cache=True, disable_overlap_schedule=True, skip_server_warmup=True, random_seed=0,
+                max_running_requests=B, chunked_prefill_size=max(256, B * run["prompt_len"]),
+                max_total_tokens=B * run["max_model_len"] + 256, log_level="error")
+    if cpu:
+        args.update(attention_backend="torch_native", mem_fraction_static=0.05)
+    t0 = time.perf_counter()
+    llm = sglang.Engine(**{**args, **run.get("engine_args", {})})
+    build_s = time.perf_counter() - t0
+    work = Path(tempfile.mkdtemp(prefix="moe-reroute-ab-"))
+    try:
+        def generate(n: int, plan: list[tuple[int, str]]) -> list[dict]:
+            """Every prompt with max_new_tokens=n under `plan`; the scheduler's record of each step."""
+            llm.collective_rpc("moe_reroute_ab_plan", policies=policies, plan=[list(x) for x in plan])
+            outs = llm.generate(input_ids=run["prompts"],
+                                sampling_params={"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True})
+            path = work / "ab.json"
+            llm.collective_rpc("moe_reroute_ab_save", path=str(path))
+            steps = json.loads(path.read_text())["steps"]
+            got = sorted({len(o["output_ids"]) for o in outs})
+            if len(outs) != B or got != [n]:
+                raise RuntimeError(f"the engine finished {len(outs)} of {B} sequences with {got} tokens, not {n}")
+            decode = [s for s in steps if s["kind"] == "decode"]
+            if steps[0]["kind"] != "prefill" or len(decode) != n - 1 or any(s["batch"] != B for s in decode):
+                kinds = [(s["kind"], s["batch"]) for s in steps[:6]]
+                raise RuntimeError(f"SGLang did not run the batch as one prefill step then {n - 1} decode steps of "
+                                   f"{B} sequences (steps: {kinds}...): its steps cannot be attributed to policies")
+            return steps
+
+        def uniform(policy: str, n: int) -> list[tuple[None, str]]:
+            return [(None, policy)] * (n - 1)
+
+        for p in policies:  # warm-up: first-call allocations and kernels of every policy
+            generate(min(L, 8), uniform(p, min(L, 8)))
+        rng = random.Random(run.get("seed", 0))
+        records, prefill = [], []
+        for g in range(run["repeats"]):
+            plan = ab_schedule(policies, L - 2, b, rng)
+            steps = generate(L, plan)
+            prefill.append(steps[1]["t"] - steps[0]["t"])
+            for i in range(1, len(steps) - 1):
+                st = steps[i]
+                if st["round"] is not None:
+                    records.append({"generation": g, "round": st["round"], "step": i, "policy": st["policy"],
+                                    "s": steps[i + 1]["t"] - st["t"], "forward_s": st["forward_s"]})
+        counters = {}
+        for p in policies:  # U per layer: one counted generation per policy (counters restart at each switch)
+            llm.collective_rpc("moe_reroute_set_policy", policy=p)
+            llm.generate(input_ids=run["prompts"],
+                         sampling_params={"max_new_tokens": L, "temperature": 0.0, "ignore_eos": True})
+            state = work / "state.pt"
+            llm.collective_rpc("moe_reroute_save", path=str(state))
+            import torch
+
+            counters[p] = {str(k): v for k, v in torch.load(state, weights_only=False)["counters"].items()}
+        llm.collective_rpc("moe_reroute_set_policy", policy="native")
+    finally:
+        llm.shutdown()
+    return {"mode": "ab", "engine": "sglang", "build_s": build_s, "batch": B, "policies": policies,
+            "block_steps": b, "generations": run["repeats"], "prefill_s": prefill, "steps": records,
+            "counters": counters}
+
+
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "--client":
         from vllm.benchmarks.serve import add_cli_args
@@ -198,7 +279,10 @@ def main(argv: list[str]) -> int:
         print("usage: python -m moe_reroute.measure.engine_run RUN.json | --client ARGS...", file=sys.stderr)
         return 2
     run = json.loads(Path(argv[0]).read_text())
-    result = run_ab(run) if run.get("mode") == "ab" else run_offline(run)
+    if run.get("engine") == "sglang":
+        result = run_ab_sglang(run)
+    else:
+        result = run_ab(run) if run.get("mode") == "ab" else run_offline(run)
     out = Path(run["result"])
     tmp = out.with_suffix(".partial")
     tmp.write_text(json.dumps(result) + "\n")

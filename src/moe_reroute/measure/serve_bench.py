@@ -75,6 +75,7 @@ class Config:
     block_steps: int | None = None  # A/B: decode steps per block (default: output_len - 1 // (4 x policies))
     seed: int = 0  # A/B: the block order of each round, and the bootstrap
     threads: int | None = None  # the engine's OpenMP/torch threads (OMP_NUM_THREADS); None: the engine's default
+    engine: str = "vllm"  # or "sglang": SGLang's offline engine, A/B only
 
     def resolved(self) -> Config:
         import torch
@@ -92,7 +93,9 @@ def method_note(cfg: Config) -> str:
     """How the offline runs compare policies, in a line for the output (cfg resolved)."""
     if not cfg.isolate:
         return ("A/B in one engine per batch size: the policy is switched between decode steps, in blocks of "
-                "every policy in a random order per round")
+                "every policy in a random order per round"
+                + ("; SGLang: eager, overlap scheduler off, each step timed in its scheduler" if cfg.engine == SGLANG
+                   else ""))
     if not cfg.enforce_eager and cfg.device == "cuda":
         return ("each policy in its own engine process (--isolate is the default with CUDA graphs: a captured "
                 "graph cannot switch policy)")
@@ -100,8 +103,9 @@ def method_note(cfg: Config) -> str:
 
 
 def ab_block_steps(cfg: Config, n_policies: int) -> int:
-    """Decode steps per block (A/B); BenchError when a round of every policy does not fit a generation."""
-    decode = cfg.output_len - 1
+    """Decode steps per block (A/B); BenchError when a round of every policy does not fit a generation. In
+    SGLang the last decode step is not timed (`engine_run.run_ab_sglang`)."""
+    decode = cfg.output_len - 1 - (cfg.engine == "sglang")
     b = cfg.block_steps if cfg.block_steps is not None else max(1, decode // (4 * n_policies))
     if b < 1 or b * n_policies > decode:
         raise BenchError(f"A/B: a round of {n_policies} policies x {b} steps per block needs {b * n_policies} decode "
@@ -127,6 +131,33 @@ def vllm_version() -> str:
         except md.PackageNotFoundError:
             continue
     return "unknown"
+
+
+SGLANG = "sglang"
+ENGINES = ("vllm", SGLANG)
+
+
+def engine_name(engine: str) -> str:
+    return {"vllm": "vLLM", SGLANG: "SGLang"}[engine]
+
+
+def sglang_version() -> str:
+    """The installed SGLang's version (a supported one), or BenchError saying how to install one."""
+    from ..sglang.plugin import SUPPORTED_SGLANG
+    from ..sglang.plugin import sglang_version as installed
+
+    version = installed()
+    known = ", ".join(f"{a}.{b}" for a, b in SUPPORTED_SGLANG)
+    if version is None:
+        raise BenchError(f"serve-bench --engine sglang runs SGLang, which is not installed in this Python: install "
+                         f"SGLang {known} (on CPU, `.ci/sglang` builds an environment with SGLang 0.5.23)")
+    try:
+        ok = tuple(int(x) for x in version.split(".")[:2]) in SUPPORTED_SGLANG
+    except ValueError:
+        ok = False
+    if not ok:
+        raise BenchError(f"SGLang {version} is installed; the plugin supports {known}")
+    return version
 
 
 def check_vllm_version(version: str) -> None:
@@ -280,11 +311,14 @@ def engine_env(cfg: Config, policy: str, in_process: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k != plugin_config.POLICY_FILE_ENV}
     env[plugin_config.POLICY_ENV] = policy
     env[plugin_config.COUNTERS_ENV] = "1"
-    if in_process:
+    if cfg.engine == SGLANG:
+        if cfg.device == "cpu":
+            env["SGLANG_USE_CPU_ENGINE"] = "1"  # SGLang's CPU engine (its native torch paths without sgl_kernel)
+    elif in_process:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: counters read directly
     else:
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # a server runs its engine core as vLLM does by default
-    if cfg.device == "cpu":
+    if cfg.device == "cpu" and cfg.engine != SGLANG:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if cfg.threads is not None:
@@ -429,7 +463,7 @@ def run_ab(cfg: Config, policies: list[str], out: Path, say=print, labels: dict 
     runs_dir = out / "runs"
     prompts = prompt_ids(cfg.model, max(cfg.batch_sizes), cfg.prompt_len)
     b = ab_block_steps(cfg, len(policies))
-    rounds = (cfg.output_len - 1) // (b * len(policies))
+    rounds = (cfg.output_len - 1 - (cfg.engine == SGLANG)) // (b * len(policies))
     results = []
     for i, B in enumerate(cfg.batch_sizes, 1):
         tag = f"b{B}-ab"
@@ -439,7 +473,7 @@ def run_ab(cfg: Config, policies: list[str], out: Path, say=print, labels: dict 
         say(f"[engine {i}/{len(cfg.batch_sizes)}] batch {B}: {len(policies)} policies in one engine, {cfg.repeats} "
             f"generations x {rounds} rounds of {b}-step blocks", flush=True)
         spec_file.write_text(json.dumps({
-            "mode": "ab", "policies": policies, "batch": B, "repeats": cfg.repeats, "block_steps": b,
+            "mode": "ab", "engine": cfg.engine, "policies": policies, "batch": B, "repeats": cfg.repeats, "block_steps": b,
             "seed": cfg.seed, "model": str(Path(cfg.model).absolute()), "dtype": cfg.dtype, "device": cfg.device,
             "enforce_eager": cfg.enforce_eager,
             "prompt_len": cfg.prompt_len, "output_len": cfg.output_len,
@@ -750,6 +784,29 @@ def summarize_serving(results: list[dict], policies: list[str], batch_sizes: lis
 # ---------------------------------------------------------------------------------------------- output
 
 
+def engine_label(conditions: dict) -> str:
+    """"vLLM 0.32.0" / "SGLang 0.5.23" from results.json's conditions (older files name vLLM only)."""
+    engine = conditions.get("engine", "vllm")
+    return f"{engine_name(engine)} {conditions.get('engine_version') or conditions.get('vllm', '?')}"
+
+
+def sglang_model(model: str, out: Path, say=print) -> str:
+    """The folder SGLang serves for `model`: the model itself, or, for a checkpoint with tied embeddings and
+    no lm_head.weight (SGLang 0.5's Qwen3-MoE would not tie them), an untied copy in out/sglang-model."""
+    from ..sglang.model import needs_untying, untied_copy
+
+    if not needs_untying(model):
+        return model
+    copy = out / "sglang-model"
+    if copy.exists():
+        import shutil
+
+        shutil.rmtree(copy)
+    say(f"serve-bench: {model} ties its embeddings, which SGLang's loader ignores; serving an untied copy "
+        f"(lm_head.weight written out) from {copy}", flush=True)
+    return str(untied_copy(model, copy))
+
+
 def model_note(model: str) -> str:
     marker = synth.read_marker(model)
     if marker:
@@ -839,7 +896,7 @@ def _share(row: dict) -> str:
 def conditions(data: dict) -> str:
     c = data["conditions"]
     lines = [f"- model: {c['model']}" + (f" — {c['model_note']}" if c.get("model_note") else ""),
-             f"- engine: vLLM {c['vllm']} on {c['device']}, {c['dtype']}, "
+             f"- engine: {engine_label(c)} on {c['device']}, {c['dtype']}, "
              f"{'eager' if c['enforce_eager'] else ('CUDA graphs' if c['device'].startswith('cuda') else 'compiled')}, "
              f"greedy, ignore_eos; CPU threads: {c.get('threads', 'not recorded')}",
              f"- prompts: {c['prompt_len']} tokens of held-out text, {c['output_len']} output tokens, "
@@ -902,7 +959,7 @@ def plot(data: dict, path: Path) -> Path | None:
     b.axhline(1.0, color="gray", lw=0.8)
     a.legend(fontsize=8)
     title = data["conditions"]["model_note"] or data["conditions"]["model"]
-    fig.suptitle(f"vLLM {data['conditions']['vllm']}, {data['conditions']['device']}: {title}"[:120], fontsize=9)
+    fig.suptitle(f"{engine_label(data['conditions'])}, {data['conditions']['device']}: {title}"[:120], fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -944,13 +1001,29 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
     spec = router_of(config)
     labels: dict[str, str] = {}
     policies = resolve_policies(cfg.policies or default_policies(spec.top_k, cfg.model), cfg.model, spec, labels)
-    if cfg.serve:
-        check_port(cfg.port)
-    version = vllm_version()
-    check_vllm_version(version)
+    if cfg.engine not in ENGINES:
+        raise BenchError(f"--engine must be one of {', '.join(ENGINES)}, got {cfg.engine!r}")
+    if cfg.engine == SGLANG:
+        if cfg.serve or cfg.isolate:
+            raise BenchError("--engine sglang runs the offline A/B bench only: drop " + ("--serve" if cfg.serve else
+                             "--isolate") + " (serving mode and one engine per policy run vLLM)")
+        if cfg.enforce_eager is False:
+            raise BenchError("--engine sglang runs eager (a policy switch cannot reach a captured CUDA graph): drop "
+                             "--cuda-graphs")
+        version = sglang_version()
+    else:
+        if cfg.serve:
+            check_port(cfg.port)
+        version = vllm_version()
+        check_vllm_version(version)
     cfg = cfg.resolved()
+    if cfg.engine == SGLANG:
+        cfg.enforce_eager, cfg.isolate = True, False
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS).unlink(missing_ok=True)
+    model = cfg.model
+    if cfg.engine == SGLANG:
+        cfg.model = sglang_model(cfg.model, out, say)
     t0 = time.time()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     ab = not cfg.serve and not cfg.isolate
@@ -968,7 +1041,9 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
     else:
         rows = summarize_offline(results, policies, cfg.batch_sizes)
     data = {"command": command, "mode": "serve" if cfg.serve else "offline",
-            "conditions": {"model": str(cfg.model), "model_note": model_note(cfg.model), "vllm": version,
+            "conditions": {"model": str(model), "model_note": model_note(model), "engine": cfg.engine,
+                           **({"served_model": str(cfg.model)} if cfg.model != model else {}),
+                           "engine_version": version, **({"vllm": version} if cfg.engine == "vllm" else {}),
                            "device": device_name(cfg.device), "dtype": cfg.dtype, "enforce_eager": cfg.enforce_eager,
                            "prompt_len": cfg.prompt_len, "output_len": cfg.output_len, "repeats": cfg.repeats,
                            "batch_sizes": cfg.batch_sizes, "num_prompts": cfg.num_prompts,

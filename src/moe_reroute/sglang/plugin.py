@@ -48,6 +48,7 @@ logger = logging.getLogger("sglang.moe_reroute")
 
 SUPPORTED_SGLANG = ((0, 5),)  # read against 0.5.23
 TARGET = "sglang.srt.layers.moe.topk.select_experts"
+NATIVE_SPEC = "native"
 # SGLang 0.5.23's eager runner turns a MIXED step into EXTEND before its forward ("a mixed batch is
 # extend-shaped"); an AROUND hook on it keeps the step's own mode for `step_kind` (`note_mode`).
 EXECUTE = "sglang.srt.model_executor.runner.eager_runner.EagerRunner.execute"
@@ -139,12 +140,64 @@ EXECUTING = _Executing()
 
 def note_mode(execute: Callable, runner: Any, forward_batch: Any = None, *args: Any, **kwargs: Any) -> Any:
     """AROUND hook on `EXECUTE`: keep the step's forward mode, as the scheduler made it, while it runs (SGLang
-    rewrites MIXED to EXTEND inside, and the forward context may carry another ForwardBatch object)."""
+    rewrites MIXED to EXTEND inside, and the forward context may carry another ForwardBatch object). Under an
+    A/B plan (`moe_reroute_ab_plan`) it also picks the step's policy and times the step."""
     outer, EXECUTING.mode = EXECUTING.mode, getattr(forward_batch, "forward_mode", None)
+    ab = STATE.ab
+    if ab is not None and outer is None:
+        ab.begin(forward_batch)
     try:
         return execute(runner, forward_batch, *args, **kwargs)
     finally:
         EXECUTING.mode = outer
+        if ab is not None and outer is None:
+            ab.end()
+
+
+class ABPlan:
+    """A/B timing inside SGLang's scheduler (`moe_reroute_ab_plan`): the policy of each decode step of the
+    next generation, switched at step boundaries, and each step's start and forward time.
+
+    `plan[i]` is (round, policy) of the i-th decode step (0-based) from the plan's start; prefill and mixed
+    steps, and decode steps past the plan, run `native`. Every policy's configuration is built once, with
+    counters off, so a switch only swaps the hook's configuration (each policy's fit is checked once per
+    layer, on its first step). `steps` holds, per step the runner executes: its kind, batch size, round,
+    policy, start (perf_counter seconds) and forward seconds.
+    """
+
+    def __init__(self, hook: SelectExpertsHook, configs: dict[str, _config.PluginConfig],
+                 plan: Sequence[tuple[int | None, str]]) -> None:
+        missing = sorted({p for _, p in plan} - set(configs))
+        if missing or NATIVE_SPEC not in configs:
+            raise ValueError(f"moe_reroute_ab_plan: the plan names policies it was not given ({missing or NATIVE_SPEC})")
+        self.hook, self.configs, self.plan = hook, configs, [(r, p) for r, p in plan]
+        self.restore = hook.config
+        self.decode = 0
+        self.steps: list[dict[str, Any]] = []
+
+    def begin(self, forward_batch: Any) -> None:
+        import time
+
+        kind = step_kind(forward_batch)
+        rnd, policy = None, NATIVE_SPEC
+        if kind == DECODE:
+            if self.decode < len(self.plan):
+                rnd, policy = self.plan[self.decode]
+            self.decode += 1
+        self.hook.use(self.configs[policy])
+        bs = getattr(forward_batch, "batch_size", None)
+        self.steps.append({"kind": kind, "batch": int(bs) if _is_count(bs) else None, "round": rnd,
+                           "policy": policy, "t": time.perf_counter()})
+
+    def end(self) -> None:
+        import time
+
+        self.steps[-1]["forward_s"] = time.perf_counter() - self.steps[-1]["t"]
+
+    def finish(self) -> list[dict[str, Any]]:
+        """The steps recorded; the hook routes with its configuration from before the plan again."""
+        self.hook.use(self.restore)
+        return self.steps
 
 
 def _mode_is(mode: Any, name: str) -> bool:
@@ -357,13 +410,20 @@ class SelectExpertsHook:
         self.counters: dict[int | str, LayerCounter] = {}  # decoder-layer index -> counter (config.counters)
         self.native_policy = Native(NativeConfig(), check_inputs=False)
         self.records: list[dict[str, Any]] | None = None  # every re-routed call, while recording
+        self.fitted: set[tuple[int, int]] = set()  # (id(config), id(TopKConfig)) whose fit was checked
         self._rpc_attached = False
 
     def set_config(self, config: _config.PluginConfig) -> None:
         """Route with `config` from the next step on (layers are checked against it again); counters restart."""
         self.config = config
         self.specs.clear()
+        self.fitted.clear()
         self.counters.clear()
+
+    def use(self, config: _config.PluginConfig) -> None:
+        """Route with `config` from the next step on, keeping layer specs and counters (an A/B plan's switch:
+        the caller keeps `config` alive, and its fit is checked once per layer)."""
+        self.config = config
 
     def counter(self, layer: int | None) -> LayerCounter | None:
         if not self.config.counters:
@@ -392,14 +452,17 @@ class SelectExpertsHook:
                topk_config.custom_routing_function, getattr(topk_config, "fused_gate_packed_ids", False))
         known = self.specs.get(id(topk_config))
         if known is not None and known[0] is topk_config and known[1] == key:
-            return known[2]
-        spec, reason = topk_spec(topk_config, num_experts)
-        if spec is not None:
+            spec = known[2]
+        else:
+            spec, reason = topk_spec(topk_config, num_experts)
+            if spec is None and reason not in self.native_reasons:
+                self.native_reasons.add(reason)
+                logger.info("moe-reroute: MoE layers with %s keep SGLang's routing (first: layer %s)", reason, layer)
+            self.specs[id(topk_config)] = (topk_config, key, spec, reason)
+            self.fitted.discard((id(self.config), id(topk_config)))
+        if spec is not None and (id(self.config), id(topk_config)) not in self.fitted:
             check_fits(self.config, spec, layer, self.moe_layer(layer))
-        elif reason not in self.native_reasons:
-            self.native_reasons.add(reason)
-            logger.info("moe-reroute: MoE layers with %s keep SGLang's routing (first: layer %s)", reason, layer)
-        self.specs[id(topk_config)] = (topk_config, key, spec, reason)
+            self.fitted.add((id(self.config), id(topk_config)))
         return spec
 
     def __call__(self, select_experts: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -509,6 +572,25 @@ def _rpc_set_policy(scheduler: Any, policy: str) -> None:
     STATE.hook.set_config(cfg)
 
 
+def _rpc_ab_plan(scheduler: Any, policies: list[str], plan: list[list[Any]]) -> None:
+    """`moe_reroute_ab_plan(policies, plan)`: from the next step on, decode step i runs plan[i] = [round,
+    policy] (policies: every spec the plan names; `native` is added), each step timed, until
+    `moe_reroute_ab_save`."""
+    if STATE.hook is None:
+        raise RuntimeError("moe-reroute: the plugin is not active in this server (no policy was set at start-up)")
+    configs = {p: _config.parse_checked(p, counters=False, origin="moe_reroute_ab_plan")
+               for p in dict.fromkeys([NATIVE_SPEC, *policies])}
+    STATE.ab = ABPlan(STATE.hook, configs, [(r, p) for r, p in plan])
+
+
+def _rpc_ab_save(scheduler: Any, path: str) -> None:
+    """`moe_reroute_ab_save(path)`: end the A/B plan; write its steps to `path` (JSON)."""
+    from ..files import write_text_atomic
+
+    ab, STATE.ab = STATE.ab, None
+    write_text_atomic(path, json.dumps({"steps": ab.finish() if ab is not None else None}) + "\n")
+
+
 def _rpc_reset_counters(scheduler: Any) -> None:
     """`moe_reroute_reset_counters()`: zero every counter of this scheduler."""
     if STATE.hook is not None:
@@ -519,7 +601,8 @@ def _rpc_reset_counters(scheduler: Any) -> None:
 # Scheduler methods for `Engine.collective_rpc(name, **kwargs)` (it returns no value: `moe_reroute_save` writes
 # the counters and records to a file).
 RPC_METHODS = {"moe_reroute_save": _rpc_save, "moe_reroute_record": _rpc_record,
-               "moe_reroute_set_policy": _rpc_set_policy, "moe_reroute_reset_counters": _rpc_reset_counters}
+               "moe_reroute_set_policy": _rpc_set_policy, "moe_reroute_reset_counters": _rpc_reset_counters,
+               "moe_reroute_ab_plan": _rpc_ab_plan, "moe_reroute_ab_save": _rpc_ab_save}
 
 
 class State:
@@ -527,6 +610,7 @@ class State:
 
     def __init__(self) -> None:
         self.hook: SelectExpertsHook | None = None
+        self.ab: ABPlan | None = None  # an A/B plan in progress (`moe_reroute_ab_plan`)
 
 
 STATE = State()

@@ -319,6 +319,9 @@ def test_threads_reach_the_engine_and_the_load_hint(monkeypatch):
     # 2 cores: one busy with other work, the engine's default 2 threads would share it; 1 thread would not.
     assert "--threads 1" in sb.load_hint(default, 1.0) and "load average 1.0 on 2 cores" in sb.load_hint(default, 1.0)
     assert sb.load_hint(cfg, 1.0) is None
+    overloaded = sb.load_hint(cfg, 3.8)  # more work than cores: no --threads helps, and none is suggested
+    assert "load average 3.8 on 2 cores" in overloaded and "1 thread will share" in overloaded
+    assert "--threads" not in overloaded
     assert sb.load_hint(default, 0.1) is None  # a quiet machine: no hint
     cuda = sb.Config(model="m", policies=[], batch_sizes=[1], device="cuda").resolved()
     assert sb.load_hint(cuda, 5.0) is None

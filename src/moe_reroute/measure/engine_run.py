@@ -1,5 +1,5 @@
 """One engine run of `moe-reroute serve-bench`, in a process of its own: one policy per engine (`--isolate`),
-or every policy in one engine, switched between decode steps (A/B, `run_ab`).
+or every policy in one engine, switched between decode steps (A/B, `run_ab`; in SGLang, `run_ab_sglang`).
 
     python -m moe_reroute.measure.engine_run RUN.json      # offline: time one batch, write the result
     python -m moe_reroute.measure.engine_run --client ...  # vLLM's own `bench serve` client, its arguments

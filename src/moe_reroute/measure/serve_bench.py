@@ -1,4 +1,7 @@
-"""End-to-end decode speed of a vLLM engine, native against policies: `moe-reroute serve-bench`.
+"""End-to-end decode speed of a vLLM or SGLang engine, native against policies: `moe-reroute serve-bench`.
+
+SGLang (`engine="sglang"`): the offline A/B mode below in SGLang's own offline engine
+(`engine_run.run_ab_sglang`: the plugin switches the policy and times each step inside SGLang's scheduler).
 
 Offline mode, A/B (the default, except with CUDA graphs): for each batch size one vLLM
 `LLM` in a fresh process (`engine_run.run_ab`) runs native and every policy, switching the policy between
@@ -853,8 +856,13 @@ def load_hint(cfg: Config, load: float | None) -> str | None:
     if load + threads <= cores + 0.5:
         return None
     free = max(1, round(cores - load))
+    what = f"{threads} thread{'s' if threads != 1 else ''}"
+    if threads <= free:
+        return (f"serve-bench: the machine is busy (load average {load:.1f} on {cores} cores): the engine's {what} "
+                "will share a core with other work, so steps get slow and noisy; the ratios hold best on a quieter "
+                "machine")
     return (f"serve-bench: the machine is busy (load average {load:.1f} on {cores} cores) and the engine would run "
-            f"{threads} threads: OpenMP threads that share a core with other work wait for each other, so steps "
+            f"{what}: OpenMP threads that share a core with other work wait for each other, so steps "
             f"get slow and noisy; --threads {free} gives the engine the cores that are free")
 
 

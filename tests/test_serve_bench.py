@@ -403,3 +403,16 @@ def test_sglang_serves_an_untied_copy_of_a_tied_checkpoint(tmp_path):
     assert json.loads((tmp_path / "sglang-model" / "config.json").read_text())["tie_word_embeddings"] is False
     untied = tmp_path / "sglang-model"
     assert sb.sglang_model(str(untied), tmp_path / "x") == str(untied)  # nothing to untie
+
+
+def test_sglang_cpu_memory_share_holds_the_weights_at_the_engines_dtype(tmp_path):
+    from moe_reroute.measure.engine_run import cpu_memory_fraction
+
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    with open(tmp_path / "model.safetensors", "wb") as f:
+        f.truncate(3 * 2**30)  # 3 GiB in bfloat16 (a sparse file): 6 GiB in float32
+    gib = 2**30
+    assert cpu_memory_fraction(str(tmp_path), "float32", total=32 * gib) == pytest.approx((6 + 2) / 32)
+    assert cpu_memory_fraction(str(tmp_path), "bfloat16", total=32 * gib) == pytest.approx((3 + 2) / 32)
+    assert cpu_memory_fraction(str(tmp_path), "float32", total=8 * gib) == 0.9  # at most 0.9: SGLang then says
+    assert cpu_memory_fraction(str(tmp_path), "float32", total=1024 * gib) == 0.05

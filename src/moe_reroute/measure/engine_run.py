@@ -184,6 +184,23 @@ def run_ab(run: dict) -> dict:
             "generations": run["repeats"], "prefill_s": prefill, "steps": records, "counters": counters}
 
 
+def cpu_memory_fraction(model: str, dtype: str, total: int | None = None) -> float:
+    """SGLang's `mem_fraction_static` on CPU, where it is a share of the machine's memory that must hold the
+    weights (at the engine's dtype) and the KV cache: the checkpoint's bytes rescaled to `dtype`, plus
+    2 GiB, over the memory (`total` bytes; default: the machine's), within [0.05, 0.9]."""
+    import torch
+
+    folder = Path(model)
+    stored = json.loads((folder / "config.json").read_text())
+    stored = stored.get("dtype") or stored.get("torch_dtype") or "bfloat16"
+    size = {name: getattr(torch, name).itemsize for name in ("float32", "bfloat16", "float16")}
+    scale = size.get(dtype, 4) / size.get(str(stored), 2)
+    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors")) * scale
+    if total is None:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(0.9, max(0.05, (weights + 2 * 2**30) / total))
+
+
 def run_ab_sglang(run: dict) -> dict:
     """`run_ab` in SGLang's offline engine (`sglang.Engine`): the same schedule and result.
 
@@ -207,7 +224,7 @@ def run_ab_sglang(run: dict) -> dict:
                 max_running_requests=B, chunked_prefill_size=max(256, B * run["prompt_len"]),
                 max_total_tokens=B * run["max_model_len"] + 256, log_level="error")
     if cpu:
-        args.update(attention_backend="torch_native", mem_fraction_static=0.05)
+        args.update(attention_backend="torch_native", mem_fraction_static=cpu_memory_fraction(run["model"], run["dtype"]))
     t0 = time.perf_counter()
     llm = sglang.Engine(**{**args, **run.get("engine_args", {})})
     build_s = time.perf_counter() - t0

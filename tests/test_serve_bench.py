@@ -128,6 +128,22 @@ def test_synth_write_loads_in_transformers(tmp_path):
     assert "random weights" in sb.model_note(out)
 
 
+def test_commands_that_load_a_synthetic_model_say_its_weights_are_random(tmp_path, capsys):
+    from moe_reroute.cli.measure import load_model
+
+    out = synth.write(synth.plan("qwen3-30b-a3b", 1, dims=custom_shape("64,32,16,4")), tmp_path / "m", progress=False)
+    load_model(str(out), None, need_text=False)  # as eval, tune and calibrate load --model
+    err = capsys.readouterr().err
+    assert "synthetic checkpoint" in err and "random weights" in err and "quality numbers say nothing" in err
+    synth_free = tmp_path / "plain"
+    synth_free.mkdir()
+    for f in out.iterdir():
+        if f.name != synth.MARKER:
+            (synth_free / f.name).symlink_to(f)
+    load_model(str(synth_free), None, need_text=False)
+    assert "synthetic" not in capsys.readouterr().err
+
+
 def test_synth_refuses_what_does_not_fit(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(synth, "available_memory", lambda: 1024**3)
     bad_input(capsys, ["synth-model", "--shape", "qwen3-30b-a3b", "--layers", "2", "--out", tmp_path / "x"],

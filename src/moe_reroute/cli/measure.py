@@ -59,6 +59,13 @@ def load_model(path: str | None, text: str | None, need_text: bool = True):
         raise SystemExit(f"error: --model {folder}: transformers cannot load it ({type(e).__name__}: {first}); "
                          "give a folder with config.json, weights and tokenizer files") from None
     check_moe(model)
+    from ..measure.synth import read_marker
+
+    marker = read_marker(folder)
+    if marker:  # stderr: a --json output on stdout stays JSON
+        print(f"note: {folder} is a synthetic checkpoint (`moe-reroute synth-model`, {marker.get('shape', '?')}) with "
+              "random weights: its routing is close to uniform and its quality numbers say nothing about the real "
+              "model's; use it for speed, and a trained model for quality", file=sys.stderr, flush=True)
     return model, tokenizer, heldout
 
 

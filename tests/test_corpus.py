@@ -91,3 +91,35 @@ def test_calibration_slices_end_at_a_paragraph():
     assert corpus._leading(text, 40) == "first paragraph\nof two lines\n"  # not into the second paragraph
     assert corpus._leading(text, 20) == "first paragraph\n"  # no paragraph ends in time: a line does
     assert corpus._leading("x" * 50, 20) == "x" * 20
+
+
+def test_heldout_parts_split_every_domain_by_document_into_disjoint_parts():
+    _, held = corpus.split(fake_corpus())
+    held += [corpus.Document("man-en", "long", "intro\n\n" + "paragraph of text.\n\n" * 400)]
+    tuning, validation = corpus.heldout_parts(held)
+    assert corpus.heldout_parts(held) == (tuning, validation)  # stable, no RNG
+    present = {d.domain for d in held}
+    assert {"shakespeare", "kjv", "man-en"} <= present
+    for domain in present:
+        t = [d for d in tuning if d.domain == domain]
+        v = [d for d in validation if d.domain == domain]
+        assert t and v, domain  # every domain has both parts
+        whole = {d.name: d.text for d in held if d.domain == domain}
+        if len(whole) == 1:  # one document: its head is validation text, its tail tuning text
+            (name, text), = whole.items()
+            assert [d.name for d in v] == [name + corpus.HEAD] and [d.name for d in t] == [name + corpus.TAIL]
+            assert v[0].text + t[0].text == text
+            assert v[0].text.endswith("\n") or "\n" not in text  # a paragraph or line end where there is one
+        else:  # whole documents, each in one part
+            assert sorted(d.name for d in t + v) == sorted(whole) and all(whole[d.name] == d.text for d in t + v)
+        share = sum(len(d.text) for d in t) / sum(len(d.text) for d in t + v)
+        assert 0.2 <= share <= 1.2 * corpus.TUNING_SHARE + 1e-9, (domain, share)
+
+
+def test_heldout_parts_cut_one_document_at_the_paragraph_end_nearest_two_thirds():
+    text = "".join(f"paragraph {i}.\n\n" for i in range(30))
+    tuning, validation = corpus.heldout_parts([corpus.Document("kjv", "Ruth", text)])
+    head, tail = validation[0].text, tuning[0].text
+    assert head + tail == text and head.endswith("\n\n") and tail.startswith("paragraph ")
+    ends = [i + 2 for i in range(len(text)) if text.startswith("\n\n", i)]
+    assert len(head) == min(ends, key=lambda i: abs(i - round(len(text) * 2 / 3)))

@@ -96,9 +96,12 @@ def test_card_reports_balanced_layers(card_json):
 
 def test_heldout_split_has_domain_labels(folder, loaded):
     _, _, heldout = loaded
-    docs = reference.heldout_documents()
+    docs = reference.heldout_documents(part="all")
     domains = {d.domain for d in docs}
     assert len(domains) >= 5 and domains <= set(corpus.DOMAINS)
+    # the shipped parts are the rule's, and tuning never holds validation text
+    tuning, validation = corpus.heldout_parts(docs)
+    assert reference.heldout_documents(part="tuning") == tuning and reference.heldout_documents() == validation
     assert "\n\n".join(d.text for d in docs) == heldout  # heldout.txt is the same text, plain
     train = json.loads((folder / "training.json").read_text())["corpus"]
     for domain, info in train["domains"].items():  # the documents the data card counted
@@ -246,7 +249,8 @@ def test_export_ships_the_calibration_sample(tmp_path):
     cal = reference.calibration_documents(out)
     assert cal == corpus.calibration_sample(train) and {d.domain for d in cal} == set(corpus.DOMAINS)
     assert not {(d.domain, d.name) for d in cal} & {(d.domain, d.name) for d in held}
-    assert reference.heldout_documents(out) == held
+    assert reference.heldout_documents(out, "all") == held
+    assert (reference.heldout_documents(out, "tuning"), reference.heldout_documents(out)) == corpus.heldout_parts(held)
     (out / "calibration.jsonl").unlink()
     with pytest.raises(FileNotFoundError, match="train-reference"):
         reference.calibration_documents(out)

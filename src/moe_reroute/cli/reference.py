@@ -51,6 +51,30 @@ def _train_reference(args) -> int:
     return 0
 
 
+def _card_parts_only(folder: Path, out: Path) -> int:
+    """`reference-card --parts-only`: the card's held-out parts and checksums measured afresh, every other
+    number kept from the folder's card.json (no model run, no training corpus needed)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from ..reference import card
+
+    recorded = folder / "card.json"
+    if not recorded.is_file():
+        raise InputError(f"--parts-only updates an existing card and {recorded} does not exist; run reference-card "
+                         "without it")
+    result = json.loads(recorded.read_text())
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
+    result["heldout_parts"] = card.parts_summary(tokenizer, folder)
+    result["sha256"] = {str(f.relative_to(folder)): card.sha256(f) for f in sorted(folder.rglob("*"))
+                        if f.is_file() and f.name not in ("card.json", "MODEL_CARD.md")}
+    training = json.loads((folder / "training.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "card.json", json.dumps(result, indent=1) + "\n")
+    write_text_atomic(out / "MODEL_CARD.md", card.render(result, training))
+    print(f"held-out parts and checksums updated in {out / 'card.json'} and {out / 'MODEL_CARD.md'}")
+    return 0
+
+
 def _reference_card(args) -> int:
     import torch
 
@@ -61,9 +85,11 @@ def _reference_card(args) -> int:
     if args.refresh_shipped and args.out != DEFAULT_CARD_OUT:
         raise InputError("give --out or --refresh-shipped, not both")
     folder = Path(args.model_dir) if args.model_dir else path()
+    if args.parts_only:
+        return _card_parts_only(folder, out)
     model, tokenizer, heldout = load(folder=folder)
     ids = card.heldout_ids(tokenizer, heldout)
-    streams = card.domain_streams(tokenizer, heldout_documents(folder))
+    streams = card.domain_streams(tokenizer, heldout_documents(folder, "all"))
     workdir = Path(args.workdir)
     if not (workdir / "train_ids.pt").exists():
         raise InputError(f"no training split in {workdir} (train_ids.pt) for the n-gram baselines; build "
@@ -89,6 +115,7 @@ def _reference_card(args) -> int:
         "train_split_tokens_by_domain": {k: len(v) for k, v in
                                          torch.load(workdir / "train_ids.pt", weights_only=True).items()},
         "calibration": card.calibration_summary(tokenizer, calibration_documents(folder)),
+        "heldout_parts": card.parts_summary(tokenizer, folder),
         "sha256": {str(f.relative_to(folder)): card.sha256(f) for f in sorted(folder.rglob("*"))
                    if f.is_file() and f.name not in ("card.json", "MODEL_CARD.md")},
     }
@@ -129,4 +156,6 @@ def add_parsers(sub) -> None:
     p.add_argument("--refresh-shipped", action="store_true",
                    help="for maintainers: write them into the shipped model's folder in the package")
     p.add_argument("--model-dir", default=None, help="a model folder from `train-reference --out` (default: the shipped one)")
+    p.add_argument("--parts-only", action="store_true", help="only measure the held-out split's tuning and "
+                   "validation parts and the file checksums afresh, keeping the other numbers of the folder's card.json")
     p.set_defaults(run=_reference_card, needs=("hf",))

@@ -45,17 +45,19 @@ def _cost(args) -> tuple[str, float, float, str]:
     return "time", 1.0, 0.0, "no cost model given: b=1, a=0 (U alone); give --bench or --cost for T*K's share"
 
 
-def _sequences(tokenizer, text: str | None, seq_len: int, num: int):
-    """[N, L] calibration sequences in batch order: the reference model's calibration sample by domain
-    (mixed batches) when `text` is None, else the text cut into consecutive sequences."""
+def _sequences(tokenizer, text: str | None, seq_len: int, num: int, batching: str = "mixed", group: int = 1):
+    """[N, L] calibration sequences in batch order: the tuning part of the reference model's held-out split
+    by domain when `text` is None (mixed: the domains in turn; same-domain: groups of `group` sequences of
+    one domain), else the text cut into consecutive sequences."""
     from ..measure.evaluate import batch_order, domain_sequences, make_sequences
     from ..reference.card import domain_streams, heldout_ids
 
     if text is None:
         from .. import reference
 
-        seqs, labels = domain_sequences(domain_streams(tokenizer, reference.calibration_documents()), seq_len, num)
-        return seqs[batch_order(labels, 1, "mixed")]
+        docs = reference.heldout_documents(part="tuning")
+        seqs, labels = domain_sequences(domain_streams(tokenizer, docs), seq_len, num)
+        return seqs[batch_order(labels, group if batching == "same-domain" else 1, batching)]
     return make_sequences(heldout_ids(tokenizer, text), seq_len, num)
 
 
@@ -72,7 +74,21 @@ def _policy_params(name: str, params: dict, model) -> dict:
 
 
 SEARCH_ARGS = ("model", "policy", "budget", "agreement", "batch_sizes", "text", "objective", "cost", "bench",
-               "seq_len", "sequences", "rounds", "refine")
+               "seq_len", "sequences", "rounds", "refine", "confidence", "batching")
+OVERLAP_REFUSED = 0.5  # share of the calibration text's lines found in the validation text: refused from here
+OVERLAP_WARNED = 0.01  # and said from here
+MIN_LINE = 32  # characters: shorter lines (blank, headings, code braces) recur in unrelated text
+
+
+def text_lines(text: str) -> set[str]:
+    return {ln.strip() for ln in text.splitlines() if len(ln.strip()) >= MIN_LINE}
+
+
+def overlap(calibration: str, validation: str) -> float:
+    """The share of the calibration text's distinct lines (of MIN_LINE characters or more) that the
+    validation text holds too: 0 for disjoint texts, 1 for the same text."""
+    mine = text_lines(calibration)
+    return len(mine & text_lines(validation)) / len(mine) if mine else 0.0
 
 
 def default_state(args, out: Path) -> Path:
@@ -105,13 +121,19 @@ def _tune(args) -> int:
     budget = args.budget if args.agreement is None else None
     if budget is None and args.agreement is None:
         budget = 0.01
+    if args.batching is not None and (args.model is not None or args.text is not None or args.heldout is not None):
+        raise InputError("--batching orders the reference model's text by domain (tuning.jsonl and validation.jsonl); "
+                         "drop it with --model, --text or --heldout, whose plain text is cut into consecutive sequences")
+    if args.batching == "same-domain" and any(max(batch_sizes) % B for B in batch_sizes):
+        raise InputError(f"--batching same-domain groups sequences by the largest batch size ({max(batch_sizes)}); "
+                         "every batch size must divide it (e.g. 1,4,16,64)")
     out = check_out_file(args.out)
     state = Path(args.state) if args.state else default_state(args, out)
     check_out_file(state, "--state")
     for side in (out.with_name(out.stem + ".tune.json"), out.with_name(out.stem + ".validation.json")):
         check_out_file(side, f"--out {out}: its companion file")  # written beside it, checked now
     if args.model is not None and args.text is None:
-        raise InputError("--text CALIB is needed with --model: calibration text (a sample of the training data), "
+        raise InputError("--text CALIB is needed with --model: calibration text the model was not trained on, "
                          "never the text you evaluate on")
     if args.model is not None and args.heldout is None and not args.no_validate:
         raise InputError("--heldout FILE is needed with --model to validate the tuned policy on text the search "
@@ -122,23 +144,50 @@ def _tune(args) -> int:
     family, fixed = parse_policy_spec(args.policy)
     config = TuneConfig(family=family, budget=budget, agreement=args.agreement, batch_sizes=batch_sizes,
                         objective=objective, cost_b=b, cost_a=a, params=fixed, rounds=args.rounds,
-                        refine=args.refine)  # checks the settings before the model loads
+                        refine=args.refine, confidence=args.confidence)  # checked before the model loads
     calib = read_text(args.text) if args.text else None
     heldout = read_text(args.heldout) if args.heldout else None
+    if calib is not None and not args.no_validate:
+        if heldout is not None:
+            validation, where = heldout, f"--heldout {args.heldout}"
+        else:
+            from ..reference import heldout_documents
+
+            validation = "\n\n".join(d.text for d in heldout_documents())
+            where = "the reference model's validation part (validation.jsonl)"
+        shared = overlap(calib, validation)
+        if shared >= OVERLAP_REFUSED:
+            raise InputError(f"--text {args.text}: {shared:.0%} of its lines are in the text tune validates on "
+                             f"({where}): a budget met on it says nothing about unseen text. Give calibration text "
+                             "disjoint from it (with the reference model: leave --text out, or its tuning.jsonl)")
+        if shared >= OVERLAP_WARNED:
+            print(f"warning: --text {args.text}: {shared:.0%} of its lines are also in the text tune validates on "
+                  f"({where}); the held-out check is then partly on calibration text", file=sys.stderr, flush=True)
     model, tokenizer, _ = load_model(args.model, None, need_text=False)
     config = dataclasses.replace(config, params=_policy_params(family, fixed, model))
 
     def say(line: str) -> None:
         print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
     say(f"cost: {cost_note}")
-    sequences = _sequences(tokenizer, calib, args.seq_len, args.sequences)
+    sequences = _sequences(tokenizer, calib, args.seq_len, args.sequences, args.batching or "mixed", max(batch_sizes))
     if sequences.shape[0] < max(batch_sizes):
         raise InputError(f"the calibration text gives {sequences.shape[0]} sequences of {args.seq_len} tokens, fewer "
                          f"than batch size {max(batch_sizes)}; give more text, more --sequences or a smaller --seq-len")
+    from ..measure.tune import MIN_BOUND_SEQUENCES
+
+    usable = min(sequences.shape[0] // B * B for B in batch_sizes)
+    if config.z() > 0 and usable < MIN_BOUND_SEQUENCES:
+        raise InputError(f"the budget's {config.confidence:.0%} bound needs at least {MIN_BOUND_SEQUENCES} calibration "
+                         f"sequences at each batch size, and the calibration text gives {usable} at one of them "
+                         f"({sequences.shape[0]} sequences of {args.seq_len} tokens): give more text or --sequences, "
+                         "a smaller --seq-len, or --confidence 0 (the mean)")
     result = tune(model, sequences, config, state_path=state, progress=not args.json, log=say)
     result["command"] = command_line(args)
-    result["conditions"]["calibration"] = args.text or "the reference model's calibration.jsonl (training split)"
+    result["conditions"]["calibration"] = args.text or ("the reference model's tuning.jsonl (the tuning part of its "
+                                                        "held-out split)")
     result["conditions"]["cost_source"] = cost_note
+    if calib is None:
+        result["conditions"]["batching"] = args.batching or "mixed"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, policy_json(result["policy"]), "--out")
     say(f"policy written to {out}: serve it with MOE_REROUTE_POLICY_FILE={out}, or moe_reroute.load_policy({str(out)!r})")
@@ -179,7 +228,7 @@ def _validate(args, model, tokenizer, heldout, policy_file: Path, result: dict, 
     if heldout is None:
         from ..reference import heldout_documents
 
-        ids, batching = domain_streams(tokenizer, heldout_documents()), "mixed"
+        ids, batching = domain_streams(tokenizer, heldout_documents()), args.batching or "mixed"
     else:
         ids, batching = heldout_ids(tokenizer, heldout), "stream"
     config = EvalConfig(batch_sizes=tuple(sorted(result["by_batch"])), seq_len=args.seq_len,
@@ -202,10 +251,18 @@ def _validate(args, model, tokenizer, heldout, policy_file: Path, result: dict, 
                       "tuned_delta_ce": t["delta_ce"], "tuned_delta_ce_ci": t["delta_ce_ci"],
                       "tuned_significant_loss": t["significant_loss"], "uniform": uniform[B],
                       "uniform_delta_ce": u["delta_ce"], "uniform_significant_loss": u["significant_loss"]}
+        searched = result["by_batch"][B]["tuned"]
+        summary[B].update(calibration_delta_ce=searched["delta_ce"], calibration_loss=searched["loss"])
         say(f"batch {B}: tuned U {t['mean_unique']:.1f} ({summary[B]['tuned_unique_ratio']:.2f}x native), delta CE "
             f"{t['delta_ce']:+.4f} [{t['delta_ce_ci'][0]:+.4f}, {t['delta_ce_ci'][1]:+.4f}]"
-            f"{' significant loss' if t['significant_loss'] else ''}; best uniform {uniform[B]} U "
-            f"{u['mean_unique']:.1f} ({summary[B]['uniform_unique_ratio']:.2f}x)")
+            f"{' significant loss' if t['significant_loss'] else ''} (calibration {searched['delta_ce']:+.4f}); "
+            f"best uniform {uniform[B]} U {u['mean_unique']:.1f} ({summary[B]['uniform_unique_ratio']:.2f}x)")
+        budget = result["conditions"]["budget"]
+        if budget is not None and t["delta_ce"] > budget:
+            say(f"batch {B}: the held-out delta CE {t['delta_ce']:+.4f} exceeds the budget {budget} by "
+                f"{t['delta_ce'] - budget:.4f}: re-routing costs more on this text than on the calibration text "
+                f"({searched['delta_ce']:+.4f}, bound {searched['loss']:+.4f}); calibrate on text more like it, "
+                "or give a smaller --budget or a higher --confidence")
     say(f"held-out evaluation written to {out}; plot it with `moe-reroute report {out}`")
     return {"file": str(out), "by_batch": summary}
 
@@ -216,16 +273,21 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", help="local transformers MoE checkpoint (default: the shipped reference model)")
     p.add_argument("--policy", required=True, help="family to tune, with any fixed parameters: oea, oea:p=0.9, cap, "
                    "budget, sere (its similarity: the model folder's, or sere:similarity=FILE)")
-    p.add_argument("--budget", type=float, help="largest mean cross-entropy increase over native on the calibration "
-                   "text, nats (default 0.01)")
+    p.add_argument("--budget", type=float, help="largest cross-entropy increase over native on the calibration "
+                   "text, nats, > 0 (default 0.01); what must fit it is the --confidence upper bound of the mean")
+    p.add_argument("--confidence", type=float, default=0.95, help="one-sided level of the upper bound of the mean "
+                   "increase that must fit --budget (default 0.95; 0: the mean itself)")
     p.add_argument("--agreement", type=float, help="instead of --budget: smallest top-1 agreement with native (0..1)")
     p.add_argument("--batch-sizes", default="1,4,16,64", help="decode batch sizes to tune (default 1,4,16,64); a step "
                    "of T tokens takes the setting of the largest of them <= T")
-    p.add_argument("--text", help="calibration text (default with the reference model: its calibration.jsonl, a "
-                   "sample of the training split); needed with --model; never your held-out text")
-    p.add_argument("--heldout", help="held-out text to validate on (default with the reference model: its held-out "
-                   "split); needed with --model unless --no-validate")
+    p.add_argument("--text", help="calibration text, plain or .jsonl documents (default with the reference model: "
+                   "tuning.jsonl, the tuning part of its held-out split); needed with --model; text the model was not "
+                   "trained on, never the text you validate on (refused when it mostly is)")
+    p.add_argument("--heldout", help="held-out text to validate on (default with the reference model: validation.jsonl, "
+                   "the validation part of its held-out split); needed with --model unless --no-validate")
     p.add_argument("--no-validate", action="store_true", help="skip the held-out validation")
+    p.add_argument("--batching", choices=("mixed", "same-domain"), help="with the reference model's text: decode "
+                   "batches mixing the domains (default) or of one domain, for the search and the validation")
     p.add_argument("--objective", choices=("time", "experts"), default="time",
                    help="minimise the predicted MoE time b*U + a*T*K (default) or U alone")
     p.add_argument("--cost", metavar="B,A", help="cost coefficients b (per expert) and a (per token-expert slot)")

@@ -5,7 +5,8 @@ A setting is one value of the family's tunable parameter per MoE layer (oea k0, 
 budget budget). It is evaluated as `moe-reroute eval` does: calibration sequences of L tokens, B at a
 time, through teacher-forced forwards with the policy in `phase="decode-sim"` (each position's B tokens
 route as one decode batch). Its quality is the mean paired difference of next-token cross-entropy to
-native routing over the sequences (nats), or its top-1 agreement with native; its cost the predicted
+native routing over the sequences (nats; what must fit the budget is its one-sided upper confidence bound,
+`TuneConfig.confidence`), or its top-1 agreement with native; its cost the predicted
 MoE time, the sum over layers of b*U + a*B*k (the bench's cost model, k = experts kept per token), or
 the sum of U with `objective="experts"`.
 
@@ -50,7 +51,8 @@ from ..progress import progress as progress_bar
 
 TUNABLE = {"oea": "k0", "cap": "k", "sere": "primary", "budget": "budget"}
 OBJECTIVES = ("time", "experts")
-STATE_FORMAT = "moe_reroute.tune-state/2"
+STATE_FORMAT = "moe_reroute.tune-state/3"
+MIN_BOUND_SEQUENCES = 16  # calibration sequences at a batch size below which a confidence bound is refused
 DP_STEPS = 400  # resolution of the knapsack's loss axis
 
 
@@ -58,8 +60,11 @@ DP_STEPS = 400  # resolution of the knapsack's loss axis
 class TuneConfig:
     """What to tune and within what.
 
-    family: oea | cap | sere | budget. budget: the largest mean increase of cross-entropy over native
-    allowed (nats, >= 0); or `agreement`: the smallest top-1 agreement with native allowed (0..1).
+    family: oea | cap | sere | budget. budget: the largest increase of cross-entropy over native allowed
+    (nats, > 0); or `agreement`: the smallest top-1 agreement with native allowed (0..1).
+    confidence: with a budget, what must fit it is the one-sided `confidence` upper bound of the mean
+    increase over the calibration sequences (mean + z * standard error, z the normal quantile), so that
+    text the search never saw, which costs more than the calibration sample, still fits; 0: the mean.
     objective: "time" (b*U + a*B*k per layer, `cost_b`/`cost_a` in any one unit) or "experts" (sum of U).
     params: the family's other parameters, fixed, as a policy file writes them (e.g. {"p": 0.9} for oea,
     {"similarity": "sim.safetensors"} for sere). rounds: joint evaluations of the allocation step;
@@ -76,6 +81,7 @@ class TuneConfig:
     params: dict = field(default_factory=dict)
     rounds: int = 6
     refine: int = 8
+    confidence: float = 0.95
 
     def __post_init__(self) -> None:
         if self.family not in TUNABLE:
@@ -89,9 +95,13 @@ class TuneConfig:
             raise ValueError("give a quality budget (mean cross-entropy increase in nats) or an agreement floor, "
                              "not both and not neither")
         if self.budget is not None and (not isinstance(self.budget, (int, float)) or not math.isfinite(self.budget)
-                                        or self.budget < 0):
+                                        or self.budget <= 0):
             raise ValueError(f"the quality budget is a mean cross-entropy increase over native in nats, a number "
-                             f">= 0 (e.g. 0.01); got {self.budget!r}")
+                             f"> 0 (e.g. 0.01; a budget of 0 would allow only settings that never change a "
+                             f"prediction's loss); got {self.budget!r}")
+        if not (isinstance(self.confidence, (int, float)) and 0.0 <= self.confidence < 1.0):
+            raise ValueError(f"the confidence of the budget's bound is in [0, 1) (e.g. 0.95; 0: the mean); "
+                             f"got {self.confidence!r}")
         if self.agreement is not None and not (isinstance(self.agreement, (int, float)) and 0.0 <= self.agreement <= 1.0):
             raise ValueError(f"the agreement floor is a top-1 agreement with native in [0, 1] (e.g. 0.95); "
                              f"got {self.agreement!r}")
@@ -115,6 +125,14 @@ class TuneConfig:
     @property
     def parameter(self) -> str:
         return TUNABLE[self.family]
+
+    def z(self) -> float:
+        """The normal quantile of `confidence` the bound adds standard errors by (0 without a bound)."""
+        if self.budget is None or self.confidence <= 0:
+            return 0.0
+        from statistics import NormalDist
+
+        return NormalDist().inv_cdf(self.confidence)
 
     def loss_limit(self) -> float:
         """The budget in loss terms: delta CE in nats, or disagreement (1 - agreement)."""
@@ -140,10 +158,12 @@ class Point:
     unique: list[float]  # mean U per MoE layer
     kept: list[float]  # mean experts per token per MoE layer
     cost: float
-    loss: float  # delta_ce, or 1 - agreement, as the budget counts it
+    loss: float  # delta_ce (plus z standard errors under a confidence bound), or 1 - agreement
+    delta_ce_se: float = 0.0  # standard error of delta_ce over the calibration sequences
 
     def to_dict(self) -> dict:
-        return {"values": list(self.values), "delta_ce": self.delta_ce, "agreement": self.agreement,
+        return {"values": list(self.values), "delta_ce": self.delta_ce, "delta_ce_se": self.delta_ce_se,
+                "loss": self.loss, "agreement": self.agreement,
                 "unique_per_layer": self.unique, "mean_unique": sum(self.unique) / len(self.unique),
                 "experts_per_token": self.kept, "cost": self.cost}
 
@@ -258,7 +278,8 @@ class Forwards:
                 continue
             unique.append(r.unique.double().sum().item())
             kept.append(experts_per_token(Routing(r.weights, r.ids, None)).double().sum().item())
-        return {"d_ce": (ce - self.ce[rows]).sum().item(), "agree": (top1 == self.top1[rows]).double().mean(-1).sum().item(),
+        d = ce - self.ce[rows]
+        return {"d_ce": d.sum().item(), "d_ce_sq": (d * d).sum().item(), "agree": (top1 == self.top1[rows]).double().mean(-1).sum().item(),
                 "unique": unique, "kept": kept, "positions": step.layers[self.moe[-1]].unique.numel(),
                 "tokens": logits.shape[0] * logits.shape[1]}
 
@@ -285,6 +306,11 @@ class Search:
             raise ValueError(f"batch size {B} needs at least {max(2, B)} calibration sequences, got {len(order)}; "
                              "give more calibration text, more --sequences, a smaller --seq-len or smaller batch sizes")
         self.batches = [order[g : g + B] for g in range(0, n, B)]
+        if config.z() > 0 and n < MIN_BOUND_SEQUENCES:
+            raise ValueError(f"the budget's {config.confidence:.0%} bound needs at least {MIN_BOUND_SEQUENCES} "
+                             f"calibration sequences at each batch size; batch size {B} uses {n}. Give more "
+                             "calibration text or --sequences, a smaller --seq-len, or --confidence 0 (the mean)")
+        self.z = config.z()
         self.native_values = (self.grid[0],) * self.num_layers
         if "native_unique" not in cache:
             cache["native_unique"] = forwards.native_unique(order[:n], B)
@@ -298,10 +324,10 @@ class Search:
             return u
         return self.config.cost_b * u + self.config.cost_a * self.B * k
 
-    def _point(self, values, d_ce, agree, unique, kept) -> Point:
+    def _point(self, values, d_ce, agree, unique, kept, se: float = 0.0) -> Point:
         cost = sum(self.layer_cost(u, k) for u, k in zip(unique, kept))
-        loss = d_ce if self.config.budget is not None else 1.0 - agree
-        return Point(tuple(values), d_ce, agree, unique, kept, cost, loss)
+        loss = d_ce + self.z * se if self.config.budget is not None else 1.0 - agree
+        return Point(tuple(values), d_ce, agree, unique, kept, cost, loss, se)
 
     def evaluate(self, values: tuple[int, ...]) -> Point:
         values = tuple(int(v) for v in values)
@@ -312,13 +338,14 @@ class Search:
         if hit is None:
             start = next(m for m, v in enumerate(values) if v != self.grid[0])
             policy = self.build(list(values))
-            d_ce = agree = 0.0
+            d_ce = d_ce_sq = agree = 0.0
             unique = [0.0] * self.num_layers
             kept = [0.0] * self.num_layers
             positions = tokens = 0
             for rows in self.batches:
                 r = self.fw.run(rows, policy, start)
                 d_ce += r["d_ce"]
+                d_ce_sq += r["d_ce_sq"]
                 agree += r["agree"]
                 positions += r["positions"]
                 tokens += r["tokens"]
@@ -327,7 +354,8 @@ class Search:
                     kept[m] += r["kept"][m]
             n = sum(len(b) for b in self.batches)
             K = float(self.fw.spec.top_k)
-            hit = {"delta_ce": d_ce / n, "agreement": agree / n,
+            var = max(0.0, (d_ce_sq - d_ce * d_ce / n) / (n - 1))  # per-sequence variance of delta CE
+            hit = {"delta_ce": d_ce / n, "delta_ce_se": math.sqrt(var / n), "agreement": agree / n,
                    "unique": [self.native_unique[m] if m < start else unique[m] / positions
                               for m in range(self.num_layers)],
                    "kept": [K if m < start else kept[m] / tokens for m in range(self.num_layers)]}
@@ -335,7 +363,7 @@ class Search:
             self.evaluations += 1
             self.save()
             self.tick()
-        return self._point(values, hit["delta_ce"], hit["agreement"], hit["unique"], hit["kept"])
+        return self._point(values, hit["delta_ce"], hit["agreement"], hit["unique"], hit["kept"], hit["delta_ce_se"])
 
     def fits(self, p: Point) -> bool:
         return p.loss <= self.config.loss_limit()
@@ -536,7 +564,8 @@ def tune(model: nn.Module, sequences: torch.Tensor, config: TuneConfig, state_pa
                            "moe_layers": num_layers, "sequences": int(sequences.shape[0]),
                            "seq_len": int(sequences.shape[1]), "objective": config.objective,
                            "cost": {"b": config.cost_b, "a": config.cost_a}, "budget": config.budget,
-                           "agreement": config.agreement, "seconds": round(time.perf_counter() - started, 1),
+                           "agreement": config.agreement, "confidence": config.confidence if config.z() else None,
+                           "seconds": round(time.perf_counter() - started, 1),
                            "prefix_reuse": forwards.reusable}}
 
 

@@ -2,9 +2,11 @@
 
 `path()` is the folder holding config, bf16 weights, tokenizer, held-out text and a calibration sample;
 `load()` returns (model, tokenizer, heldout_text) on CPU in float32, without network access;
-`heldout_documents()` gives the held-out split with each document's domain (heldout.jsonl; heldout.txt is
-the same text, plain), for evaluation; `calibration_documents()` a sample of the training split
-(calibration.jsonl), for calibration and tuning, never for evaluation.
+`heldout_documents()` gives the held-out split with each document's domain, text the model never saw in
+training, in two disjoint parts (`corpus.heldout_parts`): "validation" (validation.jsonl), to evaluate on,
+the default; "tuning" (tuning.jsonl), to tune and calibrate on; "all" (heldout.jsonl; heldout.txt is the
+same text, plain), both. `calibration_documents()` is a sample of the training split (calibration.jsonl),
+text the model was trained on, never for evaluation.
 Rebuild it with `moe-reroute train-reference` (see moe_reroute.reference.train).
 """
 
@@ -13,7 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "heldout.txt", "heldout.jsonl",
-         "calibration.jsonl")
+         "calibration.jsonl", "tuning.jsonl", "validation.jsonl")
+PARTS = {"validation": "validation.jsonl", "tuning": "tuning.jsonl", "all": "heldout.jsonl"}
 
 
 def path() -> Path:
@@ -51,11 +54,30 @@ def load(dtype=None, folder=None):
     return model.eval(), tokenizer, (folder / "heldout.txt").read_text()
 
 
-def heldout_documents(folder=None):
-    """The held-out split as `corpus.Document`s (domain, name, text), whole documents of every domain."""
+def heldout_documents(folder=None, part: str = "validation"):
+    """A part of the held-out split as `corpus.Document`s (domain, name, text), every domain: "validation"
+    (the default: evaluate on it), "tuning" (tune and calibrate on it) or "all" (both: whole documents)."""
     from .corpus import read_jsonl
 
-    return read_jsonl((path() if folder is None else Path(folder)) / "heldout.jsonl")
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
+    folder = path() if folder is None else Path(folder)
+    file = folder / PARTS[part]
+    if not file.exists():
+        raise FileNotFoundError(f"{file} does not exist: {folder} was exported before models shipped the held-out "
+                                "split in two parts; write them with moe_reroute.reference.write_heldout_parts(folder)")
+    return read_jsonl(file)
+
+
+def write_heldout_parts(folder) -> tuple[Path, Path]:
+    """Write tuning.jsonl and validation.jsonl from the folder's heldout.jsonl (`corpus.heldout_parts`)."""
+    from .corpus import heldout_parts, write_jsonl
+
+    folder = Path(folder)
+    tuning, validation = heldout_parts(heldout_documents(folder, "all"))
+    write_jsonl(folder / PARTS["tuning"], tuning)
+    write_jsonl(folder / PARTS["validation"], validation)
+    return folder / PARTS["tuning"], folder / PARTS["validation"]
 
 
 def calibration_documents(folder=None):

@@ -32,6 +32,21 @@ def domain_streams(tokenizer, docs) -> dict[str, torch.Tensor]:
     return {k: torch.tensor(v, dtype=torch.long) for k, v in streams.items()}
 
 
+def parts_summary(tokenizer, folder) -> dict:
+    """The held-out split's tuning and validation parts for the card: documents, characters and tokens per
+    domain of each."""
+    from . import heldout_documents
+
+    out = {}
+    for part in ("tuning", "validation"):
+        docs = heldout_documents(folder, part)
+        streams = domain_streams(tokenizer, docs)
+        out[part] = {"by_domain": {dom: {"documents": sum(d.domain == dom for d in docs),
+                                         "chars": sum(len(d.text) for d in docs if d.domain == dom),
+                                         "tokens": len(ids)} for dom, ids in streams.items()}}
+    return out
+
+
 def calibration_summary(tokenizer, docs) -> dict:
     """The calibration sample's size for the card: documents, characters and tokens (as in training) per
     domain, and the `corpus.calibration_sample` limits it was drawn with."""
@@ -326,6 +341,19 @@ def render(result: dict, training: dict) -> str:
         f" {sum(v['tokens'] for v in ce.values()):,} tokens ({corpus['heldout_chars']:,} characters), in"
         " `heldout.jsonl` (one document per line with its domain) and, as plain text, `heldout.txt`.",
     ]
+    parts = result.get("heldout_parts")
+    if parts:
+        tun, val = (parts[k]["by_domain"].values() for k in ("tuning", "validation"))
+        per = "; ".join(f"{d} {parts['tuning']['by_domain'][d]['documents']} / "
+                        f"{parts['validation']['by_domain'][d]['documents']}" for d in parts["tuning"]["by_domain"])
+        lines.append(
+            f"- The held-out split in two disjoint parts (`corpus.heldout_parts`), by document within each domain:"
+            f" tuning, {sum(c['tokens'] for c in tun):,} tokens in `tuning.jsonl`, to tune and calibrate on; validation,"
+            f" {sum(c['tokens'] for c in val):,} tokens in `validation.jsonl`, what `eval`, `demo` and `tune`'s check"
+            " evaluate on by default. Per domain a stable pseudo-random order of its documents gives about a third"
+            " of its characters to tuning; a domain with one held-out document (shakespeare) has it cut at the"
+            " paragraph end nearest two thirds, the head (`NAME#head`) validation text, the tail (`NAME#tail`)"
+            f" tuning text. Documents tuning / validation: {per}. The model saw neither part in training.")
     if cal:
         by = cal["by_domain"].values()
         lines.append(
@@ -333,8 +361,10 @@ def render(result: dict, training: dict) -> str:
             f" characters) of the training split, in `calibration.jsonl` (same format as `heldout.jsonl`): per"
             " domain, training documents in a stable pseudo-random order, the first"
             f" {cal['max_chars_per_document']:,} characters of each at most (cut at a paragraph end), up to"
-            f" {cal['max_chars_per_domain']:,} characters per domain (`corpus.calibration_sample`). For calibration"
-            " and tuning; never evaluate on it (the model was trained on it), evaluate on the held-out split.")
+            f" {cal['max_chars_per_domain']:,} characters per domain (`corpus.calibration_sample`). Text the model was"
+            " trained on: never evaluate on it. `tune` calibrates on `tuning.jsonl` by default, not on this sample:"
+            " re-routing costs the model less on text it was trained on, so a budget met here is exceeded on unseen"
+            " text.")
     lines += [
         "- SERE's expert similarity (`sere/similarity.safetensors`, linear CKA per layer) was calibrated on 2,048"
         " tokens of the training split (16 evenly spaced windows across the domains), never on held-out text.",

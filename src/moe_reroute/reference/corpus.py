@@ -320,6 +320,57 @@ def calibration_sample(train: list[Document]) -> list[Document]:
     return out
 
 
+TUNING_SHARE = 1 / 3  # of each domain's held-out characters, for tuning (text the model never saw)
+HEAD = "#head"  # a domain with one held-out document: its head is validation text,
+TAIL = "#tail"  # its tail (after a paragraph end near 1 - TUNING_SHARE of it) tuning text
+
+
+def heldout_parts(held: list[Document]) -> tuple[list[Document], list[Document]]:
+    """(tuning, validation): the held-out split in two disjoint parts, per domain, by document.
+
+    Per domain of DOMAINS, the held-out documents in a stable pseudo-random order of their own (no RNG):
+    a document goes to the tuning part while that keeps the part within 1.2 x TUNING_SHARE of the
+    domain's characters, until it holds 0.75 x TUNING_SHARE; the validation part keeps every other
+    document, at least one. A domain with one held-out document (or none that fits) has that document
+    cut after the paragraph end nearest 1 - TUNING_SHARE of its length: the head (name + HEAD) is
+    validation text, the tail (name + TAIL) tuning text. The model saw neither part in training; tune on
+    the tuning part, evaluate on the validation part.
+    """
+    tuning, validation = [], []
+    for domain in DOMAINS:
+        mine = sorted((d for d in held if d.domain == domain),
+                      key=lambda d: hashlib.sha256(f"tuning/{d.domain}/{d.name}".encode()).hexdigest())
+        total = sum(len(d.text) for d in mine)
+        if not mine:
+            continue
+        picked, n = [], 0
+        for d in mine:
+            if n >= 0.75 * TUNING_SHARE * total or len(picked) == len(mine) - 1:
+                break
+            if n + len(d.text) <= 1.2 * TUNING_SHARE * total:
+                picked.append(d)
+                n += len(d.text)
+        if picked:
+            tuning += picked
+            validation += [d for d in mine if d not in picked]
+            continue
+        doc = max(mine, key=lambda d: len(d.text))  # one document, or none small enough: cut the longest
+        cut = _paragraph_cut(doc.text, round(len(doc.text) * (1 - TUNING_SHARE)))
+        validation += [d for d in mine if d is not doc] + [Document(domain, doc.name + HEAD, doc.text[:cut])]
+        tuning.append(Document(domain, doc.name + TAIL, doc.text[cut:]))
+    return tuning, validation
+
+
+def _paragraph_cut(text: str, near: int) -> int:
+    """The index just after the paragraph end (else line end) nearest `near`; `near` without either."""
+    for sep in ("\n\n", "\n"):
+        before, after = text.rfind(sep, 0, near), text.find(sep, near)
+        ends = [i + len(sep) for i in (before, after) if i > 0 and i + len(sep) < len(text)]
+        if ends:
+            return min(ends, key=lambda i: abs(i - near))
+    return near
+
+
 def write_jsonl(path: Path, docs: list[Document]) -> None:
     with open(path, "w") as f:
         for d in docs:

@@ -307,8 +307,8 @@ def train(workdir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), progre
 
 def export(model, tokenizer, workdir: Path, out_dir: Path, cfg: TrainConfig, log: list, elapsed_s: float,
            schedule_changes: list | None = None, revived: list | None = None) -> Path:
-    """Write the shipped files: bf16 safetensors, config, tokenizer, held-out text, calibration sample of
-    the training split, training log."""
+    """Write the shipped files: bf16 safetensors, config, tokenizer, held-out text (whole, and its tuning
+    and validation parts), calibration sample of the training split, training log."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     model.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)
@@ -316,8 +316,11 @@ def export(model, tokenizer, workdir: Path, out_dir: Path, cfg: TrainConfig, log
     held = corpus.read_jsonl(workdir / "heldout.jsonl")
     corpus.write_jsonl(out_dir / "heldout.jsonl", held)
     (out_dir / "heldout.txt").write_text("\n\n".join(d.text for d in held))  # plain text, for text readers
+    from . import write_heldout_parts
+
+    write_heldout_parts(out_dir)  # tuning.jsonl (tune on it) and validation.jsonl (evaluate on it)
     calibration = corpus.calibration_sample(corpus.read_jsonl(workdir / "train.jsonl"))
-    corpus.write_jsonl(out_dir / "calibration.jsonl", calibration)  # to tune on; never evaluate on it
+    corpus.write_jsonl(out_dir / "calibration.jsonl", calibration)  # trained on: never evaluate on it
     n = torch.get_num_threads()
     hardware = f"{platform.machine()} CPU, {n} thread{'s' if n > 1 else ''}, torch {torch.__version__}"
     (out_dir / "training.json").write_text(json.dumps({"config": asdict(cfg), "log_tail": log[-20:],

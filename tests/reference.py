@@ -360,3 +360,36 @@ def ref_lynx(logits, spec, valid, alpha, beta=None, native_ids=None, fixed=None)
             w = {e: v * total for e, v in w.items()}
         out.append(w)
     return out
+
+
+def ref_rank_unique(ids, valid, placement, ranks):
+    """Distinct experts on each of `ranks` ranks for one step: ids [T][K] lists, valid [T] bools,
+    placement [E] list of ranks. Returns (per-rank counts, max over ranks, mean over ranks)."""
+    used = set()
+    for t, row in enumerate(ids):
+        if valid[t]:
+            for e in row:
+                used.add(int(e))
+    counts = [0] * ranks
+    for e in used:
+        counts[int(placement[e])] += 1
+    return counts, max(counts), sum(counts) / ranks
+
+
+def ref_balanced_placement(load, ranks):
+    """EPLB-style greedy packing: experts by decreasing load (ties: lower id), each onto the rank with the
+    least load so far (ties: lower rank) that has room; rank r has room for as many experts as the
+    contiguous split e * D // E puts on it."""
+    E = len(load)
+    room = [sum(1 for e in range(E) if e * ranks // E == r) for r in range(ranks)]
+    total = [0.0] * ranks
+    out = [None] * E
+    for e in sorted(range(E), key=lambda i: (-load[i], i)):
+        best = None
+        for r in range(ranks):
+            if room[r] > 0 and (best is None or total[r] < total[best]):
+                best = r
+        out[e] = best
+        room[best] -= 1
+        total[best] += load[e]
+    return out

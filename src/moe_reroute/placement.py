@@ -90,7 +90,7 @@ def check_placement(placement: Any, num_experts: int, ranks: int, origin: str = 
             raise ValueError(f"{origin}: ranks must be integers, got a {placement.dtype} tensor; write e.g. {EXAMPLE}")
         p = placement.detach().to("cpu", torch.int64)
     else:
-        p = _from_lists(placement, origin)
+        p = from_lists(placement, origin)
     if p.dim() not in (1, 2):
         raise ValueError(f"{origin}: a placement is a list of ranks (one per expert) or one such list per MoE layer, "
                          f"got {p.dim()} levels of nesting; write e.g. {EXAMPLE}")
@@ -109,7 +109,8 @@ def check_placement(placement: Any, num_experts: int, ranks: int, origin: str = 
     return p
 
 
-def _from_lists(obj: Any, origin: str) -> torch.Tensor:
+def from_lists(obj: Any, origin: str) -> torch.Tensor:
+    """A JSON placement (a list of ranks, or one list per MoE layer) as an int64 tensor; its shape only is checked."""
     def is_rank(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 

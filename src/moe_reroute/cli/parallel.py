@@ -99,7 +99,8 @@ def _ep_replay(args) -> int:
 
     if args.trace:
         trace = load(args.trace)
-        where = f"trace {args.trace} (model {trace.meta.get('model', '?')}, {trace.batch_size} sequences x {trace.steps} steps)"
+        where = (f"trace {args.trace} (model {trace.meta.get('model', '?')}, {trace.batch_size} sequences x "
+                 f"{trace.steps} steps)")
     else:
         from ..measure import bench
 
@@ -132,7 +133,8 @@ def _ep_replay(args) -> int:
             load_note = f" (expert loads: native routing of {args.calibration_trace})"
         else:
             loads = parallel.native_load(trace)
-            load_note = " (expert loads: native routing of this same trace, so the placement has seen the steps it is scored on)"
+            load_note = (" (expert loads: native routing of this same trace, so the placement has seen the steps it "
+                         "is scored on)")
     try:
         by_ranks = parallel.placements(args.placement, trace, ranks, loads)
     except (ValueError, FileNotFoundError) as e:
@@ -194,7 +196,8 @@ def add_parsers(sub) -> None:
                         "model's trace or with similarity=FILE)")
     p.add_argument("--shape", default="qwen3-30b-a3b", help="MoE layer shape for the predicted time (default "
                    "qwen3-30b-a3b, bfloat16 weights)")
-    p.add_argument("--hbm-gbps", type=float, default=3350.0, help="HBM bandwidth per rank, GB/s (default 3350: H100 SXM)")
+    p.add_argument("--hbm-gbps", type=float, default=3350.0,
+                   help="HBM bandwidth per rank, GB/s (default 3350: H100 SXM)")
     p.add_argument("--link-gbps", type=float, default=450.0,
                    help="all-to-all bandwidth per rank, GB/s one way (default 450: H100 NVLink 4)")
     p.add_argument("--act-bytes", type=int, default=2, help="bytes per activation value sent (default 2: bfloat16)")

@@ -121,8 +121,8 @@ def table(rows: list[dict], placement: str) -> str:
         lines = [f"D={D} ranks, {placement} placement: max-rank U (mean-rank U) per layer and step"]
         grid = [("policy", *(f"B={b}" for b in batches))]
         for label in policies:
-            grid.append((label, *(f"{at[D, label, b]['max_rank_unique']:.2f} ({at[D, label, b]['mean_rank_unique']:.2f})"
-                                  for b in batches)))
+            cells = [at[D, label, b] for b in batches]
+            grid.append((label, *(f"{r['max_rank_unique']:.2f} ({r['mean_rank_unique']:.2f})" for r in cells)))
         lines.append(_grid(grid))
         if "predicted_ms" in rows[0]:
             lines.append(f"D={D}: predicted MoE-layer time, us (x native)")

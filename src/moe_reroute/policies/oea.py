@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 from ..contract import Routing
-from ..scoring import (BUDGET_GRID, finish, fixed_members, native_where_fixed, native_where_unchanged, order_key, pack, rank,
-                       ranked_native, sanitize, score, token_probs, weights_for)
+from ..scoring import (BUDGET_GRID, finish, fixed_members, native_where_fixed, native_where_unchanged, order_key, pack,
+                       rank, ranked_native, sanitize, score, token_probs, weights_for)
 from .base import Policy, PolicyConfig, is_int, need_at_most, need_int, per_layer
 from .ep import check_ep_fields, check_ep_fit, layer_placement, rank_capped_set
 from .unique import head_union

@@ -71,11 +71,8 @@ def _run(args) -> int:
 def _ep_replay(args) -> int:
     import torch
 
-    from ..measure import parallel
     from ..measure.costmodel import EPStepModel
     from ..measure.shapes import get_shape
-    from ..placement import check_ranks, save_placement
-    from ..progress import progress as progress_bar
     from .inputs import at_least, check_out_dir
 
     batch_sizes = _batch_sizes(args.batch_sizes, example="16,32,64,128,256")
@@ -93,9 +90,22 @@ def _ep_replay(args) -> int:
     if args.calibration_trace and args.placement != "eplb":
         raise UsageError("--calibration-trace gives the expert loads of --placement eplb; it does not apply to "
                          f"--placement {args.placement}")
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    say = (lambda *a, **k: None) if args.json else print
+    try:
+        return _replay(args, batch_sizes, ranks, shape, step_model)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _replay(args, batch_sizes, ranks, shape, step_model) -> int:
+    """The run proper, on checked options: the trace, the placements, the policies, the replay, the outputs."""
+    from ..measure import parallel
+    from ..placement import check_ranks, save_placement
+    from ..progress import progress as progress_bar
     from ..traces import load
+
+    say = (lambda *a, **k: None) if args.json else print
 
     if args.trace:
         trace = load(args.trace)

@@ -154,6 +154,9 @@ def test_kernel_fallback_warns_once_and_matches_torch():
         make_policy("budget", budget=6, ep=2, backend="triton")(x, spec)
     said = [str(m.message) for m in w if "budget with ep" in str(m.message)]
     assert len(said) <= 1  # once per process (an earlier test may have said it already)
+    from moe_reroute import kernels
+
+    assert "budget with ep (expert-parallel-aware) has no fused kernel" in kernels._warned
     t = make_policy("budget", budget=6, ep=2, backend="torch", ties="lower-id")(x, spec)
     assert torch.equal(r.ids, t.ids) and torch.equal(r.weights, t.weights)
 

@@ -123,3 +123,19 @@ def test_cli_errors(tmp_path, capsys):
     bad_input(capsys, [*base, "--calibration-trace", str(trace)], "--calibration-trace", "--placement eplb")
     bad_input(capsys, [*base, "--policy", "oea:k0=3"], "oea k0=3 > the model's K=2")
     bad_input(capsys, [*base, "--link-gbps", "0"], "link_gbps must be a bandwidth > 0")
+
+
+def test_cli_reference_trace_default_policies(capsys):
+    """Without --trace: the reference model's trace and every default policy, sere with its shipped
+    similarity."""
+    code = main(["ep-replay", "--batch-sizes", "16", "--positions", "2", "--ep", "8,128", "--json", "--no-progress"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    policies = [r["policy"] for r in out["rows"] if r["ranks"] == 8]
+    assert policies == ["native", "cap:k=4", "oea:k0=3", "sere", "budget:budget=32", "xshare:budget=32",
+                        "lynx:alpha=3,beta=2"]
+    for r in out["rows"]:
+        assert r["mean_rank_unique"] == pytest.approx(r["unique"] / r["ranks"])
+        assert r["mean_rank_unique"] <= r["max_rank_unique"] <= min(r["unique"], 128 // r["ranks"])
+        if r["ranks"] == 128:  # one expert per rank: max-rank U is 1 in every step
+            assert r["max_rank_unique"] == 1

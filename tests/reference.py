@@ -360,3 +360,141 @@ def ref_lynx(logits, spec, valid, alpha, beta=None, native_ids=None, fixed=None)
             w = {e: v * total for e, v in w.items()}
         out.append(w)
     return out
+
+
+def ref_rank_unique(ids, valid, placement, ranks):
+    """Distinct experts on each of `ranks` ranks for one step: ids [T][K] lists, valid [T] bools,
+    placement [E] list of ranks. Returns (per-rank counts, max over ranks, mean over ranks)."""
+    used = set()
+    for t, row in enumerate(ids):
+        if valid[t]:
+            for e in row:
+                used.add(int(e))
+    counts = [0] * ranks
+    for e in used:
+        counts[int(placement[e])] += 1
+    return counts, max(counts), sum(counts) / ranks
+
+
+def ref_balanced_placement(load, ranks):
+    """EPLB-style greedy packing: experts by decreasing load (ties: lower id), each onto the rank with the
+    least load so far (ties: lower rank) that has room; rank r has room for as many experts as the
+    contiguous split e * D // E puts on it."""
+    E = len(load)
+    room = [sum(1 for e in range(E) if e * ranks // E == r) for r in range(ranks)]
+    total = [0.0] * ranks
+    out = [None] * E
+    for e in sorted(range(E), key=lambda i: (-load[i], i)):
+        best = None
+        for r in range(ranks):
+            if room[r] > 0 and (best is None or total[r] < total[best]):
+                best = r
+        out[e] = best
+        room[best] -= 1
+        total[best] += load[e]
+    return out
+
+
+def _rank_capped(candidates, forced, placement, cap, total=None):
+    """Greedy over `candidates` (best first): a forced expert always; another while its rank holds fewer
+    than `cap` experts taken so far and, with `total`, while fewer than `total` are taken."""
+    taken, per_rank = [], {}
+    for e in candidates:
+        r = int(placement[e])
+        if e in forced or (per_rank.get(r, 0) < cap and (total is None or len(taken) < total)):
+            taken.append(e)
+            per_rank[r] = per_rank.get(r, 0) + 1
+    return set(taken)
+
+
+def _native_mass(toks, ranks, valid, fixed, K, grid=256):
+    """Each expert's native gate mass over the valid re-routed tokens, in whole 1/grid-ths (as ref_budget)."""
+    score = {}
+    for t, ((choice, gate), order) in enumerate(zip(toks, ranks)):
+        if not valid[t] or is_fixed(fixed, valid, t):
+            continue
+        top = order[:K]
+        s = sum(gate[e] for e in top)
+        for e in top:
+            score[e] = score.get(e, 0) + max(1, math.floor(gate[e] / s * grid + 0.5))
+    return score
+
+
+def ref_oea_ep(logits, spec, valid, k0, ranks, placement=None, rank_cap=None, p=1.0, k_max=None, max_rank=None,
+               native_ids=None, fixed=None):
+    """OEA with its loaded set chosen under a per-rank cap (expert parallelism over `ranks` ranks):
+    forced = every valid re-routed token's top-1 and every fixed token's native top-K; then the other
+    experts of plain OEA's loaded set, then experts outside it with native mass, each group by mass
+    (ties: lower id); a rank takes experts while it holds fewer than cap = rank_cap or
+    ceil(|plain loaded set| / ranks). Tokens keep their base experts that are loaded and piggyback on the
+    loaded set (ranks up to max_rank), up to k_max; fixed tokens route natively."""
+    K, E = spec.top_k, spec.num_experts
+    k_max = K if k_max is None else k_max
+    max_rank = E if max_rank is None else max_rank
+    placement = [e * ranks // E for e in range(E)] if placement is None else [int(v) for v in placement]
+    toks, order_of = rankings(logits, spec, native_ids)
+    base = []
+    for (choice, gate), order in zip(toks, order_of):
+        allowed = [e for e in order if choice[e] != NEG_INF]
+        total = sum(gate[e] for e in allowed)
+        t, acc = len(allowed), 0.0
+        if p < 1.0:
+            for j, e in enumerate(allowed):
+                acc += gate[e] / total
+                if acc >= p:
+                    t = j + 1
+                    break
+        base.append(order[: min(k0, t)])
+    plain, forced = set(), set()
+    for t, (b, order) in enumerate(zip(base, order_of)):
+        if is_fixed(fixed, valid, t):
+            plain.update(order[:K])
+            forced.update(order[:K])
+        elif valid[t]:
+            plain.update(b)
+            forced.add(order[0])
+    mass = _native_mass(toks, order_of, valid, fixed, K)
+    candidates = sorted((e for e in range(E) if e in forced or e in plain or mass.get(e, 0) > 0),
+                        key=lambda e: (e not in forced, e not in plain, -mass.get(e, 0), e))
+    cap = rank_cap if rank_cap is not None else -(-len(plain) // ranks)
+    loaded = _rank_capped(candidates, forced, placement, cap)
+    out = []
+    for t, ((choice, gate), order, b) in enumerate(zip(toks, order_of, base)):
+        if is_fixed(fixed, valid, t):
+            out.append(weights(gate, order[:K], spec, spec.renormalize))
+            continue
+        kept = []
+        for j, e in enumerate(order):
+            if len(kept) >= k_max:
+                break
+            if e in loaded and (j < len(b) or (choice[e] != NEG_INF and j < max_rank)):
+                kept.append(e)
+        out.append(weights(gate, kept, spec, spec.renormalize))
+    return out
+
+
+def ref_budget_ep(logits, spec, valid, budget, ranks, placement=None, rank_cap=None, native_ids=None, fixed=None):
+    """`ref_budget` with the set filled under a per-rank cap: forced experts (every valid re-routed token's
+    top-1, every fixed token's native top-K) first, then by mass (ties: lower id), each only while its rank
+    holds fewer than cap = rank_cap or ceil(budget / ranks) and the set fewer than `budget`."""
+    K, E = spec.top_k, spec.num_experts
+    placement = [e * ranks // E for e in range(E)] if placement is None else [int(v) for v in placement]
+    toks, order_of = rankings(logits, spec, native_ids)
+    forced = set()
+    for t, order in enumerate(order_of):
+        if is_fixed(fixed, valid, t):
+            forced.update(order[:K])
+        elif valid[t]:
+            forced.add(order[0])
+    mass = _native_mass(toks, order_of, valid, fixed, K)
+    candidates = sorted(range(E), key=lambda e: (e not in forced, -mass.get(e, 0), e))
+    cap = rank_cap if rank_cap is not None else -(-budget // ranks)
+    chosen = _rank_capped(candidates, forced, placement, cap, total=budget)
+    out = []
+    for t, ((choice, gate), order) in enumerate(zip(toks, order_of)):
+        if is_fixed(fixed, valid, t):
+            out.append(weights(gate, order[:K], spec, spec.renormalize))
+            continue
+        kept = [e for e in order if e in chosen and choice[e] != NEG_INF][:K]
+        out.append(weights(gate, kept, spec, spec.renormalize))
+    return out

@@ -65,10 +65,20 @@ def overlap_with_native(routing: Routing, native: Routing, num_experts: int) -> 
 
 
 def default_placement(num_experts: int, ranks: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """[E] int64 rank of each expert when E experts are split over D ranks in contiguous blocks."""
-    if not 1 <= ranks <= num_experts:
-        raise ValueError(f"expert parallelism over D={ranks} ranks needs 1 <= D <= E={num_experts}")
-    return torch.arange(num_experts, device=device) * ranks // num_experts
+    """[E] int64 rank of each expert when E experts are split over D ranks in contiguous blocks
+    (`moe_reroute.placement.contiguous`: expert e on rank e*D//E)."""
+    from .placement import contiguous
+
+    return contiguous(num_experts, ranks, device)
+
+
+def rank_unique(used: torch.Tensor, placement: torch.Tensor, ranks: int) -> torch.Tensor:
+    """[..., D] int64: distinct experts on each rank, from a [..., E] bool mask of the experts in use
+    (`used_experts`) and an [E] placement (rank of each expert, 0..D-1)."""
+    if placement.dim() != 1 or placement.shape[0] != used.shape[-1]:
+        raise ValueError(f"placement must have shape [E]=[{used.shape[-1]}], got {tuple(placement.shape)}")
+    out = torch.zeros(*used.shape[:-1], ranks, dtype=torch.long, device=used.device)
+    return out.scatter_add_(-1, placement.to(used.device, torch.long).expand(used.shape), used.long())
 
 
 def unique_experts_per_rank(
@@ -82,9 +92,7 @@ def unique_experts_per_rank(
         placement = default_placement(num_experts, ranks, routing.ids.device)
     elif tuple(placement.shape) != (num_experts,):
         raise ValueError(f"placement must have shape [E]=[{num_experts}], got {tuple(placement.shape)}")
-    used = used_experts(routing, num_experts).long()  # [E] ([S, E])
-    out = torch.zeros(*used.shape[:-1], ranks, dtype=torch.long, device=used.device)
-    return out.scatter_add_(-1, placement.long().expand(used.shape), used)
+    return rank_unique(used_experts(routing, num_experts), placement, ranks)  # [D] ([S, D])
 
 
 def max_unique_per_rank(
@@ -92,6 +100,14 @@ def max_unique_per_rank(
 ) -> torch.Tensor:
     """The step time under expert parallelism follows the busiest rank: max over ranks of its U (0-d; [S])."""
     return unique_experts_per_rank(routing, num_experts, ranks, placement).amax(dim=-1)
+
+
+def mean_unique_per_rank(
+    routing: Routing, num_experts: int, ranks: int, placement: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over ranks of their U (float32, 0-d; [S]): U / D, each expert being on one rank. Its gap to
+    `max_unique_per_rank` is what an uneven spread of the batch's experts over ranks costs."""
+    return unique_experts_per_rank(routing, num_experts, ranks, placement).float().mean(dim=-1)
 
 
 def summarize(

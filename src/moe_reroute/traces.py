@@ -213,6 +213,25 @@ def replay_layer(policy: Policy, logits: Any, valid: torch.Tensor, spec: RouterS
                       for s0 in range(0, S, steps)])
 
 
+def replay_experts(policy: Policy, logits: torch.Tensor, valid: torch.Tensor, spec: RouterSpec, moe_layer: int,
+                   chunk_steps: int | None = None) -> torch.Tensor:
+    """Which experts each of one layer's S steps activates under `policy`: [S, E] bool (valid tokens only),
+    `chunk_steps` steps per policy call. For what U alone cannot say, such as how a step's experts fall on
+    the ranks of expert parallelism (`moe_reroute.metrics.rank_unique`)."""
+    from .metrics import used_experts
+
+    _check_chunk(chunk_steps)
+    S, B = valid.shape
+    steps = chunk_steps or default_chunk_steps(B, spec.num_experts)
+    out = []
+    for s0 in range(0, S, steps):
+        x, v = logits[s0:s0 + steps], valid[s0:s0 + steps]
+        if spec.scoring == "topk_softmax":
+            x = x.float()
+        out.append(used_experts(policy(x, spec, v, layer=moe_layer), spec.num_experts))
+    return torch.cat(out)
+
+
 def replay_file(path: str | Path, policy: Policy, layers: list[int] | None = None,
                 chunk_steps: int | None = None) -> dict[int, torch.Tensor]:
     """`load(path).replay(policy, layers)` without loading the trace: one layer at a time, read from the

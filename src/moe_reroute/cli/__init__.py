@@ -11,9 +11,9 @@ import importlib.util
 import sys
 import traceback
 
-from . import bench, demo, engine, measure, reference, tune
+from . import bench, demo, engine, measure, parallel, reference, tune
 
-COMMANDS = [demo, reference, measure, tune, bench, engine]
+COMMANDS = [demo, reference, measure, tune, bench, parallel, engine]
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 # What a bad input raises: a command's own checks, the library's ValueError/TypeError naming the

@@ -19,6 +19,9 @@ from ..metrics import default_placement, max_unique_per_rank, unique_experts_per
 
 # Peak HBM bandwidth in GB/s from the vendors' data sheets (SXM parts); "cpu" is measured on the spot.
 HARDWARE_GBPS: dict[str, float | None] = {"h100": 3350.0, "h200": 4800.0, "a100": 2039.0, "cpu": None}
+# GPU-to-GPU bandwidth in GB/s, one direction, from the data sheets: H100 SXM's NVLink 4 moves 900 GB/s
+# both directions together, 450 each way.
+LINK_GBPS: dict[str, float] = {"h100-nvlink": 450.0}
 
 
 @dataclass(frozen=True)
@@ -148,3 +151,49 @@ def ep_predict(routing: Routing, num_experts: int, ranks: int, model: CostModel)
     rank_of_slot = placement[routing.ids][valid.to(routing.ids.device)]  # [T_valid, K]
     per_rank_slots = torch.bincount(rank_of_slot.flatten(), minlength=ranks)  # [D]
     return max(model.predict(float(u), float(s)) for u, s in zip(per_rank_u.tolist(), per_rank_slots.tolist()))
+
+
+@dataclass(frozen=True)
+class EPStepModel:
+    """One MoE layer's decode step under expert parallelism, bandwidth-bound:
+
+        time = max-rank U x bytes_per_expert / HBM bandwidth + T x hidden x act_bytes x 2 / link bandwidth
+
+    The first term is the slowest rank reading its distinct experts' weights (the step waits for it); the
+    second is the all-to-all that sends each token's hidden state to the experts' ranks and back (dispatch
+    and combine), the same for every policy at a batch size. Both are lower bounds at peak bandwidth
+    (no compute, launch or latency cost). Defaults: an H100 SXM (HBM 3350 GB/s, NVLink 450 GB/s each way),
+    bfloat16 activations.
+    """
+
+    bytes_per_expert: int
+    hidden: int
+    act_bytes: int = 2
+    hbm_gbps: float = HARDWARE_GBPS["h100"]
+    link_gbps: float = LINK_GBPS["h100-nvlink"]
+
+    def __post_init__(self) -> None:
+        for name in ("bytes_per_expert", "hidden", "act_bytes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        for name in ("hbm_gbps", "link_gbps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
+                raise ValueError(f"{name} must be a bandwidth > 0 GB/s, got {v!r}")
+
+    def expert_ms(self, max_unique: float) -> float:
+        """The slowest rank reading `max_unique` experts' weights."""
+        return bandwidth_bound_ms(max_unique, self.bytes_per_expert, self.hbm_gbps)
+
+    def all_to_all_ms(self, tokens: float) -> float:
+        """Dispatch and combine of `tokens` hidden states."""
+        return tokens * self.hidden * self.act_bytes * 2 / (self.link_gbps * 1e9) * 1e3
+
+    def predict_ms(self, max_unique: float, tokens: float) -> float:
+        """Predicted MoE-layer time of a step: `expert_ms` + `all_to_all_ms`."""
+        return self.expert_ms(max_unique) + self.all_to_all_ms(tokens)
+
+    def describe(self) -> str:
+        return (f"MoE layer ms = max-rank U x {self.bytes_per_expert / 1e6:.2f} MB / {self.hbm_gbps:g} GB/s + "
+                f"T x {self.hidden} x {self.act_bytes} B x 2 / {self.link_gbps:g} GB/s")

@@ -270,10 +270,19 @@ class Policy:
         self.backend = backend
         self.ties = check_ties(ties or ("lower-id" if backend == "triton" else "model"))
 
+    def no_kernel_for(self) -> str:
+        """Why this policy's options have no fused kernel ("" when they have one): such a policy runs as
+        torch ops, with one warning where it would have used the kernels."""
+        return ""
+
     def uses_kernels(self, router_logits: torch.Tensor) -> bool:
         """Whether a call on these logits runs the fused kernels (backend "triton", or "auto" on CUDA)."""
         if self.backend == "torch" or not self.has_kernel or torch.compiler.is_compiling():
             return False  # under torch.compile the torch ops are traced and fused by the compiler
+        if why := self.no_kernel_for():
+            if self.backend == "triton" or (isinstance(router_logits, torch.Tensor) and router_logits.is_cuda):
+                kernels.warn_once(why)
+            return False
         if router_logits.dim() >= 1 and (why := kernels.too_many_experts(router_logits.shape[-1])):
             if self.backend == "triton" or router_logits.is_cuda:
                 kernels.warn_once(why)

@@ -16,11 +16,17 @@ The set holds max(budget, forced experts) experts at most: the forced experts ar
 alone exceed the budget (then the set is just them). A fixed token's mass lies on forced experts, so
 it does not change which others fill the budget. With budget >= K a single token gets
 exactly its native experts.
+
+Expert parallelism (`ep=D`, with `placement` and `rank_cap`; off by default, see `moe_reroute.policies.ep`):
+in step 2 an expert joins only while its rank holds fewer than C = `rank_cap` or ceil(budget / D) experts
+of the set (forced experts count, and are taken even past C), so the slowest rank holds at most
+max(C, forced experts on it) and the set still at most max(budget, forced experts). With D = 1 (and no
+rank_cap) C = budget: the plain policy.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,13 +35,23 @@ from ..contract import Routing
 from ..scoring import (BUDGET_GRID, finish, fixed_members, native_where_fixed, native_where_unchanged, pack, rank,
                        ranked_native, sanitize, score, weights_for)
 from .base import Policy, PolicyConfig, need_at_most, need_int, per_layer
+from .ep import check_ep_fields, check_ep_fit, layer_placement, rank_capped_set
 
 
 @dataclass(frozen=True)
 class BudgetConfig(PolicyConfig):
-    """budget: experts the batch may activate (int, or per layer)."""
+    """budget: experts the batch may activate (int, or per layer). ep: expert-parallel ranks D (None =
+    off); placement: "contiguous" (default), a placement file or [E] / [L, E] ranks; rank_cap: experts per
+    rank (None: ceil(budget / D)). See `moe_reroute.policies.ep`."""
 
     budget: Any = per_layer()
+    ep: Any = None
+    placement: Any = field(default=None, metadata={"sequence": True})
+    rank_cap: Any = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_ep_fields(self, "budget")
 
     def check(self, name: str, value: Any) -> None:
         if name == "budget":
@@ -48,6 +64,10 @@ class Budget(Policy):
 
     def check_fit(self, spec, config, layer) -> None:
         need_at_most("budget", config.budget, spec.num_experts, "the number of experts E")
+        check_ep_fit(config, spec.num_experts, "budget", layer)
+
+    def no_kernel_for(self) -> str:
+        return "budget with ep (expert-parallel-aware) has no fused kernel" if self.config.ep is not None else ""
 
     def route(self, router_logits, spec, valid, config, layer, native=None, fixed=None) -> Routing:
         K, E = spec.top_k, spec.num_experts
@@ -67,8 +87,14 @@ class Budget(Policy):
         if held is not None:  # every native expert of a fixed row
             forced = forced | held.any(dim=-2)
         key = torch.where(forced, torch.full_like(mass_e, torch.iinfo(torch.int32).max), mass_e)
-        chosen = torch.sort(key, dim=-1, descending=True, stable=True)[1][..., : config.budget]
-        in_set = torch.zeros_like(forced).scatter_(-1, chosen, True) | forced  # [E]
+        if config.ep is None:
+            chosen = torch.sort(key, dim=-1, descending=True, stable=True)[1][..., : config.budget]
+            in_set = torch.zeros_like(forced).scatter_(-1, chosen, True) | forced  # [E]
+        else:
+            D = config.ep
+            cap = config.rank_cap if config.rank_cap is not None else -(-config.budget // D)
+            in_set = rank_capped_set(key, forced, layer_placement(config, E, layer, key.device), D, cap,
+                                     total=config.budget)  # [E]
 
         in_set = in_set[..., None, :].expand(order.shape)  # [T, E] by expert
         # a token's native top-K (ranks 1..K) may hold experts of weight 0 (fewer than K finite logits): they

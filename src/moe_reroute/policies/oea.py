@@ -14,31 +14,51 @@ Per layer and decode step:
    gets the model's own weights.
 A batch of one token therefore gets exactly its top-k0: with nobody else, there is nothing to piggyback.
 Its U is |S|, which `unique` counts without routing (`moe_reroute.policies.unique`).
+
+Expert parallelism (`ep=D`, with `placement` and `rank_cap`; off by default, see `moe_reroute.policies.ep`):
+the step waits for the rank holding most of S, so S is re-chosen with at most C experts per rank, C =
+`rank_cap` or ceil(|S| / D) (the base set spread evenly), greedily: each valid token's top-1 expert and a
+fixed token's native experts first (always, even past C), then the other base-set experts, then experts
+outside it that some token has in its native top-K, each group by native gate mass (summed over the valid
+tokens as `budget` counts it), a rank taking experts until it holds C. So busy ranks shed their least
+wanted base experts and idle ranks take the next most wanted ones, up to C. Each token then keeps those of
+its base experts that are in S (its top-1 always is) and piggybacks on S as in step 3; U <= C x D, and
+max-rank U <= max(C, forced experts on one rank). With D = 1 (and no rank_cap) S is the base set: plain OEA.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..contract import Routing
-from ..scoring import (finish, fixed_members, native_where_fixed, native_where_unchanged, order_key, pack, rank,
-                       ranked_native, sanitize, score, token_probs, weights_for)
+from ..scoring import (BUDGET_GRID, finish, fixed_members, native_where_fixed, native_where_unchanged, order_key, pack,
+                       rank, ranked_native, sanitize, score, token_probs, weights_for)
 from .base import Policy, PolicyConfig, is_int, need_at_most, need_int, per_layer
+from .ep import check_ep_fields, check_ep_fit, layer_placement, rank_capped_set
 from .unique import head_union
 
 
 @dataclass(frozen=True)
 class OEAConfig(PolicyConfig):
     """k0: base experts per token. p: top-p for the base (1.0 = off). k_max: experts per token at most
-    (None = K). max_rank: deepest rank a token may piggyback (None = E). Each may be given per layer."""
+    (None = K). max_rank: deepest rank a token may piggyback (None = E). Each may be given per layer.
+    ep: expert-parallel ranks D (None = off); placement: "contiguous" (default), a placement file or
+    [E] / [L, E] ranks; rank_cap: experts per rank (None: ceil(|S| / D)). See `moe_reroute.policies.ep`."""
 
     k0: Any = per_layer()
     p: Any = per_layer(1.0)
     k_max: Any = per_layer(None)
     max_rank: Any = per_layer(None)
+    ep: Any = None
+    placement: Any = field(default=None, metadata={"sequence": True})
+    rank_cap: Any = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_ep_fields(self, "oea")
 
     def check(self, name: str, value: Any) -> None:
         if name == "k0":
@@ -64,6 +84,10 @@ class OEA(Policy):
         need_at_most("oea k_max", k_max, K, "the model's K")
         need_at_most("oea k0", config.k0, k_max, "k_max")
         need_at_most("oea max_rank", max_rank, E, "the number of experts E")
+        check_ep_fit(config, E, "oea", layer)
+
+    def no_kernel_for(self) -> str:
+        return "oea with ep (expert-parallel-aware) has no fused kernel" if self.config.ep is not None else ""
 
     def route(self, router_logits, spec, valid, config, layer, native=None, fixed=None) -> Routing:
         K, E = spec.top_k, spec.num_experts
@@ -71,7 +95,9 @@ class OEA(Policy):
         max_rank = E if config.max_rank is None else config.max_rank
         x = sanitize(router_logits, valid)
         s = score(x, spec, self.ties, native)
-        if max_rank >= E and (native is None or self.ties == "model"):
+        if config.ep is not None:
+            ids, kept = self._keep_ep(s, spec, valid, config, layer, k_max, max_rank, fixed)
+        elif max_rank >= E and (native is None or self.ties == "model"):
             ids, kept = self._keep_by_topk(x, s, spec, valid, config.k0, config.p, k_max, fixed)
         else:
             ids, kept = self._keep_by_rank(s, spec, valid, config.k0, config.p, k_max, max_rank, fixed)
@@ -81,7 +107,10 @@ class OEA(Policy):
 
     def count_unique(self, router_logits, spec, valid, config, layer, fixed=None) -> torch.Tensor:
         """U = |S|: every kept expert of a token is in S (its base, and piggybacked experts only from S), and
-        every base expert is kept (n <= k0 <= k_max, base first), so the union of the kept experts is S."""
+        every base expert is kept (n <= k0 <= k_max, base first), so the union of the kept experts is S.
+        With `ep` S is re-chosen and a loaded expert may go unused: the routing is counted."""
+        if config.ep is not None:
+            return super().count_unique(router_logits, spec, valid, config, layer, fixed)
         max_rank = spec.num_experts if config.max_rank is None else config.max_rank
         return head_union(router_logits, spec, valid, self.ties, config.k0, config.p, fixed,
                           full_rank=max_rank < spec.num_experts)
@@ -105,6 +134,40 @@ class OEA(Policy):
         eligible = base | piggyback
         keep = eligible & (eligible.cumsum(dim=-1) <= k_max)
         return pack(order, keep, spec.top_k)
+
+    def _keep_ep(self, s, spec, valid, config, layer, k_max, max_rank, fixed):
+        """Steps 1-3 with S chosen under a per-rank cap (the module docstring): (ids, kept) [T, K]."""
+        K, E, D = spec.top_k, spec.num_experts, config.ep
+        native = ranked_native(s)[0]  # [T, K]
+        order = rank(s.choice, native, self.ties)  # [T, E]
+        pos = torch.arange(E, device=order.device)
+        if config.p >= 1.0:
+            n = torch.full_like(order[..., :1], config.k0)
+        else:
+            cum = token_probs(s.choice, s.gate).gather(-1, order).cumsum(dim=-1)  # [T, E]
+            n = ((cum < config.p).sum(dim=-1, keepdim=True) + 1).clamp(max=config.k0)
+        base = pos < n  # [T, E], rank order
+        base_by_expert = torch.zeros_like(base).scatter(-1, order, base)  # [T, E]
+        base_set = self._loaded(base_by_expert, s, valid, fixed)[..., 0, :]  # [E]: plain OEA's S
+        held = fixed_members(s, fixed, valid)  # [T, E] or None
+        rerouted = valid if fixed is None else valid & ~fixed
+        top1 = torch.zeros_like(base_by_expert).scatter_(-1, order[..., :1], True) & rerouted[..., None]
+        forced = top1.any(dim=-2) if held is None else (top1 | held).any(dim=-2)  # [E]
+        mass = s.gate.gather(-1, native)
+        mass = mass / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
+        q = torch.floor(mass * BUDGET_GRID + 0.5).long().clamp_min(1) * rerouted[..., None]  # [T, K]
+        mass_e = torch.zeros_like(forced, dtype=torch.long).scatter_add_(-1, native.flatten(-2), q.flatten(-2))
+        tier = torch.where(base_set, 1 << 40, 0)  # base-set experts before the others
+        key = torch.where(forced, torch.iinfo(torch.long).max, tier + mass_e)  # [E]
+        cap = config.rank_cap if config.rank_cap is not None else (base_set.sum(dim=-1, keepdim=True) + D - 1) // D
+        placement = layer_placement(config, E, layer, order.device)
+        loaded = rank_capped_set(key, forced, placement, D, cap, allowed=key > 0)  # [E]
+        loaded = loaded[..., None, :].expand(order.shape).gather(-1, order)  # [T, E], rank order
+        finite = torch.isfinite(s.choice.gather(-1, order))
+        # padding rows keep their base, as in plain OEA (`finish` points them at a used expert)
+        eligible = (base & (loaded | ~valid[..., None])) | (loaded & finite & (pos < max_rank))
+        keep = eligible & (eligible.cumsum(dim=-1) <= k_max)
+        return pack(order, keep, K)
 
     def _keep_by_topk(self, x, s, spec, valid, k0, p, k_max, fixed):
         """Steps 1-3 without sorting E (max_rank = E): the same (ids, kept) [T, K] as `_keep_by_rank`.

@@ -1,0 +1,218 @@
+"""`moe-reroute ep-replay`: each policy under expert parallelism over D ranks, replayed on a routing trace.
+
+A step's MoE layer waits for its slowest rank, which reads its distinct experts: the command reports, per
+batch size, D and policy, the mean over steps and MoE layers of max-rank U and mean-rank U (distinct
+experts on the busiest rank, and on average), and a bandwidth-bound MoE-layer time (slowest rank's expert
+bytes / HBM bandwidth + the all-to-all of the tokens' hidden states / interconnect bandwidth) at a real
+model's layer shape. Prints tables; --out writes ep.json, ep.png and the placements used.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from .bench import UsageError, _batch_sizes
+
+DEFAULT_POLICIES = ("native", "cap:k=4", "oea:k0=3", "sere", "budget:budget=32", "xshare:budget=32",
+                    "lynx:alpha=3,beta=2")
+DEFAULT_POSITIONS = 32
+
+
+def _policies(specs: list[str] | None, trace, reference: bool) -> tuple[dict, list[str]]:
+    """{label: Policy}, native first, each checked on one step of every layer; and notes."""
+    from ..policies.spec import parse_policy_spec, policy_from_spec
+
+    notes = []
+    explicit = specs is not None
+    specs = list(dict.fromkeys(specs or DEFAULT_POLICIES))
+    if "native" not in specs:
+        specs.insert(0, "native")
+        notes.append("native added: every ratio is relative to it")
+    E = trace.specs[trace.layers[0]].num_experts
+    out = {}
+    for text in specs:
+        name, params = parse_policy_spec(text) if text else ("", {})
+        if name == "sere" and "similarity" not in params:
+            if not reference:
+                if explicit:
+                    raise UsageError(f"policy {text!r}: sere needs similarity=FILE for a trace of another model "
+                                     "(`moe-reroute calibrate` writes one)")
+                notes.append("sere left out: give --policy sere:similarity=FILE for this trace's model")
+                continue
+            from ..measure.evaluate import SIMILARITY_FILE
+            from ..reference import path as reference_path
+
+            text_eff = f"{text}{',' if ':' in text else ':'}similarity={reference_path() / SIMILARITY_FILE}"
+        else:
+            text_eff = text
+        try:
+            policy = policy_from_spec(text_eff, num_experts=E)
+            for layer in trace.layers:
+                policy(trace.logits[layer][0].float(), trace.specs[layer], trace.valid[0], layer=trace.moe_layer(layer))
+        except (TypeError, ValueError, OSError) as e:
+            if explicit:
+                raise UsageError(f"policy {text!r}: {e}") from None
+            notes.append(f"default policy {text} skipped: {e}")
+            continue
+        out[text] = policy
+    return out, notes
+
+
+def _run(args) -> int:
+    try:
+        return _ep_replay(args)
+    except UsageError as e:
+        raise SystemExit(f"moe-reroute ep-replay: error: {e}") from None
+
+
+def _ep_replay(args) -> int:
+    import torch
+
+    from ..measure.costmodel import EPStepModel
+    from ..measure.shapes import get_shape
+    from .inputs import at_least, check_out_dir
+
+    batch_sizes = _batch_sizes(args.batch_sizes, example="16,32,64,128,256")
+    ranks = _batch_sizes(args.ep, "--ep", "8,16,32,64")
+    at_least(args.positions, 1, "--positions")
+    at_least(args.threads, 1, "--threads")
+    if args.out:
+        check_out_dir(args.out)
+    try:
+        shape = get_shape(args.shape)
+        step_model = EPStepModel(shape.bytes_per_expert(torch.bfloat16), shape.hidden, args.act_bytes,
+                                 args.hbm_gbps, args.link_gbps)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.calibration_trace and args.placement != "eplb":
+        raise UsageError("--calibration-trace gives the expert loads of --placement eplb; it does not apply to "
+                         f"--placement {args.placement}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _replay(args, batch_sizes, ranks, shape, step_model)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _replay(args, batch_sizes, ranks, shape, step_model) -> int:
+    """The run proper, on checked options: the trace, the placements, the policies, the replay, the outputs."""
+    from ..measure import parallel
+    from ..placement import check_ranks, save_placement
+    from ..progress import progress as progress_bar
+    from ..traces import load
+
+    say = (lambda *a, **k: None) if args.json else print
+
+    if args.trace:
+        trace = load(args.trace)
+        where = (f"trace {args.trace} (model {trace.meta.get('model', '?')}, {trace.batch_size} sequences x "
+                 f"{trace.steps} steps)")
+    else:
+        from ..measure import bench
+
+        try:
+            trace = bench.reference_trace(max(batch_sizes), args.positions)
+        except (FileNotFoundError, ImportError, OSError) as e:
+            raise UsageError(f"recording the shipped reference model's trace failed ({str(e).splitlines()[0]}); "
+                             "give --trace PATH") from None
+        where = (f"trace of the shipped reference model on held-out text ({max(batch_sizes)} sequences, the held-out "
+                 f"domains in turn, x {args.positions} positions, teacher-forced, float32)")
+    E = trace.specs[trace.layers[0]].num_experts
+    if max(batch_sizes) > trace.batch_size:
+        raise UsageError(f"--batch-sizes up to {max(batch_sizes)} need a trace of at least that many sequences; "
+                         f"{where} has {trace.batch_size}")
+    for D in ranks:
+        try:
+            check_ranks(E, D)
+        except ValueError as e:
+            raise UsageError(f"--ep {D}: {e}") from None
+    if E != shape.num_experts:
+        say(f"note: the trace's layers have E={E} experts, the --shape {shape.name} {shape.num_experts}: its expert "
+            "bytes and hidden size are used for the predicted time only")
+    load_note = ""
+    loads = None
+    if args.placement == "eplb":
+        if args.calibration_trace:
+            cal = load(args.calibration_trace)
+            trace.check_compatible(cal.specs, what=f"--calibration-trace {args.calibration_trace}")
+            loads = parallel.native_load(cal)
+            load_note = f" (expert loads: native routing of {args.calibration_trace})"
+        else:
+            loads = parallel.native_load(trace)
+            load_note = (" (expert loads: native routing of this same trace, so the placement has seen the steps it "
+                         "is scored on)")
+    try:
+        by_ranks = parallel.placements(args.placement, trace, ranks, loads)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(f"--placement {args.placement}: {e}") from None
+    policies, notes = _policies(args.policy, trace, reference=not args.trace)
+    say(f"moe-reroute ep-replay: {where}; E={E}, K={trace.specs[trace.layers[0]].top_k}, {len(trace.layers)} MoE "
+        f"layers; placement {args.placement}{load_note}")
+    say(f"cost model ({shape.name} layer shape, bfloat16 weights): {step_model.describe()}")
+    for note in notes:
+        say(f"note: {note}")
+    bar = progress_bar(len(batch_sizes) * len(policies), not (args.json or args.no_progress), "ep-replay",
+                       unit="replays")
+    rows = parallel.ep_replay(trace, policies, batch_sizes, by_ranks, step_model, tick=lambda: bar.update(1))
+    bar.close()
+    label = args.placement if args.placement in ("contiguous", "eplb") else f"file {args.placement}"
+    say("")
+    say(parallel.table(rows, label))
+    command = "moe-reroute " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []))
+    result = {"command": command, "trace": where, "placement": args.placement + load_note,
+              "conditions": {"batch_sizes": batch_sizes, "ranks": ranks, "num_experts": E,
+                             "layers": len(trace.layers), "steps": trace.steps, "sequences": trace.batch_size,
+                             "shape": shape.name, "cost_model": step_model.describe()},
+              "notes": notes, "rows": rows}
+    if args.out:
+        from ..files import write_text_atomic
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        written = [write_text_atomic(out / "ep.json", json.dumps(result, indent=1) + "\n")]
+        if args.placement == "eplb":
+            written += [save_placement(p, out / f"placement-eplb-D{D}.json") for D, p in by_ranks.items()]
+        try:
+            written.append(parallel.plot(rows, out / "ep.png", label))
+        except ImportError as e:
+            print(f"note: no plot: {e}", file=sys.stderr)
+        say("written: " + ", ".join(str(p) for p in written))
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("ep-replay", help="max-rank distinct experts per policy under expert parallelism, from a trace",
+                       description=__doc__)
+    p.add_argument("--trace", default=None, metavar="PATH",
+                   help="routing trace (default: recorded from the shipped reference model on held-out text)")
+    p.add_argument("--positions", type=int, default=DEFAULT_POSITIONS,
+                   help=f"without --trace: positions per sequence of the recorded trace (default {DEFAULT_POSITIONS})")
+    p.add_argument("--batch-sizes", default="16,32,64,128,256", help="decode batch sizes (default 16,32,64,128,256)")
+    p.add_argument("--ep", default="8,16,32,64", metavar="D,D", help="expert-parallel ranks (default 8,16,32,64)")
+    p.add_argument("--placement", default="contiguous", metavar="contiguous|eplb|FILE",
+                   help="experts on ranks: contiguous blocks (default), eplb (balanced by each expert's native load, "
+                        "from this trace or --calibration-trace), or a JSON file of one rank per expert (or one such "
+                        "list per MoE layer)")
+    p.add_argument("--calibration-trace", default=None, metavar="PATH",
+                   help="with --placement eplb: take the expert loads from this trace's native routing")
+    p.add_argument("--policy", action="append", default=None, metavar="SPEC",
+                   help=f"policy spec, repeatable (default: {' '.join(DEFAULT_POLICIES)}; sere only on the reference "
+                        "model's trace or with similarity=FILE)")
+    p.add_argument("--shape", default="qwen3-30b-a3b", help="MoE layer shape for the predicted time (default "
+                   "qwen3-30b-a3b, bfloat16 weights)")
+    p.add_argument("--hbm-gbps", type=float, default=3350.0,
+                   help="HBM bandwidth per rank, GB/s (default 3350: H100 SXM)")
+    p.add_argument("--link-gbps", type=float, default=450.0,
+                   help="all-to-all bandwidth per rank, GB/s one way (default 450: H100 NVLink 4)")
+    p.add_argument("--act-bytes", type=int, default=2, help="bytes per activation value sent (default 2: bfloat16)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--out", default=None, help="folder for ep.json, ep.png (and the eplb placements)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print one JSON object, no tables")
+    p.set_defaults(run=_run, needs=("hf",))

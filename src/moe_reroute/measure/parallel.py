@@ -1,0 +1,179 @@
+"""Expert parallelism on a routing trace: the slowest rank's distinct experts under each policy.
+
+Under expert parallelism over D ranks (each holding E/D experts) a decode step's MoE layer takes as long
+as its slowest rank, which reads the weights of its distinct experts that the batch uses. So what a
+policy should lower is the max over ranks of distinct experts per layer and step (max-rank U), not U.
+`ep_replay` replays a trace through each policy at each batch size once and counts, for every D and the
+placement of experts on ranks, max-rank and mean-rank U (mean-rank = U / D: the max-rank U of a perfectly
+even spread). `EPStepModel` (measure/costmodel.py) turns max-rank U into a predicted MoE-layer time.
+
+E = experts, D = ranks, L = MoE layers, S = steps, B = decode batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from ..metrics import rank_unique
+from ..placement import check_ranks, make_placement
+from ..policies import Policy, make_policy
+from ..traces import Trace, replay_experts
+from .costmodel import EPStepModel
+
+DEFAULT_BATCH_SIZES = (16, 32, 64, 128, 256)
+DEFAULT_RANKS = (8, 16, 32, 64)
+
+
+def native_load(trace: Trace) -> torch.Tensor:
+    """[L, E] float64: tokens the model's own routing sends to each expert over the whole trace, per MoE
+    layer (valid tokens, each of its K experts counted once): the per-expert load an EPLB-like placement
+    balances."""
+    native = make_policy("native")
+    rows = []
+    for layer in trace.layers:
+        spec = trace.specs[layer]
+        r = native(trace.logits[layer].float(), spec, trace.valid, layer=trace.moe_layer(layer))
+        ids = r.ids[r.valid]  # [N, K]
+        rows.append(torch.bincount(ids.flatten(), minlength=spec.num_experts).double())
+    return torch.stack(rows)
+
+
+def placements(how: str, trace: Trace, ranks: Sequence[int], load: torch.Tensor | None = None
+               ) -> dict[int, torch.Tensor]:
+    """{D: [L, E] placement} for "contiguous", "eplb" (from `load`, default the trace's own `native_load`)
+    or a placement file (checked against every D)."""
+    E = trace.specs[trace.layers[0]].num_experts
+    L = len(trace.layers)
+    if how == "eplb" and load is None:
+        load = native_load(trace)
+    out = {}
+    for D in ranks:
+        p = make_placement(how, E, D, load=load, layers=L)
+        out[D] = p.expand(L, E) if p.dim() == 1 else p
+    return out
+
+
+def ep_replay(trace: Trace, policies: dict[str, Policy], batch_sizes: Sequence[int],
+              by_ranks: dict[int, torch.Tensor], step_model: EPStepModel | None = None,
+              tick: Callable[[], None] | None = None) -> list[dict]:
+    """One row per (batch size, D, policy): mean over the trace's steps and MoE layers of U, max-rank U
+    and mean-rank U per layer and step, and with `step_model` the predicted MoE-layer time.
+
+    by_ranks: {D: [L, E] placement} (`placements`). A step counts when it holds a valid token. The
+    trace is re-batched to each batch size (`Trace.rebatch`); each policy routes every step once, and
+    every D and placement is counted from its experts. `tick` is called after each (batch size, policy).
+    """
+    E = trace.specs[trace.layers[0]].num_experts
+    for D, p in by_ranks.items():
+        check_ranks(E, D)
+        if tuple(p.shape) != (len(trace.layers), E):
+            raise ValueError(f"the placement for D={D} is {tuple(p.shape)}, not [L, E]=[{len(trace.layers)}, {E}]")
+    rows = []
+    for B in batch_sizes:
+        t = trace.rebatch(B)
+        counted = t.valid.any(dim=-1)  # [S]: steps with a valid token
+        if not bool(counted.any()):
+            raise ValueError(f"at batch size {B} the trace holds no step with a valid token")
+        stats: dict[str, dict[int, tuple[float, float]]] = {}
+        unique: dict[str, float] = {}
+        for label, policy in policies.items():
+            used = [replay_experts(policy, t.logits[layer], t.valid, t.specs[layer], t.moe_layer(layer))[counted]
+                    for layer in t.layers]  # L x [S', E]
+            unique[label] = _mean([u.sum(dim=-1).double().mean() for u in used])
+            stats[label] = {}
+            for D, p in by_ranks.items():
+                per = [rank_unique(u, p[i], D) for i, u in enumerate(used)]  # L x [S', D]
+                stats[label][D] = (_mean([c.amax(dim=-1).double().mean() for c in per]),
+                                   _mean([c.double().mean() for c in per]))
+            if tick:
+                tick()
+        for D in by_ranks:
+            base = stats.get("native", {}).get(D)
+            for label in policies:
+                mx, mean = stats[label][D]
+                row = {"batch": B, "ranks": D, "policy": label, "unique": unique[label], "max_rank_unique": mx,
+                       "mean_rank_unique": mean, "imbalance": mx / mean if mean > 0 else float("nan"),
+                       "max_rank_vs_native": mx / base[0] if base and base[0] > 0 else None}
+                if step_model is not None:
+                    row |= {"expert_ms": step_model.expert_ms(mx), "all_to_all_ms": step_model.all_to_all_ms(B),
+                            "predicted_ms": step_model.predict_ms(mx, B)}
+                    if base:
+                        row["predicted_vs_native"] = row["predicted_ms"] / step_model.predict_ms(base[0], B)
+                rows.append(row)
+    return rows
+
+
+def _mean(values: list[torch.Tensor]) -> float:
+    return float(torch.stack(values).mean())
+
+
+def table(rows: list[dict], placement: str) -> str:
+    """Per D: each policy's max-rank U (mean-rank U) per layer and step at each batch size, then the
+    predicted MoE-layer time in microseconds when the rows have it."""
+    batches = sorted({r["batch"] for r in rows})
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    at = {(r["ranks"], r["policy"], r["batch"]): r for r in rows}
+    blocks = []
+    for D in sorted({r["ranks"] for r in rows}):
+        lines = [f"D={D} ranks, {placement} placement: max-rank U (mean-rank U) per layer and step"]
+        grid = [("policy", *(f"B={b}" for b in batches))]
+        for label in policies:
+            cells = [at[D, label, b] for b in batches]
+            grid.append((label, *(f"{r['max_rank_unique']:.2f} ({r['mean_rank_unique']:.2f})" for r in cells)))
+        lines.append(_grid(grid))
+        if "predicted_ms" in rows[0]:
+            lines.append(f"D={D}: predicted MoE-layer time, us (x native)")
+            grid = [("policy", *(f"B={b}" for b in batches))]
+            for label in policies:
+                cells = []
+                for b in batches:
+                    r = at[D, label, b]
+                    ratio = r.get("predicted_vs_native")
+                    cells.append(f"{1e3 * r['predicted_ms']:.2f}" + (f" ({ratio:.2f})" if ratio is not None else ""))
+                grid.append((label, *cells))
+            lines.append(_grid(grid))
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _grid(rows) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
+def plot(rows: list[dict], path: Path, placement: str) -> Path:
+    """Max-rank U against batch size, one panel per D, one line per policy (EP-aware options dashed); the
+    grey dotted line is native's mean-rank U, an even spread of native's experts."""
+    from .report import _legend, _plt, _save, style
+
+    plt = _plt()
+    ranks = sorted({r["ranks"] for r in rows})
+    cols = min(2, len(ranks))
+    nrows = -(-len(ranks) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols, 3.6 * nrows), squeeze=False)
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    for ax, D in zip(axes.flat, ranks):
+        others: dict = {}
+        for label in policies:
+            pts = sorted((r["batch"], r["max_rank_unique"]) for r in rows if r["ranks"] == D and r["policy"] == label)
+            colour, marker = style(label, others)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colour, label=label,
+                    lw=2 if label == "native" else 1, ls="--" if "ep=" in label or "placement=" in label else "-")
+        nat = sorted((r["batch"], r["mean_rank_unique"]) for r in rows if r["ranks"] == D and r["policy"] == "native")
+        if nat:
+            ax.plot([p[0] for p in nat], [p[1] for p in nat], ls=":", color="grey", label="native mean-rank")
+        xs = sorted({r["batch"] for r in rows})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.minorticks_off()
+        ax.set_xlabel("decode batch size")
+        ax.set_ylabel("max-rank distinct experts")
+        ax.set_title(f"D={D} ranks, {placement} placement", fontsize=9)
+        _legend(ax, fig)
+    for ax in list(axes.flat)[len(ranks):]:
+        ax.axis("off")
+    return _save(fig, path)

@@ -1,0 +1,124 @@
+"""Expert-parallel-aware options shared by `oea` and `budget`: `ep`, `placement`, `rank_cap`.
+
+Under expert parallelism over D ranks a step waits for its slowest rank, which reads its own distinct
+experts; so these options choose the batch's expert set under a cap on experts per rank rather than
+letting one rank collect many. `ep=D` turns them on (default None: off, the policy as without them, bit
+for bit); `placement` says which rank holds each expert: "contiguous" (default: expert e on rank e*D//E),
+a placement file's path (`moe_reroute.placement`: one rank per expert, or one such list per MoE layer)
+or the same as a list or tensor; `rank_cap` is the most experts a rank may hold (default: each policy's
+own, see its module).
+
+The set is picked greedily in order of a key (higher first; equal keys: lower expert id): a forced expert
+(each token's best one, a fixed row's native experts) is always taken; any other is taken while its
+rank holds fewer than the cap and, where the policy has one, the set is below its total. Torch ops on
+[..., E] tensors (a stable sort and per-rank counts), no host synchronisation. The fused kernels do not
+implement it: a policy with `ep` runs as torch ops, with one warning where it would have used them.
+
+E = experts, D = ranks, T = tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..placement import at_layer, check_placement, check_ranks, contiguous, from_lists
+from .base import is_int
+
+
+def check_ep_fields(config: Any, policy: str) -> None:
+    """Validate `ep`, `placement`, `rank_cap` of a config (at construction) and keep the placement as an
+    int64 tensor in `config._placement` (None: contiguous, made per call for the layer's E)."""
+    ep, placement, cap = config.ep, config.placement, config.rank_cap
+    if ep is None:
+        if placement is not None or cap is not None:
+            raise ValueError(f"{policy} placement and rank_cap apply under expert parallelism: give ep=D (the number "
+                             f"of ranks) too, e.g. {policy}:...,ep=8,placement=FILE")
+        object.__setattr__(config, "_placement", None)
+        return
+    if not is_int(ep) or ep < 1:
+        raise ValueError(f"{policy} ep must be the number of expert-parallel ranks, an int >= 1, got {ep!r}")
+    if cap is not None and (not is_int(cap) or cap < 1):
+        raise ValueError(f"{policy} rank_cap must be an int >= 1 (experts per rank), got {cap!r}")
+    tensor = None
+    if isinstance(placement, str) and placement != "contiguous":
+        import json
+
+        from ..files import read_regular_text
+        from ..placement import EXAMPLE, PLACEMENT_FILE_BYTES
+
+        text = read_regular_text(placement, f"{policy} placement {placement}", f"expected a placement: {EXAMPLE}",
+                                 limit=PLACEMENT_FILE_BYTES, missing=FileNotFoundError)
+        try:
+            placement = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
+            raise ValueError(f"{policy} placement {config.placement}: not valid JSON; a placement file holds a list "
+                             f"of ranks, e.g. {EXAMPLE}") from None
+    if placement is not None and not (isinstance(placement, str) and placement == "contiguous"):
+        origin = f"{policy} placement" + (f" {config.placement}" if isinstance(config.placement, str) else "")
+        if not isinstance(placement, torch.Tensor):
+            placement = from_lists(placement, origin)
+        if placement.dim() not in (1, 2):
+            raise ValueError(f"{origin}: a placement is [E] (one rank per expert) or [L, E] (one per MoE layer), "
+                             f"got {tuple(placement.shape)}")
+        tensor = check_placement(placement, placement.shape[-1], ep, origin=origin)
+    object.__setattr__(config, "_placement", tensor)
+
+
+def check_ep_fit(config: Any, num_experts: int, policy: str, layer: int | None) -> None:
+    """Raise ValueError if the EP options do not fit a layer of E experts."""
+    if config.ep is None:
+        return
+    check_ranks(num_experts, config.ep)
+    p = config._placement
+    if p is not None:
+        if p.shape[-1] != num_experts:
+            raise ValueError(f"{policy} placement places {p.shape[-1]} experts but the model has E={num_experts}; "
+                             "give a rank for every expert")
+        at_layer(p, layer)
+
+
+def layer_placement(config: Any, num_experts: int, layer: int | None, device: torch.device) -> torch.Tensor:
+    """[E] int64 rank of each expert at MoE layer `layer`, on `device` (cached per device)."""
+    p = config._placement
+    if p is None:
+        return contiguous(num_experts, config.ep, device)
+    p = at_layer(p, layer)
+    if p.device != device:
+        cache = config.__dict__.setdefault("_placement_on", {})
+        key = (str(device), layer if config._placement.dim() == 2 else None)
+        if key not in cache:
+            cache[key] = p.to(device)
+        p = cache[key]
+    return p
+
+
+def rank_capped_set(key: torch.Tensor, forced: torch.Tensor, placement: torch.Tensor, ranks: int,
+                    cap: int | torch.Tensor, allowed: torch.Tensor | None = None,
+                    total: int | None = None) -> torch.Tensor:
+    """[..., E] bool: the experts taken greedily by decreasing `key` (equal keys: lower id): a `forced`
+    expert always; another if `allowed` (default: every one), while its rank has fewer than `cap` taken
+    or forced before it and, with `total`, while fewer than `total` are taken.
+
+    key [..., E] int64 (forced experts should carry the largest); forced, allowed [..., E] bool;
+    placement [E] ranks 0..D-1; cap an int or a [..., 1] tensor.
+    """
+    E = key.shape[-1]
+    order = torch.sort(key, dim=-1, descending=True, stable=True)[1]  # [..., E]
+    r = placement[order]  # [..., E] rank of each expert, in key order
+    # position of each expert among its rank's experts in key order (1-based): a stable sort by rank keeps
+    # key order within a rank; the index in that sort minus where the rank starts
+    by_rank = torch.sort(r, dim=-1, stable=True)[1]  # [..., E]
+    counts = torch.zeros(*r.shape[:-1], ranks, dtype=torch.long, device=r.device).scatter_add_(
+        -1, r, torch.ones_like(r))  # [..., D]
+    starts = counts.cumsum(dim=-1) - counts  # [..., D]
+    idx = torch.arange(E, device=r.device).expand(r.shape)
+    pos_sorted = idx - starts.gather(-1, r.gather(-1, by_rank)) + 1
+    pos = torch.empty_like(pos_sorted).scatter_(-1, by_rank, pos_sorted)  # [..., E], key order
+    f = forced.gather(-1, order)
+    eligible = f | (pos <= cap)
+    if allowed is not None:
+        eligible = eligible & (f | allowed.gather(-1, order))
+    take = eligible if total is None else f | (eligible & (eligible.cumsum(dim=-1) <= total))
+    return torch.zeros_like(take).scatter_(-1, order, take)

@@ -1,0 +1,141 @@
+"""`moe-reroute ep-replay` and measure/parallel.py: max-rank and mean-rank U on traces against plain loops,
+the EP step cost model by hand, and the command end to end with its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import reference as ref
+from cli_helpers import bad_input
+from conftest import distinct_logits
+from moe_reroute import RouterSpec, make_policy, placement
+from moe_reroute.cli import main
+from moe_reroute.measure import parallel
+from moe_reroute.measure.costmodel import EPStepModel
+from moe_reroute.traces import Trace
+
+
+def small_trace(E=16, K=2, S=3, B=8, layers=(0, 1), seed=0) -> Trace:
+    logits = {layer: torch.stack([distinct_logits(B, E, seed=seed + 100 * layer + s) for s in range(S)])
+              for layer in layers}
+    valid = torch.ones(S, B, dtype=torch.bool)
+    valid[-1, -3:] = False
+    return Trace(logits, valid, {layer: RouterSpec(E, K) for layer in layers}, {"model": "random"})
+
+
+def test_native_load_against_loop():
+    t = small_trace()
+    load = parallel.native_load(t)
+    for i, layer in enumerate(t.layers):
+        counts = [0] * 16
+        for s in range(t.steps):
+            for b in range(t.batch_size):
+                if t.valid[s, b]:
+                    for e in torch.topk(t.logits[layer][s, b], 2).indices.tolist():
+                        counts[e] += 1
+        assert load[i].tolist() == counts
+
+
+@pytest.mark.parametrize("how", ["contiguous", "eplb"])
+def test_ep_replay_against_loop(how):
+    t = small_trace()
+    policies = {"native": make_policy("native"), "oea:k0=1": make_policy("oea", k0=1),
+                "budget:budget=4": make_policy("budget", budget=4)}
+    by_ranks = parallel.placements(how, t, [2, 4, 16])
+    model = EPStepModel(bytes_per_expert=1000, hidden=10)
+    rows = parallel.ep_replay(t, policies, [4, 8], by_ranks, model)
+    assert len(rows) == 2 * 3 * 3
+    for row in rows:
+        B, D, label = row["batch"], row["ranks"], row["policy"]
+        rb = t.rebatch(B)
+        maxes, means, us = [], [], []
+        for i, layer in enumerate(rb.layers):
+            for s in range(rb.steps):
+                v = rb.valid[s].tolist()
+                if not any(v):
+                    continue
+                r = policies[label](rb.logits[layer][s], rb.specs[layer], rb.valid[s], layer=i)
+                counts, m, avg = ref.ref_rank_unique(r.ids.tolist(), v, by_ranks[D][i].tolist(), D)
+                maxes.append(m)
+                means.append(avg)
+                us.append(sum(counts))
+        assert row["max_rank_unique"] == pytest.approx(sum(maxes) / len(maxes))
+        assert row["mean_rank_unique"] == pytest.approx(sum(means) / len(means))
+        assert row["unique"] == pytest.approx(sum(us) / len(us))
+        assert row["predicted_ms"] == pytest.approx(model.predict_ms(row["max_rank_unique"], B))
+    if how == "eplb":
+        load = parallel.native_load(t)
+        assert by_ranks[4][1].tolist() == ref.ref_balanced_placement(load[1].tolist(), 4)
+
+
+def test_step_model_hand_computed():
+    m = EPStepModel(bytes_per_expert=2_000_000, hidden=1000, act_bytes=2, hbm_gbps=1000.0, link_gbps=100.0)
+    # 3 experts x 2 MB at 1000 GB/s = 6 us; 16 tokens x 1000 x 2 B x 2 at 100 GB/s = 0.64 us
+    assert m.expert_ms(3) == pytest.approx(0.006)
+    assert m.all_to_all_ms(16) == pytest.approx(0.00064)
+    assert m.predict_ms(3, 16) == pytest.approx(0.00664)
+    for bad in [dict(hbm_gbps=0.0), dict(link_gbps=-1.0), dict(hidden=0), dict(act_bytes=1.5)]:
+        with pytest.raises(ValueError, match="must be"):
+            EPStepModel(**{"bytes_per_expert": 1, "hidden": 1, **bad})
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    trace = tmp_path / "t.safetensors"
+    small_trace(E=16, K=2, S=4, B=8).save(trace)
+    out = tmp_path / "out"
+    code = main(["ep-replay", "--trace", str(trace), "--batch-sizes", "4,8", "--ep", "2,4", "--placement", "eplb",
+                 "--policy", "oea:k0=1", "--policy", "budget:budget=4", "--out", str(out), "--no-progress"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "D=2 ranks, eplb placement: max-rank U (mean-rank U)" in text and "predicted MoE-layer time" in text
+    result = json.loads((out / "ep.json").read_text())
+    assert result["command"].startswith("moe-reroute ep-replay --trace")
+    assert "native routing of this same trace" in result["placement"]
+    assert [r["policy"] for r in result["rows"][:3]] == ["native", "oea:k0=1", "budget:budget=4"]
+    assert (out / "ep.png").stat().st_size > 0
+    saved = placement.load_placement(out / "placement-eplb-D4.json", 16, 4, layers=2)
+    assert saved.shape == (2, 16)
+    # the saved placement, read back as a file, gives the same numbers
+    code = main(["ep-replay", "--trace", str(trace), "--batch-sizes", "4,8", "--ep", "4", "--placement",
+                 str(out / "placement-eplb-D4.json"), "--policy", "oea:k0=1", "--policy", "budget:budget=4",
+                 "--json", "--no-progress"])
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    want = [r for r in result["rows"] if r["ranks"] == 4]
+    assert [r["max_rank_unique"] for r in again["rows"]] == [r["max_rank_unique"] for r in want]
+
+
+def test_cli_errors(tmp_path, capsys):
+    trace = tmp_path / "t.safetensors"
+    small_trace(E=16, K=2, S=2, B=4).save(trace)
+    base = ["ep-replay", "--trace", str(trace), "--batch-sizes", "4", "--ep", "2"]
+    bad_input(capsys, [*base, "--ep", "0"], "--ep must be integers")
+    bad_input(capsys, [*base, "--ep", "32"], "--ep 32", "D=32 ranks needs 1 <= D <= E=16")
+    bad_input(capsys, [*base, "--batch-sizes", "8"], "need a trace of at least that many sequences")
+    bad_input(capsys, [*base, "--placement", str(tmp_path / "none.json")], "--placement", "no such file")
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps([0] * 15))
+    bad_input(capsys, [*base, "--ep", "2", "--placement", str(f)], "places 15 experts but the model has E=16")
+    f.write_text(json.dumps([0] * 8 + [3] * 8))
+    bad_input(capsys, [*base, "--ep", "2", "--placement", str(f)], "expert 8 is on rank 3, but D=2")
+    bad_input(capsys, [*base, "--calibration-trace", str(trace)], "--calibration-trace", "--placement eplb")
+    bad_input(capsys, [*base, "--policy", "oea:k0=3"], "oea k0=3 > the model's K=2")
+    bad_input(capsys, [*base, "--link-gbps", "0"], "link_gbps must be a bandwidth > 0")
+
+
+def test_cli_reference_trace_default_policies(capsys):
+    """Without --trace: the reference model's trace and every default policy, sere with its shipped
+    similarity."""
+    code = main(["ep-replay", "--batch-sizes", "16", "--positions", "2", "--ep", "8,128", "--json", "--no-progress"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    policies = [r["policy"] for r in out["rows"] if r["ranks"] == 8]
+    assert policies == ["native", "cap:k=4", "oea:k0=3", "sere", "budget:budget=32", "xshare:budget=32",
+                        "lynx:alpha=3,beta=2"]
+    for r in out["rows"]:
+        assert r["mean_rank_unique"] == pytest.approx(r["unique"] / r["ranks"])
+        assert r["mean_rank_unique"] <= r["max_rank_unique"] <= min(r["unique"], 128 // r["ranks"])
+        if r["ranks"] == 128:  # one expert per rank: max-rank U is 1 in every step
+            assert r["max_rank_unique"] == 1

@@ -172,6 +172,7 @@ class ABPlan:
             raise ValueError(f"moe_reroute_ab_plan: the plan names policies it was not given ({missing or NATIVE_SPEC})")
         self.hook, self.configs, self.plan = hook, configs, [(r, p) for r, p in plan]
         self.restore = hook.config
+        hook.fitted.clear()  # an earlier plan's configurations are gone: their ids may be reused
         self.decode = 0
         self.steps: list[dict[str, Any]] = []
 

@@ -259,7 +259,7 @@ def test_reference_card_writes_to_the_working_directory(tmp_path, monkeypatch, c
     from moe_reroute.reference import card
 
     monkeypatch.setattr(reference, "load", lambda dtype=None, folder=None: (tiny_model("qwen3_moe"), tiny_tokenizer(), "x"))
-    monkeypatch.setattr(reference, "heldout_documents", lambda folder=None: [])
+    monkeypatch.setattr(reference, "heldout_documents", lambda folder=None, part="validation": [])
     monkeypatch.setattr(card, "heldout_ids", lambda tokenizer, text: torch.arange(8))
     monkeypatch.setattr(card, "domain_streams", lambda tokenizer, docs: {"kjv": torch.arange(8)})
     monkeypatch.setattr(card, "cross_entropy", lambda model, ids, max_tokens=None: 1.0)

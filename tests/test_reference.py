@@ -254,3 +254,20 @@ def test_export_ships_the_calibration_sample(tmp_path):
     (out / "calibration.jsonl").unlink()
     with pytest.raises(FileNotFoundError, match="train-reference"):
         reference.calibration_documents(out)
+
+
+def test_card_parts_only_counts_the_shipped_parts(tmp_path, folder):
+    """`reference-card --parts-only`: the held-out parts' documents and characters per domain, counted here
+    from the shipped files, and every other number kept from the shipped card.json."""
+    from moe_reroute.cli import main
+
+    out = tmp_path / "card"
+    assert main(["reference-card", "--parts-only", "--out", str(out)]) == 0
+    new, old = json.loads((out / "card.json").read_text()), json.loads((folder / "card.json").read_text())
+    assert {k: v for k, v in new.items() if k != "heldout_parts"} == {k: v for k, v in old.items() if k != "heldout_parts"}
+    for part in ("tuning", "validation"):
+        docs = [json.loads(line) for line in (folder / f"{part}.jsonl").read_text().splitlines() if line.strip()]
+        for domain, got in new["heldout_parts"][part]["by_domain"].items():
+            mine = [d for d in docs if d["domain"] == domain]
+            assert got["documents"] == len(mine) and got["chars"] == sum(len(d["text"]) for d in mine), (part, domain)
+    assert "tuning.jsonl" in (out / "MODEL_CARD.md").read_text()

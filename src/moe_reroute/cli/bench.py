@@ -91,7 +91,8 @@ def _routings(args, shape, policies, batch_sizes):
                 f"no routing trace: recording one from the shipped reference model failed ({str(e).splitlines()[0]}). "
                 "Give --trace PATH (a trace saved from moe_reroute.hf.Recorder) or --routing uniform"
             ) from None
-        where = (f"routing: trace of the shipped reference model on held-out text ({max(batch_sizes)} sequences, "
+        where = (f"routing: trace of the shipped reference model on the validation part of its held-out text "
+                 f"({max(batch_sizes)} sequences, "
                  "the held-out domains in turn, x "
                  f"{TRACE_POSITIONS} positions, teacher-forced; {args.steps} (position, layer) steps spread over it)")
     bench.routings_from_trace(trace, {}, max(batch_sizes), 1, shape=shape)  # E, K and batch size checked up front

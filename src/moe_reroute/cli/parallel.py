@@ -119,7 +119,8 @@ def _replay(args, batch_sizes, ranks, shape, step_model) -> int:
         except (FileNotFoundError, ImportError, OSError) as e:
             raise UsageError(f"recording the shipped reference model's trace failed ({str(e).splitlines()[0]}); "
                              "give --trace PATH") from None
-        where = (f"trace of the shipped reference model on held-out text ({max(batch_sizes)} sequences, the held-out "
+        where = (f"trace of the shipped reference model on the validation part of its held-out text ({max(batch_sizes)} "
+                 f"sequences, the held-out "
                  f"domains in turn, x {args.positions} positions, teacher-forced, float32)")
     E = trace.specs[trace.layers[0]].num_experts
     if max(batch_sizes) > trace.batch_size:

@@ -367,7 +367,7 @@ def uniform_routings(
 @torch.no_grad()
 def reference_trace(batch_size: int, steps: int, model=None, ids=None):
     """A trace of the shipped reference model on held-out text: `batch_size` sequences of `steps`
-    tokens (by default from the held-out domains in turn), teacher-forced in one [B, L] forward, each
+    tokens (by default from the validation part of the held-out split, its domains in turn), teacher-forced in one [B, L] forward, each
     position's B tokens one decode step.
 
     model, ids: the already loaded reference model and its held-out token ids (loaded here if None); ids

@@ -363,8 +363,8 @@ def render(result: dict, training: dict) -> str:
             f" {cal['max_chars_per_document']:,} characters of each at most (cut at a paragraph end), up to"
             f" {cal['max_chars_per_domain']:,} characters per domain (`corpus.calibration_sample`). Text the model was"
             " trained on: never evaluate on it. `tune` calibrates on `tuning.jsonl` by default, not on this sample:"
-            " re-routing costs the model less on text it was trained on, so a budget met here is exceeded on unseen"
-            " text.")
+            " re-routing may cost the model less on text it was trained on, and a budget met here need not hold on"
+            " unseen text.")
     lines += [
         "- SERE's expert similarity (`sere/similarity.safetensors`, linear CKA per layer) was calibrated on 2,048"
         " tokens of the training split (16 evenly spaced windows across the domains), never on held-out text.",

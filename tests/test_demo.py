@@ -26,7 +26,7 @@ def test_demo_small(tmp_path, capsys):
         torch.set_num_threads(threads)
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    policies = ["native", "cap:k=4", "oea:k0=3", "sere", "budget:budget=32"]
+    policies = ["native", "cap:k=4", "oea:k0=3", "sere", "budget:budget=32", "tuned:tuned-oea.json"]
     by = {b: {r["policy"]: r for r in result["rows"] if r["batching"] == b} for b in ("same-domain", "mixed")}
     for batching, rows in by.items():
         assert list(rows) == policies, batching
@@ -34,7 +34,7 @@ def test_demo_small(tmp_path, capsys):
         assert native["batch_size"] == 16 and native["delta_ce"] == 0.0 and native["experts_per_token"] == 8.0
         assert 8 < native["mean_unique"] < uniform_expectation(128, 8, 16)  # trained routing is more concentrated
         assert rows["cap:k=4"]["experts_per_token"] == 4.0
-        for name in ("cap:k=4", "oea:k0=3", "sere"):
+        for name in ("cap:k=4", "oea:k0=3", "sere", "tuned:tuned-oea.json"):
             assert rows[name]["mean_unique"] < native["mean_unique"]
         assert rows["budget:budget=32"]["mean_unique"] <= 32.0 + 1e-9
         assert result["latency_ratio"][batching]["native"] == 1.0 and set(result["latency_ratio"][batching]) == set(rows)

@@ -1,6 +1,7 @@
 """`moe-reroute demo`: the main job on the shipped reference model, CPU, one thread, under two minutes.
 
-Native routing and a default of each policy at decode batch 16, for decode batches of one domain
+Native routing, a default of each policy and the tuned policy file shipped with the reference model
+(`tuned-oea.json`, `moe-reroute tune --policy oea` at batches 1, 4, 16 and 64) at decode batch 16, for decode batches of one domain
 ("same-domain") and batches mixing the held-out split's seven domains ("mixed"): distinct experts per
 layer (U), held-out cross-entropy against native with a paired 95% CI, greedy generation against native,
 and the MoE-layer latency ratio measured at Qwen3-30B-A3B's layer shape with the routings these policies
@@ -28,6 +29,7 @@ from .measure import DEFAULT_POLICIES
 SWEEP = ("cap:k=2", "cap:k=6", "oea:k0=1", "oea:k0=5", "sere:primary=1", "sere:primary=3", "budget:budget=16",
          "budget:budget=48")
 BATCH = 16
+TUNED = "tuned-oea.json"  # shipped beside the reference model: `tune --policy oea` at batches 1, 4, 16, 64
 REPLAY_BATCHES = (1, 4, 8, 16, 32, 64)
 BATCHINGS = ("same-domain", "mixed")
 ENGINE_REPEATS = 2
@@ -106,6 +108,12 @@ def _run(args) -> int:
     model, tokenizer, _ = load()
     streams = domain_streams(tokenizer, heldout_documents())
     defaults = build_policies(DEFAULT_POLICIES, model)
+    from ..policies import load_policy
+    from ..reference import path as reference_path
+
+    tuned_file = reference_path() / TUNED
+    if tuned_file.exists():  # the best setting the project ships: a row beside the defaults
+        defaults[f"tuned:{TUNED}"] = load_policy(tuned_file)
     with_native = {"native": build_policies(["native"], model)["native"], **defaults}
     sweep = build_policies(SWEEP if not args.no_sweep else (), model)
     progress = not args.json
@@ -180,11 +188,11 @@ def _run(args) -> int:
     engine = None
     if args.engine:
         from ..measure import serve_bench
-        from ..reference import path as reference_path
 
         phases.start(5, "vLLM", f"vLLM end to end: the reference model at batch {BATCH}, native and each policy, "
                      f"{ENGINE_REPEATS} interleaved repeats, each run in a fresh engine")
-        cfg = serve_bench.Config(model=str(reference_path()), policies=list(DEFAULT_POLICIES), batch_sizes=[BATCH],
+        engine_policies = list(DEFAULT_POLICIES) + ([str(tuned_file)] if tuned_file.exists() else [])
+        cfg = serve_bench.Config(model=str(reference_path()), policies=engine_policies, batch_sizes=[BATCH],
                                  output_len=ENGINE_OUTPUT_LEN, repeats=ENGINE_REPEATS)
         try:
             engine = serve_bench.run(cfg, Path(args.out) / "engine", command, say=say)

@@ -182,6 +182,8 @@ def _tune(args) -> int:
                          f"({sequences.shape[0]} sequences of {args.seq_len} tokens): give more text or --sequences, "
                          "a smaller --seq-len, or --confidence 0 (the mean)")
     result = tune(model, sequences, config, state_path=state, progress=not args.json, log=say)
+    if args.model is None:  # the shipped model: named as such, not by this install's path
+        result["policy"]["about"]["model"] = result["conditions"]["model"] = "moe-reroute reference model"
     result["command"] = command_line(args)
     result["conditions"]["calibration"] = args.text or ("the reference model's tuning.jsonl (the tuning part of its "
                                                         "held-out split)")

@@ -432,3 +432,17 @@ def test_sglang_cpu_memory_share_holds_the_weights_at_the_engines_dtype(tmp_path
     assert cpu_memory_fraction(str(tmp_path), "bfloat16", total=32 * gib) == pytest.approx((3 + 2) / 32)
     assert cpu_memory_fraction(str(tmp_path), "float32", total=8 * gib) == 0.9  # at most 0.9: SGLang then says
     assert cpu_memory_fraction(str(tmp_path), "float32", total=1024 * gib) == 0.05
+
+
+def test_table_names_the_experts_the_engine_computes_where_it_computes_more():
+    counters = {"0": {"unique": 4.0, "unique_native": 8.0, "unique_engine": 8.0, "steps": 3},
+                "1": {"unique": 2.0, "unique_native": 8.0, "unique_engine": 8.0, "steps": 3}}
+    fields = sb._u_fields(counters)
+    assert fields["unique"] == 3.0 and fields["unique_engine"] == 8.0
+    row = {"batch": 1, "policy": "cap:k=4", "tpot_ms": 1.0, "tpot_ms_min": 1.0, "tpot_ms_max": 1.0, "tpot_ratio": 1.0,
+           "tpot_ratio_ci": [1.0, 1.0], "decode_tokens_per_s": 1.0, "prefill_ms": 1.0, **fields}
+    assert "| 3.0 (8.0), engine 8.0 |" in sb.table({"mode": "offline", "rows": [row]})
+    same = {k: dict(v, unique_engine=v["unique"]) for k, v in counters.items()}
+    assert "engine" not in sb.table({"mode": "offline", "rows": [{**row, **sb._u_fields(same)}]})
+    old = {k: {x: y for x, y in v.items() if x != "unique_engine"} for k, v in counters.items()}
+    assert sb._u_fields(old)["unique_engine"] == 3.0  # counters from before the field: the policy's U

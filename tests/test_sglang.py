@@ -781,3 +781,22 @@ def test_ab_plan_naming_a_policy_it_was_not_given_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="moe_reroute_ab_plan"):
         plugin._rpc_ab_plan(None, policies=["oea:k0=banana"], plan=[])
     assert plugin.STATE.ab is None
+
+
+def test_counters_give_the_experts_sglang_computes_beside_the_policys(logits_factory):
+    """One token at a time, cap:k=2 of K=4 keeps 2 experts, but SGLang's MoE needs 4 distinct ids: the two
+    dropped slots name two more experts (weight 0) that it computes, so the engine's U is 4 where the
+    policy's is 2; with a batch whose kept experts fill every row, both are the same."""
+    hook = plugin.SelectExpertsHook(plugin_config.parse("cap:k=2", counters=True), step=lambda T, device: ("decode", None),
+                                    model_config=lambda: None)
+    cfg = TopKConfig(top_k=4, renormalize=True)
+    call(hook, logits_factory(1, 16, torch.float32, seed=1), cfg)
+    one = hook.read_counters()[3]
+    assert one["unique"] == 2.0 and one["unique_engine"] == 4.0 and one["unique_native"] == 4.0
+    hook.set_config(plugin_config.parse("cap:k=2", counters=True))  # counters restart
+    logits = logits_factory(12, 16, torch.float32, seed=2)
+    call(hook, logits, cfg)
+    many = hook.read_counters()[3]
+    kept = make_policy("cap", k=2)(logits, RouterSpec(16, 4))
+    u = len(set(kept.ids[:, :2].flatten().tolist()))  # the experts the 12 tokens keep, counted by hand
+    assert u >= 4 and many["unique"] == many["unique_engine"] == u

@@ -634,12 +634,15 @@ def _u_fields(counters: dict | None) -> dict:
     totals = ("steps_rerouted", "steps_seen", "tokens_rerouted", "tokens_seen", "decode_tokens_rerouted",
               "decode_tokens")
     if not counters:
-        return {"unique": None, "unique_native": None, "unique_per_layer": None, **{k: 0 for k in totals}}
+        return {"unique": None, "unique_native": None, "unique_engine": None, "unique_per_layer": None,
+                **{k: 0 for k in totals}}
     layers = sorted(counters, key=lambda k: int(k) if str(k).isdigit() else 1 << 30)
     names = {"steps_rerouted": "steps", "decode_tokens_rerouted": "decode_tokens_rerouted_total",
              "decode_tokens": "decode_tokens_total"}
     return {"unique": statistics.fmean(counters[k]["unique"] for k in layers),
             "unique_native": statistics.fmean(counters[k]["unique_native"] for k in layers),
+            # the experts the engine computes, where its adapter rewrites the routing (SGLang: distinct ids)
+            "unique_engine": statistics.fmean(counters[k].get("unique_engine", counters[k]["unique"]) for k in layers),
             "unique_per_layer": {k: counters[k]["unique"] for k in layers},
             **{t: max(counters[k].get(names.get(t, t), 0) for k in layers) for t in totals}}
 
@@ -876,7 +879,7 @@ def table(data: dict) -> str:
             ratio = "" if r["tpot_ratio"] is None else f"{r['tpot_ratio']:.3f}"
             if r.get("tpot_ratio_ci"):
                 ratio += f" [{r['tpot_ratio_ci'][0]:.3f}, {r['tpot_ratio_ci'][1]:.3f}]"
-            u = "" if r["unique"] is None else f"{r['unique']:.1f} ({r['unique_native']:.1f})"
+            u = "" if r["unique"] is None else f"{r['unique']:.1f} ({r['unique_native']:.1f})" + _engine_u(r)
             lines.append(f"| {r['batch']} | `{labels.get(r['policy'], r['policy'])}` | {r['tpot_ms']:.2f} | {r['tpot_ms_min']:.2f}–"
                          f"{r['tpot_ms_max']:.2f} | {ratio} | {r['decode_tokens_per_s']:.1f} | {r['prefill_ms']:.1f} | {u} |")
         return "\n".join(lines)
@@ -892,6 +895,13 @@ def table(data: dict) -> str:
                      f"{r['p50_ttft_ms']:.1f} / {r['p99_ttft_ms']:.1f} | {r['p50_tpot_ms']:.2f} / {r['p99_tpot_ms']:.2f} | "
                      f"{u} | {r['steps_rerouted']}/{r['steps_seen']} | {_share(r)} |")
     return "\n".join(lines)
+
+
+def _engine_u(row: dict) -> str:
+    """", engine 8.0" where the engine computes more experts than the policy chose (SGLang fills a row's
+    dropped slots with distinct weight-0 experts when the batch has loaded fewer than K)."""
+    ue = row.get("unique_engine")
+    return f", engine {ue:.1f}" if ue is not None and ue > row["unique"] + 0.05 else ""
 
 
 def _share(row: dict) -> str:

@@ -518,9 +518,11 @@ class SelectExpertsHook:
                     decode_rows = v
                 else:  # "all" on a prefill (or unreadable) step
                     decode_rows = torch.zeros(T, dtype=torch.bool, device=gating_output.device)
-                counter.add(routing, native, v, spec.num_experts, kind, decode_rows)
             # SGLang's native MoE counts tokens per expert with scatter_ (set, not add): K distinct ids per row
-            routing = distinct_ids(routing, spec.num_experts)
+            engine = distinct_ids(routing, spec.num_experts)
+            if counter is not None:
+                counter.add(routing, native, v, spec.num_experts, kind, decode_rows, engine=engine)
+            routing = engine
             if records is not None:
                 records.append({"layer": layer, "moe_layer": moe, "kind": kind, "logits": gating_output.detach().cpu().clone(),
                                 "ids": routing.ids.cpu().clone(), "weights": routing.weights.cpu().clone(),

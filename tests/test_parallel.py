@@ -139,3 +139,40 @@ def test_cli_reference_trace_default_policies(capsys):
         assert r["mean_rank_unique"] <= r["max_rank_unique"] <= min(r["unique"], 128 // r["ranks"])
         if r["ranks"] == 128:  # one expert per rank: max-rank U is 1 in every step
             assert r["max_rank_unique"] == 1
+
+
+def test_data_parallel_ranks_route_their_own_tokens_and_the_union_is_served():
+    """--dp R: each step's B tokens come from R ranks of B/R consecutive tokens, each routed alone; the
+    experts in use are the union. Against a loop over steps and ranks; dp=1 is the whole batch in one view."""
+    t = small_trace(E=16, K=2, S=3, B=8)
+    policy = make_policy("oea", k0=1)
+    layer = t.layers[1]
+    got = parallel.dp_experts(policy, t.logits[layer], t.valid, t.specs[layer], 1, dp=4)
+    for s in range(t.steps):
+        want = set()
+        for g in range(4):
+            rows = slice(2 * g, 2 * g + 2)
+            r = policy(t.logits[layer][s, rows], t.specs[layer], t.valid[s, rows], layer=1)
+            want |= {e for ids, v in zip(r.ids.tolist(), t.valid[s, rows].tolist()) if v for e in ids}
+        assert set(torch.nonzero(got[s]).flatten().tolist()) == want, s
+    whole = parallel.dp_experts(policy, t.logits[layer], t.valid, t.specs[layer], 1, dp=1)
+    for s in range(t.steps):
+        r = policy(t.logits[layer][s], t.specs[layer], t.valid[s], layer=1)
+        assert set(torch.nonzero(whole[s]).flatten().tolist()) == {
+            e for ids, v in zip(r.ids.tolist(), t.valid[s].tolist()) if v for e in ids}
+    # each rank alone cannot share its experts with the others' tokens: never fewer experts than one view
+    assert bool((got.sum(-1) >= whole.sum(-1)).all())
+    with pytest.raises(ValueError, match="multiples of --dp"):
+        parallel.dp_experts(policy, t.logits[layer], t.valid, t.specs[layer], 1, dp=3)
+    rows = parallel.ep_replay(t, {"oea:k0=1": policy}, [8], parallel.placements("contiguous", t, [4]), dp=4)
+    assert rows[0]["dp"] == 4 and rows[0]["unique"] == pytest.approx(
+        sum(float(parallel.dp_experts(policy, t.logits[la], t.valid, t.specs[la], i, dp=4).sum(-1).double().mean())
+            for i, la in enumerate(t.layers)) / 2)
+
+
+def test_cli_dp_must_split_every_batch(tmp_path, capsys):
+    trace = tmp_path / "t.safetensors"
+    small_trace(E=16, K=2, S=2, B=8).save(trace)
+    bad_input(capsys, ["ep-replay", "--trace", str(trace), "--batch-sizes", "4,6", "--ep", "2", "--dp", "4"],
+              "--dp 4", "[6]")
+    bad_input(capsys, ["ep-replay", "--trace", str(trace), "--batch-sizes", "4", "--ep", "2", "--dp", "0"], "--dp")

@@ -79,6 +79,11 @@ def _ep_replay(args) -> int:
     ranks = _batch_sizes(args.ep, "--ep", "8,16,32,64")
     at_least(args.positions, 1, "--positions")
     at_least(args.threads, 1, "--threads")
+    at_least(args.dp, 1, "--dp")
+    uneven = [B for B in batch_sizes if B % args.dp]
+    if uneven:
+        raise UsageError(f"--dp {args.dp}: batch sizes {uneven} do not split into {args.dp} data-parallel ranks of "
+                         "equal size; give multiples of it")
     if args.out:
         check_out_dir(args.out)
     try:
@@ -152,20 +157,22 @@ def _replay(args, batch_sizes, ranks, shape, step_model) -> int:
         raise UsageError(f"--placement {args.placement}: {e}") from None
     policies, notes = _policies(args.policy, trace, reference=not args.trace)
     say(f"moe-reroute ep-replay: {where}; E={E}, K={trace.specs[trace.layers[0]].top_k}, {len(trace.layers)} MoE "
-        f"layers; placement {args.placement}{load_note}")
+        f"layers; placement {args.placement}{load_note}"
+        + (f"; each batch from {args.dp} data-parallel ranks, each rank's tokens routed alone" if args.dp > 1 else ""))
     say(f"cost model ({shape.name} layer shape, bfloat16 weights): {step_model.describe()}")
     for note in notes:
         say(f"note: {note}")
     bar = progress_bar(len(batch_sizes) * len(policies), not (args.json or args.no_progress), "ep-replay",
                        unit="replays")
-    rows = parallel.ep_replay(trace, policies, batch_sizes, by_ranks, step_model, tick=lambda: bar.update(1))
+    rows = parallel.ep_replay(trace, policies, batch_sizes, by_ranks, step_model, tick=lambda: bar.update(1),
+                              dp=args.dp)
     bar.close()
     label = args.placement if args.placement in ("contiguous", "eplb") else f"file {args.placement}"
     say("")
     say(parallel.table(rows, label))
     command = "moe-reroute " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []))
     result = {"command": command, "trace": where, "placement": args.placement + load_note,
-              "conditions": {"batch_sizes": batch_sizes, "ranks": ranks, "num_experts": E,
+              "conditions": {"batch_sizes": batch_sizes, "ranks": ranks, "dp": args.dp, "num_experts": E,
                              "layers": len(trace.layers), "steps": trace.steps, "sequences": trace.batch_size,
                              "shape": shape.name, "cost_model": step_model.describe()},
               "notes": notes, "rows": rows}
@@ -212,6 +219,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--link-gbps", type=float, default=450.0,
                    help="all-to-all bandwidth per rank, GB/s one way (default 450: H100 NVLink 4)")
     p.add_argument("--act-bytes", type=int, default=2, help="bytes per activation value sent (default 2: bfloat16)")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel ranks the batch comes from: each rank's B/DP "
+                   "tokens routed alone, the experts of all ranks served (default 1: the whole batch in one view)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--out", default=None, help="folder for ep.json, ep.png (and the eplb placements)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

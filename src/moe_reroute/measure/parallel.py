@@ -56,15 +56,32 @@ def placements(how: str, trace: Trace, ranks: Sequence[int], load: torch.Tensor 
     return out
 
 
+def dp_experts(policy: Policy, logits: torch.Tensor, valid: torch.Tensor, spec, moe_layer: int,
+                dp: int = 1) -> torch.Tensor:
+    """[S, E] bool: the experts each step activates when its B tokens come from `dp` data-parallel ranks,
+    B / dp consecutive tokens each, and each rank's policy sees its own tokens only (its router runs on its
+    rank's batch); the experts the step needs are the union over the ranks. dp = 1: one view of the
+    whole batch (what a policy given every rank's router logits, e.g. by an all-gather, would route)."""
+    S, B = valid.shape
+    if dp < 1 or B % dp:
+        raise ValueError(f"a batch of {B} tokens does not split into {dp} data-parallel ranks of equal size; give "
+                         "batch sizes that are multiples of --dp")
+    b = B // dp
+    used = [replay_experts(policy, logits[:, g * b:(g + 1) * b], valid[:, g * b:(g + 1) * b], spec, moe_layer)
+            for g in range(dp)]
+    return torch.stack(used).any(dim=0)
+
+
 def ep_replay(trace: Trace, policies: dict[str, Policy], batch_sizes: Sequence[int],
               by_ranks: dict[int, torch.Tensor], step_model: EPStepModel | None = None,
-              tick: Callable[[], None] | None = None) -> list[dict]:
+              tick: Callable[[], None] | None = None, dp: int = 1) -> list[dict]:
     """One row per (batch size, D, policy): mean over the trace's steps and MoE layers of U, max-rank U
     and mean-rank U per layer and step, and with `step_model` the predicted MoE-layer time.
 
     by_ranks: {D: [L, E] placement} (`placements`). A step counts when it holds a valid token. The
     trace is re-batched to each batch size (`Trace.rebatch`); each policy routes every step once, and
     every D and placement is counted from its experts. `tick` is called after each (batch size, policy).
+    dp > 1: each step's batch comes from `dp` data-parallel ranks, each routed alone (`dp_experts`).
     """
     E = trace.specs[trace.layers[0]].num_experts
     for D, p in by_ranks.items():
@@ -80,7 +97,7 @@ def ep_replay(trace: Trace, policies: dict[str, Policy], batch_sizes: Sequence[i
         stats: dict[str, dict[int, tuple[float, float]]] = {}
         unique: dict[str, float] = {}
         for label, policy in policies.items():
-            used = [replay_experts(policy, t.logits[layer], t.valid, t.specs[layer], t.moe_layer(layer))[counted]
+            used = [dp_experts(policy, t.logits[layer], t.valid, t.specs[layer], t.moe_layer(layer), dp)[counted]
                     for layer in t.layers]  # L x [S', E]
             unique[label] = _mean([u.sum(dim=-1).double().mean() for u in used])
             stats[label] = {}
@@ -94,7 +111,7 @@ def ep_replay(trace: Trace, policies: dict[str, Policy], batch_sizes: Sequence[i
             base = stats.get("native", {}).get(D)
             for label in policies:
                 mx, mean = stats[label][D]
-                row = {"batch": B, "ranks": D, "policy": label, "unique": unique[label], "max_rank_unique": mx,
+                row = {"batch": B, "ranks": D, "dp": dp, "policy": label, "unique": unique[label], "max_rank_unique": mx,
                        "mean_rank_unique": mean, "imbalance": mx / mean if mean > 0 else float("nan"),
                        "max_rank_vs_native": mx / base[0] if base and base[0] > 0 else None}
                 if step_model is not None:

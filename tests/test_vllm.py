@@ -237,7 +237,9 @@ def test_wrapped_router_counters_and_phase_all(wrapped, logits_factory):
     un = [int(metrics.unique_experts(make_policy("native")(x, spec), 32)) for x in logits]
     c = plugin.counters()
     assert list(c) == [3]
-    assert c[3] == {"steps": 3, "unique": sum(u) / 3, "unique_native": sum(un) / 3, "tokens": 8.0,
+    # vLLM computes the policy's ids as they are: the engine's experts are the policy's
+    assert c[3] == {"steps": 3, "unique": sum(u) / 3, "unique_native": sum(un) / 3, "unique_engine": sum(u) / 3,
+                    "tokens": 8.0,
                     "steps_seen": 3, "tokens_rerouted": 24, "tokens_seen": 24, "decode_tokens_total": 0,
                     "decode_tokens_rerouted_total": 0,
                     "steps_by_kind": {"decode": 0, "verify": 0, "mixed": 0, "prefill": 3, "unknown": 0}}
@@ -301,7 +303,7 @@ def test_counters_count_every_step_and_pause(wrapped, logits_factory, policy):
     assert torch.equal(i_paused, i_counted) and torch.equal(w_paused, w_counted)
     u = int(metrics.unique_experts(policy_from_spec(policy)(x, spec), 32))
     un = int(metrics.unique_experts(make_policy("native")(x, spec), 32))
-    assert plugin.counters()[3] == {"steps": 1, "unique": u, "unique_native": un, "tokens": 8.0,
+    assert plugin.counters()[3] == {"steps": 1, "unique": u, "unique_native": un, "unique_engine": u, "tokens": 8.0,
                                     "steps_seen": 2, "tokens_rerouted": 8, "tokens_seen": 13,
                                     "decode_tokens_total": 8, "decode_tokens_rerouted_total": 8,
                                     "steps_by_kind": {"decode": 1, "verify": 0, "mixed": 0, "prefill": 1,

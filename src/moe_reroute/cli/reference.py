@@ -65,8 +65,7 @@ def _card_parts_only(folder: Path, out: Path) -> int:
     result = json.loads(recorded.read_text())
     tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
     result["heldout_parts"] = card.parts_summary(tokenizer, folder)
-    result["sha256"] = {str(f.relative_to(folder)): card.sha256(f) for f in sorted(folder.rglob("*"))
-                        if f.is_file() and f.name not in ("card.json", "MODEL_CARD.md")}
+    result["sha256"] = card.checksums(folder)
     training = json.loads((folder / "training.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "card.json", json.dumps(result, indent=1) + "\n")
@@ -116,8 +115,7 @@ def _reference_card(args) -> int:
                                          torch.load(workdir / "train_ids.pt", weights_only=True).items()},
         "calibration": card.calibration_summary(tokenizer, calibration_documents(folder)),
         "heldout_parts": card.parts_summary(tokenizer, folder),
-        "sha256": {str(f.relative_to(folder)): card.sha256(f) for f in sorted(folder.rglob("*"))
-                   if f.is_file() and f.name not in ("card.json", "MODEL_CARD.md")},
+        "sha256": card.checksums(folder),
     }
     text = json.dumps(result, indent=1)
     training = json.loads((folder / "training.json").read_text())

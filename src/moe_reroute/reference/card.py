@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .corpus import sha256  # noqa: F401  (card.sha256: the shipped files' checksums)
+from .corpus import sha256  # card.sha256: a shipped file's checksum
 
 BATCH = 16
 
@@ -32,19 +32,29 @@ def domain_streams(tokenizer, docs) -> dict[str, torch.Tensor]:
     return {k: torch.tensor(v, dtype=torch.long) for k, v in streams.items()}
 
 
+def checksums(folder) -> dict[str, str]:
+    """sha256 of every file of a model folder (subfolders too) but the card's own two."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    return {str(f.relative_to(folder)): sha256(f) for f in sorted(folder.rglob("*"))
+            if f.is_file() and f.name not in ("card.json", "MODEL_CARD.md")}
+
+
+def by_domain(tokenizer, docs) -> dict:
+    """Per domain of `docs`: documents, characters and tokens (as in training)."""
+    streams = domain_streams(tokenizer, docs)
+    return {dom: {"documents": sum(d.domain == dom for d in docs),
+                  "chars": sum(len(d.text) for d in docs if d.domain == dom),
+                  "tokens": len(ids)} for dom, ids in streams.items()}
+
+
 def parts_summary(tokenizer, folder) -> dict:
-    """The held-out split's tuning and validation parts for the card: documents, characters and tokens per
-    domain of each."""
+    """The held-out split's tuning and validation parts for the card: `by_domain` of each."""
     from . import heldout_documents
 
-    out = {}
-    for part in ("tuning", "validation"):
-        docs = heldout_documents(folder, part)
-        streams = domain_streams(tokenizer, docs)
-        out[part] = {"by_domain": {dom: {"documents": sum(d.domain == dom for d in docs),
-                                         "chars": sum(len(d.text) for d in docs if d.domain == dom),
-                                         "tokens": len(ids)} for dom, ids in streams.items()}}
-    return out
+    return {part: {"by_domain": by_domain(tokenizer, heldout_documents(folder, part))}
+            for part in ("tuning", "validation")}
 
 
 def calibration_summary(tokenizer, docs) -> dict:
@@ -52,11 +62,7 @@ def calibration_summary(tokenizer, docs) -> dict:
     domain, and the `corpus.calibration_sample` limits it was drawn with."""
     from .corpus import CALIBRATION_CHARS, CALIBRATION_DOC_CHARS
 
-    streams = domain_streams(tokenizer, docs)
-    by_domain = {dom: {"documents": sum(d.domain == dom for d in docs),
-                       "chars": sum(len(d.text) for d in docs if d.domain == dom),
-                       "tokens": len(ids)} for dom, ids in streams.items()}
-    return {"by_domain": by_domain, "max_chars_per_domain": CALIBRATION_CHARS,
+    return {"by_domain": by_domain(tokenizer, docs), "max_chars_per_domain": CALIBRATION_CHARS,
             "max_chars_per_document": CALIBRATION_DOC_CHARS}
 
 

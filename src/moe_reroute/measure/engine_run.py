@@ -216,6 +216,7 @@ def run_ab_sglang(run: dict) -> dict:
     import tempfile
 
     import sglang
+    import torch
 
     policies, L, b, B = run["policies"], run["output_len"], run["block_steps"], run["batch"]
     cpu = run["device"] == "cpu"
@@ -271,8 +272,6 @@ def run_ab_sglang(run: dict) -> dict:
                          sampling_params={"max_new_tokens": L, "temperature": 0.0, "ignore_eos": True})
             state = work / "state.pt"
             llm.collective_rpc("moe_reroute_save", path=str(state))
-            import torch
-
             counters[p] = {str(k): v for k, v in torch.load(state, weights_only=False)["counters"].items()}
         llm.collective_rpc("moe_reroute_set_policy", policy="native")
     finally:

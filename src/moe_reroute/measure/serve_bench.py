@@ -146,7 +146,7 @@ def engine_name(engine: str) -> str:
 
 def sglang_version() -> str:
     """The installed SGLang's version (a supported one), or BenchError saying how to install one."""
-    from ..sglang.plugin import SUPPORTED_SGLANG
+    from ..sglang.plugin import SUPPORTED_SGLANG, is_supported
     from ..sglang.plugin import sglang_version as installed
 
     version = installed()
@@ -154,11 +154,7 @@ def sglang_version() -> str:
     if version is None:
         raise BenchError(f"serve-bench --engine sglang runs SGLang, which is not installed in this Python: install "
                          f"SGLang {known} (on CPU, `.ci/sglang` builds an environment with SGLang 0.5.23)")
-    try:
-        ok = tuple(int(x) for x in version.split(".")[:2]) in SUPPORTED_SGLANG
-    except ValueError:
-        ok = False
-    if not ok:
+    if not is_supported(version):
         raise BenchError(f"SGLang {version} is installed; the plugin supports {known}")
     return version
 

@@ -33,6 +33,7 @@ import inspect
 import json
 import logging
 import numbers
+import time
 from collections.abc import Sequence
 from typing import Any, Callable
 
@@ -177,8 +178,6 @@ class ABPlan:
         self.steps: list[dict[str, Any]] = []
 
     def begin(self, forward_batch: Any) -> None:
-        import time
-
         kind = step_kind(forward_batch)
         rnd, policy = None, NATIVE_SPEC
         if kind == DECODE:
@@ -191,8 +190,6 @@ class ABPlan:
                            "policy": policy, "t": time.perf_counter()})
 
     def end(self) -> None:
-        import time
-
         self.steps[-1]["forward_s"] = time.perf_counter() - self.steps[-1]["t"]
 
     def finish(self) -> list[dict[str, Any]]:
@@ -629,6 +626,15 @@ def sglang_version() -> str | None:
         return None
 
 
+def is_supported(version: str) -> bool:
+    """Whether an SGLang version string is of a release line the plugin's seams were read against."""
+    try:
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) in SUPPORTED_SGLANG
+
+
 def check_version(version: str | None = None) -> None:
     """Raise with a clear message unless SGLang is a 0.5.x release whose seams match this plugin."""
     version = version or sglang_version()
@@ -636,11 +642,7 @@ def check_version(version: str | None = None) -> None:
     if version is None:
         raise RuntimeError(f"moe_reroute.sglang needs SGLang 0.5.x, which is not installed; install it "
                            f"(pip install 'sglang>=0.5,<0.6'), {unset}.")
-    try:
-        major, minor = (int(x) for x in version.split(".")[:2])
-    except ValueError:
-        major = minor = -1
-    if (major, minor) not in SUPPORTED_SGLANG:
+    if not is_supported(version):
         raise RuntimeError(f"moe-reroute: SGLang {version} is not supported (its select_experts seam was "
                            f"checked for 0.5.x); install SGLang 0.5.x, {unset}.")
     try:

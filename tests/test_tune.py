@@ -206,6 +206,8 @@ def test_cli_bad_input(capsys, tmp_path):
     bad_input(capsys, ["tune", "--policy", "oea", "--budget", "-1", "--out", out], "> 0")
     bad_input(capsys, ["tune", "--policy", "oea", "--budget", "0", "--out", out], "> 0")
     bad_input(capsys, ["tune", "--policy", "oea", "--confidence", "1", "--out", out], "in [0, 1)")
+    bad_input(capsys, ["tune", "--policy", "oea", "--batch-sizes", "4", "--sequences", "8", "--seq-len", "16",
+                       "--out", out], "needs at least 16 calibration sequences", "batch size 4 uses 8 of 8")
     bad_input(capsys, ["tune", "--policy", "oea", "--budget", "0.01", "--agreement", "0.9", "--out", out], "exclusive")
     bad_input(capsys, ["tune", "--policy", "oea", "--model", tmp_path, "--out", out], "--text CALIB is needed")
     text = tmp_path / "c.txt"

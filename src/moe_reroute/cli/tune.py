@@ -173,14 +173,12 @@ def _tune(args) -> int:
     if sequences.shape[0] < max(batch_sizes):
         raise InputError(f"the calibration text gives {sequences.shape[0]} sequences of {args.seq_len} tokens, fewer "
                          f"than batch size {max(batch_sizes)}; give more text, more --sequences or a smaller --seq-len")
-    from ..measure.tune import MIN_BOUND_SEQUENCES
+    from ..measure.tune import check_bound
 
-    usable = min(sequences.shape[0] // B * B for B in batch_sizes)
-    if config.z() > 0 and usable < MIN_BOUND_SEQUENCES:
-        raise InputError(f"the budget's {config.confidence:.0%} bound needs at least {MIN_BOUND_SEQUENCES} calibration "
-                         f"sequences at each batch size, and the calibration text gives {usable} at one of them "
-                         f"({sequences.shape[0]} sequences of {args.seq_len} tokens): give more text or --sequences, "
-                         "a smaller --seq-len, or --confidence 0 (the mean)")
+    try:
+        check_bound(config, int(sequences.shape[0]))  # before any forward runs
+    except ValueError as e:
+        raise InputError(str(e)) from None
     result = tune(model, sequences, config, state_path=state, progress=not args.json, log=say)
     if args.model is None:  # the shipped model: named as such, not by this install's path
         result["policy"]["about"]["model"] = result["conditions"]["model"] = "moe-reroute reference model"

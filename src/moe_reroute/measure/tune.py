@@ -306,10 +306,6 @@ class Search:
             raise ValueError(f"batch size {B} needs at least {max(2, B)} calibration sequences, got {len(order)}; "
                              "give more calibration text, more --sequences, a smaller --seq-len or smaller batch sizes")
         self.batches = [order[g : g + B] for g in range(0, n, B)]
-        if config.z() > 0 and n < MIN_BOUND_SEQUENCES:
-            raise ValueError(f"the budget's {config.confidence:.0%} bound needs at least {MIN_BOUND_SEQUENCES} "
-                             f"calibration sequences at each batch size; batch size {B} uses {n}. Give more "
-                             "calibration text or --sequences, a smaller --seq-len, or --confidence 0 (the mean)")
         self.z = config.z()
         self.native_values = (self.grid[0],) * self.num_layers
         if "native_unique" not in cache:
@@ -481,6 +477,21 @@ class Search:
                  f"U {_mean(p.unique):.1f} loss {p.loss:+.4f}")
 
 
+def check_bound(config: TuneConfig, num_sequences: int) -> None:
+    """ValueError unless every batch size of `config` has the MIN_BOUND_SEQUENCES calibration sequences its
+    confidence bound needs (batches are whole: batch size B uses N // B * B of N sequences). A batch size
+    with fewer sequences than one batch is left to `Search`, which says so."""
+    if config.z() <= 0:
+        return
+    for B in sorted(set(int(b) for b in config.batch_sizes)):
+        n = num_sequences // B * B
+        if n >= max(B, 2) and n < MIN_BOUND_SEQUENCES:
+            raise ValueError(f"the budget's {config.confidence:.0%} bound needs at least {MIN_BOUND_SEQUENCES} "
+                             f"calibration sequences at each batch size; batch size {B} uses {n} of "
+                             f"{num_sequences}. Give more calibration text or --sequences, a smaller --seq-len, or "
+                             "--confidence 0 (the mean)")
+
+
 def _mean(xs) -> float:
     return sum(xs) / len(xs)
 
@@ -510,6 +521,7 @@ def tune(model: nn.Module, sequences: torch.Tensor, config: TuneConfig, state_pa
     if sequences.dim() != 2 or sequences.shape[1] < 2 or sequences.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"calibration sequences must be int64 token ids [N, L] with L >= 2, got "
                          f"{tuple(sequences.shape)} {sequences.dtype}")
+    check_bound(config, int(sequences.shape[0]))
     spec = RouterSpec.from_config(model.config)
     num_layers = len(list(moe_routers(model)))
     if build is None:

@@ -140,14 +140,9 @@ def ref_cap(logits, spec, valid, k, renormalize=None, native_ids=None, fixed=Non
     return out
 
 
-def ref_oea(logits, spec, valid, k0, p=1.0, k_max=None, max_rank=None, native_ids=None, fixed=None):
-    """OEA, Algorithm 2 of arXiv 2511.02237 (simplified OEA when p=1, k_max=K, max_rank=E). The loaded set
-    is the union of the re-routed tokens' base sets and the fixed tokens' native top-K; a fixed token
-    routes to its native top-K, the others piggyback on the loaded set."""
-    K, E = spec.top_k, spec.num_experts
-    k_max = K if k_max is None else k_max
-    max_rank = E if max_rank is None else max_rank
-    toks, ranks = rankings(logits, spec, native_ids)
+def oea_base(toks, ranks, k0, p):
+    """Each token's base set: its first k0 experts in `ranks`' order, fewer where the top-p of its gate mass
+    (over the experts it may choose) is reached first."""
     base = []
     for (choice, gate), order in zip(toks, ranks):
         allowed = [e for e in order if choice[e] != NEG_INF]
@@ -160,6 +155,18 @@ def ref_oea(logits, spec, valid, k0, p=1.0, k_max=None, max_rank=None, native_id
                     t = j + 1
                     break
         base.append(order[: min(k0, t)])
+    return base
+
+
+def ref_oea(logits, spec, valid, k0, p=1.0, k_max=None, max_rank=None, native_ids=None, fixed=None):
+    """OEA, Algorithm 2 of arXiv 2511.02237 (simplified OEA when p=1, k_max=K, max_rank=E). The loaded set
+    is the union of the re-routed tokens' base sets and the fixed tokens' native top-K; a fixed token
+    routes to its native top-K, the others piggyback on the loaded set."""
+    K, E = spec.top_k, spec.num_experts
+    k_max = K if k_max is None else k_max
+    max_rank = E if max_rank is None else max_rank
+    toks, ranks = rankings(logits, spec, native_ids)
+    base = oea_base(toks, ranks, k0, p)
     loaded = set()
     for t, (b, order) in enumerate(zip(base, ranks)):
         if is_fixed(fixed, valid, t):
@@ -433,18 +440,7 @@ def ref_oea_ep(logits, spec, valid, k0, ranks, placement=None, rank_cap=None, p=
     max_rank = E if max_rank is None else max_rank
     placement = [e * ranks // E for e in range(E)] if placement is None else [int(v) for v in placement]
     toks, order_of = rankings(logits, spec, native_ids)
-    base = []
-    for (choice, gate), order in zip(toks, order_of):
-        allowed = [e for e in order if choice[e] != NEG_INF]
-        total = sum(gate[e] for e in allowed)
-        t, acc = len(allowed), 0.0
-        if p < 1.0:
-            for j, e in enumerate(allowed):
-                acc += gate[e] / total
-                if acc >= p:
-                    t = j + 1
-                    break
-        base.append(order[: min(k0, t)])
+    base = oea_base(toks, order_of, k0, p)
     plain, forced = set(), set()
     for t, (b, order) in enumerate(zip(base, order_of)):
         if is_fixed(fixed, valid, t):

@@ -37,6 +37,18 @@ def _batch_sizes(text: str, option: str = "--batch-sizes", example: str = "1,4,1
     return sorted({int(p) for p in parts})
 
 
+def policy_specs(specs: list[str] | None, defaults=DEFAULT_POLICIES) -> tuple[list[str], bool, list[str]]:
+    """(the specs to run, native first where it was not given; whether the user gave them; notes): the
+    user's `--policy` values without repeats, or `defaults`."""
+    notes = []
+    explicit = specs is not None
+    specs = list(dict.fromkeys(specs or defaults))
+    if "native" not in specs:
+        specs.insert(0, "native")
+        notes.append("native added: every ratio is relative to it")
+    return specs, explicit, notes
+
+
 def _policies(specs: list[str] | None, shape) -> tuple[dict, list[str]]:
     """{label: Policy} checked against the shape, and notes on what was changed."""
     import torch
@@ -44,12 +56,7 @@ def _policies(specs: list[str] | None, shape) -> tuple[dict, list[str]]:
     from ..contract import RouterSpec
     from ..policies.spec import policy_from_spec
 
-    notes = []
-    explicit = specs is not None
-    specs = list(dict.fromkeys(specs or DEFAULT_POLICIES))
-    if "native" not in specs:
-        specs.insert(0, "native")
-        notes.append("native added: every ratio is relative to it")
+    specs, explicit, notes = policy_specs(specs)
     probe = torch.randn(4, shape.num_experts, generator=torch.Generator().manual_seed(0))
     spec = RouterSpec(shape.num_experts, shape.top_k)
     out = {}

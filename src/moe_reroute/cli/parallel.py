@@ -14,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .bench import UsageError, _batch_sizes
+from .bench import UsageError, _batch_sizes, policy_specs
 
 DEFAULT_POLICIES = ("native", "cap:k=4", "oea:k0=3", "sere", "budget:budget=32", "xshare:budget=32",
                     "lynx:alpha=3,beta=2")
@@ -25,12 +25,7 @@ def _policies(specs: list[str] | None, trace, reference: bool) -> tuple[dict, li
     """{label: Policy}, native first, each checked on one step of every layer; and notes."""
     from ..policies.spec import parse_policy_spec, policy_from_spec
 
-    notes = []
-    explicit = specs is not None
-    specs = list(dict.fromkeys(specs or DEFAULT_POLICIES))
-    if "native" not in specs:
-        specs.insert(0, "native")
-        notes.append("native added: every ratio is relative to it")
+    specs, explicit, notes = policy_specs(specs, DEFAULT_POLICIES)
     E = trace.specs[trace.layers[0]].num_experts
     out = {}
     for text in specs:

@@ -375,6 +375,9 @@ def test_jsonl_text_is_read_as_its_documents(tmp_path, capsys):
     docs.write_text("plain text, not JSON\n")
     with pytest.raises(SystemExit, match="line 1 is not JSON"):
         read_text(str(docs))
+    docs.write_text("[" * 100000 + "\n")
+    with pytest.raises(SystemExit, match="line 1 is not JSON .nested too deeply"):
+        read_text(str(docs))
     docs.write_text(json.dumps({"body": "no text key"}) + "\n")
     with pytest.raises(SystemExit, match='no "text" string'):
         read_text(str(docs))

@@ -91,8 +91,9 @@ def read_text(path: str) -> str:
                 continue
             try:
                 doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"error: --text {path}: line {n} is not JSON ({e}); a .jsonl file holds one JSON "
+            except (json.JSONDecodeError, RecursionError) as e:
+                why = e if isinstance(e, json.JSONDecodeError) else "nested too deeply to read"
+                raise SystemExit(f"error: --text {path}: line {n} is not JSON ({why}); a .jsonl file holds one JSON "
                                  "object with a \"text\" per line (rename a plain text file to .txt)") from None
             if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
                 raise SystemExit(f"error: --text {path}: line {n} has no \"text\" string; a .jsonl file holds one "

@@ -261,6 +261,57 @@ def ref_budget(logits, spec, valid, budget, native_ids=None, grid=256, fixed=Non
     return out
 
 
+def ref_gain(logits, spec, valid, budget, base=1, native_ids=None, fixed=None):
+    """Batch-wide set grown one expert at a time by the summed gain in log kept mass.
+
+    Algorithm:
+      1. q[t][e] = gate[e] / (gate mass of t's native top-K), 0 where t may never pick e; only valid
+         re-routed tokens count.
+      2. The set starts with each valid re-routed token's ranks 1..base and each valid fixed token's
+         native top-K.
+      3. While the set holds fewer than `budget`: kept[t] = sum of t's K largest q within the set, theta[t]
+         the K-th largest (0 if fewer than K); the expert outside the set with the largest
+         sum_t log(1 + max(0, q[t][e] - theta[t]) / kept[t]) joins (lower id first among equal sums);
+         stop when that largest sum is not positive.
+      4. Each token takes its best K experts within the set, by its ranking (fixed tokens: native)."""
+    K, E = spec.top_k, spec.num_experts
+    toks, ranks = rankings(logits, spec, native_ids)
+    chosen = set()
+    q = []
+    for t, ((choice, gate), order) in enumerate(zip(toks, ranks)):
+        if not valid[t]:
+            continue
+        if is_fixed(fixed, valid, t):
+            chosen.update(order[:K])
+            continue
+        own = sum(gate[e] for e in order[:K])
+        q.append([gate[e] / own if choice[e] != NEG_INF else 0.0 for e in range(E)])
+        chosen.update(order[:base])
+    while len(chosen) < budget:
+        gains = []
+        for e in range(E):
+            if e in chosen:
+                continue
+            total = 0.0
+            for row in q:
+                inside = sorted((row[x] for x in chosen), reverse=True)[:K]
+                theta = inside[K - 1] if len(inside) == K else 0.0
+                total += math.log1p(max(0.0, row[e] - theta) / sum(inside))
+            gains.append((total, e))
+        best, e = max(gains, key=lambda g: (g[0], -g[1]))
+        if best <= 0:
+            break
+        chosen.add(e)
+    out = []
+    for t, ((choice, gate), order) in enumerate(zip(toks, ranks)):
+        if is_fixed(fixed, valid, t):
+            out.append(weights(gate, order[:K], spec, spec.renormalize))
+            continue
+        kept = [e for e in order if e in chosen and choice[e] != NEG_INF][:K]
+        out.append(weights(gate, kept, spec, spec.renormalize))
+    return out
+
+
 def _top_by(values, n):
     """The n indices of the largest values, ties to the lower index."""
     return sorted(range(len(values)), key=lambda e: (-values[e], e))[:n]

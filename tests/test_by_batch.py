@@ -49,6 +49,7 @@ def test_each_step_size_takes_its_buckets_value(T, layer):
 @pytest.mark.parametrize("name, params, plain", [
     ("cap", {"k": {"by_batch": {"2": 4, "max": 1}}}, lambda T: {"k": 4 if T <= 2 else 1}),
     ("budget", {"budget": {"by_batch": {"8": 12, "max": [6, 9]}}}, lambda T: {"budget": 12 if T <= 8 else [6, 9]}),
+    ("gain", {"budget": {"by_batch": {"8": 12, "max": [6, 9]}}}, lambda T: {"budget": 12 if T <= 8 else [6, 9]}),
     ("oea", {"k0": 2, "k_max": {"by_batch": {"4": 4, "max": 3}}}, lambda T: {"k0": 2, "k_max": 4 if T <= 4 else 3}),
 ])
 def test_other_policies_and_parameters(name, params, plain):

@@ -18,9 +18,9 @@ from moe_reroute import RouterSpec, make_policy, metrics
 from test_policies_vs_reference import batches, check_against, tol, valid_list
 from test_ranking_rule import tied_batches
 
-POLICY_NAMES = ["native", "cap", "oea", "sere", "budget"]
+POLICY_NAMES = ["native", "cap", "oea", "sere", "budget", "gain"]
 REFS = {"native": ref.ref_native, "cap": ref.ref_cap, "oea": ref.ref_oea, "sere": ref.ref_sere,
-        "budget": ref.ref_budget}
+        "budget": ref.ref_budget, "gain": ref.ref_gain}
 
 
 def random_fixed(T: int, seed: int, share: float) -> torch.Tensor:
@@ -53,6 +53,9 @@ def draw_params(name, spec, data, top_p=True):
         return dict(p, similarity=sim), (sim,), p
     if name == "budget":
         p = {"budget": data.draw(st.integers(1, E))}
+        return p, (), p
+    if name == "gain":
+        p = {"budget": data.draw(st.integers(1, E)), "base": data.draw(st.integers(1, K))}
         return p, (), p
     return {}, (), {}
 
@@ -265,6 +268,7 @@ def test_cap_keeps_every_native_expert_of_a_fixed_token():
 ])
 @pytest.mark.parametrize("name", POLICY_NAMES)
 def test_bad_fixed_masks_are_refused(name, bad, needle):
-    params = {"cap": {"k": 1}, "oea": {"k0": 1}, "sere": {"similarity": torch.eye(8)}, "budget": {"budget": 2}}
+    params = {"cap": {"k": 1}, "oea": {"k0": 1}, "sere": {"similarity": torch.eye(8)}, "budget": {"budget": 2},
+              "gain": {"budget": 2}}
     with pytest.raises(ValueError, match=needle):
         make_policy(name, **params.get(name, {}))(X, SPEC, fixed=bad)

@@ -14,7 +14,7 @@ from moe_reroute.metrics import unique_experts
 
 
 @pytest.mark.parametrize("name,params", [("oea", {"k0": 2}), ("budget", {"budget": 8}), ("cap", {"k": 2}),
-                                         ("xshare", {"budget": 8})])
+                                         ("xshare", {"budget": 8}), ("gain", {"budget": 8})])
 def test_lower_id_ties_honour_the_engines_top_k(name, params):
     """ties="lower-id" with an engine's native=(weights, ids): ranks 1..K are the engine's, so at the no-op
     setting the policy returns them, and U never exceeds native's. Token 0 has four equal logits; the
@@ -37,7 +37,7 @@ def test_oea_piggybacks_on_the_engines_top_k_with_lower_id_ties():
 
 
 @pytest.mark.parametrize("name,params", [("budget", {"budget": 4}), ("oea", {"k0": 3}), ("cap", {"k": 3}),
-                                         ("lynx", {"alpha": 1})])
+                                         ("lynx", {"alpha": 1}), ("gain", {"budget": 4})])
 def test_weight_zero_native_experts_stay_at_the_no_op_setting(name, params):
     """A row with fewer than K finite logits (check_inputs off): its native top-K holds weight-0 experts;
     the no-op setting keeps exactly those ids (lynx, whose batch keeps every native expert here, too)."""

@@ -159,10 +159,37 @@ def test_budget(batch, data):
     check_against(r, ref.ref_budget(logits, spec, vl, budget), spec, valid, tol(spec, logits))
 
 
+@settings(max_examples=200, deadline=None)
+@given(batches(), st.data())
+def test_gain(batch, data):
+    spec, logits, valid = batch
+    budget = data.draw(st.integers(1, spec.num_experts))
+    base = data.draw(st.integers(1, spec.top_k))
+    r = make_policy("gain", budget=budget, base=base)(logits, spec, valid)
+    vl = valid_list(valid, logits.shape[0])
+    check_against(r, ref.ref_gain(logits, spec, vl, budget, base), spec, valid, tol(spec, logits))
+
+
+def test_gain_counts_what_a_token_keeps_within_the_set():
+    """Hand-computed (E=5, K=2, budget 3). Native top-2: token 0 {1, 4}, token 1 {1, 0}, token 2 {4, 3}; the
+    top-1s give the set {1, 4}. `budget` adds expert 3 (token 2's native mass 5/13 against token 1's 4/11 for
+    expert 0). But token 2 already holds expert 1 as its second slot (q = 4/13), so expert 3 raises its kept
+    mass by only 1/13, to 12/13: log(1 + (1/13) / (12/13)) = log(13/12); token 1 holds expert 4 (q = 3/11),
+    so expert 0 raises its kept mass by 1/11, from 10/11: log(1 + 1/10) = log(11/10), the larger: `gain` adds 0."""
+    spec = RouterSpec(5, 2)
+    counts = torch.tensor([[2.0, 8, 6, 3, 7], [4, 7, 1, 2, 3], [3, 4, 2, 5, 8]])
+    x = (counts / counts.sum(-1, keepdim=True)).log()
+    assert set(make_policy("budget", budget=3)(x, spec).ids.flatten().tolist()) == {1, 3, 4}
+    r = make_policy("gain", budget=3)(x, spec)
+    assert set(r.ids.flatten().tolist()) == {0, 1, 4}
+    check_against(r, ref.ref_gain(x, spec, [True] * 3, 3), spec, None)
+
+
 @pytest.mark.parametrize("name,params", [
     ("oea", {"k0": 3}),
     ("oea", {"k0": 2, "p": 0.7, "max_rank": 64}),
     ("budget", {"budget": 96}),
+    ("gain", {"budget": 96}),
     ("cap", {"k": 5}),
 ])
 def test_large_batch_matches_reference(name, params):
@@ -171,7 +198,7 @@ def test_large_batch_matches_reference(name, params):
     logits = distinct_logits(2048, 512, torch.float32, seed=7)
     valid = random_mask(2048, 7, p_invalid=0.1)
     r = make_policy(name, **params)(logits, spec, valid)
-    refs = {"oea": ref.ref_oea, "budget": ref.ref_budget, "cap": ref.ref_cap}
+    refs = {"oea": ref.ref_oea, "budget": ref.ref_budget, "cap": ref.ref_cap, "gain": ref.ref_gain}
     check_against(r, refs[name](logits, spec, valid.tolist(), **params), spec, valid)
 
 
@@ -197,7 +224,7 @@ def test_sere_folds_a_reroute_onto_an_expert_the_token_already_uses():
 
 
 @pytest.mark.parametrize("name,params", [
-    ("cap", {"k": 2}), ("oea", {"k0": 1}), ("budget", {"budget": 3}),
+    ("cap", {"k": 2}), ("oea", {"k0": 1}), ("budget", {"budget": 3}), ("gain", {"budget": 3}),
     ("sere", {"similarity": torch.ones(6, 6), "primary": 1, "threshold": 0.0}),
 ])
 def test_ties_go_to_the_lower_expert_id(name, params):
@@ -206,7 +233,7 @@ def test_ties_go_to_the_lower_expert_id(name, params):
     spec = RouterSpec(6, 3)
     logits = torch.tensor([[1.0, 2.0, 2.0, 0.0, 2.0, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
     r = make_policy(name, ties="lower-id", **params)(logits, spec)
-    refs = {"cap": ref.ref_cap, "oea": ref.ref_oea, "budget": ref.ref_budget,
+    refs = {"cap": ref.ref_cap, "oea": ref.ref_oea, "budget": ref.ref_budget, "gain": ref.ref_gain,
             "sere": ref.ref_sere}
     extra = {k: v for k, v in params.items() if k != "similarity"}
     args = (params["similarity"],) if name == "sere" else ()

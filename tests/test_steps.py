@@ -50,6 +50,9 @@ CASES = [
     ("budget", {"budget": 6}),
     ("budget", {"budget": [4, E]}),
     ("budget", {"budget": {"by_batch": {"4": 8, "max": 5}}}),
+    ("gain", {"budget": 6}),
+    ("gain", {"budget": [4, E], "base": [2, 1]}),
+    ("gain", {"budget": {"by_batch": {"4": 8, "max": 5}}}),
 ]
 
 
@@ -255,7 +258,8 @@ def synthetic_trace(S=23, B=4, dtype=torch.bfloat16, scoring="softmax") -> Trace
 
 @pytest.mark.parametrize("scoring", sorted(SPECS))
 @pytest.mark.parametrize("name,params", [("native", {}), ("oea", {"k0": [1, 2, 3]}), ("sere", {"similarity": similarity(E, 5)}),
-                                         ("budget", {"budget": BY_BATCH}), ("cap", {"k": 1})])
+                                         ("budget", {"budget": BY_BATCH}), ("cap", {"k": 1}),
+                                         ("gain", {"budget": BY_BATCH, "base": 2})])
 def test_replay_equals_the_plain_loop(name, params, scoring, tmp_path):
     trace = synthetic_trace(scoring=scoring)
     policy = make_policy(name, **params)

@@ -83,8 +83,9 @@ def _save(fig, path: Path) -> Path:
 
 # One colour and marker per policy family, the same in every plot; other families cycle through the rest.
 FAMILY_STYLE = {"native": ("black", "*"), "cap": ("tab:blue", "o"), "oea": ("tab:orange", "s"),
-                "sere": ("tab:green", "^"), "budget": ("tab:red", "D"), "tuned": ("tab:purple", "v")}
-OTHER_STYLES = [("tab:brown", "P"), ("tab:pink", "X"), ("tab:olive", "h"), ("tab:cyan", "<"), ("tab:gray", ">")]
+                "sere": ("tab:green", "^"), "budget": ("tab:red", "D"),
+                "gain": ("tab:brown", "P"), "tuned": ("tab:purple", "v")}
+OTHER_STYLES = [("tab:pink", "X"), ("tab:olive", "h"), ("tab:cyan", "<"), ("tab:gray", ">")]
 LINESTYLES = ["-", "--", ":", "-."]
 
 

@@ -2,7 +2,7 @@
 quality budget, written as a policy file engines load.
 
 A setting is one value of the family's tunable parameter per MoE layer (oea k0, cap k, sere primary,
-budget budget). It is evaluated as `moe-reroute eval` does: calibration sequences of L tokens, B at a
+budget and gain budget). It is evaluated as `moe-reroute eval` does: calibration sequences of L tokens, B at a
 time, through teacher-forced forwards with the policy in `phase="decode-sim"` (each position's B tokens
 route as one decode batch). Its quality is the mean paired difference of next-token cross-entropy to
 native routing over the sequences (nats; what must fit the budget is its one-sided upper confidence bound,
@@ -49,7 +49,7 @@ from ..metrics import experts_per_token
 from ..policies import Policy
 from ..progress import progress as progress_bar
 
-TUNABLE = {"oea": "k0", "cap": "k", "sere": "primary", "budget": "budget"}
+TUNABLE = {"oea": "k0", "cap": "k", "sere": "primary", "budget": "budget", "gain": "budget"}
 OBJECTIVES = ("time", "experts")
 STATE_FORMAT = "moe_reroute.tune-state/3"
 MIN_BOUND_SEQUENCES = 16  # calibration sequences at a batch size below which a confidence bound is refused
@@ -60,7 +60,7 @@ DP_STEPS = 400  # resolution of the knapsack's loss axis
 class TuneConfig:
     """What to tune and within what.
 
-    family: oea | cap | sere | budget. budget: the largest increase of cross-entropy over native allowed
+    family: oea | cap | sere | budget | gain. budget: the largest increase of cross-entropy over native allowed
     (nats, > 0); or `agreement`: the smallest top-1 agreement with native allowed (0..1).
     confidence: with a budget, what must fit it is the one-sided `confidence` upper bound of the mean
     increase over the calibration sequences (mean + z * standard error, z the normal quantile), so that
@@ -142,7 +142,7 @@ class TuneConfig:
 def value_grid(family: str, spec: RouterSpec) -> list[int]:
     """The values the tunable parameter may take, the first (native routing) first, cheapest last."""
     K, E = spec.top_k, spec.num_experts
-    if family != "budget":
+    if family not in ("budget", "gain"):
         return list(range(K, 0, -1))
     fractions = (1.0, 0.85, 0.7, 0.6, 0.5, 0.42, 0.35, 0.3, 0.25, 0.2, 0.16, 0.12, 0.1, 0.08, 0.06, 0.04)
     return sorted({max(K, min(E, round(E * f))) for f in fractions}, reverse=True)

@@ -7,13 +7,14 @@ from typing import Any
 from .base import Policy, PolicyConfig
 from .budget import Budget, BudgetConfig
 from .cap import Cap, CapConfig, cap_schedule
+from .gain import Gain, GainConfig
 from .lynx import Lynx, LynxConfig
 from .native import Native, NativeConfig
 from .oea import OEA, OEAConfig
 from .sere import SERE, SEREConfig
 from .xshare import XShare, XShareConfig
 
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (Native, Cap, OEA, SERE, Budget, XShare, Lynx)}
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (Native, Cap, OEA, SERE, Budget, Gain, XShare, Lynx)}
 _BY_CONFIG: dict[type[PolicyConfig], type[Policy]] = {p.Config: p for p in POLICIES.values()}
 
 
@@ -59,6 +60,8 @@ __all__ = [
     "BudgetConfig",
     "Cap",
     "CapConfig",
+    "Gain",
+    "GainConfig",
     "Lynx",
     "LynxConfig",
     "Native",

@@ -269,10 +269,11 @@ def ref_gain(logits, spec, valid, budget, base=1, native_ids=None, fixed=None):
          re-routed tokens count.
       2. The set starts with each valid re-routed token's ranks 1..base and each valid fixed token's
          native top-K.
-      3. While the set holds fewer than `budget`: kept[t] = sum of t's K largest q within the set, theta[t]
-         the K-th largest (0 if fewer than K); the expert outside the set with the largest
-         sum_t log(1 + max(0, q[t][e] - theta[t]) / kept[t]) joins (lower id first among equal sums);
-         stop when that largest sum is not positive.
+      3. While the set holds fewer than `budget`: each token's K best-ranked experts in the set (fewer if
+         the set holds fewer) keep mass kept[t] = the sum of their q; an expert e outside the set that t ranks
+         above the K-th of them (any e when there are fewer than K) changes it by q[t][e] minus that K-th
+         one's q (0 if there are fewer than K), otherwise by 0; the expert with the largest
+         sum_t log(1 + max(change / kept[t], 2**-20 - 1)) joins (lower id first among equal sums).
       4. Each token takes its best K experts within the set, by its ranking (fixed tokens: native)."""
     K, E = spec.top_k, spec.num_experts
     toks, ranks = rankings(logits, spec, native_ids)
@@ -285,23 +286,27 @@ def ref_gain(logits, spec, valid, budget, base=1, native_ids=None, fixed=None):
             chosen.update(order[:K])
             continue
         own = sum(gate[e] for e in order[:K])
-        q.append([gate[e] / own if choice[e] != NEG_INF else 0.0 for e in range(E)])
+        q.append(([gate[e] / own if choice[e] != NEG_INF else 0.0 for e in range(E)], order))
         chosen.update(order[:base])
     while len(chosen) < budget:
-        gains = []
+        best = None
         for e in range(E):
             if e in chosen:
                 continue
             total = 0.0
-            for row in q:
-                inside = sorted((row[x] for x in chosen), reverse=True)[:K]
-                theta = inside[K - 1] if len(inside) == K else 0.0
-                total += math.log1p(max(0.0, row[e] - theta) / sum(inside))
-            gains.append((total, e))
-        best, e = max(gains, key=lambda g: (g[0], -g[1]))
-        if best <= 0:
-            break
-        chosen.add(e)
+            for row, order in q:
+                inside = [x for x in order if x in chosen][:K]
+                kept = sum(row[x] for x in inside)
+                if len(inside) < K:
+                    change = row[e]
+                elif order.index(e) < order.index(inside[-1]):
+                    change = row[e] - row[inside[-1]]
+                else:
+                    change = 0.0
+                total += math.log1p(max(change / kept, 2.0 ** -20 - 1))
+            if best is None or total > best[0]:
+                best = (total, e)
+        chosen.add(best[1])
     out = []
     for t, ((choice, gate), order) in enumerate(zip(toks, ranks)):
         if is_fixed(fixed, valid, t):

@@ -105,7 +105,8 @@ def test_single_token_degenerate_cases(spec):
     for seed in range(20):
         x = distinct_logits(1, E, seed=seed)
         native = make_policy("native")(x, spec)
-        for policy in (make_policy("budget", budget=K), make_policy("budget", budget=E), make_policy("cap", k=K)):
+        for policy in (make_policy("budget", budget=K), make_policy("budget", budget=E), make_policy("cap", k=K),
+                       make_policy("gain", budget=K), make_policy("gain", budget=E)):
             r = policy(x, spec)
             assert sorted(r.ids[0].tolist()) == sorted(native.ids[0].tolist()), policy
             torch.testing.assert_close(
@@ -126,7 +127,7 @@ def dict_weights(r):
 
 
 @pytest.mark.parametrize("name,params", [
-    ("oea", {"k0": 2}), ("budget", {"budget": 12}), ("sere", {"similarity": sim_for(32)}),
+    ("oea", {"k0": 2}), ("budget", {"budget": 12}), ("sere", {"similarity": sim_for(32)}), ("gain", {"budget": 12}),
 ])
 def test_padding_rows_do_not_influence_real_tokens(name, params):
     """Changing what padding rows contain must not change the routing of real tokens."""
@@ -167,7 +168,7 @@ def test_per_layer_parameters_match_scalar_configs():
 
 @pytest.mark.parametrize("name,params", [
     ("native", {}), ("cap", {"k": 4}), ("oea", {"k0": 3}), ("sere", {"similarity": sim_for(512)}),
-    ("budget", {"budget": 64}),
+    ("budget", {"budget": 64}), ("gain", {"budget": 16}),
 ])
 def test_serving_sizes(name, params):
     """T=4096 tokens, E=512 experts: shapes hold and nothing blows up."""
@@ -177,6 +178,21 @@ def test_serving_sizes(name, params):
     assert r.ids.shape == (4096, 8) and r.weights.shape == (4096, 8)
     assert torch.isfinite(r.weights).all()
     well_formed(r, spec)
+
+
+@pytest.mark.parametrize("spec", SPEC_CHOICES + [
+    RouterSpec(64, 8, "sigmoid", True, n_group=8, topk_group=4, routed_scaling_factor=2.5,
+               e_score_correction_bias=torch.linspace(-0.5, 0.5, 64)[torch.randperm(64, generator=torch.Generator().manual_seed(1))]),
+], ids=lambda s: f"{s.scoring}-E{s.num_experts}-K{s.top_k}")
+def test_gain_at_budget_e_is_native(spec):
+    """budget = E: the set grows to every expert, so every token routes natively, also where a selection
+    bias ranks an expert above one of more gate mass (a negative gain: it joins last, but joins)."""
+    E = spec.num_experts
+    for seed in range(5):
+        x = distinct_logits(24, E, seed=seed)
+        valid = random_mask(24, seed)
+        r, nat = make_policy("gain", budget=E)(x, spec, valid), make_policy("native")(x, spec, valid)
+        assert torch.equal(r.ids[valid], nat.ids[valid]) and torch.equal(r.weights[valid], nat.weights[valid])
 
 
 def test_cap_schedule_hand_computed():

@@ -327,6 +327,12 @@ def ref_xshare(logits, spec, valid, budget=None, alpha=None, k0=0, group_budget=
     return out
 
 
+def _lynx_padding_zeroed(logits, valid):
+    """Padding rows hold anything (NaN, inf): the peer's batch has none, so they are read as zeros, never used."""
+    keep = torch.tensor([bool(v) for v in valid])[:, None]
+    return torch.where(keep, logits, torch.zeros((), dtype=logits.dtype))
+
+
 def _lynx_levels(row, alpha, beta, clamp=False):
     """Bucket depths l = -q of one token's logits: q = ceil(alpha * (x - max x)) in float32, every q <= -beta at
     -beta. clamp: the peer's `quant_flatten_remove` form, max(ceil(...), -beta) (the same for a whole beta)."""
@@ -407,6 +413,7 @@ def ref_lynx(logits, spec, valid, alpha, beta=None, native_ids=None, fixed=None)
     logits among them, weights renormalised, or scaled to its native top-K mass when the model does not
     renormalise. B counts the valid rows; a fixed row keeps its native top-K, which the batch keeps too."""
     K = spec.top_k
+    logits = _lynx_padding_zeroed(logits, valid)
     toks, ranks = rankings(logits, spec, native_ids)
     native = [weights(gate, order[:K], spec, spec.renormalize) for (_, gate), order in zip(toks, ranks)]
     keep, _ = _lynx_quant_set(logits, valid, K, alpha, beta, ranks, fixed)
@@ -424,6 +431,7 @@ def ref_lynx_flatten_remove(logits, spec, valid, alpha, beta, native_ids=None, f
     """Lynx's `quant_flatten_remove` (routing.py's branch of that name): "quant" with
     q = max(ceil(alpha * (x - max)), -beta), then every chosen id whose q == -beta is replaced by the
     token's first id and keeps its weight: the first expert counts with the sum of those weights."""
+    logits = _lynx_padding_zeroed(logits, valid)
     _, ranks = rankings(logits, spec, native_ids)
     depths = [_lynx_levels(r, alpha, beta, clamp=True) for r in logits]
     out = []
@@ -463,6 +471,7 @@ def ref_lynx_advanced_parametrized(logits, spec, valid, alpha, beta, native_ids=
     (weight 1). Fixed rows keep their native top-K, which the batch keeps too."""
     K = spec.top_k
     f32 = np.float32
+    logits = _lynx_padding_zeroed(logits, valid)
     toks, ranks = rankings(logits, spec, native_ids)
     native = [weights(gate, order[:K], spec, spec.renormalize) for (_, gate), order in zip(toks, ranks)]
     keep = set()

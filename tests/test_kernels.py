@@ -474,10 +474,11 @@ def test_xshare_kernel_refuses_what_torch_refuses():
     assert c.count == 0
 
 
-# ---- lynx ("quant" with beta; softmax and topk_softmax routers only) ----
+# ---- lynx (variants "quant" with beta and "quant_flatten_remove"; softmax and topk_softmax routers only) ----
 
 def lynx_params(data):
-    return {"alpha": data.draw(st.sampled_from([0.7, 1, 1.5, 2, 3, 4])), "beta": data.draw(st.integers(1, 5))}
+    return {"alpha": data.draw(st.sampled_from([0.7, 1, 1.5, 2, 3, 4])), "beta": data.draw(st.integers(1, 5)),
+            "variant": data.draw(st.sampled_from(["quant", "quant_flatten_remove"]))}
 
 
 @FAST
@@ -492,7 +493,8 @@ def test_lynx_kernel_matches_torch_and_the_loops(batch, data):
     assert launches == 1  # T <= 100 fits one program
     T = logits.shape[0]
     vl = [True] * T if valid is None else valid.tolist()
-    expected = ref.ref_lynx(logits, spec, vl, fixed=None if fixed is None else fixed.tolist(), **params)
+    loops = ref.ref_lynx if params.pop("variant") == "quant" else ref.ref_lynx_flatten_remove
+    expected = loops(logits, spec, vl, fixed=None if fixed is None else fixed.tolist(), **params)
     check_against(Routing(weights=got.weights.cpu(), ids=got.ids.cpu()), expected, spec, valid,
                   tol(spec, logits))
 
@@ -507,7 +509,8 @@ def test_lynx_kernel_steps_and_by_batch():
     valid = torch.rand(S, T, generator=g) > 0.25
     valid[1] = False  # a step of padding only
     fixed = torch.rand(S, T, generator=g) < 0.3
-    for params in ({"alpha": 3, "beta": 2}, {"alpha": {"by_batch": {"8": 1, "max": 2.5}}, "beta": {"by_batch": {"4": 4, "max": 1}}}):
+    for params in ({"alpha": 3, "beta": 2}, {"alpha": 2, "beta": 1, "variant": "quant_flatten_remove"},
+                   {"alpha": {"by_batch": {"8": 1, "max": 2.5}}, "beta": {"by_batch": {"4": 4, "max": 1}}}):
         for f in (None, fixed):
             ref, got, launches, _ = run_both("lynx", spec, x, valid, params, f)
             assert torch.equal(ref.ids, got.ids), params
@@ -531,7 +534,7 @@ def test_lynx_kernel_across_programs():
     g = torch.Generator().manual_seed(8)
     valid = torch.rand(T, generator=g) > 0.1
     fixed = torch.rand(T, generator=g) < 0.1
-    for params in ({"alpha": 3, "beta": 2}, {"alpha": 1, "beta": 4}):
+    for params in ({"alpha": 3, "beta": 2}, {"alpha": 1, "beta": 4, "variant": "quant_flatten_remove"}):
         ref, got, launches, spec = run_both("lynx", spec, logits, valid, params, fixed)
         assert_same(ref, got, spec, logits, valid)
         assert launches == 3

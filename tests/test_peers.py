@@ -149,7 +149,6 @@ def test_fixed_rows_come_back_native(name, params):
 
 @pytest.mark.parametrize("params,why", [
     ({"alpha": 2}, "lynx without beta has no fused kernel"),
-    ({"alpha": 2, "beta": 1, "variant": "quant_flatten_remove"}, "variant='quant_flatten_remove' has no fused kernel"),
     ({"alpha": 1, "beta": 0.5, "variant": "advanced_parametrized"}, "variant='advanced_parametrized' has no fused"),
 ])
 def test_lynx_options_without_a_kernel_fall_back_to_torch_with_one_message(params, why):

@@ -161,9 +161,9 @@ def _xshare_params(policy: Any, spec: RouterSpec, config: Any, T: int) -> dict[s
 
 
 def _lynx_params(config: Any) -> dict[str, Any]:
-    """lynx: k_param = beta (buckets 0..beta), p_top = alpha."""
-    return dict(k_param=int(config.beta), k_max=0, max_rank=0, p_top=float(config.alpha), threshold=0.0,
-                CAP_RENORM=False, TOP_P=False, LIMIT_RANK=False)
+    """lynx: k_param = beta (buckets 0..beta), p_top = alpha, k_max = 1 for variant "quant_flatten_remove"."""
+    return dict(k_param=int(config.beta), k_max=int(config.variant == "quant_flatten_remove"), max_rank=0,
+                p_top=float(config.alpha), threshold=0.0, CAP_RENORM=False, TOP_P=False, LIMIT_RANK=False)
 
 
 def _similarity(policy: Any, config: Any, layer: int | None, device: torch.device) -> torch.Tensor:

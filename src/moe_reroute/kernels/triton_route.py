@@ -308,7 +308,7 @@ def route_kernel(
 ):
     """Route BT tokens of one layer. k_param: cap's k, oea's k0, sere's primary, budget's budget, xshare's m
     (xshare: k_max = k0, max_rank = group budget, k_group = group size; m = k0 = group budget = 0: native),
-    lynx's beta (p_top: its alpha). part_len: elements of one program's part_a (E_BLOCK; lynx: a count per
+    lynx's beta (p_top: its alpha; k_max = 1: variant quant_flatten_remove). part_len: elements of one program's part_a (E_BLOCK; lynx: a count per
     bucket, (beta + 1) * E_BLOCK)."""
     BIG: tl.constexpr = 1 << 30
     pid = tl.program_id(0)
@@ -403,8 +403,7 @@ def route_kernel(
             else:
                 part_b = tl.zeros([E_BLOCK], tl.int32)
         elif POLICY == 6:  # lynx: PHASE 1 bucket counts, PHASE 2 votes (and fixed rows' experts), PHASE 3 routes
-            if PHASE != 3:
-                lv = _lynx_levels(x, p_top, k_param)
+            lv = _lynx_levels(x, p_top, k_param)
             if PHASE == 1:
                 for d in range(k_param + 1):
                     cnt = tl.sum(tl.where(rvalid[:, None] & (lv == d) & cmask[None, :], 1, 0), axis=0)
@@ -597,6 +596,17 @@ def route_kernel(
                 else:
                     w = _weights(gate, out_ids, keep, kc, rsf, SCORING, RENORM, K_BLOCK)
                 w = _unchanged(out_ids, keep, nat_ids, nat_w, w, kc, K)
+                if POLICY == 6:  # quant_flatten_remove (k_max = 1): bottom-bucket slots give their weight to slot 0
+                    lv_k = tl.zeros([BT, K_BLOCK], tl.int32)
+                    for j in tl.static_range(K):
+                        ej = _col(out_ids, kc, j)
+                        lj = tl.sum(tl.where(cols[None, :] == ej[:, None], lv, 0), axis=1)
+                        lv_k = tl.where(kc[None, :] == j, lj[:, None], lv_k)
+                    bottom = (lv_k == k_param) & (kc[None, :] >= 1) & kin & (k_max == 1)
+                    moved = tl.sum(tl.where(bottom, w, 0.0), axis=1)
+                    w = tl.where(bottom, 0.0, w)
+                    w = tl.where(kc[None, :] == 0, w + moved[:, None], w)
+                    out_ids = tl.where(bottom, _col(out_ids, kc, 0)[:, None], out_ids)
                 if POLICY == 5:  # off at this batch size: native routing
                     off = (k_param == 0) & (k_max == 0) & (max_rank == 0)
                     out_ids = tl.where(off, nat_ids, out_ids)

@@ -106,8 +106,9 @@ class Lynx(Policy):
 
     def no_kernel_for(self) -> str:
         c = self.config
-        if c.variant != "quant":
-            return f"lynx variant={c.variant!r} has no fused kernel"
+        if c.variant == "advanced_parametrized":
+            return ("lynx variant='advanced_parametrized' has no fused kernel (its counts floor a float32 confidence "
+                    "of the weights, which a kernel's own exp could move by one ulp)")
         if any(v is None for v in layer_values(c.beta)):
             return "lynx without beta has no fused kernel (its popularity sums an unbounded number of buckets)"
         return ""

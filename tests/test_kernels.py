@@ -2,8 +2,8 @@
 
 Without a GPU the kernels run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set in
 conftest.py before Triton is imported). Ids must be identical; weights within 1e-6 relative (float32
-rounding: the kernels compute their own exp). Each call is at most two launches (one where the batch
-fits one program), and besides them a call issues no ATen op but allocations and views.
+rounding: the kernels compute their own exp). Each call is at most two launches (three for lynx; one where the
+batch fits one program), and besides them a call issues no ATen op but allocations and views.
 """
 
 from __future__ import annotations

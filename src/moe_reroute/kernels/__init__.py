@@ -1,4 +1,5 @@
-"""Fused Triton kernels for every policy: one launch per call where the batch fits one program, two otherwise.
+"""Fused Triton kernels for every policy: one launch per call where the batch fits one program, two otherwise
+(three for lynx).
 
 `route(policy, router_logits, spec, valid, config, layer, fixed)` runs the policy's kernel on checked inputs
 with its parameters resolved on the host, so a call never synchronises, never makes a data-dependent shape and

@@ -10,9 +10,11 @@ the batch's logit sums and the fixed rows' experts) run in
 one launch when the batch fits one program (PHASE 0), else in two: PHASE 1 writes each program's part
 of the set ([NB, E_BLOCK] int32: a union is a max, a sum of whole numbers is exact in any order; xshare's
 sums are float64, as the torch policy's) and
-PHASE 2 reads all parts, rebuilds the set in every program and routes. The ranking rule is the
-library's with ties="lower-id": by score, equal scores to the lower expert id, so every program computes
-the same ranking and the same set without talking to the others.
+PHASE 2 reads all parts, rebuilds the set in every program and routes. lynx needs three: PHASE 1 writes each
+program's count of rows per bucket and expert ([NB, beta + 1, E_BLOCK] int32), PHASE 2 the votes of its rows
+by the batch's popularity (and its fixed rows' experts), PHASE 3 rebuilds the keep set and routes.
+The ranking rule is the library's with ties="lower-id": by score, equal scores to the lower expert id, so
+every program computes the same ranking and the same set without talking to the others.
 
 Fixed rows (HAS_FIXED, a [T] uint8 mask): a valid fixed row writes its native top-K, and its part of the
 set is its whole native top-K (oea's base, sere's primaries, budget's forced experts). Without the mask

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import reference as ref
 from conftest import distinct_logits
 from moe_reroute import RouterSpec, Routing, kernels, make_policy
+from moe_reroute.metrics import unique_experts
 from test_policies_vs_reference import check_against, tol
 
 pytest.importorskip("triton")
@@ -519,6 +520,10 @@ def test_lynx_kernel_steps_and_by_batch():
             for s in range(S):  # each step routes as that batch alone
                 alone, _, _, _ = run_both("lynx", spec, x[s], valid[s], params, None if f is None else f[s])
                 assert torch.equal(got.ids[s], alone.ids)
+    pol = make_policy("lynx", backend="triton", alpha=3, beta=2)
+    with kernels.counting() as c:
+        u = pol.unique(x, spec, valid, fixed=fixed)
+    assert c.count == 1 and u.tolist() == unique_experts(pol(x, spec, valid, fixed=fixed), 60).tolist()
     per_layer = make_policy("lynx", backend="triton", alpha=[1, 3], beta=[4, 2])
     want = make_policy("lynx", backend="torch", ties="lower-id", alpha=3, beta=2)(x, spec, valid)
     assert torch.equal(per_layer(x, spec, valid, layer=1).ids, want.ids)

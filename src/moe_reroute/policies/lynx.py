@@ -181,11 +181,9 @@ def popularity_scores(x: torch.Tensor, valid: torch.Tensor, config: LynxConfig) 
         pop = None
         h = torch.ones_like(lv, dtype=torch.float64)  # [T, E]
         step = torch.ones_like(B)  # 1 / B ** l, by l divisions
-        for depth in range(beta + 1):
-            at = lv == depth
-            if depth:
-                step = step / B
-                h = torch.where(at, step, h)
+        for depth in range(1, beta + 1):
+            step = step / B
+            h = torch.where(lv == depth, step, h)
         for depth in range(beta, -1, -1):  # Horner's rule, bottom bucket first
             c = ((lv == depth) & valid[..., None]).sum(dim=-2, keepdim=True).double()  # [1, E]
             pop = c if pop is None else pop / B + c

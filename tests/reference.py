@@ -401,7 +401,8 @@ def _lynx_route(toks, ranks, keep, K, spec, fixed, valid, native, scale):
         if is_fixed(fixed, valid, t):
             out.append(native[t])
             continue
-        kept = [e for e in order if e in keep and choice[e] != NEG_INF][:K] or order[:1]
+        # the library's rule: a token's native top-K stays allowed at weight 0 where its logit is -inf
+        kept = [e for i, e in enumerate(order) if e in keep and (choice[e] != NEG_INF or i < K)][:K] or order[:1]
         out.append(scale(t, kept, weights(gate, kept, spec, True)))
     return out
 

@@ -2,7 +2,7 @@
 ships, as a GPU would, so that code the interpreter accepts but the compiler refuses is caught on CPU.
 
 python tests/kernel_compile.py [--experts E] [POLICY[:SCORING[:PHASE]] ...]   (names: native cap oea sere
-budget xshare; softmax topk_softmax sigmoid; phases 0 1 2; E default 128); exits 1 if any case fails. Run without
+budget xshare lynx; softmax topk_softmax sigmoid; phases 0 1 2, and 3 for lynx; E default 128); exits 1 if any case fails. Run without
 TRITON_INTERPRET. The seconds each case took are printed: how moe_reroute.kernels.MAX_EXPERTS was chosen.
 """
 
@@ -21,11 +21,13 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from moe_reroute.kernels import triton_route as tr  # noqa: E402
 
-POLICIES = {"native": tr.NATIVE, "cap": tr.CAP, "oea": tr.OEA, "sere": tr.SERE, "budget": tr.BUDGET, "xshare": tr.XSHARE}
+POLICIES = {"native": tr.NATIVE, "cap": tr.CAP, "oea": tr.OEA, "sere": tr.SERE, "budget": tr.BUDGET, "xshare": tr.XSHARE,
+            "lynx": tr.LYNX}
 SCORINGS = {"softmax": tr.SOFTMAX, "topk_softmax": tr.TOPK_SOFTMAX, "sigmoid": tr.SIGMOID}
 TYPES = dict(logits_ptr="*bf16", stride="i32", stride_s="i64", valid_ptr="*u8", fixed_ptr="*u8", bias_ptr="*fp32", sim_ptr="*fp32",
              part_a_ptr="*i32", part_b_ptr="*i32", ids_ptr="*i64", w_ptr="*fp32", T="i32", nb="i32", rsf="fp32",
-             k_param="i32", k_max="i32", max_rank="i32", p_top="fp32", threshold="fp32", k_group="i32")
+             k_param="i32", k_max="i32", max_rank="i32", p_top="fp32", threshold="fp32", k_group="i32",
+             part_len="i32")
 
 
 def compile_case(policy: str, scoring: str, phase: int, E: int = 128) -> float:
@@ -60,7 +62,8 @@ def cases(args: list[str]):
         parts = a.split(":")
         policy, scorings = parts[0], [parts[1]] if len(parts) > 1 else list(SCORINGS)
         for s in scorings:
-            phases = [int(parts[2])] if len(parts) > 2 else ([0] if policy in ("native", "cap") else [0, 1, 2])
+            every = [0, 1, 2, 3] if policy == "lynx" else [0, 1, 2]
+            phases = [int(parts[2])] if len(parts) > 2 else ([0] if policy in ("native", "cap") else every)
             for ph in phases:
                 yield policy, s, ph
 

@@ -383,46 +383,180 @@ def ref_xshare(logits, spec, valid, budget=None, alpha=None, k0=0, group_budget=
     return out
 
 
+def _lynx_padding_zeroed(logits, valid):
+    """Padding rows hold anything (NaN, inf): the peer's batch has none, so they are read as zeros, never used."""
+    keep = torch.tensor([bool(v) for v in valid])[:, None]
+    return torch.where(keep, logits, torch.zeros((), dtype=logits.dtype))
+
+
+def _lynx_levels(row, alpha, beta, clamp=False):
+    """Bucket depths l = -q of one token's logits: q = ceil(alpha * (x - max x)) in float32, every q <= -beta at
+    -beta. clamp: the peer's `quant_flatten_remove` form, max(ceil(...), -beta) (the same for a whole beta)."""
+    x = [float(v) for v in row.float().tolist()]
+    mx = max(x)
+    out = []
+    for v in x:
+        raw = float(np.float32(alpha) * (np.float32(v) - np.float32(mx)))
+        if beta is None:
+            out.append(-float(math.ceil(raw)) if raw != NEG_INF else math.inf)
+        elif clamp:
+            out.append(float(min(-math.ceil(raw), beta)) if raw != NEG_INF else float(beta))
+        else:
+            out.append(float(beta) if raw <= -beta else -float(math.ceil(raw)))
+    return out
+
+
+def _lynx_popularity(depths, rows, B, beta):
+    """Each expert's sum of B ** -l over `rows`. With beta: from the count of rows at each depth, by Horner's
+    rule from the deepest bucket (c_0 + (c_1 + ...) / B), every B ** -l as 1 / B / B ... (l divisions), as
+    the library evaluates it in every backend. Without beta: the values summed smallest first."""
+    E = len(depths[0]) if depths else 0
+    if beta is None:
+        return [sum(sorted(float(B) ** -depths[t][e] for t in rows)) for e in range(E)]
+    pop = []
+    for e in range(E):
+        acc = None
+        for d in range(int(beta), -1, -1):
+            c = float(sum(1 for t in rows if depths[t][e] == d))
+            acc = c if acc is None else acc / B + c
+        pop.append(acc)
+    return pop
+
+
+def _lynx_h(B, depth, beta):
+    if beta is None:
+        return float(B) ** -depth
+    h = 1.0
+    for _ in range(int(depth)):
+        h = h / B
+    return h
+
+
+def _lynx_quant_set(logits, valid, K, alpha, beta, ranks, fixed, clamp=False):
+    """(keep set, depths): Lynx's "quant" vote. Each valid, not fixed token takes its top-K of
+    q + (pop - own h) / B (ties to the lower id); B counts the valid rows; fixed rows add their native top-K."""
+    T, E = len(logits), logits.shape[1]
+    rows = [t for t in range(T) if valid[t]]
+    B = float(max(1, len(rows)))
+    depths = [_lynx_levels(r, alpha, beta, clamp) for r in logits]
+    pop = _lynx_popularity(depths, rows, B, beta)
+    keep = set()
+    for t in range(T):
+        if is_fixed(fixed, valid, t):
+            keep.update(ranks[t][:K])
+        elif valid[t]:
+            h = [_lynx_h(B, depths[t][e], beta) for e in range(E)]
+            keep.update(_top_by([-depths[t][e] + (pop[e] - h[e]) / B for e in range(E)], K))
+    return keep, depths
+
+
+def _lynx_route(toks, ranks, keep, K, spec, fixed, valid, native, scale):
+    """Each token's best K (by its ranking) within `keep`, weights over them, then `scale(t, w)`."""
+    out = []
+    for t, ((choice, gate), order) in enumerate(zip(toks, ranks)):
+        if is_fixed(fixed, valid, t):
+            out.append(native[t])
+            continue
+        # the library's rule: a token's native top-K stays allowed at weight 0 where its logit is -inf
+        kept = [e for i, e in enumerate(order) if e in keep and (choice[e] != NEG_INF or i < K)][:K] or order[:1]
+        out.append(scale(t, kept, weights(gate, kept, spec, True)))
+    return out
+
+
 def ref_lynx(logits, spec, valid, alpha, beta=None, native_ids=None, fixed=None):
     """Lynx's "quant" policies, read from gt-nexs/lynx `src/lynx/routing.py`: per token q = ceil(alpha *
     (x - max x)) (q <= -beta -> -beta), h = B**q; each token picks its top-K of q + (sum of h over the batch
     - own h) / B (ties to the lower id); the batch keeps the experts picked; each token then takes its top-K
     logits among them, weights renormalised, or scaled to its native top-K mass when the model does not
     renormalise. B counts the valid rows; a fixed row keeps its native top-K, which the batch keeps too."""
-    K, E = spec.top_k, spec.num_experts
-    T = len(logits)
+    K = spec.top_k
+    logits = _lynx_padding_zeroed(logits, valid)
     toks, ranks = rankings(logits, spec, native_ids)
     native = [weights(gate, order[:K], spec, spec.renormalize) for (_, gate), order in zip(toks, ranks)]
-    B = max(1, sum(1 for t in range(T) if valid[t]))
-    qs, hs = [], []
-    for r in logits:
-        x = [float(v) for v in r.float().tolist()]
-        mx = max(x)
-        q = []
-        for v in x:
-            raw = float(np.float32(alpha) * (np.float32(v) - np.float32(mx)))
-            q.append(-float(beta) if beta is not None and raw <= -beta else float(math.ceil(raw)))
-        qs.append(q)
-        hs.append([B ** v for v in q])
-    pop = [sum(sorted(hs[t][e] for t in range(T) if valid[t])) for e in range(E)]
+    keep, _ = _lynx_quant_set(logits, valid, K, alpha, beta, ranks, fixed)
+
+    def scale(t, kept, w):
+        if spec.renormalize:
+            return w
+        total = sum(native[t].values())
+        return {e: v * total for e, v in w.items()}
+
+    return _lynx_route(toks, ranks, keep, K, spec, fixed, valid, native, scale)
+
+
+def ref_lynx_flatten_remove(logits, spec, valid, alpha, beta, native_ids=None, fixed=None):
+    """Lynx's `quant_flatten_remove` (routing.py's branch of that name): "quant" with
+    q = max(ceil(alpha * (x - max)), -beta), then every chosen id whose q == -beta is replaced by the
+    token's first id and keeps its weight: the first expert counts with the sum of those weights."""
+    logits = _lynx_padding_zeroed(logits, valid)
+    _, ranks = rankings(logits, spec, native_ids)
+    depths = [_lynx_levels(r, alpha, beta, clamp=True) for r in logits]
+    out = []
+    routed = ref_lynx(logits, spec, valid, alpha, beta, native_ids, fixed)
+    for t, w in enumerate(routed):
+        if is_fixed(fixed, valid, t):
+            out.append(w)
+            continue
+        kept = [e for e in ranks[t] if e in w]  # the token's ids, in its order: the first is its best
+        first = kept[0]
+        merged = {}
+        for e in kept:
+            target = first if depths[t][e] == beta else e
+            merged[target] = merged.get(target, 0.0) + w[e]
+        out.append(merged)
+    return out
+
+
+def stock_weights(logits, spec):
+    """Each token's native top-K weights, best first, as the stock softmax routers compute them (float32)."""
+    K = spec.top_k
+    if spec.scoring == "topk_softmax":
+        top = torch.topk(logits, K, dim=-1).values
+        return torch.softmax(top, dim=-1, dtype=top.dtype).float().tolist()
+    top = torch.topk(torch.softmax(logits, dtype=torch.float, dim=-1), K, dim=-1).values
+    if spec.renormalize:
+        top /= top.sum(dim=-1, keepdim=True)
+    return top.tolist()
+
+
+def ref_lynx_advanced_parametrized(logits, spec, valid, alpha, beta, native_ids=None, fixed=None):
+    """Lynx's `advanced_parametrized` (routing.py: `optimize_expert_selection_parameterized` and
+    `extract_important_graded`): per token, confidence c = (top half - bottom half) / (top half + 1e-8) of its
+    native top-K weights (halves split at K // 2; float32); it keeps its slots j < floor(c * K * beta) + alpha;
+    the batch keeps those experts; logits outside are masked and each token takes its top-K of the softmax
+    over what is left (renormalised when the model renormalises). A token with nothing left keeps its top-1
+    (weight 1). Fixed rows keep their native top-K, which the batch keeps too."""
+    K = spec.top_k
+    f32 = np.float32
+    logits = _lynx_padding_zeroed(logits, valid)
+    toks, ranks = rankings(logits, spec, native_ids)
+    native = [weights(gate, order[:K], spec, spec.renormalize) for (_, gate), order in zip(toks, ranks)]
     keep = set()
-    for t in range(T):
+    for t, w in enumerate(stock_weights(logits, spec)):
         if is_fixed(fixed, valid, t):
             keep.update(ranks[t][:K])
-        elif valid[t]:
-            keep.update(_top_by([qs[t][e] + (pop[e] - hs[t][e]) / B for e in range(E)], K))
-    out = []
-    for t, ((choice, gate), order) in enumerate(zip(toks, ranks)):
-        if is_fixed(fixed, valid, t):
-            out.append(native[t])
             continue
-        kept = [e for e in order if e in keep and choice[e] != NEG_INF][:K]
-        w = weights(gate, kept, spec, True)
-        if not spec.renormalize:
-            total = sum(native[t].values())
-            w = {e: v * total for e, v in w.items()}
-        out.append(w)
-    return out
+        if not valid[t]:
+            continue
+        top, bottom = f32(0), f32(0)
+        for j in range(K):
+            if j < K // 2:
+                top = f32(top + f32(w[j]))
+            else:
+                bottom = f32(bottom + f32(w[j]))
+        c = f32(f32(top - bottom) / f32(top + f32(1e-8)))
+        n = f32(np.floor(f32(f32(c * f32(K)) * f32(beta)))) + f32(alpha)
+        keep.update(e for j, e in enumerate(ranks[t][:K]) if f32(j) < n)
+
+    def scale(t, kept, w):
+        if spec.renormalize:
+            return w
+        gate = toks[t][1]
+        in_set = sum(gate[e] for e in keep if toks[t][0][e] != NEG_INF)
+        chosen = sum(gate[e] for e in kept)
+        return {e: gate[e] / max(in_set, chosen) for e in kept}
+
+    return _lynx_route(toks, ranks, keep, K, spec, fixed, valid, native, scale)
 
 
 def ref_rank_unique(ids, valid, placement, ranks):

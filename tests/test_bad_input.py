@@ -168,6 +168,22 @@ def test_cap_num_layers_is_bounded():
         policy_from_spec("cap:schedule=(2,4,8,3),num_layers=100000000")
 
 
+@pytest.mark.parametrize("text,needle", [
+    ("lynx:alpha=2,variant=quant_flatten_remove", "needs beta (the bottom bucket it removes"),
+    ("lynx:alpha=1,variant=advanced_parametrized", "needs beta (the scale of the confidence"),
+    ("lynx:alpha=2,beta=2,variant=advanced", "lynx variant must be one of quant, quant_flatten_remove, "
+                                             "advanced_parametrized, got 'advanced'"),
+    ("lynx:alpha=2,beta=0.5", "a whole number of buckets (1, 2, 3, ...), got 0.5"),
+    ('{"name": "lynx", "alpha": 1, "beta": -1, "variant": "advanced_parametrized"}', "must be a number >= 0, got -1"),
+    ('{"name": "lynx", "alpha": 2, "beta": {"by_batch": {"8": 2, "max": null}}, "variant": "quant_flatten_remove"}',
+     "needs beta"),
+])
+def test_lynx_options_that_conflict_are_refused_from_specs_and_files(text, needle):
+    with pytest.raises(ValueError) as e:
+        config.parse(text)
+    assert needle in str(e.value)
+
+
 @pytest.mark.parametrize("value", ["nan", "NaN"])
 def test_sere_threshold_nan_is_refused(sim_file, value):
     with pytest.raises(ValueError, match="sere threshold must be a number, got nan"):

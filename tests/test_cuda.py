@@ -82,3 +82,34 @@ def test_fused_call_is_one_or_two_kernels(name, params, T, launches):
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     want = 1 if name in ("native", "cap") else launches
     assert len(kernels) == want, [e.name for e in kernels]
+
+
+LYNX = [{"alpha": 3, "beta": 2}, {"alpha": 1, "beta": 4, "variant": "quant_flatten_remove"}]
+
+
+@pytest.mark.parametrize("params", LYNX, ids=lambda p: p.get("variant", "quant"))
+@pytest.mark.parametrize("T,launches", [(16, 1), (1024, 3)])
+def test_lynx_kernel_on_cuda(params, T, launches):
+    """The compiled lynx kernel (not the interpreter) gives the torch policy's ids on the GPU, in one launch for
+    a step that fits one program and three otherwise, and replays inside a captured CUDA graph."""
+    pytest.importorskip("triton")
+    from moe_reroute import kernels
+
+    spec = RouterSpec(E, 8, renormalize=False)
+    x = distinct_logits(T, E, torch.bfloat16, seed=6).cuda()
+    v = random_mask(T, 6).cuda()
+    f = random_mask(T, 7, p_invalid=0.9).cuda()
+    policy = make_policy("lynx", check_inputs=False, backend="triton", **params)
+    want = make_policy("lynx", backend="torch", ties="lower-id", **params)(x, spec, v, fixed=f)
+    with kernels.counting() as c:
+        got = policy(x, spec, v, fixed=f)
+    assert c.count == launches
+    assert torch.equal(got.ids, want.ids)
+    torch.testing.assert_close(got.weights, want.weights, rtol=1e-6, atol=1e-7)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = policy(x, spec, v, fixed=f)
+    y = distinct_logits(T, E, torch.bfloat16, seed=8).cuda()
+    x.copy_(y)
+    graph.replay()
+    assert torch.equal(out.ids, make_policy("lynx", backend="torch", ties="lower-id", **params)(y, spec, v, fixed=f).ids)

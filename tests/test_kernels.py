@@ -2,8 +2,8 @@
 
 Without a GPU the kernels run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set in
 conftest.py before Triton is imported). Ids must be identical; weights within 1e-6 relative (float32
-rounding: the kernels compute their own exp). Each call is at most two launches (one where the batch
-fits one program), and besides them a call issues no ATen op but allocations and views.
+rounding: the kernels compute their own exp). Each call is at most two launches (three for lynx; one where the
+batch fits one program), and besides them a call issues no ATen op but allocations and views.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import reference as ref
 from conftest import distinct_logits
-from moe_reroute import RouterSpec, kernels, make_policy
+from moe_reroute import RouterSpec, Routing, kernels, make_policy
+from moe_reroute.metrics import unique_experts
+from test_policies_vs_reference import check_against, tol
 
 pytest.importorskip("triton")
 if not kernels.available("cpu")[0] and not torch.cuda.is_available():
@@ -244,7 +247,7 @@ class OpLog(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("with_fixed", [False, True])
-@pytest.mark.parametrize("name", POLICY_NAMES + ["xshare"])
+@pytest.mark.parametrize("name", POLICY_NAMES + ["xshare", "lynx"])
 def test_a_call_is_launches_and_allocations_only(name, with_fixed, monkeypatch):
     """No torch op runs around the kernels (no sort, no copy, no host read): only empty() and views."""
     from moe_reroute.kernels import triton_route
@@ -265,7 +268,7 @@ def test_a_call_is_launches_and_allocations_only(name, with_fixed, monkeypatch):
     monkeypatch.setattr(triton_route, "route_kernel", Counted())
     spec = RouterSpec(128, 8)
     params = {"cap": {"k": 4}, "oea": {"k0": 3}, "sere": {"similarity": similarity(128, 0)}, "budget": {"budget": 32},
-              "xshare": {"budget": 16, "k0": 1, "group_budget": 4, "group_size": 5}}
+              "xshare": {"budget": 16, "k0": 1, "group_budget": 4, "group_size": 5}, "lynx": {"alpha": 3, "beta": 2}}
     pol = make_policy(name, backend="triton", check_inputs=False, **params.get(name, {}))
     x = distinct_logits(16, 128, seed=2)
     valid = torch.ones(16, dtype=torch.bool)
@@ -470,3 +473,95 @@ def test_xshare_kernel_refuses_what_torch_refuses():
     with kernels.counting() as c, pytest.raises(ValueError, match="group_size=6 > the step's 4 rows"):
         pol(torch.zeros(4, 16), spec)
     assert c.count == 0
+
+
+# ---- lynx (variants "quant" with beta and "quant_flatten_remove"; softmax and topk_softmax routers only) ----
+
+def lynx_params(data):
+    return {"alpha": data.draw(st.sampled_from([0.7, 1, 1.5, 2, 3, 4])), "beta": data.draw(st.integers(1, 5)),
+            "variant": data.draw(st.sampled_from(["quant", "quant_flatten_remove"]))}
+
+
+@FAST
+@given(batch=xshare_batches(), data=st.data())
+def test_lynx_kernel_matches_torch_and_the_loops(batch, data):
+    """Padding (holding NaN/inf), fixed rows, ties, -inf logits, E not a power of 2: the kernel's ids are the
+    torch policy's and the plain-loop reference's (tests/reference.py `ref_lynx`), exactly."""
+    spec, logits, valid, fixed = batch
+    params = lynx_params(data)
+    torch_r, got, launches, spec = run_both("lynx", spec, logits, valid, params, fixed)
+    assert_same(torch_r, got, spec, logits, valid)
+    assert launches == 1  # T <= 100 fits one program
+    T = logits.shape[0]
+    vl = [True] * T if valid is None else valid.tolist()
+    loops = ref.ref_lynx if params.pop("variant") == "quant" else ref.ref_lynx_flatten_remove
+    expected = loops(logits, spec, vl, fixed=None if fixed is None else fixed.tolist(), **params)
+    check_against(Routing(weights=got.weights.cpu(), ids=got.ids.cpu()), expected, spec, valid,
+                  tol(spec, logits))
+
+
+def test_lynx_kernel_steps_and_by_batch():
+    """[S, T, E] steps (each its own batch: its own B, counts, votes and padding) with per-step valid and
+    fixed rows, and alpha and beta by batch size and per layer, resolved on the host."""
+    spec = RouterSpec(60, 4)
+    S, T = 3, 9
+    x = torch.stack([distinct_logits(T, 60, torch.float32, seed=s) for s in range(S)])
+    g = torch.Generator().manual_seed(1)
+    valid = torch.rand(S, T, generator=g) > 0.25
+    valid[1] = False  # a step of padding only
+    fixed = torch.rand(S, T, generator=g) < 0.3
+    for params in ({"alpha": 3, "beta": 2}, {"alpha": 2, "beta": 1, "variant": "quant_flatten_remove"},
+                   {"alpha": {"by_batch": {"8": 1, "max": 2.5}}, "beta": {"by_batch": {"4": 4, "max": 1}}}):
+        for f in (None, fixed):
+            ref, got, launches, _ = run_both("lynx", spec, x, valid, params, f)
+            assert torch.equal(ref.ids, got.ids), params
+            assert torch.allclose(ref.weights, got.weights, rtol=1e-6, atol=1e-7)
+            assert launches == 1
+            for s in range(S):  # each step routes as that batch alone
+                alone, _, _, _ = run_both("lynx", spec, x[s], valid[s], params, None if f is None else f[s])
+                assert torch.equal(got.ids[s], alone.ids)
+    pol = make_policy("lynx", backend="triton", alpha=3, beta=2)
+    with kernels.counting() as c:
+        u = pol.unique(x, spec, valid, fixed=fixed)
+    assert c.count == 1 and u.tolist() == unique_experts(pol(x, spec, valid, fixed=fixed), 60).tolist()
+    per_layer = make_policy("lynx", backend="triton", alpha=[1, 3], beta=[4, 2])
+    want = make_policy("lynx", backend="torch", ties="lower-id", alpha=3, beta=2)(x, spec, valid)
+    assert torch.equal(per_layer(x, spec, valid, layer=1).ids, want.ids)
+
+
+def test_lynx_kernel_across_programs():
+    """T=600 over several programs (three launches: bucket counts, votes, routing): the counts, votes and
+    fixed rows' experts of every program are the torch policy's."""
+    spec = RouterSpec(128, 8, renormalize=False)
+    T = 600
+    assert T > kernels.block_tokens(T, 128, torch.device(DEVICE))
+    logits = distinct_logits(T, 128, torch.bfloat16, seed=7)
+    g = torch.Generator().manual_seed(8)
+    valid = torch.rand(T, generator=g) > 0.1
+    fixed = torch.rand(T, generator=g) < 0.1
+    for params in ({"alpha": 3, "beta": 2}, {"alpha": 1, "beta": 4, "variant": "quant_flatten_remove"}):
+        ref, got, launches, spec = run_both("lynx", spec, logits, valid, params, fixed)
+        assert_same(ref, got, spec, logits, valid)
+        assert launches == 3
+
+
+def test_lynx_beyond_the_expert_bound_falls_back_with_one_warning():
+    """E above MAX_EXPERTS: one warning, the torch policy's answer, no launch."""
+    E = kernels.MAX_EXPERTS + 128
+    spec = RouterSpec(E, 4)
+    x = distinct_logits(6, E, seed=3)
+    kernels._warned.discard(kernels.too_many_experts(E))
+    pol = make_policy("lynx", backend="triton", alpha=3, beta=2)
+    with kernels.counting() as c, pytest.warns(UserWarning, match=f"E={E} experts exceeds the kernels' bound"):
+        r = pol(x, spec)
+    assert c.count == 0
+    assert torch.equal(r.ids, make_policy("lynx", backend="torch", ties="lower-id", alpha=3, beta=2)(x, spec).ids)
+
+
+def test_lynx_a_step_without_valid_rows_routes_as_torch_does():
+    spec = RouterSpec(8, 3)
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    valid = torch.tensor([[False] * 5, [True, False, True, False, False]], device=DEVICE)
+    a = make_policy("lynx", backend="torch", ties="lower-id", alpha=2, beta=2)(x, spec, valid)
+    b = make_policy("lynx", backend="triton", alpha=2, beta=2)(x, spec, valid)
+    assert torch.equal(a.ids, b.ids)

@@ -65,9 +65,23 @@ def xshare_params(data, spec, T):
     return p
 
 
-def lynx_params(data):
-    return {"alpha": data.draw(st.sampled_from([0.7, 1, 1.5, 2, 3, 4])),
-            "beta": data.draw(st.sampled_from([None, 1, 2, 3, 4]))}
+def lynx_params(data, K=2):
+    """Every variant of lynx; "advanced_parametrized" (offset alpha, scale beta) with beta 0 when K=1."""
+    variant = data.draw(st.sampled_from(["quant", "quant", "quant_flatten_remove", "advanced_parametrized"]))
+    if variant == "advanced_parametrized":
+        beta = data.draw(st.sampled_from([0, 0.25, 0.5, 1, 2])) if K > 1 else 0
+        return {"variant": variant, "alpha": data.draw(st.sampled_from([-1, 0, 0.5, 1, 2, 3.5])), "beta": beta}
+    betas = [None, 1, 2, 3, 4] if variant == "quant" else [1, 2, 3, 4]
+    return {"variant": variant, "alpha": data.draw(st.sampled_from([0.7, 1, 1.5, 2, 3, 4])),
+            "beta": data.draw(st.sampled_from(betas))}
+
+
+LYNX_REFERENCES = {"quant": ref.ref_lynx, "quant_flatten_remove": ref.ref_lynx_flatten_remove,
+                   "advanced_parametrized": ref.ref_lynx_advanced_parametrized}
+
+
+def ref_lynx(logits, spec, valid, native_ids=None, fixed=None, variant="quant", **p):
+    return LYNX_REFERENCES[variant](logits, spec, valid, native_ids=native_ids, fixed=fixed, **p)
 
 
 def vl(valid, T):
@@ -91,10 +105,10 @@ def test_xshare_matches_the_loops(batch, data):
 def test_lynx_matches_the_loops(batch, data):
     spec, logits, valid, fixed = batch
     T = logits.shape[0]
-    p = lynx_params(data)
+    p = lynx_params(data, spec.top_k)
     ties = data.draw(st.sampled_from(["model", "lower-id"]))
     r = make_policy("lynx", ties=ties, **p)(logits, spec, valid, fixed=fixed)
-    expected = ref.ref_lynx(logits, spec, vl(valid, T), native_ids=ref.stock_topk(logits, spec) if ties == "model" else None, fixed=fixed, **p)
+    expected = ref_lynx(logits, spec, vl(valid, T), native_ids=ref.stock_topk(logits, spec) if ties == "model" else None, fixed=fixed, **p)
     check_against(r, expected, spec, valid, tol(spec, logits))
 
 
@@ -106,7 +120,7 @@ def test_steps_unique_and_by_batch(batch, data):
     spec, logits, valid, _ = batch
     T, E = logits.shape
     name = data.draw(st.sampled_from(["xshare", "lynx"]))
-    p = {"budget": data.draw(st.integers(1, E))} if name == "xshare" else lynx_params(data)
+    p = {"budget": data.draw(st.integers(1, E))} if name == "xshare" else lynx_params(data, spec.top_k)
     policy = make_policy(name, **p)
     other = distinct_logits(T, E, logits.dtype, seed=99)
     steps = torch.stack([logits, other])
@@ -133,21 +147,27 @@ def test_fixed_rows_come_back_native(name, params):
     assert torch.equal(r.ids[fixed], nat.ids[fixed]) and torch.equal(r.weights[fixed], nat.weights[fixed])
 
 
-@pytest.mark.parametrize("name,params", [("lynx", {"alpha": 2})])
-def test_the_backend_without_a_kernel_falls_back_to_torch_with_one_message(name, params):
-    """No fused kernel exists for lynx: backend='triton' says so once and routes as torch ops, with the
-    kernels' ties rule. (xshare's kernel: tests/test_kernels.py.)"""
+@pytest.mark.parametrize("params,why", [
+    ({"alpha": 2}, "lynx without beta has no fused kernel"),
+    ({"alpha": 1, "beta": 0.5, "variant": "advanced_parametrized"}, "variant='advanced_parametrized' has no fused"),
+])
+def test_lynx_options_without_a_kernel_fall_back_to_torch_with_one_message(params, why):
+    """backend='triton' with options the kernel does not cover: one warning, then the torch policy with the
+    kernels' ties rule. (The kernel itself: tests/test_kernels.py.)"""
     from moe_reroute import kernels
 
     kernels._warned.clear()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        policy = make_policy(name, backend="triton", **params)
-    assert any(f"policy {name!r} has no fused kernel" in str(w.message) for w in caught)
-    assert policy.backend == "torch" and policy.ties == "lower-id"
+    policy = make_policy("lynx", backend="triton", **params)
     spec = RouterSpec(16, 4)
     x = distinct_logits(8, 16, seed=1)
-    assert torch.equal(policy(x, spec).ids, make_policy(name, ties="lower-id", **params)(x, spec).ids)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with kernels.counting() as c:
+            first, second = policy(x, spec), policy(x, spec)
+    assert sum(why in str(w.message) for w in caught) == 1 and c.count == 0
+    assert policy.ties == "lower-id"
+    want = make_policy("lynx", backend="torch", ties="lower-id", **params)(x, spec)
+    assert torch.equal(first.ids, want.ids) and torch.equal(second.ids, want.ids)
 
 
 @pytest.mark.parametrize("make,match", [
@@ -156,6 +176,16 @@ def test_the_backend_without_a_kernel_falls_back_to_torch_with_one_message(name,
     (lambda: make_policy("xshare", k0=-1), "k0 must be an int >= 0"),
     (lambda: make_policy("lynx", alpha=0), "lynx alpha must be a positive number"),
     (lambda: make_policy("lynx", alpha=2, beta=float("inf")), "lynx beta must be a positive number"),
+    (lambda: make_policy("lynx", alpha=2, beta=1.5), r"a whole number of buckets \(1, 2, 3, ...\), got 1.5"),
+    (lambda: make_policy("lynx", alpha=2, beta=[1, 0.5]), "a whole number of buckets"),
+    (lambda: make_policy("lynx", alpha=2, variant="flatten"), "lynx variant must be one of quant, quant_flatten_remove"),
+    (lambda: make_policy("lynx", alpha=2, variant="quant_flatten_remove"), r"needs beta \(the bottom bucket"),
+    (lambda: make_policy("lynx", alpha=2, beta={"by_batch": {"4": 1, "max": None}}, variant="quant_flatten_remove"),
+     "needs beta"),
+    (lambda: make_policy("lynx", alpha=1, variant="advanced_parametrized"), r"needs beta \(the scale"),
+    (lambda: make_policy("lynx", alpha=1, beta=-0.5, variant="advanced_parametrized"),
+     r"beta \(variant='advanced_parametrized'\) must be a number >= 0, got -0.5"),
+    (lambda: make_policy("lynx", alpha=float("nan"), beta=1, variant="advanced_parametrized"), "a finite number"),
 ])
 def test_bad_options_are_refused_at_construction(make, match):
     with pytest.raises(ValueError, match=match):
@@ -173,7 +203,21 @@ def test_xshare_options_that_do_not_fit_are_refused_before_routing(params, match
         make_policy("xshare", **params)(distinct_logits(8, 16), RouterSpec(16, 4))
 
 
-@pytest.mark.parametrize("name,params", [("xshare", {"budget": 4}), ("lynx", {"alpha": 2})])
+def test_lynx_options_that_do_not_fit_are_refused_before_routing():
+    """advanced_parametrized with K=1 and beta > 0 would keep no expert (the confidence of one expert is
+    -w / 1e-8): refused with the fix, before any routing; beta=0 is the peer's static count alpha."""
+    from moe_reroute import kernels
+
+    x = distinct_logits(4, 8)
+    with kernels.counting() as c, pytest.raises(ValueError, match="K=1.*give beta=0"):
+        make_policy("lynx", alpha=1, beta=0.5, variant="advanced_parametrized")(x, RouterSpec(8, 1))
+    assert c.count == 0
+    r = make_policy("lynx", alpha=1, beta=0, variant="advanced_parametrized")(x, RouterSpec(8, 1))
+    assert torch.equal(r.ids, make_policy("native")(x, RouterSpec(8, 1)).ids)  # n = 1 for every token
+
+
+@pytest.mark.parametrize("name,params", [("xshare", {"budget": 4}), ("lynx", {"alpha": 2}),
+                                         ("lynx", {"alpha": 1, "beta": 1, "variant": "advanced_parametrized"})])
 def test_sigmoid_routers_are_refused(name, params):
     spec = RouterSpec(16, 4, "sigmoid", n_group=4, topk_group=2)
     with pytest.raises(ValueError, match="sigmoid"):
@@ -383,3 +427,39 @@ def test_lynx_beta_floors_the_bottom_bucket():
     assert make_policy("lynx", alpha=1)(x, spec).ids[0].tolist() == [0, 1]
     r = make_policy("lynx", alpha=1, beta=1)(x, spec)
     assert sorted(r.ids[0].tolist()) == [0, 3]
+
+
+def test_lynx_flatten_remove_gives_the_bottom_bucket_to_the_first_expert():
+    """One token, E=4, K=2, alpha=1, beta=1: logits [2, 0, -1, -1.5] -> q = max(ceil(x - 2), -1) =
+    [0, -1, -1, -1]; B=1, so the token scores q alone and takes 0, then 1 (ties to the lower id). Expert 1 is
+    in the bottom bucket: its slot goes to expert 0 with its weight. Renormalised: expert 0 alone, weight 1;
+    without renormalisation: expert 0 with the native top-2 mass p0 + p1 (Lynx's rescale)."""
+    x = torch.tensor([[2.0, 0.0, -1.0, -1.5]])
+    p = torch.softmax(x, dim=-1)[0]
+    for renorm, mass in ((True, 1.0), (False, float(p[0] + p[1]))):
+        r = make_policy("lynx", alpha=1, beta=1, variant="quant_flatten_remove")(x, RouterSpec(4, 2, renormalize=renorm))
+        assert r.ids[0].tolist() == [0, 0]
+        assert r.weights[0].tolist() == pytest.approx([mass, 0.0])
+    plain = make_policy("lynx", alpha=1, beta=1)(x, RouterSpec(4, 2))
+    assert plain.ids[0].tolist() == [0, 1]  # "quant" keeps the slot
+
+
+def test_lynx_advanced_parametrized_counts_by_confidence():
+    """K=4, alpha=1, beta=0.5. Token 0's native weights ~[0.7, 0.1, 0.1, 0.1]: c = (0.8 - 0.2) / 0.8 = 0.75,
+    n = floor(0.75 * 4 * 0.5) + 1 = 2: it keeps experts 0 and 1. Token 1's are nearly equal: c ~ 0.04,
+    n = floor(0.08) + 1 = 1: it keeps expert 4. The batch keeps {0, 1, 4}: token 0 routes to 0, 1, 4 (and a
+    spare slot at weight 0), token 1 to 4, 0, 1. Without renormalisation the weights are the softmax over
+    the keep set (the peer's softmax over masked logits), so they sum to 1."""
+    import math
+
+    lo = -20.0
+    x = torch.tensor([[math.log(0.7), math.log(0.1), math.log(0.1) - 1e-3, math.log(0.1) - 2e-3, lo, lo, lo, lo],
+                      [lo, lo, lo, lo, 0.0, -0.01, -0.02, -0.03]])
+    for renorm in (True, False):
+        spec = RouterSpec(8, 4, renormalize=renorm)
+        r = make_policy("lynx", alpha=1, beta=0.5, variant="advanced_parametrized")(x, spec)
+        assert _routed(r, 0) == {0, 1, 4} and _routed(r, 1) == {4, 0, 1}
+        assert r.ids[1, 0].item() == 4
+        assert r.weights.sum(-1).tolist() == pytest.approx([1.0, 1.0])
+        p = torch.softmax(x[0], dim=-1)
+        assert r.weights[0, :2].tolist() == pytest.approx((p[:2] / (p[0] + p[1] + p[4])).tolist(), rel=1e-5)

@@ -1,4 +1,5 @@
-"""Fused Triton kernels for every policy: one launch per call where the batch fits one program, two otherwise.
+"""Fused Triton kernels for every policy: one launch per call where the batch fits one program, two otherwise
+(three for lynx).
 
 `route(policy, router_logits, spec, valid, config, layer, fixed)` runs the policy's kernel on checked inputs
 with its parameters resolved on the host, so a call never synchronises, never makes a data-dependent shape and
@@ -160,6 +161,12 @@ def _xshare_params(policy: Any, spec: RouterSpec, config: Any, T: int) -> dict[s
                 TOP_P=False, LIMIT_RANK=False)
 
 
+def _lynx_params(config: Any) -> dict[str, Any]:
+    """lynx: k_param = beta (buckets 0..beta), p_top = alpha, k_max = 1 for variant "quant_flatten_remove"."""
+    return dict(k_param=int(config.beta), k_max=int(config.variant == "quant_flatten_remove"), max_rank=0,
+                p_top=float(config.alpha), threshold=0.0, CAP_RENORM=False, TOP_P=False, LIMIT_RANK=False)
+
+
 def _similarity(policy: Any, config: Any, layer: int | None, device: torch.device) -> torch.Tensor:
     """The layer's similarity as a contiguous float32 tensor on `device`, converted once and cached."""
     sim = config.similarity_at(layer)
@@ -175,6 +182,7 @@ def _similarity(policy: Any, config: Any, layer: int | None, device: torch.devic
 def route(policy: Any, router_logits: torch.Tensor, spec: RouterSpec, valid: torch.Tensor | None,
           config: Any, layer: int | None, fixed: torch.Tensor | None = None) -> Routing:
     """Run `policy` (its name and resolved `config`) as a fused kernel. Inputs are already checked.
+    lynx takes three launches where the batch spans several programs (bucket counts, votes, routing).
 
     fixed: [T] bool rows that keep native routing, or None (the kernel is then built without that code).
     router_logits [S, T, E] (valid, fixed [S, T]) routes each step as its own batch, on a grid over steps
@@ -195,11 +203,18 @@ def route(policy: Any, router_logits: torch.Tensor, spec: RouterSpec, valid: tor
     nb = -(-T // BT)
     ids = torch.empty(*steps, T, K, dtype=torch.int64, device=dev)
     weights = torch.empty(*steps, T, K, dtype=torch.float32, device=dev)
-    params = _xshare_params(policy, spec, config, T) if name == "xshare" else _policy_params(name, spec, config)
-    batch_wide = name in ("oea", "sere", "budget", "xshare")
+    if name == "xshare":
+        params = _xshare_params(policy, spec, config, T)
+    elif name == "lynx":
+        params = _lynx_params(config)
+    else:
+        params = _policy_params(name, spec, config)
+    batch_wide = name in ("oea", "sere", "budget", "xshare", "lynx")
     part_dtype = torch.float64 if name == "xshare" else torch.int32  # xshare: logit sums, in float64 as torch
-    part_a = torch.empty(S, nb, E_BLOCK, dtype=part_dtype, device=dev) if batch_wide else ids
-    part_b = torch.empty(S, nb, E_BLOCK, dtype=torch.int32, device=dev) if name in ("budget", "xshare") else part_a
+    # lynx: a count of rows per bucket (0..beta) and expert
+    part_len = (params["k_param"] + 1) * E_BLOCK if name == "lynx" else E_BLOCK
+    part_a = torch.empty(S, nb, part_len, dtype=part_dtype, device=dev) if batch_wide else ids
+    part_b = torch.empty(S, nb, E_BLOCK, dtype=torch.int32, device=dev) if name in ("budget", "xshare", "lynx") else part_a
     bias = spec.e_score_correction_bias
     sim = _similarity(policy, config, layer, dev) if name == "sere" else router_logits
     # the kernel reads a step's flags at step * T: a [S, T] mask must be contiguous (a [T] one always is)
@@ -220,7 +235,8 @@ def route(policy: Any, router_logits: torch.Tensor, spec: RouterSpec, valid: tor
         CHUNK=max(1, min(E_BLOCK, _TILE // E_BLOCK)),
     )
     stride_s = router_logits.stride(0) if steps else 0
-    phases = (0,) if (nb == 1 or not batch_wide) else (1, 2)
+    # lynx: its votes need the whole batch's bucket counts, and its keep set the whole batch's votes
+    phases = (0,) if (nb == 1 or not batch_wide) else ((1, 2, 3) if name == "lynx" else (1, 2))
     for s0 in range(0, S, MAX_GRID_STEPS):  # CUDA bounds the grid's second axis
         n = min(MAX_GRID_STEPS, S - s0)
 
@@ -230,7 +246,7 @@ def route(policy: Any, router_logits: torch.Tensor, spec: RouterSpec, valid: tor
         args = (at(router_logits), router_logits.stride(-2), stride_s, at(valid_arg), at(fixed_arg),
                 bias if bias is not None else router_logits, sim, at(part_a), at(part_b), at(ids), at(weights),
                 T, nb, float(spec.routed_scaling_factor), params["k_param"], params["k_max"], params["max_rank"],
-                params["p_top"], params["threshold"], params.get("k_group", 1))
+                params["p_top"], params["threshold"], params.get("k_group", 1), part_len)
         for phase in phases:
             tr.route_kernel[(nb, n)](*args, PHASE=phase, num_warps=4 if BT * E_BLOCK <= 2048 else 8, **consts)
             for c in _counters:

@@ -10,9 +10,11 @@ the batch's logit sums and the fixed rows' experts) run in
 one launch when the batch fits one program (PHASE 0), else in two: PHASE 1 writes each program's part
 of the set ([NB, E_BLOCK] int32: a union is a max, a sum of whole numbers is exact in any order; xshare's
 sums are float64, as the torch policy's) and
-PHASE 2 reads all parts, rebuilds the set in every program and routes. The ranking rule is the
-library's with ties="lower-id": by score, equal scores to the lower expert id, so every program computes
-the same ranking and the same set without talking to the others.
+PHASE 2 reads all parts, rebuilds the set in every program and routes. lynx needs three: PHASE 1 writes each
+program's count of rows per bucket and expert ([NB, beta + 1, E_BLOCK] int32), PHASE 2 the votes of its rows
+by the batch's popularity (and its fixed rows' experts), PHASE 3 rebuilds the keep set and routes.
+The ranking rule is the library's with ties="lower-id": by score, equal scores to the lower expert id, so
+every program computes the same ranking and the same set without talking to the others.
 
 Fixed rows (HAS_FIXED, a [T] uint8 mask): a valid fixed row writes its native top-K, and its part of the
 set is its whole native top-K (oea's base, sere's primaries, budget's forced experts). Without the mask
@@ -25,7 +27,7 @@ import triton
 import triton.language as tl
 
 # POLICY
-NATIVE, CAP, OEA, SERE, BUDGET, XSHARE = 0, 1, 2, 3, 4, 5
+NATIVE, CAP, OEA, SERE, BUDGET, XSHARE, LYNX = 0, 1, 2, 3, 4, 5, 6
 # SCORING
 SOFTMAX, TOPK_SOFTMAX, SIGMOID = 0, 1, 2
 
@@ -94,6 +96,65 @@ def _xs_allowed(logits_ptr, stride, valid_ptr, fixed_ptr, rows, key, cols, cmask
         allowed = allowed | sel
         avail = avail & ~sel
     return allowed | held[None, :]
+
+
+@triton.jit
+def _lynx_levels(x, alpha, beta):
+    """lynx: [BT, E_BLOCK] int32 bucket depths l = -q, q = ceil(alpha * (x - max x)) in float32, every
+    q <= -beta at -beta (so 0 <= l <= beta; -inf logits and padded columns at beta)."""
+    raw = alpha * (x - tl.max(x, axis=1)[:, None])
+    return tl.where(raw <= -beta, beta, -tl.ceil(raw)).to(tl.int32)
+
+
+@triton.jit
+def _lynx_rows(valid_ptr, T, T_CHUNK: tl.constexpr, HAS_VALID: tl.constexpr):
+    """lynx: B, the step's valid rows (at least 1), float64."""
+    nv = T - T
+    if HAS_VALID:
+        for c in range(0, T, T_CHUNK):
+            ta = c + tl.arange(0, T_CHUNK)
+            nv += tl.sum(tl.where(tl.load(valid_ptr + ta, mask=ta < T, other=0) != 0, 1, 0), axis=0)
+    else:
+        nv = T
+    return tl.maximum(nv, 1).to(tl.float64)
+
+
+@triton.jit
+def _lynx_votes(lv, rcount, rvote, cols, cmask, part_a_ptr, nb, part_len, B, beta,
+                LOCAL: tl.constexpr, K: tl.constexpr, E_BLOCK: tl.constexpr, P_CHUNK: tl.constexpr,
+                BIG: tl.constexpr):
+    """lynx: [BT, E_BLOCK] each `rvote` row's K best by q + (pop - h) / B, ties to the lower id. pop, the
+    sum of h = B ** -l over the step's valid rows, by Horner's rule over the buckets from the deepest, from
+    the counts of this program's `rcount` rows (LOCAL: the program holds the step) or of every program's
+    part (part_a: [nb, beta + 1, E_BLOCK] int32 counts); h = 1 / B / B ... (l divisions). Every value is an
+    exact count or a correctly rounded float64 operation in a fixed order: the torch policy's, bit for bit."""
+    pop = tl.zeros([E_BLOCK], tl.float64)
+    for i in range(beta + 1):
+        d = beta - i
+        if LOCAL:
+            c = tl.sum(tl.where(rcount[:, None] & (lv == d) & cmask[None, :], 1, 0), axis=0)
+        else:
+            c = tl.zeros([E_BLOCK], tl.int32)
+            for p0 in range(0, nb, P_CHUNK):
+                pr = p0 + tl.arange(0, P_CHUNK)
+                parts = tl.load(part_a_ptr + pr[:, None] * part_len + d * E_BLOCK + cols[None, :],
+                                mask=(pr < nb)[:, None] & (cols[None, :] < E_BLOCK), other=0)
+                c += tl.sum(parts, axis=0)
+        pop = pop / B + c.to(tl.float64)
+    h = tl.full(lv.shape, 1.0, tl.float64)
+    step = B / B
+    for d in range(1, beta + 1):
+        step = step / B
+        h = tl.where(lv == d, step, h)
+    mod = -(lv.to(tl.float64)) + (pop[None, :] - h) / B
+    votes = (cols[None, :] < 0) & rvote[:, None]
+    avail = cmask[None, :] & rvote[:, None]
+    for j in tl.static_range(K):
+        idx = _pick(mod, avail, cols, BIG)
+        sel = cols[None, :] == idx[:, None]
+        votes = votes | (sel & rvote[:, None])
+        avail = avail & ~sel
+    return votes
 
 
 @triton.jit
@@ -237,7 +298,7 @@ def _unchanged(kept_ids, keep, nat_ids, nat_w, w, kc, K: tl.constexpr):
 @triton.jit
 def route_kernel(
     logits_ptr, stride, stride_s, valid_ptr, fixed_ptr, bias_ptr, sim_ptr, part_a_ptr, part_b_ptr, ids_ptr, w_ptr,
-    T, nb, rsf, k_param, k_max, max_rank, p_top, threshold, k_group,
+    T, nb, rsf, k_param, k_max, max_rank, p_top, threshold, k_group, part_len,
     POLICY: tl.constexpr, SCORING: tl.constexpr, PHASE: tl.constexpr,
     K: tl.constexpr, K_BLOCK: tl.constexpr, E: tl.constexpr, E_BLOCK: tl.constexpr, BT: tl.constexpr,
     T_CHUNK: tl.constexpr, P_CHUNK: tl.constexpr,
@@ -248,14 +309,16 @@ def route_kernel(
     GRID: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """Route BT tokens of one layer. k_param: cap's k, oea's k0, sere's primary, budget's budget, xshare's m
-    (xshare: k_max = k0, max_rank = group budget, k_group = group size; m = k0 = group budget = 0: native)."""
+    (xshare: k_max = k0, max_rank = group budget, k_group = group size; m = k0 = group budget = 0: native),
+    lynx's beta (p_top: its alpha; k_max = 1: variant quant_flatten_remove). part_len: elements of one program's part_a (E_BLOCK; lynx: a count per
+    bucket, (beta + 1) * E_BLOCK)."""
     BIG: tl.constexpr = 1 << 30
     pid = tl.program_id(0)
     step = tl.program_id(1).to(tl.int64)  # each step is its own batch: move every pointer to its rows
     logits_ptr += step * stride_s
     valid_ptr += step * T
     fixed_ptr += step * T
-    part_a_ptr += step * nb * E_BLOCK
+    part_a_ptr += step * nb * part_len
     part_b_ptr += step * nb * E_BLOCK
     ids_ptr += step * T * K
     w_ptr += step * T * K
@@ -341,14 +404,39 @@ def route_kernel(
                 part_b = tl.max(tl.where(nat_set, 1, 0), axis=0)
             else:
                 part_b = tl.zeros([E_BLOCK], tl.int32)
+        elif POLICY == 6:  # lynx: PHASE 1 bucket counts, PHASE 2 votes (and fixed rows' experts), PHASE 3 routes
+            lv = _lynx_levels(x, p_top, k_param)
+            if PHASE == 1:
+                for d in range(k_param + 1):
+                    cnt = tl.sum(tl.where(rvalid[:, None] & (lv == d) & cmask[None, :], 1, 0), axis=0)
+                    tl.store(part_a_ptr + pid * part_len + d * E_BLOCK + cols, cnt)
+            if PHASE == 0 or PHASE == 2:
+                votes = _lynx_votes(lv, rvalid, rvalid & ~rfixed, cols, cmask, part_a_ptr, nb, part_len,
+                                    _lynx_rows(valid_ptr, T, T_CHUNK, HAS_VALID), k_param, PHASE == 0, K, E_BLOCK,
+                                    P_CHUNK, BIG)
+                if HAS_FIXED:
+                    votes = votes | nat_set
+                part_b = tl.max(tl.where(votes, 1, 0), axis=0)
+                if PHASE == 2:
+                    tl.store(part_b_ptr + pid * E_BLOCK + cols, part_b)
+                else:
+                    in_set = (part_b > 0) & cmask
+            if PHASE == 3:
+                acc_b = tl.zeros([E_BLOCK], tl.int32)
+                for c in range(0, nb, P_CHUNK):
+                    pr = c + tl.arange(0, P_CHUNK)
+                    pm = (pr < nb)[:, None] & (cols[None, :] < E_BLOCK)
+                    acc_b = tl.maximum(acc_b, tl.max(tl.load(part_b_ptr + pr[:, None] * E_BLOCK + cols[None, :],
+                                                             mask=pm, other=0), axis=0))
+                in_set = (acc_b > 0) & cmask
 
-        if POLICY >= 2 and PHASE != 2:
-            tl.store(part_a_ptr + pid * E_BLOCK + cols, part_a)
+        if POLICY >= 2 and POLICY != 6 and PHASE != 2:
+            tl.store(part_a_ptr + pid * part_len + cols, part_a)
             if POLICY >= 4:
                 tl.store(part_b_ptr + pid * E_BLOCK + cols, part_b)
 
-        if PHASE != 1:  # (PHASE 1 ends with its part of the set written)
-            if POLICY >= 2:
+        if PHASE != 1 and not (POLICY == 6 and PHASE == 2):  # (PHASE 1, and lynx's 2, end with parts written)
+            if POLICY >= 2 and POLICY != 6:
                 if PHASE == 0:
                     tl.debug_barrier()
                 # ---- the whole batch's set, rebuilt from every program's part ----
@@ -360,7 +448,7 @@ def route_kernel(
                 for c in range(0, nb, P_CHUNK):
                     pr = c + tl.arange(0, P_CHUNK)
                     pm = (pr < nb)[:, None] & (cols[None, :] < E_BLOCK)
-                    parts = tl.load(part_a_ptr + pr[:, None] * E_BLOCK + cols[None, :], mask=pm, other=0)
+                    parts = tl.load(part_a_ptr + pr[:, None] * part_len + cols[None, :], mask=pm, other=0)
                     if POLICY >= 4:
                         acc_a = acc_a + tl.sum(parts, axis=0)
                         acc_b = tl.maximum(acc_b, tl.max(tl.load(part_b_ptr + pr[:, None] * E_BLOCK + cols[None, :],
@@ -390,7 +478,7 @@ def route_kernel(
                 _, akey, _ = _scores(logits_ptr, stride, bias_ptr, arow, arow < T, avalid, cols, cmask, SCORING, HAS_BIAS,
                                      SANITIZE, N_GROUP, TOPK_GROUP, GROUP_SIZE, G_BLOCK, BIG)
                 anchor = _pick(akey, cmask[None, :] & (arow >= 0)[:, None], cols, BIG)  # [BT], all equal
-                if POLICY == 5:  # the first valid row's slot 0 is its best allowed expert, not always its top-1
+                if POLICY >= 5:  # the first valid row's slot 0 is its best allowed expert, not always its top-1
                     anat = cols[None, :] < 0
                     aav = cmask[None, :] & (arow >= 0)[:, None]
                     for j in tl.static_range(K):
@@ -398,11 +486,16 @@ def route_kernel(
                         asel = cols[None, :] == aidx[:, None]
                         anat = anat | asel
                         aav = aav & ~asel
-                    a_ok = _xs_allowed(logits_ptr, stride, valid_ptr, fixed_ptr, arow, akey, cols, cmask, gsum, held,
-                                       T, k_param, k_max, max_rank, k_group, HAS_VALID, HAS_FIXED, BIG)
+                    if POLICY == 5:
+                        a_ok = _xs_allowed(logits_ptr, stride, valid_ptr, fixed_ptr, arow, akey, cols, cmask, gsum,
+                                           held, T, k_param, k_max, max_rank, k_group, HAS_VALID, HAS_FIXED, BIG)
+                        a_on = ~((k_param == 0) & (k_max == 0) & (max_rank == 0))
+                    else:
+                        a_ok = in_set[None, :] & (arow >= 0)[:, None]
+                        a_on = avalid
                     a_ok = a_ok & ((akey > float("-inf")) | anat) & cmask[None, :]
                     a_has = tl.max(tl.where(a_ok, 1, 0), axis=1) > 0
-                    a_move = a_has & avalid & ~((k_param == 0) & (k_max == 0) & (max_rank == 0))
+                    a_move = a_has & avalid & a_on
                     if HAS_FIXED:
                         a_move = a_move & (tl.load(fixed_ptr + arow) == 0)
                     anchor = tl.where(a_move, _pick(akey, a_ok, cols, BIG), anchor)
@@ -435,7 +528,7 @@ def route_kernel(
                     fj = tl.min(tl.where(same, kc[None, :], K_BLOCK), axis=1)
                     w = w + tl.where(kc[None, :] == fj[:, None], _col(nat_w, kc, j)[:, None], 0.0)
                 out_ids = new_ids
-            else:  # oea, budget and xshare: the best k_max (else K) experts of each token among those it may take
+            else:  # oea, budget, xshare, lynx: the best k_max (else K) experts of each token among those it may take
                 if POLICY == 2:
                     elig = base | (in_set[None, :] & (key > float("-inf")))
                     if LIMIT_RANK:  # only the token's first max_rank ranks may be piggybacked
@@ -478,6 +571,12 @@ def route_kernel(
                                           held, T, k_param, k_max, max_rank, k_group, HAS_VALID, HAS_FIXED, BIG)
                     elig = allowed & ((key > float("-inf")) | nat_row)
                     take = K
+                if POLICY == 6:  # lynx: the batch's keep set; the native top-K stays allowed as in xshare
+                    nat_row = cols[None, :] < 0
+                    for j in tl.static_range(K):
+                        nat_row = nat_row | (cols[None, :] == _col(nat_ids, kc, j)[:, None])
+                    elig = in_set[None, :] & ((key > float("-inf")) | nat_row)
+                    take = K
                 keep = kc[None, :] < 0
                 out_ids = tl.zeros([BT, K_BLOCK], tl.int32)
                 avail = elig & cmask[None, :]
@@ -487,13 +586,29 @@ def route_kernel(
                     avail = avail & ~((cols[None, :] == idx[:, None]) & ok[:, None])
                     out_ids = tl.where((kc[None, :] == j) & ok[:, None], idx[:, None], out_ids)
                     keep = keep | ((kc[None, :] == j) & ok[:, None])
-                if POLICY == 5:  # a row allowed nothing keeps its best
+                if POLICY >= 5:  # a row allowed nothing keeps its best
                     none = (tl.max(tl.where(keep, 1, 0), axis=1) == 0)[:, None] & (kc[None, :] == 0)
                     out_ids = tl.where(none, nat_ids, out_ids)
                     keep = keep | none
                 out_ids = tl.where(keep, out_ids, _col(out_ids, kc, 0)[:, None])
-                w = _weights(gate, out_ids, keep, kc, rsf, SCORING, RENORM, K_BLOCK)
+                if POLICY == 6:  # renormalised, or rescaled to the native top-K mass (Lynx)
+                    w = _weights(gate, out_ids, keep, kc, rsf, SCORING, True, K_BLOCK)
+                    if not RENORM:
+                        w = w * tl.sum(nat_w, axis=1)[:, None]
+                else:
+                    w = _weights(gate, out_ids, keep, kc, rsf, SCORING, RENORM, K_BLOCK)
                 w = _unchanged(out_ids, keep, nat_ids, nat_w, w, kc, K)
+                if POLICY == 6:  # quant_flatten_remove (k_max = 1): bottom-bucket slots give their weight to slot 0
+                    lv_k = tl.zeros([BT, K_BLOCK], tl.int32)
+                    for j in tl.static_range(K):
+                        ej = _col(out_ids, kc, j)
+                        lj = tl.sum(tl.where(cols[None, :] == ej[:, None], lv, 0), axis=1)
+                        lv_k = tl.where(kc[None, :] == j, lj[:, None], lv_k)
+                    bottom = (lv_k == k_param) & (kc[None, :] >= 1) & kin & (k_max == 1)
+                    moved = tl.sum(tl.where(bottom, w, 0.0), axis=1)
+                    w = tl.where(bottom, 0.0, w)
+                    w = tl.where(kc[None, :] == 0, w + moved[:, None], w)
+                    out_ids = tl.where(bottom, _col(out_ids, kc, 0)[:, None], out_ids)
                 if POLICY == 5:  # off at this batch size: native routing
                     off = (k_param == 0) & (k_max == 0) & (max_rank == 0)
                     out_ids = tl.where(off, nat_ids, out_ids)

@@ -39,7 +39,7 @@ from moe_reroute.measure.layer import MoELayer, grouped_mm_status, resolve_devic
 from moe_reroute.measure.shapes import LayerShape, custom_shape, get_shape
 from moe_reroute.policies.spec import policy_from_spec
 
-DEFAULT_POLICIES = ("native", "cap:k=4", "oea:k0=3", "sere", "budget:budget=32")
+DEFAULT_POLICIES = ("native", "cap:k=4", "oea:k0=3", "sere", "budget:budget=32", "gain:budget=32")
 BATCHINGS = ("same-domain", "mixed")
 VARIANTS = ("step", "experts", "routing")
 FIRST_POSITION = 8  # positions before this have little context: not sampled

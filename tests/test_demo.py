@@ -69,3 +69,20 @@ def test_demo_progress_lines_name_their_phase(tmp_path, capsys):
     for phase in PHASES:
         assert re.search(rf"^\[\d/4 {phase}\] done in \d+ s \(CPU \d+ s\)$", captured.out, re.M), phase
     assert re.search(r"^Elapsed: quality \d+ s, .* s in all \(CPU time \d+ s, 1 thread", captured.out, re.M)
+
+
+def test_pareto_lines_are_a_family_and_its_fixed_parameters():
+    """Each line of the Pareto plot is a family swept by its tuned parameter; other parameters (written in
+    any order, lists with commas included) make another line of that family."""
+    from moe_reroute.measure.report import line_of, spec_items
+
+    assert spec_items("gain:base=2,budget=[128,32,32]") == [("base", "2"), ("budget", "[128,32,32]")]
+    assert spec_items('oea:k0={"by_batch": {"4": 3, "max": 2}},p=0.9') == [
+        ("k0", '{"by_batch": {"4": 3, "max": 2}}'), ("p", "0.9")]
+    assert line_of("gain:budget=[128,32,32]") == ("gain", "budget=[128,32,32]")
+    assert line_of("gain:base=2,budget=[128,32,32]") == ("gain:base=2", "budget=[128,32,32]")
+    assert line_of("gain:budget=12,base=2") == ("gain:base=2", "budget=12")
+    assert line_of("oea:k0=3,p=0.9") == ("oea:p=0.9", "k0=3")
+    assert line_of("native") == ("native", "")
+    assert line_of("xshare:budget=32,k0=1") == ("xshare", "budget=32,k0=1")  # no swept parameter: one line
+    assert line_of("tuned:tuned-oea.json") == ("tuned", "tuned-oea.json")

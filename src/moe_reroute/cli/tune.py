@@ -272,7 +272,7 @@ def add_parsers(sub) -> None:
                        "policy file engines load")
     p.add_argument("--model", help="local transformers MoE checkpoint (default: the shipped reference model)")
     p.add_argument("--policy", required=True, help="family to tune, with any fixed parameters: oea, oea:p=0.9, cap, "
-                   "budget, sere (its similarity: the model folder's, or sere:similarity=FILE)")
+                   "budget, gain, gain:base=2, sere (its similarity: the model folder's, or sere:similarity=FILE)")
     p.add_argument("--budget", type=float, help="largest cross-entropy increase over native on the calibration "
                    "text, nats, > 0 (default 0.01); what must fit it is the --confidence upper bound of the mean")
     p.add_argument("--confidence", type=float, default=0.95, help="one-sided level of the upper bound of the mean "

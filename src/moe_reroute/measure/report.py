@@ -17,6 +17,38 @@ def family(label: str) -> str:
     return label.split(":", 1)[0]
 
 
+# the parameter a family's points are swept by (what `moe-reroute tune` tunes): one line per family and
+# setting of its other parameters in the Pareto plot
+SWEPT = {"oea": "k0", "cap": "k", "sere": "primary", "budget": "budget", "gain": "budget"}
+
+
+def spec_items(label: str) -> list[tuple[str, str]]:
+    """"gain:base=2,budget=[128,32]" -> [("base", "2"), ("budget", "[128,32]")]: the spec's parameters as
+    written (commas inside brackets or braces do not split)."""
+    args = label.split(":", 1)[1] if ":" in label else ""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(args + ","):
+        depth += 1 if ch in "[{(" else -1 if ch in "]})" else 0
+        if ch == "," and depth <= 0:
+            key, _, value = args[start:i].partition("=")
+            if key.strip():
+                items.append((key.strip(), value.strip()))
+            start = i + 1
+    return items
+
+
+def line_of(label: str) -> tuple[str, str]:
+    """(line, point): the Pareto plot's line of a policy spec (its family and the parameters it is not
+    swept by) and the point's own label on it (the swept parameter's value, or the whole spec)."""
+    fam = family(label)
+    swept = SWEPT.get(fam)
+    items = spec_items(label)
+    if swept is None or not any(k == swept for k, _ in items):
+        return fam, label.split(":", 1)[1] if ":" in label else ""
+    rest = ",".join(f"{k}={v}" for k, v in items if k != swept)
+    return (f"{fam}:{rest}" if rest else fam), next(f"{k}={v}" for k, v in items if k == swept)
+
+
 def md_text(value) -> str:
     """`value` as literal Markdown text on one line: a results file's strings (a model name, say) cannot
     add headings, links, HTML or table cells to the report."""
@@ -113,21 +145,24 @@ def plot_pareto(rows: list[dict], batch: int, path: Path, latency: dict[str, flo
     if use_latency:
         at = [r for r in at if r["policy"] in latency]
     others: dict = {}
-    for fam in dict.fromkeys(family(r["policy"]) for r in at):
-        pts = [r for r in at if family(r["policy"]) == fam]
+    nth: dict[str, int] = {}  # lines drawn so far per family: each further line of a family gets its own style
+    for line in dict.fromkeys(line_of(r["policy"])[0] for r in at):
+        pts = [r for r in at if line_of(r["policy"])[0] == line]
         xs = [latency[r["policy"]] if use_latency else r["mean_unique"] for r in pts]
         order = sorted(range(len(pts)), key=lambda i: xs[i])
         xs = [xs[i] for i in order]
         pts = [pts[i] for i in order]
         ys = [r["delta_ce"] for r in pts]
         err = [[r["delta_ce"] - r["delta_ce_ci"][0] for r in pts], [r["delta_ce_ci"][1] - r["delta_ce"] for r in pts]]
+        fam = family(line)
         colour, marker = style(fam, others)
-        ax.errorbar(xs, ys, yerr=err, marker=marker, color=colour, capsize=3, label=fam,
-                    markersize=10 if fam == "native" else 6)
+        i = nth[fam] = nth.get(fam, -1) + 1
+        ax.errorbar(xs, ys, yerr=err, marker=marker, color=colour, capsize=3, label=line,
+                    ls=LINESTYLES[i % len(LINESTYLES)], markersize=10 if fam == "native" else 6)
         for x, r in zip(xs, pts):
-            if ":" in r["policy"]:
-                ax.annotate(r["policy"].split(":", 1)[1], (x, r["delta_ce"]), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
+            point = line_of(r["policy"])[1]
+            if point:
+                ax.annotate(point, (x, r["delta_ce"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("MoE-layer latency / native (measured)" if use_latency else "mean distinct experts per layer (U)")
     ax.set_ylabel("Δ cross-entropy vs native (nats, 95% CI)")

@@ -32,6 +32,11 @@ class LayerCounter:
         self.rank_sums: torch.Tensor | None = None
         self.load: torch.Tensor | None = None  # [E] tokens native routing sends to each expert, over re-routed steps
 
+    def set_experts(self, num_experts: int) -> None:
+        """Make the per-expert load now, outside any forward (a tensor first made inside a CUDA-graph capture
+        would be re-zeroed by every replay; one made in inference mode cannot be zeroed in place later)."""
+        self.load = torch.zeros(num_experts, dtype=torch.int64, device=self.sums.device)
+
     def set_ranks(self, placement: torch.Tensor, ranks: int, layout: str, rank: int | None = None) -> None:
         """Count per rank from now on: `placement` [E] int64 ranks 0..D-1 (checked by the caller)."""
         device = self.sums.device
@@ -45,6 +50,8 @@ class LayerCounter:
             if self.rank_sums is not None:
                 self.rank_sums = self.rank_sums.to(device)
                 self.placement = self.placement.to(device)
+            if self.load is not None:
+                self.load = self.load.to(device)
 
     def add(self, routing: Routing, native: Routing, valid: torch.Tensor, num_experts: int, kind: str,
             decode_rows: torch.Tensor, engine: Routing | None = None) -> None:
@@ -85,7 +92,10 @@ class LayerCounter:
         if self.rank_sums is not None:
             self.rank_sums.zero_()
         if self.load is not None:
-            self.load.zero_()
+            if self.load.is_inference():  # made lazily inside a forward: replace it, not in place
+                self.load = torch.zeros_like(self.load)
+            else:
+                self.load.zero_()
 
     def read(self) -> dict[str, float]:
         steps, u, un, tokens, seen, tokens_seen, dec, dec_rr, ue, *kinds = self.sums.tolist()

@@ -273,6 +273,7 @@ def wrap(router: Any, cfg: _config.PluginConfig, layer: int | None, num_experts:
         # Made now, on the device the model is being built on: a tensor first made inside CUDA-graph
         # capture would be re-zeroed by every replay.
         r.counter = STATE.counter(layer, torch.empty(0).device)
+        r.counter.set_experts(E)
         ranks = rank_layout(E, layer, moe_layer[0], engine_ep)
         if ranks is not None:
             r.counter.set_ranks(*ranks)

@@ -17,7 +17,9 @@ try:
 except ImportError:
     HAVE_VLLM = False
 
-pytestmark = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed (bash .ci/vllm sets up an environment with it)")
+pytestmark = [pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed (bash .ci/vllm sets up an environment with it)"),
+              # one pytest worker runs them one after another (`--dist loadgroup`): each starts engines or servers
+              pytest.mark.xdist_group("serve-bench")]
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +154,15 @@ def test_a_failed_run_writes_no_results(tiny, tmp_path, monkeypatch):
     assert not (tmp_path / "results.json").exists()
 
 
+def _default_sigint() -> None:
+    """In the child before it starts: SIGINT handled as a terminal's Ctrl-C would be (not ignored or blocked,
+    whatever the test process runs with)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_stops_the_server(tiny, tmp_path):
     """SIGINT to serve-bench while its server starts: the command ends and no server process is left."""
     import signal
@@ -165,7 +176,8 @@ def test_ctrl_c_stops_the_server(tiny, tmp_path):
         proc = subprocess.Popen([sys.executable, "-m", "moe_reroute.cli", "serve-bench", "--model", str(tiny),
                                  "--serve", "--port", str(port), "--batch-sizes", "2", "--repeats", "1",
                                  "--num-prompts", "2", "--output-len", "4", "--out", str(tmp_path / "o")],
-                                stdout=f, stderr=subprocess.STDOUT)
+                                stdout=f, stderr=subprocess.STDOUT,
+                                preexec_fn=_default_sigint)
     try:
         deadline = time.time() + 300
         while not _processes_with("api_server", f"--port {port}") and time.time() < deadline:

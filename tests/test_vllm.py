@@ -26,6 +26,8 @@ except Exception:  # pragma: no cover - depends on the environment
 needs_vllm = pytest.mark.skipif(
     not HAVE_VLLM, reason="vLLM is not installed (bash .ci/vllm sets up an environment with it)"
 )
+# the tests that share the module's engines (`engines`) run on one pytest worker (`--dist loadgroup`)
+shares_engines = pytest.mark.xdist_group("vllm-engines")
 
 V = 64  # vocabulary of tests/tiny_models.tiny_tokenizer
 PAD = 0
@@ -736,6 +738,7 @@ def check_counters(layers, fewer, batch=B):
 
 
 @needs_vllm
+@shares_engines
 def test_engine_qwen3_moe(qwen3_moe, engines, tmp_path):
     """One engine with the plugin (policies switched between generations) and one without:
     (1) the native policy through the plugin gives vLLM's own greedy tokens;
@@ -763,6 +766,7 @@ def test_engine_qwen3_moe(qwen3_moe, engines, tmp_path):
 
 
 @needs_vllm
+@shares_engines
 def test_engine_counts_per_rank_under_a_layout(qwen3_moe, engines, tmp_path):
     """`count_by_ranks` in a live engine (what `serve-bench --ep 4 --placement eplb` does): the loads it
     reads are the tokens native routing sent to each expert, and the per-rank counters equal plain loops
@@ -822,6 +826,7 @@ def served(counters):
 
 
 @needs_vllm
+@shares_engines
 def test_engine_compiled_on_cpu(qwen3_moe, engines):
     """vLLM's default on CPU, the model compiled (no enforce_eager): the plugin runs the MoE layer as vLLM's
     opaque op, so the policy runs every step. Compiled and eager engines give the same tokens under
@@ -842,6 +847,7 @@ def test_engine_compiled_on_cpu(qwen3_moe, engines):
 
 
 @needs_vllm
+@shares_engines
 def test_engine_switches_policy_live(qwen3_moe, engines):
     """One engine, its policy switched between generations (native -> OEA -> native): each generation gives
     exactly the tokens of an engine built with that policy, and the counters show the switch. A policy
@@ -897,6 +903,7 @@ def reference_model(tmp_path_factory):
 
 
 @needs_vllm
+@shares_engines
 def test_engine_reference_model(reference_model, engines):
     """A trained router: 16 held-out prompts of 16 tokens, 8 new tokens. vLLM and the transformers adapter
     agree without a policy and under OEA and SERE (the shipped similarity); OEA's U is below native."""
@@ -966,6 +973,7 @@ def test_verify_setting_is_a_bool():
 
 
 @needs_vllm
+@shares_engines
 def test_engine_chunked_prefill_reroutes_decode_tokens(qwen3_moe, engines):
     """Prompts of very different lengths and a small token budget per step, so that long prompts are
     prefilled in chunks alongside the decodes of short ones: the counters show mixed steps, and nearly
@@ -1087,6 +1095,7 @@ def test_engine_ngram_speculative_decoding_reroutes_verification(qwen3_moe, tmp_
 
 
 @needs_vllm
+@shares_engines
 def test_engine_deepseek_v3(deepseek_v3, engines):
     """DeepSeek-V3's grouped, biased, scaled routing through vLLM's router: the native policy gives vLLM's
     own tokens, OEA lowers U on both MoE layers (the dense layer 0 is left alone), and a per-layer k is
@@ -1106,6 +1115,7 @@ def test_engine_deepseek_v3(deepseek_v3, engines):
 
 
 @needs_vllm
+@shares_engines
 def test_engine_counts_moe_layers_past_a_dense_first_layer(qwen3_moe_dense_first, engines, tmp_path):
     """Qwen3-MoE with a dense decoder layer 0: a per-layer policy is indexed by MoE layer in vLLM as in the
     transformers adapter (the same greedy tokens), and the counters, keyed by decoder layer, show MoE

@@ -30,7 +30,8 @@ class LayerCounter:
         self.layout = ""  # where the placement came from ("engine (linear)", "contiguous", a file)
         # [2D + 2]: per-rank U summed over steps (policy, then native), then max-rank U summed (policy, native)
         self.rank_sums: torch.Tensor | None = None
-        self.load: torch.Tensor | None = None  # [E] tokens native routing sends to each expert, over re-routed steps
+        # [E] tokens native routing sends to each expert over the re-routed steps (`set_experts`; else not kept)
+        self.load: torch.Tensor | None = None
 
     def set_experts(self, num_experts: int) -> None:
         """Make the per-expert load now, outside any forward (a tensor first made inside a CUDA-graph capture
@@ -68,10 +69,9 @@ class LayerCounter:
         d = (decode_rows & valid).sum()
         self.sums[:9] += torch.stack([one, u.long(), un.long(), n, one, n, d, d, ue.long()])
         self.sums[9 + STEP_KINDS.index(kind)] += 1
-        if self.load is None or self.load.shape[0] != num_experts:
-            self.load = torch.zeros(num_experts, dtype=torch.int64, device=valid.device)
-        ids = native.ids[valid].flatten().long()  # [N * K] the valid tokens' native experts
-        self.load.scatter_add_(0, ids, torch.ones_like(ids))
+        if self.load is not None and self.load.shape[0] == num_experts:  # made by set_experts, outside a forward
+            ids = native.ids[valid].flatten().long()  # [N * K] the valid tokens' native experts
+            self.load.scatter_add_(0, ids, torch.ones_like(ids))
         if self.rank_sums is not None:
             from ..metrics import rank_unique, used_experts
 
@@ -92,10 +92,7 @@ class LayerCounter:
         if self.rank_sums is not None:
             self.rank_sums.zero_()
         if self.load is not None:
-            if self.load.is_inference():  # made lazily inside a forward: replace it, not in place
-                self.load = torch.zeros_like(self.load)
-            else:
-                self.load.zero_()
+            self.load.zero_()
 
     def read(self) -> dict[str, float]:
         steps, u, un, tokens, seen, tokens_seen, dec, dec_rr, ue, *kinds = self.sums.tolist()

@@ -446,3 +446,64 @@ def test_table_names_the_experts_the_engine_computes_where_it_computes_more():
     assert "engine" not in sb.table({"mode": "offline", "rows": [{**row, **sb._u_fields(same)}]})
     old = {k: {x: y for x, y in v.items() if x != "unique_engine"} for k, v in counters.items()}
     assert sb._u_fields(old)["unique_engine"] == 3.0  # counters from before the field: the policy's U
+
+
+def test_serve_bench_ep_layout_is_checked_before_any_engine(tmp_path, capsys):
+    """--ep / --placement: refused before an engine starts, one line saying what to change."""
+    tiny = synth.write(synth.plan("qwen3-30b-a3b", 2, dims=custom_shape("64,32,16,4")), tmp_path / "tiny",
+                       progress=False)
+    out = ["--model", tiny, "--out", tmp_path / "o"]
+    bad_input(capsys, ["serve-bench", *out, "--placement", "eplb"], "--placement eplb", "give --ep D")
+    bad_input(capsys, ["serve-bench", *out, "--ep", "0"], "--ep")
+    bad_input(capsys, ["serve-bench", *out, "--ep", "32"], "D=32", "use at most 16 ranks")
+    (tmp_path / "short.json").write_text(json.dumps([0, 1, 0]))
+    bad_input(capsys, ["serve-bench", *out, "--ep", "2", "--placement", tmp_path / "short.json"],
+              "places 3 experts but the model has E=16", "give a rank for every expert")
+    (tmp_path / "layers.json").write_text(json.dumps([[0] * 8 + [1] * 8] * 3))
+    bad_input(capsys, ["serve-bench", *out, "--ep", "2", "--placement", tmp_path / "layers.json"],
+              "gives 3 per-layer placements but the model has 2 MoE layers")
+    bad_input(capsys, ["serve-bench", *out, "--ep", "2", "--placement", "eplb", "--isolate"],
+              "--placement eplb is computed in the A/B engine", "give a placement file")
+    bad_input(capsys, ["serve-bench", *out, "--ep", "2", "--engine", "sglang"], "drop --ep with --engine sglang")
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_serve_bench_ep_layout_reaches_the_engine(monkeypatch, tmp_path):
+    """--ep D with contiguous or a file goes to the engine as MOE_REROUTE_COUNT_EP (a file by its absolute
+    path); eplb does not (the A/B engine computes it); without --ep the variable is cleared."""
+    from moe_reroute.serving.config import COUNT_EP_ENV, parse_count_layout
+
+    monkeypatch.setenv(COUNT_EP_ENV, "3")
+    monkeypatch.chdir(tmp_path)
+    cfg = sb.Config(model="m", policies=[], batch_sizes=[1], device="cpu")
+    assert COUNT_EP_ENV not in sb.engine_env(cfg, "native", True)
+    cfg.ep = 4
+    assert sb.engine_env(cfg, "native", True)[COUNT_EP_ENV] == "4:contiguous"
+    cfg.placement = "p.json"
+    value = sb.engine_env(cfg, "native", True)[COUNT_EP_ENV]
+    assert value == f"4:{tmp_path / 'p.json'}" and parse_count_layout(value).placement == str(tmp_path / "p.json")
+    cfg.placement = "eplb"
+    assert COUNT_EP_ENV not in sb.engine_env(cfg, "native", True)
+
+
+def test_table_has_max_rank_u_under_a_layout():
+    """Counters per rank become the rows' max-rank and mean-rank U (means over layers) and a table column."""
+    def counters(mx, mx_native, per):
+        c = _counters([4, 6], [10, 11])
+        for i, layer in enumerate(c.values()):
+            layer.update(ranks=2, placement="contiguous", max_rank_unique=mx[i], mean_rank_unique=sum(per[i]) / 2,
+                         max_rank_unique_native=mx_native[i], mean_rank_unique_native=5.0, unique_per_rank=per[i],
+                         unique_per_rank_native=[5.0, 5.0])
+        return c
+
+    rows = sb.summarize_offline([_run("native", 4, 0, 0.1, counters=counters([6, 7], [6, 7], [[5, 5], [6, 5]])),
+                                 _run("p", 4, 0, 0.05, counters=counters([3, 4], [6, 7], [[2, 2], [3, 3]]))],
+                                ["native", "p"], [4])
+    p = rows[1]
+    assert (p["ranks"], p["placement"], p["max_rank_unique"], p["mean_rank_unique"]) == (2, "contiguous", 3.5, 2.5)
+    assert p["max_rank_unique_native"] == 6.5 and p["max_rank_unique_per_layer"] == {"0": 3, "1": 4}
+    assert p["unique_per_rank_per_layer"] == {"0": [2, 2], "1": [3, 3]}
+    text = sb.table({"mode": "offline", "rows": rows})
+    assert "max-rank U (native), D ranks |" in text and "| 3.50 (6.50), 2 |" in text
+    plain = sb.summarize_offline([_run("native", 4, 0, 0.1, counters=_counters([6], [6]))], ["native"], [4])
+    assert "max_rank_unique" not in plain[0] and "max-rank" not in sb.table({"mode": "offline", "rows": plain})

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 try:
     import vllm  # noqa: F401
@@ -16,7 +17,9 @@ try:
 except ImportError:
     HAVE_VLLM = False
 
-pytestmark = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed (bash .ci/vllm sets up an environment with it)")
+pytestmark = [pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed (bash .ci/vllm sets up an environment with it)"),
+              # one pytest worker runs them one after another (`--dist loadgroup`): each starts engines or servers
+              pytest.mark.xdist_group("serve-bench")]
 
 
 @pytest.fixture(scope="module")
@@ -43,27 +46,47 @@ def _processes_with(*needles: str) -> list[str]:
     return found
 
 
-def _check_rows(rows, key, sizes):
+def _check_rows(rows, key, sizes, ranks=None, placement=None):
     assert sorted((r["policy"], r[key]) for r in rows) == sorted((p, B) for p in ("native", "oea:k0=1") for B in sizes)
     for r in rows:
         if r["policy"] == "native":
             assert r["unique"] == pytest.approx(r["unique_native"])
         else:
             assert r["unique"] < r["unique_native"], r
+        if ranks is None:
+            assert "max_rank_unique" not in r
+            continue
+        # counted per rank: every expert on one rank, so the ranks' U add up to U; the busiest rank's U is
+        # at least the mean; native's per-rank counts are the policy's own under native
+        assert (r["ranks"], r["placement"]) == (ranks, placement)
+        assert r["mean_rank_unique"] * ranks == pytest.approx(r["unique"])
+        assert r["mean_rank_unique_native"] * ranks == pytest.approx(r["unique_native"])
+        assert r["mean_rank_unique"] <= r["max_rank_unique"] <= r["unique"]
+        for layer, per in r["unique_per_rank_per_layer"].items():
+            assert len(per) == ranks and max(per) <= r["max_rank_unique_per_layer"][layer] + 1e-9
+        if r["policy"] == "native":
+            assert r["max_rank_unique"] == pytest.approx(r["max_rank_unique_native"])
 
 
 def test_offline_ab(tiny, tmp_path):
     """The default offline mode on CPU: one engine per batch size, native and the policy in alternating
     blocks of decode steps (order drawn per round), every step recorded, the ratio's interval around its
-    estimate, per-step p50 / p90 in results.json."""
+    estimate, per-step p50 / p90 in results.json. Counted per rank over 4 ranks under an eplb placement
+    that the engine balances from its own native load (`--ep 4 --placement eplb`)."""
     from moe_reroute.measure import serve_bench as sb
+    from moe_reroute.placement import balanced
 
     cfg = sb.Config(model=str(tiny), policies=["oea:k0=1"], batch_sizes=[1, 4], output_len=12, repeats=2,
-                    block_steps=1)
+                    block_steps=1, ep=4, placement="eplb")
     lines = []
     data = sb.run(cfg, tmp_path, "test", say=lambda *a, **k: lines.append(" ".join(map(str, a))))
     assert any("A/B in one engine per batch size" in ln for ln in lines)
-    _check_rows(data["rows"], "batch", [1, 4])
+    _check_rows(data["rows"], "batch", [1, 4], ranks=4, placement="eplb")
+    for run in data["runs"]:  # each layer's placement: 8 of the 32 experts on each rank
+        assert sorted(run["placement"]) == ["0", "1"]
+        for ranks in run["placement"].values():
+            assert sorted(ranks) == sorted(balanced(torch.ones(32), 4).tolist())
+    assert "expert parallelism counted, not run: D = 4 ranks, eplb placement" in (tmp_path / "report.md").read_text()
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"] == data["rows"] and saved["conditions"]["method"] == "ab"
     assert [r["batch"] for r in saved["runs"]] == [1, 4] and all(r["mode"] == "ab" for r in saved["runs"])
@@ -92,9 +115,10 @@ def test_offline_isolate(tiny, tmp_path):
     """--isolate: each policy in its own engine process, as before the A/B mode."""
     from moe_reroute.measure import serve_bench as sb
 
-    cfg = sb.Config(model=str(tiny), policies=["oea:k0=1"], batch_sizes=[2], output_len=6, repeats=1, isolate=True)
+    cfg = sb.Config(model=str(tiny), policies=["oea:k0=1"], batch_sizes=[2], output_len=6, repeats=1, isolate=True,
+                    ep=4)
     data = sb.run(cfg, tmp_path, "test", say=lambda *a, **k: None)
-    _check_rows(data["rows"], "batch", [2])
+    _check_rows(data["rows"], "batch", [2], ranks=4, placement="contiguous")
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"] == data["rows"] and "random weights" in saved["conditions"]["model_note"]
     assert saved["conditions"]["method"] == "isolate" and len(saved["runs"]) == 2
@@ -130,6 +154,15 @@ def test_a_failed_run_writes_no_results(tiny, tmp_path, monkeypatch):
     assert not (tmp_path / "results.json").exists()
 
 
+def _default_sigint() -> None:
+    """In the child before it starts: SIGINT handled as a terminal's Ctrl-C would be (not ignored or blocked,
+    whatever the test process runs with)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_stops_the_server(tiny, tmp_path):
     """SIGINT to serve-bench while its server starts: the command ends and no server process is left."""
     import signal
@@ -143,7 +176,8 @@ def test_ctrl_c_stops_the_server(tiny, tmp_path):
         proc = subprocess.Popen([sys.executable, "-m", "moe_reroute.cli", "serve-bench", "--model", str(tiny),
                                  "--serve", "--port", str(port), "--batch-sizes", "2", "--repeats", "1",
                                  "--num-prompts", "2", "--output-len", "4", "--out", str(tmp_path / "o")],
-                                stdout=f, stderr=subprocess.STDOUT)
+                                stdout=f, stderr=subprocess.STDOUT,
+                                preexec_fn=_default_sigint)
     try:
         deadline = time.time() + 300
         while not _processes_with("api_server", f"--port {port}") and time.time() < deadline:

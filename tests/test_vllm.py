@@ -8,6 +8,7 @@ they are skipped; the configuration tests run.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -25,6 +26,8 @@ except Exception:  # pragma: no cover - depends on the environment
 needs_vllm = pytest.mark.skipif(
     not HAVE_VLLM, reason="vLLM is not installed (bash .ci/vllm sets up an environment with it)"
 )
+# the tests that share the module's engines (`engines`) run on one pytest worker (`--dist loadgroup`)
+shares_engines = pytest.mark.xdist_group("vllm-engines")
 
 V = 64  # vocabulary of tests/tiny_models.tiny_tokenizer
 PAD = 0
@@ -174,11 +177,11 @@ def wrapped(monkeypatch):
     monkeypatch.setattr(rr, "step_padding", lambda: step["padding"])
     monkeypatch.setattr(plugin, "STATE", plugin.State())
 
-    def make(policy, phase="decode", moe_layer=(2, "")):
+    def make(policy, phase="decode", moe_layer=(2, ""), engine_ep=None):
         cfg = plugin_config.parse(policy, counters=True)
         cfg = plugin_config.PluginConfig(cfg.policy, cfg.source, phase, True, cfg.verify)
         router = cpu_router(top_k=4, global_num_experts=32)
-        plugin.wrap(router, cfg, layer=3, num_experts=32, moe_layer=moe_layer)
+        plugin.wrap(router, cfg, layer=3, num_experts=32, moe_layer=moe_layer, engine_ep=engine_ep)
         return router, step
 
     return make
@@ -392,6 +395,137 @@ def test_set_policy_switches_every_layer_or_none(wrapped, logits_factory):
     assert torch.equal(i, i0)
 
 
+def vllm_rule_placement(E, D, strategy):
+    """[E] rank of each expert as vLLM's docs state its EP placements: "linear", contiguous blocks with the
+    first E % D ranks holding one expert more; "round_robin", expert e on rank e % D (a plain loop)."""
+    out = []
+    if strategy == "round_robin":
+        return torch.tensor([e % D for e in range(E)])
+    for rank in range(D):
+        out += [rank] * (E // D + (1 if rank < E % D else 0))
+    return torch.tensor(out)
+
+
+@needs_vllm
+@pytest.mark.parametrize("E, D, strategy", [(32, 4, "linear"), (30, 4, "linear"), (32, 4, "round_robin")])
+def test_engine_layout_from_vllms_expert_map(E, D, strategy):
+    """The engine's own EP placement, rebuilt for every rank from vLLM's expert map, is vLLM's rule; no EP
+    gives none, and EPLB (replicas of an expert on several ranks) says why it is not counted per rank."""
+    from types import SimpleNamespace as NS
+
+    import moe_reroute.vllm.plugin as plugin
+
+    manager = NS(use_ep=True, ep_size=D, ep_rank=1, global_num_experts=E, placement_strategy=strategy)
+    placement, ranks, rank, origin = plugin.engine_layout(manager, NS(eplb_state=None))
+    assert torch.equal(placement, vllm_rule_placement(E, D, strategy))
+    assert (ranks, rank, origin) == (D, 1, f"engine ({strategy})")
+    assert plugin.engine_layout(NS(use_ep=False, ep_size=1), NS(eplb_state=None)) is None
+    assert plugin.engine_layout(None, NS(eplb_state=None)) is None
+    assert "EPLB" in plugin.engine_layout(manager, NS(eplb_state=object()))
+
+
+def plain_per_rank(ids, placement, D):
+    """[D] distinct experts each rank holds among `ids` ([T, K] lists), by plain loops."""
+    return [len({e for row in ids for e in row if int(placement[e]) == rank}) for rank in range(D)]
+
+
+@needs_vllm
+def test_counters_per_rank_under_a_configured_layout(wrapped, logits_factory, monkeypatch, tmp_path):
+    """MOE_REROUTE_COUNT_EP (here as the plugin's state: a placement file of 4 ranks): each step's distinct
+    experts per rank, of the policy and of native routing, equal plain loops; max-rank and mean-rank U are
+    the means over steps of the max and the mean over ranks."""
+    import moe_reroute.vllm as plugin
+    import moe_reroute.vllm.plugin as plugin_module
+    from moe_reroute import make_policy, placement as pl
+    from moe_reroute.vllm import router_spec
+
+    D = 4
+    where = torch.randperm(32, generator=torch.Generator().manual_seed(5)) % D
+    path = pl.save_placement(where, tmp_path / "placement.json")
+    monkeypatch.setattr(plugin_module.STATE, "count_layout", plugin_config.CountLayout(D, str(path)), raising=False)
+    router, _ = wrapped("oea:k0=1")
+    spec, _ = router_spec(router, 32)
+    per, per_native, mx, mx_native = [0] * D, [0] * D, 0, 0
+    xs = [logits_factory(8, 32, seed=s) for s in range(3)]
+    for x in xs:
+        w, i = router.select_experts(None, x)
+        a = plain_per_rank(i.tolist(), where, D)
+        b = plain_per_rank(make_policy("native")(x, spec).ids.tolist(), where, D)
+        per, per_native = [p + q for p, q in zip(per, a)], [p + q for p, q in zip(per_native, b)]
+        mx, mx_native = mx + max(a), mx_native + max(b)
+    c = plugin.counters()[3]
+    assert (c["ranks"], c["placement"]) == (D, str(path)) and "ep_rank" not in c
+    assert c["unique_per_rank"] == [v / 3 for v in per] and c["unique_per_rank_native"] == [v / 3 for v in per_native]
+    assert c["max_rank_unique"] == mx / 3 and c["max_rank_unique_native"] == mx_native / 3
+    assert c["mean_rank_unique"] == pytest.approx(sum(per) / D / 3)
+    assert c["mean_rank_unique"] * D == pytest.approx(c["unique"])  # each expert on one rank
+
+
+@needs_vllm
+def test_engine_ep_layout_counts_and_placement_engine(wrapped, logits_factory):
+    """Where the engine runs EP (its layout given as `engine_layout` makes it): the counters count per rank by
+    it, with this worker's rank; `placement=engine` routes as the same placement given explicitly; a policy
+    naming another number of ranks, or `placement=engine` without EP, is refused when the layer is built,
+    saying what to give."""
+    import moe_reroute.vllm as plugin
+    from moe_reroute import make_policy
+    from moe_reroute.vllm import router_spec
+
+    D = 4
+    where = vllm_rule_placement(32, D, "round_robin")
+    engine_ep = (where, D, 2, "engine (round_robin)")
+    router, _ = wrapped("oea:k0=1,ep=4,placement=engine", engine_ep=engine_ep)
+    spec, _ = router_spec(router, 32)
+    x = logits_factory(8, 32, seed=4)
+    w, i = router.select_experts(None, x)
+    want = make_policy("oea", k0=1, ep=4, placement=where)(x, spec)
+    assert torch.equal(i.long(), want.ids) and torch.equal(w, want.weights)
+    assert not torch.equal(want.ids, make_policy("oea", k0=1, ep=4)(x, spec).ids)  # the placement matters here
+    c = plugin.counters()[3]
+    a = plain_per_rank(i.tolist(), where, D)
+    assert (c["ranks"], c["placement"], c["ep_rank"], c["local_unique"]) == (D, "engine (round_robin)", 2, a[2])
+    assert c["unique_per_rank"] == a
+    for bad in ("oea:k0=1,ep=8", "budget:budget=8,ep=2,placement=engine"):
+        with pytest.raises(ValueError, match=f"names {bad.split('ep=')[1][0]} expert-parallel ranks, but this "
+                                             "engine runs expert parallelism over 4; give ep=4"):
+            wrapped(bad, engine_ep=engine_ep)
+    with pytest.raises(ValueError, match="placement=engine takes the placement of the engine"):
+        wrapped("oea:k0=1,ep=4,placement=engine")
+
+
+@needs_vllm
+def test_count_layout_refusals(wrapped, monkeypatch, tmp_path):
+    """A counting layout that cannot be used fails at start-up naming the variable and the fix: not a number
+    of ranks, eplb (computed from loads, so it is a file here), more ranks than experts, a file that does
+    not place every expert, another D than the engine's own EP."""
+    import moe_reroute.vllm.plugin as plugin_module
+
+    for value, message in (("x", "number of expert-parallel ranks"), ("0", "D >= 1"),
+                           ("4:eplb", "write one to a file")):
+        with pytest.raises(ValueError, match=message):
+            plugin_config.count_layout_from_env({plugin_config.COUNT_EP_ENV: value})
+    assert plugin_config.count_layout_from_env({}) is None
+    assert plugin_config.count_layout_from_env({plugin_config.COUNT_EP_ENV: "8"}) == plugin_config.CountLayout(8)
+
+    def layout(value):
+        monkeypatch.setattr(plugin_module.STATE, "count_layout", plugin_config.parse_count_layout(value),
+                            raising=False)
+
+    layout("64")
+    with pytest.raises(ValueError, match=r"MOE_REROUTE_COUNT_EP=64:contiguous: .*use at most 32 ranks"):
+        wrapped("native")
+    monkeypatch.setattr(plugin_module.STATE, "layouts", {})
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps([0, 1] * 8))
+    layout(f"2:{short}")
+    with pytest.raises(ValueError, match="places 16 experts but the model has E=32; give a rank for every expert"):
+        wrapped("native")
+    layout("2")
+    where = vllm_rule_placement(32, 4, "linear")
+    with pytest.raises(ValueError, match="counts by 2 ranks, but the engine runs expert parallelism over 4"):
+        wrapped("native", engine_ep=(where, 4, 0, "engine (linear)"))
+
+
 # --- the real engine on CPU ---
 
 
@@ -467,53 +601,119 @@ def prompts():
     return torch.randint(3, V, (B, L), generator=g)  # equal lengths: one prefill step, then B-token decode steps
 
 
-@pytest.fixture
-def run_vllm(monkeypatch):
-    """run_vllm(checkpoint, policy or None, counters=False, ids=prompts(), vocab=V) -> greedy ids [B, N];
-    one engine per call."""
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    import moe_reroute.vllm as plugin
+class Engines:
+    """The engines of this module, built once per configuration and kept while the tests that share it run.
 
-    def run(checkpoint, policy, counters=False, ids=None, vocab=V, eager=True):
-        from vllm import LLM, SamplingParams
-        from vllm.inputs import TokensPrompt
+    `get(checkpoint, **settings)` gives a live `LLM` built with the plugin on (`native`, counters on): a test
+    switches its policy between generations (`generate(..., policy=...)`); `test_engine_switches_policy_live`
+    checks that a switched engine gives the tokens of an engine built with that policy. `stock(...)` gives
+    the greedy tokens of an engine built without the plugin, once per configuration and batch. One engine is
+    alive at a time (each holds VLLM_CPU_KVCACHE_SPACE of KV cache); tests using one configuration follow
+    each other in this file. Prefix caching is off, so a repeated batch is prefilled afresh as in a new engine.
+    """
 
+    def __init__(self) -> None:
+        self.key = None
+        self.llm = None
+        self.tokens: dict = {}
+
+    def close(self) -> None:
+        import gc
+
+        import moe_reroute.vllm as plugin
+
+        self.key, self.llm = None, None
+        plugin.disable()
+        gc.collect()
+
+    def build(self, checkpoint, policy, eager=True, batch=B, **engine):
+        import moe_reroute.vllm as plugin
+        from vllm import LLM
+
+        self.close()
         if policy is None:
             plugin.disable()
         else:
-            plugin.enable(policy, counters=counters)
-        ids = prompts() if ids is None else ids
-        llm = LLM(model=str(checkpoint), dtype="float32", enforce_eager=eager, distributed_executor_backend="uni",
-                  skip_tokenizer_init=True, max_model_len=64, max_num_seqs=len(ids), seed=0,
-                  # On a CPU with AMX, vLLM picks its AMX MLA backend for DeepSeek, which takes bf16 weights
-                  # only; the reference MLA backend runs float32 (other models ignore the choice).
-                  attention_config={"backend": "CPU_MLA"})
-        run.compile_mode = int(llm.llm_engine.vllm_config.compilation_config.mode or 0)
+            plugin.enable(policy, counters=True)
         try:
-            params = SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True,
-                                    allowed_token_ids=list(range(1, vocab)))  # PAD never: see hf_greedy
-            outs = llm.generate([TokensPrompt(prompt_token_ids=p.tolist()) for p in ids], params,
-                                use_tqdm=False)
-            return torch.tensor([list(o.outputs[0].token_ids) for o in outs])
+            llm = LLM(model=str(checkpoint), dtype="float32", enforce_eager=eager, distributed_executor_backend="uni",
+                      skip_tokenizer_init=True, max_model_len=engine.pop("max_model_len", 64), max_num_seqs=batch,
+                      seed=0, enable_prefix_caching=False,
+                      # On a CPU with AMX, vLLM picks its AMX MLA backend for DeepSeek, which takes bf16 weights
+                      # only; the reference MLA backend runs float32 (other models ignore the choice).
+                      attention_config={"backend": "CPU_MLA"}, **engine)
         finally:
-            plugin.disable()
-            del llm
-            import gc
+            plugin.disable()  # engines built later start without the plugin unless they ask for it
+        llm.compile_mode = int(llm.llm_engine.vllm_config.compilation_config.mode or 0)
+        return llm
 
-            gc.collect()
+    def get(self, checkpoint, eager=True, batch=B, **engine):
+        """The live plugin engine of this configuration (built with `native` and counters on)."""
+        key = (str(checkpoint), eager, batch, tuple(sorted(engine.items())))
+        if self.key != key:
+            self.llm = self.build(checkpoint, "native", eager, batch, **engine)
+            self.key = key
+        return self.llm
 
-    return run
+    def stock(self, checkpoint, ids=None, vocab=V, n=N, eager=True, **engine):
+        """Greedy tokens of vLLM without the plugin, for `ids` (default `prompts()`), once per configuration."""
+        ids = prompts() if ids is None else ids
+        key = (str(checkpoint), eager, tuple(sorted(engine.items())), tuple(map(tuple, ids.tolist())), vocab, n)
+        if key not in self.tokens:
+            llm = self.build(checkpoint, None, eager, len(ids), **engine)
+            try:
+                self.tokens[key] = generate(llm, ids, vocab, n)
+            finally:
+                del llm
+                self.close()
+        return self.tokens[key]
+
+
+def generate(llm, ids=None, vocab=V, n=N, policy=None):
+    """Greedy tokens [B, n] of a live engine for `ids` (default `prompts()`); with `policy`, switched to it
+    first (every worker, between generations). Counters restart, so they count this generation only."""
+    import moe_reroute.vllm as plugin
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    ids = prompts() if ids is None else ids
+    if policy is not None:
+        plugin.set_policy(policy, llm)
+    plugin.reset_counters()
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True,
+                            allowed_token_ids=list(range(1, vocab)))  # PAD never: see hf_greedy
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p.tolist()) for p in ids], params, use_tqdm=False)
+    return torch.tensor([list(o.outputs[0].token_ids) for o in outs])
+
+
+@pytest.fixture(scope="module")
+def engines():
+    """The module's engine cache (`Engines`), closed after the module's last test."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    cache = Engines()
+    try:
+        yield cache
+    finally:
+        cache.close()
+        mp.undo()
+
+
+@functools.lru_cache(maxsize=4)
+def hf_model(checkpoint):
+    """The transformers model of a checkpoint, loaded once (float32, eval)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
 
 
 def hf_greedy(checkpoint, policy=None, ids=None):
     """The transformers adapter's greedy ids [B, N] for the same prompts (decode re-routed, prefill native)."""
-    from transformers import AutoModelForCausalLM
-
     from moe_reroute import hf
     from moe_reroute.policies.spec import policy_from_spec
 
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model = hf_model(checkpoint)
     ids = prompts() if ids is None else ids
     # PAD is never generated, so no sequence counts as finished (the adapter would mark it invalid).
     kw = dict(max_new_tokens=N, do_sample=False, pad_token_id=PAD, eos_token_id=None, suppress_tokens=[PAD])
@@ -538,21 +738,23 @@ def check_counters(layers, fewer, batch=B):
 
 
 @needs_vllm
-def test_engine_qwen3_moe(qwen3_moe, run_vllm, tmp_path):
-    """Engines one after another in this process (building one takes seconds):
+@shares_engines
+def test_engine_qwen3_moe(qwen3_moe, engines, tmp_path):
+    """One engine with the plugin (policies switched between generations) and one without:
     (1) the native policy through the plugin gives vLLM's own greedy tokens;
     (2) OEA with k0=1 changes the routing, and the counters show U drop on every layer;
     (3) under a policy vLLM gives the transformers adapter's greedy tokens under that policy."""
     from moe_reroute import hf
 
-    stock = run_vllm(qwen3_moe, None)
+    stock = engines.stock(qwen3_moe)
     assert stock.shape == (B, N)
     assert torch.equal(stock, hf_greedy(qwen3_moe)), "vLLM and transformers disagree even without a policy"
 
-    assert torch.equal(run_vllm(qwen3_moe, "native", counters=True), stock)
+    llm = engines.get(qwen3_moe)
+    assert torch.equal(generate(llm, policy="native"), stock)
     check_counters([0, 1], fewer=False)
 
-    oea = run_vllm(qwen3_moe, "oea:k0=1", counters=True)
+    oea = generate(llm, policy="oea:k0=1")
     check_counters([0, 1], fewer=True)
     assert not torch.equal(oea, stock), "k0=1 on a random model should change some greedy token"
     assert torch.equal(oea, hf_greedy(qwen3_moe, "oea:k0=1"))
@@ -560,93 +762,58 @@ def test_engine_qwen3_moe(qwen3_moe, run_vllm, tmp_path):
     sim = hf.save_similarity({i: torch.rand(32, 32, generator=torch.Generator().manual_seed(i)) for i in (0, 1)},
                              tmp_path / "sim.safetensors")
     for policy in ("cap:k=2", "budget:budget=8", f"sere:similarity={sim},threshold=0.2"):
-        assert torch.equal(run_vllm(qwen3_moe, policy), hf_greedy(qwen3_moe, policy)), policy
+        assert torch.equal(generate(llm, policy=policy), hf_greedy(qwen3_moe, policy)), policy
 
 
 @needs_vllm
-def test_engine_deepseek_v3(deepseek_v3, run_vllm):
-    """DeepSeek-V3's grouped, biased, scaled routing through vLLM's router: the native policy gives vLLM's
-    own tokens, OEA lowers U on both MoE layers (the dense layer 0 is left alone), and a per-layer k is
-    read by MoE layer (the JSON's first value is decoder layer 1's). vLLM's and
-    transformers' DeepSeek-V3 already differ in a few late greedy tokens of this random model without any
-    policy, so the two engines are not compared here; the routing itself is compared with vLLM's router in
-    test_native_matches_vllm_deepseek_v3_router."""
-    stock = run_vllm(deepseek_v3, None)
-    assert torch.equal(run_vllm(deepseek_v3, "native", counters=True), stock)
-    check_counters([1, 2], fewer=False)
-    assert not torch.equal(run_vllm(deepseek_v3, "oea:k0=1", counters=True), stock)
-    check_counters([1, 2], fewer=True)
-    # Per-layer values count MoE layers: k=4 (= K, native) on MoE layer 0 = decoder layer 1, k=2 on decoder layer 2.
-    run_vllm(deepseek_v3, '{"name": "cap", "k": [4, 2]}', counters=True)
-    check_counters([1, 2], fewer=[False, True])
-
-
-@needs_vllm
-def test_engine_counts_moe_layers_past_a_dense_first_layer(qwen3_moe_dense_first, run_vllm, tmp_path):
-    """Qwen3-MoE with a dense decoder layer 0: a per-layer policy is indexed by MoE layer in vLLM as in the
-    transformers adapter (the same greedy tokens), and the counters, keyed by decoder layer, show MoE
-    layer 0 (decoder 1) native under cap:k=[4,1] and MoE layer 1 (decoder 2) below native. A similarity
-    file holds one matrix per MoE layer: identity (SERE keeps every expert: native) on MoE layer 0."""
-    from moe_reroute import hf
-
-    path = qwen3_moe_dense_first
-    stock = run_vllm(path, None)
-    assert torch.equal(stock, hf_greedy(path)), "vLLM and transformers disagree even without a policy"
-
-    capped = run_vllm(path, "cap:k=[4,1]", counters=True)
-    check_counters([1, 2], fewer=[False, True])
-    assert not torch.equal(capped, stock)
-    assert torch.equal(capped, hf_greedy(path, "cap:k=[4,1]"))
-
-    sim = hf.save_similarity({0: torch.eye(32), 1: torch.ones(32, 32)}, tmp_path / "sim.safetensors")
-    policy = f"sere:similarity={sim},threshold=0.5"
-    sere = run_vllm(path, policy, counters=True)
-    check_counters([1, 2], fewer=[False, True])
-    assert torch.equal(sere, hf_greedy(path, policy))
-
-
-@needs_vllm
-def test_engine_switches_policy_live(qwen3_moe, run_vllm, monkeypatch):
-    """One engine, its policy switched between generations (native -> OEA -> native): each generation gives
-    exactly the tokens of an engine built with that policy, and the counters show the switch. A policy
-    that does not fit the model is refused and the engine keeps routing with OEA."""
-    import gc
-
+@shares_engines
+def test_engine_counts_per_rank_under_a_layout(qwen3_moe, engines, tmp_path):
+    """`count_by_ranks` in a live engine (what `serve-bench --ep 4 --placement eplb` does): the loads it
+    reads are the tokens native routing sent to each expert, and the per-rank counters equal plain loops
+    over the routing the transformers adapter records for the same batch, for OEA and native."""
     import moe_reroute.vllm as plugin
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from moe_reroute import hf
+    from moe_reroute.placement import balanced
+    from moe_reroute.policies.spec import policy_from_spec
 
-    native = run_vllm(qwen3_moe, "native")
-    oea = run_vllm(qwen3_moe, "oea:k0=1")
-    assert not torch.equal(oea, native)
-
-    plugin.enable("native", counters=True)
-    llm = LLM(model=str(qwen3_moe), dtype="float32", enforce_eager=True, distributed_executor_backend="uni",
-              skip_tokenizer_init=True, max_model_len=64, max_num_seqs=B, seed=0)
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True, allowed_token_ids=list(range(1, V)))
-
-        def generate():
-            outs = llm.generate([TokensPrompt(prompt_token_ids=p.tolist()) for p in prompts()], params,
-                                use_tqdm=False)
-            return torch.tensor([list(o.outputs[0].token_ids) for o in outs])
-
-        assert torch.equal(generate(), native)
-        check_counters([0, 1], fewer=False)
-        assert plugin.set_policy("oea:k0=1", llm).startswith("oea:k0=1")  # every worker, via collective_rpc
-        assert all(v["steps_seen"] == 0 for v in plugin.counters().values())  # restarted at the switch
-        assert torch.equal(generate(), oea)
-        check_counters([0, 1], fewer=True)
-        with pytest.raises(ValueError, match=r"does not fit MoE layer 0 \(decoder layer 0\) \(E=32, K=4\)"):
-            plugin.set_policy("oea:k0=5", llm)
-        assert torch.equal(generate(), oea)
-        plugin.set_policy("native")  # this process's engine, without the LLM
-        assert torch.equal(generate(), native)
-        check_counters([0, 1], fewer=False)
-    finally:
-        plugin.disable()
-        del llm
-        gc.collect()
+    llm = engines.get(qwen3_moe)
+    generate(llm, policy="oea:k0=1")
+    model = hf_model(qwen3_moe)
+    kw = dict(max_new_tokens=N, do_sample=False, pad_token_id=PAD, eos_token_id=None, suppress_tokens=[PAD])
+    with hf.apply(model, policy_from_spec("oea:k0=1")), hf.Recorder(model, keep="routing") as rec:
+        model.generate(prompts(), **kw)
+    steps = [s for s in rec.steps if s.kind == "decode"]
+    assert len(steps) == N - 1
+    loads = plugin.expert_loads()
+    for layer in (0, 1):
+        want = [0] * 32
+        for st in steps:
+            for row in st.layers[layer].native_ids.tolist():
+                for e in row:
+                    want[e] += 1
+        assert loads[layer] == want, layer
+    D = 4
+    placement = {k: balanced(torch.tensor(v, dtype=torch.float64), D).tolist() for k, v in loads.items()}
+    assert plugin.count_by_ranks(placement, D, "eplb") == 2
+    with pytest.raises(ValueError, match="no placement for counted layer"):
+        plugin.count_by_ranks({0: placement[0]}, D, "eplb")
+    with pytest.raises(ValueError, match="renumber it or use more ranks"):
+        plugin.count_by_ranks({0: placement[0], 1: [5] * 32}, D, "eplb")
+    generate(llm)  # still OEA
+    c = plugin.counters()
+    for layer in (0, 1):
+        per, per_native = [0.0] * D, [0.0] * D
+        for st in steps:
+            r = st.layers[layer]
+            for acc, ids in ((per, r.ids), (per_native, r.native_ids)):
+                for rank in range(D):
+                    acc[rank] += len({e for row in ids.tolist() for e in row if placement[layer][e] == rank})
+        v = c[layer]
+        assert (v["ranks"], v["placement"]) == (D, "eplb") and "ep_rank" not in v
+        assert v["unique_per_rank"] == pytest.approx([x / len(steps) for x in per], abs=1e-9)
+        assert v["unique_per_rank_native"] == pytest.approx([x / len(steps) for x in per_native], abs=1e-9)
+        assert v["mean_rank_unique"] == pytest.approx(v["unique"] / D)
+        assert v["max_rank_unique"] >= max(per) / len(steps) - 1e-9
 
 
 def served(counters):
@@ -659,24 +826,57 @@ def served(counters):
 
 
 @needs_vllm
-def test_engine_compiled_on_cpu(qwen3_moe, run_vllm):
+@shares_engines
+def test_engine_compiled_on_cpu(qwen3_moe, engines):
     """vLLM's default on CPU, the model compiled (no enforce_eager): the plugin runs the MoE layer as vLLM's
     opaque op, so the policy runs every step. Compiled and eager engines give the same tokens under
     `native` (vLLM's own, eager, without the plugin) and the same tokens and U per layer under OEA."""
     import moe_reroute.vllm as plugin
 
-    stock = run_vllm(qwen3_moe, None)
-    native = run_vllm(qwen3_moe, "native", counters=True, eager=False)
-    assert run_vllm.compile_mode != 0, "the engine was not compiled"
-    assert torch.equal(native, stock)
-    check_counters([0, 1], fewer=False)
-    eager = run_vllm(qwen3_moe, "oea:k0=1", counters=True)
+    stock = engines.stock(qwen3_moe)
+    eager = generate(engines.get(qwen3_moe), policy="oea:k0=1")
     eager_counters = plugin.counters()
-    compiled = run_vllm(qwen3_moe, "oea:k0=1", counters=True, eager=False)
-    assert run_vllm.compile_mode != 0
+    llm = engines.get(qwen3_moe, eager=False)
+    assert llm.compile_mode != 0, "the engine was not compiled"
+    assert torch.equal(generate(llm, policy="native"), stock)
+    check_counters([0, 1], fewer=False)
+    compiled = generate(llm, policy="oea:k0=1")
     check_counters([0, 1], fewer=True)
     assert torch.equal(compiled, eager) and not torch.equal(compiled, stock)
     assert served(plugin.counters()) == served(eager_counters)
+
+
+@needs_vllm
+@shares_engines
+def test_engine_switches_policy_live(qwen3_moe, engines):
+    """One engine, its policy switched between generations (native -> OEA -> native): each generation gives
+    exactly the tokens of an engine built with that policy, and the counters show the switch. A policy
+    that does not fit the model is refused and the engine keeps routing with OEA."""
+    import moe_reroute.vllm as plugin
+
+    stock = engines.stock(qwen3_moe)  # the native engine's tokens (the plugin's native is vLLM's own)
+    built = engines.build(qwen3_moe, "oea:k0=1")  # an engine built with OEA, not switched to it
+    try:
+        oea = generate(built)
+        check_counters([0, 1], fewer=True)
+    finally:
+        del built
+        engines.close()
+    assert not torch.equal(oea, stock)
+
+    llm = engines.get(qwen3_moe)
+    assert torch.equal(generate(llm, policy="native"), stock)
+    check_counters([0, 1], fewer=False)
+    assert plugin.set_policy("oea:k0=1", llm).startswith("oea:k0=1")  # every worker, via collective_rpc
+    assert all(v["steps_seen"] == 0 for v in plugin.counters().values())  # restarted at the switch
+    assert torch.equal(generate(llm), oea)
+    check_counters([0, 1], fewer=True)
+    with pytest.raises(ValueError, match=r"does not fit MoE layer 0 \(decoder layer 0\) \(E=32, K=4\)"):
+        plugin.set_policy("oea:k0=5", llm)
+    assert torch.equal(generate(llm), oea)
+    plugin.set_policy("native")  # this process's engine, without the LLM
+    assert torch.equal(generate(llm), stock)
+    check_counters([0, 1], fewer=False)
 
 
 @needs_vllm
@@ -703,7 +903,8 @@ def reference_model(tmp_path_factory):
 
 
 @needs_vllm
-def test_engine_reference_model(reference_model, run_vllm):
+@shares_engines
+def test_engine_reference_model(reference_model, engines):
     """A trained router: 16 held-out prompts of 16 tokens, 8 new tokens. vLLM and the transformers adapter
     agree without a policy and under OEA and SERE (the shipped similarity); OEA's U is below native."""
     from transformers import AutoTokenizer
@@ -714,13 +915,14 @@ def test_engine_reference_model(reference_model, run_vllm):
     batch = torch.stack([ids[i * 100 : i * 100 + 16] for i in range(16)])  # [16, 16]
     vocab = 8192
 
-    assert torch.equal(run_vllm(path, None, ids=batch, vocab=vocab), hf_greedy(path, ids=batch))
-    oea = run_vllm(path, "oea:k0=3", counters=True, ids=batch, vocab=vocab)
+    assert torch.equal(engines.stock(path, ids=batch, vocab=vocab), hf_greedy(path, ids=batch))
+    llm = engines.get(path, batch=len(batch))
+    oea = generate(llm, batch, vocab, policy="oea:k0=3")
     assert torch.equal(oea, hf_greedy(path, "oea:k0=3", ids=batch))
     check_counters([0, 1, 2, 3], fewer=True, batch=16)
     if sim.exists():
         policy = f"sere:similarity={sim}"
-        assert torch.equal(run_vllm(path, policy, ids=batch, vocab=vocab), hf_greedy(path, policy, ids=batch))
+        assert torch.equal(generate(llm, batch, vocab, policy=policy), hf_greedy(path, policy, ids=batch))
 
 
 @needs_vllm
@@ -771,46 +973,41 @@ def test_verify_setting_is_a_bool():
 
 
 @needs_vllm
-def test_engine_chunked_prefill_reroutes_decode_tokens(qwen3_moe, monkeypatch):
+@shares_engines
+def test_engine_chunked_prefill_reroutes_decode_tokens(qwen3_moe, engines):
     """Prompts of very different lengths and a small token budget per step, so that long prompts are
     prefilled in chunks alongside the decodes of short ones: the counters show mixed steps, and nearly
     every decode token re-routed (the first token of each sequence comes from its prefill); `native`
     through the plugin gives vLLM's own tokens."""
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     import moe_reroute.vllm as plugin
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     g = torch.Generator().manual_seed(1)
     lengths = (3, 4, 40, 56, 5, 30)
     prompts = [TokensPrompt(prompt_token_ids=torch.randint(3, V, (n,), generator=g).tolist()) for n in lengths]
     new_tokens = 12
+    settings = dict(batch=len(prompts), max_model_len=96, enable_chunked_prefill=True, max_num_batched_tokens=16)
 
-    def run(policy, eager=True):
-        if policy is None:
-            plugin.disable()
-        else:
-            plugin.enable(policy, counters=True)
-        llm = LLM(model=str(qwen3_moe), dtype="float32", enforce_eager=eager, distributed_executor_backend="uni",
-                  skip_tokenizer_init=True, max_model_len=96, max_num_seqs=len(prompts), seed=0,
-                  enable_chunked_prefill=True, max_num_batched_tokens=16, enable_prefix_caching=False)
-        try:
-            params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True,
-                                    allowed_token_ids=list(range(1, V)))
-            outs = llm.generate(prompts, params, use_tqdm=False)
-            return [list(o.outputs[0].token_ids) for o in outs], plugin.counters()
-        finally:
-            plugin.disable()
-            del llm
-            import gc
+    def run(llm, policy=None):
+        if policy is not None:
+            plugin.set_policy(policy, llm)
+        plugin.reset_counters()
+        params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True,
+                                allowed_token_ids=list(range(1, V)))
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs], plugin.counters()
 
-            gc.collect()
-
-    stock, _ = run(None)
-    native, c = run("native")
+    stock_engine = engines.build(qwen3_moe, None, **settings)
+    try:
+        stock, _ = run(stock_engine)
+    finally:
+        del stock_engine
+        engines.close()
+    llm = engines.get(qwen3_moe, **settings)
+    native, c = run(llm, "native")
     assert native == stock
-    oea, c = run("oea:k0=1")
+    oea, c = run(llm, "oea:k0=1")
     decode_tokens = len(prompts) * (new_tokens - 1)
     for layer, v in c.items():
         assert v["steps_by_kind"]["mixed"] > 0, (layer, v)
@@ -819,9 +1016,8 @@ def test_engine_chunked_prefill_reroutes_decode_tokens(qwen3_moe, monkeypatch):
         assert v["unique"] < v["unique_native"], (layer, v)
     assert oea != stock
     # compiled (vLLM's default on CPU): the same tokens and counters, mixed steps re-routed too
-    compiled, cc = run("oea:k0=1", eager=False)
+    compiled, cc = run(engines.get(qwen3_moe, eager=False, **settings), "oea:k0=1")
     assert compiled == oea and served(cc) == served(c)
-
 
 
 NGRAM_RUN = """
@@ -830,18 +1026,24 @@ import moe_reroute.vllm as plugin
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
-checkpoint, policy, prompts, new_tokens, vocab, out = sys.argv[1:]
-if policy != "-":
-    plugin.enable(policy, counters=True)
+checkpoint, policies, prompts, new_tokens, vocab, out = sys.argv[1:]
+policies = json.loads(policies)  # [None]: vLLM without the plugin; else each in turn, switched between generations
+if policies != [None]:
+    plugin.enable("native", counters=True)
 llm = LLM(model=checkpoint, dtype="float32", enforce_eager=True, distributed_executor_backend="uni",
           skip_tokenizer_init=True, max_model_len=64, max_num_seqs=4, seed=0, enable_prefix_caching=False,
           speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
                               "prompt_lookup_min": 1})
 params = SamplingParams(temperature=0.0, max_tokens=int(new_tokens), ignore_eos=True,
                         allowed_token_ids=list(range(1, int(vocab))))
-outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in json.loads(prompts)], params, use_tqdm=False)
-json.dump({"tokens": [list(o.outputs[0].token_ids) for o in outs],
-           "counters": {str(k): v for k, v in plugin.counters().items()}}, open(out, "w"))
+result = {}
+for policy in policies:
+    if policy is not None:
+        plugin.set_policy(policy, llm)  # counters restart
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in json.loads(prompts)], params, use_tqdm=False)
+    result[str(policy)] = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
+                           "counters": {str(k): v for k, v in plugin.counters().items()}}
+json.dump(result, open(out, "w"))
 """
 
 
@@ -851,8 +1053,9 @@ def test_engine_ngram_speculative_decoding_reroutes_verification(qwen3_moe, tmp_
     that repeat a pattern, so drafts are found and verification steps (1 + k tokens per sequence) run.
     `native` through the plugin gives vLLM's own tokens; under OEA the counters show verification
     steps, every decode token re-routed and U below native; `"verify": false` keeps verification native.
-    Each engine runs in its own process: in vllm-cpu 0.32 an engine built after an n-gram engine in the
-    same process fails in vLLM's kernel registration (it trips over llvmlite objects numba loaded)."""
+    Two engines, each in its own process (one without the plugin, one whose policy is switched between
+    generations): in vllm-cpu 0.32 an engine built after an n-gram engine in the same process fails in
+    vLLM's kernel registration (it trips over llvmlite objects numba loaded)."""
     import os
     import subprocess
     import sys
@@ -863,28 +1066,75 @@ def test_engine_ngram_speculative_decoding_reroutes_verification(qwen3_moe, tmp_
     script = tmp_path / "ngram_run.py"
     script.write_text(NGRAM_RUN)
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
-    for var in (plugin_config.POLICY_ENV, plugin_config.POLICY_FILE_ENV):
+    for var in (plugin_config.POLICY_ENV, plugin_config.POLICY_FILE_ENV, plugin_config.COUNT_EP_ENV):
         env.pop(var, None)
 
-    def run(policy):
+    def run(policies):
         out = tmp_path / "out.json"
-        done = subprocess.run([sys.executable, str(script), str(qwen3_moe), policy or "-", prompts, "12", str(V),
-                               str(out)], env=env, capture_output=True, text=True, timeout=600)
+        done = subprocess.run([sys.executable, str(script), str(qwen3_moe), json.dumps(policies), prompts, "12",
+                               str(V), str(out)], env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
-        result = json.loads(out.read_text())
-        return result["tokens"], result["counters"]
+        return {k: (v["tokens"], v["counters"]) for k, v in json.loads(out.read_text()).items()}
 
-    stock, _ = run(None)
-    native, c = run("native")
+    stock, _ = run([None])["None"]
+    verify_off = '{"name": "oea", "k0": 1, "verify": false}'
+    runs = run(["native", "oea:k0=1", verify_off])
+    native, c = runs["native"]
     assert native == stock
     assert c and all(v["steps_by_kind"]["verify"] > 0 for v in c.values()), c
-    _, c = run("oea:k0=1")  # (the tokens of this tiny model on repeated patterns may not change)
+    _, c = runs["oea:k0=1"]  # (the tokens of this tiny model on repeated patterns may not change)
     assert sorted(c) == ["0", "1"], c
     for layer, v in c.items():
         assert v["steps_by_kind"]["verify"] > 0, (layer, v)
         assert v["decode_tokens_rerouted_total"] == v["decode_tokens_total"] > 0, (layer, v)
         assert v["unique"] < v["unique_native"], (layer, v)
-    _, c = run('{"name": "oea", "k0": 1, "verify": false}')
+    _, c = runs[verify_off]
     for layer, v in c.items():
         assert v["steps_by_kind"]["verify"] > 0, (layer, v)
         assert v["decode_tokens_rerouted_total"] < v["decode_tokens_total"], (layer, v)
+
+
+@needs_vllm
+@shares_engines
+def test_engine_deepseek_v3(deepseek_v3, engines):
+    """DeepSeek-V3's grouped, biased, scaled routing through vLLM's router: the native policy gives vLLM's
+    own tokens, OEA lowers U on both MoE layers (the dense layer 0 is left alone), and a per-layer k is
+    read by MoE layer (the JSON's first value is decoder layer 1's). vLLM's and
+    transformers' DeepSeek-V3 already differ in a few late greedy tokens of this random model without any
+    policy, so the two engines are not compared here; the routing itself is compared with vLLM's router in
+    test_native_matches_vllm_deepseek_v3_router."""
+    stock = engines.stock(deepseek_v3)
+    llm = engines.get(deepseek_v3)
+    assert torch.equal(generate(llm, policy="native"), stock)
+    check_counters([1, 2], fewer=False)
+    assert not torch.equal(generate(llm, policy="oea:k0=1"), stock)
+    check_counters([1, 2], fewer=True)
+    # Per-layer values count MoE layers: k=4 (= K, native) on MoE layer 0 = decoder layer 1, k=2 on decoder layer 2.
+    generate(llm, policy='{"name": "cap", "k": [4, 2]}')
+    check_counters([1, 2], fewer=[False, True])
+
+
+@needs_vllm
+@shares_engines
+def test_engine_counts_moe_layers_past_a_dense_first_layer(qwen3_moe_dense_first, engines, tmp_path):
+    """Qwen3-MoE with a dense decoder layer 0: a per-layer policy is indexed by MoE layer in vLLM as in the
+    transformers adapter (the same greedy tokens), and the counters, keyed by decoder layer, show MoE
+    layer 0 (decoder 1) native under cap:k=[4,1] and MoE layer 1 (decoder 2) below native. A similarity
+    file holds one matrix per MoE layer: identity (SERE keeps every expert: native) on MoE layer 0."""
+    from moe_reroute import hf
+
+    path = qwen3_moe_dense_first
+    stock = engines.stock(path)
+    assert torch.equal(stock, hf_greedy(path)), "vLLM and transformers disagree even without a policy"
+
+    llm = engines.get(path)
+    capped = generate(llm, policy="cap:k=[4,1]")
+    check_counters([1, 2], fewer=[False, True])
+    assert not torch.equal(capped, stock)
+    assert torch.equal(capped, hf_greedy(path, "cap:k=[4,1]"))
+
+    sim = hf.save_similarity({0: torch.eye(32), 1: torch.ones(32, 32)}, tmp_path / "sim.safetensors")
+    policy = f"sere:similarity={sim},threshold=0.5"
+    sere = generate(llm, policy=policy)
+    check_counters([1, 2], fewer=[False, True])
+    assert torch.equal(sere, hf_greedy(path, policy))

@@ -52,6 +52,11 @@ def _serve_bench(args) -> int:
             raise InputError("--block-steps sets the blocks of the A/B mode; drop it with --isolate or --serve")
     if args.threads is not None:
         at_least(args.threads, 1, "--threads")
+    if args.ep is not None:
+        at_least(args.ep, 1, "--ep")
+    elif args.placement is not None:
+        raise InputError(f"--placement {args.placement} says where experts live under expert parallelism: give "
+                         "--ep D (the number of ranks) too")
     if not 1 <= args.port <= 65535:
         raise InputError(f"--port must be 1..65535, got {args.port}")
     try:
@@ -71,7 +76,8 @@ def _serve_bench(args) -> int:
                              enforce_eager=True if args.enforce_eager else (False if args.cuda_graphs else None),
                              serve=args.serve, num_prompts=args.num_prompts, request_rate=rate, port=args.port,
                              run_timeout_s=args.run_timeout, isolate=True if args.isolate else None,
-                             block_steps=args.block_steps, threads=args.threads, engine=args.engine)
+                             block_steps=args.block_steps, threads=args.threads, engine=args.engine,
+                             ep=args.ep, placement=args.placement or "contiguous")
     command = "moe-reroute " + " ".join(shlex.quote(a) for a in args.argv)
     try:
         data = serve_bench.run(cfg, out, command, say=print)
@@ -129,6 +135,11 @@ def add_parsers(sub) -> None:
     g.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs (the default on CUDA)")
     p.add_argument("--threads", type=int, help="the engine's CPU threads (OMP_NUM_THREADS; default: the engine's "
                    "own, a thread per core): on a machine where other work runs, the cores that are free")
+    p.add_argument("--ep", type=int, help="count per rank under expert parallelism over D ranks: max-rank and "
+                   "mean-rank U per layer from the routed experts (vLLM; an engine that runs EP itself is counted by "
+                   "its own placement)")
+    p.add_argument("--placement", help="with --ep: contiguous (default), eplb (A/B: balanced by the engine's own "
+                   "native load) or a placement file (one rank per expert, or one list per MoE layer)")
     p.add_argument("--serve", action="store_true", help="serving mode: vLLM's OpenAI server and its bench client")
     p.add_argument("--num-prompts", type=int, default=32, help="--serve: requests per concurrency (default 32)")
     p.add_argument("--request-rate", default="inf", help="--serve: requests/s, or inf (default inf)")

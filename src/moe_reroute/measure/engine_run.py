@@ -172,6 +172,9 @@ def run_ab(run: dict) -> dict:
         for i, (sec, rnd, pol) in enumerate(steps[1:], 1):
             if rnd is not None:
                 records.append({"generation": g, "round": rnd, "step": i, "policy": pol, "s": sec})
+    placement = None
+    if run.get("ep", {}).get("placement") == "eplb":
+        placement = eplb_from_native_load(plugin, lambda: generate(L, policy="native"), run["ep"]["ranks"])
     counters = {}
     for p in policies:  # U per layer: one counted generation per policy (counters restart at each switch)
         use(p)
@@ -180,8 +183,26 @@ def run_ab(run: dict) -> dict:
         generate(L, policy=p)
         plugin.counting(False)
         counters[p] = {str(k): v for k, v in plugin.counters().items()}
-    return {"mode": "ab", "build_s": build_s, "batch": run["batch"], "policies": policies, "block_steps": b,
+    return {"mode": "ab", "build_s": build_s, **({"placement": placement} if placement else {}), "batch": run["batch"], "policies": policies, "block_steps": b,
             "generations": run["repeats"], "prefill_s": prefill, "steps": records, "counters": counters}
+
+
+def eplb_from_native_load(plugin, generate_native, ranks: int) -> dict[str, list[int]]:
+    """An EPLB-like placement per layer from the engine's own native routing: one counted native generation
+    (`generate_native`), the tokens it sent to each expert (`plugin.expert_loads`), each layer balanced over
+    `ranks` (`moe_reroute.placement.balanced`); the counters count per rank by it from then on. Returns it."""
+    import torch
+
+    from moe_reroute.placement import balanced
+
+    plugin.reset_counters()
+    plugin.counting(True)
+    generate_native()
+    plugin.counting(False)
+    loads = plugin.expert_loads()
+    placement = {str(k): balanced(torch.tensor(v, dtype=torch.float64), ranks).tolist() for k, v in loads.items()}
+    plugin.count_by_ranks(placement, ranks, "eplb")
+    return placement
 
 
 def cpu_memory_fraction(model: str, dtype: str, total: int | None = None) -> float:

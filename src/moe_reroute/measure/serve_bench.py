@@ -79,6 +79,8 @@ class Config:
     seed: int = 0  # A/B: the block order of each round, and the bootstrap
     threads: int | None = None  # the engine's OpenMP/torch threads (OMP_NUM_THREADS); None: the engine's default
     engine: str = "vllm"  # or "sglang": SGLang's offline engine, A/B only
+    ep: int | None = None  # count per rank under expert parallelism over this many ranks (vLLM)
+    placement: str = "contiguous"  # with ep: "contiguous", "eplb" (A/B: the engine's native load) or a file
 
     def resolved(self) -> Config:
         import torch
@@ -239,6 +241,46 @@ def _dry_run(policy, spec) -> None:
             raise ValueError(f"it does not fit the model (E={spec.num_experts}, K={spec.top_k}): {e}") from None
 
 
+def check_layout(cfg: Config, config: dict, spec) -> None:
+    """`--ep` / `--placement` checked before any engine starts: D fits the model's E, a placement file places
+    every expert (one list, or one per MoE layer), eplb runs in the vLLM A/B mode (it is computed there
+    from the engine's own native routing). BenchError saying what to change."""
+    if cfg.ep is None:
+        if cfg.placement != "contiguous":
+            raise BenchError(f"--placement {cfg.placement} says where experts live under expert parallelism: give "
+                             "--ep D (the number of ranks) too")
+        return
+    from ..placement import check_ranks, load_placement
+
+    if cfg.engine == SGLANG:
+        raise BenchError("--ep counts per rank in vLLM's plugin; drop --ep with --engine sglang")
+    try:
+        check_ranks(spec.num_experts, cfg.ep)
+        if cfg.placement == "eplb":
+            if cfg.serve or cfg.isolate:
+                raise ValueError("--placement eplb is computed in the A/B engine from its own native routing (one "
+                                 "native generation, then each rank balanced by tokens per expert); with --serve or "
+                                 "--isolate give a placement file (`moe-reroute ep-replay --placement eplb --out DIR` "
+                                 "writes one per D)")
+        elif cfg.placement != "contiguous":
+            load_placement(cfg.placement, spec.num_experts, cfg.ep, layers=_moe_layer_count(config))
+    except (ValueError, OSError) as e:
+        raise BenchError(f"--ep {cfg.ep} --placement {cfg.placement}: {e}") from None
+
+
+def _moe_layer_count(config: dict) -> int | None:
+    """The model's MoE layers (dense layers not counted), or None when its layout is not known."""
+    from transformers import AutoConfig
+
+    from ..contract import moe_layers
+
+    try:
+        layers = moe_layers(AutoConfig.for_model(**config))
+    except (ValueError, TypeError, KeyError):
+        return None
+    return None if layers is None else len(layers)
+
+
 def default_policies(top_k: int, model: str | Path | None = None) -> list[str]:
     """The default of each policy scaled to the model's K (for K = 8: cap:k=4, oea:k0=3, budget:budget=32),
     and `sere` when the model folder holds its similarity (sere/similarity.safetensors)."""
@@ -320,6 +362,10 @@ def engine_env(cfg: Config, policy: str, in_process: bool) -> dict:
     if cfg.device == "cpu" and cfg.engine != SGLANG:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.pop(plugin_config.COUNT_EP_ENV, None)
+    if cfg.ep is not None and cfg.placement != "eplb":  # eplb: set in the engine, from its native load
+        how = cfg.placement if cfg.placement == "contiguous" else str(Path(cfg.placement).absolute())
+        env[plugin_config.COUNT_EP_ENV] = f"{cfg.ep}:{how}"
     if cfg.threads is not None:
         env["OMP_NUM_THREADS"] = str(cfg.threads)  # vLLM's CPU worker sizes its OpenMP team from it
     env.update(cfg.extra_env)
@@ -477,6 +523,7 @@ def run_ab(cfg: Config, policies: list[str], out: Path, say=print, labels: dict 
             "enforce_eager": cfg.enforce_eager,
             "prompt_len": cfg.prompt_len, "output_len": cfg.output_len,
             "max_model_len": cfg.prompt_len + cfg.output_len + 16, "prompts": prompts[:B],
+            **({"ep": {"ranks": cfg.ep, "placement": "eplb"}} if cfg.ep and cfg.placement == "eplb" else {}),
             "result": str(result_file)}))
         code = run_process([sys.executable, "-m", "moe_reroute.measure.engine_run", str(spec_file)],
                            engine_env(cfg, NATIVE, in_process=True), log, cfg.run_timeout_s)
@@ -635,12 +682,29 @@ def _u_fields(counters: dict | None) -> dict:
     layers = sorted(counters, key=lambda k: int(k) if str(k).isdigit() else 1 << 30)
     names = {"steps_rerouted": "steps", "decode_tokens_rerouted": "decode_tokens_rerouted_total",
              "decode_tokens": "decode_tokens_total"}
-    return {"unique": statistics.fmean(counters[k]["unique"] for k in layers),
+    return {**_rank_fields(counters, layers),
+            "unique": statistics.fmean(counters[k]["unique"] for k in layers),
             "unique_native": statistics.fmean(counters[k]["unique_native"] for k in layers),
             # the experts the engine computes, where its adapter rewrites the routing (SGLang: distinct ids)
             "unique_engine": statistics.fmean(counters[k].get("unique_engine", counters[k]["unique"]) for k in layers),
             "unique_per_layer": {k: counters[k]["unique"] for k in layers},
             **{t: max(counters[k].get(names.get(t, t), 0) for k in layers) for t in totals}}
+
+
+RANK_KEYS = ("max_rank_unique", "mean_rank_unique", "max_rank_unique_native", "mean_rank_unique_native")
+
+
+def _rank_fields(counters: dict, layers: list) -> dict:
+    """Under an expert-parallel layout (`--ep`, or an engine that runs EP): D, where the placement came from,
+    the means over layers of max-rank and mean-rank U (policy and native) per step, max-rank U per layer
+    and each rank's U per layer. Nothing without one."""
+    if not all("max_rank_unique" in counters[k] for k in layers):
+        return {}
+    first = counters[layers[0]]
+    return {"ranks": first["ranks"], "placement": first["placement"],
+            **{key: statistics.fmean(counters[k][key] for k in layers) for key in RANK_KEYS},
+            "max_rank_unique_per_layer": {k: counters[k]["max_rank_unique"] for k in layers},
+            "unique_per_rank_per_layer": {k: counters[k]["unique_per_rank"] for k in layers}}
 
 
 # ---------------------------------------------------------------------------------------------- serving
@@ -868,20 +932,23 @@ def load_hint(cfg: Config, load: float | None) -> str | None:
 def table(data: dict) -> str:
     """The results as a Markdown table (policies as the user named them; results.json has the specs run)."""
     labels = data.get("labels") or {}
+    ranks = any("max_rank_unique" in r for r in data["rows"])
+    head, rule = (" max-rank U (native), D ranks |", " ---: |") if ranks else ("", "")
     if data["mode"] == "offline":
         lines = ["| batch | policy | TPOT ms (median) | range ms | TPOT / native [95% CI] | decode tok/s | "
-                 "prefill ms | U / layer (native) |", "| ---: | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+                 "prefill ms | U / layer (native) |" + head, "| ---: | --- | ---: | ---: | --- | ---: | ---: | ---: |" + rule]
         for r in data["rows"]:
             ratio = "" if r["tpot_ratio"] is None else f"{r['tpot_ratio']:.3f}"
             if r.get("tpot_ratio_ci"):
                 ratio += f" [{r['tpot_ratio_ci'][0]:.3f}, {r['tpot_ratio_ci'][1]:.3f}]"
             u = "" if r["unique"] is None else f"{r['unique']:.1f} ({r['unique_native']:.1f})" + _engine_u(r)
             lines.append(f"| {r['batch']} | `{labels.get(r['policy'], r['policy'])}` | {r['tpot_ms']:.2f} | {r['tpot_ms_min']:.2f}–"
-                         f"{r['tpot_ms_max']:.2f} | {ratio} | {r['decode_tokens_per_s']:.1f} | {r['prefill_ms']:.1f} | {u} |")
+                         f"{r['tpot_ms_max']:.2f} | {ratio} | {r['decode_tokens_per_s']:.1f} | {r['prefill_ms']:.1f} | {u} |"
+                         + (f" {_rank_cell(r)} |" if ranks else ""))
         return "\n".join(lines)
     lines = ["| concurrency | policy | output tok/s | / native [95% CI] | TTFT p50 / p99 ms | TPOT p50 / p99 ms | "
-             "U / layer (native) | steps re-routed | decode tokens re-routed |",
-             "| ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "U / layer (native) | steps re-routed | decode tokens re-routed |" + head,
+             "| ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |" + rule]
     for r in data["rows"]:
         ratio = "" if r["throughput_ratio"] is None else f"{r['throughput_ratio']:.3f}"
         if r.get("throughput_ratio_ci"):
@@ -889,8 +956,16 @@ def table(data: dict) -> str:
         u = "" if r["unique"] is None else f"{r['unique']:.1f} ({r['unique_native']:.1f})"
         lines.append(f"| {r['concurrency']} | `{labels.get(r['policy'], r['policy'])}` | {r['output_throughput']:.1f} | {ratio} | "
                      f"{r['p50_ttft_ms']:.1f} / {r['p99_ttft_ms']:.1f} | {r['p50_tpot_ms']:.2f} / {r['p99_tpot_ms']:.2f} | "
-                     f"{u} | {r['steps_rerouted']}/{r['steps_seen']} | {_share(r)} |")
+                     f"{u} | {r['steps_rerouted']}/{r['steps_seen']} | {_share(r)} |"
+                     + (f" {_rank_cell(r)} |" if ranks else ""))
     return "\n".join(lines)
+
+
+def _rank_cell(row: dict) -> str:
+    """"5.2 (6.1), 8": max-rank U per layer and step (native's) over D ranks; mean-rank U is in results.json."""
+    if row.get("max_rank_unique") is None:
+        return ""
+    return f"{row['max_rank_unique']:.2f} ({row['max_rank_unique_native']:.2f}), {row['ranks']}"
 
 
 def _engine_u(row: dict) -> str:
@@ -920,6 +995,13 @@ def conditions(data: dict) -> str:
                 f"{c['repeats']} repeats interleaved across policies, each run in a fresh engine")]
     if c.get("method_note"):
         lines.append(f"- method: {c['method_note']}")
+    if c.get("ep"):
+        how = {"contiguous": "contiguous placement (expert e on rank e*D//E)",
+               "eplb": "eplb placement (each layer balanced by the tokens native routing sent to each expert in a "
+                       "native generation of the same engine)"}.get(c["placement"], f"placement file {c['placement']}")
+        lines.append(f"- expert parallelism counted, not run: D = {c['ep']} ranks, {how}; max-rank U: the most "
+                     "distinct experts one rank serves per layer and step (mean over steps and layers), from the "
+                     "routed logical ids")
     if data["mode"] == "offline" and c.get("method") == "ab":
         lines.append("- TPOT: the median decode step (p50; p90 in results.json); range: the medians of its blocks; "
                      "ratio: geometric mean over rounds of (median step of the policy's block / median step of "
@@ -1017,6 +1099,7 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
     policies = resolve_policies(cfg.policies or default_policies(spec.top_k, cfg.model), cfg.model, spec, labels)
     if cfg.engine not in ENGINES:
         raise BenchError(f"--engine must be one of {', '.join(ENGINES)}, got {cfg.engine!r}")
+    check_layout(cfg, config, spec)
     if cfg.engine == SGLANG:
         if cfg.serve or cfg.isolate:
             raise BenchError("--engine sglang runs the offline A/B bench only: drop " + ("--serve" if cfg.serve else
@@ -1065,6 +1148,7 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
                            "top_k": spec.top_k, "seconds": round(time.time() - t0, 1),
                            "threads": threads_note(cfg),
                            "load_average_start": round(load_start, 2) if load_start is not None else None,
+                           **({"ep": cfg.ep, "placement": cfg.placement} if cfg.ep is not None else {}),
                            **({} if cfg.serve else {"method": "ab" if ab else "isolate",
                                                     "method_note": method_note(cfg), "block_steps": block_steps,
                                                     "seed": cfg.seed})},

@@ -41,7 +41,7 @@ from .ep import check_ep_fields, check_ep_fit, layer_placement, rank_capped_set
 @dataclass(frozen=True)
 class BudgetConfig(PolicyConfig):
     """budget: experts the batch may activate (int, or per layer). ep: expert-parallel ranks D (None =
-    off); placement: "contiguous" (default), a placement file or [E] / [L, E] ranks; rank_cap: experts per
+    off); placement: "contiguous" (default), "engine", a placement file or [E] / [L, E] ranks; rank_cap: experts per
     rank (None: ceil(budget / D)). See `moe_reroute.policies.ep`."""
 
     budget: Any = per_layer()

@@ -31,6 +31,7 @@ def check_ep_fields(config: Any, policy: str) -> None:
     """Validate `ep`, `placement`, `rank_cap` of a config (at construction) and keep the placement as an
     int64 tensor in `config._placement` (None: contiguous, made per call for the layer's E)."""
     ep, placement, cap = config.ep, config.placement, config.rank_cap
+    object.__setattr__(config, "_engine", isinstance(placement, str) and placement == ENGINE)
     if ep is None:
         if placement is not None or cap is not None:
             raise ValueError(f"{policy} placement and rank_cap apply under expert parallelism: give ep=D (the number "
@@ -42,6 +43,9 @@ def check_ep_fields(config: Any, policy: str) -> None:
     if cap is not None and (not is_int(cap) or cap < 1):
         raise ValueError(f"{policy} rank_cap must be an int >= 1 (experts per rank), got {cap!r}")
     tensor = None
+    if config._engine:
+        object.__setattr__(config, "_placement", None)
+        return
     if isinstance(placement, str) and placement != "contiguous":
         import json
 
@@ -66,10 +70,41 @@ def check_ep_fields(config: Any, policy: str) -> None:
     object.__setattr__(config, "_placement", tensor)
 
 
+ENGINE = "engine"
+ENGINE_ONLY = ("placement=engine takes the placement of the engine the policy runs in, which an engine plugin "
+               "fills in when the engine runs expert parallelism itself (vLLM: enable_expert_parallel=True over "
+               "more than one rank); elsewhere give placement=contiguous or a placement file")
+
+
+def engine_policy(policy: Any, placement: torch.Tensor | None, ranks: int | None, origin: str = "the engine") -> Any:
+    """`policy` with `placement=engine` replaced by the engine's own [E] (or [L, E]) placement over `ranks`
+    (None, None: the engine does not run EP). A policy without EP options, or with its own placement,
+    comes back as it is, once its `ep` is checked against the engine's ranks. ValueError saying what to
+    change when `ep` names another number of ranks than the engine has, or `placement=engine` has no
+    engine placement to take."""
+    import dataclasses
+
+    config = getattr(policy, "config", None)
+    ep = getattr(config, "ep", None)
+    if ep is None:
+        return policy
+    if ranks is not None and ep != ranks:
+        raise ValueError(f"{policy.name} ep={ep} names {ep} expert-parallel ranks, but {origin} runs expert "
+                         f"parallelism over {ranks}; give ep={ranks}")
+    if not getattr(config, "_engine", False):
+        return policy
+    if placement is None:
+        raise ValueError(f"{policy.name}: {ENGINE_ONLY}")
+    resolved = dataclasses.replace(config, placement=placement)
+    return type(policy)(resolved, check_inputs=policy.check_inputs, ties=policy.ties, backend=policy.backend)
+
+
 def check_ep_fit(config: Any, num_experts: int, policy: str, layer: int | None) -> None:
     """Raise ValueError if the EP options do not fit a layer of E experts."""
     if config.ep is None:
         return
+    if getattr(config, "_engine", False):
+        raise ValueError(f"{policy}: {ENGINE_ONLY}")
     check_ranks(num_experts, config.ep)
     p = config._placement
     if p is not None:

@@ -45,7 +45,7 @@ from .unique import head_union
 class OEAConfig(PolicyConfig):
     """k0: base experts per token. p: top-p for the base (1.0 = off). k_max: experts per token at most
     (None = K). max_rank: deepest rank a token may piggyback (None = E). Each may be given per layer.
-    ep: expert-parallel ranks D (None = off); placement: "contiguous" (default), a placement file or
+    ep: expert-parallel ranks D (None = off); placement: "contiguous" (default), "engine", a placement file or
     [E] / [L, E] ranks; rank_cap: experts per rank (None: ceil(|S| / D)). See `moe_reroute.policies.ep`."""
 
     k0: Any = per_layer()

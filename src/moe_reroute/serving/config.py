@@ -4,6 +4,9 @@ the engine's edge only.
 `MOE_REROUTE_POLICY` holds a policy spec (`oea:k0=3`, as on the command line) or a JSON object
 (`{"name": "oea", "k0": 3}`); `MOE_REROUTE_POLICY_FILE` names a JSON file holding that object, for
 settings too long for a variable (per-layer values). A JSON object may also say `"phase": "all"`.
+`MOE_REROUTE_COUNT_EP` (`8`, `8:contiguous` or `8:placement.json`) makes the counters count per rank
+under that expert-parallel layout, for an engine that does not run EP itself (one that does is counted
+by its own placement).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from ..policies import Policy
 POLICY_ENV = "MOE_REROUTE_POLICY"
 POLICY_FILE_ENV = "MOE_REROUTE_POLICY_FILE"
 COUNTERS_ENV = "MOE_REROUTE_COUNTERS"
+COUNT_EP_ENV = "MOE_REROUTE_COUNT_EP"
 PHASES = ("decode", "pure-decode", "all")
 
 
@@ -136,3 +140,57 @@ def parse(text: str, counters: bool = False, origin: str = "policy") -> PluginCo
     if not isinstance(verify, bool):
         raise ValueError(f"{origin}: verify must be true (re-route speculative verification) or false, got {verify!r}")
     return PluginConfig(policy, describe_object(obj), phase, counters, verify)
+
+
+@dataclass(frozen=True)
+class CountLayout:
+    """An expert-parallel layout to count per rank by: D ranks and a placement, "contiguous" (expert e on rank
+    e*D//E) or a placement file (`moe_reroute.placement`: one rank per expert, or one list per MoE layer)."""
+
+    ranks: int
+    placement: str = "contiguous"
+
+    def spec(self) -> str:
+        return f"{self.ranks}:{self.placement}"
+
+    def tensor(self, num_experts: int, layers: int | None = None):
+        """[E] or [L, E] int64 placement for a model of E experts (and L MoE layers, when known); ValueError
+        naming the variable and the fix when it does not fit."""
+        from ..placement import check_ranks, contiguous, load_placement
+
+        try:
+            check_ranks(num_experts, self.ranks)
+            if self.placement == "contiguous":
+                return contiguous(num_experts, self.ranks)
+            return load_placement(self.placement, num_experts, self.ranks, layers)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{COUNT_EP_ENV}={self.spec()}: {e}") from None
+
+
+def parse_count_layout(text: str, origin: str = COUNT_EP_ENV) -> CountLayout | None:
+    """`8`, `8:contiguous` or `8:FILE` -> CountLayout; "" -> None. Its fit to a model is checked when a layer
+    is built (`CountLayout.tensor`)."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    ranks, _, how = text.partition(":")
+    how = how.strip() or "contiguous"
+    try:
+        d = int(ranks)
+    except ValueError:
+        d = 0
+    if d < 1:
+        raise ValueError(f"{origin}={text!r}: give the number of expert-parallel ranks D >= 1 to count by, then "
+                         "optionally a placement: 8, 8:contiguous or 8:placement.json")
+    if how == "eplb":
+        raise ValueError(f"{origin}={text!r}: an eplb placement is computed from expert loads; write one to a file "
+                         "(`moe-reroute ep-replay --placement eplb --out DIR` writes placement-eplb-D8.json, or "
+                         "`serve-bench --placement eplb` computes it from the engine's own native routing) and give "
+                         "its path")
+    return CountLayout(d, how)
+
+
+def count_layout_from_env(environ: Any = None) -> CountLayout | None:
+    """`MOE_REROUTE_COUNT_EP` as a CountLayout (None when unset); a bad value raises, naming the variable."""
+    env = os.environ if environ is None else environ
+    return parse_count_layout(env.get(COUNT_EP_ENV, ""))

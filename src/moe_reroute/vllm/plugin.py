@@ -49,10 +49,13 @@ class State:
         # every re-routed layer of the engines alive in this process (an engine's layers go with it)
         self.routers: weakref.WeakSet[Rerouter] = weakref.WeakSet()
         self.skipped: list[str] = []
+        self.notes: set[str] = set()  # once-only log lines
+        self.layouts: dict = {}  # (CountLayout, E) -> its placement tensor
         self.counters: dict[int | str, LayerCounter] = {}
         self.opaque_moe = False  # vLLM's CPU MoE layers run as an opaque op (`opaque_moe_on_cpu`)
         self.steps = 0
         self.counting = True  # counters record while True (`counting()`); read by each router per step
+        self.count_layout: _config.CountLayout | None = None  # `enable(count_ep=...)`; else the environment
 
     def current(self) -> _config.PluginConfig | None:
         # the environment is read once per process (a policy file is not re-read for every router)
@@ -141,12 +144,14 @@ def install() -> None:
         cfg = STATE.current()
         if cfg is None:
             return router
-        prefix = sys._getframe(1).f_locals.get("prefix")  # FusedMoEFactory's own `prefix` argument
+        caller = sys._getframe(1).f_locals  # FusedMoEFactory's locals: its `prefix` and `expert_map_manager`
+        prefix = caller.get("prefix")
         num_experts = kwargs.get("num_logical_experts") or kwargs.get("global_num_experts")
         decoder_layer = layer_index(prefix if isinstance(prefix, str) else None)
         if compiles_through_router():
             raise RuntimeError(COMPILED_REFUSAL)
-        r = wrap(router, cfg, decoder_layer, num_experts, moe_layer=moe_layer_of(decoder_layer))
+        r = wrap(router, cfg, decoder_layer, num_experts, moe_layer=moe_layer_of(decoder_layer),
+                 engine_ep=engine_layout(caller.get("expert_map_manager"), router))
         if r is not None and captures_graphs():
             r.frozen = ("it replays CUDA graphs, captured with the policy it was built with; a switch would not "
                         "reach the replayed steps")
@@ -223,24 +228,100 @@ def captures_graphs() -> bool:
     return mode is not None and getattr(mode, "name", str(mode)) != "NONE"
 
 
+def engine_layout(manager: Any, router: Any) -> tuple[torch.Tensor, int, int, str] | str | None:
+    """The engine's own expert-parallel layout of a layer being built, from vLLM's ExpertMapManager:
+    ([E] rank of each expert, D, this worker's EP rank, "engine (<strategy>)"), rebuilt for every rank
+    with vLLM's own `determine_expert_map`; None without EP; a string saying why it cannot be counted
+    per rank under EPLB (a logical expert may then have replicas on several ranks, and which replica a
+    token reaches is decided after routing)."""
+    if manager is None or not getattr(manager, "use_ep", False) or int(getattr(manager, "ep_size", 1)) <= 1:
+        return None
+    if getattr(router, "eplb_state", None) is not None:
+        return ("the engine runs EPLB (a logical expert may have replicas on several ranks, chosen per token after "
+                "routing), so the counters do not count per rank")
+    from vllm.model_executor.layers.fused_moe.expert_map_manager import determine_expert_map
+
+    D, E = int(manager.ep_size), int(manager.global_num_experts)
+    placement = torch.full((E,), -1, dtype=torch.int64)
+    for rank in range(D):
+        _, local, _ = determine_expert_map(D, rank, E, manager.placement_strategy)
+        placement[local.to(torch.int64) >= 0] = rank
+    if bool((placement < 0).any()):
+        return "the engine's expert map leaves some expert on no rank"
+    return placement, D, int(manager.ep_rank), f"engine ({manager.placement_strategy})"
+
+
+def count_layout() -> _config.CountLayout | None:
+    return STATE.count_layout if STATE.count_layout is not None else _config.count_layout_from_env()
+
+
 def wrap(router: Any, cfg: _config.PluginConfig, layer: int | None, num_experts: int | None = None,
-         moe_layer: tuple[int | None, str] = (None, "no MoE-layer index was given")) -> Rerouter | None:
+         moe_layer: tuple[int | None, str] = (None, "no MoE-layer index was given"),
+         engine_ep: tuple[torch.Tensor, int, int, str] | str | None = None) -> Rerouter | None:
     """Route `router` of decoder layer `layer` with `cfg`'s policy (on its instance only); `moe_layer` is
-    (its MoE-layer index, "") or (None, why it has none). None when it is not a BaseRouter."""
+    (its MoE-layer index, "") or (None, why it has none); `engine_ep` the engine's own EP layout
+    (`engine_layout`). None when it is not a BaseRouter."""
     if not hasattr(router, "_compute_routing"):
         STATE.skipped.append(f"layer {layer}: router {type(router).__name__} has no _compute_routing")
         return None
-    r = Rerouter(router, cfg, layer, STATE, int(num_experts or router.global_num_experts), moe_layer)
+    E = int(num_experts or router.global_num_experts)
+    r = Rerouter(router, cfg, layer, STATE, E, moe_layer,
+                 engine_ep=engine_ep if isinstance(engine_ep, tuple) and engine_ep[0].shape[0] == E else None)
     r.check()
+    r.set_config(cfg)
     if cfg.counters:
         # Made now, on the device the model is being built on: a tensor first made inside CUDA-graph
         # capture would be re-zeroed by every replay.
         r.counter = STATE.counter(layer, torch.empty(0).device)
+        r.counter.set_experts(E)
+        ranks = rank_layout(E, layer, moe_layer[0], engine_ep)
+        if ranks is not None:
+            r.counter.set_ranks(*ranks)
     router._compute_routing = r
     router.moe_reroute = r
     STATE.pending.append(r)
     STATE.routers.add(r)
     return r
+
+
+def rank_layout(num_experts: int, layer: int | None, moe_layer: int | None,
+                engine_ep: tuple[torch.Tensor, int, int, str] | str | None
+                ) -> tuple[torch.Tensor, int, str, int | None] | None:
+    """(placement [E], D, where it came from, this worker's EP rank or None) to count a layer per rank by:
+    the engine's own EP layout where it runs EP, else the configured one (`count_layout`), else None.
+    A configured layout that names another D than the engine's EP, or does not fit the model, raises."""
+    configured = count_layout()
+    if isinstance(engine_ep, tuple):
+        placement, D, rank, origin = engine_ep
+        if placement.shape[0] != num_experts:
+            return None  # physical experts beyond the logical ones (redundant): see engine_layout
+        if configured is not None and configured.ranks != D:
+            raise ValueError(f"moe-reroute: {_config.COUNT_EP_ENV}={configured.spec()} counts by {configured.ranks} "
+                             f"ranks, but the engine runs expert parallelism over {D}: unset it (an EP engine is "
+                             f"counted by its own placement) or give {D}")
+        return placement, D, origin, rank
+    if isinstance(engine_ep, str):
+        if engine_ep not in STATE.notes:
+            STATE.notes.add(engine_ep)
+            logger.info("moe-reroute: %s", engine_ep)
+        return None
+    if configured is None:
+        return None
+    from ..placement import at_layer
+
+    key = (configured, num_experts)
+    if key not in STATE.layouts:  # a placement file is read once per process, not once per layer
+        STATE.layouts[key] = configured.tensor(num_experts)
+    p = STATE.layouts[key]
+    if p.dim() == 2:
+        if moe_layer is None:
+            raise ValueError(f"moe-reroute: {_config.COUNT_EP_ENV}={configured.spec()} gives a placement per MoE "
+                             f"layer, but decoder layer {layer} has no MoE-layer index; give one list for every layer")
+        try:
+            p = at_layer(p, moe_layer)
+        except ValueError as e:
+            raise ValueError(f"moe-reroute: {_config.COUNT_EP_ENV}={configured.spec()}: {e}") from None
+    return p, configured.ranks, configured.placement, None
 
 
 def register() -> None:
@@ -249,17 +330,21 @@ def register() -> None:
     cfg = _config.from_env()
     if cfg is None:
         return
+    _config.count_layout_from_env()  # a bad MOE_REROUTE_COUNT_EP fails here too
     install()
     logger.info("moe-reroute: plugin loaded, policy %s", cfg.describe())
 
 
-def enable(policy: str | None = None, *, counters: bool | None = None) -> _config.PluginConfig:
+def enable(policy: str | None = None, *, counters: bool | None = None,
+           count_ep: str | None = None) -> _config.PluginConfig:
     """Re-route every MoE layer of the engines built from now on in this process.
 
     Args:
       policy: a spec (`"oea:k0=3"`) or JSON object text (`'{"name": "oea", "k0": 3, "phase": "all"}'`);
         None reads the environment.
       counters: record U per layer (default: `MOE_REROUTE_COUNTERS`).
+      count_ep: count per rank under an expert-parallel layout, `"8"`, `"8:contiguous"` or `"8:FILE"`
+        (default: `MOE_REROUTE_COUNT_EP`); an engine that runs EP itself is counted by its own placement.
     The configuration is also put in the environment, so worker processes vLLM starts later load it.
     """
     if counters is None:
@@ -271,9 +356,13 @@ def enable(policy: str | None = None, *, counters: bool | None = None) -> _confi
     else:
         cfg = _config.parse(policy)
     cfg = _config.PluginConfig(cfg.policy, cfg.source, cfg.phase, counters, cfg.verify)
+    layout = _config.parse_count_layout(count_ep, origin="enable(count_ep)") if count_ep is not None else None
     install()
     STATE.explicit = cfg
+    STATE.count_layout = layout
     STATE.counters = {}
+    if count_ep is not None:
+        os.environ[_config.COUNT_EP_ENV] = count_ep
     if policy is not None:
         os.environ[_config.POLICY_ENV] = policy
         os.environ.pop(_config.POLICY_FILE_ENV, None)
@@ -284,7 +373,8 @@ def enable(policy: str | None = None, *, counters: bool | None = None) -> _confi
 def disable() -> None:
     """Engines built from now on route natively (those already built keep their policy)."""
     STATE.explicit = None
-    for var in (_config.POLICY_ENV, _config.POLICY_FILE_ENV):
+    STATE.count_layout = None
+    for var in (_config.POLICY_ENV, _config.POLICY_FILE_ENV, _config.COUNT_EP_ENV):
         os.environ.pop(var, None)
 
 
@@ -372,6 +462,39 @@ def worker_counters(worker: Any = None) -> dict[int | str, dict[str, float]]:
     return counters()
 
 
+def expert_loads() -> dict[int | str, list[int]]:
+    """Per re-routed layer of this process (decoder-layer index): tokens that native routing sent to each
+    expert over the counted decode steps ([E]), the load an EPLB-like placement balances
+    (`moe_reroute.placement.balanced`). Reading synchronises with the device."""
+    return {k: v for k, c in sorted(STATE.counters.items(), key=lambda kv: str(kv[0]).zfill(6))
+            if (v := c.read_load()) is not None}
+
+
+def count_by_ranks(placements: dict[int | str, Any], ranks: int, origin: str) -> int:
+    """Count per rank from now on under `placements` ({decoder layer: [E] ranks 0..D-1}, one entry per
+    counted layer) over `ranks` = D; `origin` names the layout in the counters. Counters restart. Refused
+    (ValueError) in an engine that runs EP itself, which is counted by its own placement, and for a
+    placement that does not fit a layer. Returns the layers set."""
+    from ..placement import check_placement
+
+    if any(c.rank is not None for c in STATE.counters.values()):
+        raise ValueError("moe-reroute: this engine runs expert parallelism itself and is counted per rank by its own "
+                         "placement; a layout cannot replace it")
+    keyed = {str(k): v for k, v in placements.items()}
+    missing = [k for k in STATE.counters if str(k) not in keyed]
+    if missing:
+        raise ValueError(f"moe-reroute: count_by_ranks gives no placement for counted layer(s) {missing}; give one "
+                         "[E] list per decoder layer the counters are keyed by")
+    for k, c in STATE.counters.items():
+        E = c.load.shape[0] if c.load is not None else len(keyed[str(k)])
+        p = check_placement(keyed[str(k)], E, ranks, origin=f"count_by_ranks, layer {k}")
+        if p.dim() != 1:
+            raise ValueError(f"count_by_ranks, layer {k}: give one [E] list of ranks per layer")
+        c.set_ranks(p, ranks, origin)
+    reset_counters()
+    return len(STATE.counters)
+
+
 def counting(on: bool) -> None:
     """Pause (False) or resume (True) the counters of this process, e.g. so that timed steps do not pay
     for counting. The switch is read when a step runs in Python: steps replayed from a CUDA graph do
@@ -410,6 +533,12 @@ class WorkerExtension:
     def moe_reroute_reset_counters(self) -> bool:
         reset_counters()
         return True
+
+    def moe_reroute_expert_loads(self) -> dict[str, list[int]]:
+        return {str(k): v for k, v in expert_loads().items()}
+
+    def moe_reroute_count_by_ranks(self, placements: dict, ranks: int, origin: str) -> int:
+        return count_by_ranks(placements, int(ranks), str(origin))
 
 
 def format_counters(c: dict[int | str, dict[str, float]]) -> str:

@@ -158,7 +158,8 @@ class Rerouter:
     "decode"), on pure decode steps only ("pure-decode"), or on every token ("all"); vLLM's own otherwise."""
 
     def __init__(self, router: Any, config: PluginConfig, layer: int | None, state: Any, num_experts: int,
-                 moe_layer: tuple[int | None, str] = (None, "no MoE-layer index was given")) -> None:
+                 moe_layer: tuple[int | None, str] = (None, "no MoE-layer index was given"),
+                 engine_ep: tuple[torch.Tensor, int, int, str] | None = None) -> None:
         self.router = router
         self.config = config
         self.layer = layer  # decoder-layer index: counters and messages
@@ -170,6 +171,9 @@ class Rerouter:
         self.spec: RouterSpec | None = None
         self.reason = ""
         self.counter: LayerCounter | None = None
+        # the engine's own EP layout (placement [E], D, this worker's rank, origin), where it runs EP
+        self.engine_ep = engine_ep
+        self.policy = config.policy  # the policy as this layer runs it (`placement=engine` filled in: `check`)
         self.frozen = ""  # why the policy cannot be switched at run time (CUDA graphs, compiled); "" when it can
         self._bias_key: tuple | None = None
         self.decode_threshold = decode_threshold()
@@ -192,6 +196,20 @@ class Rerouter:
         """Route with `config` from the next call on (check it first with `check(config)`)."""
         self.config = config
         self.is_native = isinstance(config.policy, Native)
+        try:
+            self.policy = self.layer_policy(config)
+        except ValueError:
+            if self.spec is not None:  # `check` refused it already, naming the layer
+                raise
+            self.policy = config.policy  # a layer this policy does not route (it stays native)
+
+    def layer_policy(self, config: PluginConfig):
+        """`config`'s policy with its EP options checked against the engine's own EP (`ep` = its ranks) and
+        `placement=engine` replaced by the engine's placement (`policies.ep.engine_policy`)."""
+        from ..policies.ep import engine_policy
+
+        placement, ranks = (self.engine_ep[0], self.engine_ep[1]) if self.engine_ep is not None else (None, None)
+        return engine_policy(config.policy, placement, ranks, origin="this engine")
 
     def check(self, config: PluginConfig | None = None) -> None:
         """Run the policy (`config`'s, default this layer's own) once on this layer's shape, so a policy that
@@ -208,8 +226,9 @@ class Rerouter:
         spec = self.spec.with_bias(None) if self.spec.e_score_correction_bias is not None else self.spec
         logits = torch.linspace(-1, 1, 2 * spec.num_experts, device="cpu").view(2, -1)  # [2, E], no ties
         try:
-            config.policy.check_model(spec, self.moe_layer)  # every by_batch bucket
-            config.policy(logits, spec, layer=self.moe_layer)
+            policy = self.layer_policy(config)
+            policy.check_model(spec, self.moe_layer)  # every by_batch bucket
+            policy(logits, spec, layer=self.moe_layer)
         except (TypeError, ValueError) as e:
             raise ValueError(f"moe-reroute: policy {config.source} does not fit "
                              f"{layer_name(self.layer, self.moe_layer)} (E={spec.num_experts}, K={spec.top_k}): {e}"
@@ -254,7 +273,7 @@ class Rerouter:
         # is_padding covers the step's tokens; a layer that sees another slice of them (sequence-parallel
         # MoE) cannot tell its padding, and counts every row.
         valid = ~padding if padding is not None and padding.shape[0] == T else None
-        policy = self.config.policy
+        policy = self.policy
         native_topk = None
         if not policy.uses_kernels(router_logits):
             # ranks 1..K are vLLM's own top-K, ties as vLLM breaks them (the fused kernels' ties go to the

@@ -56,7 +56,7 @@ def test_parameter_errors():
         make_policy("cap")
     with pytest.raises(ValueError, match="budget=17 > the number of experts E=16"):
         make_policy("budget", budget=17)(X, SPEC)
-    with pytest.raises(ValueError, match="unknown policy 'expert-share'; available: native, cap, oea, sere, budget, "
+    with pytest.raises(ValueError, match="unknown policy 'expert-share'; available: native, cap, oea, sere, budget, gain, "
                                          "xshare, lynx"):
         make_policy("expert-share")
     with pytest.raises(ValueError, match="sere primary=5 > the model's K=4"):

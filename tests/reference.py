@@ -226,6 +226,19 @@ def ref_sere(logits, spec, valid, sim, primary=2, threshold=0.1, native_ids=None
     return out
 
 
+def within_set(toks, ranks, chosen, spec, valid, fixed):
+    """Each token's best K experts of the set `chosen`, by its ranking (fixed tokens: native)."""
+    K = spec.top_k
+    out = []
+    for t, ((choice, gate), order) in enumerate(zip(toks, ranks)):
+        if is_fixed(fixed, valid, t):
+            out.append(weights(gate, order[:K], spec, spec.renormalize))
+            continue
+        kept = [e for e in order if e in chosen and choice[e] != NEG_INF][:K]
+        out.append(weights(gate, kept, spec, spec.renormalize))
+    return out
+
+
 def ref_budget(logits, spec, valid, budget, native_ids=None, grid=256, fixed=None):
     """Batch-wide expert set under a budget (XShare-style), top-1 of every token guaranteed; each token's
     share of an expert's mass counted in whole 1/grid-ths (rounded half up), at least one. A fixed token's
@@ -251,14 +264,7 @@ def ref_budget(logits, spec, valid, budget, native_ids=None, grid=256, fixed=Non
             score[e] = score.get(e, 0) + max(1, math.floor(gate[e] / s * grid + 0.5))
     extra = sorted((e for e in range(spec.num_experts) if e not in chosen), key=lambda e: (-score.get(e, 0), e))
     chosen += extra[: max(0, budget - len(chosen))]
-    out = []
-    for t, ((choice, gate), order) in enumerate(zip(toks, ranks)):
-        if is_fixed(fixed, valid, t):
-            out.append(weights(gate, order[:K], spec, spec.renormalize))
-            continue
-        kept = [e for e in order if e in chosen and choice[e] != NEG_INF][:K]
-        out.append(weights(gate, kept, spec, spec.renormalize))
-    return out
+    return within_set(toks, ranks, chosen, spec, valid, fixed)
 
 
 def ref_gain(logits, spec, valid, budget, base=1, native_ids=None, fixed=None):
@@ -307,14 +313,7 @@ def ref_gain(logits, spec, valid, budget, base=1, native_ids=None, fixed=None):
             if best is None or total > best[0]:
                 best = (total, e)
         chosen.add(best[1])
-    out = []
-    for t, ((choice, gate), order) in enumerate(zip(toks, ranks)):
-        if is_fixed(fixed, valid, t):
-            out.append(weights(gate, order[:K], spec, spec.renormalize))
-            continue
-        kept = [e for e in order if e in chosen and choice[e] != NEG_INF][:K]
-        out.append(weights(gate, kept, spec, spec.renormalize))
-    return out
+    return within_set(toks, ranks, chosen, spec, valid, fixed)
 
 
 def _top_by(values, n):

@@ -428,6 +428,19 @@ def test_xshare_kernel_matches_torch(batch, data):
     assert launches == 1  # T <= 100 fits one program
 
 
+def steps_match_torch_in_one_launch(name, spec, x, valid, fixed, params):
+    """[S, T, E] steps, with and without fixed rows: the kernel's ids equal torch's in one launch, and each
+    step routes as that batch alone."""
+    for f in (None, fixed):
+        ref, got, launches, _ = run_both(name, spec, x, valid, params, f)
+        assert torch.equal(ref.ids, got.ids), params
+        assert torch.allclose(ref.weights, got.weights, rtol=1e-6, atol=1e-7)
+        assert launches == 1
+        for s in range(x.shape[0]):
+            alone, _, _, _ = run_both(name, spec, x[s], valid[s], params, None if f is None else f[s])
+            assert torch.equal(got.ids[s], alone.ids)
+
+
 def test_xshare_kernel_steps_and_by_batch():
     """[S, T, E] steps (each its own batch: its own sums, groups and padding) with per-step valid and fixed
     rows, and parameters by batch size, resolved on the host."""
@@ -441,14 +454,7 @@ def test_xshare_kernel_steps_and_by_batch():
     for params in ({"budget": 4, "k0": 1, "group_budget": 2, "group_size": 4},
                    {"alpha": 0.0, "group_budget": 3, "group_size": 2, "guarantee": False},
                    {"budget": {"by_batch": {"8": 2, "max": 5}}, "k0": {"by_batch": {"4": 3, "max": 1}}}):
-        for f in (None, fixed):
-            ref, got, launches, _ = run_both("xshare", spec, x, valid, params, f)
-            assert torch.equal(ref.ids, got.ids), params
-            assert torch.allclose(ref.weights, got.weights, rtol=1e-6, atol=1e-7)
-            assert launches == 1
-            for s in range(S):  # each step routes as that batch alone
-                alone, _, _, _ = run_both("xshare", spec, x[s], valid[s], params, None if f is None else f[s])
-                assert torch.equal(got.ids[s], alone.ids)
+        steps_match_torch_in_one_launch("xshare", spec, x, valid, fixed, params)
 
 
 def test_xshare_kernel_across_programs():
@@ -512,14 +518,7 @@ def test_lynx_kernel_steps_and_by_batch():
     fixed = torch.rand(S, T, generator=g) < 0.3
     for params in ({"alpha": 3, "beta": 2}, {"alpha": 2, "beta": 1, "variant": "quant_flatten_remove"},
                    {"alpha": {"by_batch": {"8": 1, "max": 2.5}}, "beta": {"by_batch": {"4": 4, "max": 1}}}):
-        for f in (None, fixed):
-            ref, got, launches, _ = run_both("lynx", spec, x, valid, params, f)
-            assert torch.equal(ref.ids, got.ids), params
-            assert torch.allclose(ref.weights, got.weights, rtol=1e-6, atol=1e-7)
-            assert launches == 1
-            for s in range(S):  # each step routes as that batch alone
-                alone, _, _, _ = run_both("lynx", spec, x[s], valid[s], params, None if f is None else f[s])
-                assert torch.equal(got.ids[s], alone.ids)
+        steps_match_torch_in_one_launch("lynx", spec, x, valid, fixed, params)
     pol = make_policy("lynx", backend="triton", alpha=3, beta=2)
     with kernels.counting() as c:
         u = pol.unique(x, spec, valid, fixed=fixed)

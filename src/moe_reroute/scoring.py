@@ -278,3 +278,24 @@ def finish(ids: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor, s: Sco
     ids = torch.where(valid[..., None], ids, anchor)
     weights = torch.where(valid[..., None], weights, torch.zeros_like(weights))
     return Routing(weights=weights.float(), ids=ids.long(), valid=valid)
+
+
+def route_within_set(s: Scored, order: torch.Tensor, in_set: torch.Tensor, spec: RouterSpec, valid: torch.Tensor,
+                     fixed: torch.Tensor | None) -> Routing:
+    """Each token's best K experts within one expert set per step, by its own ranking, with the model's
+    weights over those (renormalised as the model does; the model's own where that is its native top-K);
+    fixed rows native. A token's native top-K (ranks 1..K) may hold experts of weight 0 (fewer than K finite
+    logits): they stay allowed, so that a set of every expert is native routing exactly.
+
+    Args:
+      order: [T, E] each token's ranking (`rank`). in_set: [E] bool ([S, E] for S steps).
+    """
+    K, E = spec.top_k, spec.num_experts
+    in_set = in_set[..., None, :].expand(order.shape)  # [T, E] by expert
+    head = torch.arange(E, device=order.device) < K
+    allowed = in_set.gather(-1, order) & (torch.isfinite(s.choice.gather(-1, order)) | head)  # [T, E], rank order
+    keep = allowed & (allowed.cumsum(dim=-1) <= K)
+    ids, kept = pack(order, keep, K)
+    w = weights_for(s.gate, ids, kept, spec, spec.renormalize)
+    ids, w = native_where_unchanged(s, ids, kept, w)
+    return finish(*native_where_fixed(s, ids, w, fixed, valid), valid, s)

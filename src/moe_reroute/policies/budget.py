@@ -32,8 +32,7 @@ from typing import Any
 import torch
 
 from ..contract import Routing
-from ..scoring import (BUDGET_GRID, finish, fixed_members, native_where_fixed, native_where_unchanged, pack, rank,
-                       ranked_native, sanitize, score, weights_for)
+from ..scoring import BUDGET_GRID, fixed_members, rank, ranked_native, route_within_set, sanitize, score
 from .base import Policy, PolicyConfig, need_at_most, need_int, per_layer
 from .ep import check_ep_fields, check_ep_fit, layer_placement, rank_capped_set
 
@@ -70,7 +69,7 @@ class Budget(Policy):
         return "budget with ep (expert-parallel-aware) has no fused kernel" if self.config.ep is not None else ""
 
     def route(self, router_logits, spec, valid, config, layer, native=None, fixed=None) -> Routing:
-        K, E = spec.top_k, spec.num_experts
+        E = spec.num_experts
         s = score(sanitize(router_logits, valid), spec, self.ties, native)
         native = ranked_native(s)[0]  # [T, K], best first
         order = rank(s.choice, native, self.ties)  # [T, E]
@@ -96,13 +95,4 @@ class Budget(Policy):
             in_set = rank_capped_set(key, forced, layer_placement(config, E, layer, key.device), D, cap,
                                      total=config.budget)  # [E]
 
-        in_set = in_set[..., None, :].expand(order.shape)  # [T, E] by expert
-        # a token's native top-K (ranks 1..K) may hold experts of weight 0 (fewer than K finite logits): they
-        # stay allowed, so that the no-op setting is native routing exactly
-        head = torch.arange(E, device=order.device) < K
-        allowed = in_set.gather(-1, order) & (torch.isfinite(s.choice.gather(-1, order)) | head)  # [T, E], rank order
-        keep = allowed & (allowed.cumsum(dim=-1) <= K)
-        ids, kept = pack(order, keep, K)
-        w = weights_for(s.gate, ids, kept, spec, spec.renormalize)
-        ids, w = native_where_unchanged(s, ids, kept, w)
-        return finish(*native_where_fixed(s, ids, w, fixed, valid), valid, s)
+        return route_within_set(s, order, in_set, spec, valid, fixed)

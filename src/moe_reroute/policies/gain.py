@@ -35,8 +35,7 @@ from typing import Any
 import torch
 
 from ..contract import Routing
-from ..scoring import (finish, fixed_members, native_where_fixed, native_where_unchanged, pack, rank,
-                       ranked_native, sanitize, score, weights_for)
+from ..scoring import fixed_members, rank, ranked_native, route_within_set, sanitize, score
 from .base import Policy, PolicyConfig, need_at_most, need_int, per_layer
 
 
@@ -62,21 +61,12 @@ class Gain(Policy):
         need_at_most("gain base", config.base, spec.top_k, "the model's K")
 
     def route(self, router_logits, spec, valid, config, layer, native=None, fixed=None) -> Routing:
-        K, E = spec.top_k, spec.num_experts
+        K = spec.top_k
         s = score(sanitize(router_logits, valid), spec, self.ties, native)
         native = ranked_native(s)[0]  # [T, K], best first
         order = rank(s.choice, native, self.ties)  # [T, E]
         in_set = self._grow(s, native, order, valid, fixed, config.budget, config.base, K)  # [E]
-        in_set = in_set[..., None, :].expand(order.shape)  # [T, E] by expert
-        # a token's native top-K may hold experts of weight 0 (fewer than K finite logits): they stay
-        # allowed, so that the no-op setting is native routing exactly (as in `budget`)
-        head = torch.arange(E, device=order.device) < K
-        allowed = in_set.gather(-1, order) & (torch.isfinite(s.choice.gather(-1, order)) | head)  # [T, E], rank order
-        keep = allowed & (allowed.cumsum(dim=-1) <= K)
-        ids, kept = pack(order, keep, K)
-        w = weights_for(s.gate, ids, kept, spec, spec.renormalize)
-        ids, w = native_where_unchanged(s, ids, kept, w)
-        return finish(*native_where_fixed(s, ids, w, fixed, valid), valid, s)
+        return route_within_set(s, order, in_set, spec, valid, fixed)
 
     @staticmethod
     def _grow(s, native, order, valid, fixed, budget: int, base: int, K: int) -> torch.Tensor:

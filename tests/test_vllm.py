@@ -179,7 +179,7 @@ def wrapped(monkeypatch):
 
     def make(policy, phase="decode", moe_layer=(2, ""), engine_ep=None):
         cfg = plugin_config.parse(policy, counters=True)
-        cfg = plugin_config.PluginConfig(cfg.policy, cfg.source, phase, True, cfg.verify)
+        cfg = plugin_config.PluginConfig(cfg.policy, cfg.source, phase, True, cfg.verify, cfg.dp_view)
         router = cpu_router(top_k=4, global_num_experts=32)
         plugin.wrap(router, cfg, layer=3, num_experts=32, moe_layer=moe_layer, engine_ep=engine_ep)
         return router, step
@@ -962,6 +962,86 @@ def test_mixed_and_verification_steps(wrapped, logits_factory, phase):
     step2["kind"] = rr.VERIFY
     w, i = keep.select_experts(None, x)
     assert torch.equal(i, i0) and torch.equal(w, w0)
+
+
+@needs_vllm
+@pytest.mark.parametrize("second", ["decode", "prefill"])
+def test_wrapped_routers_route_dp_ranks_as_one_batch(wrapped, logits_factory, monkeypatch, second):
+    """`dp_view="gather"`: two DP ranks' routers (threads, with a stand-in of vLLM's DP group whose all_gather
+    concatenates the threads' tensors) each return their own rows of the policy's routing of both ranks' rows,
+    with vLLM's top-K as native; a rank whose step is not re-routed (prefill) still joins the gathers, its rows
+    fixed (vLLM's own routing); both ranks count the whole batch."""
+    import threading
+
+    import moe_reroute.vllm as plugin_api
+    import moe_reroute.vllm.plugin as plugin
+    import moe_reroute.vllm.router as rr
+    from moe_reroute import make_policy, metrics
+    from moe_reroute.vllm import router_spec
+
+    local = threading.local()
+
+    class ThreadGroup:  # vLLM's GroupCoordinator.all_gather, for threads standing in for DP ranks
+        world_size = 2
+
+        def __init__(self):
+            self.barrier, self.slots = threading.Barrier(2, timeout=60), [None, None]
+
+        def all_gather(self, x, dim):
+            self.slots[local.rank] = x.clone()
+            self.barrier.wait()
+            out = torch.cat(self.slots, dim)
+            self.barrier.wait()
+            return out
+
+    group = ThreadGroup()
+    kinds = {0: rr.DECODE, 1: rr.DECODE if second == "decode" else rr.PREFILL}
+    monkeypatch.setattr(rr, "dp_group", lambda: (group, local.rank))
+    monkeypatch.setattr(rr, "step_rows", lambda T, threshold=1, device="cpu": (kinds[local.rank], None))
+    monkeypatch.setattr(rr, "step_padding", lambda: local.padding)
+    wrapped("native")  # the fixture's fresh plugin state
+    cfg = plugin_config.parse('{"name": "budget", "budget": 8, "dp_view": "gather"}', counters=True)
+    routers = [cpu_router(top_k=4, global_num_experts=32) for _ in range(2)]
+    for rank, router in enumerate(routers):
+        plugin.wrap(router, cfg, layer=3 + rank, num_experts=32, moe_layer=(2, ""))
+    sizes = [8, 5]
+    x = logits_factory(13, 32, seed=4)
+    padding = torch.zeros(13, dtype=torch.bool)
+    padding[[7, 12]] = True  # the last row of each rank is padding
+    parts = [slice(0, 8), slice(8, 13)]
+    out = [None, None]
+
+    def run(rank):
+        local.rank, local.padding = rank, padding[parts[rank]]
+        out[rank] = routers[rank].select_experts(None, x[parts[rank]])
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert out[0] is not None and out[1] is not None, "a DP rank did not finish"
+
+    spec, _ = router_spec(routers[0], 32)
+    native_w, native_i = cpu_router(top_k=4, global_num_experts=32).select_experts(None, x)
+    fixed = torch.zeros(13, dtype=torch.bool)
+    if second == "prefill":
+        fixed[parts[1]] = True
+    want = make_policy("budget", budget=8)(x, spec, ~padding, layer=2, native=(native_w, native_i), fixed=fixed)
+    for rank in range(2):
+        w, i = out[rank]
+        real = ~padding[parts[rank]]
+        assert torch.equal(i[real].long(), want.ids[parts[rank]][real])
+        assert torch.equal(w[real], want.weights[parts[rank]][real])
+    if second == "prefill":  # the prefill rank's real rows are vLLM's own routing
+        real = ~padding[parts[1]]
+        assert torch.equal(out[1][1][real], native_i[parts[1]][real])
+    alone = make_policy("budget", budget=8)(x[parts[0]], spec, ~padding[parts[0]], layer=2)
+    assert not torch.equal(alone.ids[:7], want.ids[:7])  # a rank alone would route otherwise
+    c = plugin_api.counters()
+    u = int(metrics.unique_experts(want, 32))
+    assert c[3]["unique"] == c[4]["unique"] == u and c[3]["steps"] == c[4]["steps"] == 1
+    assert c[3]["tokens_rerouted"] == 11
 
 
 def test_verify_setting_is_a_bool():

@@ -21,7 +21,7 @@ from typing import Any
 
 from . import POLICIES, Policy, make_policy
 
-ENGINE_KEYS = ("phase", "verify")  # read by the engine plugins, not parameters of the policy
+ENGINE_KEYS = ("phase", "verify", "dp_view")  # read by the engine plugins, not parameters of the policy
 ABOUT_KEY = "about"  # free-form information, ignored by every loader
 EXAMPLE = '{"name": "oea", "k0": 3}'
 POLICY_FILE_BYTES = 64 << 20  # a policy file larger than this is refused unread

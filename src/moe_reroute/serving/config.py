@@ -3,7 +3,8 @@ the engine's edge only.
 
 `MOE_REROUTE_POLICY` holds a policy spec (`oea:k0=3`, as on the command line) or a JSON object
 (`{"name": "oea", "k0": 3}`); `MOE_REROUTE_POLICY_FILE` names a JSON file holding that object, for
-settings too long for a variable (per-layer values). A JSON object may also say `"phase": "all"`.
+settings too long for a variable (per-layer values). A JSON object may also say `"phase": "all"`,
+`"verify": false` and `"dp_view": "gather"`.
 `MOE_REROUTE_COUNT_EP` (`8`, `8:contiguous` or `8:placement.json`) makes the counters count per rank
 under that expert-parallel layout, for an engine that does not run EP itself (one that does is counted
 by its own placement).
@@ -34,6 +35,9 @@ class PluginConfig:
       "pure-decode": only steps whose every sequence decodes one token. "all": every token of every step.
     verify: re-route speculative verification steps (default True); False keeps them native.
     counters: record U per layer and step on the device (`moe_reroute.vllm.counters()`).
+    dp_view: "local" (default): under data-parallel attention each DP rank routes its own tokens. "gather"
+      (vLLM): the DP ranks all-gather each step's router logits and route the union as one batch, each
+      keeping its own rows (`serving.dp`).
     """
 
     policy: Policy
@@ -41,11 +45,16 @@ class PluginConfig:
     phase: str = "decode"
     counters: bool = False
     verify: bool = True
+    dp_view: str = "local"
 
     def describe(self) -> str:
         what = {"decode": "decode tokens of every step", "pure-decode": "pure decode steps",
                 "all": "every token"}[self.phase]
-        return f"{self.source} ({what}{'' if self.verify else ', verification native'})"
+        dp = ", DP ranks routed as one batch" if self.dp_view == "gather" else ""
+        return f"{self.source} ({what}{'' if self.verify else ', verification native'}{dp})"
+
+    def with_counters(self, counters: bool) -> "PluginConfig":
+        return PluginConfig(self.policy, self.source, self.phase, counters, self.verify, self.dp_view)
 
 
 def from_env(environ: Any = None) -> PluginConfig | None:
@@ -139,7 +148,13 @@ def parse(text: str, counters: bool = False, origin: str = "policy") -> PluginCo
     verify = obj.get("verify", True)
     if not isinstance(verify, bool):
         raise ValueError(f"{origin}: verify must be true (re-route speculative verification) or false, got {verify!r}")
-    return PluginConfig(policy, describe_object(obj), phase, counters, verify)
+    from .dp import DP_VIEWS
+
+    dp_view = obj.get("dp_view", "local")
+    if dp_view not in DP_VIEWS:
+        raise ValueError(f"{origin}: dp_view must be \"local\" (each data-parallel rank routes its own tokens) or "
+                         f"\"gather\" (the DP ranks route their tokens as one batch), got {dp_view!r}")
+    return PluginConfig(policy, describe_object(obj), phase, counters, verify, dp_view)
 
 
 @dataclass(frozen=True)

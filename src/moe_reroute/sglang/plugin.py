@@ -564,11 +564,21 @@ def _rpc_record(scheduler: Any, on: bool = True) -> None:
         STATE.hook.records = [] if on else None
 
 
+def local_view(cfg: _config.PluginConfig, origin: str) -> _config.PluginConfig:
+    """`cfg`, refused when it asks for a cross-rank view (`dp_view="gather"`), which this plugin does not build."""
+    if cfg.dp_view != "local":
+        raise ValueError(f"moe-reroute: {origin}: dp_view={cfg.dp_view!r} is built for vLLM's data-parallel "
+                         "attention only; the SGLang plugin routes the tokens its MoE layer is given. Leave out "
+                         "\"dp_view\" (or give \"local\")")
+    return cfg
+
+
 def _rpc_set_policy(scheduler: Any, policy: str) -> None:
     """`moe_reroute_set_policy(policy)`: route with `policy` (a spec or JSON object) from the next step on."""
     if STATE.hook is None:
         raise RuntimeError("moe-reroute: the plugin is not active in this server (no policy was set at start-up)")
-    cfg = _config.parse_checked(policy, counters=STATE.hook.config.counters, origin="moe_reroute_set_policy")
+    origin = "moe_reroute_set_policy"
+    cfg = local_view(_config.parse_checked(policy, counters=STATE.hook.config.counters, origin=origin), origin)
     STATE.hook.set_config(cfg)
 
 
@@ -578,8 +588,8 @@ def _rpc_ab_plan(scheduler: Any, policies: list[str], plan: list[list[Any]]) -> 
     `moe_reroute_ab_save`."""
     if STATE.hook is None:
         raise RuntimeError("moe-reroute: the plugin is not active in this server (no policy was set at start-up)")
-    configs = {p: _config.parse_checked(p, counters=False, origin="moe_reroute_ab_plan")
-               for p in dict.fromkeys([NATIVE_SPEC, *policies])}
+    configs = {p: local_view(_config.parse_checked(p, counters=False, origin="moe_reroute_ab_plan"),
+                             "moe_reroute_ab_plan") for p in dict.fromkeys([NATIVE_SPEC, *policies])}
     STATE.ab = ABPlan(STATE.hook, configs, [(r, p) for r, p in plan])
 
 
@@ -703,6 +713,7 @@ def register() -> None:
         cfg = _config.from_env()
         if cfg is None:
             return
+        local_view(cfg, f"{_config.POLICY_ENV} / {_config.POLICY_FILE_ENV}")
         check_version()
         install(cfg)
     except Exception as e:  # noqa: BLE001 - SGLang would otherwise serve natively

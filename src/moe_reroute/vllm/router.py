@@ -153,6 +153,31 @@ def decode_threshold() -> int:
         return 1
 
 
+def dp_group() -> tuple[Any, int] | None:
+    """(vLLM's data-parallel group, this worker's rank in it) when the engine runs more than one DP rank."""
+    try:
+        from vllm.distributed import get_dp_group
+
+        group = get_dp_group()
+    except (ImportError, AssertionError):  # no distributed state (a router built by hand): one rank
+        return None
+    return (group, group.rank_in_group) if group.world_size > 1 else None
+
+
+def dp_sizes(T: int, device: torch.device, group: Any, rank: int) -> list[int]:
+    """Every DP rank's rows in this step: vLLM's `dp_metadata` (on the host) where it describes this layer's
+    rows, else one all-gather of the count."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    meta = get_forward_context().dp_metadata if is_forward_context_available() else None
+    if meta is not None:
+        sizes = [int(n) for n in meta.num_tokens_across_dp_cpu.tolist()]
+        if len(sizes) == group.world_size and sizes[rank] == T:
+            return sizes
+    counts = group.all_gather(torch.tensor([T], dtype=torch.int64, device=device), 0)
+    return [int(n) for n in counts.tolist()]
+
+
 class Rerouter:
     """Replaces one router's `_compute_routing`: the policy on the decode tokens of every step (phase
     "decode"), on pure decode steps only ("pure-decode"), or on every token ("all"); vLLM's own otherwise."""
@@ -259,6 +284,11 @@ class Rerouter:
             phase == "all" or kind == DECODE
             or (phase == "decode" and (kind == MIXED or (kind == VERIFY and self.config.verify))))
         fixed = prefill if phase == "decode" else None  # "all": prefill rows re-routed too
+        if self.config.dp_view == "gather" and spec is not None and not self.is_native:
+            dp = dp_group()
+            if dp is not None:
+                return self._route_gathered(dp, hidden_states, router_logits, indices_type, input_ids, spec, kind,
+                                            fixed, reroute, counter)
         if not reroute:
             if counter is not None:
                 rows = self._valid_rows(T, device)
@@ -294,6 +324,36 @@ class Rerouter:
         weights = routing.weights.to(torch.float32).contiguous()  # [T, K]
         ids = routing.ids.to(indices_type or torch.int32).contiguous()  # [T, K]
         return weights, ids
+
+    def _route_gathered(self, dp, hidden_states, router_logits, indices_type, input_ids, spec, kind, fixed, reroute,
+                        counter) -> tuple[torch.Tensor, torch.Tensor]:
+        """`dp_view="gather"` under data parallelism: the policy routes every DP rank's rows as one batch
+        (`serving.dp.route_across_ranks`), and this rank keeps its own. Every rank takes part in every step's
+        gathers whatever its own step holds, as the collectives must match: rows this rank does not re-route
+        (a step that is not re-routed, a mixed step's prefill rows) go in as fixed rows, native and loaded.
+        The counters count the whole batch (the same on every DP rank)."""
+        from ..serving.dp import route_across_ranks
+
+        group, rank = dp
+        T, device = router_logits.shape[0], router_logits.device
+        valid = self._valid_rows(T, device)
+        if not reroute:
+            fixed = torch.ones(T, dtype=torch.bool, device=device)
+        elif fixed is None:
+            fixed = torch.zeros(T, dtype=torch.bool, device=device)
+        policy = self.policy
+        native_topk = None
+        if not policy.uses_kernels(router_logits):  # ranks 1..K are vLLM's own top-K (see __call__)
+            native_topk = self.native_compute(hidden_states, router_logits, indices_type, input_ids=input_ids)
+        sizes = dp_sizes(T, device, group, rank)
+        routing, whole, logits, valid_all, fixed_all = route_across_ranks(
+            policy, router_logits, spec, rank, sizes, lambda x: group.all_gather(x, 0), valid, fixed, native_topk,
+            self.moe_layer)
+        if counter is not None:
+            native = self.native_policy(logits, spec, valid_all, layer=self.moe_layer)
+            counter.add(whole, native, valid_all, spec.num_experts, kind, ~fixed_all)
+        return (routing.weights.to(torch.float32).contiguous(),
+                routing.ids.to(indices_type or torch.int32).contiguous())
 
     @staticmethod
     def _valid_rows(T: int, device: torch.device) -> torch.Tensor:

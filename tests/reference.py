@@ -675,11 +675,4 @@ def ref_budget_ep(logits, spec, valid, budget, ranks, placement=None, rank_cap=N
     candidates = sorted(range(E), key=lambda e: (e not in forced, -mass.get(e, 0), e))
     cap = rank_cap if rank_cap is not None else -(-budget // ranks)
     chosen = _rank_capped(candidates, forced, placement, cap, total=budget)
-    out = []
-    for t, ((choice, gate), order) in enumerate(zip(toks, order_of)):
-        if is_fixed(fixed, valid, t):
-            out.append(weights(gate, order[:K], spec, spec.renormalize))
-            continue
-        kept = [e for e in order if e in chosen and choice[e] != NEG_INF][:K]
-        out.append(weights(gate, kept, spec, spec.renormalize))
-    return out
+    return within_set(toks, order_of, chosen, spec, valid, fixed)

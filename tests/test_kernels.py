@@ -428,6 +428,17 @@ def test_xshare_kernel_matches_torch(batch, data):
     assert launches == 1  # T <= 100 fits one program
 
 
+def three_steps(E, T=9):
+    """Logits [3, T, E] of three steps, their valid rows (the second step padding only) and fixed rows."""
+    S = 3
+    x = torch.stack([distinct_logits(T, E, torch.float32, seed=s) for s in range(S)])
+    g = torch.Generator().manual_seed(1)
+    valid = torch.rand(S, T, generator=g) > 0.25
+    valid[1] = False  # a step of padding only
+    fixed = torch.rand(S, T, generator=g) < 0.3
+    return x, valid, fixed
+
+
 def steps_match_torch_in_one_launch(name, spec, x, valid, fixed, params):
     """[S, T, E] steps, with and without fixed rows: the kernel's ids equal torch's in one launch, and each
     step routes as that batch alone."""
@@ -445,28 +456,28 @@ def test_xshare_kernel_steps_and_by_batch():
     """[S, T, E] steps (each its own batch: its own sums, groups and padding) with per-step valid and fixed
     rows, and parameters by batch size, resolved on the host."""
     spec = RouterSpec(16, 3)
-    S, T = 3, 9
-    x = torch.stack([distinct_logits(T, 16, torch.float32, seed=s) for s in range(S)])
-    g = torch.Generator().manual_seed(1)
-    valid = torch.rand(S, T, generator=g) > 0.25
-    valid[1] = False  # a step of padding only
-    fixed = torch.rand(S, T, generator=g) < 0.3
+    x, valid, fixed = three_steps(16)
     for params in ({"budget": 4, "k0": 1, "group_budget": 2, "group_size": 4},
                    {"alpha": 0.0, "group_budget": 3, "group_size": 2, "guarantee": False},
                    {"budget": {"by_batch": {"8": 2, "max": 5}}, "k0": {"by_batch": {"4": 3, "max": 1}}}):
         steps_match_torch_in_one_launch("xshare", spec, x, valid, fixed, params)
 
 
+def over_programs(T=600, E=128):
+    """bfloat16 logits [T, E] of a batch the kernels split over several programs, valid and fixed rows."""
+    assert T > kernels.block_tokens(T, E, torch.device(DEVICE))
+    logits = distinct_logits(T, E, torch.bfloat16, seed=7)
+    g = torch.Generator().manual_seed(8)
+    valid = torch.rand(T, generator=g) > 0.1
+    fixed = torch.rand(T, generator=g) < 0.1
+    return logits, valid, fixed
+
+
 def test_xshare_kernel_across_programs():
     """T=600 over two programs (two launches): the batch's sums, the fixed rows' experts and groups that
     straddle two programs are the torch policy's."""
     spec = RouterSpec(128, 4)
-    T = 600
-    assert T > kernels.block_tokens(T, 128, torch.device(DEVICE))
-    logits = distinct_logits(T, 128, torch.bfloat16, seed=7)
-    g = torch.Generator().manual_seed(8)
-    valid = torch.rand(T, generator=g) > 0.1
-    fixed = torch.rand(T, generator=g) < 0.1
+    logits, valid, fixed = over_programs()
     for params in ({"budget": 6, "k0": 1, "group_budget": 4, "group_size": 7}, {"alpha": 0.05, "guarantee": False}):
         ref, got, launches, spec = run_both("xshare", spec, logits, valid, params, fixed)
         assert_same(ref, got, spec, logits, valid)
@@ -510,12 +521,7 @@ def test_lynx_kernel_steps_and_by_batch():
     """[S, T, E] steps (each its own batch: its own B, counts, votes and padding) with per-step valid and
     fixed rows, and alpha and beta by batch size and per layer, resolved on the host."""
     spec = RouterSpec(60, 4)
-    S, T = 3, 9
-    x = torch.stack([distinct_logits(T, 60, torch.float32, seed=s) for s in range(S)])
-    g = torch.Generator().manual_seed(1)
-    valid = torch.rand(S, T, generator=g) > 0.25
-    valid[1] = False  # a step of padding only
-    fixed = torch.rand(S, T, generator=g) < 0.3
+    x, valid, fixed = three_steps(60)
     for params in ({"alpha": 3, "beta": 2}, {"alpha": 2, "beta": 1, "variant": "quant_flatten_remove"},
                    {"alpha": {"by_batch": {"8": 1, "max": 2.5}}, "beta": {"by_batch": {"4": 4, "max": 1}}}):
         steps_match_torch_in_one_launch("lynx", spec, x, valid, fixed, params)
@@ -532,12 +538,7 @@ def test_lynx_kernel_across_programs():
     """T=600 over several programs (three launches: bucket counts, votes, routing): the counts, votes and
     fixed rows' experts of every program are the torch policy's."""
     spec = RouterSpec(128, 8, renormalize=False)
-    T = 600
-    assert T > kernels.block_tokens(T, 128, torch.device(DEVICE))
-    logits = distinct_logits(T, 128, torch.bfloat16, seed=7)
-    g = torch.Generator().manual_seed(8)
-    valid = torch.rand(T, generator=g) > 0.1
-    fixed = torch.rand(T, generator=g) < 0.1
+    logits, valid, fixed = over_programs()
     for params in ({"alpha": 3, "beta": 2}, {"alpha": 1, "beta": 4, "variant": "quant_flatten_remove"}):
         ref, got, launches, spec = run_both("lynx", spec, logits, valid, params, fixed)
         assert_same(ref, got, spec, logits, valid)

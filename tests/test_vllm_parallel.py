@@ -131,19 +131,27 @@ CONFIGS = {
 }
 
 
+def engine_work(tmp_path_factory, name, child, batch, what_file, what):
+    """A folder holding the engine script, the batch's ids and `what` (JSON), and the engine's environment:
+    native routing at start-up, counters on, vLLM's engine in-process, a small KV cache."""
+    work = tmp_path_factory.mktemp(name)
+    (work / "child.py").write_text(child.format(new=NEW, shims=str(SHIMS)))
+    (work / "ids.json").write_text(json.dumps(batch.tolist()))
+    (work / what_file).write_text(json.dumps(what))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_REROUTE_")}
+    env.update(MOE_REROUTE_POLICY="native", MOE_REROUTE_COUNTERS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               VLLM_CPU_KVCACHE_SPACE="1")
+    return work, env
+
+
 @pytest.fixture(scope="module")
 def served(reference_batch, tmp_path_factory):
     """{configuration: {policy: {"tokens", "counters" (one dict per rank)}, "refused": {policy: error}}}: the
     batch served in a two-worker engine per configuration (`CONFIGS`), the engines one after another in one
     child process (vLLM's multiprocess executor re-imports the main module in each worker)."""
     path, batch = reference_batch
-    work = tmp_path_factory.mktemp("parallel")
-    (work / "child.py").write_text(CHILD.format(new=NEW, shims=str(SHIMS)))
-    (work / "ids.json").write_text(json.dumps(batch.tolist()))
-    (work / "configs.json").write_text(json.dumps(CONFIGS))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_REROUTE_")}
-    env.update(MOE_REROUTE_POLICY="native", MOE_REROUTE_COUNTERS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0|1")
+    work, env = engine_work(tmp_path_factory, "parallel", CHILD, batch, "configs.json", CONFIGS)
+    env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
     done = subprocess.run([sys.executable, str(work / "child.py"), str(path), str(work / "ids.json"),
                            str(work / "configs.json"), str(work / "out.json")], env=env, capture_output=True,
                           text=True, timeout=1200)
@@ -294,13 +302,8 @@ def served_dp(reference_batch, tmp_path_factory):
     """[rank 0's, rank 1's] {policy: {"tokens" (its 8 sequences), "counters"}}: the batch served by two DP
     ranks, one engine process each, over the test-only stand-ins."""
     path, batch = reference_batch
-    work = tmp_path_factory.mktemp("dp")
-    (work / "child.py").write_text(CHILD_DP.format(new=NEW, shims=str(SHIMS)))
-    (work / "ids.json").write_text(json.dumps(batch.tolist()))
-    (work / "policies.json").write_text(json.dumps(DP_POLICIES))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_REROUTE_")}
-    env.update(MOE_REROUTE_POLICY="native", MOE_REROUTE_COUNTERS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               VLLM_CPU_KVCACHE_SPACE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
+    work, env = engine_work(tmp_path_factory, "dp", CHILD_DP, batch, "policies.json", DP_POLICIES)
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
     procs = []
     for rank in range(2):
         log = open(work / f"rank{rank}.log", "w")

@@ -140,6 +140,26 @@ def test_gather_rows_pads_unequal_ranks_in_process():
         assert gather_rows(masks[rank], [3, 1], gather).tolist() == [True, False, True, False]
 
 
+def test_ranks_without_rows():
+    """A rank with no rows still joins the gather and gets an empty routing; when no rank has a row nothing is
+    gathered or routed."""
+    policy = make_policy("budget", budget=8)
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+
+    def gather(t):  # rank 0 holds nothing, rank 1 the three rows of `x` (padded rows of rank 0 are zeros)
+        other = {torch.float32: x, torch.uint8: torch.ones(3, dtype=torch.uint8)}[t.dtype]
+        return torch.cat([torch.zeros_like(other), other])
+
+    own, whole, _, v, _ = route_across_ranks(policy, x[:0], SPEC, 0, [0, 3], gather)
+    assert own.ids.shape == (0, 4) and torch.equal(whole.ids, policy(x, SPEC).ids) and v.tolist() == [True] * 3
+
+    def no_gather(t):
+        raise AssertionError("nothing to gather")
+
+    own, whole, *_ = route_across_ranks(policy, x[:0], SPEC, 1, [0, 0], no_gather)
+    assert own.ids.shape == whole.ids.shape == (0, 4)
+
+
 def test_rows_that_do_not_match_the_sizes_are_refused():
     policy = make_policy("budget", budget=8)
     with pytest.raises(ValueError, match="DP rank 1 holds 4 rows, but the ranks' row counts are \\[8, 5\\]"):

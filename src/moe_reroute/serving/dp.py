@@ -68,6 +68,11 @@ def route_across_ranks(policy: Any, router_logits: torch.Tensor, spec: Any, rank
         raise ValueError(f"moe-reroute: DP rank {rank} holds {T} rows, but the ranks' row counts are {sizes}")
     device = router_logits.device
     v = torch.ones(T, dtype=torch.bool, device=device) if valid is None else valid.to(torch.bool)
+    if sum(sizes) == 0:  # no rank holds a row (every rank knows it from `sizes`): nothing to gather or route
+        K = spec.top_k
+        empty = Routing(router_logits.new_zeros((0, K), dtype=torch.float32),
+                        torch.zeros((0, K), dtype=torch.int64, device=device), v)
+        return empty, empty, router_logits, v, None if fixed is None else fixed.to(torch.bool)
     logits = gather_rows(router_logits, sizes, gather)  # [N, E]
     v_all = gather_rows(v, sizes, gather)  # [N]
     f_all = None if fixed is None else gather_rows(fixed.to(torch.bool), sizes, gather)

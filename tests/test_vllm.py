@@ -1047,6 +1047,34 @@ def test_wrapped_routers_route_dp_ranks_as_one_batch(wrapped, logits_factory, mo
         assert c[4]["steps"] == 0 and c[4]["steps_seen"] == 1 and c[4]["tokens_seen"] == 4
 
 
+@needs_vllm
+def test_a_switch_over_collective_rpc_reaches_its_own_engine_only(wrapped):
+    """A process can still hold the layers of an engine it shut down (until they are collected): a switch
+    through a worker (`collective_rpc`) reaches the layers of that worker's engine only, so a per-layer policy
+    that fits it is not refused for the old engine's layers; without a worker every layer of the process is
+    switched, and the old layer refuses it."""
+    from types import SimpleNamespace
+
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    import moe_reroute.vllm.plugin as plugin
+
+    wrapped("native")  # the fixture's fresh plugin state
+    cfg = plugin_config.parse("native", counters=True)
+    old, new = VllmConfig(), VllmConfig()
+    layers = {}
+    for engine, moe_layers in ((old, (0, 1, 2)), (new, (0, 1))):
+        with set_current_vllm_config(engine):
+            for m in moe_layers:
+                router = cpu_router(top_k=4, global_num_experts=32)
+                layers[id(engine), m] = plugin.wrap(router, cfg, layer=m, num_experts=32, moe_layer=(m, ""))
+    assert plugin.worker_set_policy(SimpleNamespace(vllm_config=new), "cap:k=[4,2]").startswith("cap:k=[4,2]")
+    assert [layers[id(new), m].config.source for m in (0, 1)] == ["cap:k=[4,2]"] * 2
+    assert all(layers[id(old), m].config.source == "native" for m in (0, 1, 2))
+    with pytest.raises(ValueError, match="MoE layer 2 is out of range"):
+        plugin.set_policy("cap:k=[4,2]")
+
+
 def test_verify_setting_is_a_bool():
     assert plugin_config.parse('{"name": "oea", "k0": 1, "verify": false}').verify is False
     assert plugin_config.parse("oea:k0=1").verify is True

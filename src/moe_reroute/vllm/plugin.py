@@ -401,8 +401,14 @@ def set_policy(policy: str, llm: Any = None) -> str:
     return switch(policy).describe()
 
 
-def _live_routers() -> list[Rerouter]:
+def _live_routers(worker: Any = None) -> list[Rerouter]:
+    """The re-routed layers a switch reaches: those of `worker`'s engine where a worker is given (a process may
+    still hold the layers of an engine it shut down, until they are collected), else every one of this
+    process."""
     routers = sorted(STATE.routers, key=lambda r: (r.layer is None, r.layer or 0))
+    engine = getattr(worker, "vllm_config", None)
+    if engine is not None and any(r.engine_of() is engine for r in routers):
+        routers = [r for r in routers if r.engine_of() is engine]
     if not routers:
         raise RuntimeError("moe-reroute: no MoE layer in this process is under the plugin, so there is no policy to "
                            "switch: build the engine with a policy (moe_reroute.vllm.enable('native') before "
@@ -415,10 +421,12 @@ def _live_routers() -> list[Rerouter]:
     return routers
 
 
-def check_policy(policy: str, origin: str = "set_policy") -> list[tuple[Rerouter, _config.PluginConfig]]:
-    """Each live re-routed layer of this process with the configuration `policy` would give it; raises
-    (ValueError: the policy does not fit a layer; RuntimeError: nothing can switch) and changes nothing."""
-    routers = _live_routers()
+def check_policy(policy: str, origin: str = "set_policy",
+                 worker: Any = None) -> list[tuple[Rerouter, _config.PluginConfig]]:
+    """Each live re-routed layer of this process (of `worker`'s engine, where given) with the configuration
+    `policy` would give it; raises (ValueError: the policy does not fit a layer; RuntimeError: nothing can
+    switch) and changes nothing."""
+    routers = _live_routers(worker)
     cfg = _config.parse_checked(policy, origin=origin)
     plan = [(r, dataclasses.replace(cfg, counters=r.config.counters)) for r in routers]
     for r, c in plan:
@@ -426,9 +434,10 @@ def check_policy(policy: str, origin: str = "set_policy") -> list[tuple[Rerouter
     return plan
 
 
-def switch(policy: str, origin: str = "set_policy") -> _config.PluginConfig:
-    """Switch every live re-routed layer of this process to `policy` (see `set_policy`); all or none."""
-    plan = check_policy(policy, origin)
+def switch(policy: str, origin: str = "set_policy", worker: Any = None) -> _config.PluginConfig:
+    """Switch every live re-routed layer of this process (of `worker`'s engine, where given) to `policy` (see
+    `set_policy`); all or none."""
+    plan = check_policy(policy, origin, worker)
     for r, c in plan:
         r.set_config(c)
     reset_counters()
@@ -439,13 +448,13 @@ def switch(policy: str, origin: str = "set_policy") -> _config.PluginConfig:
 
 def worker_check_policy(worker: Any, policy: str) -> bool:
     """`check_policy` for `LLM.collective_rpc(worker_check_policy, args=(policy,))` (vLLM passes the worker)."""
-    check_policy(policy)
+    check_policy(policy, worker=worker)
     return True
 
 
 def worker_set_policy(worker: Any, policy: str) -> str:
     """`switch` for `LLM.collective_rpc(worker_set_policy, args=(policy,))`; the new policy, described."""
-    return switch(policy).describe()
+    return switch(policy, worker=worker).describe()
 
 
 def counters() -> dict[int | str, dict[str, float]]:
@@ -515,13 +524,13 @@ class WorkerExtension:
 
     def moe_reroute_check_policy(self, policy: str) -> bool:
         """Raise, changing nothing, unless `policy` fits every re-routed layer of this worker."""
-        check_policy(policy, origin="moe_reroute_check_policy")
+        check_policy(policy, origin="moe_reroute_check_policy", worker=self)
         return True
 
     def moe_reroute_set_policy(self, policy: str) -> str:
         """Route with `policy` (a spec or JSON object) from the next step on; the policy, described. With
         several workers, call `moe_reroute_check_policy` on all of them first."""
-        return switch(policy, origin="moe_reroute_set_policy").describe()
+        return switch(policy, origin="moe_reroute_set_policy", worker=self).describe()
 
     def moe_reroute_counters(self) -> dict[str, dict[str, float]]:
         return {str(k): v for k, v in counters().items()}

@@ -153,6 +153,18 @@ def decode_threshold() -> int:
         return 1
 
 
+def current_engine() -> Any:
+    """A weak reference to the vLLM configuration in context (the engine being built), or None."""
+    import weakref
+
+    try:
+        from vllm.config import get_current_vllm_config
+
+        return weakref.ref(get_current_vllm_config())
+    except Exception:  # noqa: BLE001 - no configuration in context (a router built by hand), or not weak-referable
+        return None
+
+
 def dp_group() -> tuple[Any, int] | None:
     """(vLLM's data-parallel group, this worker's rank in it) when the engine runs more than one DP rank."""
     try:
@@ -202,7 +214,12 @@ class Rerouter:
         self.frozen = ""  # why the policy cannot be switched at run time (CUDA graphs, compiled); "" when it can
         self._bias_key: tuple | None = None
         self.decode_threshold = decode_threshold()
+        self._engine = current_engine()  # the configuration of the engine being built (weak), or None
         self.layer_spec(num_experts)
+
+    def engine_of(self) -> Any:
+        """The vLLM configuration of the engine this layer was built in (None if unknown or collected)."""
+        return self._engine() if self._engine is not None else None
 
     def layer_spec(self, num_experts: int) -> RouterSpec | None:
         """The spec, rebuilt when E or the bias tensor changes (vLLM may swap a parameter's `.data`

@@ -36,7 +36,7 @@ CHUNK = 16  # chunked_prefill_size: prompts longer than this prefill in chunks, 
 SERE = str(reference.path() / "sere" / "similarity.safetensors")
 POLICIES = ["oea:k0=[2,2,3,2]", "cap:k=4", f"sere:similarity={SERE}", "budget:budget=4"]
 # no radix cache: every run prefills its prompts afresh, so each run's chunked prefill makes mixed steps
-ENGINE_ARGS = dict(device="cpu", attention_backend="torch_native", disable_cuda_graph=True, mem_fraction_static=0.05,
+ENGINE_ARGS = dict(device="cpu", attention_backend="torch_native", disable_cuda_graph=True, mem_fraction_static=0.3,
                    dtype="float32", skip_server_warmup=True, max_total_tokens=4096, log_level="error",
                    disable_radix_cache=True)
 
@@ -275,7 +275,7 @@ def test_http_server_with_the_plugin_installed_and_no_policy_serves_natively(mod
     env["SGLANG_USE_CPU_ENGINE"] = "1"
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--host", "127.0.0.1",
            "--port", str(port), "--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
-           "--mem-fraction-static", "0.05", "--dtype", "float32", "--max-total-tokens", "4096", "--skip-server-warmup"]
+           "--mem-fraction-static", "0.3", "--dtype", "float32", "--max-total-tokens", "4096", "--skip-server-warmup"]
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300

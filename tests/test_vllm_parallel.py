@@ -144,7 +144,26 @@ def engine_work(tmp_path_factory, name, child, batch, what_file, what):
     return work, env
 
 
-@pytest.fixture(scope="module")
+# What the engines served, kept for this worker process: pytest-xdist may tear a module's fixtures down
+# between two of its tests (when a worker runs out of queued tests), and these engines take minutes.
+SERVED: dict[str, object] = {}
+
+
+def once(name):
+    """A module fixture computed once per process (`SERVED`), however often pytest sets it up."""
+    def wrap(fixture):
+        def cached(reference_batch, tmp_path_factory):
+            if name not in SERVED:
+                SERVED[name] = fixture(reference_batch, tmp_path_factory)
+            return SERVED[name]
+
+        cached.__name__, cached.__doc__ = fixture.__name__, fixture.__doc__
+        return pytest.fixture(scope="module")(cached)
+
+    return wrap
+
+
+@once("tp-ep")
 def served(reference_batch, tmp_path_factory):
     """{configuration: {policy: {"tokens", "counters" (one dict per rank)}, "refused": {policy: error}}}: the
     batch served in a two-worker engine per configuration (`CONFIGS`), the engines one after another in one
@@ -297,7 +316,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@once("dp")
 def served_dp(reference_batch, tmp_path_factory):
     """[rank 0's, rank 1's] {policy: {"tokens" (its 8 sequences), "counters"}}: the batch served by two DP
     ranks, one engine process each, over the test-only stand-ins."""

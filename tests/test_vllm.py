@@ -1052,7 +1052,9 @@ def test_a_switch_over_collective_rpc_reaches_its_own_engine_only(wrapped):
     """A process can still hold the layers of an engine it shut down (until they are collected): a switch
     through a worker (`collective_rpc`) reaches the layers of that worker's engine only, so a per-layer policy
     that fits it is not refused for the old engine's layers; without a worker every layer of the process is
-    switched, and the old layer refuses it."""
+    switched, and the old layer refuses it. A draft model's layers, built under a copy of the engine's
+    configuration (as vLLM's speculative proposers do), are the engine's."""
+    import copy
     from types import SimpleNamespace
 
     from vllm.config import VllmConfig, set_current_vllm_config
@@ -1062,14 +1064,16 @@ def test_a_switch_over_collective_rpc_reaches_its_own_engine_only(wrapped):
     wrapped("native")  # the fixture's fresh plugin state
     cfg = plugin_config.parse("native", counters=True)
     old, new = VllmConfig(), VllmConfig()
+    draft = copy.copy(new)  # shares its sub-configurations, as vLLM's copy for a draft model does
     layers = {}
-    for engine, moe_layers in ((old, (0, 1, 2)), (new, (0, 1))):
+    for engine, moe_layers in ((old, (0, 1, 2)), (new, (0, 1)), (draft, (0,))):
         with set_current_vllm_config(engine):
             for m in moe_layers:
                 router = cpu_router(top_k=4, global_num_experts=32)
                 layers[id(engine), m] = plugin.wrap(router, cfg, layer=m, num_experts=32, moe_layer=(m, ""))
     assert plugin.worker_set_policy(SimpleNamespace(vllm_config=new), "cap:k=[4,2]").startswith("cap:k=[4,2]")
-    assert [layers[id(new), m].config.source for m in (0, 1)] == ["cap:k=[4,2]"] * 2
+    switched = [layers[key].config.source for key in ((id(new), 0), (id(new), 1), (id(draft), 0))]
+    assert switched == ["cap:k=[4,2]"] * 3
     assert all(layers[id(old), m].config.source == "native" for m in (0, 1, 2))
     with pytest.raises(ValueError, match="MoE layer 2 is out of range"):
         plugin.set_policy("cap:k=[4,2]")

@@ -401,14 +401,24 @@ def set_policy(policy: str, llm: Any = None) -> str:
     return switch(policy).describe()
 
 
+def same_engine(a: Any, b: Any) -> bool:
+    """Whether two vLLM configurations belong to one engine: the same object, or a copy made for a part of
+    it (a speculative-decoding draft model is built under a `dataclasses.replace` of the engine's
+    configuration, which keeps its sub-configurations, the cache configuration among them)."""
+    if a is None or b is None:
+        return False
+    cache = getattr(a, "cache_config", None)
+    return a is b or (cache is not None and cache is getattr(b, "cache_config", None))
+
+
 def _live_routers(worker: Any = None) -> list[Rerouter]:
     """The re-routed layers a switch reaches: those of `worker`'s engine where a worker is given (a process may
     still hold the layers of an engine it shut down, until they are collected), else every one of this
     process."""
     routers = sorted(STATE.routers, key=lambda r: (r.layer is None, r.layer or 0))
     engine = getattr(worker, "vllm_config", None)
-    if engine is not None and any(r.engine_of() is engine for r in routers):
-        routers = [r for r in routers if r.engine_of() is engine]
+    if engine is not None and any(same_engine(r.engine_of(), engine) for r in routers):
+        routers = [r for r in routers if same_engine(r.engine_of(), engine)]
     if not routers:
         raise RuntimeError("moe-reroute: no MoE layer in this process is under the plugin, so there is no policy to "
                            "switch: build the engine with a policy (moe_reroute.vllm.enable('native') before "

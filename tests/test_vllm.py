@@ -1048,6 +1048,36 @@ def test_wrapped_routers_route_dp_ranks_as_one_batch(wrapped, logits_factory, mo
 
 
 @needs_vllm
+def test_dp_sizes_from_vllms_metadata_or_one_gather(monkeypatch):
+    """The ranks' row counts come from vLLM's `dp_metadata` where the step has it (no collective), else from
+    one all-gather; a layer seeing other rows than the metadata counts (sequence-parallel MoE) is refused."""
+    from types import SimpleNamespace
+
+    import vllm.forward_context as fc
+
+    import moe_reroute.vllm.router as rr
+
+    gathered = []
+
+    class Group:
+        world_size = 2
+
+        def all_gather(self, x, dim):
+            gathered.append(x.clone())
+            return torch.cat([x, torch.tensor([5])])
+
+    context = SimpleNamespace(dp_metadata=SimpleNamespace(num_tokens_across_dp_cpu=torch.tensor([8, 5])))
+    monkeypatch.setattr(fc, "is_forward_context_available", lambda: True)
+    monkeypatch.setattr(fc, "get_forward_context", lambda: context)
+    assert rr.dp_sizes(8, torch.device("cpu"), Group(), 0) == [8, 5] and not gathered
+    with pytest.raises(RuntimeError, match=r"sees 4 rows on DP rank 0, but vLLM's data-parallel metadata counts "
+                                           r"\[8, 5\].*\"dp_view\": \"local\""):
+        rr.dp_sizes(4, torch.device("cpu"), Group(), 0)
+    context.dp_metadata = None
+    assert rr.dp_sizes(3, torch.device("cpu"), Group(), 0) == [3, 5] and gathered[0].tolist() == [3]
+
+
+@needs_vllm
 def test_a_switch_over_collective_rpc_reaches_its_own_engine_only(wrapped):
     """A process can still hold the layers of an engine it shut down (until they are collected): a switch
     through a worker (`collective_rpc`) reaches the layers of that worker's engine only, so a per-layer policy

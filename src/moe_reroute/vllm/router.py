@@ -177,15 +177,19 @@ def dp_group() -> tuple[Any, int] | None:
 
 
 def dp_sizes(T: int, device: torch.device, group: Any, rank: int) -> list[int]:
-    """Every DP rank's rows in this step: vLLM's `dp_metadata` (on the host) where it describes this layer's
-    rows, else one all-gather of the count."""
+    """Every DP rank's rows in this step: vLLM's `dp_metadata` (on the host) where the step has it, else one
+    all-gather of the count. Every rank takes the same way (the collectives must match): a layer whose rows
+    are not what the metadata counts (a sequence-parallel MoE layer sees a slice) raises instead."""
     from vllm.forward_context import get_forward_context, is_forward_context_available
 
     meta = get_forward_context().dp_metadata if is_forward_context_available() else None
     if meta is not None:
         sizes = [int(n) for n in meta.num_tokens_across_dp_cpu.tolist()]
-        if len(sizes) == group.world_size and sizes[rank] == T:
-            return sizes
+        if len(sizes) != group.world_size or sizes[rank] != T:
+            raise RuntimeError(f"moe-reroute: dp_view \"gather\": this MoE layer sees {T} rows on DP rank {rank}, but "
+                               f"vLLM's data-parallel metadata counts {sizes} (a sequence-parallel MoE layer sees a "
+                               "slice of its rank's rows); use \"dp_view\": \"local\" with this engine")
+        return sizes
     counts = group.all_gather(torch.tensor([T], dtype=torch.int64, device=device), 0)
     return [int(n) for n in counts.tolist()]
 

@@ -8,6 +8,7 @@ they are skipped; the configuration tests run.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -179,7 +180,7 @@ def wrapped(monkeypatch):
 
     def make(policy, phase="decode", moe_layer=(2, ""), engine_ep=None):
         cfg = plugin_config.parse(policy, counters=True)
-        cfg = plugin_config.PluginConfig(cfg.policy, cfg.source, phase, True, cfg.verify, cfg.dp_view)
+        cfg = dataclasses.replace(cfg, phase=phase, counters=True)
         router = cpu_router(top_k=4, global_num_experts=32)
         plugin.wrap(router, cfg, layer=3, num_experts=32, moe_layer=moe_layer, engine_ep=engine_ep)
         return router, step
@@ -1048,6 +1049,19 @@ def test_wrapped_routers_route_dp_ranks_as_one_batch(wrapped, logits_factory, mo
 
 
 @needs_vllm
+def test_enable_keeps_the_engine_settings_of_a_json_policy():
+    """`enable(policy, counters=...)` sets the counters and keeps what the JSON says besides the policy."""
+    import moe_reroute.vllm as plugin
+
+    try:
+        cfg = plugin.enable('{"name": "budget", "budget": 6, "phase": "all", "verify": false, "dp_view": "gather"}',
+                            counters=True)
+        assert (cfg.counters, cfg.phase, cfg.verify, cfg.dp_view) == (True, "all", False, "gather")
+    finally:
+        plugin.disable()
+
+
+@needs_vllm
 def test_dp_sizes_from_vllms_metadata_or_one_gather(monkeypatch):
     """The ranks' row counts come from vLLM's `dp_metadata` where the step has it (no collective), else from
     one all-gather; a layer seeing other rows than the metadata counts (sequence-parallel MoE) is refused."""
@@ -1059,22 +1073,19 @@ def test_dp_sizes_from_vllms_metadata_or_one_gather(monkeypatch):
 
     gathered = []
 
-    class Group:
-        world_size = 2
-
-        def all_gather(self, x, dim):
-            gathered.append(x.clone())
-            return torch.cat([x, torch.tensor([5])])
+    def gather(x):
+        gathered.append(x.clone())
+        return torch.cat([x, torch.tensor([5])])
 
     context = SimpleNamespace(dp_metadata=SimpleNamespace(num_tokens_across_dp_cpu=torch.tensor([8, 5])))
     monkeypatch.setattr(fc, "is_forward_context_available", lambda: True)
     monkeypatch.setattr(fc, "get_forward_context", lambda: context)
-    assert rr.dp_sizes(8, torch.device("cpu"), Group(), 0) == [8, 5] and not gathered
+    assert rr.dp_sizes(8, torch.device("cpu"), gather, 2, 0) == [8, 5] and not gathered
     with pytest.raises(RuntimeError, match=r"sees 4 rows on DP rank 0, but vLLM's data-parallel metadata counts "
                                            r"\[8, 5\].*\"dp_view\": \"local\""):
-        rr.dp_sizes(4, torch.device("cpu"), Group(), 0)
+        rr.dp_sizes(4, torch.device("cpu"), gather, 2, 0)
     context.dp_metadata = None
-    assert rr.dp_sizes(3, torch.device("cpu"), Group(), 0) == [3, 5] and gathered[0].tolist() == [3]
+    assert rr.dp_sizes(3, torch.device("cpu"), gather, 2, 0) == [3, 5] and gathered[0].tolist() == [3]
 
 
 @needs_vllm

@@ -53,9 +53,6 @@ class PluginConfig:
         dp = ", DP ranks routed as one batch" if self.dp_view == "gather" else ""
         return f"{self.source} ({what}{'' if self.verify else ', verification native'}{dp})"
 
-    def with_counters(self, counters: bool) -> "PluginConfig":
-        return PluginConfig(self.policy, self.source, self.phase, counters, self.verify, self.dp_view)
-
 
 def from_env(environ: Any = None) -> PluginConfig | None:
     """The configuration the environment asks for, or None when it asks for nothing.

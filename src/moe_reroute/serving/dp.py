@@ -98,7 +98,6 @@ def torch_gather(group: Any = None) -> Gather:
     return gather
 
 
-def torch_sizes(T: int, device: torch.device | str, group: Any = None) -> list[int]:
+def gather_sizes(T: int, device: torch.device | str, gather: Gather) -> list[int]:
     """Every rank's row count, by an all-gather of one integer."""
-    n = torch.tensor([T], dtype=torch.int64, device=device)
-    return [int(x) for x in torch_gather(group)(n).tolist()]
+    return [int(n) for n in gather(torch.tensor([T], dtype=torch.int64, device=device)).tolist()]

@@ -355,7 +355,7 @@ def enable(policy: str | None = None, *, counters: bool | None = None,
             raise ValueError(f"enable(): no policy given and {_config.POLICY_ENV} is not set")
     else:
         cfg = _config.parse(policy)
-    cfg = cfg.with_counters(counters)
+    cfg = dataclasses.replace(cfg, counters=counters)
     layout = _config.parse_count_layout(count_ep, origin="enable(count_ep)") if count_ep is not None else None
     install()
     STATE.explicit = cfg

@@ -12,6 +12,7 @@ with that layer's MoE-layer index (dense layers not counted), read from the mode
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -176,7 +177,7 @@ def dp_group() -> tuple[Any, int] | None:
     return (group, group.rank_in_group) if group.world_size > 1 else None
 
 
-def dp_sizes(T: int, device: torch.device, group: Any, rank: int) -> list[int]:
+def dp_sizes(T: int, device: torch.device, gather: Any, ranks: int, rank: int) -> list[int]:
     """Every DP rank's rows in this step: vLLM's `dp_metadata` (on the host) where the step has it, else one
     all-gather of the count. Every rank takes the same way (the collectives must match): a layer whose rows
     are not what the metadata counts (a sequence-parallel MoE layer sees a slice) raises instead."""
@@ -185,13 +186,14 @@ def dp_sizes(T: int, device: torch.device, group: Any, rank: int) -> list[int]:
     meta = get_forward_context().dp_metadata if is_forward_context_available() else None
     if meta is not None:
         sizes = [int(n) for n in meta.num_tokens_across_dp_cpu.tolist()]
-        if len(sizes) != group.world_size or sizes[rank] != T:
+        if len(sizes) != ranks or sizes[rank] != T:
             raise RuntimeError(f"moe-reroute: dp_view \"gather\": this MoE layer sees {T} rows on DP rank {rank}, but "
                                f"vLLM's data-parallel metadata counts {sizes} (a sequence-parallel MoE layer sees a "
                                "slice of its rank's rows); use \"dp_view\": \"local\" with this engine")
         return sizes
-    counts = group.all_gather(torch.tensor([T], dtype=torch.int64, device=device), 0)
-    return [int(n) for n in counts.tolist()]
+    from ..serving.dp import gather_sizes
+
+    return gather_sizes(T, device, gather)
 
 
 class Rerouter:
@@ -321,14 +323,9 @@ class Rerouter:
         # is_padding covers the step's tokens; a layer that sees another slice of them (sequence-parallel
         # MoE) cannot tell its padding, and counts every row.
         valid = ~padding if padding is not None and padding.shape[0] == T else None
-        policy = self.policy
-        native_topk = None
-        if not policy.uses_kernels(router_logits):
-            # ranks 1..K are vLLM's own top-K, ties as vLLM breaks them (the fused kernels' ties go to the
-            # lower id, as vLLM's CUDA top-k)
-            native_topk = self.native_compute(hidden_states, router_logits, indices_type, input_ids=input_ids)
+        native_topk = self._native_topk(hidden_states, router_logits, indices_type, input_ids)
         # fixed: a mixed step's prefill rows keep native routing, and their experts count as loaded
-        routing = policy(router_logits, spec, valid, layer=self.moe_layer, native=native_topk, fixed=fixed)
+        routing = self.policy(router_logits, spec, valid, layer=self.moe_layer, native=native_topk, fixed=fixed)
         if counter is not None:
             v = valid if valid is not None else torch.ones(T, dtype=torch.bool, device=device)
             native = self.native_policy(router_logits, spec, v, layer=self.moe_layer)
@@ -339,9 +336,19 @@ class Rerouter:
             else:  # "all" on a prefill (or unreadable) step
                 decode_rows = torch.zeros(T, dtype=torch.bool, device=device)
             counter.add(routing, native, v, spec.num_experts, kind, decode_rows)
-        weights = routing.weights.to(torch.float32).contiguous()  # [T, K]
-        ids = routing.ids.to(indices_type or torch.int32).contiguous()  # [T, K]
-        return weights, ids
+        return self._engine_output(routing, indices_type)
+
+    def _native_topk(self, hidden_states, router_logits, indices_type, input_ids):
+        """vLLM's own top-K for ranks 1..K, ties as vLLM breaks them, where the policy runs in torch (the fused
+        kernels' ties go to the lower id, as vLLM's CUDA top-k); None where it runs a kernel."""
+        if self.policy.uses_kernels(router_logits):
+            return None
+        return self.native_compute(hidden_states, router_logits, indices_type, input_ids=input_ids)
+
+    @staticmethod
+    def _engine_output(routing, indices_type) -> tuple[torch.Tensor, torch.Tensor]:
+        """vLLM's output contract: float32 weights [T, K], ids [T, K] of `indices_type` (default int32)."""
+        return routing.weights.to(torch.float32).contiguous(), routing.ids.to(indices_type or torch.int32).contiguous()
 
     def _count_native(self, counter: LayerCounter, T: int, device: torch.device, kind: str,
                       prefill: torch.Tensor | None) -> None:
@@ -361,27 +368,23 @@ class Rerouter:
         from ..serving.dp import route_across_ranks
 
         group, rank = dp
+        gather = functools.partial(group.all_gather, dim=0)
         T, device = router_logits.shape[0], router_logits.device
         valid = self._valid_rows(T, device)
         if not reroute:
             fixed = torch.ones(T, dtype=torch.bool, device=device)
         elif fixed is None:
             fixed = torch.zeros(T, dtype=torch.bool, device=device)
-        policy = self.policy
-        native_topk = None
-        if not policy.uses_kernels(router_logits):  # ranks 1..K are vLLM's own top-K (see __call__)
-            native_topk = self.native_compute(hidden_states, router_logits, indices_type, input_ids=input_ids)
-        sizes = dp_sizes(T, device, group, rank)
+        native_topk = self._native_topk(hidden_states, router_logits, indices_type, input_ids)
+        sizes = dp_sizes(T, device, gather, group.world_size, rank)
         routing, whole, logits, valid_all, fixed_all = route_across_ranks(
-            policy, router_logits, spec, rank, sizes, lambda x: group.all_gather(x, 0), valid, fixed, native_topk,
-            self.moe_layer)
+            self.policy, router_logits, spec, rank, sizes, gather, valid, fixed, native_topk, self.moe_layer)
         if counter is not None and reroute:
             native = self.native_policy(logits, spec, valid_all, layer=self.moe_layer)
             counter.add(whole, native, valid_all, spec.num_experts, kind, ~fixed_all)
         elif counter is not None:
             self._count_native(counter, T, device, kind, prefill)
-        return (routing.weights.to(torch.float32).contiguous(),
-                routing.ids.to(indices_type or torch.int32).contiguous())
+        return self._engine_output(routing, indices_type)
 
     @staticmethod
     def _valid_rows(T: int, device: torch.device) -> torch.Tensor:

@@ -227,14 +227,16 @@ def ref_sere(logits, spec, valid, sim, primary=2, threshold=0.1, native_ids=None
 
 
 def within_set(toks, ranks, chosen, spec, valid, fixed):
-    """Each token's best K experts of the set `chosen`, by its ranking (fixed tokens: native)."""
+    """Each token's best K experts of the set `chosen`, by its ranking (fixed tokens: native); `chosen`
+    may be a function (t, e) -> whether token t may use e."""
     K = spec.top_k
+    allowed = chosen if callable(chosen) else (lambda t, e: e in chosen)
     out = []
     for t, ((choice, gate), order) in enumerate(zip(toks, ranks)):
         if is_fixed(fixed, valid, t):
             out.append(weights(gate, order[:K], spec, spec.renormalize))
             continue
-        kept = [e for e in order if e in chosen and choice[e] != NEG_INF][:K]
+        kept = [e for e in order if allowed(t, e) and choice[e] != NEG_INF][:K]
         out.append(weights(gate, kept, spec, spec.renormalize))
     return out
 
@@ -603,8 +605,9 @@ def _rank_capped(candidates, forced, placement, cap, total=None):
     return set(taken)
 
 
-def _native_mass(toks, ranks, valid, fixed, K, grid=256):
-    """Each expert's native gate mass over the valid re-routed tokens, in whole 1/grid-ths (as ref_budget)."""
+def _native_mass(toks, ranks, valid, fixed, K, grid=256, slot=None):
+    """Each expert's native gate mass over the valid re-routed tokens, in whole 1/grid-ths (as ref_budget);
+    with `slot(t, e)`, summed per physical slot instead."""
     score = {}
     for t, ((choice, gate), order) in enumerate(zip(toks, ranks)):
         if not valid[t] or is_fixed(fixed, valid, t):
@@ -612,35 +615,61 @@ def _native_mass(toks, ranks, valid, fixed, K, grid=256):
         top = order[:K]
         s = sum(gate[e] for e in top)
         for e in top:
-            score[e] = score.get(e, 0) + max(1, math.floor(gate[e] / s * grid + 0.5))
+            key = e if slot is None else slot(t, e)
+            score[key] = score.get(key, 0) + max(1, math.floor(gate[e] / s * grid + 0.5))
     return score
 
 
+def replica_slots(physical_to_logical):
+    """vLLM's replica choice, written out: row t reaches, for logical expert e, the r-th slot (in slot
+    order) holding e, r = ((t * 2654435769) mod 2^32) mod (e's replica count). Returns slot(t, e)."""
+    holders = {}
+    for p, e in enumerate(physical_to_logical):
+        holders.setdefault(int(e), []).append(p)
+
+    def slot(t, e):
+        h = (t * 2654435769) % (1 << 32)
+        return holders[e][h % len(holders[e])]
+
+    return slot
+
+
+def _slot_setup(E, ranks, placement, physical_to_logical):
+    """(slot(t, e), rank of each slot, number of slots) for a plain or a replicated placement."""
+    if physical_to_logical is None:
+        placement = [e * ranks // E for e in range(E)] if placement is None else [int(v) for v in placement]
+        return (lambda t, e: e), placement, E
+    P = len(physical_to_logical)
+    return replica_slots(physical_to_logical), [p // (P // ranks) for p in range(P)], P
+
+
 def ref_oea_ep(logits, spec, valid, k0, ranks, placement=None, rank_cap=None, p=1.0, k_max=None, max_rank=None,
-               native_ids=None, fixed=None):
+               native_ids=None, fixed=None, physical_to_logical=None):
     """OEA with its loaded set chosen under a per-rank cap (expert parallelism over `ranks` ranks):
     forced = every valid re-routed token's top-1 and every fixed token's native top-K; then the other
     experts of plain OEA's loaded set, then experts outside it with native mass, each group by mass
     (ties: lower id); a rank takes experts while it holds fewer than cap = rank_cap or
     ceil(|plain loaded set| / ranks). Tokens keep their base experts that are loaded and piggyback on the
-    loaded set (ranks up to max_rank), up to k_max; fixed tokens route natively."""
+    loaded set (ranks up to max_rank), up to k_max; fixed tokens route natively.
+    With `physical_to_logical` (redundant experts), every set holds the physical slots the tokens reach
+    (`replica_slots`), slot p on rank p // (P / ranks), and a token may use e if its slot is loaded."""
     K, E = spec.top_k, spec.num_experts
     k_max = K if k_max is None else k_max
     max_rank = E if max_rank is None else max_rank
-    placement = [e * ranks // E for e in range(E)] if placement is None else [int(v) for v in placement]
+    slot, placement, n = _slot_setup(E, ranks, placement, physical_to_logical)
     toks, order_of = rankings(logits, spec, native_ids)
     base = oea_base(toks, order_of, k0, p)
     plain, forced = set(), set()
     for t, (b, order) in enumerate(zip(base, order_of)):
         if is_fixed(fixed, valid, t):
-            plain.update(order[:K])
-            forced.update(order[:K])
+            plain.update(slot(t, e) for e in order[:K])
+            forced.update(slot(t, e) for e in order[:K])
         elif valid[t]:
-            plain.update(b)
-            forced.add(order[0])
-    mass = _native_mass(toks, order_of, valid, fixed, K)
-    candidates = sorted((e for e in range(E) if e in forced or e in plain or mass.get(e, 0) > 0),
-                        key=lambda e: (e not in forced, e not in plain, -mass.get(e, 0), e))
+            plain.update(slot(t, e) for e in b)
+            forced.add(slot(t, order[0]))
+    mass = _native_mass(toks, order_of, valid, fixed, K, slot=slot)
+    candidates = sorted((x for x in range(n) if x in forced or x in plain or mass.get(x, 0) > 0),
+                        key=lambda x: (x not in forced, x not in plain, -mass.get(x, 0), x))
     cap = rank_cap if rank_cap is not None else -(-len(plain) // ranks)
     loaded = _rank_capped(candidates, forced, placement, cap)
     out = []
@@ -652,27 +681,30 @@ def ref_oea_ep(logits, spec, valid, k0, ranks, placement=None, rank_cap=None, p=
         for j, e in enumerate(order):
             if len(kept) >= k_max:
                 break
-            if e in loaded and (j < len(b) or (choice[e] != NEG_INF and j < max_rank)):
+            if slot(t, e) in loaded and (j < len(b) or (choice[e] != NEG_INF and j < max_rank)):
                 kept.append(e)
         out.append(weights(gate, kept, spec, spec.renormalize))
     return out
 
 
-def ref_budget_ep(logits, spec, valid, budget, ranks, placement=None, rank_cap=None, native_ids=None, fixed=None):
+def ref_budget_ep(logits, spec, valid, budget, ranks, placement=None, rank_cap=None, native_ids=None, fixed=None,
+                  physical_to_logical=None):
     """`ref_budget` with the set filled under a per-rank cap: forced experts (every valid re-routed token's
     top-1, every fixed token's native top-K) first, then by mass (ties: lower id), each only while its rank
-    holds fewer than cap = rank_cap or ceil(budget / ranks) and the set fewer than `budget`."""
+    holds fewer than cap = rank_cap or ceil(budget / ranks) and the set fewer than `budget`.
+    With `physical_to_logical`, the set holds physical slots (as in `ref_oea_ep`); a token routes to its
+    best K experts whose slots are in it."""
     K, E = spec.top_k, spec.num_experts
-    placement = [e * ranks // E for e in range(E)] if placement is None else [int(v) for v in placement]
+    slot, placement, n = _slot_setup(E, ranks, placement, physical_to_logical)
     toks, order_of = rankings(logits, spec, native_ids)
     forced = set()
     for t, order in enumerate(order_of):
         if is_fixed(fixed, valid, t):
-            forced.update(order[:K])
+            forced.update(slot(t, e) for e in order[:K])
         elif valid[t]:
-            forced.add(order[0])
-    mass = _native_mass(toks, order_of, valid, fixed, K)
-    candidates = sorted(range(E), key=lambda e: (e not in forced, -mass.get(e, 0), e))
+            forced.add(slot(t, order[0]))
+    mass = _native_mass(toks, order_of, valid, fixed, K, slot=slot)
+    candidates = sorted(range(n), key=lambda x: (x not in forced, -mass.get(x, 0), x))
     cap = rank_cap if rank_cap is not None else -(-budget // ranks)
     chosen = _rank_capped(candidates, forced, placement, cap, total=budget)
-    return within_set(toks, order_of, chosen, spec, valid, fixed)
+    return within_set(toks, order_of, lambda t, e: slot(t, e) in chosen, spec, valid, fixed)

@@ -495,6 +495,77 @@ def test_engine_ep_layout_counts_and_placement_engine(wrapped, logits_factory):
 
 
 @needs_vllm
+def test_eplb_maps_and_rearrangement_as_vllm_computes_them():
+    """The replicas module against vLLM's own EPLB code: `logical_maps` equals `compute_logical_maps`, and
+    `eplb_replicas` equals `DefaultEplbPolicy.rebalance_experts` (one expert group, one node) on random loads."""
+    from vllm.distributed.eplb.eplb_state import compute_logical_maps
+    from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
+
+    from moe_reroute.replicas import eplb_replicas, logical_maps, physical_to_logical
+
+    g = torch.Generator().manual_seed(0)
+    for E, D, extra, L in ((16, 4, 4, 3), (32, 8, 8, 2), (12, 4, 0, 2), (8, 12, 4, 1)):
+        load = torch.rand(L, E, generator=g) * 100
+        want = DefaultEplbPolicy.rebalance_experts(load, E + extra, 1, 1, D)
+        got = eplb_replicas(load, D, extra)
+        assert torch.equal(physical_to_logical(got), want)
+        l2p, count = compute_logical_maps(want, E)
+        mine, mine_count = logical_maps(want, E)
+        assert torch.equal(count, mine_count)
+        assert torch.equal(l2p, mine[..., :l2p.shape[-1]])
+
+
+@needs_vllm
+def test_engine_eplb_layout_counts_and_placement_engine(wrapped, logits_factory):
+    """Under EPLB (vLLM's `EplbLayerState` on the router; the engine itself refuses EPLB on CPU, so this is
+    the contract): the layout reads the layer's maps at every step, so a rearrangement is seen at once;
+    before vLLM fills them in, its initial arrangement. `placement=engine` routes as the same replicas given
+    explicitly; the counters count the slots each rank reads, each row sent to the replica vLLM's hash
+    picks (a plain loop, tests/reference.py); dp_view=gather is refused."""
+    import types
+
+    from vllm.distributed.eplb.eplb_state import EplbLayerState, compute_logical_maps
+
+    import moe_reroute.vllm as plugin
+    import reference as ref
+    from moe_reroute import make_policy
+    from moe_reroute.replicas import physical_to_logical
+    from moe_reroute.vllm import router_spec
+
+    E, D, P = 32, 4, 40
+    state = EplbLayerState()
+    manager = types.SimpleNamespace(use_ep=True, ep_size=D, global_num_experts=P, ep_rank=1)
+    engine_ep = plugin.plugin.engine_layout(manager, types.SimpleNamespace(eplb_state=state), E)
+    replicas = engine_ep[0]
+    assert engine_ep[1:] == (D, 1, "engine (eplb)")
+    assert physical_to_logical(replicas).tolist() == list(range(E)) + list(range(8))  # vLLM's initial layout
+    router, _ = wrapped("oea:k0=1,ep=4,placement=engine", engine_ep=engine_ep)
+    spec, _ = router_spec(router, E)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(2):  # two arrangements, as EPLB's rearrangement would make
+        p2l = torch.cat([torch.arange(E), torch.randint(0, E, (P - E,), generator=g)])[torch.randperm(P, generator=g)]
+        l2p, count = compute_logical_maps(p2l, E)
+        state.logical_to_physical_map, state.logical_replica_count = l2p, count
+        plugin.reset_counters()
+        x = logits_factory(16, E, seed=int(p2l[0]))
+        w, i = router.select_experts(None, x)
+        want = make_policy("oea", k0=1, ep=D, placement={"ranks": D, "physical_to_logical": p2l.tolist()})(x, spec)
+        got_w, got_i = sorted_routing(w, i.long())  # vLLM's own order where a row keeps its native top-K
+        want_w, want_i = sorted_routing(want.weights, want.ids)
+        assert torch.equal(got_i, want_i) and torch.allclose(got_w, want_w, rtol=1e-5, atol=1e-6)
+        slot = ref.replica_slots(p2l.tolist())
+        used = {slot(t, int(e)) for t, row in enumerate(i.tolist()) for e in row}
+        per = [len({p for p in used if p // (P // D) == r}) for r in range(D)]
+        c = plugin.counters()[3]
+        assert (c["ranks"], c["placement"], c["ep_rank"]) == (D, "engine (eplb)", 1)
+        assert c["unique_per_rank"] == per and c["local_unique"] == per[1] and c["max_rank_unique"] == max(per)
+    gather = dataclasses.replace(plugin_config.parse("oea:k0=1,ep=4,placement=engine"), dp_view="gather")
+    with pytest.raises(ValueError, match="dp_view=gather .* EPLB"):
+        plugin.plugin.wrap(cpu_router(top_k=4, global_num_experts=E), gather, layer=3, num_experts=E,
+                           moe_layer=(2, ""), engine_ep=engine_ep)
+
+
+@needs_vllm
 def test_count_layout_refusals(wrapped, monkeypatch, tmp_path):
     """A counting layout that cannot be used fails at start-up naming the variable and the fix: not a number
     of ranks, eplb (computed from loads, so it is a file here), more ranks than experts, a file that does

@@ -33,6 +33,14 @@ def used_experts(routing: Routing, num_experts: int) -> torch.Tensor:
     return (expert_mask(routing, num_experts) & _valid(routing)[..., None]).any(dim=-2)
 
 
+def used_slots(routing: Routing, replicas, layer: int | None = None) -> torch.Tensor:
+    """[P] bool: the physical expert slots the batch's valid tokens reach under redundant experts
+    (`moe_reroute.replicas.Replicas`, row t of each step hashed to its replica as vLLM does); [S, P]."""
+    slots = replicas.to_physical(routing.ids, layer)  # [..., T, K]
+    mask = torch.zeros(*slots.shape[:-1], replicas.num_physical, dtype=torch.bool, device=slots.device)
+    return (mask.scatter_(-1, slots, True) & _valid(routing)[..., None]).any(dim=-2)
+
+
 def unique_experts(routing: Routing, num_experts: int) -> torch.Tensor:
     """U: distinct experts the batch's valid tokens activate (0-d int64 tensor; [S] for S steps)."""
     return used_experts(routing, num_experts).sum(dim=-1)

@@ -281,17 +281,20 @@ def finish(ids: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor, s: Sco
 
 
 def route_within_set(s: Scored, order: torch.Tensor, in_set: torch.Tensor, spec: RouterSpec, valid: torch.Tensor,
-                     fixed: torch.Tensor | None) -> Routing:
+                     fixed: torch.Tensor | None, per_token: bool = False) -> Routing:
     """Each token's best K experts within one expert set per step, by its own ranking, with the model's
     weights over those (renormalised as the model does; the model's own where that is its native top-K);
     fixed rows native. A token's native top-K (ranks 1..K) may hold experts of weight 0 (fewer than K finite
     logits): they stay allowed, so that a set of every expert is native routing exactly.
 
     Args:
-      order: [T, E] each token's ranking (`rank`). in_set: [E] bool ([S, E] for S steps).
+      order: [T, E] each token's ranking (`rank`). in_set: [E] bool ([S, E] for S steps); with
+        `per_token`, [T, E] ([S, T, E]): the experts each token may use.
     """
     K, E = spec.top_k, spec.num_experts
-    in_set = in_set[..., None, :].expand(order.shape)  # [T, E] by expert
+    if not per_token:
+        in_set = in_set[..., None, :]
+    in_set = in_set.expand(order.shape)  # [T, E] by expert
     head = torch.arange(E, device=order.device) < K
     allowed = in_set.gather(-1, order) & (torch.isfinite(s.choice.gather(-1, order)) | head)  # [T, E], rank order
     keep = allowed & (allowed.cumsum(dim=-1) <= K)

@@ -56,6 +56,15 @@ def _policies(specs: list[str] | None, trace, reference: bool) -> tuple[dict, li
     return out, notes
 
 
+def _lcm(values) -> int:
+    import math
+
+    out = 1
+    for v in values:
+        out = out * v // math.gcd(out, v)
+    return out
+
+
 def _run(args) -> int:
     try:
         return _ep_replay(args)
@@ -87,6 +96,10 @@ def _ep_replay(args) -> int:
                                  args.hbm_gbps, args.link_gbps)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    at_least(args.redundant, 0, "--redundant")
+    if args.redundant and args.placement != "eplb":
+        raise UsageError("--redundant adds EPLB's redundant experts, placed by its rearrangement: give --placement eplb "
+                         "(a placement file lists its own slots)")
     if args.calibration_trace and args.placement != "eplb":
         raise UsageError("--calibration-trace gives the expert loads of --placement eplb; it does not apply to "
                          f"--placement {args.placement}")
@@ -103,6 +116,7 @@ def _replay(args, batch_sizes, ranks, shape, step_model) -> int:
     from ..measure import parallel
     from ..placement import check_ranks, save_placement
     from ..progress import progress as progress_bar
+    from ..replicas import Replicas
     from ..traces import load
 
     say = (lambda *a, **k: None) if args.json else print
@@ -131,6 +145,11 @@ def _replay(args, batch_sizes, ranks, shape, step_model) -> int:
             check_ranks(E, D)
         except ValueError as e:
             raise UsageError(f"--ep {D}: {e}") from None
+    uneven = [D for D in ranks if (E + args.redundant) % D]
+    if args.redundant and uneven:
+        raise UsageError(f"--redundant {args.redundant}: E + redundant = {E + args.redundant} slots do not split evenly "
+                         f"over {uneven} ranks (each rank holds (E + redundant) / D); choose a redundant count that "
+                         f"makes E + redundant a multiple of every --ep (e.g. {_lcm(ranks) - E % _lcm(ranks)})")
     if E != shape.num_experts:
         say(f"note: the trace's layers have E={E} experts, the --shape {shape.name} {shape.num_experts}: its expert "
             "bytes and hidden size are used for the predicted time only")
@@ -147,12 +166,18 @@ def _replay(args, batch_sizes, ranks, shape, step_model) -> int:
             load_note = (" (expert loads: native routing of this same trace, so the placement has seen the steps it "
                          "is scored on)")
     try:
-        by_ranks = parallel.placements(args.placement, trace, ranks, loads)
+        by_ranks = parallel.placements(args.placement, trace, ranks, loads, args.redundant)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(f"--placement {args.placement}: {e}") from None
     policies, notes = _policies(args.policy, trace, reference=not args.trace)
+    replicated = any(isinstance(p, Replicas) for p in by_ranks.values())
+    slots_note = ""
+    if replicated:
+        P = next(iter(by_ranks.values())).num_physical
+        slots_note = (f", {P} physical slots ({P - E} redundant experts; U per rank counts the slots each rank "
+                      "reads, each token sent to a replica by vLLM's hash of its row)")
     say(f"moe-reroute ep-replay: {where}; E={E}, K={trace.specs[trace.layers[0]].top_k}, {len(trace.layers)} MoE "
-        f"layers; placement {args.placement}{load_note}"
+        f"layers; placement {args.placement}{load_note}{slots_note}"
         + (f"; each batch from {args.dp} data-parallel ranks, each rank's tokens routed alone" if args.dp > 1 else ""))
     say(f"cost model ({shape.name} layer shape, bfloat16 weights): {step_model.describe()}")
     for note in notes:
@@ -163,11 +188,14 @@ def _replay(args, batch_sizes, ranks, shape, step_model) -> int:
                               dp=args.dp)
     bar.close()
     label = args.placement if args.placement in ("contiguous", "eplb") else f"file {args.placement}"
+    if args.redundant:
+        label += f" (+{args.redundant} redundant)"
     say("")
     say(parallel.table(rows, label))
     command = "moe-reroute " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []))
-    result = {"command": command, "trace": where, "placement": args.placement + load_note,
+    result = {"command": command, "trace": where, "placement": args.placement + load_note + slots_note,
               "conditions": {"batch_sizes": batch_sizes, "ranks": ranks, "dp": args.dp, "num_experts": E,
+                             "redundant": args.redundant,
                              "layers": len(trace.layers), "steps": trace.steps, "sequences": trace.batch_size,
                              "shape": shape.name, "cost_model": step_model.describe()},
               "notes": notes, "rows": rows}
@@ -178,7 +206,9 @@ def _replay(args, batch_sizes, ranks, shape, step_model) -> int:
         out.mkdir(parents=True, exist_ok=True)
         written = [write_text_atomic(out / "ep.json", json.dumps(result, indent=1) + "\n")]
         if args.placement == "eplb":
-            written += [save_placement(p, out / f"placement-eplb-D{D}.json") for D, p in by_ranks.items()]
+            written += [write_text_atomic(out / f"placement-eplb-D{D}.json", json.dumps(p.to_json()) + "\n")
+                        if isinstance(p, Replicas) else save_placement(p, out / f"placement-eplb-D{D}.json")
+                        for D, p in by_ranks.items()]
         try:
             written.append(parallel.plot(rows, out / "ep.png", label))
         except ImportError as e:
@@ -200,8 +230,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--ep", default="8,16,32,64", metavar="D,D", help="expert-parallel ranks (default 8,16,32,64)")
     p.add_argument("--placement", default="contiguous", metavar="contiguous|eplb|FILE",
                    help="experts on ranks: contiguous blocks (default), eplb (balanced by each expert's native load, "
-                        "from this trace or --calibration-trace), or a JSON file of one rank per expert (or one such "
-                        "list per MoE layer)")
+                        "from this trace or --calibration-trace; with --redundant, replicas too), or a JSON file of one "
+                        "rank per expert (or one such list per MoE layer), or of redundant experts "
+                        "{\"ranks\": D, \"physical_to_logical\": [...]}")
+    p.add_argument("--redundant", type=int, default=0, metavar="N",
+                   help="with --placement eplb: N redundant experts (vLLM's num_redundant_experts): E + N physical "
+                        "slots, the hottest experts replicated and the slots packed onto the ranks as vLLM's default "
+                        "EPLB does; U per rank then counts slots (default 0)")
     p.add_argument("--calibration-trace", default=None, metavar="PATH",
                    help="with --placement eplb: take the expert loads from this trace's native routing")
     p.add_argument("--policy", action="append", default=None, metavar="SPEC",

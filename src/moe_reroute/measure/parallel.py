@@ -17,10 +17,12 @@ from pathlib import Path
 
 import torch
 
-from ..metrics import rank_unique
-from ..placement import check_ranks, make_placement
+from ..contract import Routing
+from ..metrics import rank_unique, used_experts, used_slots
+from ..placement import NAMES, check_ranks, make_placement
 from ..policies import Policy, make_policy
-from ..traces import Trace, replay_experts
+from ..replicas import Replicas, eplb_replicas, parse_replicas
+from ..traces import Trace, default_chunk_steps
 from .costmodel import EPStepModel
 
 DEFAULT_BATCH_SIZES = (16, 32, 64, 128, 256)
@@ -41,18 +43,75 @@ def native_load(trace: Trace) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def placements(how: str, trace: Trace, ranks: Sequence[int], load: torch.Tensor | None = None
-               ) -> dict[int, torch.Tensor]:
+def placements(how: str, trace: Trace, ranks: Sequence[int], load: torch.Tensor | None = None,
+               redundant: int = 0) -> dict[int, torch.Tensor | Replicas]:
     """{D: [L, E] placement} for "contiguous", "eplb" (from `load`, default the trace's own `native_load`)
-    or a placement file (checked against every D)."""
+    or a placement file (checked against every D). With `redundant` > 0 ("eplb" only) or a file of
+    redundant experts: {D: `Replicas`}, vLLM's default EPLB over E + `redundant` slots for each D."""
     E = trace.specs[trace.layers[0]].num_experts
     L = len(trace.layers)
     if how == "eplb" and load is None:
         load = native_load(trace)
+    if redundant:
+        if how != "eplb":
+            raise ValueError("redundant experts are placed by EPLB's rearrangement; give the eplb placement (or a "
+                             "placement file that lists them)")
+        return {D: eplb_replicas(load, D, redundant) for D in ranks}
+    if how not in NAMES:
+        replicas = replicas_file(how, E, L)
+        if replicas is not None:
+            wrong = [D for D in ranks if D != replicas.ranks]
+            if wrong:
+                raise ValueError(f"{how} spreads its slots over {replicas.ranks} ranks; give --ep {replicas.ranks}")
+            return {replicas.ranks: replicas}
     out = {}
     for D in ranks:
         p = make_placement(how, E, D, load=load, layers=L)
         out[D] = p.expand(L, E) if p.dim() == 1 else p
+    return out
+
+
+def replicas_file(path: str, num_experts: int, layers: int) -> Replicas | None:
+    """The redundant-expert placement in file `path` (`moe_reroute.replicas`), checked against the model; None
+    when the file is an ordinary placement (a list of ranks)."""
+    import json
+
+    from ..files import read_regular_text
+    from ..placement import EXAMPLE, PLACEMENT_FILE_BYTES
+
+    text = read_regular_text(path, str(path), f"expected a placement: {EXAMPLE}", limit=PLACEMENT_FILE_BYTES,
+                             missing=FileNotFoundError)
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return None  # the ordinary reader says what is wrong
+    replicas = parse_replicas(obj, num_experts, str(path))
+    if replicas is not None:
+        replicas.check_fits(num_experts, None, layers)
+    return replicas
+
+
+def dp_routings(policy: Policy, logits: torch.Tensor, valid: torch.Tensor, spec, moe_layer: int,
+                dp: int = 1) -> list[Routing]:
+    """Each data-parallel rank's routing of its B / dp consecutive tokens of every step ([S, B / dp, K]
+    each), routed alone as its router would; dp = 1: the whole batch in one view."""
+    S, B = valid.shape
+    if dp < 1 or B % dp:
+        raise ValueError(f"a batch of {B} tokens does not split into {dp} data-parallel ranks of equal size; give "
+                         "batch sizes that are multiples of --dp")
+    b = B // dp
+    steps = default_chunk_steps(b, spec.num_experts)
+    out = []
+    for g in range(dp):
+        parts = []
+        for s0 in range(0, S, steps):
+            x, v = logits[s0:s0 + steps, g * b:(g + 1) * b], valid[s0:s0 + steps, g * b:(g + 1) * b]
+            if spec.scoring == "topk_softmax":
+                x = x.float()
+            parts.append(policy(x, spec, v, layer=moe_layer))
+        out.append(Routing(torch.cat([r.weights for r in parts]), torch.cat([r.ids for r in parts]),
+                           torch.cat([r.valid if r.valid is not None else torch.ones(r.ids.shape[:-1], dtype=torch.bool)
+                                      for r in parts])))
     return out
 
 
@@ -62,32 +121,32 @@ def dp_experts(policy: Policy, logits: torch.Tensor, valid: torch.Tensor, spec, 
     B / dp consecutive tokens each, and each rank's policy sees its own tokens only (its router runs on its
     rank's batch); the experts the step needs are the union over the ranks. dp = 1: one view of the
     whole batch (what a policy given every rank's router logits, e.g. by an all-gather, would route)."""
-    S, B = valid.shape
-    if dp < 1 or B % dp:
-        raise ValueError(f"a batch of {B} tokens does not split into {dp} data-parallel ranks of equal size; give "
-                         "batch sizes that are multiples of --dp")
-    b = B // dp
-    used = [replay_experts(policy, logits[:, g * b:(g + 1) * b], valid[:, g * b:(g + 1) * b], spec, moe_layer)
-            for g in range(dp)]
-    return torch.stack(used).any(dim=0)
+    return torch.stack([used_experts(r, spec.num_experts)
+                        for r in dp_routings(policy, logits, valid, spec, moe_layer, dp)]).any(dim=0)
 
 
 def ep_replay(trace: Trace, policies: dict[str, Policy], batch_sizes: Sequence[int],
-              by_ranks: dict[int, torch.Tensor], step_model: EPStepModel | None = None,
+              by_ranks: dict[int, torch.Tensor | Replicas], step_model: EPStepModel | None = None,
               tick: Callable[[], None] | None = None, dp: int = 1) -> list[dict]:
     """One row per (batch size, D, policy): mean over the trace's steps and MoE layers of U, max-rank U
     and mean-rank U per layer and step, and with `step_model` the predicted MoE-layer time.
 
-    by_ranks: {D: [L, E] placement} (`placements`). A step counts when it holds a valid token. The
-    trace is re-batched to each batch size (`Trace.rebatch`); each policy routes every step once, and
-    every D and placement is counted from its experts. `tick` is called after each (batch size, policy).
-    dp > 1: each step's batch comes from `dp` data-parallel ranks, each routed alone (`dp_experts`).
+    by_ranks: {D: [L, E] placement, or `Replicas` (redundant experts: U per rank counts the physical slots
+    each rank reads, each row hashed to its replica as vLLM does, rows numbered within their DP rank)}
+    (`placements`). A step counts when it holds a valid token. The trace is re-batched to each batch size
+    (`Trace.rebatch`); each policy routes every step once, and every D and placement is counted from its
+    routing. `tick` is called after each (batch size, policy). dp > 1: each step's batch comes from `dp`
+    data-parallel ranks, each routed alone (`dp_routings`).
     """
     E = trace.specs[trace.layers[0]].num_experts
+    L = len(trace.layers)
     for D, p in by_ranks.items():
+        if isinstance(p, Replicas):
+            p.check_fits(E, D, L)
+            continue
         check_ranks(E, D)
-        if tuple(p.shape) != (len(trace.layers), E):
-            raise ValueError(f"the placement for D={D} is {tuple(p.shape)}, not [L, E]=[{len(trace.layers)}, {E}]")
+        if tuple(p.shape) != (L, E):
+            raise ValueError(f"the placement for D={D} is {tuple(p.shape)}, not [L, E]=[{L}, {E}]")
     rows = []
     for B in batch_sizes:
         t = trace.rebatch(B)
@@ -97,12 +156,18 @@ def ep_replay(trace: Trace, policies: dict[str, Policy], batch_sizes: Sequence[i
         stats: dict[str, dict[int, tuple[float, float]]] = {}
         unique: dict[str, float] = {}
         for label, policy in policies.items():
-            used = [dp_experts(policy, t.logits[layer], t.valid, t.specs[layer], t.moe_layer(layer), dp)[counted]
-                    for layer in t.layers]  # L x [S', E]
+            routed = [dp_routings(policy, t.logits[layer], t.valid, t.specs[layer], t.moe_layer(layer), dp)
+                      for layer in t.layers]  # L x dp x Routing
+            used = [torch.stack([used_experts(r, E) for r in rs]).any(dim=0)[counted] for rs in routed]  # L x [S', E]
             unique[label] = _mean([u.sum(dim=-1).double().mean() for u in used])
             stats[label] = {}
             for D, p in by_ranks.items():
-                per = [rank_unique(u, p[i], D) for i, u in enumerate(used)]  # L x [S', D]
+                if isinstance(p, Replicas):
+                    slots = [torch.stack([used_slots(r, p, i if p.per_layer else None) for r in rs]).any(dim=0)[counted]
+                             for i, rs in enumerate(routed)]  # L x [S', P]
+                    per = [rank_unique(u, p.slot_ranks(), D) for u in slots]
+                else:
+                    per = [rank_unique(u, p[i], D) for i, u in enumerate(used)]  # L x [S', D]
                 stats[label][D] = (_mean([c.amax(dim=-1).double().mean() for c in per]),
                                    _mean([c.double().mean() for c in per]))
             if tick:
@@ -114,6 +179,8 @@ def ep_replay(trace: Trace, policies: dict[str, Policy], batch_sizes: Sequence[i
                 row = {"batch": B, "ranks": D, "dp": dp, "policy": label, "unique": unique[label], "max_rank_unique": mx,
                        "mean_rank_unique": mean, "imbalance": mx / mean if mean > 0 else float("nan"),
                        "max_rank_vs_native": mx / base[0] if base and base[0] > 0 else None}
+                if isinstance(by_ranks[D], Replicas):
+                    row["slots"] = by_ranks[D].num_physical
                 if step_model is not None:
                     row |= {"expert_ms": step_model.expert_ms(mx), "all_to_all_ms": step_model.all_to_all_ms(B),
                             "predicted_ms": step_model.predict_ms(mx, B)}

@@ -34,7 +34,8 @@ import torch
 from ..contract import Routing
 from ..scoring import BUDGET_GRID, fixed_members, rank, ranked_native, route_within_set, sanitize, score
 from .base import Policy, PolicyConfig, need_at_most, need_int, per_layer
-from .ep import check_ep_fields, check_ep_fit, layer_placement, rank_capped_set
+from .ep import (by_token, check_ep_fields, check_ep_fit, layer_placement, per_slot, rank_capped_set, replicas_of,
+                 slot_view)
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,12 @@ class Budget(Policy):
     Config = BudgetConfig
 
     def check_fit(self, spec, config, layer) -> None:
-        need_at_most("budget", config.budget, spec.num_experts, "the number of experts E")
         check_ep_fit(config, spec.num_experts, "budget", layer)
+        replicas = replicas_of(config) if config.ep is not None else None
+        if replicas is None:
+            need_at_most("budget", config.budget, spec.num_experts, "the number of experts E")
+        else:  # redundant experts: the budget counts the physical slots read
+            need_at_most("budget", config.budget, replicas.num_physical, "the physical expert slots P")
 
     def no_kernel_for(self) -> str:
         return "budget with ep (expert-parallel-aware) has no fused kernel" if self.config.ep is not None else ""
@@ -85,6 +90,21 @@ class Budget(Policy):
         held = fixed_members(s, fixed, valid)
         if held is not None:  # every native expert of a fixed row
             forced = forced | held.any(dim=-2)
+        replicas = replicas_of(config) if config.ep is not None else None
+        if replicas is not None:  # redundant experts: the set is chosen over the slots the tokens reach
+            slots, slot_rank = slot_view(replicas, layer, order.shape[-2], order.device)  # [T, E], [P]
+            P = replicas.num_physical
+            at = slots.expand(*native.shape[:-1], E).gather(-1, native)  # [T, K] slots of the native experts
+            mass_e = per_slot(q.long(), at, P)  # [P]
+            top1 = torch.zeros_like(at, dtype=torch.bool)
+            top1[..., 0] = valid
+            forced = per_slot(top1, at, P)
+            if held is not None:
+                forced = forced | per_slot(held, slots, P)
+            key = torch.where(forced, torch.iinfo(torch.long).max, mass_e)
+            cap = config.rank_cap if config.rank_cap is not None else -(-config.budget // config.ep)
+            in_slots = rank_capped_set(key, forced, slot_rank, config.ep, cap, total=config.budget)  # [P]
+            return route_within_set(s, order, by_token(in_slots, slots), spec, valid, fixed, per_token=True)
         key = torch.where(forced, torch.full_like(mass_e, torch.iinfo(torch.int32).max), mass_e)
         if config.ep is None:
             chosen = torch.sort(key, dim=-1, descending=True, stable=True)[1][..., : config.budget]

@@ -8,6 +8,13 @@ a placement file's path (`moe_reroute.placement`: one rank per expert, or one su
 or the same as a list or tensor; `rank_cap` is the most experts a rank may hold (default: each policy's
 own, see its module).
 
+Redundant experts (EPLB): `placement` may also be a `moe_reroute.replicas.Replicas` or a file holding
+`{"ranks": D, "physical_to_logical": [...]}`. A logical expert then has replicas on several ranks, and
+the replica row t reaches is fixed by vLLM's hash of t; so the set is chosen over physical slots: each
+token's experts are mapped to the slots it would reach (`Replicas.token_slots`), the keys, forced and
+allowed experts are summed per slot, the cap counts slots per rank (and `budget`'s total counts slots),
+and a token may then use a logical expert only if the slot it reaches is in the set.
+
 The set is picked greedily in order of a key (higher first; equal keys: lower expert id): a forced expert
 (each token's best one, a fixed row's native experts) is always taken; any other is taken while its
 rank holds fewer than the cap and, where the policy has one, the set is below its total. Torch ops on
@@ -24,6 +31,7 @@ from typing import Any
 import torch
 
 from ..placement import at_layer, check_placement, check_ranks, contiguous, from_lists
+from ..replicas import Replicas
 from .base import is_int
 
 
@@ -59,6 +67,17 @@ def check_ep_fields(config: Any, policy: str) -> None:
         except (json.JSONDecodeError, RecursionError):
             raise ValueError(f"{policy} placement {config.placement}: not valid JSON; a placement file holds a list "
                              f"of ranks, e.g. {EXAMPLE}") from None
+    if isinstance(placement, dict):
+        from ..replicas import parse_replicas
+
+        placement = parse_replicas(placement, None, f"{policy} placement" + (
+            f" {config.placement}" if isinstance(config.placement, str) else ""))
+    if isinstance(placement, Replicas):
+        if placement.ranks != ep:
+            raise ValueError(f"{policy} placement {placement.origin} spreads its slots over {placement.ranks} ranks, "
+                             f"but ep={ep}; give ep={placement.ranks}")
+        object.__setattr__(config, "_placement", placement)
+        return
     if placement is not None and not (isinstance(placement, str) and placement == "contiguous"):
         origin = f"{policy} placement" + (f" {config.placement}" if isinstance(config.placement, str) else "")
         if not isinstance(placement, torch.Tensor):
@@ -105,8 +124,13 @@ def check_ep_fit(config: Any, num_experts: int, policy: str, layer: int | None) 
         return
     if getattr(config, "_engine", False):
         raise ValueError(f"{policy}: {ENGINE_ONLY}")
-    check_ranks(num_experts, config.ep)
     p = config._placement
+    if isinstance(p, Replicas):
+        p.check_fits(num_experts, config.ep)
+        if p.per_layer:
+            p.at(layer, p.logical_to_physical.device)
+        return
+    check_ranks(num_experts, config.ep)
     if p is not None:
         if p.shape[-1] != num_experts:
             raise ValueError(f"{policy} placement places {p.shape[-1]} experts but the model has E={num_experts}; "
@@ -127,6 +151,32 @@ def layer_placement(config: Any, num_experts: int, layer: int | None, device: to
             cache[key] = p.to(device)
         p = cache[key]
     return p
+
+
+def replicas_of(config: Any) -> Replicas | None:
+    """The config's redundant-expert placement, or None (one rank per expert)."""
+    p = config._placement
+    return p if isinstance(p, Replicas) else None
+
+
+def slot_view(replicas: Replicas, layer: int | None, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slots [T, E]: the physical slot each row reaches for each logical expert; [P] rank of each slot)."""
+    return replicas.token_slots(rows, layer, device), replicas.slot_ranks(device)
+
+
+def per_slot(values: torch.Tensor, index: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Sum [..., T, N] `values` (bool: any) into [..., P] at slots `index` ([T, N] or [..., T, N])."""
+    index = index.expand(values.shape)
+    out = torch.zeros(*values.shape[:-2], num_slots, dtype=torch.long if values.dtype == torch.bool else values.dtype,
+                      device=values.device)
+    out.scatter_add_(-1, index.flatten(-2), values.flatten(-2).to(out.dtype))
+    return out > 0 if values.dtype == torch.bool else out
+
+
+def by_token(in_slots: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """[..., P] bool per step -> [..., T, E] bool: whether the slot row t reaches for expert e is in the set."""
+    flat = slots.flatten()  # [T * E]
+    return in_slots[..., flat].view(*in_slots.shape[:-1], *slots.shape)
 
 
 def rank_capped_set(key: torch.Tensor, forced: torch.Tensor, placement: torch.Tensor, ranks: int,

@@ -37,7 +37,8 @@ from ..contract import Routing
 from ..scoring import (BUDGET_GRID, finish, fixed_members, native_where_fixed, native_where_unchanged, order_key, pack,
                        rank, ranked_native, sanitize, score, token_probs, weights_for)
 from .base import Policy, PolicyConfig, is_int, need_at_most, need_int, per_layer
-from .ep import check_ep_fields, check_ep_fit, layer_placement, rank_capped_set
+from .ep import (by_token, check_ep_fields, check_ep_fit, layer_placement, per_slot, rank_capped_set, replicas_of,
+                 slot_view)
 from .unique import head_union
 
 
@@ -148,21 +149,33 @@ class OEA(Policy):
             n = ((cum < config.p).sum(dim=-1, keepdim=True) + 1).clamp(max=config.k0)
         base = pos < n  # [T, E], rank order
         base_by_expert = torch.zeros_like(base).scatter(-1, order, base)  # [T, E]
-        base_set = self._loaded(base_by_expert, s, valid, fixed)[..., 0, :]  # [E]: plain OEA's S
+        members = self._loaded(base_by_expert, s, valid, fixed, union=False)  # [T, E]: who brings what to S
         held = fixed_members(s, fixed, valid)  # [T, E] or None
         rerouted = valid if fixed is None else valid & ~fixed
         top1 = torch.zeros_like(base_by_expert).scatter_(-1, order[..., :1], True) & rerouted[..., None]
-        forced = top1.any(dim=-2) if held is None else (top1 | held).any(dim=-2)  # [E]
+        forced_by = top1 if held is None else top1 | held  # [T, E]
         mass = s.gate.gather(-1, native)
         mass = mass / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
         q = torch.floor(mass * BUDGET_GRID + 0.5).long().clamp_min(1) * rerouted[..., None]  # [T, K]
-        mass_e = torch.zeros_like(forced, dtype=torch.long).scatter_add_(-1, native.flatten(-2), q.flatten(-2))
+        replicas = replicas_of(config)
+        if replicas is None:  # the set is chosen over experts, each on one rank
+            base_set, forced = members.any(dim=-2), forced_by.any(dim=-2)  # [E]
+            mass_e = torch.zeros_like(forced, dtype=torch.long).scatter_add_(-1, native.flatten(-2), q.flatten(-2))
+            placement = layer_placement(config, E, layer, order.device)
+        else:  # over the physical slots the tokens reach (redundant experts)
+            slots, placement = slot_view(replicas, layer, order.shape[-2], order.device)  # [T, E], [P]
+            P = replicas.num_physical
+            base_set, forced = per_slot(members, slots, P), per_slot(forced_by, slots, P)  # [P]
+            mass_e = per_slot(q, slots.expand(*native.shape[:-1], E).gather(-1, native), P)
         tier = torch.where(base_set, 1 << 40, 0)  # base-set experts before the others
-        key = torch.where(forced, torch.iinfo(torch.long).max, tier + mass_e)  # [E]
+        key = torch.where(forced, torch.iinfo(torch.long).max, tier + mass_e)  # [E] (or [P])
         cap = config.rank_cap if config.rank_cap is not None else (base_set.sum(dim=-1, keepdim=True) + D - 1) // D
-        placement = layer_placement(config, E, layer, order.device)
-        loaded = rank_capped_set(key, forced, placement, D, cap, allowed=key > 0)  # [E]
-        loaded = loaded[..., None, :].expand(order.shape).gather(-1, order)  # [T, E], rank order
+        loaded = rank_capped_set(key, forced, placement, D, cap, allowed=key > 0)  # [E] (or [P])
+        if replicas is None:
+            loaded = loaded[..., None, :].expand(order.shape)
+        else:
+            loaded = by_token(loaded, slots)  # [T, E] by expert: the slot the token reaches is loaded
+        loaded = loaded.gather(-1, order)  # [T, E], rank order
         finite = torch.isfinite(s.choice.gather(-1, order))
         # padding rows keep their base, as in plain OEA (`finish` points them at a used expert)
         eligible = (base & (loaded | ~valid[..., None])) | (loaded & finite & (pos < max_rank))
@@ -204,11 +217,12 @@ class OEA(Policy):
         return ids, kept
 
     @staticmethod
-    def _loaded(base_by_expert, s, valid, fixed):
+    def _loaded(base_by_expert, s, valid, fixed, union=True):
         """Each step's loaded set S, the union of its valid tokens' base sets (a fixed token's whole native
-        top-K), as [T, E] bool by expert (every token's row the same)."""
+        top-K), as [T, E] bool by expert (every token's row the same); `union=False`: each token's own
+        contribution ([T, E])."""
         members = base_by_expert & valid[..., None]  # [T, E]
         held = fixed_members(s, fixed, valid)
         if held is not None:  # a fixed row brings its whole native top-K
             members = torch.where(fixed[..., None], held, members)
-        return members.any(dim=-2, keepdim=True).expand_as(members)
+        return members.any(dim=-2, keepdim=True).expand_as(members) if union else members

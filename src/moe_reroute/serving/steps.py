@@ -25,6 +25,7 @@ class LayerCounter:
         self.device = device
         self.sums = torch.zeros(self.SLOTS, dtype=torch.int64, device=device)
         self.placement: torch.Tensor | None = None  # [E] rank of each expert, under an EP layout
+        self.replicas = None  # or the redundant-expert layout (`moe_reroute.replicas.Replicas`)
         self.ranks = 0  # D
         self.rank = None  # this worker's EP rank, where the engine runs EP itself
         self.layout = ""  # where the placement came from ("engine (linear)", "contiguous", a file)
@@ -38,10 +39,14 @@ class LayerCounter:
         would be re-zeroed by every replay; one made in inference mode cannot be zeroed in place later)."""
         self.load = torch.zeros(num_experts, dtype=torch.int64, device=self.sums.device)
 
-    def set_ranks(self, placement: torch.Tensor, ranks: int, layout: str, rank: int | None = None) -> None:
-        """Count per rank from now on: `placement` [E] int64 ranks 0..D-1 (checked by the caller)."""
+    def set_ranks(self, placement, ranks: int, layout: str, rank: int | None = None) -> None:
+        """Count per rank from now on: `placement` [E] int64 ranks 0..D-1 (checked by the caller), or a
+        `moe_reroute.replicas.Replicas` (redundant experts: a rank's count is the physical slots it reads)."""
+        from ..replicas import Replicas
+
         device = self.sums.device
-        self.placement = placement.to(device, torch.int64)
+        self.replicas = placement if isinstance(placement, Replicas) else None
+        self.placement = None if self.replicas is not None else placement.to(device, torch.int64)
         self.ranks, self.rank, self.layout = int(ranks), rank, layout
         self.rank_sums = torch.zeros(2 * self.ranks + 2, dtype=torch.int64, device=device)
 
@@ -50,7 +55,8 @@ class LayerCounter:
             self.sums = self.sums.to(device)
             if self.rank_sums is not None:
                 self.rank_sums = self.rank_sums.to(device)
-                self.placement = self.placement.to(device)
+                if self.placement is not None:
+                    self.placement = self.placement.to(device)
             if self.load is not None:
                 self.load = self.load.to(device)
 
@@ -73,10 +79,15 @@ class LayerCounter:
             ids = native.ids[valid].flatten().long()  # [N * K] the valid tokens' native experts
             self.load.scatter_add_(0, ids, torch.ones_like(ids))
         if self.rank_sums is not None:
-            from ..metrics import rank_unique, used_experts
+            from ..metrics import rank_unique, used_experts, used_slots
 
-            per = rank_unique(torch.stack([used_experts(engine if engine is not None else routing, num_experts),
-                                           used_experts(native, num_experts)]), self.placement, self.ranks)  # [2, D]
+            served = engine if engine is not None else routing
+            if self.replicas is not None:  # the slots each row's replicas sit in, as the engine hashes them
+                per = rank_unique(torch.stack([used_slots(served, self.replicas), used_slots(native, self.replicas)]),
+                                  self.replicas.slot_ranks(valid.device), self.ranks)  # [2, D]
+            else:
+                per = rank_unique(torch.stack([used_experts(served, num_experts), used_experts(native, num_experts)]),
+                                  self.placement, self.ranks)  # [2, D]
             self.rank_sums += torch.cat([per.flatten(), per.amax(dim=-1)])
 
     def add_native(self, tokens: torch.Tensor, decode_tokens: torch.Tensor | int, kind: str) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..replicas import EngineReplicas, Replicas
 from ..serving import config as _config
 from .router import LayerCounter, Rerouter, layer_index, moe_layer_of
 
@@ -151,7 +152,7 @@ def install() -> None:
         if compiles_through_router():
             raise RuntimeError(COMPILED_REFUSAL)
         r = wrap(router, cfg, decoder_layer, num_experts, moe_layer=moe_layer_of(decoder_layer),
-                 engine_ep=engine_layout(caller.get("expert_map_manager"), router))
+                 engine_ep=engine_layout(caller.get("expert_map_manager"), router, num_experts))
         if r is not None and captures_graphs():
             r.frozen = ("it replays CUDA graphs, captured with the policy it was built with; a switch would not "
                         "reach the replayed steps")
@@ -228,17 +229,22 @@ def captures_graphs() -> bool:
     return mode is not None and getattr(mode, "name", str(mode)) != "NONE"
 
 
-def engine_layout(manager: Any, router: Any) -> tuple[torch.Tensor, int, int, str] | str | None:
+def engine_layout(manager: Any, router: Any, num_experts: int | None = None
+                  ) -> tuple[torch.Tensor | Replicas, int, int, str] | str | None:
     """The engine's own expert-parallel layout of a layer being built, from vLLM's ExpertMapManager:
     ([E] rank of each expert, D, this worker's EP rank, "engine (<strategy>)"), rebuilt for every rank
-    with vLLM's own `determine_expert_map`; None without EP; a string saying why it cannot be counted
-    per rank under EPLB (a logical expert may then have replicas on several ranks, and which replica a
-    token reaches is decided after routing)."""
+    with vLLM's own `determine_expert_map`; None without EP; a string saying why it cannot be used.
+    Under EPLB (`router.eplb_state`): (`EngineReplicas` reading the layer's EPLB maps at every step, D,
+    rank, "engine (eplb)"): a logical expert may have replicas on several ranks, P / D slots a rank, and
+    the replica a token reaches is vLLM's hash of its row (`moe_reroute.replicas`)."""
     if manager is None or not getattr(manager, "use_ep", False) or int(getattr(manager, "ep_size", 1)) <= 1:
         return None
     if getattr(router, "eplb_state", None) is not None:
-        return ("the engine runs EPLB (a logical expert may have replicas on several ranks, chosen per token after "
-                "routing), so the counters do not count per rank")
+        D, P = int(manager.ep_size), int(manager.global_num_experts)
+        E = int(num_experts or getattr(router, "global_num_experts", P))
+        if P % D or P < E:
+            return f"the engine's EPLB layout ({P} physical experts over {D} ranks, E={E}) is not one it can read"
+        return EngineReplicas(router.eplb_state, E, P, D), D, int(manager.ep_rank), "engine (eplb)"
     from vllm.model_executor.layers.fused_moe.expert_map_manager import determine_expert_map
 
     D, E = int(manager.ep_size), int(manager.global_num_experts)
@@ -265,8 +271,13 @@ def wrap(router: Any, cfg: _config.PluginConfig, layer: int | None, num_experts:
         STATE.skipped.append(f"layer {layer}: router {type(router).__name__} has no _compute_routing")
         return None
     E = int(num_experts or router.global_num_experts)
-    r = Rerouter(router, cfg, layer, STATE, E, moe_layer,
-                 engine_ep=engine_ep if isinstance(engine_ep, tuple) and engine_ep[0].shape[0] == E else None)
+    if isinstance(engine_ep, tuple) and isinstance(engine_ep[0], Replicas) and cfg.dp_view == "gather":
+        raise ValueError("moe-reroute: dp_view=gather routes every data-parallel rank's rows as one batch, but this "
+                         "engine runs EPLB, whose replica choice hashes each rank's own row numbers; use "
+                         "dp_view=local (the default) with EPLB")
+    fits = isinstance(engine_ep, tuple) and (engine_ep[0].num_experts == E if isinstance(engine_ep[0], Replicas)
+                                             else engine_ep[0].shape[0] == E)
+    r = Rerouter(router, cfg, layer, STATE, E, moe_layer, engine_ep=engine_ep if fits else None)
     r.check()
     r.set_config(cfg)
     if cfg.counters:
@@ -287,14 +298,15 @@ def wrap(router: Any, cfg: _config.PluginConfig, layer: int | None, num_experts:
 def rank_layout(num_experts: int, layer: int | None, moe_layer: int | None,
                 engine_ep: tuple[torch.Tensor, int, int, str] | str | None
                 ) -> tuple[torch.Tensor, int, str, int | None] | None:
-    """(placement [E], D, where it came from, this worker's EP rank or None) to count a layer per rank by:
+    """(placement [E] or `Replicas`, D, where it came from, this worker's EP rank or None) to count a layer
+    per rank by:
     the engine's own EP layout where it runs EP, else the configured one (`count_layout`), else None.
     A configured layout that names another D than the engine's EP, or does not fit the model, raises."""
     configured = count_layout()
     if isinstance(engine_ep, tuple):
         placement, D, rank, origin = engine_ep
-        if placement.shape[0] != num_experts:
-            return None  # physical experts beyond the logical ones (redundant): see engine_layout
+        if (placement.num_experts if isinstance(placement, Replicas) else placement.shape[0]) != num_experts:
+            return None  # a layer of another expert count than the one the layout was read for
         if configured is not None and configured.ranks != D:
             raise ValueError(f"moe-reroute: {_config.COUNT_EP_ENV}={configured.spec()} counts by {configured.ranks} "
                              f"ranks, but the engine runs expert parallelism over {D}: unset it (an EP engine is "

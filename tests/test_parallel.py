@@ -15,6 +15,7 @@ from moe_reroute import RouterSpec, make_policy, placement
 from moe_reroute.cli import main
 from moe_reroute.measure import parallel
 from moe_reroute.measure.costmodel import EPStepModel
+from moe_reroute.replicas import physical_to_logical
 from moe_reroute.traces import Trace
 
 
@@ -71,6 +72,42 @@ def test_ep_replay_against_loop(how):
         assert by_ranks[4][1].tolist() == ref.ref_balanced_placement(load[1].tolist(), 4)
 
 
+@pytest.mark.parametrize("dp", [1, 2])
+def test_ep_replay_with_redundant_experts_against_loop(dp):
+    """Redundant experts (EPLB over E + 8 slots): a rank's count is the distinct slots its rows reach, each
+    (row, expert) sent to the replica vLLM's hash picks (tests/reference.py `replica_slots`), rows numbered
+    within their data-parallel rank; the placement is vLLM's default rearrangement of the native load."""
+    t = small_trace()
+    policies = {"native": make_policy("native"), "oea:k0=1": make_policy("oea", k0=1)}
+    by_ranks = parallel.placements("eplb", t, [2, 4], redundant=8)
+    rows = parallel.ep_replay(t, policies, [4, 8], by_ranks, dp=dp)
+    assert {row["slots"] for row in rows} == {24}
+    for row in rows:
+        B, D, label = row["batch"], row["ranks"], row["policy"]
+        rb = t.rebatch(B)
+        b = B // dp
+        maxes, means = [], []
+        for i, layer in enumerate(rb.layers):
+            p2l = physical_to_logical(by_ranks[D])[i].tolist()
+            slot = ref.replica_slots(p2l)
+            for s in range(rb.steps):
+                if not rb.valid[s].any():
+                    continue
+                used = set()
+                for g in range(dp):
+                    rows_g = slice(g * b, (g + 1) * b)
+                    r = policies[label](rb.logits[layer][s, rows_g], rb.specs[layer], rb.valid[s, rows_g], layer=i)
+                    used |= {slot(tok, e) for tok, ids in enumerate(r.ids.tolist()) if rb.valid[s, g * b + tok]
+                             for e in ids}
+                counts = [len({p for p in used if p // (24 // D) == rank}) for rank in range(D)]
+                maxes.append(max(counts))
+                means.append(sum(counts) / D)
+        assert row["max_rank_unique"] == pytest.approx(sum(maxes) / len(maxes))
+        assert row["mean_rank_unique"] == pytest.approx(sum(means) / len(means))
+    with pytest.raises(ValueError, match="placed by EPLB"):
+        parallel.placements("contiguous", t, [2], redundant=8)
+
+
 def test_step_model_hand_computed():
     m = EPStepModel(bytes_per_expert=2_000_000, hidden=1000, act_bytes=2, hbm_gbps=1000.0, link_gbps=100.0)
     # 3 experts x 2 MB at 1000 GB/s = 6 us; 16 tokens x 1000 x 2 B x 2 at 100 GB/s = 0.64 us
@@ -105,6 +142,34 @@ def test_cli_end_to_end(tmp_path, capsys):
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     want = [r for r in result["rows"] if r["ranks"] == 4]
     assert [r["max_rank_unique"] for r in again["rows"]] == [r["max_rank_unique"] for r in want]
+
+
+def test_cli_redundant_experts(tmp_path, capsys):
+    """--redundant N: the placement file it writes holds the replicas, the replicas-aware policies read it,
+    and the same file given as --placement gives the same counts; what does not fit is refused."""
+    trace = tmp_path / "t.safetensors"
+    small_trace(E=16, K=2, S=4, B=8).save(trace)
+    out = tmp_path / "out"
+    base = ["ep-replay", "--trace", str(trace), "--batch-sizes", "4,8", "--no-progress"]
+    assert main([*base, "--ep", "4", "--placement", "eplb", "--redundant", "8", "--policy", "oea:k0=1", "--out",
+                 str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "24 physical slots (8 redundant experts" in text and "eplb (+8 redundant) placement" in text
+    f = out / "placement-eplb-D4.json"
+    saved = json.loads(f.read_text())
+    assert saved["ranks"] == 4 and len(saved["physical_to_logical"]) == 2 and len(saved["physical_to_logical"][0]) == 24
+    first = json.loads((out / "ep.json").read_text())["rows"]
+    aware = f"oea:k0=1,ep=4,placement={f}"
+    assert main([*base, "--ep", "4", "--placement", str(f), "--policy", "oea:k0=1", "--policy", aware, "--json"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert [r["max_rank_unique"] for r in again[:2]] == [r["max_rank_unique"] for r in first[:2]]
+    by = {(r["batch"], r["policy"]): r["max_rank_unique"] for r in again}
+    assert all(by[(B, aware)] <= by[(B, "oea:k0=1")] for B in (4, 8))
+    bad_input(capsys, [*base, "--ep", "2", "--redundant", "2"], "--redundant adds EPLB", "--placement eplb")
+    bad_input(capsys, [*base, "--ep", "4", "--placement", "eplb", "--redundant", "2"],
+              "18 slots do not split evenly over [4] ranks")
+    bad_input(capsys, [*base, "--ep", "2", "--placement", str(f)], "spreads its slots over 4 ranks; give --ep 4")
+    bad_input(capsys, [*base, "--ep", "4", "--placement", "eplb", "--redundant", "-1"], "--redundant")
 
 
 def test_cli_errors(tmp_path, capsys):

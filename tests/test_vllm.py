@@ -463,6 +463,43 @@ def test_counters_per_rank_under_a_configured_layout(wrapped, logits_factory, mo
 
 
 @needs_vllm
+def test_counters_per_rank_under_configured_replicas(wrapped, logits_factory, monkeypatch, tmp_path):
+    """MOE_REROUTE_COUNT_EP=D:FILE with redundant experts (one map per MoE layer; the wrapped layer is MoE
+    layer 2): each rank's count is the distinct slots its rows reach, the replica of each (row, expert) as
+    vLLM's hash picks it (a plain loop), for the policy and for native routing."""
+    import moe_reroute.vllm as plugin
+    import moe_reroute.vllm.plugin as plugin_module
+    import reference as ref
+    from moe_reroute import make_policy
+    from moe_reroute.vllm import router_spec
+
+    D, E = 4, 32
+    g = torch.Generator().manual_seed(7)
+    maps = [torch.cat([torch.arange(E), torch.randint(0, E, (8,), generator=g)])[torch.randperm(40, generator=g)]
+            for _ in range(3)]
+    path = tmp_path / "replicas.json"
+    path.write_text(json.dumps({"ranks": D, "physical_to_logical": [m.tolist() for m in maps]}))
+    monkeypatch.setattr(plugin_module.STATE, "count_layout", plugin_config.CountLayout(D, str(path)), raising=False)
+    router, _ = wrapped("oea:k0=1")
+    spec, _ = router_spec(router, E)
+    slot = ref.replica_slots(maps[2].tolist())
+
+    def per_rank(ids):
+        used = {slot(t, e) for t, row in enumerate(ids) for e in row}
+        return [len({p for p in used if p // 10 == rank}) for rank in range(D)]
+
+    per, per_native = [0] * D, [0] * D
+    for s in range(3):
+        x = logits_factory(8, E, seed=s)
+        w, i = router.select_experts(None, x)
+        per = [p + q for p, q in zip(per, per_rank(i.tolist()))]
+        per_native = [p + q for p, q in zip(per_native, per_rank(make_policy("native")(x, spec).ids.tolist()))]
+    c = plugin.counters()[3]
+    assert (c["ranks"], c["placement"]) == (D, str(path))
+    assert c["unique_per_rank"] == [v / 3 for v in per] and c["unique_per_rank_native"] == [v / 3 for v in per_native]
+
+
+@needs_vllm
 def test_engine_ep_layout_counts_and_placement_engine(wrapped, logits_factory):
     """Where the engine runs EP (its layout given as `engine_layout` makes it): the counters count per rank by
     it, with this worker's rank; `placement=engine` routes as the same placement given explicitly; a policy

@@ -87,6 +87,13 @@ class Replicas:
     def per_layer(self) -> bool:
         return self.replica_count.dim() == 2
 
+    def layer_view(self, layer: int | None) -> "Replicas":
+        """The replicas of MoE layer `layer` alone (itself when they are the same in every layer)."""
+        if not self.per_layer:
+            return self
+        l2p, count = self.at(layer, self.replica_count.device)
+        return Replicas(l2p, count, self.num_physical, self.ranks, self.origin, checked=False)
+
     def slot_ranks(self, device: torch.device | str | None = None) -> torch.Tensor:
         """[P] int64: the rank of each physical slot, p // (P / D)."""
         return torch.arange(self.num_physical, device=device) // (self.num_physical // self.ranks)
@@ -129,7 +136,8 @@ class Replicas:
             raise ValueError(f"{self.origin} places {self.num_experts} logical experts but the model has "
                              f"E={num_experts}; give a slot for every expert 0..{num_experts - 1}")
         if ranks is not None and ranks != self.ranks:
-            raise ValueError(f"{self.origin} spreads its slots over {self.ranks} ranks, but ep={ranks}; give the same D")
+            raise ValueError(f"{self.origin} spreads its slots over {self.ranks} ranks, not {ranks}; give D={self.ranks} "
+                             "(or a placement for D ranks)")
         if self.per_layer and layers is not None and self.replica_count.shape[0] != layers:
             raise ValueError(f"{self.origin} gives {self.replica_count.shape[0]} per-layer maps but the model has {layers} "
                              "MoE layers; give one list per MoE layer (dense layers not counted), or one for every layer")
@@ -273,6 +281,27 @@ def parse_replicas(obj: Any, num_experts: int | None, origin: str) -> Replicas |
         raise ValueError(f"{origin}: a placement with redundant experts is an object with exactly the keys "
                          f"\"ranks\" and \"physical_to_logical\"; write e.g. {EXAMPLE}")
     return Replicas.from_physical(obj["physical_to_logical"], obj["ranks"], num_experts, origin=origin)
+
+
+def load_replicas(path: str, num_experts: int, layers: int | None = None) -> Replicas | None:
+    """The redundant-expert placement in file `path` (`moe_reroute.replicas`), checked against the model; None
+    when the file is an ordinary placement (a list of ranks)."""
+    import json
+
+    from .files import read_regular_text
+    from .placement import EXAMPLE as RANKS_EXAMPLE
+    from .placement import PLACEMENT_FILE_BYTES
+
+    text = read_regular_text(path, str(path), f"expected a placement: {RANKS_EXAMPLE}, or {EXAMPLE}", limit=PLACEMENT_FILE_BYTES,
+                             missing=FileNotFoundError)
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return None  # the ordinary reader says what is wrong
+    replicas = parse_replicas(obj, num_experts, str(path))
+    if replicas is not None:
+        replicas.check_fits(num_experts, None, layers)
+    return replicas
 
 
 def _int_tensor(obj: Any, origin: str) -> torch.Tensor:

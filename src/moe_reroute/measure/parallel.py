@@ -21,7 +21,7 @@ from ..contract import Routing
 from ..metrics import rank_unique, used_experts, used_slots
 from ..placement import NAMES, check_ranks, make_placement
 from ..policies import Policy, make_policy
-from ..replicas import Replicas, eplb_replicas, parse_replicas
+from ..replicas import Replicas, eplb_replicas, load_replicas
 from ..traces import Trace, default_chunk_steps
 from .costmodel import EPStepModel
 
@@ -58,7 +58,7 @@ def placements(how: str, trace: Trace, ranks: Sequence[int], load: torch.Tensor 
                              "placement file that lists them)")
         return {D: eplb_replicas(load, D, redundant) for D in ranks}
     if how not in NAMES:
-        replicas = replicas_file(how, E, L)
+        replicas = load_replicas(how, E, L)
         if replicas is not None:
             wrong = [D for D in ranks if D != replicas.ranks]
             if wrong:
@@ -69,26 +69,6 @@ def placements(how: str, trace: Trace, ranks: Sequence[int], load: torch.Tensor 
         p = make_placement(how, E, D, load=load, layers=L)
         out[D] = p.expand(L, E) if p.dim() == 1 else p
     return out
-
-
-def replicas_file(path: str, num_experts: int, layers: int) -> Replicas | None:
-    """The redundant-expert placement in file `path` (`moe_reroute.replicas`), checked against the model; None
-    when the file is an ordinary placement (a list of ranks)."""
-    import json
-
-    from ..files import read_regular_text
-    from ..placement import EXAMPLE, PLACEMENT_FILE_BYTES
-
-    text = read_regular_text(path, str(path), f"expected a placement: {EXAMPLE}", limit=PLACEMENT_FILE_BYTES,
-                             missing=FileNotFoundError)
-    try:
-        obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
-        return None  # the ordinary reader says what is wrong
-    replicas = parse_replicas(obj, num_experts, str(path))
-    if replicas is not None:
-        replicas.check_fits(num_experts, None, layers)
-    return replicas
 
 
 def dp_routings(policy: Policy, logits: torch.Tensor, valid: torch.Tensor, spec, moe_layer: int,

@@ -263,7 +263,14 @@ def check_layout(cfg: Config, config: dict, spec) -> None:
                                  "--isolate give a placement file (`moe-reroute ep-replay --placement eplb --out DIR` "
                                  "writes one per D)")
         elif cfg.placement != "contiguous":
-            load_placement(cfg.placement, spec.num_experts, cfg.ep, layers=_moe_layer_count(config))
+            from ..replicas import load_replicas
+
+            layers = _moe_layer_count(config)
+            replicas = load_replicas(cfg.placement, spec.num_experts, layers)
+            if replicas is not None:  # redundant experts: counted by the slots each rank reads
+                replicas.check_fits(spec.num_experts, cfg.ep, layers)
+            else:
+                load_placement(cfg.placement, spec.num_experts, cfg.ep, layers=layers)
     except (ValueError, OSError) as e:
         raise BenchError(f"--ep {cfg.ep} --placement {cfg.placement}: {e}") from None
 

@@ -157,7 +157,8 @@ def parse(text: str, counters: bool = False, origin: str = "policy") -> PluginCo
 @dataclass(frozen=True)
 class CountLayout:
     """An expert-parallel layout to count per rank by: D ranks and a placement, "contiguous" (expert e on rank
-    e*D//E) or a placement file (`moe_reroute.placement`: one rank per expert, or one list per MoE layer)."""
+    e*D//E) or a placement file (`moe_reroute.placement`: one rank per expert, or one list per MoE layer; or
+    redundant experts, `moe_reroute.replicas`, counted by the slots each rank reads)."""
 
     ranks: int
     placement: str = "contiguous"
@@ -166,14 +167,20 @@ class CountLayout:
         return f"{self.ranks}:{self.placement}"
 
     def tensor(self, num_experts: int, layers: int | None = None):
-        """[E] or [L, E] int64 placement for a model of E experts (and L MoE layers, when known); ValueError
-        naming the variable and the fix when it does not fit."""
+        """[E] or [L, E] int64 placement for a model of E experts (and L MoE layers, when known), or the
+        `Replicas` of a file of redundant experts; ValueError naming the variable and the fix when it does
+        not fit."""
         from ..placement import check_ranks, contiguous, load_placement
+        from ..replicas import load_replicas
 
         try:
             check_ranks(num_experts, self.ranks)
             if self.placement == "contiguous":
                 return contiguous(num_experts, self.ranks)
+            replicas = load_replicas(self.placement, num_experts, layers)
+            if replicas is not None:
+                replicas.check_fits(num_experts, self.ranks)
+                return replicas
             return load_placement(self.placement, num_experts, self.ranks, layers)
         except (ValueError, OSError) as e:
             raise ValueError(f"{COUNT_EP_ENV}={self.spec()}: {e}") from None

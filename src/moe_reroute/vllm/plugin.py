@@ -325,6 +325,14 @@ def rank_layout(num_experts: int, layer: int | None, moe_layer: int | None,
     if key not in STATE.layouts:  # a placement file is read once per process, not once per layer
         STATE.layouts[key] = configured.tensor(num_experts)
     p = STATE.layouts[key]
+    if isinstance(p, Replicas):
+        if p.per_layer and moe_layer is None:
+            raise ValueError(f"moe-reroute: {_config.COUNT_EP_ENV}={configured.spec()} gives replicas per MoE layer, "
+                             f"but decoder layer {layer} has no MoE-layer index; give one list for every layer")
+        try:
+            return p.layer_view(moe_layer), configured.ranks, configured.placement, None
+        except ValueError as e:
+            raise ValueError(f"moe-reroute: {_config.COUNT_EP_ENV}={configured.spec()}: {e}") from None
     if p.dim() == 2:
         if moe_layer is None:
             raise ValueError(f"moe-reroute: {_config.COUNT_EP_ENV}={configured.spec()} gives a placement per MoE "

@@ -241,3 +241,42 @@ def test_cli_dp_must_split_every_batch(tmp_path, capsys):
     bad_input(capsys, ["ep-replay", "--trace", str(trace), "--batch-sizes", "4,6", "--ep", "2", "--dp", "4"],
               "--dp 4", "[6]")
     bad_input(capsys, ["ep-replay", "--trace", str(trace), "--batch-sizes", "4", "--ep", "2", "--dp", "0"], "--dp")
+
+
+def test_cli_model_records_its_own_trace(tmp_path, capsys):
+    """--model DIR (here a tiny synth-model checkpoint, DeepSeek-V3's router): the trace is recorded from the
+    checkpoint on --text, and replays to the same numbers as that trace recorded by hand and given as --trace;
+    what cannot work is refused."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moe_reroute.hf import Recorder
+    from moe_reroute.measure import synth
+    from moe_reroute.measure.shapes import custom_shape
+    from moe_reroute.reference.train import document_ids
+
+    folder = synth.write(synth.plan("deepseek-v3", 2, dims=custom_shape("64,32,16,4")), tmp_path / "m", progress=False)
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(f"paragraph {i}: the quick brown fox jumps over the lazy dog" for i in range(40)))
+    args = ["ep-replay", "--batch-sizes", "4,8", "--ep", "2,4", "--positions", "6", "--policy", "oea:k0=2",
+            "--json", "--no-progress"]
+    assert main([*args, "--model", str(folder), "--text", str(text)]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert f"trace of {folder} on --text {text} (8 sequences x 6 positions" in got["trace"]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = torch.tensor(document_ids(tok, text.read_text()))[:48].view(8, 6)
+    with torch.no_grad(), Recorder(model, keep="logits") as rec:
+        model(input_ids=ids)
+    path = tmp_path / "t.safetensors"
+    rec.to_trace().save(path)
+    assert main([*args, "--trace", str(path)]) == 0
+    want = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    key = ("batch", "ranks", "policy", "max_rank_unique", "mean_rank_unique", "unique")
+    assert [[r[k] for k in key] for r in got["rows"]] == [[r[k] for k in key] for r in want["rows"]]
+    bad_input(capsys, [*args, "--model", str(folder), "--trace", str(path)], "--trace and --model")
+    bad_input(capsys, [*args, "--text", str(text)], "--text is the text --model's trace is recorded on")
+    short = tmp_path / "short.txt"
+    short.write_text("a few words")
+    with pytest.raises(SystemExit) as e:  # found once the tokenizer has read it (after the model's notes)
+        main([*args, "--model", str(folder), "--text", str(short)])
+    assert e.value.code == 2 and "holds 6 tokens, fewer than the 8 x 6" in capsys.readouterr().err.splitlines()[-1]

@@ -100,6 +100,10 @@ def _ep_replay(args) -> int:
     if args.redundant and args.placement != "eplb":
         raise UsageError("--redundant adds EPLB's redundant experts, placed by its rearrangement: give --placement eplb "
                          "(a placement file lists its own slots)")
+    if args.trace and args.model:
+        raise UsageError("--trace and --model both give the routing to replay; give one")
+    if args.text and not args.model:
+        raise UsageError("--text is the text --model's trace is recorded on; give --model DIR too")
     if args.calibration_trace and args.placement != "eplb":
         raise UsageError("--calibration-trace gives the expert loads of --placement eplb; it does not apply to "
                          f"--placement {args.placement}")
@@ -125,6 +129,8 @@ def _replay(args, batch_sizes, ranks, shape, step_model) -> int:
         trace = load(args.trace)
         where = (f"trace {args.trace} (model {trace.meta.get('model', '?')}, {trace.batch_size} sequences x "
                  f"{trace.steps} steps)")
+    elif args.model:
+        trace, where = _model_trace(args.model, args.text, max(batch_sizes), args.positions)
     else:
         from ..measure import bench
 
@@ -169,7 +175,7 @@ def _replay(args, batch_sizes, ranks, shape, step_model) -> int:
         by_ranks = parallel.placements(args.placement, trace, ranks, loads, args.redundant)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(f"--placement {args.placement}: {e}") from None
-    policies, notes = _policies(args.policy, trace, reference=not args.trace)
+    policies, notes = _policies(args.policy, trace, reference=not (args.trace or args.model))
     replicated = any(isinstance(p, Replicas) for p in by_ranks.values())
     slots_note = ""
     if replicated:
@@ -219,11 +225,57 @@ def _replay(args, batch_sizes, ranks, shape, step_model) -> int:
     return 0
 
 
+def _model_trace(folder: str, text: str | None, rows: int, steps: int):
+    """(trace, description): a local checkpoint's routing on `rows` sequences of `steps` tokens, recorded
+    teacher-forced in one forward (float32), from --text or else the reference model's validation text
+    (its documents' domains in turn), tokenised with the checkpoint's own tokenizer."""
+    import torch
+
+    from ..measure import bench
+    from ..reference.card import domain_streams, trace_sequences
+    from .measure import load_model
+
+    model, tokenizer, given = load_model(folder, text, need_text=False)
+    if text is not None:
+        from ..reference.train import document_ids
+
+        ids = torch.tensor(document_ids(tokenizer, given), dtype=torch.long)
+        source = f"--text {text}"
+        if len(ids) < rows * steps:
+            raise UsageError(f"--text {text} holds {len(ids)} tokens, fewer than the {rows} x {steps} the trace needs; "
+                             "give more text, or fewer --positions or smaller --batch-sizes")
+        seqs = ids[: rows * steps].view(rows, steps)
+    else:
+        from ..reference import heldout_documents
+
+        streams = domain_streams(tokenizer, heldout_documents())
+        short = [d for d, s in streams.items() if len(s) < (rows // len(streams) + 1) * steps]
+        if short:
+            raise UsageError(f"the reference validation text is too short for {rows} sequences x {steps} positions in "
+                             f"domain(s) {', '.join(short)}; give fewer --positions or --text FILE")
+        seqs = trace_sequences(streams, rows, steps, "mixed")[0]
+        source = "the reference model's validation text (its domains in turn)"
+    vocab = int(model.config.vocab_size)
+    if int(seqs.max()) >= vocab:
+        raise UsageError(f"--model {folder}: its tokenizer gives ids up to {int(seqs.max())}, beyond the model's "
+                         f"vocabulary of {vocab}; give a checkpoint whose tokenizer matches it")
+    with torch.no_grad():
+        trace = bench.reference_trace(rows, steps, model=model, ids=seqs)
+    trace.meta["model"] = str(folder)
+    return trace, (f"trace of {folder} on {source} ({rows} sequences x {steps} positions, teacher-forced, "
+                   "float32)")
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser("ep-replay", help="max-rank distinct experts per policy under expert parallelism, from a trace",
                        description=__doc__)
     p.add_argument("--trace", default=None, metavar="PATH",
                    help="routing trace (default: recorded from the shipped reference model on held-out text)")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="record the trace from this local transformers MoE checkpoint (e.g. a `synth-model` folder) "
+                        "instead of the shipped reference model")
+    p.add_argument("--text", default=None, metavar="FILE",
+                   help="with --model: the text to record on (default: the reference model's validation text)")
     p.add_argument("--positions", type=int, default=DEFAULT_POSITIONS,
                    help=f"without --trace: positions per sequence of the recorded trace (default {DEFAULT_POSITIONS})")
     p.add_argument("--batch-sizes", default="16,32,64,128,256", help="decode batch sizes (default 16,32,64,128,256)")

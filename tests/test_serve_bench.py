@@ -507,3 +507,25 @@ def test_table_has_max_rank_u_under_a_layout():
     assert "max-rank U (native), D ranks |" in text and "| 3.50 (6.50), 2 |" in text
     plain = sb.summarize_offline([_run("native", 4, 0, 0.1, counters=_counters([6], [6]))], ["native"], [4])
     assert "max_rank_unique" not in plain[0] and "max-rank" not in sb.table({"mode": "offline", "rows": plain})
+
+
+def test_mla_models_get_the_reference_cpu_mla_backend(tmp_path):
+    """An MLA model (DeepSeek-V3's config has kv_lora_rank) on CPU outside bfloat16 is built with vLLM's
+    reference CPU MLA backend, in both the offline runs and the server (on a CPU with AMX vLLM would
+    pick AMX MLA, which takes bfloat16 weights only); other models, bfloat16, CUDA and SGLang are left to
+    the engine's own choice."""
+    for name, arch in (("ds", "deepseek-v3"), ("qw", "qwen3-30b-a3b")):
+        synth.write(synth.plan(arch, 2, dims=custom_shape("64,32,16,4")), tmp_path / name, progress=False)
+
+    def args(name, **kw):
+        return sb.vllm_engine_args(sb.Config(model=str(tmp_path / name), policies=[], batch_sizes=[1], **kw).resolved())
+
+    mla = {"attention_config": {"backend": "CPU_MLA"}}
+    assert args("ds", device="cpu") == mla and args("ds", device="cpu", dtype="float16") == mla
+    assert args("qw", device="cpu") == {}
+    assert args("ds", device="cpu", dtype="bfloat16") == {} and args("ds", device="cuda") == {}
+    assert args("ds", device="cpu", engine="sglang") == {}
+    cmd = sb.server_command(sb.Config(model=str(tmp_path / "ds"), policies=[], batch_sizes=[1], device="cpu").resolved(), 4)
+    assert cmd[cmd.index("--attention-config") + 1] == '{"backend": "CPU_MLA"}'
+    assert "--attention-config" not in sb.server_command(
+        sb.Config(model=str(tmp_path / "qw"), policies=[], batch_sizes=[1], device="cpu").resolved(), 4)

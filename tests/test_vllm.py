@@ -411,7 +411,8 @@ def vllm_rule_placement(E, D, strategy):
 @pytest.mark.parametrize("E, D, strategy", [(32, 4, "linear"), (30, 4, "linear"), (32, 4, "round_robin")])
 def test_engine_layout_from_vllms_expert_map(E, D, strategy):
     """The engine's own EP placement, rebuilt for every rank from vLLM's expert map, is vLLM's rule; no EP
-    gives none, and EPLB (replicas of an expert on several ranks) says why it is not counted per rank."""
+    gives none; under EPLB (replicas of an expert on several ranks) it is the layer's live replicas over the
+    engine's physical experts, and a layout it cannot read says why."""
     from types import SimpleNamespace as NS
 
     import moe_reroute.vllm.plugin as plugin
@@ -422,7 +423,14 @@ def test_engine_layout_from_vllms_expert_map(E, D, strategy):
     assert (ranks, rank, origin) == (D, 1, f"engine ({strategy})")
     assert plugin.engine_layout(NS(use_ep=False, ep_size=1), NS(eplb_state=None)) is None
     assert plugin.engine_layout(None, NS(eplb_state=None)) is None
-    assert "EPLB" in plugin.engine_layout(manager, NS(eplb_state=object()))
+    from moe_reroute.replicas import EngineReplicas
+
+    slots = NS(use_ep=True, ep_size=D, ep_rank=1, global_num_experts=40)  # E logical experts + redundant ones
+    eplb = plugin.engine_layout(slots, NS(eplb_state=object()), E)
+    assert isinstance(eplb[0], EngineReplicas) and eplb[1:] == (D, 1, "engine (eplb)")
+    assert (eplb[0].num_physical, eplb[0].num_experts) == (40, E)
+    odd = NS(use_ep=True, ep_size=D, ep_rank=1, global_num_experts=41)
+    assert "EPLB layout (41 physical experts over 4 ranks" in plugin.engine_layout(odd, NS(eplb_state=object()), E)
 
 
 def plain_per_rank(ids, placement, D):

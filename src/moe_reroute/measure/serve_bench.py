@@ -500,7 +500,7 @@ def run_offline(cfg: Config, policies: list[str], out: Path, say=print, labels: 
             **run, "model": str(Path(cfg.model).absolute()), "dtype": cfg.dtype, "device": cfg.device,
             "enforce_eager": cfg.enforce_eager, "prompt_len": cfg.prompt_len, "output_len": cfg.output_len,
             "max_model_len": cfg.prompt_len + cfg.output_len + 16, "prompts": prompts[: run["batch"]],
-            "result": str(result_file)}))
+            "engine_args": vllm_engine_args(cfg), "result": str(result_file)}))
         code = run_process([sys.executable, "-m", "moe_reroute.measure.engine_run", str(spec_file)],
                            engine_env(cfg, run["policy"], in_process=True), log, cfg.run_timeout_s)
         if code != 0 or not result_file.exists():
@@ -531,7 +531,7 @@ def run_ab(cfg: Config, policies: list[str], out: Path, say=print, labels: dict 
             "prompt_len": cfg.prompt_len, "output_len": cfg.output_len,
             "max_model_len": cfg.prompt_len + cfg.output_len + 16, "prompts": prompts[:B],
             **({"ep": {"ranks": cfg.ep, "placement": "eplb"}} if cfg.ep and cfg.placement == "eplb" else {}),
-            "result": str(result_file)}))
+            "engine_args": vllm_engine_args(cfg), "result": str(result_file)}))
         code = run_process([sys.executable, "-m", "moe_reroute.measure.engine_run", str(spec_file)],
                            engine_env(cfg, NATIVE, in_process=True), log, cfg.run_timeout_s)
         if code != 0 or not result_file.exists():
@@ -717,6 +717,27 @@ def _rank_fields(counters: dict, layers: list) -> dict:
 # ---------------------------------------------------------------------------------------------- serving
 
 
+def vllm_engine_args(cfg: Config) -> dict:
+    """Engine arguments a model needs beyond the defaults: on CPU, unless in bfloat16, an MLA model (DeepSeek-V2/V3)
+    gets vLLM's reference CPU MLA backend, since on a CPU with AMX vLLM picks its AMX MLA backend, which
+    takes bfloat16 weights only (elsewhere it picks the reference backend anyway)."""
+    if cfg.engine == SGLANG or cfg.device != "cpu" or cfg.dtype in ("bfloat16", "bf16"):
+        return {}
+    config = read_model_config(cfg.model)
+    if config.get("kv_lora_rank") is None:
+        return {}
+    return {"attention_config": {"backend": "CPU_MLA"}}
+
+
+def read_model_config(model) -> dict:
+    """The checkpoint's config.json as a dict ({} when it cannot be read: the engine then says why)."""
+    try:
+        data = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def server_command(cfg: Config, max_num_seqs: int) -> list[str]:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(cfg.model),
            "--host", "127.0.0.1", "--port", str(cfg.port), "--dtype", cfg.dtype, "--seed", "0",
@@ -724,6 +745,9 @@ def server_command(cfg: Config, max_num_seqs: int) -> list[str]:
            "--no-enable-prefix-caching", "--worker-extension-cls", "moe_reroute.vllm.WorkerExtension"]
     if cfg.enforce_eager:
         cmd.append("--enforce-eager")
+    extra = vllm_engine_args(cfg)
+    if "attention_config" in extra:
+        cmd += ["--attention-config", json.dumps(extra["attention_config"])]
     return cmd
 
 

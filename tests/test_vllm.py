@@ -508,6 +508,29 @@ def test_counters_per_rank_under_configured_replicas(wrapped, logits_factory, mo
 
 
 @needs_vllm
+def test_save_counters_names_the_workers_ranks(wrapped, logits_factory, monkeypatch, tmp_path):
+    """`moe_reroute_save_counters(folder)` (for a data-parallel server, whose `/collective_rpc` runs on every
+    DP engine but answers with the first's): the worker's counters in a file named by its DP, TP and PP
+    ranks, 0 outside an engine's groups."""
+    import types
+
+    import moe_reroute.vllm as plugin
+    from vllm.distributed import parallel_state as ps
+
+    router, _ = wrapped("oea:k0=1")
+    router.select_experts(None, logits_factory(8, 32, seed=1))
+    ext = plugin.WorkerExtension()
+    first = ext.moe_reroute_save_counters(str(tmp_path / "c"))
+    assert first == str(tmp_path / "c" / "counters-dp0-tp0-pp0.json")
+    data = json.loads(open(first).read())
+    assert data["ranks"] == {"dp": 0, "tp": 0, "pp": 0}
+    assert data["layers"] == json.loads(json.dumps({str(k): v for k, v in plugin.counters().items()}))
+    assert data["layers"]["3"]["steps"] == 1
+    monkeypatch.setattr(ps, "get_dp_group", lambda: types.SimpleNamespace(rank_in_group=3))
+    assert ext.moe_reroute_save_counters(str(tmp_path / "c")).endswith("counters-dp3-tp0-pp0.json")
+
+
+@needs_vllm
 def test_engine_ep_layout_counts_and_placement_engine(wrapped, logits_factory):
     """Where the engine runs EP (its layout given as `engine_layout` makes it): the counters count per rank by
     it, with this worker's rank; `placement=engine` routes as the same placement given explicitly; a policy

@@ -565,6 +565,23 @@ class WorkerExtension:
     def moe_reroute_counters(self) -> dict[str, dict[str, float]]:
         return {str(k): v for k, v in counters().items()}
 
+    def moe_reroute_save_counters(self, folder: str) -> str:
+        """Write this worker's counters to `folder`/counters-dp<D>-tp<T>-pp<P>.json (its data-, tensor- and
+        pipeline-parallel ranks; the folder is made if missing) and return the path. A data-parallel server
+        runs a `/collective_rpc` on every DP engine but answers with the first one's result: this method
+        leaves every rank's counters on disk."""
+        import json
+        from pathlib import Path
+
+        from ..files import write_text_atomic
+
+        ranks = worker_ranks()
+        out = Path(str(folder))
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"counters-dp{ranks['dp']}-tp{ranks['tp']}-pp{ranks['pp']}.json"
+        data = {"ranks": ranks, "layers": {str(k): v for k, v in counters().items()}}
+        return str(write_text_atomic(path, json.dumps(data, indent=1) + "\n"))
+
     def moe_reroute_counting(self, on: str = "1") -> bool:
         counting(str(on).strip().lower() in _config.COUNTERS_ON)
         return STATE.counting
@@ -578,6 +595,20 @@ class WorkerExtension:
 
     def moe_reroute_count_by_ranks(self, placements: dict, ranks: int, origin: str) -> int:
         return count_by_ranks(placements, int(ranks), str(origin))
+
+
+def worker_ranks() -> dict[str, int]:
+    """This process's data-, tensor- and pipeline-parallel ranks in vLLM's groups (0 where a group is not
+    set up, e.g. outside an engine)."""
+    from vllm.distributed import parallel_state as ps
+
+    out = {}
+    for name, getter in (("dp", "get_dp_group"), ("tp", "get_tp_group"), ("pp", "get_pp_group")):
+        try:
+            out[name] = int(getattr(ps, getter)().rank_in_group)
+        except (AssertionError, AttributeError, RuntimeError):
+            out[name] = 0
+    return out
 
 
 def format_counters(c: dict[int | str, dict[str, float]]) -> str:

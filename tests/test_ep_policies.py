@@ -32,17 +32,23 @@ def draw_ep(data, E):
     return params, None if where is None else where.tolist()
 
 
-@settings(max_examples=150, deadline=None)
-@given(batches(), st.data())
-def test_oea_ep(batch, data):
-    spec, logits, valid = batch
-    K, E = spec.top_k, spec.num_experts
+def draw_oea(data, K, E):
+    """Random OEA parameters for K and E: k0, and sometimes p, k_max and max_rank."""
     k0 = data.draw(st.integers(1, K))
     params = {"k0": k0}
     if data.draw(st.booleans()):
         params["p"] = data.draw(st.sampled_from([0.5, 0.9, 1.0]))
         params["k_max"] = data.draw(st.integers(k0, K))
         params["max_rank"] = data.draw(st.integers(1, E))
+    return params
+
+
+@settings(max_examples=150, deadline=None)
+@given(batches(), st.data())
+def test_oea_ep(batch, data):
+    spec, logits, valid = batch
+    K, E = spec.top_k, spec.num_experts
+    params = draw_oea(data, K, E)
     ep, where = draw_ep(data, E)
     r = make_policy("oea", **params, **ep)(logits, spec, valid)
     vl = valid_list(valid, logits.shape[0])

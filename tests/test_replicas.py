@@ -14,6 +14,7 @@ import reference as ref
 from conftest import distinct_logits, random_mask
 from moe_reroute import RouterSpec, make_policy
 from moe_reroute.replicas import Replicas, eplb_replicas, logical_maps, physical_to_logical, replica_hash
+from test_ep_policies import draw_oea
 from test_policies_vs_reference import batches, check_against, tol, valid_list
 
 
@@ -117,12 +118,7 @@ def draw_replicas(data, E):
 def test_oea_replicas(batch, data):
     spec, logits, valid = batch
     K, E = spec.top_k, spec.num_experts
-    k0 = data.draw(st.integers(1, K))
-    params = {"k0": k0}
-    if data.draw(st.booleans()):
-        params["p"] = data.draw(st.sampled_from([0.5, 0.9, 1.0]))
-        params["k_max"] = data.draw(st.integers(k0, K))
-        params["max_rank"] = data.draw(st.integers(1, E))
+    params = draw_oea(data, K, E)
     p2l, D = draw_replicas(data, E)
     cap = data.draw(st.one_of(st.none(), st.integers(1, len(p2l) // D + 1)))
     placement = {"ranks": D, "physical_to_logical": p2l}

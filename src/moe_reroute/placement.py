@@ -109,20 +109,30 @@ def check_placement(placement: Any, num_experts: int, ranks: int, origin: str = 
     return p
 
 
+def int_lists(obj: Any, uneven: str) -> torch.Tensor | None:
+    """A non-empty JSON list of ints, or a non-empty list of such lists, as an int64 tensor ([N] or [L, N]);
+    None when `obj` is neither; ValueError(`uneven`) when the lists differ in length."""
+    def ints(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+
+    if ints(obj):
+        return torch.tensor(obj, dtype=torch.int64)
+    if isinstance(obj, list) and obj and all(ints(r) for r in obj):
+        if len({len(r) for r in obj}) != 1:
+            raise ValueError(uneven)
+        return torch.tensor(obj, dtype=torch.int64)
+    return None
+
+
 def from_lists(obj: Any, origin: str) -> torch.Tensor:
     """A JSON placement (a list of ranks, or one list per MoE layer) as an int64 tensor; its shape only is checked."""
-    def is_rank(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    if isinstance(obj, list) and obj and all(is_rank(v) for v in obj):
-        return torch.tensor(obj, dtype=torch.int64)
-    if isinstance(obj, list) and obj and all(isinstance(r, list) and r and all(is_rank(v) for v in r) for r in obj):
-        if len({len(r) for r in obj}) != 1:
-            raise ValueError(f"{origin}: the per-layer placements have {sorted({len(r) for r in obj})} experts; "
-                             "every MoE layer places all E experts")
-        return torch.tensor(obj, dtype=torch.int64)
-    raise ValueError(f"{origin}: a placement is a non-empty JSON list of integer ranks, one per expert, or one such "
-                     f"list per MoE layer; write e.g. {EXAMPLE}")
+    lengths = sorted({len(r) for r in obj if isinstance(r, list)}) if isinstance(obj, list) else []
+    out = int_lists(obj, f"{origin}: the per-layer placements have {lengths} experts; every MoE layer places all E "
+                         "experts")
+    if out is None:
+        raise ValueError(f"{origin}: a placement is a non-empty JSON list of integer ranks, one per expert, or one "
+                         f"such list per MoE layer; write e.g. {EXAMPLE}")
+    return out
 
 
 def load_placement(path: str | Path, num_experts: int, ranks: int, layers: int | None = None) -> torch.Tensor:

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from .placement import int_lists
+
 KNUTH = 2654435769  # vLLM's replica hash: floor(2^32 / phi)
 EXAMPLE = '{"ranks": 2, "physical_to_logical": [0, 1, 2, 3, 0, 3]} (6 slots, 3 per rank; experts 0 and 3 twice)'
 
@@ -310,15 +312,9 @@ def _int_tensor(obj: Any, origin: str) -> torch.Tensor:
             raise ValueError(f"{origin}: physical_to_logical must hold integers, got a {obj.dtype} tensor")
         return obj.detach().to("cpu", torch.int64)
 
-    def ints(v: Any) -> bool:
-        return isinstance(v, list) and bool(v) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
-
-    if ints(obj):
-        return torch.tensor(obj, dtype=torch.int64)
-    if isinstance(obj, list) and obj and all(ints(r) for r in obj):
-        if len({len(r) for r in obj}) != 1:
-            raise ValueError(f"{origin}: the per-layer physical_to_logical lists differ in length; every MoE layer has "
-                             "the same P slots")
-        return torch.tensor(obj, dtype=torch.int64)
+    out = int_lists(obj, f"{origin}: the per-layer physical_to_logical lists differ in length; every MoE layer has "
+                         "the same P slots")
+    if out is not None:
+        return out
     raise ValueError(f"{origin}: physical_to_logical is a non-empty list of logical expert ids, one per physical slot, "
                      f"or one such list per MoE layer; write e.g. {EXAMPLE}")

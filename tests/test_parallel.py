@@ -262,6 +262,7 @@ def test_cli_model_records_its_own_trace(tmp_path, capsys):
     assert main([*args, "--model", str(folder), "--text", str(text)]) == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert f"trace of {folder} on --text {text} (8 sequences x 6 positions" in got["trace"]
+    assert got["conditions"]["shape"] == "deepseek-v3"  # the model the synth-model folder stands for
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(folder)
     ids = torch.tensor(document_ids(tok, text.read_text()))[:48].view(8, 6)

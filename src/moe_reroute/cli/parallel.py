@@ -19,6 +19,7 @@ from .bench import UsageError, _batch_sizes, policy_specs
 DEFAULT_POLICIES = ("native", "cap:k=4", "oea:k0=3", "sere", "budget:budget=32", "xshare:budget=32",
                     "lynx:alpha=3,beta=2")
 DEFAULT_POSITIONS = 32
+DEFAULT_SHAPE = "qwen3-30b-a3b"
 
 
 def _policies(specs: list[str] | None, trace, reference: bool) -> tuple[dict, list[str]]:
@@ -56,6 +57,18 @@ def _policies(specs: list[str] | None, trace, reference: bool) -> tuple[dict, li
     return out, notes
 
 
+def _model_shape(folder: str | None) -> str | None:
+    """The real model a `synth-model` checkpoint stands for (its marker's shape name), or None."""
+    if not folder:
+        return None
+    from ..measure.shapes import SHAPES
+    from ..measure.synth import read_marker
+
+    marker = read_marker(Path(folder)) or {}
+    name = str(marker.get("shape", "")).split(" ")[0]
+    return name if name in SHAPES else None
+
+
 def _lcm(values) -> int:
     import math
 
@@ -91,7 +104,7 @@ def _ep_replay(args) -> int:
     if args.out:
         check_out_dir(args.out)
     try:
-        shape = get_shape(args.shape)
+        shape = get_shape(args.shape or _model_shape(args.model) or DEFAULT_SHAPE)
         step_model = EPStepModel(shape.bytes_per_expert(torch.bfloat16), shape.hidden, args.act_bytes,
                                  args.hbm_gbps, args.link_gbps)
     except ValueError as e:
@@ -294,8 +307,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--policy", action="append", default=None, metavar="SPEC",
                    help=f"policy spec, repeatable (default: {' '.join(DEFAULT_POLICIES)}; sere only on the reference "
                         "model's trace or with similarity=FILE)")
-    p.add_argument("--shape", default="qwen3-30b-a3b", help="MoE layer shape for the predicted time (default "
-                   "qwen3-30b-a3b, bfloat16 weights)")
+    p.add_argument("--shape", default=None, help="MoE layer shape for the predicted time (default: the shape a "
+                   f"--model made by synth-model stands for, else {DEFAULT_SHAPE}; bfloat16 weights)")
     p.add_argument("--hbm-gbps", type=float, default=3350.0,
                    help="HBM bandwidth per rank, GB/s (default 3350: H100 SXM)")
     p.add_argument("--link-gbps", type=float, default=450.0,

@@ -465,7 +465,18 @@ def test_serve_bench_ep_layout_is_checked_before_any_engine(tmp_path, capsys):
     bad_input(capsys, ["serve-bench", *out, "--ep", "2", "--placement", "eplb", "--isolate"],
               "--placement eplb is computed in the A/B engine", "give a placement file")
     bad_input(capsys, ["serve-bench", *out, "--ep", "2", "--engine", "sglang"], "drop --ep with --engine sglang")
+    replicas = {"ranks": 4, "physical_to_logical": [list(range(16)) + [0, 1, 2, 3]] * 2}
+    (tmp_path / "replicas.json").write_text(json.dumps(replicas))
+    bad_input(capsys, ["serve-bench", *out, "--ep", "2", "--placement", tmp_path / "replicas.json"],
+              "spreads its slots over 4 ranks, not 2")
+    (tmp_path / "replicas3.json").write_text(json.dumps({**replicas, "physical_to_logical": replicas["physical_to_logical"] * 2}))
+    bad_input(capsys, ["serve-bench", *out, "--ep", "4", "--placement", tmp_path / "replicas3.json"],
+              "gives 4 per-layer maps but the model has 2 MoE layers")
     assert not (tmp_path / "o" / "results.json").exists()
+    cfg = sb.Config(model=str(tiny), policies=[], batch_sizes=[1], ep=4, placement=str(tmp_path / "replicas.json"))
+    from moe_reroute.contract import RouterSpec
+
+    sb.check_layout(cfg, json.loads((tiny / "config.json").read_text()), RouterSpec(16, 4))  # a fitting file passes
 
 
 def test_serve_bench_ep_layout_reaches_the_engine(monkeypatch, tmp_path):

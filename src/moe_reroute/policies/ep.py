@@ -74,8 +74,9 @@ def check_ep_fields(config: Any, policy: str) -> None:
             f" {config.placement}" if isinstance(config.placement, str) else ""))
     if isinstance(placement, Replicas):
         if placement.ranks != ep:
-            raise ValueError(f"{policy} placement {placement.origin} spreads its slots over {placement.ranks} ranks, "
-                             f"but ep={ep}; give ep={placement.ranks}")
+            where = placement.origin if placement.origin.startswith(policy) else f"{policy} placement {placement.origin}"
+            raise ValueError(f"{where} spreads its slots over {placement.ranks} ranks, but ep={ep}; give "
+                             f"ep={placement.ranks}")
         object.__setattr__(config, "_placement", placement)
         return
     if placement is not None and not (isinstance(placement, str) and placement == "contiguous"):

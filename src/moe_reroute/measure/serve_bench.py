@@ -723,19 +723,13 @@ def vllm_engine_args(cfg: Config) -> dict:
     takes bfloat16 weights only (elsewhere it picks the reference backend anyway)."""
     if cfg.engine == SGLANG or cfg.device != "cpu" or cfg.dtype in ("bfloat16", "bf16"):
         return {}
-    config = read_model_config(cfg.model)
-    if config.get("kv_lora_rank") is None:
+    try:
+        config = read_model_config(cfg.model)
+    except BenchError:  # the checks before any engine say what is wrong with the folder
+        return {}
+    if not isinstance(config, dict) or config.get("kv_lora_rank") is None:
         return {}
     return {"attention_config": {"backend": "CPU_MLA"}}
-
-
-def read_model_config(model) -> dict:
-    """The checkpoint's config.json as a dict ({} when it cannot be read: the engine then says why)."""
-    try:
-        data = json.loads((Path(model) / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def server_command(cfg: Config, max_num_seqs: int) -> list[str]:

@@ -39,7 +39,7 @@ def head_union(router_logits: torch.Tensor, spec: RouterSpec, valid: torch.Tenso
     Returns:
       0-d int64 for [T, E], [S] for [S, T, E].
     """
-    E, K = spec.num_experts, spec.top_k
+    E = spec.num_experts
     T = router_logits.shape[-2]
     x = router_logits.reshape(-1, T, E)  # [S, T, E]
     S = x.shape[0]

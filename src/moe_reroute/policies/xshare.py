@@ -30,7 +30,7 @@ import torch
 from ..contract import Routing
 from ..scoring import (finish, fixed_members, native_where_fixed, native_where_unchanged, pack, rank, ranked_native,
                        sanitize, score, weights_for)
-from .base import Policy, PolicyConfig, is_int, need_at_most, need_int, per_layer
+from .base import Policy, PolicyConfig, need_at_most, need_int, per_layer
 
 DEFAULT_ALPHA = 0.5  # XShare's budget_alpha default, used when neither budget nor alpha is given
 

@@ -34,8 +34,6 @@ def domain_streams(tokenizer, docs) -> dict[str, torch.Tensor]:
 
 def checksums(folder) -> dict[str, str]:
     """sha256 of every file of a model folder (subfolders too) but the card's own two."""
-    from pathlib import Path
-
     folder = Path(folder)
     return {str(f.relative_to(folder)): sha256(f) for f in sorted(folder.rglob("*"))
             if f.is_file() and f.name not in ("card.json", "MODEL_CARD.md")}

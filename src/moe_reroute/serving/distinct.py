@@ -39,7 +39,7 @@ def distinct_ids(routing: Routing, num_experts: int) -> Routing:
         raise ValueError(f"distinct_ids: K={K} slots cannot name distinct experts out of E={num_experts}")
     if K == 1 or not bool(has_repeats(ids).any()):
         return routing
-    lead, T = ids.shape[:-2], ids.shape[-2]
+    T = ids.shape[-2]
     i = ids.reshape(-1, T, K).long()  # [B, T, K]
     w = weights.reshape(-1, T, K)
     B = i.shape[0]

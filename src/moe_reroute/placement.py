@@ -135,17 +135,23 @@ def from_lists(obj: Any, origin: str) -> torch.Tensor:
     return out
 
 
-def load_placement(path: str | Path, num_experts: int, ranks: int, layers: int | None = None) -> torch.Tensor:
-    """Read and check a placement file (see the module docstring): [E] or [L, E] int64."""
+def read_placement_json(path: str | Path, origin: str | None = None) -> Any:
+    """The parsed JSON of a placement file (a regular file, at most PLACEMENT_FILE_BYTES); `origin` names it
+    in messages (default: its path)."""
     from .files import read_regular_text
 
-    text = read_regular_text(path, str(path), f"expected a placement: {EXAMPLE}", limit=PLACEMENT_FILE_BYTES,
-                              missing=FileNotFoundError)
+    origin = str(path) if origin is None else origin
+    text = read_regular_text(path, origin, f"expected a placement: {EXAMPLE}", limit=PLACEMENT_FILE_BYTES,
+                             missing=FileNotFoundError)
     try:
-        obj = json.loads(text)
+        return json.loads(text)
     except (json.JSONDecodeError, RecursionError):
-        raise ValueError(f"{path}: not valid JSON; a placement file holds a list of ranks, e.g. {EXAMPLE}") from None
-    return check_placement(obj, num_experts, ranks, origin=str(path), layers=layers)
+        raise ValueError(f"{origin}: not valid JSON; a placement file holds a list of ranks, e.g. {EXAMPLE}") from None
+
+
+def load_placement(path: str | Path, num_experts: int, ranks: int, layers: int | None = None) -> torch.Tensor:
+    """Read and check a placement file (see the module docstring): [E] or [L, E] int64."""
+    return check_placement(read_placement_json(path), num_experts, ranks, origin=str(path), layers=layers)
 
 
 def save_placement(placement: torch.Tensor, path: str | Path) -> Path:

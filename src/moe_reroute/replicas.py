@@ -285,25 +285,18 @@ def parse_replicas(obj: Any, num_experts: int | None, origin: str) -> Replicas |
     return Replicas.from_physical(obj["physical_to_logical"], obj["ranks"], num_experts, origin=origin)
 
 
-def load_replicas(path: str, num_experts: int, layers: int | None = None) -> Replicas | None:
-    """The redundant-expert placement in file `path` (`moe_reroute.replicas`), checked against the model; None
-    when the file is an ordinary placement (a list of ranks)."""
-    import json
+def load_placement_file(path: str, num_experts: int, ranks: int | None,
+                        layers: int | None = None) -> "torch.Tensor | Replicas":
+    """A placement file, read once: `Replicas` for `{"ranks": D, "physical_to_logical": [...]}` (checked
+    against E, `ranks` when given, and L), else the [E] or [L, E] ranks `placement.load_placement` reads."""
+    from .placement import check_placement, read_placement_json
 
-    from .files import read_regular_text
-    from .placement import EXAMPLE as RANKS_EXAMPLE
-    from .placement import PLACEMENT_FILE_BYTES
-
-    text = read_regular_text(path, str(path), f"expected a placement: {RANKS_EXAMPLE}, or {EXAMPLE}", limit=PLACEMENT_FILE_BYTES,
-                             missing=FileNotFoundError)
-    try:
-        obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
-        return None  # the ordinary reader says what is wrong
+    obj = read_placement_json(path)
     replicas = parse_replicas(obj, num_experts, str(path))
     if replicas is not None:
-        replicas.check_fits(num_experts, None, layers)
-    return replicas
+        replicas.check_fits(num_experts, ranks, layers)
+        return replicas
+    return check_placement(obj, num_experts, ranks, origin=str(path), layers=layers)
 
 
 def _int_tensor(obj: Any, origin: str) -> torch.Tensor:

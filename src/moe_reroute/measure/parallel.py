@@ -19,9 +19,9 @@ import torch
 
 from ..contract import Routing
 from ..metrics import rank_unique, used_experts, used_slots
-from ..placement import NAMES, check_ranks, make_placement
+from ..placement import NAMES, check_placement, check_ranks, make_placement, read_placement_json
 from ..policies import Policy, make_policy
-from ..replicas import Replicas, eplb_replicas, load_replicas
+from ..replicas import Replicas, eplb_replicas, parse_replicas
 from ..traces import Trace, default_chunk_steps
 from .costmodel import EPStepModel
 
@@ -57,16 +57,18 @@ def placements(how: str, trace: Trace, ranks: Sequence[int], load: torch.Tensor 
             raise ValueError("redundant experts are placed by EPLB's rearrangement; give the eplb placement (or a "
                              "placement file that lists them)")
         return {D: eplb_replicas(load, D, redundant) for D in ranks}
-    if how not in NAMES:
-        replicas = load_replicas(how, E, L)
+    obj = None
+    if how not in NAMES:  # a file, read once: redundant experts, or ranks checked against every D
+        obj = read_placement_json(how)
+        replicas = parse_replicas(obj, E, how)
         if replicas is not None:
-            wrong = [D for D in ranks if D != replicas.ranks]
-            if wrong:
+            replicas.check_fits(E, None, L)
+            if any(D != replicas.ranks for D in ranks):
                 raise ValueError(f"{how} spreads its slots over {replicas.ranks} ranks; give --ep {replicas.ranks}")
             return {replicas.ranks: replicas}
     out = {}
     for D in ranks:
-        p = make_placement(how, E, D, load=load, layers=L)
+        p = make_placement(how, E, D, load=load, layers=L) if obj is None else check_placement(obj, E, D, how, L)
         out[D] = p.expand(L, E) if p.dim() == 1 else p
     return out
 

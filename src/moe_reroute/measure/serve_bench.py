@@ -250,7 +250,7 @@ def check_layout(cfg: Config, config: dict, spec) -> None:
             raise BenchError(f"--placement {cfg.placement} says where experts live under expert parallelism: give "
                              "--ep D (the number of ranks) too")
         return
-    from ..placement import check_ranks, load_placement
+    from ..placement import check_ranks
 
     if cfg.engine == SGLANG:
         raise BenchError("--ep counts per rank in vLLM's plugin; drop --ep with --engine sglang")
@@ -262,15 +262,10 @@ def check_layout(cfg: Config, config: dict, spec) -> None:
                                  "native generation, then each rank balanced by tokens per expert); with --serve or "
                                  "--isolate give a placement file (`moe-reroute ep-replay --placement eplb --out DIR` "
                                  "writes one per D)")
-        elif cfg.placement != "contiguous":
-            from ..replicas import load_replicas
+        elif cfg.placement != "contiguous":  # ranks, or redundant experts (counted by the slots a rank reads)
+            from ..replicas import load_placement_file
 
-            layers = _moe_layer_count(config)
-            replicas = load_replicas(cfg.placement, spec.num_experts, layers)
-            if replicas is not None:  # redundant experts: counted by the slots each rank reads
-                replicas.check_fits(spec.num_experts, cfg.ep, layers)
-            else:
-                load_placement(cfg.placement, spec.num_experts, cfg.ep, layers=layers)
+            load_placement_file(cfg.placement, spec.num_experts, cfg.ep, _moe_layer_count(config))
     except (ValueError, OSError) as e:
         raise BenchError(f"--ep {cfg.ep} --placement {cfg.placement}: {e}") from None
 

@@ -82,14 +82,7 @@ class Budget(Policy):
         mass = mass / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
         q = torch.floor(mass * BUDGET_GRID + 0.5).to(torch.int32).clamp_min(1)  # exact integer sums, in any order
         q = torch.where(valid[..., None], q, torch.zeros_like(q))
-        steps = native.shape[:-2]  # () or (S,): one expert set per step
-        mass_e = torch.zeros(*steps, E, dtype=torch.int32, device=q.device).scatter_add_(
-            -1, native.flatten(-2), q.flatten(-2))  # [E]
-
-        forced = torch.zeros_like(mass_e).scatter_add_(-1, native[..., 0], valid.to(torch.int32)) > 0  # [E]
         held = fixed_members(s, fixed, valid)
-        if held is not None:  # every native expert of a fixed row
-            forced = forced | held.any(dim=-2)
         replicas = replicas_of(config) if config.ep is not None else None
         if replicas is not None:  # redundant experts: the set is chosen over the slots the tokens reach
             slots, slot_rank = slot_view(replicas, layer, order.shape[-2], order.device)  # [T, E], [P]
@@ -105,6 +98,13 @@ class Budget(Policy):
             cap = config.rank_cap if config.rank_cap is not None else -(-config.budget // config.ep)
             in_slots = rank_capped_set(key, forced, slot_rank, config.ep, cap, total=config.budget)  # [P]
             return route_within_set(s, order, by_token(in_slots, slots), spec, valid, fixed, per_token=True)
+        steps = native.shape[:-2]  # () or (S,): one expert set per step
+        mass_e = torch.zeros(*steps, E, dtype=torch.int32, device=q.device).scatter_add_(
+            -1, native.flatten(-2), q.flatten(-2))  # [E]
+
+        forced = torch.zeros_like(mass_e).scatter_add_(-1, native[..., 0], valid.to(torch.int32)) > 0  # [E]
+        if held is not None:  # every native expert of a fixed row
+            forced = forced | held.any(dim=-2)
         key = torch.where(forced, torch.full_like(mass_e, torch.iinfo(torch.int32).max), mass_e)
         if config.ep is None:
             chosen = torch.sort(key, dim=-1, descending=True, stable=True)[1][..., : config.budget]

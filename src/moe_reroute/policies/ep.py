@@ -55,18 +55,9 @@ def check_ep_fields(config: Any, policy: str) -> None:
         object.__setattr__(config, "_placement", None)
         return
     if isinstance(placement, str) and placement != "contiguous":
-        import json
+        from ..placement import read_placement_json
 
-        from ..files import read_regular_text
-        from ..placement import EXAMPLE, PLACEMENT_FILE_BYTES
-
-        text = read_regular_text(placement, f"{policy} placement {placement}", f"expected a placement: {EXAMPLE}",
-                                 limit=PLACEMENT_FILE_BYTES, missing=FileNotFoundError)
-        try:
-            placement = json.loads(text)
-        except (json.JSONDecodeError, RecursionError):
-            raise ValueError(f"{policy} placement {config.placement}: not valid JSON; a placement file holds a list "
-                             f"of ranks, e.g. {EXAMPLE}") from None
+        placement = read_placement_json(placement, f"{policy} placement {placement}")
     if isinstance(placement, dict):
         from ..replicas import parse_replicas
 

@@ -170,18 +170,14 @@ class CountLayout:
         """[E] or [L, E] int64 placement for a model of E experts (and L MoE layers, when known), or the
         `Replicas` of a file of redundant experts; ValueError naming the variable and the fix when it does
         not fit."""
-        from ..placement import check_ranks, contiguous, load_placement
-        from ..replicas import load_replicas
+        from ..placement import check_ranks, contiguous
+        from ..replicas import load_placement_file
 
         try:
             check_ranks(num_experts, self.ranks)
             if self.placement == "contiguous":
                 return contiguous(num_experts, self.ranks)
-            replicas = load_replicas(self.placement, num_experts, layers)
-            if replicas is not None:
-                replicas.check_fits(num_experts, self.ranks)
-                return replicas
-            return load_placement(self.placement, num_experts, self.ranks, layers)
+            return load_placement_file(self.placement, num_experts, self.ranks, layers)
         except (ValueError, OSError) as e:
             raise ValueError(f"{COUNT_EP_ENV}={self.spec()}: {e}") from None
 

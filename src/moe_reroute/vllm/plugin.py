@@ -275,8 +275,7 @@ def wrap(router: Any, cfg: _config.PluginConfig, layer: int | None, num_experts:
         raise ValueError("moe-reroute: dp_view=gather routes every data-parallel rank's rows as one batch, but this "
                          "engine runs EPLB, whose replica choice hashes each rank's own row numbers; use "
                          "dp_view=local (the default) with EPLB")
-    fits = isinstance(engine_ep, tuple) and (engine_ep[0].num_experts == E if isinstance(engine_ep[0], Replicas)
-                                             else engine_ep[0].shape[0] == E)
+    fits = isinstance(engine_ep, tuple) and layout_experts(engine_ep[0]) == E
     r = Rerouter(router, cfg, layer, STATE, E, moe_layer, engine_ep=engine_ep if fits else None)
     r.check()
     r.set_config(cfg)
@@ -295,6 +294,11 @@ def wrap(router: Any, cfg: _config.PluginConfig, layer: int | None, num_experts:
     return r
 
 
+def layout_experts(placement: torch.Tensor | Replicas) -> int:
+    """The logical experts an engine layout places: E of an [E] placement or of replicas."""
+    return placement.num_experts if isinstance(placement, Replicas) else int(placement.shape[0])
+
+
 def rank_layout(num_experts: int, layer: int | None, moe_layer: int | None,
                 engine_ep: tuple[torch.Tensor, int, int, str] | str | None
                 ) -> tuple[torch.Tensor, int, str, int | None] | None:
@@ -305,7 +309,7 @@ def rank_layout(num_experts: int, layer: int | None, moe_layer: int | None,
     configured = count_layout()
     if isinstance(engine_ep, tuple):
         placement, D, rank, origin = engine_ep
-        if (placement.num_experts if isinstance(placement, Replicas) else placement.shape[0]) != num_experts:
+        if layout_experts(placement) != num_experts:
             return None  # a layer of another expert count than the one the layout was read for
         if configured is not None and configured.ranks != D:
             raise ValueError(f"moe-reroute: {_config.COUNT_EP_ENV}={configured.spec()} counts by {configured.ranks} "

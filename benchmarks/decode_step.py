@@ -295,6 +295,21 @@ def bench(shape: LayerShape, L: int, batch_sizes: list[int], policies: dict, bat
     return {"results": results, "timed_out": timed_out}
 
 
+def warm(policies: dict, batch_sizes: list[int], batching: str, device: torch.device) -> int:
+    """Each policy called as the bench calls it (one layer's recorded logits, every batch size, the same device
+    and dtype), so that its kernels are compiled; a later process finds them in Triton's cache."""
+    t0 = time.monotonic()
+    data = reference_batches(1, max(batch_sizes), 1, batching)
+    for name, pol in policies.items():
+        for B in batch_sizes:
+            route_only(data.logits[0, :, :B].to(device), data.specs, data.moe_layers, pol)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    print(f"decode_step: warmed {len(policies)} policies at B = {', '.join(map(str, batch_sizes))} on {device} "
+          f"in {time.monotonic() - t0:.1f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="qwen3-30b-a3b", help="a named layer shape (moe_reroute.measure.shapes)")
@@ -311,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds: no new batch size is started after this; those left are reported as timed out")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU, tiny sizes (dims 64,32,128,8, 2 layers, B=1,4, 2 steps, 1 repeat), no CUDA graph")
+    p.add_argument("--warm-only", action="store_true",
+                   help="only call every policy once at each batch size on the recorded logits (no expert weights, "
+                        "nothing timed): Triton compiles the kernels the bench will run into its on-disk cache")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -333,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     if not ok:
         raise SystemExit(f"decode_step: {why}")
     policies = reference_policies(a.policy or list(DEFAULT_POLICIES))
+    if a.warm_only:
+        return warm(policies, batch_sizes, batchings[0], device)
     L = fit_layers(shape, a.layers, device, dtype)
     batches = {b: reference_batches(L, max(batch_sizes), a.steps, b) for b in batchings}
     E = batches[batchings[0]].logits.shape[-1]

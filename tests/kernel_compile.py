@@ -2,7 +2,8 @@
 ships, as a GPU would, so that code the interpreter accepts but the compiler refuses is caught on CPU.
 
 python tests/kernel_compile.py [--experts E] [POLICY[:SCORING[:PHASE]] ...]   (names: native cap oea sere
-budget xshare lynx; softmax topk_softmax sigmoid; phases 0 1 2, and 3 for lynx; E default 128); exits 1 if any case fails. Run without
+budget xshare lynx, and oea+ep budget+ep (with `ep`); softmax topk_softmax sigmoid; phases 0 1 2, and 3 for lynx;
+E default 128); exits 1 if any case fails. Run without
 TRITON_INTERPRET. The seconds each case took are printed: how moe_reroute.kernels.MAX_EXPERTS was chosen.
 """
 
@@ -22,12 +23,12 @@ from triton.compiler import ASTSource  # noqa: E402
 from moe_reroute.kernels import triton_route as tr  # noqa: E402
 
 POLICIES = {"native": tr.NATIVE, "cap": tr.CAP, "oea": tr.OEA, "sere": tr.SERE, "budget": tr.BUDGET, "xshare": tr.XSHARE,
-            "lynx": tr.LYNX}
+            "lynx": tr.LYNX, "oea+ep": tr.OEA, "budget+ep": tr.BUDGET}
 SCORINGS = {"softmax": tr.SOFTMAX, "topk_softmax": tr.TOPK_SOFTMAX, "sigmoid": tr.SIGMOID}
 TYPES = dict(logits_ptr="*bf16", stride="i32", stride_s="i64", valid_ptr="*u8", fixed_ptr="*u8", bias_ptr="*fp32", sim_ptr="*fp32",
-             part_a_ptr="*i32", part_b_ptr="*i32", ids_ptr="*i64", w_ptr="*fp32", T="i32", nb="i32", rsf="fp32",
-             k_param="i32", k_max="i32", max_rank="i32", p_top="fp32", threshold="fp32", k_group="i32",
-             part_len="i32")
+             part_a_ptr="*i32", part_b_ptr="*i32", ids_ptr="*i64", w_ptr="*fp32", place_ptr="*i64", T="i32", nb="i32",
+             rsf="fp32", k_param="i32", k_max="i32", max_rank="i32", p_top="fp32", threshold="fp32", k_group="i32",
+             part_len="i32", ep_ranks="i32", ep_cap="i32")
 
 
 def compile_case(policy: str, scoring: str, phase: int, E: int = 128) -> float:
@@ -42,8 +43,8 @@ def compile_case(policy: str, scoring: str, phase: int, E: int = 128) -> float:
                   E_BLOCK=E_BLOCK, BT=block_tokens(64, E, torch.device("cuda")), T_CHUNK=64,
                   P_CHUNK=max(1, min(64, _TILE // E_BLOCK)), HAS_VALID=True, HAS_FIXED=True, HAS_BIAS=False,
                   RENORM=True, CAP_RENORM=True, N_GROUP=1, TOPK_GROUP=1, GROUP_SIZE=E, G_BLOCK=2, ROUND_BF16=False,
-                  ROUND_FP16=False, TOP_P=policy == "oea", LIMIT_RANK=policy == "oea", GRID=256,
-                  CHUNK=max(1, min(E_BLOCK, _TILE // E_BLOCK)))
+                  ROUND_FP16=False, TOP_P=policy.startswith("oea"), LIMIT_RANK=policy.startswith("oea"), GRID=256,
+                  CHUNK=max(1, min(E_BLOCK, _TILE // E_BLOCK)), HAS_EP=policy.endswith("+ep"))
     if scoring == "sigmoid":
         consts.update(HAS_BIAS=True, N_GROUP=8, TOPK_GROUP=4, GROUP_SIZE=E // 8, G_BLOCK=8)
     if scoring == "topk_softmax":

@@ -16,7 +16,8 @@ pytestmark = [
 
 E = 128
 POLICIES = [("native", {}), ("cap", {"k": 4}), ("oea", {"k0": 3}), ("budget", {"budget": 32}),
-            ("sere", {"similarity": torch.rand(E, E, generator=torch.Generator().manual_seed(0))})]
+            ("sere", {"similarity": torch.rand(E, E, generator=torch.Generator().manual_seed(0))}),
+            ("oea", {"k0": 3, "ep": 8})]  # the set under a cap on experts per rank, in the kernel too
 SPECS = [RouterSpec(E, 8), RouterSpec(E, 8, "sigmoid", True, n_group=8, topk_group=4, routed_scaling_factor=2.5),
          RouterSpec(E, 4, "topk_softmax")]
 
@@ -113,3 +114,33 @@ def test_lynx_kernel_on_cuda(params, T, launches):
     x.copy_(y)
     graph.replay()
     assert torch.equal(out.ids, make_policy("lynx", backend="torch", ties="lower-id", **params)(y, spec, v, fixed=f).ids)
+
+
+def _compiled_variants(kernel) -> int:
+    """Compiled variants of a Triton kernel in this process (skips where this Triton keeps them elsewhere)."""
+    caches = getattr(kernel, "device_caches", None)
+    if not caches:
+        pytest.skip("this Triton keeps no device_caches on its kernels")
+    total = 0
+    for entry in caches.values():
+        table = entry[0] if isinstance(entry, tuple) else entry
+        if not isinstance(table, dict):
+            pytest.skip("this Triton's device_caches hold no dict of compiled kernels")
+        total += len(table)
+    return total
+
+
+def test_batch_sizes_share_one_compiled_kernel():
+    """T = 1, 5, 16, 24 and 32 (one program each at E = 128) run one compiled kernel: Triton does not
+    specialise the batch size, so an engine capturing graphs for many sizes compiles a policy once per phase."""
+    pytest.importorskip("triton")
+    from moe_reroute.kernels import triton_route
+
+    spec = SPECS[0]
+    policy = make_policy("budget", budget=24, check_inputs=False, backend="triton")
+    x = distinct_logits(32, E, seed=8).cuda()
+    policy(x[:3], spec)
+    before = _compiled_variants(triton_route.route_kernel)
+    for T in (1, 5, 16, 24, 32):
+        policy(x[:T].contiguous(), spec)
+    assert _compiled_variants(triton_route.route_kernel) == before

@@ -152,18 +152,23 @@ def test_per_layer_placement_and_file(tmp_path):
 
 
 def test_kernel_fallback_warns_once_and_matches_torch():
+    """`ep` has a fused kernel (tests/test_kernels.py); over redundant experts (replicas) it has none: torch ops,
+    one warning."""
+    from moe_reroute.replicas import Replicas
+
     spec = RouterSpec(16, 4)
     x = distinct_logits(6, 16, seed=2)
+    replicas = Replicas.from_physical(list(range(16)) + [0, 1, 2, 3], 2)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        r = make_policy("budget", budget=6, ep=2, backend="triton")(x, spec)
-        make_policy("budget", budget=6, ep=2, backend="triton")(x, spec)
+        r = make_policy("budget", budget=6, ep=2, placement=replicas, backend="triton")(x, spec)
+        make_policy("budget", budget=6, ep=2, placement=replicas, backend="triton")(x, spec)
     said = [str(m.message) for m in w if "budget with ep" in str(m.message)]
     assert len(said) <= 1  # once per process (an earlier test may have said it already)
     from moe_reroute import kernels
 
-    assert "budget with ep (expert-parallel-aware) has no fused kernel" in kernels._warned
-    t = make_policy("budget", budget=6, ep=2, backend="torch", ties="lower-id")(x, spec)
+    assert "budget with ep over redundant experts (a replicas placement) has no fused kernel" in kernels._warned
+    t = make_policy("budget", budget=6, ep=2, placement=replicas, backend="torch", ties="lower-id")(x, spec)
     assert torch.equal(r.ids, t.ids) and torch.equal(r.weights, t.weights)
 
 

@@ -176,7 +176,7 @@ def test_ci_gpu_dry_run_end_to_end(tmp_path):
     assert 1 <= len(files) <= 8 and all(f.stat().st_size < 16 * 2**20 for f in files)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dry_run"] and summary["state"] == "done" and summary["ok"]
-    assert [s["section"] for s in summary["sections"]] == ["tests", "routing", "layer", "decode"]
+    assert [s["section"] for s in summary["sections"]] == ["tests", "warm", "routing", "layer", "decode"]
     assert all(s["status"] == "ok" for s in summary["sections"])
     decode = json.loads((out / "decode_step.json").read_text())
     got = {(r["batching"], r["B"], r["policy"]) for r in decode["results"]}

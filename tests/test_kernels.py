@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import reference as ref
 from conftest import distinct_logits
 from moe_reroute import RouterSpec, Routing, kernels, make_policy
+from moe_reroute import metrics
 from moe_reroute.metrics import unique_experts
 from test_policies_vs_reference import check_against, tol
 
@@ -178,6 +179,67 @@ def test_kernel_matches_torch_with_fixed_rows(name, batch, share, data):
         torch.testing.assert_close(got.weights, plain.weights, rtol=0, atol=0, equal_nan=True)
 
 
+def ep_params(name, spec, data):
+    """`oea` or `budget` with `ep`: D ranks, a contiguous, random or per-layer placement, a rank_cap or not;
+    (params, layer)."""
+    E = spec.num_experts
+    params = params_for(name, spec, data)
+    D = data.draw(st.sampled_from([d for d in (1, 2, 3, 4, 8, 16) if d <= E]))
+    params["ep"] = D
+    layer = None
+    how = data.draw(st.sampled_from(["contiguous", "random", "per-layer"]))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 10**6)))
+    if how == "random":
+        params["placement"] = torch.randint(0, D, (E,), generator=g)
+    elif how == "per-layer":
+        params["placement"] = torch.randint(0, D, (3, E), generator=g)
+        layer = data.draw(st.integers(0, 2))
+    if data.draw(st.booleans()):
+        params["rank_cap"] = data.draw(st.integers(1, 6))
+    return params, layer
+
+
+@pytest.mark.parametrize("name", ["oea", "budget"])
+@FAST
+@given(batch=batches(), share=st.sampled_from([0.0, 0.0, 0.3]), data=st.data())
+def test_ep_kernel_matches_torch(name, batch, share, data):
+    """`ep` (the set under a cap on experts per rank) in the kernel: the torch policy's ids and weights, which
+    tests/test_ep_policies.py checks against the plain-loop references; fixed rows too; one launch where the
+    batch fits one program, two otherwise."""
+    spec, logits, valid = batch
+    T, E = logits.shape
+    params, layer = ep_params(name, spec, data)
+    fixed = None
+    if share:
+        fixed = torch.rand(T, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 10**6)))) < share
+    dev = torch.device(DEVICE)
+    x, v = logits.to(dev), valid.to(dev) if valid is not None else None
+    f = fixed.to(dev) if fixed is not None else None
+    if spec.e_score_correction_bias is not None:
+        spec = spec.with_bias(spec.e_score_correction_bias.to(dev))
+    want = make_policy(name, backend="torch", ties="lower-id", check_inputs=False, **params)(x, spec, v, layer, fixed=f)
+    with kernels.counting() as c:
+        got = make_policy(name, backend="triton", check_inputs=False, **params)(x, spec, v, layer, fixed=f)
+    assert_same(want, got, spec, logits, valid)
+    if E <= kernels.MAX_EXPERTS:
+        assert c.count == (1 if T <= kernels.block_tokens(T, E, dev) else 2), f"{c.count} launches"
+
+
+def test_ep_kernel_changes_the_set_as_torch_does():
+    """A case where the cap binds (so the test above is not only the plain policy): at D=8 over E=64 the
+    busiest rank of `oea` holds fewer experts with `ep` than without, and kernel and torch agree."""
+    spec = RouterSpec(64, 8)
+    x = distinct_logits(16, 64, seed=9)
+    x[:, :8] += 3.0  # most tokens want experts 0..7, all on rank 0 (contiguous)
+    for name, params in [("oea", {"k0": 3}), ("budget", {"budget": 24})]:
+        plain = make_policy(name, backend="triton", **params)(x, spec)
+        got = make_policy(name, backend="triton", ep=8, **params)(x, spec)
+        want = make_policy(name, backend="torch", ties="lower-id", ep=8, **params)(x, spec)
+        assert torch.equal(got.ids, want.ids)
+        busiest = [int(metrics.max_unique_per_rank(r, 64, 8)) for r in (plain, got)]
+        assert busiest[1] < busiest[0], (name, busiest)
+
+
 @pytest.mark.parametrize("name", ["oea", "sere", "budget"])
 def test_fixed_rows_across_programs(name):
     """T=300 over several programs (two launches): a fixed row's experts in one program are used by the
@@ -247,7 +309,7 @@ class OpLog(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("with_fixed", [False, True])
-@pytest.mark.parametrize("name", POLICY_NAMES + ["xshare", "lynx"])
+@pytest.mark.parametrize("name", POLICY_NAMES + ["xshare", "lynx", "oea-ep", "budget-ep"])
 def test_a_call_is_launches_and_allocations_only(name, with_fixed, monkeypatch):
     """No torch op runs around the kernels (no sort, no copy, no host read): only empty() and views."""
     from moe_reroute.kernels import triton_route
@@ -268,8 +330,9 @@ def test_a_call_is_launches_and_allocations_only(name, with_fixed, monkeypatch):
     monkeypatch.setattr(triton_route, "route_kernel", Counted())
     spec = RouterSpec(128, 8)
     params = {"cap": {"k": 4}, "oea": {"k0": 3}, "sere": {"similarity": similarity(128, 0)}, "budget": {"budget": 32},
-              "xshare": {"budget": 16, "k0": 1, "group_budget": 4, "group_size": 5}, "lynx": {"alpha": 3, "beta": 2}}
-    pol = make_policy(name, backend="triton", check_inputs=False, **params.get(name, {}))
+              "xshare": {"budget": 16, "k0": 1, "group_budget": 4, "group_size": 5}, "lynx": {"alpha": 3, "beta": 2},
+              "oea-ep": {"k0": 3, "ep": 8}, "budget-ep": {"budget": 32, "ep": 4, "placement": [e % 4 for e in range(128)]}}
+    pol = make_policy(name.split("-")[0], backend="triton", check_inputs=False, **params.get(name, {}))
     x = distinct_logits(16, 128, seed=2)
     valid = torch.ones(16, dtype=torch.bool)
     fixed = (torch.arange(16) % 3 == 0) if with_fixed else None
@@ -326,8 +389,9 @@ def test_unsupported_triton_falls_back_with_one_warning(monkeypatch):
 
 def test_kernel_compiles_for_hopper():
     """Triton's compiler (not the interpreter) builds the kernel for sm_90 on this CPU: one case of each
-    structure (one launch, both phases of a batch-wide set, grouped sigmoid scoring). `python
-    tests/kernel_compile.py` compiles every policy x scoring x phase."""
+    structure (one launch, both phases of a batch-wide set, grouped sigmoid scoring, the set under `ep`, which
+    oea+ep also builds with plain oea's code). `python tests/kernel_compile.py` compiles every policy x scoring
+    x phase."""
     import subprocess
     import sys
     from pathlib import Path
@@ -335,10 +399,10 @@ def test_kernel_compiles_for_hopper():
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).with_name("kernel_compile.py")
-    cases = ["cap:softmax", "oea:softmax:0", "budget:softmax:2", "sere:sigmoid:1"]
+    cases = ["cap:softmax", "oea+ep:softmax:0", "budget:softmax:2", "budget+ep:softmax:2", "sere:sigmoid:1"]
     out = subprocess.run([sys.executable, str(script), *cases], env=env, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count("ok ") == 4
+    assert out.stdout.count("ok ") == 5
 
 
 @pytest.mark.parametrize("name", POLICY_NAMES)

@@ -211,6 +211,7 @@ def _kernels_usable() -> bool:
 @pytest.mark.parametrize("name,params", [
     ("native", {}), ("cap", {"k": 2}), ("oea", {"k0": 1}), ("oea", {"k0": 2, "p": 0.6, "max_rank": 9}),
     ("sere", {"similarity": similarity(E, 4), "threshold": 0.3}), ("budget", {"budget": 7}),
+    ("oea", {"k0": 2, "ep": 4}), ("budget", {"budget": 9, "ep": 4, "rank_cap": 2, "placement": [i % 4 for i in range(E)]}),
 ])
 @pytest.mark.parametrize("T", [5, 300])  # one program per step; several (two launches) per step
 def test_kernel_steps_equal_separate_calls(name, params, T):

@@ -150,6 +150,11 @@ def _policy_params(name: str, spec: RouterSpec, config: Any) -> dict[str, Any]:
         p["threshold"] = float(config.threshold)
     elif name == "budget":
         p["k_param"] = int(config.budget)
+    if name in ("oea", "budget") and config.ep is not None:  # the set under a cap on experts per rank
+        cap = config.rank_cap
+        if cap is None:  # oea: ceil(|base set| / D), found in the kernel; budget: ceil(budget / D)
+            cap = -1 if name == "oea" else -(-int(config.budget) // int(config.ep))
+        p.update(ep_ranks=int(config.ep), ep_cap=int(cap))
     return p
 
 
@@ -175,6 +180,21 @@ def _similarity(policy: Any, config: Any, layer: int | None, device: torch.devic
     hit = cache.get(key)
     if hit is None or hit[0] is not sim:
         hit = (sim, sim.to(device=device, dtype=torch.float32).contiguous())
+        cache[key] = hit
+    return hit[1]
+
+
+def _placement(policy: Any, config: Any, E: int, layer: int | None, device: torch.device) -> torch.Tensor:
+    """The layer's [E] int64 placement (rank of each expert) on `device`, made once and cached."""
+    from ..placement import at_layer, contiguous
+
+    p = config._placement
+    cache = policy.__dict__.setdefault("_kernel_place", {})
+    key = (id(p), E, int(config.ep), layer if p is not None and p.dim() == 2 else None, str(device))
+    hit = cache.get(key)
+    if hit is None or hit[0] is not p:
+        made = contiguous(E, config.ep, device) if p is None else at_layer(p, layer).to(device=device, dtype=torch.int64)
+        hit = (p, made.contiguous())
         cache[key] = hit
     return hit[1]
 
@@ -210,11 +230,15 @@ def route(policy: Any, router_logits: torch.Tensor, spec: RouterSpec, valid: tor
     else:
         params = _policy_params(name, spec, config)
     batch_wide = name in ("oea", "sere", "budget", "xshare", "lynx")
+    has_ep = "ep_ranks" in params
     part_dtype = torch.float64 if name == "xshare" else torch.int32  # xshare: logit sums, in float64 as torch
-    # lynx: a count of rows per bucket (0..beta) and expert
-    part_len = (params["k_param"] + 1) * E_BLOCK if name == "lynx" else E_BLOCK
+    # lynx: a count of rows per bucket (0..beta) and expert; oea under EP: its base set, then its mass
+    part_len = (params["k_param"] + 1) * E_BLOCK if name == "lynx" else (2 if has_ep else 1) * E_BLOCK
     part_a = torch.empty(S, nb, part_len, dtype=part_dtype, device=dev) if batch_wide else ids
-    part_b = torch.empty(S, nb, E_BLOCK, dtype=torch.int32, device=dev) if name in ("budget", "xshare", "lynx") else part_a
+    with_b = name in ("budget", "xshare", "lynx") or has_ep
+    part_b = torch.empty(S, nb, E_BLOCK, dtype=torch.int32, device=dev) if with_b else part_a
+    # under EP, the layer's placement: [E] int64 rank of each expert (cached per device by the policy's config)
+    place = _placement(policy, config, E, layer, dev) if has_ep else router_logits
     bias = spec.e_score_correction_bias
     sim = _similarity(policy, config, layer, dev) if name == "sere" else router_logits
     # the kernel reads a step's flags at step * T: a [S, T] mask must be contiguous (a [T] one always is)
@@ -232,7 +256,7 @@ def route(policy: Any, router_logits: torch.Tensor, spec: RouterSpec, valid: tor
         G_BLOCK=max(_p2(n_group), 2), ROUND_BF16=spec.scoring == "topk_softmax" and router_logits.dtype == torch.bfloat16,
         ROUND_FP16=spec.scoring == "topk_softmax" and router_logits.dtype == torch.float16,
         TOP_P=params.pop("TOP_P"), LIMIT_RANK=params.pop("LIMIT_RANK"), GRID=BUDGET_GRID,
-        CHUNK=max(1, min(E_BLOCK, _TILE // E_BLOCK)),
+        CHUNK=max(1, min(E_BLOCK, _TILE // E_BLOCK)), HAS_EP=has_ep,
     )
     stride_s = router_logits.stride(0) if steps else 0
     # lynx: its votes need the whole batch's bucket counts, and its keep set the whole batch's votes
@@ -244,9 +268,10 @@ def route(policy: Any, router_logits: torch.Tensor, spec: RouterSpec, valid: tor
             return x[s0:] if s0 else x
 
         args = (at(router_logits), router_logits.stride(-2), stride_s, at(valid_arg), at(fixed_arg),
-                bias if bias is not None else router_logits, sim, at(part_a), at(part_b), at(ids), at(weights),
+                bias if bias is not None else router_logits, sim, at(part_a), at(part_b), at(ids), at(weights), place,
                 T, nb, float(spec.routed_scaling_factor), params["k_param"], params["k_max"], params["max_rank"],
-                params["p_top"], params["threshold"], params.get("k_group", 1), part_len)
+                params["p_top"], params["threshold"], params.get("k_group", 1), part_len, params.get("ep_ranks", 1),
+                params.get("ep_cap", 0))
         for phase in phases:
             tr.route_kernel[(nb, n)](*args, PHASE=phase, num_warps=4 if BT * E_BLOCK <= 2048 else 8, **consts)
             for c in _counters:

@@ -19,6 +19,13 @@ every program computes the same ranking and the same set without talking to the 
 Fixed rows (HAS_FIXED, a [T] uint8 mask): a valid fixed row writes its native top-K, and its part of the
 set is its whole native top-K (oea's base, sere's primaries, budget's forced experts). Without the mask
 (HAS_FIXED False) that code is not compiled in.
+
+Expert parallelism (HAS_EP, oea and budget with `ep=D`; `moe_reroute.policies.ep`): the set is re-chosen under a
+cap on experts per rank, greedily by a key, from the expert's rank (place_ptr: [E] int64, the layer's placement),
+ep_ranks D and ep_cap C (-1: oea's ceil(|base set| / D)). oea's parts then also hold the re-routed rows'
+quantised native mass (part_a's second half) and the forced experts (part_b). The greedy pick is written as
+counts (`_rank_capped`): an expert's place among its rank's experts in key order is the number of them ahead
+of it, so no sort is needed.
 """
 
 from __future__ import annotations
@@ -96,6 +103,41 @@ def _xs_allowed(logits_ptr, stride, valid_ptr, fixed_ptr, rows, key, cols, cmask
         allowed = allowed | sel
         avail = avail & ~sel
     return allowed | held[None, :]
+
+
+@triton.jit
+def _rank_capped(key, forced, allowed, place, cap, total, cols, cmask, E: tl.constexpr, E_BLOCK: tl.constexpr,
+                 CHUNK: tl.constexpr, HAS_TOTAL: tl.constexpr):
+    """[E_BLOCK] bool: `moe_reroute.policies.ep.rank_capped_set` over E experts. Taken greedily by decreasing
+    key (int64; equal keys: lower id): a forced expert always; another if allowed and fewer than `cap` experts
+    of its rank (place: [E_BLOCK] ranks) come before it in key order, and (HAS_TOTAL) fewer than `total`
+    eligible experts in all do. Counts over [CHUNK, E_BLOCK] tiles, chunk by chunk."""
+    elig = cols < 0
+    for c in tl.static_range(E_BLOCK // CHUNK):
+        cc = c * CHUNK + tl.arange(0, CHUNK)
+        at = cols[None, :] == cc[:, None]  # [CHUNK, E_BLOCK]
+        kc = tl.sum(tl.where(at, key[None, :], 0), axis=1)
+        pc = tl.sum(tl.where(at, place[None, :], 0), axis=1)
+        fc = tl.max(tl.where(at, forced[None, :].to(tl.int32), 0), axis=1) > 0
+        ac = tl.max(tl.where(at, allowed[None, :].to(tl.int32), 0), axis=1) > 0
+        ahead = (key[None, :] > kc[:, None]) | ((key[None, :] == kc[:, None]) & (cols[None, :] < cc[:, None]))
+        ahead = ahead & cmask[None, :] & (place[None, :] == pc[:, None])
+        ec = (fc | ((tl.sum(ahead.to(tl.int32), axis=1) < cap) & ac)) & (cc < E)
+        elig = elig | (tl.max(tl.where(at, ec[:, None].to(tl.int32), 0), axis=0) > 0)
+    if HAS_TOTAL:
+        take = forced & cmask
+        for c in tl.static_range(E_BLOCK // CHUNK):
+            cc = c * CHUNK + tl.arange(0, CHUNK)
+            at = cols[None, :] == cc[:, None]
+            kc = tl.sum(tl.where(at, key[None, :], 0), axis=1)
+            ec = tl.max(tl.where(at, elig[None, :].to(tl.int32), 0), axis=1) > 0
+            ahead = (key[None, :] > kc[:, None]) | ((key[None, :] == kc[:, None]) & (cols[None, :] < cc[:, None]))
+            ahead = ahead & elig[None, :]
+            tc = ec & (tl.sum(ahead.to(tl.int32), axis=1) < total)
+            take = take | (tl.max(tl.where(at, tc[:, None].to(tl.int32), 0), axis=0) > 0)
+    else:
+        take = elig
+    return take
 
 
 @triton.jit
@@ -268,6 +310,20 @@ def _native(x, key, gate, cols, cmask, kc, rsf, K: tl.constexpr, K_BLOCK: tl.con
 
 
 @triton.jit
+def _mass_q(gk, nat_ids, cols, kc, K: tl.constexpr, E_BLOCK: tl.constexpr, GRID: tl.constexpr):
+    """[BT, E_BLOCK] int32: each row's native top-K weights normalised to sum 1, in whole 1/GRIDths (at least
+    one), at its native experts; 0 elsewhere (budget's mass, whose sums are exact in any order)."""
+    BT: tl.constexpr = gk.shape[0]
+    mass_tot = tl.maximum(tl.sum(gk, axis=1), 1.1754943508222875e-38)
+    q = tl.zeros([BT, E_BLOCK], tl.int32)
+    for j in tl.static_range(K):
+        e = _col(nat_ids, kc, j)
+        qj = tl.maximum(tl.floor(_col(gk, kc, j) / mass_tot * GRID + 0.5).to(tl.int32), 1)
+        q = tl.where(cols[None, :] == e[:, None], qj[:, None], q)
+    return q
+
+
+@triton.jit
 def _weights(gate, kept_ids, keep, kc, rsf, SCORING: tl.constexpr, RENORM: tl.constexpr, K_BLOCK: tl.constexpr):
     """Gate weights of the kept slots, renormalised over them if the model renormalises. [BT, K_BLOCK]"""
     BT: tl.constexpr = gate.shape[0]
@@ -295,10 +351,13 @@ def _unchanged(kept_ids, keep, nat_ids, nat_w, w, kc, K: tl.constexpr):
     return tl.where((diff == 0)[:, None], nat_w, w)
 
 
-@triton.jit
+# Integers that vary with the batch or the batch-size bucket are not specialised (Triton would otherwise
+# compile one variant for 1, one for multiples of 16 and one for the rest): every batch size of a layer
+# runs the same compiled kernel per phase.
+@triton.jit(do_not_specialize=["T", "nb", "stride_s", "k_param", "k_max", "max_rank", "k_group"])
 def route_kernel(
     logits_ptr, stride, stride_s, valid_ptr, fixed_ptr, bias_ptr, sim_ptr, part_a_ptr, part_b_ptr, ids_ptr, w_ptr,
-    T, nb, rsf, k_param, k_max, max_rank, p_top, threshold, k_group, part_len,
+    place_ptr, T, nb, rsf, k_param, k_max, max_rank, p_top, threshold, k_group, part_len, ep_ranks, ep_cap,
     POLICY: tl.constexpr, SCORING: tl.constexpr, PHASE: tl.constexpr,
     K: tl.constexpr, K_BLOCK: tl.constexpr, E: tl.constexpr, E_BLOCK: tl.constexpr, BT: tl.constexpr,
     T_CHUNK: tl.constexpr, P_CHUNK: tl.constexpr,
@@ -306,12 +365,12 @@ def route_kernel(
     CAP_RENORM: tl.constexpr,
     N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, G_BLOCK: tl.constexpr,
     ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, TOP_P: tl.constexpr, LIMIT_RANK: tl.constexpr,
-    GRID: tl.constexpr, CHUNK: tl.constexpr,
+    GRID: tl.constexpr, CHUNK: tl.constexpr, HAS_EP: tl.constexpr,
 ):
     """Route BT tokens of one layer. k_param: cap's k, oea's k0, sere's primary, budget's budget, xshare's m
     (xshare: k_max = k0, max_rank = group budget, k_group = group size; m = k0 = group budget = 0: native),
     lynx's beta (p_top: its alpha; k_max = 1: variant quant_flatten_remove). part_len: elements of one program's part_a (E_BLOCK; lynx: a count per
-    bucket, (beta + 1) * E_BLOCK)."""
+    bucket, (beta + 1) * E_BLOCK; oea with HAS_EP: 2 * E_BLOCK). HAS_EP: place_ptr, ep_ranks, ep_cap (module docstring)."""
     BIG: tl.constexpr = 1 << 30
     pid = tl.program_id(0)
     step = tl.program_id(1).to(tl.int64)  # each step is its own batch: move every pointer to its rows
@@ -375,6 +434,13 @@ def route_kernel(
             if HAS_FIXED:
                 members = tl.where(rfixed[:, None], nat_set, members)
             part_a = tl.max(tl.where(members, 1, 0), axis=0)  # [E_BLOCK]
+            if HAS_EP:  # the re-routed rows' quantised native mass; forced: their top-1s, the fixed rows' experts
+                rerouted = rvalid & ~rfixed
+                part_c = tl.sum(tl.where(rerouted[:, None], _mass_q(gk, nat_ids, cols, kc, K, E_BLOCK, GRID), 0), axis=0)
+                forced_rows = (cols[None, :] == _col(nat_ids, kc, 0)[:, None]) & rerouted[:, None]
+                if HAS_FIXED:
+                    forced_rows = forced_rows | nat_set
+                part_b = tl.max(tl.where(forced_rows, 1, 0), axis=0)
         elif POLICY == 3:  # sere: primary slots
             prim = cols[None, :] < 0
             for j in tl.static_range(K):
@@ -385,13 +451,7 @@ def route_kernel(
                 prim = prim | nat_set
             part_a = tl.max(tl.where(prim, 1, 0), axis=0)
         elif POLICY == 4:  # budget: quantised native mass per expert, and the forced top-1s
-            mass_tot = tl.maximum(tl.sum(gk, axis=1), 1.1754943508222875e-38)
-            q = tl.zeros([BT, E_BLOCK], tl.int32)
-            for j in tl.static_range(K):
-                e = _col(nat_ids, kc, j)
-                qj = tl.maximum(tl.floor(_col(gk, kc, j) / mass_tot * GRID + 0.5).to(tl.int32), 1)
-                q = tl.where(cols[None, :] == e[:, None], qj[:, None], q)
-            part_a = tl.sum(tl.where(rvalid[:, None], q, 0), axis=0)
+            part_a = tl.sum(tl.where(rvalid[:, None], _mass_q(gk, nat_ids, cols, kc, K, E_BLOCK, GRID), 0), axis=0)
             top1 = _col(nat_ids, kc, 0)
             forced_rows = (cols[None, :] == top1[:, None]) & rvalid[:, None]
             if HAS_FIXED:
@@ -432,8 +492,10 @@ def route_kernel(
 
         if POLICY >= 2 and POLICY != 6 and PHASE != 2:
             tl.store(part_a_ptr + pid * part_len + cols, part_a)
-            if POLICY >= 4:
+            if POLICY >= 4 or (POLICY == 2 and HAS_EP):
                 tl.store(part_b_ptr + pid * E_BLOCK + cols, part_b)
+            if POLICY == 2 and HAS_EP:
+                tl.store(part_a_ptr + pid * part_len + E_BLOCK + cols, part_c)
 
         if PHASE != 1 and not (POLICY == 6 and PHASE == 2):  # (PHASE 1, and lynx's 2, end with parts written)
             if POLICY >= 2 and POLICY != 6:
@@ -445,16 +507,21 @@ def route_kernel(
                 else:
                     acc_a = tl.zeros([E_BLOCK], tl.int32)
                 acc_b = tl.zeros([E_BLOCK], tl.int32)
+                acc_c = tl.zeros([E_BLOCK], tl.int32)
                 for c in range(0, nb, P_CHUNK):
                     pr = c + tl.arange(0, P_CHUNK)
                     pm = (pr < nb)[:, None] & (cols[None, :] < E_BLOCK)
                     parts = tl.load(part_a_ptr + pr[:, None] * part_len + cols[None, :], mask=pm, other=0)
-                    if POLICY >= 4:
-                        acc_a = acc_a + tl.sum(parts, axis=0)
+                    if POLICY >= 4 or (POLICY == 2 and HAS_EP):
                         acc_b = tl.maximum(acc_b, tl.max(tl.load(part_b_ptr + pr[:, None] * E_BLOCK + cols[None, :],
                                                                  mask=pm, other=0), axis=0))
+                    if POLICY >= 4:
+                        acc_a = acc_a + tl.sum(parts, axis=0)
                     else:
                         acc_a = tl.maximum(acc_a, tl.max(parts, axis=0))
+                    if POLICY == 2 and HAS_EP:
+                        acc_c = acc_c + tl.sum(tl.load(part_a_ptr + pr[:, None] * part_len + E_BLOCK + cols[None, :],
+                                                       mask=pm, other=0), axis=0)
                 if POLICY == 4:
                     mass_e = acc_a
                     forced = (acc_b > 0) & cmask
@@ -463,6 +530,21 @@ def route_kernel(
                     held = (acc_b > 0) & cmask
                 else:
                     in_set = (acc_a > 0) & cmask
+                if HAS_EP:  # the set under a cap on experts per rank (policies/ep.py)
+                    place = tl.load(place_ptr + cols, mask=cmask, other=0)
+                    forced = (acc_b > 0) & cmask
+                    if POLICY == 2:  # forced, then the base set, then the rest, each by mass
+                        ekey = tl.where(in_set, 1 << 40, 0).to(tl.int64) + acc_c.to(tl.int64)
+                        ekey = tl.where(forced, 1 << 62, ekey)
+                        cap = ep_cap
+                        if ep_cap < 0:
+                            cap = (tl.sum(in_set.to(tl.int32), axis=0) + ep_ranks - 1) // ep_ranks
+                        in_set = _rank_capped(ekey, forced, ekey > 0, place, cap, 0, cols, cmask, E, E_BLOCK, CHUNK,
+                                              False)
+                    else:  # budget: forced, then by mass, within the budget
+                        ekey = tl.where(forced, 1 << 62, mass_e.to(tl.int64))
+                        in_set = _rank_capped(ekey, forced, cmask, place, ep_cap, k_param, cols, cmask, E, E_BLOCK,
+                                              CHUNK, True)
 
             # ---- the anchor for padding rows: top-1 of the first valid row (row 0 if none) ----
             if HAS_VALID:
@@ -530,6 +612,8 @@ def route_kernel(
                 out_ids = new_ids
             else:  # oea, budget, xshare, lynx: the best k_max (else K) experts of each token among those it may take
                 if POLICY == 2:
+                    if HAS_EP:  # a base expert the cap dropped is not kept (the top-1 is always in the set)
+                        base = base & in_set[None, :]
                     elig = base | (in_set[None, :] & (key > float("-inf")))
                     if LIMIT_RANK:  # only the token's first max_rank ranks may be piggybacked
                         # loop-carried tiles keep one shape: [BT, E_BLOCK] from the start
@@ -544,21 +628,22 @@ def route_kernel(
                     take = k_max
                 elif POLICY == 4:
                     # budget: the forced top-1s, then the experts with most mass; ties to the lower id
-                    nforced = tl.sum(forced.to(tl.int32), axis=0)
-                    room = k_param - nforced
-                    in_set = forced & cmask
-                    key_e = mass_e
-                    for c in tl.static_range(E_BLOCK // CHUNK):
-                        cc = c * CHUNK + tl.arange(0, CHUNK)
-                        at = cols[None, :] == cc[:, None]  # [CHUNK, E_BLOCK]
-                        mc = tl.sum(tl.where(at, mass_e[None, :], 0), axis=1)
-                        fc = tl.max(tl.where(at, forced[None, :].to(tl.int32), 0), axis=1) > 0
-                        # rank of each expert of the chunk among the experts that are not forced
-                        better = (key_e[None, :] > mc[:, None]) | ((key_e[None, :] == mc[:, None]) & (cols[None, :] < cc[:, None]))
-                        better = better & ~forced[None, :] & cmask[None, :]
-                        r = tl.sum(better.to(tl.int32), axis=1)
-                        pick_c = ~fc & (cc < E) & (r < room)
-                        in_set = in_set | (tl.max(tl.where(at, pick_c[:, None].to(tl.int32), 0), axis=0) > 0)
+                    if not HAS_EP:  # (under EP the set was chosen above)
+                        nforced = tl.sum(forced.to(tl.int32), axis=0)
+                        room = k_param - nforced
+                        in_set = forced & cmask
+                        key_e = mass_e
+                        for c in tl.static_range(E_BLOCK // CHUNK):
+                            cc = c * CHUNK + tl.arange(0, CHUNK)
+                            at = cols[None, :] == cc[:, None]  # [CHUNK, E_BLOCK]
+                            mc = tl.sum(tl.where(at, mass_e[None, :], 0), axis=1)
+                            fc = tl.max(tl.where(at, forced[None, :].to(tl.int32), 0), axis=1) > 0
+                            # rank of each expert of the chunk among the experts that are not forced
+                            better = (key_e[None, :] > mc[:, None]) | ((key_e[None, :] == mc[:, None]) & (cols[None, :] < cc[:, None]))
+                            better = better & ~forced[None, :] & cmask[None, :]
+                            r = tl.sum(better.to(tl.int32), axis=1)
+                            pick_c = ~fc & (cc < E) & (r < room)
+                            in_set = in_set | (tl.max(tl.where(at, pick_c[:, None].to(tl.int32), 0), axis=0) > 0)
                     elig = in_set[None, :] & (key > float("-inf"))
                     take = K
                 if POLICY == 5:

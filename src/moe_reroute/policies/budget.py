@@ -71,7 +71,9 @@ class Budget(Policy):
             need_at_most("budget", config.budget, replicas.num_physical, "the physical expert slots P")
 
     def no_kernel_for(self) -> str:
-        return "budget with ep (expert-parallel-aware) has no fused kernel" if self.config.ep is not None else ""
+        if self.config.ep is not None and replicas_of(self.config) is not None:
+            return "budget with ep over redundant experts (a replicas placement) has no fused kernel"
+        return ""
 
     def route(self, router_logits, spec, valid, config, layer, native=None, fixed=None) -> Routing:
         E = spec.num_experts

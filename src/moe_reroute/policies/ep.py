@@ -18,8 +18,9 @@ and a token may then use a logical expert only if the slot it reaches is in the 
 The set is picked greedily in order of a key (higher first; equal keys: lower expert id): a forced expert
 (each token's best one, a fixed row's native experts) is always taken; any other is taken while its
 rank holds fewer than the cap and, where the policy has one, the set is below its total. Torch ops on
-[..., E] tensors (a stable sort and per-rank counts), no host synchronisation. The fused kernels do not
-implement it: a policy with `ep` runs as torch ops, with one warning where it would have used them.
+[..., E] tensors (a stable sort and per-rank counts), no host synchronisation. The fused kernels implement
+it over one slot per expert (`_rank_capped` in `moe_reroute.kernels.triton_route`, the same greedy pick as
+counts); over replicas a policy runs as torch ops, with one warning where it would have used the kernels.
 
 E = experts, D = ranks, T = tokens.
 """

@@ -88,7 +88,9 @@ class OEA(Policy):
         check_ep_fit(config, E, "oea", layer)
 
     def no_kernel_for(self) -> str:
-        return "oea with ep (expert-parallel-aware) has no fused kernel" if self.config.ep is not None else ""
+        if self.config.ep is not None and replicas_of(self.config) is not None:
+            return "oea with ep over redundant experts (a replicas placement) has no fused kernel"
+        return ""
 
     def route(self, router_logits, spec, valid, config, layer, native=None, fixed=None) -> Routing:
         K, E = spec.top_k, spec.num_experts

@@ -629,3 +629,57 @@ def test_lynx_a_step_without_valid_rows_routes_as_torch_does():
     a = make_policy("lynx", backend="torch", ties="lower-id", alpha=2, beta=2)(x, spec, valid)
     b = make_policy("lynx", backend="triton", alpha=2, beta=2)(x, spec, valid)
     assert torch.equal(a.ids, b.ids)
+
+
+@pytest.mark.parametrize("name,params", [("budget", {"budget": 24}), ("oea", {"k0": 3, "ep": 8})])
+def test_batch_sizes_share_one_compiled_variant(name, params, monkeypatch):
+    """Triton compiles one kernel per specialisation of its arguments; the batch size (T, the programs, the step
+    stride) is not specialised, so every T that fits one program binds to one specialisation, and every larger
+    T to one per phase: Triton's own binder for an sm_90 target, on the arguments `kernels.route` passes
+    (captured, not launched). Without `do_not_specialize` T = 1 and T = 16 would each be a variant."""
+    pytest.importorskip("triton.backends.nvidia")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime import jit
+
+    from moe_reroute.kernels import triton_route
+
+    real = triton_route.route_kernel
+    if isinstance(real, jit.JITFunction):
+        compiled = real
+    else:  # the interpreter's wrapper keeps the decorator's options
+        compiled = jit.JITFunction(real.fn, **getattr(real, "kwargs", {}))
+    try:
+        binder = jit.create_function_from_signature(compiled.signature, compiled.params,
+                                                    make_backend(GPUTarget("cuda", 90, 32)))
+    except (AttributeError, TypeError) as e:
+        pytest.skip(f"this Triton binds arguments otherwise: {e}")
+    calls = []
+
+    class Record:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: calls.append((args, kw))
+
+    monkeypatch.setattr(triton_route, "route_kernel", Record())
+    spec = RouterSpec(128, 8)
+    policy = make_policy(name, backend="torch", **params)
+
+    def keys(T):
+        calls.clear()
+        kernels.route(policy, distinct_logits(T, 128, seed=T), spec, torch.ones(T, dtype=torch.bool),
+                      policy.config.at_layer(None, T), None)
+        return [str(binder(*a, **kw)[1]) for a, kw in calls]  # one specialisation per launch (phase)
+
+    bt = kernels.block_tokens(1, 128, torch.device("cpu"))  # tokens per program (the interpreter's: larger)
+    small = {tuple(keys(T)) for T in (1, 5, 16, bt - 1, bt)}
+    large = {tuple(keys(T)) for T in (bt + 1, 2 * bt, 1024 + 3)}
+    assert len(small) == 1 and len(next(iter(small))) == 1
+    assert len(large) == 1 and len(next(iter(large))) == 2
+    plain = jit.JITFunction(compiled.fn)  # the same kernel, every integer specialised
+    plain_binder = jit.create_function_from_signature(plain.signature, plain.params, make_backend(GPUTarget("cuda", 90, 32)))
+    calls.clear()
+    keys(1)
+    one = str(plain_binder(*calls[0][0], **calls[0][1])[1])
+    calls.clear()
+    keys(16)
+    assert str(plain_binder(*calls[0][0], **calls[0][1])[1]) != one

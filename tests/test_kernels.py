@@ -263,8 +263,8 @@ def test_fixed_rows_across_programs(name):
     ("budget", {"budget": 96}), ("cap", {"k": 5}),
 ])
 def test_serving_size_two_launches(name, params):
-    """T=1024 at E=MAX_EXPERTS (256, the kernels' bound; above it routing falls back to torch, see
-    test_gpu_ready.py): two launches, the torch policy's answer."""
+    """T=1024 at E=MAX_EXPERTS (512, the kernels' bound, as Qwen3-Next; above it routing falls back to torch,
+    see test_gpu_ready.py): two launches, the torch policy's answer."""
     from moe_reroute.kernels import MAX_EXPERTS as E
 
     spec = RouterSpec(E, 8)
@@ -275,6 +275,24 @@ def test_serving_size_two_launches(name, params):
     ref, got, launches, spec = run_both(name, spec, logits, valid, params)
     assert_same(ref, got, spec, logits, valid)
     assert launches == (1 if name == "cap" else 2)
+
+
+@pytest.mark.parametrize("name,params", [
+    ("native", {}), ("cap", {"k": 6}), ("oea", {"k0": 4}), ("sere", {"primary": 3}), ("budget", {"budget": 160}),
+    ("oea", {"k0": 4, "ep": 16}), ("budget", {"budget": 160, "ep": 8, "rank_cap": 24}),
+    ("xshare", {"budget": 64, "k0": 2, "group_budget": 8, "group_size": 8}), ("lynx", {"alpha": 3, "beta": 2}),
+])
+def test_qwen3_next_shape(name, params):
+    """E = 512, K = 10 (Qwen3-Next, at the kernels' bound), several programs a step: the torch policy's answer."""
+    spec = RouterSpec(512, 10)
+    logits = distinct_logits(300, 512, torch.bfloat16, seed=12)
+    valid = torch.rand(300, generator=torch.Generator().manual_seed(4)) > 0.1
+    if name == "sere":
+        params = dict(params, similarity=similarity(512, 1))
+    ref, got, launches, spec = run_both(name, spec, logits, valid, params)
+    assert_same(ref, got, spec, logits, valid, rows_native=name == "native")
+    fits = 300 <= kernels.block_tokens(300, 512, torch.device(DEVICE))
+    assert launches == (1 if fits or name in ("native", "cap") else 3 if name == "lynx" else 2)
 
 
 def test_padding_rows_cannot_change_valid_rows():

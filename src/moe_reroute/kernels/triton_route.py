@@ -113,7 +113,7 @@ def _rank_capped(key, forced, allowed, place, cap, total, cols, cmask, E: tl.con
     of its rank (place: [E_BLOCK] ranks) come before it in key order, and (HAS_TOTAL) fewer than `total`
     eligible experts in all do. Counts over [CHUNK, E_BLOCK] tiles, chunk by chunk."""
     elig = cols < 0
-    for c in tl.static_range(E_BLOCK // CHUNK):
+    for c in range(E_BLOCK // CHUNK):  # a loop, not unrolled: compile time
         cc = c * CHUNK + tl.arange(0, CHUNK)
         at = cols[None, :] == cc[:, None]  # [CHUNK, E_BLOCK]
         kc = tl.sum(tl.where(at, key[None, :], 0), axis=1)
@@ -126,7 +126,7 @@ def _rank_capped(key, forced, allowed, place, cap, total, cols, cmask, E: tl.con
         elig = elig | (tl.max(tl.where(at, ec[:, None].to(tl.int32), 0), axis=0) > 0)
     if HAS_TOTAL:
         take = forced & cmask
-        for c in tl.static_range(E_BLOCK // CHUNK):
+        for c in range(E_BLOCK // CHUNK):  # a loop, not unrolled: compile time
             cc = c * CHUNK + tl.arange(0, CHUNK)
             at = cols[None, :] == cc[:, None]
             kc = tl.sum(tl.where(at, key[None, :], 0), axis=1)
@@ -633,7 +633,7 @@ def route_kernel(
                         room = k_param - nforced
                         in_set = forced & cmask
                         key_e = mass_e
-                        for c in tl.static_range(E_BLOCK // CHUNK):
+                        for c in range(E_BLOCK // CHUNK):  # a loop, not unrolled: compile time
                             cc = c * CHUNK + tl.arange(0, CHUNK)
                             at = cols[None, :] == cc[:, None]  # [CHUNK, E_BLOCK]
                             mc = tl.sum(tl.where(at, mass_e[None, :], 0), axis=1)

@@ -152,9 +152,10 @@ def _policy_params(name: str, spec: RouterSpec, config: Any) -> dict[str, Any]:
     elif name == "budget":
         p["k_param"] = int(config.budget)
     if name in ("oea", "budget") and config.ep is not None:  # the set under a cap on experts per rank
-        cap = config.rank_cap
-        if cap is None:  # oea: ceil(|base set| / D), found in the kernel; budget: ceil(budget / D)
-            cap = -1 if name == "oea" else -(-int(config.budget) // int(config.ep))
+        from ..policies.budget import rank_cap
+
+        # oea without rank_cap: -1, ceil(|base set| / D) found in the kernel
+        cap = rank_cap(config) if name == "budget" else -1 if config.rank_cap is None else config.rank_cap
         p.update(ep_ranks=int(config.ep), ep_cap=int(cap))
     return p
 
@@ -181,21 +182,6 @@ def _similarity(policy: Any, config: Any, layer: int | None, device: torch.devic
     hit = cache.get(key)
     if hit is None or hit[0] is not sim:
         hit = (sim, sim.to(device=device, dtype=torch.float32).contiguous())
-        cache[key] = hit
-    return hit[1]
-
-
-def _placement(policy: Any, config: Any, E: int, layer: int | None, device: torch.device) -> torch.Tensor:
-    """The layer's [E] int64 placement (rank of each expert) on `device`, made once and cached."""
-    from ..placement import at_layer, contiguous
-
-    p = config._placement
-    cache = policy.__dict__.setdefault("_kernel_place", {})
-    key = (id(p), E, int(config.ep), layer if p is not None and p.dim() == 2 else None, str(device))
-    hit = cache.get(key)
-    if hit is None or hit[0] is not p:
-        made = contiguous(E, config.ep, device) if p is None else at_layer(p, layer).to(device=device, dtype=torch.int64)
-        hit = (p, made.contiguous())
         cache[key] = hit
     return hit[1]
 
@@ -238,8 +224,11 @@ def route(policy: Any, router_logits: torch.Tensor, spec: RouterSpec, valid: tor
     part_a = torch.empty(S, nb, part_len, dtype=part_dtype, device=dev) if batch_wide else ids
     with_b = name in ("budget", "xshare", "lynx") or has_ep
     part_b = torch.empty(S, nb, E_BLOCK, dtype=torch.int32, device=dev) if with_b else part_a
-    # under EP, the layer's placement: [E] int64 rank of each expert (cached per device by the policy's config)
-    place = _placement(policy, config, E, layer, dev) if has_ep else router_logits
+    place = router_logits
+    if has_ep:  # the layer's placement: [E] int64 rank of each expert (made once per device, cached with the config)
+        from ..policies.ep import layer_placement
+
+        place = layer_placement(config, E, layer, dev)
     bias = spec.e_score_correction_bias
     sim = _similarity(policy, config, layer, dev) if name == "sere" else router_logits
     # the kernel reads a step's flags at step * T: a [S, T] mask must be contiguous (a [T] one always is)

@@ -107,23 +107,27 @@ def _xs_allowed(logits_ptr, stride, valid_ptr, fixed_ptr, rows, key, cols, cmask
 
 @triton.jit
 def _rank_capped(key, forced, allowed, place, cap, total, cols, cmask, E: tl.constexpr, E_BLOCK: tl.constexpr,
-                 CHUNK: tl.constexpr, HAS_TOTAL: tl.constexpr):
+                 CHUNK: tl.constexpr, HAS_CAP: tl.constexpr, HAS_TOTAL: tl.constexpr):
     """[E_BLOCK] bool: `moe_reroute.policies.ep.rank_capped_set` over E experts. Taken greedily by decreasing
-    key (int64; equal keys: lower id): a forced expert always; another if allowed and fewer than `cap` experts
-    of its rank (place: [E_BLOCK] ranks) come before it in key order, and (HAS_TOTAL) fewer than `total`
-    eligible experts in all do. Counts over [CHUNK, E_BLOCK] tiles, chunk by chunk."""
-    elig = cols < 0
-    for c in range(E_BLOCK // CHUNK):  # a loop, not unrolled: compile time
-        cc = c * CHUNK + tl.arange(0, CHUNK)
-        at = cols[None, :] == cc[:, None]  # [CHUNK, E_BLOCK]
-        kc = tl.sum(tl.where(at, key[None, :], 0), axis=1)
-        pc = tl.sum(tl.where(at, place[None, :], 0), axis=1)
-        fc = tl.max(tl.where(at, forced[None, :].to(tl.int32), 0), axis=1) > 0
-        ac = tl.max(tl.where(at, allowed[None, :].to(tl.int32), 0), axis=1) > 0
-        ahead = (key[None, :] > kc[:, None]) | ((key[None, :] == kc[:, None]) & (cols[None, :] < cc[:, None]))
-        ahead = ahead & cmask[None, :] & (place[None, :] == pc[:, None])
-        ec = (fc | ((tl.sum(ahead.to(tl.int32), axis=1) < cap) & ac)) & (cc < E)
-        elig = elig | (tl.max(tl.where(at, ec[:, None].to(tl.int32), 0), axis=0) > 0)
+    key (int64; equal keys: lower id): a forced expert always; another if allowed and (HAS_CAP) fewer than
+    `cap` experts of its rank (place: [E_BLOCK] ranks) come before it in key order, and (HAS_TOTAL) fewer
+    than `total` eligible experts in all do. Counts over [CHUNK, E_BLOCK] tiles, chunk by chunk. Without
+    HAS_CAP it is budget's plain set: the forced experts, then the best by key up to `total`."""
+    if HAS_CAP:
+        elig = cols < 0
+        for c in range(E_BLOCK // CHUNK):  # a loop, not unrolled: compile time
+            cc = c * CHUNK + tl.arange(0, CHUNK)
+            at = cols[None, :] == cc[:, None]  # [CHUNK, E_BLOCK]
+            kc = tl.sum(tl.where(at, key[None, :], 0), axis=1)
+            pc = tl.sum(tl.where(at, place[None, :], 0), axis=1)
+            fc = tl.max(tl.where(at, forced[None, :].to(tl.int32), 0), axis=1) > 0
+            ac = tl.max(tl.where(at, allowed[None, :].to(tl.int32), 0), axis=1) > 0
+            ahead = (key[None, :] > kc[:, None]) | ((key[None, :] == kc[:, None]) & (cols[None, :] < cc[:, None]))
+            ahead = ahead & cmask[None, :] & (place[None, :] == pc[:, None])
+            ec = (fc | ((tl.sum(ahead.to(tl.int32), axis=1) < cap) & ac)) & (cc < E)
+            elig = elig | (tl.max(tl.where(at, ec[:, None].to(tl.int32), 0), axis=0) > 0)
+    else:
+        elig = (forced | allowed) & cmask
     if HAS_TOTAL:
         take = forced & cmask
         for c in range(E_BLOCK // CHUNK):  # a loop, not unrolled: compile time
@@ -370,7 +374,8 @@ def route_kernel(
     """Route BT tokens of one layer. k_param: cap's k, oea's k0, sere's primary, budget's budget, xshare's m
     (xshare: k_max = k0, max_rank = group budget, k_group = group size; m = k0 = group budget = 0: native),
     lynx's beta (p_top: its alpha; k_max = 1: variant quant_flatten_remove). part_len: elements of one program's part_a (E_BLOCK; lynx: a count per
-    bucket, (beta + 1) * E_BLOCK; oea with HAS_EP: 2 * E_BLOCK). HAS_EP: place_ptr, ep_ranks, ep_cap (module docstring)."""
+    bucket, (beta + 1) * E_BLOCK; oea with HAS_EP: 2 * E_BLOCK). HAS_EP: place_ptr, ep_ranks, ep_cap (module
+    docstring)."""
     BIG: tl.constexpr = 1 << 30
     pid = tl.program_id(0)
     step = tl.program_id(1).to(tl.int64)  # each step is its own batch: move every pointer to its rows
@@ -436,7 +441,8 @@ def route_kernel(
             part_a = tl.max(tl.where(members, 1, 0), axis=0)  # [E_BLOCK]
             if HAS_EP:  # the re-routed rows' quantised native mass; forced: their top-1s, the fixed rows' experts
                 rerouted = rvalid & ~rfixed
-                part_c = tl.sum(tl.where(rerouted[:, None], _mass_q(gk, nat_ids, cols, kc, K, E_BLOCK, GRID), 0), axis=0)
+                q = _mass_q(gk, nat_ids, cols, kc, K, E_BLOCK, GRID)
+                part_c = tl.sum(tl.where(rerouted[:, None], q, 0), axis=0)
                 forced_rows = (cols[None, :] == _col(nat_ids, kc, 0)[:, None]) & rerouted[:, None]
                 if HAS_FIXED:
                     forced_rows = forced_rows | nat_set
@@ -522,29 +528,30 @@ def route_kernel(
                     if POLICY == 2 and HAS_EP:
                         acc_c = acc_c + tl.sum(tl.load(part_a_ptr + pr[:, None] * part_len + E_BLOCK + cols[None, :],
                                                        mask=pm, other=0), axis=0)
-                if POLICY == 4:
-                    mass_e = acc_a
+                if POLICY == 4:  # budget: the forced experts, then the most mass up to the budget (under EP: the cap)
                     forced = (acc_b > 0) & cmask
+                    if HAS_EP:
+                        place = tl.load(place_ptr + cols, mask=cmask, other=0)
+                    else:
+                        place = cols
+                    in_set = _rank_capped(tl.where(forced, 1 << 62, acc_a.to(tl.int64)), forced, cmask, place, ep_cap,
+                                          k_param, cols, cmask, E, E_BLOCK, CHUNK, HAS_EP, True)
                 elif POLICY == 5:
                     gsum = acc_a
                     held = (acc_b > 0) & cmask
                 else:
                     in_set = (acc_a > 0) & cmask
-                if HAS_EP:  # the set under a cap on experts per rank (policies/ep.py)
+                if POLICY == 2 and HAS_EP:  # oea: the set under a cap on experts per rank (policies/ep.py)
                     place = tl.load(place_ptr + cols, mask=cmask, other=0)
                     forced = (acc_b > 0) & cmask
-                    if POLICY == 2:  # forced, then the base set, then the rest, each by mass
-                        ekey = tl.where(in_set, 1 << 40, 0).to(tl.int64) + acc_c.to(tl.int64)
-                        ekey = tl.where(forced, 1 << 62, ekey)
-                        cap = ep_cap
-                        if ep_cap < 0:
-                            cap = (tl.sum(in_set.to(tl.int32), axis=0) + ep_ranks - 1) // ep_ranks
-                        in_set = _rank_capped(ekey, forced, ekey > 0, place, cap, 0, cols, cmask, E, E_BLOCK, CHUNK,
-                                              False)
-                    else:  # budget: forced, then by mass, within the budget
-                        ekey = tl.where(forced, 1 << 62, mass_e.to(tl.int64))
-                        in_set = _rank_capped(ekey, forced, cmask, place, ep_cap, k_param, cols, cmask, E, E_BLOCK,
-                                              CHUNK, True)
+                    # forced, then the base set, then the rest, each by mass
+                    ekey = tl.where(in_set, 1 << 40, 0).to(tl.int64) + acc_c.to(tl.int64)
+                    ekey = tl.where(forced, 1 << 62, ekey)
+                    cap = ep_cap
+                    if ep_cap < 0:
+                        cap = (tl.sum(in_set.to(tl.int32), axis=0) + ep_ranks - 1) // ep_ranks
+                    in_set = _rank_capped(ekey, forced, ekey > 0, place, cap, 0, cols, cmask, E, E_BLOCK, CHUNK,
+                                          True, False)
 
             # ---- the anchor for padding rows: top-1 of the first valid row (row 0 if none) ----
             if HAS_VALID:
@@ -626,24 +633,7 @@ def route_kernel(
                             avail = avail & ~sel
                         elig = base | (elig & ranked)
                     take = k_max
-                elif POLICY == 4:
-                    # budget: the forced top-1s, then the experts with most mass; ties to the lower id
-                    if not HAS_EP:  # (under EP the set was chosen above)
-                        nforced = tl.sum(forced.to(tl.int32), axis=0)
-                        room = k_param - nforced
-                        in_set = forced & cmask
-                        key_e = mass_e
-                        for c in range(E_BLOCK // CHUNK):  # a loop, not unrolled: compile time
-                            cc = c * CHUNK + tl.arange(0, CHUNK)
-                            at = cols[None, :] == cc[:, None]  # [CHUNK, E_BLOCK]
-                            mc = tl.sum(tl.where(at, mass_e[None, :], 0), axis=1)
-                            fc = tl.max(tl.where(at, forced[None, :].to(tl.int32), 0), axis=1) > 0
-                            # rank of each expert of the chunk among the experts that are not forced
-                            better = (key_e[None, :] > mc[:, None]) | ((key_e[None, :] == mc[:, None]) & (cols[None, :] < cc[:, None]))
-                            better = better & ~forced[None, :] & cmask[None, :]
-                            r = tl.sum(better.to(tl.int32), axis=1)
-                            pick_c = ~fc & (cc < E) & (r < room)
-                            in_set = in_set | (tl.max(tl.where(at, pick_c[:, None].to(tl.int32), 0), axis=0) > 0)
+                elif POLICY == 4:  # budget: its set was chosen above
                     elig = in_set[None, :] & (key > float("-inf"))
                     take = K
                 if POLICY == 5:

@@ -58,6 +58,11 @@ class BudgetConfig(PolicyConfig):
             need_int("budget budget", value)
 
 
+def rank_cap(config: BudgetConfig) -> int:
+    """Experts per rank under `ep`: `rank_cap`, else ceil(budget / D)."""
+    return config.rank_cap if config.rank_cap is not None else -(-config.budget // config.ep)
+
+
 class Budget(Policy):
     name = "budget"
     Config = BudgetConfig
@@ -97,8 +102,7 @@ class Budget(Policy):
             if held is not None:
                 forced = forced | per_slot(held, slots, P)
             key = torch.where(forced, torch.iinfo(torch.long).max, mass_e)
-            cap = config.rank_cap if config.rank_cap is not None else -(-config.budget // config.ep)
-            in_slots = rank_capped_set(key, forced, slot_rank, config.ep, cap, total=config.budget)  # [P]
+            in_slots = rank_capped_set(key, forced, slot_rank, config.ep, rank_cap(config), total=config.budget)  # [P]
             return route_within_set(s, order, by_token(in_slots, slots), spec, valid, fixed, per_token=True)
         steps = native.shape[:-2]  # () or (S,): one expert set per step
         mass_e = torch.zeros(*steps, E, dtype=torch.int32, device=q.device).scatter_add_(
@@ -112,9 +116,7 @@ class Budget(Policy):
             chosen = torch.sort(key, dim=-1, descending=True, stable=True)[1][..., : config.budget]
             in_set = torch.zeros_like(forced).scatter_(-1, chosen, True) | forced  # [E]
         else:
-            D = config.ep
-            cap = config.rank_cap if config.rank_cap is not None else -(-config.budget // D)
-            in_set = rank_capped_set(key, forced, layer_placement(config, E, layer, key.device), D, cap,
-                                     total=config.budget)  # [E]
+            in_set = rank_capped_set(key, forced, layer_placement(config, E, layer, key.device), config.ep,
+                                     rank_cap(config), total=config.budget)  # [E]
 
         return route_within_set(s, order, in_set, spec, valid, fixed)

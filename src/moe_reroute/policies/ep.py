@@ -41,6 +41,8 @@ def check_ep_fields(config: Any, policy: str) -> None:
     int64 tensor in `config._placement` (None: contiguous, made per call for the layer's E)."""
     ep, placement, cap = config.ep, config.placement, config.rank_cap
     object.__setattr__(config, "_engine", isinstance(placement, str) and placement == ENGINE)
+    # layer_placement's cache, made here so that the per-layer copies `at_layer` makes (shallow) share it
+    object.__setattr__(config, "_placement_on", {})
     if ep is None:
         if placement is not None or cap is not None:
             raise ValueError(f"{policy} placement and rank_cap apply under expert parallelism: give ep=D (the number "
@@ -132,18 +134,16 @@ def check_ep_fit(config: Any, num_experts: int, policy: str, layer: int | None) 
 
 
 def layer_placement(config: Any, num_experts: int, layer: int | None, device: torch.device) -> torch.Tensor:
-    """[E] int64 rank of each expert at MoE layer `layer`, on `device` (cached per device)."""
+    """[E] int64 rank of each expert at MoE layer `layer`, on `device`: made once per device and layer and
+    cached with the config, so a call inside a CUDA graph copies and allocates nothing."""
     p = config._placement
-    if p is None:
-        return contiguous(num_experts, config.ep, device)
-    p = at_layer(p, layer)
-    if p.device != device:
-        cache = config.__dict__.setdefault("_placement_on", {})
-        key = (str(device), layer if config._placement.dim() == 2 else None)
-        if key not in cache:
-            cache[key] = p.to(device)
-        p = cache[key]
-    return p
+    key = (str(device), num_experts, layer if p is not None and p.dim() == 2 else None)
+    cache = config.__dict__.setdefault("_placement_on", {})
+    hit = cache.get(key)
+    if hit is None:
+        hit = contiguous(num_experts, config.ep, device) if p is None else at_layer(p, layer).to(device)
+        cache[key] = hit
+    return hit
 
 
 def replicas_of(config: Any) -> Replicas | None:

@@ -295,6 +295,22 @@ def test_qwen3_next_shape(name, params):
     assert launches == (1 if fits or name in ("native", "cap") else 3 if name == "lynx" else 2)
 
 
+@pytest.mark.parametrize("scoring", ["softmax", "topk_softmax"])
+def test_budget_keeps_a_native_expert_of_minus_inf_logit(scoring):
+    """A row with fewer than K finite logits: its native top-K holds experts of weight 0, which budget keeps
+    allowed (`scoring.route_within_set`), so budget = E is native routing exactly, on the kernel as in torch."""
+    spec = RouterSpec(8, 4, scoring, True)
+    x = distinct_logits(6, 8, seed=13)
+    x[2, 2:] = float("-inf")  # two finite logits, K = 4
+    x[4, [1, 3, 5, 6, 7]] = float("-inf")
+    x = x.to(torch.bfloat16)
+    for budget in (4, 8):
+        ref, got, _, _ = run_both("budget", spec, x, None, {"budget": budget})
+        assert_same(ref, got, spec, x, None)
+    native = make_policy("native", backend="triton", check_inputs=False)(x.to(DEVICE), spec)
+    assert torch.equal(got.ids, native.ids)  # budget = E (the last one): native routing
+
+
 def test_padding_rows_cannot_change_valid_rows():
     """The audit's case: a NaN padding row must not change the budget set (and so on for every policy)."""
     spec = RouterSpec(8, 2, "softmax", True)

@@ -633,25 +633,23 @@ def route_kernel(
                             avail = avail & ~sel
                         elig = base | (elig & ranked)
                     take = k_max
-                elif POLICY == 4:  # budget: its set was chosen above
-                    elig = in_set[None, :] & (key > float("-inf"))
-                    take = K
-                if POLICY == 5:
-                    # a token's native top-K stays allowed where its logits are -inf (fewer than K finite ones),
-                    # so that the no-op setting is native routing exactly
+                if POLICY >= 4:
+                    # budget, xshare, lynx: a token's native top-K stays allowed where its logits are -inf (fewer
+                    # than K finite ones), as `scoring.route_within_set` keeps it, so that the no-op setting is native
+                    # routing exactly
                     nat_row = cols[None, :] < 0
                     for j in tl.static_range(K):
                         nat_row = nat_row | (cols[None, :] == _col(nat_ids, kc, j)[:, None])
+                    finite = (key > float("-inf")) | nat_row
+                    take = K
+                if POLICY == 4:  # budget: its set was chosen above
+                    elig = in_set[None, :] & finite
+                if POLICY == 5:
                     allowed = _xs_allowed(logits_ptr, stride, valid_ptr, fixed_ptr, rows, key, cols, cmask, gsum,
                                           held, T, k_param, k_max, max_rank, k_group, HAS_VALID, HAS_FIXED, BIG)
-                    elig = allowed & ((key > float("-inf")) | nat_row)
-                    take = K
-                if POLICY == 6:  # lynx: the batch's keep set; the native top-K stays allowed as in xshare
-                    nat_row = cols[None, :] < 0
-                    for j in tl.static_range(K):
-                        nat_row = nat_row | (cols[None, :] == _col(nat_ids, kc, j)[:, None])
-                    elig = in_set[None, :] & ((key > float("-inf")) | nat_row)
-                    take = K
+                    elig = allowed & finite
+                if POLICY == 6:  # lynx: the batch's keep set
+                    elig = in_set[None, :] & finite
                 keep = kc[None, :] < 0
                 out_ids = tl.zeros([BT, K_BLOCK], tl.int32)
                 avail = elig & cmask[None, :]

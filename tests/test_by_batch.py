@@ -71,6 +71,27 @@ def test_sere_primary_by_batch():
         same(policy(x, SPEC), ref(x, SPEC))
 
 
+@pytest.mark.parametrize("name,params,field,at", [
+    ("oea", {"k0": K0, "ep": 2, "placement": [[0, 1] * 8, [1, 0] * 8]}, "k0", bucket_value),
+    ("budget", {"budget": {"by_batch": {"4": [6, 7], "max": 9}}, "ep": 4}, "budget",
+     lambda T, layer: [6, 7][layer] if T <= 4 else 9),
+    ("cap", {"k": [2, 3]}, "k", lambda T, layer: [2, 3][layer]),
+    ("sere", {"similarity": torch.rand(16, 16), "primary": [1, 2]}, "primary", lambda T, layer: [1, 2][layer]),
+])
+def test_a_resolved_config_is_a_copy_with_every_attribute(name, params, field, at):
+    """`at_layer` writes its shallow copy out (torch 2.11's dynamo cannot trace copy.copy): the copy holds
+    every attribute the config holds (the same objects: the placement and its cache are shared), but for the
+    per-layer or by-batch value, resolved."""
+    config = make_policy(name, **params).config
+    for layer in (0, 1):
+        for T in (3, 20):
+            got = config.at_layer(layer, T)
+            assert type(got) is type(config) and got is not config
+            assert set(vars(got)) == set(vars(config))
+            for attr, value in vars(config).items():
+                assert getattr(got, attr) == at(T, layer) if attr == field else getattr(got, attr) is value
+
+
 def test_bucket_bounds_are_read_as_written():
     b = ByBatch.parse("k0", {"by_batch": {"32": 3, "1": 8, "4": 4, "max": 2}})
     assert b.buckets == ((1, 8), (4, 4), (32, 3)) and b.rest == 2

@@ -30,6 +30,33 @@ spec_.loader.exec_module(decode_step)
 POLICIES = [("native", {}), ("cap", {"k": 4}), ("oea", {"k0": 3}), ("budget", {"budget": 12})]
 
 
+# ----------------------------------------------------------------------------------------- versions
+
+
+@pytest.mark.parametrize("triton_v,numpy_v,ok", [("3.6.0", "2.4.6", False), ("3.6.0", "2.3.5", True),
+                                                  ("3.7.0", "2.4.6", True), ("3.9.0", "2.5.2", True)])
+def test_interpreter_refuses_triton_3_6_with_numpy_2_4(monkeypatch, triton_v, numpy_v, ok):
+    """Triton 3.6's interpreter calls int() on a 1-element array where the kernel loops over its tokens
+    (TypeError with numpy >= 2.4; seen on torch 2.11's Triton 3.6.0 with numpy 2.4.6); 3.7 squeezes it."""
+    import types
+
+    import numpy
+
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__=triton_v))
+    monkeypatch.setattr(numpy, "__version__", numpy_v)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernels._interpreter_status.cache_clear()
+    kernels._triton_status.cache_clear()
+    try:
+        got_ok, why = kernels.available("cpu")
+    finally:
+        kernels._interpreter_status.cache_clear()
+        kernels._triton_status.cache_clear()
+    assert got_ok is ok
+    if not ok:
+        assert f"Triton {triton_v}" in why and f"numpy {numpy_v}" in why and "numpy<2.4" in why and "3.7" in why
+
+
 # ----------------------------------------------------------------------------------------- E bound
 
 

@@ -9,6 +9,8 @@ forward's router logits with the valid mask the attention mask gives.
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -247,12 +249,14 @@ def test_forwards_outside_generate():
     ids = torch.randint(2, 64, (1, 9), generator=torch.Generator().manual_seed(5))
     policy = make_policy("oea", k0=1)
     spec = RouterSpec.from_config(model.config)
-    cache = transformers.DynamicCache(config=model.config)
+    # the cache argument is `cache` in later transformers 5 releases (5.25), `past_key_values` in earlier ones (5.17)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = {name: transformers.DynamicCache(config=model.config)}
     with apply(model, policy), Recorder(model) as rec, torch.no_grad():
         cap = Capture(model)
-        model(input_ids=ids[:, :3], cache=cache, use_cache=True)
-        model(input_ids=ids[:, 3:6], cache=cache, use_cache=True)
-        model(input_ids=ids[:, 6:9], cache=cache, use_cache=True, logits_to_keep=3)
+        model(input_ids=ids[:, :3], **cache, use_cache=True)
+        model(input_ids=ids[:, 3:6], **cache, use_cache=True)
+        model(input_ids=ids[:, 6:9], **cache, use_cache=True, logits_to_keep=3)
         cap.remove()
         model.model(input_ids=ids[:, :3], use_cache=False)  # the decoder alone: no logits_to_keep to read
     assert [s.kind for s in rec.steps] == ["prefill", "unknown", "verify", "prefill"]

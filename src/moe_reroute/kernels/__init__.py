@@ -74,18 +74,37 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _version(v: str) -> tuple[int, ...]:
+    """(major, minor) of a version string; (0, 0) if it does not start with two numbers."""
+    try:
+        return tuple(int(x) for x in v.split(".")[:2])
+    except ValueError:
+        return (0, 0)
+
+
 @functools.lru_cache(maxsize=1)
 def _triton_status() -> tuple[bool, str]:
     try:
         import triton
     except ImportError as e:  # not installed, or broken
         return False, f"Triton is not importable ({e}); install it with `pip install 'moe-reroute[kernels]'` (Triton)"
-    try:
-        version = tuple(int(v) for v in triton.__version__.split(".")[:2])
-    except ValueError:
-        version = (0, 0)
-    if version < MIN_TRITON:
+    if _version(triton.__version__) < MIN_TRITON:
         return False, f"Triton {triton.__version__} is older than the kernels support (>= {'.'.join(map(str, MIN_TRITON))})"
+    return True, ""
+
+
+@functools.lru_cache(maxsize=1)
+def _interpreter_status() -> tuple[bool, str]:
+    """Triton's interpreter before 3.7 turns a scalar argument into a 1-element array and calls int() on it
+    where the kernel loops over the tokens; numpy 2.4 made that an error (TypeError: only 0-dimensional
+    arrays can be converted to Python scalars)."""
+    import numpy
+    import triton
+
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return False, (f"Triton {triton.__version__}'s interpreter cannot run the kernels with numpy "
+                       f"{numpy.__version__}; install Triton >= 3.7 or `pip install 'numpy<2.4'` (compiled on a "
+                       "GPU, Triton 3.6 is fine)")
     return True, ""
 
 
@@ -108,7 +127,7 @@ def available(device: torch.device | str | None = None) -> tuple[bool, str]:
             return False, "no CUDA device"
         return True, ""
     if interpreting():
-        return True, ""
+        return _interpreter_status()
     return False, (f"the Triton kernels need CUDA tensors, got {dev.type}; set TRITON_INTERPRET=1 to run them "
                    "on CPU through Triton's interpreter (slow: for tests)")
 

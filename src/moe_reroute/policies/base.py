@@ -12,7 +12,6 @@ per MoE layer. The adapters (transformers, vLLM, SGLang, traces) map decoder lay
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import numbers
 from collections.abc import Mapping, Sequence
@@ -143,7 +142,10 @@ def resolve(name: str, value: Any, layer: int | None) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class PolicyConfig:
-    """Base of the policies' configs. Subclasses validate their values in `check`."""
+    """Base of the policies' configs. Subclasses validate their values in `check`; `DERIVED` names the
+    attributes a subclass sets at construction beside its fields (the per-layer copies share them)."""
+
+    DERIVED: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -215,9 +217,13 @@ class PolicyConfig:
                 changes[f.name] = resolve(f.name, value, layer)
         if not changes:
             return self
-        resolved = copy.copy(self)
-        for name, value in changes.items():
-            object.__setattr__(resolved, name, value)
+        # a shallow copy written out (torch 2.11's dynamo cannot trace copy.copy, nor read __dict__): the fields,
+        # then the attributes a subclass sets at construction (`DERIVED`)
+        resolved = self.__class__.__new__(self.__class__)
+        for f in dataclasses.fields(self):
+            object.__setattr__(resolved, f.name, changes[f.name] if f.name in changes else getattr(self, f.name))
+        for name in self.DERIVED:
+            object.__setattr__(resolved, name, getattr(self, name))
         return resolved
 
 

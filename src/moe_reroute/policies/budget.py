@@ -27,15 +27,15 @@ rank_cap) C = budget: the plain policy.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from ..contract import Routing
 from ..scoring import BUDGET_GRID, fixed_members, rank, ranked_native, route_within_set, sanitize, score
 from .base import Policy, PolicyConfig, need_at_most, need_int, per_layer
-from .ep import (by_token, check_ep_fields, check_ep_fit, layer_placement, per_slot, rank_capped_set, replicas_of,
-                 slot_view)
+from .ep import (EP_DERIVED, by_token, check_ep_fields, check_ep_fit, layer_placement, per_slot, rank_capped_set,
+                 replicas_of, slot_view)
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ class BudgetConfig(PolicyConfig):
     ep: Any = None
     placement: Any = field(default=None, metadata={"sequence": True})
     rank_cap: Any = None
+
+    DERIVED: ClassVar[tuple[str, ...]] = EP_DERIVED
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -36,6 +36,10 @@ from ..replicas import Replicas
 from .base import is_int
 
 
+# what check_ep_fields sets on a config beside its fields (its `DERIVED`)
+EP_DERIVED = ("_engine", "_placement_on", "_placement")
+
+
 def check_ep_fields(config: Any, policy: str) -> None:
     """Validate `ep`, `placement`, `rank_cap` of a config (at construction) and keep the placement as an
     int64 tensor in `config._placement` (None: contiguous, made per call for the layer's E)."""

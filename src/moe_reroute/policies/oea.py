@@ -29,7 +29,7 @@ max-rank U <= max(C, forced experts on one rank). With D = 1 (and no rank_cap) S
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -37,8 +37,8 @@ from ..contract import Routing
 from ..scoring import (BUDGET_GRID, finish, fixed_members, native_where_fixed, native_where_unchanged, order_key, pack,
                        rank, ranked_native, sanitize, score, token_probs, weights_for)
 from .base import Policy, PolicyConfig, is_int, need_at_most, need_int, per_layer
-from .ep import (by_token, check_ep_fields, check_ep_fit, layer_placement, per_slot, rank_capped_set, replicas_of,
-                 slot_view)
+from .ep import (EP_DERIVED, by_token, check_ep_fields, check_ep_fit, layer_placement, per_slot, rank_capped_set,
+                 replicas_of, slot_view)
 from .unique import head_union
 
 
@@ -56,6 +56,8 @@ class OEAConfig(PolicyConfig):
     ep: Any = None
     placement: Any = field(default=None, metadata={"sequence": True})
     rank_cap: Any = None
+
+    DERIVED: ClassVar[tuple[str, ...]] = EP_DERIVED
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -14,12 +14,14 @@ import torch
 from cli_helpers import bad_input, snapshot
 from tiny_models import tiny_model, tiny_tokenizer
 
+import moe_reroute
 from moe_reroute import hf, make_policy
 from moe_reroute.cli import main
 from moe_reroute.traces import Trace
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ROOT / "src" / "moe_reroute" / "reference" / "model"
+# the reference model folder of the package these tests import (src/ or an installed copy)
+SHIPPED = Path(moe_reroute.__file__).resolve().parent / "reference" / "model"
 
 
 def eval_result(model: str = "tiny") -> dict:

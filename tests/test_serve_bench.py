@@ -38,6 +38,25 @@ def test_offline_plan_interleaves_repeats_and_counts_once():
                                                             ("a", "only")]
 
 
+def test_serve_plan_rounds_hold_every_policy_in_a_drawn_order():
+    """A/B serving: each round runs every policy once, in an order drawn per round from the seed (the same
+    seed, the same plan); --isolate: native first in every repeat."""
+    policies = ["native", "a", "b", "c"]
+    ab = sb.Config(model="m", policies=[], batch_sizes=[2], repeats=6, serve=True, device="cpu").resolved()
+    plan = sb.serve_plan(ab, policies)
+    rounds = [[r["policy"] for r in plan if r["repeat"] == k] for k in range(6)]
+    assert [r["repeat"] for r in plan] == [k for k in range(6) for _ in policies]
+    assert all(sorted(order) == sorted(policies) for order in rounds)
+    assert len({tuple(order) for order in rounds}) > 1  # drawn, not fixed (6 rounds of 24 orders)
+    assert sb.serve_plan(ab, policies) == plan
+    assert "A/B in one server" in sb.method_note(ab)
+    iso = sb.Config(model="m", policies=[], batch_sizes=[2], repeats=2, serve=True, device="cpu", isolate=True)
+    assert [(r["repeat"], r["policy"]) for r in sb.serve_plan(iso.resolved(), policies)] == [
+        (k, p) for k in range(2) for p in policies]
+    graphs = sb.Config(model="m", policies=[], batch_sizes=[2], serve=True, device="cuda", enforce_eager=False)
+    assert graphs.resolved().isolate and "its own server" in sb.method_note(graphs.resolved())
+
+
 def _run(policy, B, r, tpot, prefill=0.01, counters=None):
     out = {"policy": policy, "batch": B, "repeat": r, "tpot_s": tpot, "prefill_s": prefill,
            "decode_tokens_per_s": B / tpot}

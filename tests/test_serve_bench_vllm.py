@@ -5,6 +5,7 @@ and a run that fails leaves no results.json. Timings are not asserted (a benchma
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -125,13 +126,22 @@ def test_offline_isolate(tiny, tmp_path):
     assert all(r["tpot_ms"] > 0 and r["steps_rerouted"] == 5 for r in data["rows"])  # output_len - 1 decode steps
 
 
-def test_serving_stops_the_server(tiny, tmp_path):
+def test_serving_ab_in_one_server_stops_it(tiny, tmp_path):
+    """--serve on CPU: one server for both policies (A/B), switched over its RPC route between client runs
+    (native's rows route natively after the policy ran, the policy's re-route), then stopped."""
     from moe_reroute.measure import serve_bench as sb
 
     port = 8791
-    cfg = sb.Config(model=str(tiny), policies=["oea:k0=1"], batch_sizes=[2], output_len=6, repeats=1, serve=True,
+    cfg = sb.Config(model=str(tiny), policies=["oea:k0=1"], batch_sizes=[2], output_len=6, repeats=2, serve=True,
                     num_prompts=4, port=port)
-    data = sb.run(cfg, tmp_path, "test")
+    lines = []
+    data = sb.run(cfg, tmp_path, "test", say=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert sum("starting vLLM" in ln for ln in lines) == 1 and any("A/B in one server" in ln for ln in lines)
+    servers = sorted(f.name for f in (tmp_path / "runs").glob("serve-*.log") if not re.search(r"-c\d+\.log$", f.name))
+    assert servers == ["serve-ab.log"]
+    assert [(r["repeat"], r["policy"]) for r in data["runs"]] == [(r["repeat"], r["policy"])
+                                                                  for r in sb.serve_plan(cfg.resolved(), data["policies"])]
+    assert data["conditions"]["method"] == "ab" and len(data["runs"]) == 4
     _check_rows(data["rows"], "concurrency", [2])
     for r in data["rows"]:
         assert r["output_throughput"] > 0 and 0 < r["steps_rerouted"] <= r["steps_seen"]

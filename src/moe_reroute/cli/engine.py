@@ -122,10 +122,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--output-len", type=int, default=64, help="output tokens per sequence (default 64)")
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default 16)")
     p.add_argument("--repeats", type=int, default=3, help="timed generations per batch size in the A/B engine; "
-                   "with --isolate or --serve, interleaved repeats, each in a fresh engine (default 3)")
-    p.add_argument("--isolate", action="store_true", help="offline: each policy in its own engine process instead "
-                   "of A/B in one engine (the default, and the only choice, with CUDA graphs, which cannot switch "
-                   "policy)")
+                   "with --serve, rounds of every policy in the A/B server; with --isolate, interleaved repeats, "
+                   "each in a fresh engine or server (default 3)")
+    p.add_argument("--isolate", action="store_true", help="each policy in its own engine process (offline) or "
+                   "server (--serve) instead of A/B in one (the default, and the only choice, with CUDA graphs, "
+                   "which cannot switch policy)")
     p.add_argument("--block-steps", type=int, help="A/B: decode steps per policy block (default: (output-len - 1) "
                    "// (4 x policies), so that each generation holds 4 rounds)")
     p.add_argument("--dtype", default="auto", help="engine dtype (default: float32 on CPU, bfloat16 on CUDA)")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 import signal
 import socket
@@ -95,7 +96,15 @@ class Config:
 
 
 def method_note(cfg: Config) -> str:
-    """How the offline runs compare policies, in a line for the output (cfg resolved)."""
+    """How the runs compare policies, in a line for the output (cfg resolved)."""
+    if cfg.serve:
+        if not cfg.isolate:
+            return ("A/B in one server: the policy is switched between client runs, every policy at every "
+                    "concurrency once per round in a random order per round, after one warm-up run")
+        if not cfg.enforce_eager and cfg.device == "cuda":
+            return ("each policy in its own server (--isolate is the default with CUDA graphs: a captured graph "
+                    "cannot switch policy)")
+        return "each policy in its own server (--isolate)"
     if not cfg.isolate:
         return ("A/B in one engine per batch size: the policy is switched between decode steps, in blocks of "
                 "every policy in a random order per round"
@@ -772,12 +781,72 @@ def wait_ready(proc: subprocess.Popen, port: int, log: Path, timeout_s: float) -
 
 
 def serve_plan(cfg: Config, policies: list[str]) -> list[dict]:
-    return [{"policy": p, "repeat": r} for r in range(cfg.repeats) for p in policies]
+    """Runs in order: --isolate, every policy per repeat (a server each, native first); A/B, every policy per
+    round in an order drawn per round (`cfg.seed`), in one server."""
+    if cfg.isolate:
+        return [{"policy": p, "repeat": r} for r in range(cfg.repeats) for p in policies]
+    rng = random.Random(cfg.seed)
+    plan = []
+    for r in range(cfg.repeats):
+        order = list(policies)
+        rng.shuffle(order)
+        plan += [{"policy": p, "repeat": r} for p in order]
+    return plan
+
+
+def _start_server(cfg: Config, env: dict, log: Path) -> subprocess.Popen:
+    check_port(cfg.port)
+    env = {**env, "VLLM_SERVER_DEV_MODE": "1"}  # the /collective_rpc route the counters are read through
+    with open(log, "ab") as f:
+        proc = subprocess.Popen(server_command(cfg, max(cfg.batch_sizes)), env=env, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_ready(proc, cfg.port, log, cfg.run_timeout_s)
+    except BaseException:
+        stop_group(proc)
+        raise
+    return proc
+
+
+def _stop_server(proc: subprocess.Popen) -> None:
+    stop_group(proc)
+    if group_alive(proc.pid):
+        raise BenchError(f"the vLLM server (process group {proc.pid}) did not stop; kill it: kill -9 -{proc.pid}")
+
+
+def _client_run(cfg: Config, dataset: Path, runs_dir: Path, tag: str, B: int, prompts: int, policy: str,
+                log: Path) -> dict:
+    """vLLM's bench client against the server at concurrency B: its result (BenchError if it fails)."""
+    res_name = f"{tag}-c{B}.json"
+    (runs_dir / res_name).unlink(missing_ok=True)
+    client = [sys.executable, "-m", "moe_reroute.measure.engine_run", "--client", "--backend", "vllm",
+              "--base-url", f"http://127.0.0.1:{cfg.port}", "--model", str(cfg.model),
+              "--tokenizer", str(cfg.model), "--dataset-name", "custom", "--dataset-path", str(dataset),
+              "--skip-chat-template", "--custom-output-len", str(cfg.output_len),
+              "--num-prompts", str(prompts), "--max-concurrency", str(B),
+              "--request-rate", str(cfg.request_rate), "--seed", "0", "--ignore-eos",
+              "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
+              "--disable-tqdm", "--save-result", "--result-dir", str(runs_dir),
+              "--result-filename", res_name]
+    client_log = runs_dir / f"{tag}-c{B}.log"
+    client_log.unlink(missing_ok=True)
+    code = run_process(client, {k: v for k, v in os.environ.items()}, client_log, cfg.run_timeout_s)
+    if code != 0 or not (runs_dir / res_name).exists():
+        raise BenchError(f"vLLM's bench client failed against {policy} at concurrency {B}: "
+                         f"{failure_reason(client_log)} (full log: {client_log}); results.json not written")
+    bench = json.loads((runs_dir / res_name).read_text())
+    if bench.get("failed"):
+        raise BenchError(f"{bench['failed']} of {prompts} requests failed against {policy} "
+                         f"at concurrency {B}: {failure_reason(log)} (server log: {log}); "
+                         "results.json not written")
+    return bench
 
 
 def run_serving(cfg: Config, policies: list[str], out: Path, say=print, labels: dict | None = None) -> list[dict]:
-    """Per (repeat, policy): start a server, run vLLM's bench client at each concurrency (the batch sizes),
-    read the counters, stop the server (also on errors and Ctrl-C)."""
+    """vLLM's OpenAI server and its bench client at each concurrency (the batch sizes), the counters read over
+    the server's RPC route. A/B (default without CUDA graphs): one server, the policy switched between client
+    runs by the plan, after a warm-up run; --isolate: a server per (repeat, policy). Servers are stopped also
+    on errors and Ctrl-C."""
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     dataset = runs_dir / "prompts.jsonl"
@@ -786,53 +855,48 @@ def run_serving(cfg: Config, policies: list[str], out: Path, say=print, labels: 
             f.write(json.dumps({"prompt": text, "output_tokens": cfg.output_len}) + "\n")
     plan = serve_plan(cfg, policies)
     results = []
-    for i, run in enumerate(plan, 1):
-        tag = f"serve-r{run['repeat']}-{_slug(run['policy'])}"
-        log = runs_dir / f"{tag}.log"
-        log.unlink(missing_ok=True)
-        name = (labels or {}).get(run["policy"], run["policy"])
-        say(f"[server {i}/{len(plan)}] {name}, repeat {run['repeat'] + 1}/{cfg.repeats}: starting vLLM",
-            flush=True)
-        check_port(cfg.port)
-        env = engine_env(cfg, run["policy"], in_process=False)
-        env["VLLM_SERVER_DEV_MODE"] = "1"  # the /collective_rpc route the counters are read through
-        with open(log, "ab") as f:
-            proc = subprocess.Popen(server_command(cfg, max(cfg.batch_sizes)), env=env, stdout=f,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_ready(proc, cfg.port, log, cfg.run_timeout_s)
+    proc = None
+    try:
+        if not cfg.isolate:
+            log = runs_dir / "serve-ab.log"
+            log.unlink(missing_ok=True)
+            say(f"[server] {len(policies)} policies in one server, {cfg.repeats} rounds: starting vLLM", flush=True)
+            proc = _start_server(cfg, engine_env(cfg, NATIVE, in_process=False), log)
+            B = max(cfg.batch_sizes)
+            say(f"  warm-up: {min(cfg.num_prompts, B)} requests at concurrency {B} (not counted)", flush=True)
+            _client_run(cfg, dataset, runs_dir, "serve-warmup", B, min(cfg.num_prompts, B), NATIVE, log)
+        for i, run in enumerate(plan, 1):
+            name = (labels or {}).get(run["policy"], run["policy"])
+            tag = f"serve-r{run['repeat']}-{_slug(run['policy'])}"
+            if cfg.isolate:
+                log = runs_dir / f"{tag}.log"
+                log.unlink(missing_ok=True)
+                say(f"[server {i}/{len(plan)}] {name}, repeat {run['repeat'] + 1}/{cfg.repeats}: starting vLLM",
+                    flush=True)
+                proc = _start_server(cfg, engine_env(cfg, run["policy"], in_process=False), log)
+            else:
+                say(f"[run {i}/{len(plan)}] {name}, round {run['repeat'] + 1}/{cfg.repeats}", flush=True)
+                try:
+                    rpc(cfg.port, "moe_reroute_set_policy", run["policy"])
+                except OSError as e:
+                    raise BenchError(f"switching the server to {name} failed: {e} (server log: {log}); "
+                                     "results.json not written") from None
             for B in cfg.batch_sizes:
                 say(f"  concurrency {B}: {cfg.num_prompts} requests of {cfg.prompt_len} + {cfg.output_len} tokens",
                     flush=True)
                 rpc(cfg.port, "moe_reroute_reset_counters")
-                res_name = f"{tag}-c{B}.json"
-                (runs_dir / res_name).unlink(missing_ok=True)
-                client = [sys.executable, "-m", "moe_reroute.measure.engine_run", "--client", "--backend", "vllm",
-                          "--base-url", f"http://127.0.0.1:{cfg.port}", "--model", str(cfg.model),
-                          "--tokenizer", str(cfg.model), "--dataset-name", "custom", "--dataset-path", str(dataset),
-                          "--skip-chat-template", "--custom-output-len", str(cfg.output_len),
-                          "--num-prompts", str(cfg.num_prompts), "--max-concurrency", str(B),
-                          "--request-rate", str(cfg.request_rate), "--seed", "0", "--ignore-eos",
-                          "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
-                          "--disable-tqdm", "--save-result", "--result-dir", str(runs_dir),
-                          "--result-filename", res_name]
-                client_log = runs_dir / f"{tag}-c{B}.log"
-                client_log.unlink(missing_ok=True)
-                code = run_process(client, {k: v for k, v in os.environ.items()}, client_log, cfg.run_timeout_s)
-                if code != 0 or not (runs_dir / res_name).exists():
-                    raise BenchError(f"vLLM's bench client failed against {run['policy']} at concurrency {B}: "
-                                     f"{failure_reason(client_log)} (full log: {client_log}); results.json not written")
-                bench = json.loads((runs_dir / res_name).read_text())
-                if bench.get("failed"):
-                    raise BenchError(f"{bench['failed']} of {cfg.num_prompts} requests failed against {run['policy']} "
-                                     f"at concurrency {B}: {failure_reason(log)} (server log: {log}); "
-                                     "results.json not written")
+                bench = _client_run(cfg, dataset, runs_dir, tag, B, cfg.num_prompts, run["policy"], log)
                 counters = rpc(cfg.port, "moe_reroute_counters")
                 results.append({**run, "batch": B, "bench": _bench_fields(bench), "counters": counters})
-        finally:
+            if cfg.isolate:
+                p, proc = proc, None
+                _stop_server(p)
+        if proc is not None:  # A/B: its one server
+            p, proc = proc, None
+            _stop_server(p)
+    finally:
+        if proc is not None:  # an error or Ctrl-C
             stop_group(proc)
-        if group_alive(proc.pid):
-            raise BenchError(f"the vLLM server (process group {proc.pid}) did not stop; kill it: kill -9 -{proc.pid}")
     return results
 
 
@@ -1011,8 +1075,11 @@ def conditions(data: dict) -> str:
              f"- prompts: {c['prompt_len']} tokens of held-out text, {c['output_len']} output tokens, "
              + (f"{c['repeats']} timed generations in one engine per batch size, policies switched between decode "
                 f"steps in blocks of {c.get('block_steps')} steps, every policy once per round in a random order"
+                if c.get("method") == "ab" and data["mode"] == "offline" else
+                f"{c['repeats']} rounds in one server, every policy once per round in a random order"
                 if c.get("method") == "ab" else
-                f"{c['repeats']} repeats interleaved across policies, each run in a fresh engine")]
+                f"{c['repeats']} repeats interleaved across policies, each run in a fresh "
+                + ("server" if data["mode"] == "serve" else "engine"))]
     if c.get("method_note"):
         lines.append(f"- method: {c['method_note']}")
     if c.get("ep"):
@@ -1033,8 +1100,9 @@ def conditions(data: dict) -> str:
                      "95% t-interval on log ratios; U: the plugin's counters in a separate counted generation")
     else:
         lines.append(f"- load: vLLM's `bench serve` client, {c['num_prompts']} requests per concurrency, request "
-                     f"rate {c['request_rate']}; counters on in every server (native included); ratio: output "
-                     "throughput / native's, geometric mean over repeats, 95% t-interval")
+                     f"rate {c['request_rate']}; counters on for every policy (native included); ratio: output "
+                     "throughput / native's in the same " + ("round" if c.get("method") == "ab" else "repeat")
+                     + ", geometric mean, 95% t-interval")
     return "\n".join(lines)
 
 
@@ -1144,8 +1212,7 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
     t0 = time.time()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     ab = not cfg.serve and not cfg.isolate
-    if not cfg.serve:
-        say(f"serve-bench: {method_note(cfg)}", flush=True)
+    say(f"serve-bench: {method_note(cfg)}", flush=True)
     hint = load_hint(cfg, load_start)
     if hint:
         say(hint, flush=True)
@@ -1169,9 +1236,9 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
                            "threads": threads_note(cfg),
                            "load_average_start": round(load_start, 2) if load_start is not None else None,
                            **({"ep": cfg.ep, "placement": cfg.placement} if cfg.ep is not None else {}),
-                           **({} if cfg.serve else {"method": "ab" if ab else "isolate",
-                                                    "method_note": method_note(cfg), "block_steps": block_steps,
-                                                    "seed": cfg.seed})},
+                           "method": "isolate" if cfg.isolate else "ab", "method_note": method_note(cfg),
+                           **({"seed": cfg.seed} if cfg.serve and not cfg.isolate else {}),
+                           **({} if cfg.serve else {"block_steps": block_steps, "seed": cfg.seed})},
             "policies": policies, "labels": labels, "rows": rows, "runs": results}
     from ..files import write_text_atomic
 

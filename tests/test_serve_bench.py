@@ -482,7 +482,7 @@ def test_serve_bench_ep_layout_is_checked_before_any_engine(tmp_path, capsys):
     bad_input(capsys, ["serve-bench", *out, "--ep", "2", "--placement", tmp_path / "layers.json"],
               "gives 3 per-layer placements but the model has 2 MoE layers")
     bad_input(capsys, ["serve-bench", *out, "--ep", "2", "--placement", "eplb", "--isolate"],
-              "--placement eplb is computed in the A/B engine", "give a placement file")
+              "--placement eplb is computed in the offline A/B engine", "give a placement file")
     bad_input(capsys, ["serve-bench", *out, "--ep", "2", "--engine", "sglang"], "drop --ep with --engine sglang")
     replicas = {"ranks": 4, "physical_to_logical": [list(range(16)) + [0, 1, 2, 3]] * 2}
     (tmp_path / "replicas.json").write_text(json.dumps(replicas))

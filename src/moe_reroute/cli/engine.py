@@ -139,8 +139,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--ep", type=int, help="count per rank under expert parallelism over D ranks: max-rank and "
                    "mean-rank U per layer from the routed experts (vLLM; an engine that runs EP itself is counted by "
                    "its own placement)")
-    p.add_argument("--placement", help="with --ep: contiguous (default), eplb (A/B: balanced by the engine's own "
-                   "native load) or a placement file (one rank per expert, or one list per MoE layer; or redundant "
+    p.add_argument("--placement", help="with --ep: contiguous (default), eplb (offline A/B: balanced by the "
+                   "engine's own native load) or a placement file (one rank per expert, or one list per MoE layer; or redundant "
                    "experts, {\"ranks\": D, \"physical_to_logical\": [...]}, counted by the slots each rank reads)")
     p.add_argument("--serve", action="store_true", help="serving mode: vLLM's OpenAI server and its bench client")
     p.add_argument("--num-prompts", type=int, default=32, help="--serve: requests per concurrency (default 32)")

@@ -81,7 +81,7 @@ class Config:
     threads: int | None = None  # the engine's OpenMP/torch threads (OMP_NUM_THREADS); None: the engine's default
     engine: str = "vllm"  # or "sglang": SGLang's offline engine, A/B only
     ep: int | None = None  # count per rank under expert parallelism over this many ranks (vLLM)
-    placement: str = "contiguous"  # with ep: "contiguous", "eplb" (A/B: the engine's native load) or a file
+    placement: str = "contiguous"  # with ep: "contiguous", "eplb" (offline A/B: the engine's native load) or a file
 
     def resolved(self) -> Config:
         import torch
@@ -267,8 +267,8 @@ def check_layout(cfg: Config, config: dict, spec) -> None:
         check_ranks(spec.num_experts, cfg.ep)
         if cfg.placement == "eplb":
             if cfg.serve or cfg.isolate:
-                raise ValueError("--placement eplb is computed in the A/B engine from its own native routing (one "
-                                 "native generation, then each rank balanced by tokens per expert); with --serve or "
+                raise ValueError("--placement eplb is computed in the offline A/B engine from its own native routing "
+                                 "(one native generation, then each rank balanced by tokens per expert); with --serve or "
                                  "--isolate give a placement file (`moe-reroute ep-replay --placement eplb --out DIR` "
                                  "writes one per D)")
         elif cfg.placement != "contiguous":  # ranks, or redundant experts (counted by the slots a rank reads)

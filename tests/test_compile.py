@@ -90,3 +90,32 @@ def test_fullgraph_peers(scoring, name, params):
             got, want = compiled(x, v, f), run(x, v, f)
             assert torch.equal(got.ids, want.ids)
             torch.testing.assert_close(got.weights, want.weights)
+
+
+# placements: contiguous, one list per MoE layer (two layers), and redundant experts (E + 8 slots on 4 ranks)
+_P2L = list(range(E)) + [0, 1, 2, 3, 4, 5, 6, 7]
+EP = [("oea", {"k0": 2, "ep": 4}), ("oea", {"k0": [1, 2, 3], "ep": 2, "rank_cap": 6}),
+      ("budget", {"budget": 12, "ep": 2, "placement": [[r % 2 for r in range(E)], [r // (E // 2) for r in range(E)]]}),
+      ("budget", {"budget": 12, "ep": 4, "placement": {"ranks": 4, "physical_to_logical": _P2L}}),
+      ("oea", {"k0": 2, "ep": 4, "placement": {"ranks": 4, "physical_to_logical": _P2L}})]
+
+
+@pytest.mark.parametrize("name,params", EP, ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x))[:40])
+def test_fullgraph_ep(name, params):
+    """oea and budget under expert parallelism (contiguous, per-layer and redundant-expert placements; the
+    per-device placement cache) trace as one graph too (eager backend): torch 2.11's dynamo reads neither
+    `__dict__` nor `copy.copy`."""
+    torch._dynamo.reset()
+    spec = SPECS["softmax"]
+    policy = make_policy(name, **params)
+
+    def run(x, v, f):
+        return policy(x, spec, v, layer=1, fixed=f)
+
+    compiled = torch.compile(run, fullgraph=True, backend="eager")
+    for T, seed in ((16, 0), (5, 1)):
+        x, v = distinct_logits(T, E, seed=seed), random_mask(T, seed)
+        for f in (None, random_mask(T, seed + 7, p_invalid=0.6)):
+            got, want = compiled(x, v, f), run(x, v, f)
+            assert torch.equal(got.ids, want.ids)
+            torch.testing.assert_close(got.weights, want.weights)

@@ -142,7 +142,7 @@ def layer_placement(config: Any, num_experts: int, layer: int | None, device: to
     cached with the config, so a call inside a CUDA graph copies and allocates nothing."""
     p = config._placement
     key = (str(device), num_experts, layer if p is not None and p.dim() == 2 else None)
-    cache = config.__dict__.setdefault("_placement_on", {})
+    cache = config._placement_on  # made by check_ep_fields (torch 2.11's dynamo cannot read __dict__)
     hit = cache.get(key)
     if hit is None:
         hit = contiguous(num_experts, config.ep, device) if p is None else at_layer(p, layer).to(device)

@@ -68,6 +68,18 @@ def test_fullgraph_with_fixed_rows(name, params):
         torch.testing.assert_close(got.weights, want.weights)
 
 
+def traces_as_eager(run):
+    """`run(x, valid, fixed)` compiled as one graph (eager backend) returns what it returns uncompiled, with
+    and without fixed rows, at two batch sizes."""
+    compiled = torch.compile(run, fullgraph=True, backend="eager")
+    for T, seed in ((16, 0), (5, 1)):
+        x, v = distinct_logits(T, E, seed=seed), random_mask(T, seed)
+        for f in (None, random_mask(T, seed + 7, p_invalid=0.6)):
+            got, want = compiled(x, v, f), run(x, v, f)
+            assert torch.equal(got.ids, want.ids)
+            torch.testing.assert_close(got.weights, want.weights)
+
+
 PEERS = [("xshare", {"budget": 20}), ("xshare", {"budget": 12, "k0": 1, "group_budget": 4, "group_size": 2}),
          ("lynx", {"alpha": 3, "beta": 2}), ("lynx", {"alpha": 1})]
 
@@ -83,13 +95,7 @@ def test_fullgraph_peers(scoring, name, params):
     def run(x, v, f):
         return policy(x, spec, v, fixed=f)
 
-    compiled = torch.compile(run, fullgraph=True, backend="eager")
-    for T, seed in ((16, 0), (5, 1)):
-        x, v = distinct_logits(T, E, seed=seed), random_mask(T, seed)
-        for f in (None, random_mask(T, seed + 7, p_invalid=0.6)):
-            got, want = compiled(x, v, f), run(x, v, f)
-            assert torch.equal(got.ids, want.ids)
-            torch.testing.assert_close(got.weights, want.weights)
+    traces_as_eager(run)
 
 
 # placements: contiguous, one list per MoE layer (two layers), and redundant experts (E + 8 slots on 4 ranks)
@@ -112,10 +118,4 @@ def test_fullgraph_ep(name, params):
     def run(x, v, f):
         return policy(x, spec, v, layer=1, fixed=f)
 
-    compiled = torch.compile(run, fullgraph=True, backend="eager")
-    for T, seed in ((16, 0), (5, 1)):
-        x, v = distinct_logits(T, E, seed=seed), random_mask(T, seed)
-        for f in (None, random_mask(T, seed + 7, p_invalid=0.6)):
-            got, want = compiled(x, v, f), run(x, v, f)
-            assert torch.equal(got.ids, want.ids)
-            torch.testing.assert_close(got.weights, want.weights)
+    traces_as_eager(run)

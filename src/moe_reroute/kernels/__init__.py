@@ -173,8 +173,10 @@ def _policy_params(name: str, spec: RouterSpec, config: Any) -> dict[str, Any]:
     if name in ("oea", "budget") and config.ep is not None:  # the set under a cap on experts per rank
         from ..policies.budget import rank_cap
 
-        # oea without rank_cap: -1, ceil(|base set| / D) found in the kernel
-        cap = rank_cap(config) if name == "budget" else -1 if config.rank_cap is None else config.rank_cap
+        if name == "budget":
+            cap = rank_cap(config)
+        else:  # oea without rank_cap: -1, ceil(|base set| / D) found in the kernel
+            cap = config.rank_cap if config.rank_cap is not None else -1
         p.update(ep_ranks=int(config.ep), ep_cap=int(cap))
     return p
 

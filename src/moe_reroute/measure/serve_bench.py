@@ -785,13 +785,10 @@ def serve_plan(cfg: Config, policies: list[str]) -> list[dict]:
     round in an order drawn per round (`cfg.seed`), in one server."""
     if cfg.isolate:
         return [{"policy": p, "repeat": r} for r in range(cfg.repeats) for p in policies]
-    rng = random.Random(cfg.seed)
-    plan = []
-    for r in range(cfg.repeats):
-        order = list(policies)
-        rng.shuffle(order)
-        plan += [{"policy": p, "repeat": r} for p in order]
-    return plan
+    from .engine_run import ab_schedule  # the offline A/B's rounds, with one-run blocks
+
+    rounds = ab_schedule(policies, cfg.repeats * len(policies), 1, random.Random(cfg.seed))
+    return [{"policy": p, "repeat": r} for r, p in rounds]
 
 
 def _start_server(cfg: Config, env: dict, log: Path) -> subprocess.Popen:
@@ -1068,18 +1065,20 @@ def _share(row: dict) -> str:
 
 def conditions(data: dict) -> str:
     c = data["conditions"]
+    if c.get("method") != "ab":
+        runs_line = (f"{c['repeats']} repeats interleaved across policies, each run in a fresh "
+                     + ("server" if data["mode"] == "serve" else "engine"))
+    elif data["mode"] == "serve":
+        runs_line = f"{c['repeats']} rounds in one server, every policy once per round in a random order"
+    else:
+        runs_line = (f"{c['repeats']} timed generations in one engine per batch size, policies switched between "
+                     f"decode steps in blocks of {c.get('block_steps')} steps, every policy once per round in a "
+                     "random order")
     lines = [f"- model: {c['model']}" + (f" — {c['model_note']}" if c.get("model_note") else ""),
              f"- engine: {engine_label(c)} on {c['device']}, {c['dtype']}, "
              f"{'eager' if c['enforce_eager'] else ('CUDA graphs' if c['device'].startswith('cuda') else 'compiled')}, "
              f"greedy, ignore_eos; CPU threads: {c.get('threads', 'not recorded')}",
-             f"- prompts: {c['prompt_len']} tokens of held-out text, {c['output_len']} output tokens, "
-             + (f"{c['repeats']} timed generations in one engine per batch size, policies switched between decode "
-                f"steps in blocks of {c.get('block_steps')} steps, every policy once per round in a random order"
-                if c.get("method") == "ab" and data["mode"] == "offline" else
-                f"{c['repeats']} rounds in one server, every policy once per round in a random order"
-                if c.get("method") == "ab" else
-                f"{c['repeats']} repeats interleaved across policies, each run in a fresh "
-                + ("server" if data["mode"] == "serve" else "engine"))]
+             f"- prompts: {c['prompt_len']} tokens of held-out text, {c['output_len']} output tokens, {runs_line}"]
     if c.get("method_note"):
         lines.append(f"- method: {c['method_note']}")
     if c.get("ep"):
@@ -1211,14 +1210,14 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
         cfg.model = sglang_model(cfg.model, out, say)
     t0 = time.time()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    ab = not cfg.serve and not cfg.isolate
+    offline_ab = not cfg.serve and not cfg.isolate
     say(f"serve-bench: {method_note(cfg)}", flush=True)
     hint = load_hint(cfg, load_start)
     if hint:
         say(hint, flush=True)
-    block_steps = ab_block_steps(cfg, len(policies)) if ab else None
+    block_steps = ab_block_steps(cfg, len(policies)) if offline_ab else None
     results = (run_serving if cfg.serve else run_offline)(cfg, policies, out, say, labels)
-    if ab:
+    if offline_ab:
         rows = summarize_ab(results, policies, cfg.seed)
     elif cfg.serve:
         rows = summarize_serving(results, policies, cfg.batch_sizes)
@@ -1237,8 +1236,8 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
                            "load_average_start": round(load_start, 2) if load_start is not None else None,
                            **({"ep": cfg.ep, "placement": cfg.placement} if cfg.ep is not None else {}),
                            "method": "isolate" if cfg.isolate else "ab", "method_note": method_note(cfg),
-                           **({"seed": cfg.seed} if cfg.serve and not cfg.isolate else {}),
-                           **({} if cfg.serve else {"block_steps": block_steps, "seed": cfg.seed})},
+                           **({} if cfg.serve else {"block_steps": block_steps}),
+                           **({} if cfg.serve and cfg.isolate else {"seed": cfg.seed})},
             "policies": policies, "labels": labels, "rows": rows, "runs": results}
     from ..files import write_text_atomic
 
@@ -1247,7 +1246,7 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
     md = ["# moe-reroute serve-bench", "", markdown_section(data)]
     if png:
         md += [f"![{png.name}]({png.name})", ""]
-    steps_png = plot_steps(data, out / "steps.png") if ab else None
+    steps_png = plot_steps(data, out / "steps.png") if offline_ab else None
     if steps_png:
         md += [f"![{steps_png.name}]({steps_png.name})", ""]
     write_text_atomic(out / "report.md", "\n".join(md))

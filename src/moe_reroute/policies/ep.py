@@ -42,7 +42,7 @@ EP_DERIVED = ("_engine", "_placement_on", "_placement")
 
 def check_ep_fields(config: Any, policy: str) -> None:
     """Validate `ep`, `placement`, `rank_cap` of a config (at construction) and keep the placement as an
-    int64 tensor in `config._placement` (None: contiguous, made per call for the layer's E)."""
+    int64 tensor in `config._placement` (None: contiguous, made for the layer's E by `layer_placement`)."""
     ep, placement, cap = config.ep, config.placement, config.rank_cap
     object.__setattr__(config, "_engine", isinstance(placement, str) and placement == ENGINE)
     # layer_placement's cache, made here so that the per-layer copies `at_layer` makes (shallow) share it

@@ -19,6 +19,12 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `long` run first (a stable sort keeps the rest in order): pytest-xdist hands tests out in
+    order, and a long test handed out last keeps one worker busy while the others have ended."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 # Every finite bfloat16 in [-8, 8] away from 0: exactly representable in float16 and float32 too, so
 # logits drawn from it without replacement have no ties in any dtype.
 _POOL = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()

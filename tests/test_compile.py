@@ -29,6 +29,7 @@ POLICIES = [
 INDUCTOR = [POLICIES[3], POLICIES[5], POLICIES[6]]  # oea with every option, sere, budget
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("scoring", list(SPECS))
 @pytest.mark.parametrize("name,params", POLICIES, ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x)))
 def test_fullgraph(scoring, name, params):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import torch
 
 from moe_reroute.cli import main
@@ -13,6 +14,7 @@ from moe_reroute.measure.report import uniform_expectation
 PHASES = {"quality", "generation", "U vs batch", "latency"}
 
 
+@pytest.mark.long
 def test_demo_small(tmp_path, capsys):
     out = tmp_path / "report"
     threads = torch.get_num_threads()
@@ -55,6 +57,7 @@ def test_demo_small(tmp_path, capsys):
     assert (tmp_path / "again" / "report.md").read_text() == md
 
 
+@pytest.mark.long
 def test_demo_progress_lines_name_their_phase(tmp_path, capsys):
     """In a log (stderr not a terminal) every progress line starts with its phase's tag, every phase ends
     with its elapsed and CPU time, and the summary gives both for the whole run."""

@@ -140,6 +140,7 @@ def test_command_needing_an_extra_says_which_before_anything_else(monkeypatch, c
         assert e.value.code == 2
 
 
+@pytest.mark.long
 def test_reference_load_prints_no_carriage_return_bar_into_a_log():
     code = "from moe_reroute.reference import load; load()"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -195,6 +195,7 @@ def _ci_gpu(tmp_path, *args):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.long
 def test_ci_gpu_dry_run_end_to_end(tmp_path):
     run = _ci_gpu(tmp_path, "--dry-run")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

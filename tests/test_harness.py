@@ -153,6 +153,7 @@ def test_generation_task_reroutes_decode_only(tmp_path):
     assert any(r.unique.item() < r.native_unique.item() for s in decode for r in s.layers.values())
 
 
+@pytest.mark.long
 def test_cli(task, tmp_path, capsys, monkeypatch):
     folder, data = task
     checkpoint = tmp_path / "tiny"

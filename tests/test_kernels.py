@@ -421,6 +421,7 @@ def test_unsupported_triton_falls_back_with_one_warning(monkeypatch):
     assert torch.equal(pol(x, spec).ids, make_policy("oea", k0=2, backend="torch")(x, spec).ids)
 
 
+@pytest.mark.long
 def test_kernel_compiles_for_hopper():
     """Triton's compiler (not the interpreter) builds the kernel for sm_90 on this CPU: one case of each
     structure (one launch, both phases of a batch-wide set, grouped sigmoid scoring, the set under `ep`, which

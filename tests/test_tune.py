@@ -224,6 +224,7 @@ TEXT = ("the quick brown fox jumps over the lazy dog. " * 3 + "\n\n") * 30
 HELDOUT = ("a lazy dog sleeps while the brown fox runs far away. " * 3 + "\n\n") * 30
 
 
+@pytest.mark.long
 def test_cli_end_to_end_on_a_local_checkpoint(tmp_path, capsys):
     """tune --model: the policy file loads through load_policy and the engines' variable, routes as the
     values the search reports, and the validation file feeds `report`."""
@@ -338,6 +339,7 @@ def test_budget_bounds_the_mean_by_its_standard_error_over_sequences(planted):
         tune(model, seqs[:12], config, progress=False, log=lambda _: None)
 
 
+@pytest.mark.long
 def test_calibration_text_that_is_the_validation_text_is_refused_and_overlap_is_said(tmp_path, capsys):
     from moe_reroute.cli import main
     from tiny_models import tiny_tokenizer

@@ -19,6 +19,7 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `long` run first (a stable sort keeps the rest in order): pytest-xdist hands tests out in
     order, and a long test handed out last keeps one worker busy while the others have ended."""

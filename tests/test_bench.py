@@ -205,8 +205,9 @@ def test_cli_bench_json(capsys):
     code = main(["bench", "--dims", "32,16,16,4", "--routing", "uniform", "--repeats", "2", "--warmup", "1",
                  "--steps", "2", "--batch-sizes", "2,4", "--device", "cpu", "--no-progress", "--ep", "2", "--json"])
     assert code == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    out = json.loads(lines[-1])
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)  # stdout holds the JSON alone: `bench --json > FILE` is a JSON file
+    assert "batch 4:" in captured.err and "cost model over batch sizes [2, 4]" in captured.err  # the tables
     assert out["routing"] == "routing: random logits, not a trace"
     assert set(out["results"]) == {"2", "4"}
     policies = out["results"]["4"]["policies"]
@@ -267,8 +268,8 @@ def test_routing_bench_times_every_policy_on_both_backends(capsys):
     code = main(["bench", "--routing", "--batch-sizes", "1,4", "--experts", "16", "--repeats", "1", "--calls", "1",
                  "--no-layer", "--no-progress", "--policy", "oea:k0=2", "--policy", "budget:budget=4", "--json"])
     assert code == 0
-    out = capsys.readouterr().out
-    data = json.loads(out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)  # the JSON alone on stdout, the table on stderr
     labels = {t["label"] for t in data["timings"]}
     assert {"native [torch]", "oea:k0=2 [torch]", "budget:budget=4 [torch]", "model router (torch softmax+topk)"} <= labels
     assert {t["tokens"] for t in data["timings"]} == {1, 4} and {t["experts"] for t in data["timings"]} == {16}
@@ -278,10 +279,44 @@ def test_routing_bench_times_every_policy_on_both_backends(capsys):
         assert {t["label"] for t in fused} == {"native [triton]", "oea:k0=2 [triton]", "budget:budget=4 [triton]"}
         assert all(t["launches"] == 1 for t in fused)
     for label in labels:
-        assert label in out.split("{")[0]  # every entry is a table row
+        assert label in captured.err  # every entry is a table row
 
 
 def test_routing_bench_refuses_layer_options():
     with pytest.raises(SystemExit) as e:
         main(["bench", "--routing", "--shape", "deepseek-v3"])
     assert "--routing times the routing call alone" in str(e.value)
+
+
+def test_bench_threads_are_set_for_the_run_and_restored(monkeypatch, capsys):
+    """--threads N: torch runs N threads during the bench (seen by the layer's forward), and its own number after."""
+    import torch
+
+    from moe_reroute.measure import bench as measure_bench
+
+    seen = []
+    forward = measure_bench.MoELayer.forward
+    monkeypatch.setattr(measure_bench.MoELayer, "forward",
+                        lambda self, *a, **k: seen.append(torch.get_num_threads()) or forward(self, *a, **k))
+    before = torch.get_num_threads()
+    assert main(["bench", "--dims", "32,16,16,4", "--routing", "uniform", "--repeats", "1", "--warmup", "0",
+                 "--steps", "1", "--device", "cpu", "--no-progress", "--kernel", "loop", "--threads", "1"]) == 0
+    assert seen and set(seen) == {1} and torch.get_num_threads() == before
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--routing", "uniform", "--device", "cpu", "--threads", "0"])
+    assert "--threads must be >= 1, got 0" in str(e.value)
+
+
+def test_busy_note_says_when_threads_would_share_cores(monkeypatch):
+    import os
+
+    from moe_reroute.cli.bench import busy_note
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.3, 0.3))
+    assert busy_note(torch.device("cpu"), 4) is None  # idle: a thread per core is fine
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 2.0, 2.0))
+    note = busy_note(torch.device("cpu"), 4)
+    assert "load average 2.0 on 4 cores" in note and "--threads 2" in note
+    assert busy_note(torch.device("cpu"), 2) is None  # 2 + 2 threads fit the 4 cores
+    assert busy_note(torch.device("cuda"), 4) is None  # the GPU's time does not share the CPU's cores

@@ -205,6 +205,8 @@ def test_eval_checks_out_and_numbers_before_loading_the_model(tmp_path, capsys, 
     bad_input(capsys, ["eval", "--seq-len", "0"], "--seq-len must be >= 2, got 0")
     bad_input(capsys, ["eval", "--sequences", "-1"], "--sequences must be >= 2")
     bad_input(capsys, ["eval", "--task", tmp_path / "none.jsonl"], "--task", "no such file")
+    for sizes in ("0", "2000000", "4,x"):
+        bad_input(capsys, ["eval", "--batch-sizes", sizes], "--batch-sizes must be integers 1..1048576", repr(sizes))
 
 
 def test_demo_checks_out_and_shape_before_the_run(tmp_path, capsys, monkeypatch):
@@ -217,6 +219,9 @@ def test_demo_checks_out_and_shape_before_the_run(tmp_path, capsys, monkeypatch)
     taken = _write(tmp_path / "taken", "x")
     bad_input(capsys, ["demo", "--out", taken], f"--out {taken} is an existing file")
     bad_input(capsys, ["demo", "--out", tmp_path / "rep", "--shape", "qwen4"], "unknown shape 'qwen4'")
+    # 7 held-out domains: 100 sequences give at most 15 of one domain, short of a same-domain batch of 16
+    bad_input(capsys, ["demo", "--out", tmp_path / "rep", "--sequences", "100"], "--sequences 100",
+              "give at most 15", "give --sequences 112")
     assert not (tmp_path / "rep").exists()
 
 
@@ -286,6 +291,25 @@ def test_reference_card_writes_to_the_working_directory(tmp_path, monkeypatch, c
 def test_usage_errors_are_one_line(capsys):
     bad_input(capsys, ["report"], "the following arguments are required: eval_json", "--help")
     bad_input(capsys, ["calibrate", "--text", "t", "--out", "o", "--tokens", "many"], "invalid int value: 'many'")
+    # an option the command does not have: said by the command, pointing to its own --help
+    line = bad_input(capsys, ["eval", "--bogus", "x"], "unrecognized arguments: --bogus x")
+    assert line.startswith("moe-reroute eval: error: ") and line.endswith("(see moe-reroute eval --help)")
+
+
+def test_help_gives_every_default_and_the_version(capsys):
+    from moe_reroute.cli.bench import DEFAULT_POLICIES
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split()).split(" options: ", 1)[1]  # argparse wraps lines
+    for option, default in (("--steps STEPS", "(default: 8)"), ("--repeats REPEATS", "(default: 10)"),
+                            ("--warmup WARMUP", "(default: 2)"), ("--seed SEED", "(default: 0)")):
+        assert option in text and default in text.split(option, 1)[1].split(" --")[0], option
+    assert " ".join(DEFAULT_POLICIES) in text and "(default: None)" not in text
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"moe-reroute {moe_reroute.__version__}"
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys):

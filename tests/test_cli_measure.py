@@ -55,6 +55,26 @@ def test_eval_json_and_report(checkpoint, tmp_path, capsys):
     assert "moe-reroute eval --model" in md and "`oea:k0=1`" in md
 
 
+def test_eval_takes_a_policy_file(checkpoint, tmp_path, capsys):
+    """`eval --policy FILE`: a policy file (the JSON `tune --out` writes) is evaluated as the spec it holds,
+    its rows named by the path as given."""
+    policy_file = tmp_path / "tuned.json"
+    policy_file.write_text(json.dumps({"name": "oea", "k0": [1, 2]}))
+    base = ["eval", "--model", str(checkpoint), "--text", str(checkpoint / "text.txt"), "--batch-sizes", "2",
+            "--seq-len", "16", "--sequences", "4", "--resamples", "50", "--generate", "0", "--json"]
+    rows = {}
+    for policy in (str(policy_file), "oea:k0=[1,2]"):
+        code, text = run(capsys, *base, "--policy", policy)
+        assert code == 0
+        rows[policy] = [r for r in json.loads(text.strip().splitlines()[-1])["rows"] if r["policy"] == policy][0]
+    from_file, from_spec = rows.values()
+    for key in ("mean_unique", "experts_per_token", "cross_entropy", "delta_ce", "unique_per_layer"):
+        assert from_file[key] == from_spec[key], key
+    with pytest.raises(SystemExit):
+        main([*base, "--policy", str(tmp_path / "none.json")])
+    assert "none.json: no such file" in capsys.readouterr().err
+
+
 def test_eval_errors(checkpoint, tmp_path, capsys):
     base = ["eval", "--model", str(checkpoint), "--text", str(checkpoint / "text.txt"), "--seq-len", "16",
             "--sequences", "4", "--generate", "0"]
@@ -62,7 +82,7 @@ def test_eval_errors(checkpoint, tmp_path, capsys):
         main(base + ["--policy", "fast:k=2"])
     with pytest.raises(SystemExit, match="more sequences"):
         main(base + ["--policy", "cap:k=2", "--batch-sizes", "8"])
-    with pytest.raises(SystemExit, match="comma-separated integers"):
+    with pytest.raises(SystemExit, match="--batch-sizes must be integers 1..1048576 separated by commas"):
         main(base + ["--batch-sizes", "4,x"])
     with pytest.raises(SystemExit, match="needs expert similarity"):
         main(base + ["--policy", "sere"])

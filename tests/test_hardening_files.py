@@ -71,6 +71,18 @@ def test_policy_file_engine_options_backend_and_ties(tmp_path):
         load_policy(f)
 
 
+def test_a_missing_file_is_a_file_not_found_error_and_a_value_error(tmp_path):
+    """As docs/errors.md says: a loader's missing file raises FileNotFoundError, which callers that catch the
+    loaders' ValueError also catch."""
+    from moe_reroute.measure.tasks import load_jsonl
+    from moe_reroute.placement import read_placement_json
+
+    for reader in (load_policy, load_jsonl, read_placement_json):
+        for kind in (FileNotFoundError, ValueError):
+            with pytest.raises(kind, match=f"{tmp_path / 'nope'}: no such file"):
+                reader(tmp_path / "nope")
+
+
 def test_special_files_are_named_for_what_they_are(tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 MAX_TEXT_BYTES = 1 << 30  # text, JSON and JSONL inputs: 1 GiB
 
 
+class MissingFileError(FileNotFoundError, ValueError):
+    """A missing input file: a FileNotFoundError, and a ValueError like every other bad input a loader refuses."""
+
+
 def _kind(mode: int) -> str:
     if stat.S_ISDIR(mode):
         return "a folder"
@@ -56,14 +60,18 @@ def read_regular_bytes(path: str | Path, name: str, what: str = "", limit: int |
     """The bytes of the regular file `path`, at most `limit` of them.
 
     `name` starts every message (an option and the path, "--text notes.txt", or just the path); `what`
-    ("expected a JSONL task file") ends it. A missing file raises `missing` (default `error`), anything
-    else that is not a readable regular file of at most `limit` bytes raises `error`.
+    ("expected a JSONL task file") ends it. A missing file raises `missing` (default: `MissingFileError`
+    where `error` is ValueError, else `error`), anything else that is not a readable regular file of at
+    most `limit` bytes raises `error`.
     """
     tail = f"; {what}" if what else ""
     problem = regular_file_problem(path, limit)
     if problem:
         kind, sentence = problem
-        cls = (missing or error) if kind == "missing" else error
+        if kind == "missing":
+            cls = missing or (MissingFileError if error is ValueError else error)
+        else:
+            cls = error
         sep = ": " if kind in ("missing", "unreadable") else " "
         raise cls(f"{name}{sep}{sentence}{tail}")
     try:  # O_NONBLOCK: a FIFO swapped in after the check does not block the open

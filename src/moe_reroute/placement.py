@@ -141,8 +141,7 @@ def read_placement_json(path: str | Path, origin: str | None = None) -> Any:
     from .files import read_regular_text
 
     origin = str(path) if origin is None else origin
-    text = read_regular_text(path, origin, f"expected a placement: {EXAMPLE}", limit=PLACEMENT_FILE_BYTES,
-                             missing=FileNotFoundError)
+    text = read_regular_text(path, origin, f"expected a placement: {EXAMPLE}", limit=PLACEMENT_FILE_BYTES)
     try:
         return json.loads(text)
     except (json.JSONDecodeError, RecursionError):

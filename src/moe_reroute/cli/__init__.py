@@ -11,6 +11,7 @@ import importlib.util
 import sys
 import traceback
 
+from .. import __version__
 from . import bench, demo, engine, measure, parallel, reference, tune
 
 COMMANDS = [demo, reference, measure, tune, bench, parallel, engine]
@@ -41,8 +42,25 @@ class CommandError(SystemExit):
         return self.message
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, with each option's default where its help does not already give one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or not action.option_strings or action.nargs == 0 or default is None
+                or default is argparse.SUPPRESS or default == [] or isinstance(default, bool)):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with usage errors on one line (exit status 2, as argparse's own)."""
+    """argparse with usage errors on one line (exit status 2, as argparse's own), and every option's
+    default in its help."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         fail(f"{self.prog}: error: {message} (see {self.prog} --help)")
@@ -66,12 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     quiet_third_party_bars()  # before any library's tqdm is imported: it reads TQDM_DISABLE then
     parser = Parser(prog="moe-reroute", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="on an error, also print its traceback")
+    parser.add_argument("--version", action="version", version=f"moe-reroute {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS:
         module.add_parsers(sub)
     for command in sub.choices.values():  # --debug also after the command's name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's own parser, which names the command and its --help
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for reports
     prog = f"moe-reroute {args.command}"
     missing = missing_extras(getattr(args, "needs", ()))

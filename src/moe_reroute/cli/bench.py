@@ -106,13 +106,48 @@ def _routings(args, shape, policies, batch_sizes):
     return (lambda B: bench.routings_from_trace(trace, policies, B, args.steps, shape=shape)), where
 
 
+def _say(args):
+    """How the tables are printed: on stdout, or with --json on stderr, so that stdout holds the JSON alone
+    (`moe-reroute bench --json > bench.json` is a file `report --bench` and `tune --bench` read)."""
+    import functools
+    import sys
+
+    return functools.partial(print, file=sys.stderr) if args.json else print
+
+
 def _run(args) -> int:
+    import torch
+
     try:
         if not 0 <= args.seed <= MAX_SEED:
             raise UsageError(f"--seed must be 0..{MAX_SEED}, got {args.seed}")
-        return _bench(args)
+        if args.threads is not None and args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        threads = torch.get_num_threads()
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        try:
+            return _bench(args)
+        finally:
+            torch.set_num_threads(threads)
     except UsageError as e:
         raise SystemExit(f"moe-reroute bench: error: {e}") from None
+
+
+def busy_note(device, threads: int) -> str | None:
+    """A line when other work keeps the CPU busy, so that torch's threads would share cores with it: on CPU,
+    when the 1-minute load average and `threads` exceed the cores."""
+    import os
+
+    if getattr(device, "type", str(device)) != "cpu" or not hasattr(os, "getloadavg"):
+        return None
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load + threads <= cores + 0.5:
+        return None
+    free = max(1, round(cores - load))
+    return (f"note: the machine is busy (load average {load:.1f} on {cores} cores) and torch runs {threads} "
+            f"thread{'s' * (threads != 1)}: threads that share a core with other work wait for each other, so "
+            f"calls get slow and noisy" + (f"; --threads {free} uses the cores that are free" if free < threads else ""))
 
 
 def _routing_bench(args) -> int:
@@ -139,13 +174,18 @@ def _routing_bench(args) -> int:
     if args.repeats < 1:
         raise UsageError("--repeats must be >= 1")
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    from ..measure.layer import resolve_device
+
+    note = busy_note(resolve_device(args.device), torch.get_num_threads())
+    if note:
+        _say(args)(note)
     try:
         result = routing.bench_routing({s: s for s in specs}, tuple(batch_sizes), tuple(experts), device=args.device,
                                        dtype=dtype, repeats=args.repeats, calls=args.calls,
                                        layer_share=not args.no_layer, progress=not args.no_progress)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    print(routing.table(result))
+    _say(args)(routing.table(result))
     if args.json:
         out = {"command": "moe-reroute " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []))}
         print(json.dumps(out | result.to_dict()))
@@ -172,7 +212,10 @@ def _bench(args) -> int:
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from None
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    say = print
+    say = _say(args)
+    note = busy_note(device, torch.get_num_threads())
+    if note:
+        say(note)
     bandwidth = bench.measure_bandwidth(device)
     layer = bench.MoELayer(shape, device, dtype, seed=args.seed)
     say(f"shape {shape.name}: {shape.dims()}; {layer.dtype} on {device}; {where}")
@@ -315,10 +358,16 @@ def add_parsers(sub) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights (default float32 CPU, bfloat16 CUDA)")
     p.add_argument("--repeats", type=int, default=10, help="timed rounds")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    p.add_argument("--kernel", choices=("auto", "loop", "grouped_mm"), default="auto")
+    p.add_argument("--kernel", choices=("auto", "loop", "grouped_mm"), default="auto",
+                   help="the experts' matmuls: a loop over the active experts, torch's grouped GEMM, or (auto) the "
+                        "faster of the two in a native-routing trial")
     p.add_argument("--ep", type=int, default=None, metavar="D", help="also predict expert parallelism over D ranks")
     p.add_argument("--no-flush", action="store_true", help="do not flush the caches between timed calls")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print one JSON object last")
+    p.add_argument("--seed", type=int, default=0, help="seed of the layer's random weights and inputs")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads on CPU (default: torch's, one per core; on a machine busy with other work, "
+                        "the cores that are free)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object on stdout, the tables on stderr: `bench --json > bench.json`")
     p.set_defaults(run=_run)

@@ -1,7 +1,8 @@
 """`moe-reroute demo`: the main job on the shipped reference model, CPU, one thread, under two minutes.
 
-Native routing, a default of each policy and the tuned policy file shipped with the reference model
-(`tuned-oea.json`, `moe-reroute tune --policy oea` at batches 1, 4, 16 and 64) at decode batch 16, for decode batches of one domain
+Native routing, a default of `cap`, `oea`, `sere` and `budget` (`DEFAULT_POLICIES`), and the tuned policy
+file shipped with the reference model (`tuned-oea.json`, `moe-reroute tune --policy oea` at batches 1, 4, 16
+and 64) at decode batch 16, for decode batches of one domain
 ("same-domain") and batches mixing the held-out split's seven domains ("mixed"): distinct experts per
 layer (U), held-out cross-entropy against native with a paired 95% CI, greedy generation against native,
 and the MoE-layer latency ratio measured at Qwen3-30B-A3B's layer shape with the routings these policies
@@ -69,6 +70,14 @@ def _demo(args) -> int:
                                ("--threads", args.threads, 1)):
         at_least(value, low, option)
     get_shape(args.shape)
+    from ..reference import heldout_documents
+
+    domains = len({doc.domain for doc in heldout_documents()})
+    most = -(-args.sequences // domains)  # the sequences of the domain that gets the most
+    if most < BATCH:
+        raise SystemExit(f"error: --sequences {args.sequences}: same-domain batches of {BATCH} need {BATCH} sequences "
+                         f"of one domain, and {args.sequences} split among the {domains} held-out domains give at most "
+                         f"{most}; give --sequences {BATCH * domains} ({BATCH} per domain) or more")
     if args.engine:
         from ..measure import serve_bench
 
@@ -107,6 +116,10 @@ def _run(args) -> int:
         "batch 16")
     model, tokenizer, _ = load()
     streams = domain_streams(tokenizer, heldout_documents())
+    try:  # enough text for --sequences of --seq-len tokens: said before any step starts
+        domain_sequences(streams, args.seq_len, args.sequences)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     defaults = build_policies(DEFAULT_POLICIES, model)
     from ..policies import load_policy
     from ..reference import path as reference_path
@@ -265,7 +278,8 @@ def _table(rows: list[dict], gen: dict, noise: dict) -> str:
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("demo", help="the main job: every policy on the shipped reference model at batch 16, with a report")
+    p = sub.add_parser("demo", help="the main job: native, cap, oea, sere, budget and the shipped tuned policy on the "
+                       "shipped reference model at batch 16, with a report")
     p.add_argument("--out", default="moe-reroute-report", help="report folder (default ./moe-reroute-report)")
     p.add_argument("--sequences", type=int, default=112, help="held-out sequences for the quality check, split "
                    "equally among the 7 domains; same-domain batches of 16 need 16 per domain (default 112)")

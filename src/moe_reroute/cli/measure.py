@@ -19,14 +19,15 @@ def command_line(args) -> str:
     return "moe-reroute " + " ".join(shlex.quote(a) for a in args.argv)
 
 
-def int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise SystemExit(f"error: expected comma-separated integers such as 1,4,16, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise SystemExit(f"error: expected positive integers such as 1,4,16, got {text!r}")
-    return values
+def int_list(text: str, option: str = "--batch-sizes") -> tuple[int, ...]:
+    """The batch sizes in `text` (comma-separated, each 1..MAX_SIZE), in the order given."""
+    from .bench import MAX_SIZE
+
+    parts = [x.strip() for x in text.split(",") if x.strip()]
+    if not parts or not all(p.isascii() and p.isdigit() and 0 < int(p) <= MAX_SIZE for p in parts):
+        raise SystemExit(f"error: {option} must be integers 1..{MAX_SIZE} separated by commas, e.g. 1,4,16; "
+                         f"got {text!r}")
+    return tuple(int(p) for p in parts)
 
 
 def load_model(path: str | None, text: str | None, need_text: bool = True):
@@ -117,6 +118,14 @@ def default_policies(model) -> list[str]:
     return [p for p in DEFAULT_POLICIES if not p.startswith("sere")]
 
 
+def is_policy_file(spec: str) -> bool:
+    """A `--policy` value that names a policy file rather than a spec: it ends in .json, or is a file."""
+    from ..policies import POLICIES
+
+    spec = spec.strip()
+    return spec.endswith(".json") or (spec not in POLICIES and ":" not in spec and Path(spec).is_file())
+
+
 def build_policies(specs, model, with_native: bool = False) -> dict:
     from ..measure.evaluate import build_policy
     from ..policies.spec import parse_policy_spec
@@ -124,6 +133,12 @@ def build_policies(specs, model, with_native: bool = False) -> dict:
     out = {}
     for spec in specs:
         try:
+            if is_policy_file(spec):  # a policy file (`moe-reroute tune --out`), named as given
+                from ..contract import RouterSpec
+                from ..policies import load_policy
+
+                out[spec] = load_policy(spec, num_experts=RouterSpec.from_config(model.config).num_experts)
+                continue
             name, params = parse_policy_spec(spec)
             out[spec] = build_policy(name, params, model)
         except (ValueError, TypeError, FileNotFoundError) as e:
@@ -448,8 +463,9 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("eval", help="quality of policies against native routing at decode batch sizes")
     p.add_argument("--model", help="local transformers MoE checkpoint (default: the shipped reference model)")
     p.add_argument("--text", help="held-out text file (default with the reference model: its held-out split)")
-    p.add_argument("--policy", action="append", help="policy spec, repeatable: oea:k0=3, cap:k=4, "
-                   "sere:similarity=FILE, budget:budget=32 (default: " + " ".join(DEFAULT_POLICIES) + ")")
+    p.add_argument("--policy", action="append", help="policy spec or policy file (the JSON `moe-reroute tune --out` "
+                   "writes), repeatable: oea:k0=3, cap:k=4, sere:similarity=FILE, budget:budget=32, tuned.json "
+                   "(default: " + " ".join(DEFAULT_POLICIES) + ")")
     p.add_argument("--task", help="JSONL task file instead of held-out text: multiple choice "
                    "({context, choices, answer}) or generation ({prompt, target})")
     p.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks instead of "
@@ -483,7 +499,8 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("calibrate", help="SERE expert similarity of a model, from calibration text")
     p.add_argument("--model", help="local transformers MoE checkpoint (default: the shipped reference model)")
     p.add_argument("--text", required=True, help="calibration text (not the text you evaluate on)")
-    p.add_argument("--method", default="cka", choices=("cka", "cosine", "frobenius"))
+    p.add_argument("--method", default="cka", choices=("cka", "cosine", "frobenius"),
+                   help="how two experts' outputs are compared (SERE's default: cka)")
     p.add_argument("--tokens", type=int, default=512, help="calibration tokens (default 512)")
     p.add_argument("--out", required=True, help="similarity file to write (.safetensors)")
     p.set_defaults(run=_calibrate, needs=("hf",))

@@ -137,7 +137,7 @@ def add_parsers(sub) -> None:
                    help="for maintainers: overwrite the reference model shipped in the package's own folder")
     p.add_argument("--tokens", type=int, default=TrainConfig.train_tokens,
                    help=f"training tokens (default {TrainConfig.train_tokens:,}, the shipped model's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights' initialisation and the data order")
     p.add_argument("--balance-coef", type=float, default=TrainConfig.balance_coef,
                    help="load-balancing loss coefficient per layer (may change when resuming)")
     p.add_argument("--revive-below", type=float, default=TrainConfig.revive_below,

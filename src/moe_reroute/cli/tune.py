@@ -255,7 +255,7 @@ def _validate(args, model, tokenizer, heldout, policy_file: Path, result: dict, 
         summary[B].update(calibration_delta_ce=searched["delta_ce"], calibration_loss=searched["loss"])
         say(f"batch {B}: tuned U {t['mean_unique']:.1f} ({summary[B]['tuned_unique_ratio']:.2f}x native), delta CE "
             f"{t['delta_ce']:+.4f} [{t['delta_ce_ci'][0]:+.4f}, {t['delta_ce_ci'][1]:+.4f}]"
-            f"{' significant loss' if t['significant_loss'] else ''} (calibration {searched['delta_ce']:+.4f}); "
+            f"{' significant loss' if t['significant_loss'] else ''} (calibration: mean {searched['delta_ce']:+.4f}, loss {searched['loss']:+.4f}); "
             f"best uniform {uniform[B]} U {u['mean_unique']:.1f} ({summary[B]['uniform_unique_ratio']:.2f}x)")
         budget = result["conditions"]["budget"]
         if budget is not None and t["delta_ce"] > budget:

@@ -29,7 +29,7 @@ def load_jsonl(path: str | Path) -> tuple[str, list[dict]]:
 
     path = Path(path)
     text = read_regular_text(path, str(path), "give a JSONL task file (one JSON object per line)",
-                             missing=FileNotFoundError, how_to_fix="save the task file as UTF-8 JSONL")
+                             how_to_fix="save the task file as UTF-8 JSONL")
     items, kinds = [], set()
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():

@@ -161,6 +161,15 @@ class Point:
     loss: float  # delta_ce (plus z standard errors under a confidence bound), or 1 - agreement
     delta_ce_se: float = 0.0  # standard error of delta_ce over the calibration sequences
 
+    def describe_loss(self, config: TuneConfig) -> str:
+        """The loss as the log prints it: "loss bound +0.0083 (mean +0.0008)" under a confidence bound,
+        "loss +0.0008" without one, "disagreement 0.0400" under an agreement floor."""
+        if config.budget is None:
+            return f"disagreement {self.loss:.4f}"
+        if config.z() > 0:
+            return f"loss bound {self.loss:+.4f} (mean {self.delta_ce:+.4f})"
+        return f"loss {self.loss:+.4f}"
+
     def to_dict(self) -> dict:
         return {"values": list(self.values), "delta_ce": self.delta_ce, "delta_ce_se": self.delta_ce_se,
                 "loss": self.loss, "agreement": self.agreement,
@@ -424,7 +433,8 @@ class Search:
         self.log(f"batch {self.B}: {len(self.batches)} decode batches; uniform settings")
         uniform = self.best_uniform()
         self.log(f"batch {self.B}: best uniform {self.config.parameter}={uniform.values[0]} "
-                 f"U {_mean(uniform.unique):.1f} (native {_mean(self.native_unique):.1f}) loss {uniform.loss:+.4f}")
+                 f"U {_mean(uniform.unique):.1f} (native {_mean(self.native_unique):.1f}) "
+                 f"{uniform.describe_loss(self.config)}")
         self.log(f"batch {self.B}: sensitivity, {self.num_layers} layers one at a time")
         table = self.sensitivity()
         self.log(f"batch {self.B}: allocation")
@@ -474,7 +484,7 @@ class Search:
 
     def _running(self, p: Point, how: str) -> None:
         self.log(f"batch {self.B}: best so far ({how}) {self.config.parameter}={list(p.values)} "
-                 f"U {_mean(p.unique):.1f} loss {p.loss:+.4f}")
+                 f"U {_mean(p.unique):.1f} {p.describe_loss(self.config)}")
 
 
 def check_bound(config: TuneConfig, num_sequences: int) -> None:
@@ -565,7 +575,7 @@ def tune(model: nn.Module, sequences: torch.Tensor, config: TuneConfig, state_pa
         uniform, tuned = search.run()
         log(f"batch {B}: tuned {config.parameter}={list(tuned.values)} U {_mean(tuned.unique):.1f} "
             f"({_mean(tuned.unique) / _mean(search.native_unique):.2f}x native, best uniform "
-            f"{_mean(uniform.unique) / _mean(search.native_unique):.2f}x) loss {tuned.loss:+.4f}")
+            f"{_mean(uniform.unique) / _mean(search.native_unique):.2f}x) {tuned.describe_loss(config)}")
         results[B] = {"uniform": uniform.to_dict(), "tuned": tuned.to_dict(), "native_unique": search.native_unique,
                       "native_cost": search.native.cost, "evaluations": len(cache.get("points", {}))}
     bar.close()

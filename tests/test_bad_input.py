@@ -436,3 +436,40 @@ def test_task_files_name_the_file_and_line(tmp_path, content, needle):
         load_jsonl(path)
     with pytest.raises(ValueError, match="is a folder; give a JSONL task file"):
         load_jsonl(tmp_path)
+
+
+@pytest.mark.parametrize("policy, needle", [
+    (lambda: make_policy("oea", k0=[3] * 5), "oea k0 lists 5 layers, but the model has 2 MoE layers (0..1)"),
+    (lambda: make_policy("oea", k0={0: 3, 1: 2, 7: 2}), "oea k0 gives values for MoE layers [7], but the model has 2"),
+    (lambda: make_policy("cap", schedule=(1, 2, 4, 2), num_layers=4),
+     "cap k lists 4 layers (schedule=(1, 2, 4, 2) over num_layers=4), but the model has 2 MoE layers"),
+    (lambda: make_policy("sere", similarity=torch.eye(16).expand(3, 16, 16).clone()),
+     "sere similarity lists 3 layers, but the model has 2"),
+    (lambda: make_policy("budget", budget={"by_batch": {"8": [4, 4], "max": [4, 4, 4]}}),
+     "budget budget lists 3 layers"),
+])
+def test_per_layer_values_for_more_layers_than_the_model_has_are_refused(policy, needle):
+    """A per-layer value that covers MoE layers the model does not have was meant for another model: its values
+    would land on the wrong layers, so applying it is refused (the tiny model has 2 MoE layers, E=16, K=4)."""
+    from tiny_models import tiny_model
+
+    from moe_reroute import hf
+
+    p = policy()
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        p.check_layers(2)
+    with pytest.raises(ValueError, match="does not fit this model: " + re.escape(needle)):
+        hf.apply(tiny_model("qwen3_moe"), p)
+    p.check_layers(5 if "5 layers" in needle else 8)  # a model with enough MoE layers takes it
+
+
+def test_per_layer_values_that_fit_the_model_are_applied():
+    from tiny_models import tiny_model
+
+    from moe_reroute import hf
+
+    model = tiny_model("qwen3_moe")
+    for p in (make_policy("oea", k0=[1, 2]), make_policy("oea", k0={0: 1, 1: 2}), make_policy("cap", k=2)):
+        hf.apply(model, p).remove()
+    with pytest.raises(ValueError, match="num_layers must be the model's number of MoE layers"):
+        make_policy("cap", k=2).check_layers(0)

@@ -314,6 +314,9 @@ def test_policy_that_does_not_fit_fails_on_the_first_forward(logits_factory):
         call(hook_for("oea:k0=9", model_config=DENSE_FIRST), logits_factory(4, 16), TopKConfig(top_k=4))
     with pytest.raises(ValueError, match=r"does not fit MoE layer 2 \(decoder layer 3\).*lists 2 layers"):
         call(hook_for("oea:k0=[1,2]", model_config=DENSE_FIRST), logits_factory(4, 16), TopKConfig(top_k=4))
+    # a list for a model with more MoE layers than this one's 3: its values would land on the wrong layers
+    with pytest.raises(ValueError, match=r"oea k0 lists 4 layers, but the model has 3 MoE layers \(0..2\)"):
+        call(hook_for("oea:k0=[1,2,3,4]", model_config=DENSE_FIRST), logits_factory(4, 16), TopKConfig(top_k=4))
 
 
 @pytest.mark.parametrize("layer_id, k", [(1, 4), (2, 1), (3, 2)])

@@ -179,6 +179,18 @@ def _config_int(config: Any, name: str, default: int | None, model_type: str, lo
     return value
 
 
+def moe_count(config: Any) -> int | None:
+    """The number of MoE layers of a model's config by `moe_layers`, or None where that is not known (no
+    config, an unknown layout, a config it cannot read)."""
+    if config is None:
+        return None
+    try:
+        layers = moe_layers(config)
+    except ValueError:
+        return None
+    return len(layers) if layers else None
+
+
 def moe_index(config: Any, decoder_layer: int | None) -> tuple[int | None, str]:
     """(the MoE-layer index of `decoder_layer` by `moe_layers(config)`, ""), or (None, why it has none):
     the config is missing, its model_type's layout is unknown, or that decoder layer is not one of its

@@ -355,6 +355,10 @@ def apply(
             raise ValueError(f"layers {unknown} are not MoE layers of this model; give decoder-layer indices of "
                              f"its MoE layers: {sorted(moe)}")
         routers = [(i, n, r) for i, n, r in routers if i in set(layers)]
+    try:
+        policy.check_layers(len(found))  # per-layer values meant for a model with more MoE layers
+    except ValueError as e:
+        raise ValueError(f"policy {policy!r} does not fit this model: {e}") from None
     _dry_run(policy, spec, routers)
     if current is not None:
         current.remove()

@@ -180,6 +180,23 @@ class PolicyConfig:
     def check(self, name: str, value: Any) -> None:
         """Validate one (per-layer resolved) value of field `name`; raise ValueError naming the fix."""
 
+    def layer_keys(self) -> list[tuple[str, list[int]]]:
+        """(field, the MoE layers it gives values for) of every value given per layer (each by_batch bucket's)."""
+        out = []
+        for f in dataclasses.fields(self):
+            if f.metadata.get("per_layer"):
+                for bucket in _buckets(getattr(self, f.name)):
+                    if isinstance(bucket, Mapping):
+                        out.append((f.name, sorted(bucket)))
+                    elif is_per_layer_value(bucket):
+                        out.append((f.name, list(range(len(bucket)))))
+        return out
+
+    def layers_note(self, name: str) -> str:
+        """Said after a per-layer value of field `name` that does not fit the model's layers (e.g. where it
+        came from); "" by default."""
+        return ""
+
     def varies_by_layer(self) -> bool:
         """Whether some value is given per layer, so that a call needs its MoE-layer index."""
         return any(f.metadata.get("per_layer") and any(is_per_layer_value(v) for v in _buckets(getattr(self, f.name)))
@@ -362,6 +379,22 @@ class Policy:
 
     def check_fit(self, spec: RouterSpec, config: Any, layer: int | None) -> None:
         """Raise ValueError if `config` (resolved at `layer`) does not fit the model (e.g. k0 > K)."""
+
+    def check_layers(self, num_layers: int) -> None:
+        """Raise ValueError if a value given per layer covers MoE layers a model of `num_layers` MoE layers
+        does not have (a list longer than that, a mapping with a larger key): it was meant for another model,
+        and its values would land on the wrong layers. Adapters call this once per model; a layer a value
+        does not cover fails at that layer's dry run."""
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be the model's number of MoE layers (an int >= 1), got {num_layers!r}")
+        for name, layers in self.config.layer_keys():
+            extra = [k for k in layers if k >= num_layers]
+            if extra:
+                given = (f"lists {len(layers)} layers" if layers == list(range(len(layers)))
+                         else f"gives values for MoE layers {extra}")
+                raise ValueError(f"{self.name} {name} {given}{self.config.layers_note(name)}, but the model has "
+                                 f"{num_layers} MoE layers (0..{num_layers - 1}); give one value per MoE layer of this "
+                                 f"model ({COUNTING})")
 
     def check_model(self, spec: RouterSpec, layer: int | None) -> None:
         """Raise ValueError if the policy does not fit a layer of the model at some step size: `check_fit`

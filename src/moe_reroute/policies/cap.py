@@ -77,6 +77,11 @@ class CapConfig(PolicyConfig):
             raise ValueError("cap needs k=<experts per token> (e.g. cap:k=4) or schedule=(b, h, e, p)")
         super().__post_init__()
 
+    def layers_note(self, name: str) -> str:
+        if name == "k" and self.schedule is not None:
+            return f" (schedule={tuple(self.schedule)} over num_layers={self.num_layers})"
+        return ""
+
     def _from_schedule(self) -> list[int]:
         sched = self.schedule
         if not isinstance(sched, (list, tuple)) or len(sched) != 4:

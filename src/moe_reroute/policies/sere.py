@@ -66,6 +66,16 @@ class SEREConfig(PolicyConfig):
         elif name == "threshold" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value):
             raise ValueError(f"sere threshold must be a number, got {value!r}")
 
+    def layer_keys(self) -> list[tuple[str, list[int]]]:
+        sim = self.similarity
+        if isinstance(sim, torch.Tensor):
+            keys = [("similarity", list(range(sim.shape[0])))] if sim.dim() == 3 else []
+        elif isinstance(sim, Mapping):
+            keys = [("similarity", sorted(sim))]
+        else:
+            keys = [("similarity", list(range(len(sim))))]
+        return keys + super().layer_keys()
+
     def varies_by_layer(self) -> bool:
         sim = self.similarity
         per_layer_sim = not isinstance(sim, torch.Tensor) or sim.dim() == 3

@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..contract import RouterSpec, engine_spec, layer_name, moe_index
+from ..contract import RouterSpec, engine_spec, layer_name, moe_count, moe_index
 from ..policies.native import Native, NativeConfig
 from ..serving import config as _config
 from ..serving.distinct import distinct_ids
@@ -365,11 +365,13 @@ def served_model_config() -> Any:
 
 
 def check_fits(cfg: _config.PluginConfig, spec: RouterSpec, layer: int | None,
-               moe_layer: tuple[int | None, str] = (None, "no MoE-layer index was given")) -> None:
+               moe_layer: tuple[int | None, str] = (None, "no MoE-layer index was given"),
+               moe_layers: int | None = None) -> None:
     """Run the policy once on this layer's shape, so a policy that does not fit the model (k0 > K, a
-    per-layer list too short) fails on SGLang's first forward (its warm-up) with a message. `layer` is
-    the decoder-layer index, `moe_layer` (its MoE-layer index, "") or (None, why it has none): such a
-    layer takes only a policy that gives one value for every layer."""
+    per-layer list too short or too long) fails on SGLang's first forward (its warm-up) with a message.
+    `layer` is the decoder-layer index, `moe_layer` (its MoE-layer index, "") or (None, why it has none):
+    such a layer takes only a policy that gives one value for every layer; `moe_layers` the model's number
+    of MoE layers (None: not known)."""
     moe, why = moe_layer
     if moe is None and cfg.policy.config.varies_by_layer():
         raise ValueError(f"moe-reroute: policy {cfg.source} gives values per MoE layer, but decoder layer {layer} "
@@ -378,6 +380,8 @@ def check_fits(cfg: _config.PluginConfig, spec: RouterSpec, layer: int | None,
     spec = spec.with_bias(None) if spec.e_score_correction_bias is not None else spec
     logits = torch.linspace(-1, 1, 2 * spec.num_experts).view(2, -1)  # [2, E], no ties
     try:
+        if moe_layers is not None:  # per-layer values meant for a model with more MoE layers
+            cfg.policy.check_layers(moe_layers)
         cfg.policy.check_model(spec, moe)  # every by_batch bucket
         cfg.policy(logits, spec, layer=moe)
     except (TypeError, ValueError) as e:
@@ -459,7 +463,7 @@ class SelectExpertsHook:
             self.specs[id(topk_config)] = (topk_config, key, spec, reason)
             self.fitted.discard((id(self.config), id(topk_config)))
         if spec is not None and (id(self.config), id(topk_config)) not in self.fitted:
-            check_fits(self.config, spec, layer, self.moe_layer(layer))
+            check_fits(self.config, spec, layer, self.moe_layer(layer), moe_count(self._model_config))
             self.fitted.add((id(self.config), id(topk_config)))
         return spec
 

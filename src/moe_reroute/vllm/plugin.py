@@ -28,7 +28,7 @@ import torch
 
 from ..replicas import EngineReplicas, Replicas
 from ..serving import config as _config
-from .router import LayerCounter, Rerouter, layer_index, moe_layer_of
+from .router import LayerCounter, Rerouter, layer_index, moe_layer_count, moe_layer_of
 
 # A child of vLLM's logger, so our lines reach vLLM's handlers and formatting.
 logger = logging.getLogger("vllm.moe_reroute")
@@ -152,7 +152,8 @@ def install() -> None:
         if compiles_through_router():
             raise RuntimeError(COMPILED_REFUSAL)
         r = wrap(router, cfg, decoder_layer, num_experts, moe_layer=moe_layer_of(decoder_layer),
-                 engine_ep=engine_layout(caller.get("expert_map_manager"), router, num_experts))
+                 engine_ep=engine_layout(caller.get("expert_map_manager"), router, num_experts),
+                 moe_layers=moe_layer_count())
         if r is not None and captures_graphs():
             r.frozen = ("it replays CUDA graphs, captured with the policy it was built with; a switch would not "
                         "reach the replayed steps")
@@ -263,10 +264,12 @@ def count_layout() -> _config.CountLayout | None:
 
 def wrap(router: Any, cfg: _config.PluginConfig, layer: int | None, num_experts: int | None = None,
          moe_layer: tuple[int | None, str] = (None, "no MoE-layer index was given"),
-         engine_ep: tuple[torch.Tensor, int, int, str] | str | None = None) -> Rerouter | None:
+         engine_ep: tuple[torch.Tensor, int, int, str] | str | None = None,
+         moe_layers: int | None = None) -> Rerouter | None:
     """Route `router` of decoder layer `layer` with `cfg`'s policy (on its instance only); `moe_layer` is
     (its MoE-layer index, "") or (None, why it has none); `engine_ep` the engine's own EP layout
-    (`engine_layout`). None when it is not a BaseRouter."""
+    (`engine_layout`); `moe_layers` the model's number of MoE layers (None: not known). None when it is
+    not a BaseRouter."""
     if not hasattr(router, "_compute_routing"):
         STATE.skipped.append(f"layer {layer}: router {type(router).__name__} has no _compute_routing")
         return None
@@ -276,7 +279,7 @@ def wrap(router: Any, cfg: _config.PluginConfig, layer: int | None, num_experts:
                          "engine runs EPLB, whose replica choice hashes each rank's own row numbers; use "
                          "dp_view=local (the default) with EPLB")
     fits = isinstance(engine_ep, tuple) and layout_experts(engine_ep[0]) == E
-    r = Rerouter(router, cfg, layer, STATE, E, moe_layer, engine_ep=engine_ep if fits else None)
+    r = Rerouter(router, cfg, layer, STATE, E, moe_layer, engine_ep=engine_ep if fits else None, moe_layers=moe_layers)
     r.check()
     r.set_config(cfg)
     if cfg.counters:

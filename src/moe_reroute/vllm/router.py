@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..contract import RouterSpec, engine_spec, layer_name, moe_index
+from ..contract import RouterSpec, engine_spec, layer_name, moe_count, moe_index
 from ..policies.native import Native, NativeConfig
 from ..serving.config import PluginConfig
 from ..serving.steps import DECODE, MIXED, PREFILL, STEP_KINDS, UNKNOWN, VERIFY, LayerCounter  # noqa: F401
@@ -32,14 +32,24 @@ def layer_index(prefix: str | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def moe_layer_of(decoder_layer: int | None) -> tuple[int | None, str]:
-    """(MoE-layer index, "") of a decoder layer of the model vLLM is building, from its config
-    (`model_config.hf_text_config`: the language model's, for multimodal models), or (None, why not)."""
+def _model_config() -> Any:
+    """The transformers config of the model vLLM is building (`model_config.hf_text_config`: the language
+    model's, for multimodal models), or None."""
     from vllm.config import get_current_vllm_config
 
     model_config = getattr(get_current_vllm_config(), "model_config", None)
-    config = getattr(model_config, "hf_text_config", None) or getattr(model_config, "hf_config", None)
-    return moe_index(config, decoder_layer)
+    return getattr(model_config, "hf_text_config", None) or getattr(model_config, "hf_config", None)
+
+
+def moe_layer_of(decoder_layer: int | None) -> tuple[int | None, str]:
+    """(MoE-layer index, "") of a decoder layer of the model vLLM is building, from its config, or (None,
+    why not)."""
+    return moe_index(_model_config(), decoder_layer)
+
+
+def moe_layer_count() -> int | None:
+    """How many MoE layers the model vLLM is building has, from its config; None where that is not known."""
+    return moe_count(_model_config())
 
 
 def router_spec(router: Any, num_experts: int) -> tuple[RouterSpec | None, str]:
@@ -202,11 +212,13 @@ class Rerouter:
 
     def __init__(self, router: Any, config: PluginConfig, layer: int | None, state: Any, num_experts: int,
                  moe_layer: tuple[int | None, str] = (None, "no MoE-layer index was given"),
-                 engine_ep: tuple[torch.Tensor, int, int, str] | None = None) -> None:
+                 engine_ep: tuple[torch.Tensor, int, int, str] | None = None,
+                 moe_layers: int | None = None) -> None:
         self.router = router
         self.config = config
         self.layer = layer  # decoder-layer index: counters and messages
         self.moe_layer, self.moe_why = moe_layer  # MoE-layer index: the policy's `layer`, or None and why
+        self.moe_layers = moe_layers  # the model's number of MoE layers (None: not known)
         self.state = state  # the plugin's shared state: start-up log, counters
         self.native_compute = router._compute_routing
         self.native_policy = Native(NativeConfig(), check_inputs=False)
@@ -275,6 +287,8 @@ class Rerouter:
         logits = torch.linspace(-1, 1, 2 * spec.num_experts, device="cpu").view(2, -1)  # [2, E], no ties
         try:
             policy = self.layer_policy(config)
+            if self.moe_layers is not None:  # per-layer values meant for a model with more MoE layers
+                policy.check_layers(self.moe_layers)
             policy.check_model(spec, self.moe_layer)  # every by_batch bucket
             policy(logits, spec, layer=self.moe_layer)
         except (TypeError, ValueError) as e:

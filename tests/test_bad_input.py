@@ -473,3 +473,31 @@ def test_per_layer_values_that_fit_the_model_are_applied():
         hf.apply(model, p).remove()
     with pytest.raises(ValueError, match="num_layers must be the model's number of MoE layers"):
         make_policy("cap", k=2).check_layers(0)
+
+
+@pytest.mark.parametrize("build, needle", [
+    (lambda: RouterSpec(16, 4, renormalize="no"), "renormalize must be True or False, got 'no'"),
+    (lambda: RouterSpec(16, 4, weights_in_logits_dtype=1), "weights_in_logits_dtype must be True or False"),
+    (lambda: RouterSpec(True, True), "num_experts must be a positive int, got True"),
+    (lambda: RouterSpec(16, 4, "sigmoid", n_group=4.0), "n_group must be an int, got 4.0"),
+    (lambda: RouterSpec(16, 4, "sigmoid", topk_group="1"), "topk_group must be an int, got '1'"),
+    (lambda: RouterSpec(16, 4, "sigmoid", routed_scaling_factor=float("nan")), "routed_scaling_factor must be a finite"),
+    (lambda: RouterSpec(16, 4, "sigmoid", routed_scaling_factor=-1.0), "routed_scaling_factor must be a finite number > 0"),
+    (lambda: RouterSpec(16, 4, "sigmoid", e_score_correction_bias=torch.arange(16)), "must be floating point"),
+])
+def test_router_spec_refuses_values_that_would_route_wrongly(build, needle):
+    """Each of these was once taken (a truthy string as renormalize=True, NaN or negative weights, a float group
+    count failing deep in torch); now the spec says what is wrong."""
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        build()
+
+
+def test_logits_of_an_unsupported_dtype_and_a_non_finite_bias_are_refused():
+    x = torch.randn(3, 16)
+    with pytest.raises(TypeError, match="must be float16, bfloat16, float32 or float64, got torch.float8_e4m3fn"):
+        make_policy("native")(x.to(torch.float8_e4m3fn), RouterSpec(16, 4))
+    nan_bias = RouterSpec(16, 4, "sigmoid", e_score_correction_bias=torch.full((16,), float("nan")))
+    with pytest.raises(ValueError, match="e_score_correction_bias contains NaN or inf"):
+        make_policy("oea", k0=2)(x, nan_bias)
+    routing = make_policy("oea", k0=2, check_inputs=False)(x, nan_bias)  # no host check: the engines' CUDA graphs
+    assert routing.ids.shape == (3, 4)

@@ -16,6 +16,7 @@ similarity) is indexed that way, and the adapters map each decoder layer to its 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,10 +63,21 @@ class RouterSpec:
 
     def __post_init__(self) -> None:
         E, K = self.num_experts, self.top_k
-        if not isinstance(E, int) or E < 1:
+        if isinstance(E, bool) or not isinstance(E, int) or E < 1:
             raise ValueError(f"RouterSpec: num_experts must be a positive int, got {E!r}")
-        if not isinstance(K, int) or K < 1:
+        if isinstance(K, bool) or not isinstance(K, int) or K < 1:
             raise ValueError(f"RouterSpec: top_k must be a positive int, got {K!r}")
+        for name in ("renormalize", "weights_in_logits_dtype"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"RouterSpec: {name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("n_group", "topk_group"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"RouterSpec: {name} must be an int, got {value!r}")
+        r = self.routed_scaling_factor
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
+            raise ValueError(f"RouterSpec: routed_scaling_factor must be a finite number > 0 (the model config's), "
+                             f"got {r!r}")
         if K > E:
             raise ValueError(f"RouterSpec: top_k K={K} > num_experts E={E}; a token cannot use more experts than exist")
         if self.scoring not in SCORINGS:
@@ -89,6 +101,8 @@ class RouterSpec:
             if b is not None and (not isinstance(b, torch.Tensor) or tuple(b.shape) != (E,)):
                 got = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
                 raise ValueError(f"RouterSpec: e_score_correction_bias must be a tensor of shape [E]=[{E}], got {got}")
+            if b is not None and not b.dtype.is_floating_point:
+                raise ValueError(f"RouterSpec: e_score_correction_bias must be floating point, got {b.dtype}")
 
     @property
     def E(self) -> int:
@@ -315,8 +329,9 @@ def check_inputs(
         raise ValueError(f"router_logits has E={E} experts but the RouterSpec says num_experts={spec.num_experts}")
     if T < 1 or router_logits.numel() == 0:
         raise ValueError(f"router_logits has no tokens (shape {tuple(router_logits.shape)})")
-    if not router_logits.dtype.is_floating_point:
-        raise TypeError(f"router_logits must be a floating-point tensor, got {router_logits.dtype}")
+    if router_logits.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"router_logits must be float16, bfloat16, float32 or float64, got {router_logits.dtype}; "
+                        "cast them first (router_logits.float())")
     if valid is None:
         if materialize:
             valid = torch.ones(rows, dtype=torch.bool, device=router_logits.device)
@@ -349,7 +364,12 @@ def check_inputs(
                 f"router_logits contain NaN or inf (first bad {where}: {bad}); "
                 "the model produced non-finite router logits, check its dtype and inputs"
             )
+    if check_values and bias is not None and not _tracing() and not all_finite(bias):
+        raise ValueError("spec.e_score_correction_bias contains NaN or inf; check the model's weights")
     return valid
+
+
+LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def all_finite(x: torch.Tensor) -> bool:

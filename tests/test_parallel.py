@@ -185,6 +185,9 @@ def test_cli_errors(tmp_path, capsys):
     bad_input(capsys, [*base, "--ep", "2", "--placement", str(f)], "places 15 experts but the model has E=16")
     f.write_text(json.dumps([0] * 8 + [3] * 8))
     bad_input(capsys, [*base, "--ep", "2", "--placement", str(f)], "expert 8 is on rank 3, but D=2")
+    f.write_text(json.dumps([0] * 8 + [1] * 8))  # made for 2 ranks: under D = 4, ranks 2 and 3 would sit idle
+    bad_input(capsys, [*base, "--ep", "4", "--placement", str(f)], "places experts on 2 of D=4 ranks",
+              "ranks 2, 3 hold none", "give --ep 2")
     bad_input(capsys, [*base, "--calibration-trace", str(trace)], "--calibration-trace", "--placement eplb")
     bad_input(capsys, [*base, "--policy", "oea:k0=3"], "oea k0=3 > the model's K=2")
     bad_input(capsys, [*base, "--link-gbps", "0"], "link_gbps must be a bandwidth > 0")

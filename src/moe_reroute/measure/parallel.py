@@ -69,8 +69,22 @@ def placements(how: str, trace: Trace, ranks: Sequence[int], load: torch.Tensor 
     out = {}
     for D in ranks:
         p = make_placement(how, E, D, load=load, layers=L) if obj is None else check_placement(obj, E, D, how, L)
+        if obj is not None:  # a file made for fewer ranks would leave ranks empty and count them as idle
+            used = int(p.max()) + 1
+            empty = sorted(set(range(D)) - set(p.flatten().tolist()))
+            if empty:
+                raise ValueError(f"{how} places experts on {D - len(empty)} of D={D} ranks (rank"
+                                 f"{'s' * (len(empty) > 1)} {_ranks_text(empty)} hold{'s' * (len(empty) == 1)} none): "
+                                 f"it was made for {used} ranks; give --ep {used}, or a placement for {D} ranks")
         out[D] = p.expand(L, E) if p.dim() == 1 else p
     return out
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    """[2, 3, ..., 63] as "2..63" when consecutive, else the first few."""
+    if ranks == list(range(ranks[0], ranks[-1] + 1)) and len(ranks) > 2:
+        return f"{ranks[0]}..{ranks[-1]}"
+    return ", ".join(map(str, ranks[:5])) + (", ..." if len(ranks) > 5 else "")
 
 
 def dp_routings(policy: Policy, logits: torch.Tensor, valid: torch.Tensor, spec, moe_layer: int,

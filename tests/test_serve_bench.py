@@ -147,6 +147,15 @@ def test_synth_write_loads_in_transformers(tmp_path):
     assert "random weights" in sb.model_note(out)
 
 
+def test_synth_dims_that_the_router_cannot_take_are_refused_before_writing(tmp_path, capsys):
+    """DeepSeek-V3's router splits E into n_group=8 groups: E=15 would write a checkpoint no command loads."""
+    with pytest.raises(ValueError, match="n_group=8 must divide num_experts E=15"):
+        synth.plan("deepseek-v3", 2, dims=custom_shape("64,32,15,4"))
+    bad_input(capsys, ["synth-model", "--shape", "deepseek-v3", "--layers", "2", "--dims", "64,32,15,4", "--out",
+                       tmp_path / "m"], "--dims H=64, I=32, E=15, K=4 does not fit deepseek-v3's router")
+    assert not (tmp_path / "m").exists()
+
+
 def test_commands_that_load_a_synthetic_model_say_its_weights_are_random(tmp_path, capsys):
     from moe_reroute.cli.measure import load_model
 

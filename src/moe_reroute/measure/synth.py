@@ -92,6 +92,13 @@ def plan(name: str, layers: int, dtype: torch.dtype = torch.bfloat16, vocab: int
         raise ValueError(f"--vocab must be at least the reference tokenizer's {tokenizer_vocab} tokens, got {vocab!r}")
     shape = SHAPES[name] if dims is None else dims
     config, dense = _config(shape, arch, layers, vocab)
+    if dims is not None:  # the router of `name` with these E and K (e.g. DeepSeek-V3's groups must split E)
+        from ..contract import RouterSpec
+
+        try:
+            RouterSpec.from_config(config)
+        except ValueError as e:
+            raise ValueError(f"--dims {dims.dims()} does not fit {name}'s router: {e}; give an E and K it takes") from None
     with torch.device("meta"):
         from transformers import AutoModelForCausalLM
 

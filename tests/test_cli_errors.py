@@ -190,6 +190,19 @@ def test_calibrate_makes_the_folder_of_its_out_file(tmp_path, capsys, checkpoint
     assert hf.load_similarity(out, num_experts=16).keys() == {0, 1}
 
 
+def test_calibrate_on_less_text_than_tokens_says_so_and_records_what_it_read(tmp_path, capsys, checkpoint):
+    from safetensors import safe_open
+    from tiny_models import tiny_tokenizer
+
+    text = _write(tmp_path / "short.txt", "the quick brown fox")
+    n = len(tiny_tokenizer()("the quick brown fox").input_ids)
+    out = tmp_path / "s.safetensors"
+    assert main(["calibrate", "--model", str(checkpoint), "--text", str(text), "--tokens", "100000", "--out", str(out)]) == 0
+    assert f"the text gives {n} tokens, fewer than --tokens 100000: calibrating on {n}" in capsys.readouterr().err
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["tokens"] == str(n)  # not the 100000 asked for
+
+
 # --- eval, demo, bench ---
 
 

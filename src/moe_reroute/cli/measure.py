@@ -451,10 +451,17 @@ def _calibrate(args) -> int:
     out = check_out_file(args.out)
     model, tokenizer, text = load_model(args.model, args.text)
     paragraphs = [p for p in text.split("\n\n") if p.strip()]
-    similarity = calibrate_similarity(model, ["\n\n".join(paragraphs)], tokenizer=tokenizer, method=args.method,
-                                      max_tokens=args.tokens)
+    joined = "\n\n".join(paragraphs)
+    tokens = min(args.tokens, len(tokenizer(joined).input_ids))  # what the calibration reads, and the file records
+    if tokens < 2:
+        raise InputError(f"--text gives {tokens} token{'s' * (tokens != 1)}; calibration needs at least 2 (give "
+                         f"--tokens {args.tokens} tokens of text, or more)")
+    if tokens < args.tokens:
+        print(f"note: the text gives {tokens} tokens, fewer than --tokens {args.tokens}: calibrating on {tokens} "
+              "(more text gives a steadier similarity)", file=sys.stderr)
+    similarity = calibrate_similarity(model, [joined], tokenizer=tokenizer, method=args.method, max_tokens=tokens)
     out.parent.mkdir(parents=True, exist_ok=True)
-    path = save_similarity(similarity, out, method=args.method, tokens=args.tokens)
+    path = save_similarity(similarity, out, method=args.method, tokens=tokens)
     print(f"similarity of {len(similarity)} MoE layers written to {path}; use it with `--policy sere:similarity={path}`")
     return 0
 

@@ -501,3 +501,26 @@ def test_logits_of_an_unsupported_dtype_and_a_non_finite_bias_are_refused():
         make_policy("oea", k0=2)(x, nan_bias)
     routing = make_policy("oea", k0=2, check_inputs=False)(x, nan_bias)  # no host check: the engines' CUDA graphs
     assert routing.ids.shape == (3, 4)
+
+
+@pytest.mark.parametrize("content, needle", [("3", "holds a number"), ("-1.5", "holds a number"),
+                                             ("null", "holds null"), ("true", "holds true/false")])
+def test_a_policy_file_of_a_json_scalar_is_refused_as_such(tmp_path, content, needle):
+    from moe_reroute.policies import load_policy
+
+    f = tmp_path / "p.json"
+    f.write_text(content + "\n")
+    with pytest.raises(ValueError, match=f"{re.escape(str(f))}: the JSON {needle}, not an object"):
+        load_policy(f)
+
+
+def test_spec_errors_give_an_example_of_the_policy_named():
+    from moe_reroute.policies import POLICIES
+    from moe_reroute.policies.spec import EXAMPLES
+
+    assert set(EXAMPLES) == set(POLICIES)
+    for name, example in EXAMPLES.items():
+        assert parse_policy_spec(example)[0] == name
+        if name != "native":
+            with pytest.raises(ValueError, match=re.escape(f"is not param=value (e.g. {example})")):
+                parse_policy_spec(f"{name}:7")

@@ -216,7 +216,9 @@ def test_cli_bad_input(capsys, tmp_path):
     bad_input(capsys, ["tune", "--policy", "oea", "--cost", "1", "--out", out], "B,A")
     bad_input(capsys, ["tune", "--policy", "oea", "--objective", "experts", "--cost", "1,0", "--out", out], "drop --cost")
     bad_input(capsys, ["tune", "--policy", "oea:k0=3", "--out", out], "do not fix it")
-    bad_input(capsys, ["tune", "--policy", "oea", "--out", tmp_path], "is a folder")
+    bad_input(capsys, ["tune", "--policy", "oea", "--out", tmp_path], "is a folder", str(tmp_path / "tuned.json"))
+    bad_input(capsys, ["tune", "--policy", "oea", "--heldout", tmp_path / "none.txt", "--out", out],
+              f"--heldout {tmp_path / 'none.txt'}: no such file")
     assert not out.exists()
 
 

@@ -59,14 +59,15 @@ def check_out_dir(path: str | Path, option: str = "--out", package: bool = False
     return path
 
 
-def check_out_file(path: str | Path, option: str = "--out") -> Path:
+def check_out_file(path: str | Path, option: str = "--out", example: str = "similarity.safetensors") -> Path:
     """`path` can be written as a file (its folder is made if missing): missing or a regular file, never
-    a device, FIFO, socket or folder, and not inside the installed package; nothing is created yet."""
+    a device, FIFO, socket or folder, and not inside the installed package; nothing is created yet.
+    `example`: the file name a folder given instead is told to hold."""
     from ..files import output_problem
 
     path = Path(path)
     if path.is_dir():
-        raise InputError(f"{option} {path} is a folder; give a file name such as {path / 'similarity.safetensors'}")
+        raise InputError(f"{option} {path} is a folder; give a file name such as {path / example}")
     problem = output_problem(path)
     if problem:
         raise InputError(f"{option} {path} {problem}; give the name of a new or regular file")

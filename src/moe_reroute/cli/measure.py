@@ -80,11 +80,11 @@ def check_moe(model) -> None:
                          f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
-def read_text(path: str) -> str:
-    """The text of a --text file: plain text, or for a .jsonl file (one JSON object per line with its
-    "text", as the reference model's heldout.jsonl, tuning.jsonl and validation.jsonl) the documents'
-    texts, one after another."""
-    text = read_text_file(path, "--text")
+def read_text(path: str, option: str = "--text") -> str:
+    """The text of a --text file (or of `option`'s): plain text, or for a .jsonl file (one JSON object per
+    line with its "text", as the reference model's heldout.jsonl, tuning.jsonl and validation.jsonl) the
+    documents' texts, one after another."""
+    text = read_text_file(path, option)
     if str(path).endswith(".jsonl"):
         docs = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -94,15 +94,15 @@ def read_text(path: str) -> str:
                 doc = json.loads(line)
             except (json.JSONDecodeError, RecursionError) as e:
                 why = e if isinstance(e, json.JSONDecodeError) else "nested too deeply to read"
-                raise SystemExit(f"error: --text {path}: line {n} is not JSON ({why}); a .jsonl file holds one JSON "
+                raise SystemExit(f"error: {option} {path}: line {n} is not JSON ({why}); a .jsonl file holds one JSON "
                                  "object with a \"text\" per line (rename a plain text file to .txt)") from None
             if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-                raise SystemExit(f"error: --text {path}: line {n} has no \"text\" string; a .jsonl file holds one "
+                raise SystemExit(f"error: {option} {path}: line {n} has no \"text\" string; a .jsonl file holds one "
                                  "JSON object with a \"text\" per line")
             docs.append(doc["text"])
         text = "\n\n".join(docs)
     if not text.strip():
-        raise SystemExit(f"error: --text {path} is empty; give a file of plain text")
+        raise SystemExit(f"error: {option} {path} is empty; give a file of plain text")
     return text
 
 

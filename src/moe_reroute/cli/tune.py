@@ -127,9 +127,9 @@ def _tune(args) -> int:
     if args.batching == "same-domain" and any(max(batch_sizes) % B for B in batch_sizes):
         raise InputError(f"--batching same-domain groups sequences by the largest batch size ({max(batch_sizes)}); "
                          "every batch size must divide it (e.g. 1,4,16,64)")
-    out = check_out_file(args.out)
+    out = check_out_file(args.out, example="tuned.json")
     state = Path(args.state) if args.state else default_state(args, out)
-    check_out_file(state, "--state")
+    check_out_file(state, "--state", example="tuned.json.state")
     for side in (out.with_name(out.stem + ".tune.json"), out.with_name(out.stem + ".validation.json")):
         check_out_file(side, f"--out {out}: its companion file")  # written beside it, checked now
     if args.model is not None and args.text is None:
@@ -146,7 +146,7 @@ def _tune(args) -> int:
                         objective=objective, cost_b=b, cost_a=a, params=fixed, rounds=args.rounds,
                         refine=args.refine, confidence=args.confidence)  # checked before the model loads
     calib = read_text(args.text) if args.text else None
-    heldout = read_text(args.heldout) if args.heldout else None
+    heldout = read_text(args.heldout, "--heldout") if args.heldout else None
     if calib is not None and not args.no_validate:
         if heldout is not None:
             validation, where = heldout, f"--heldout {args.heldout}"

@@ -27,6 +27,12 @@ EXAMPLE = '{"name": "oea", "k0": 3}'
 POLICY_FILE_BYTES = 64 << 20  # a policy file larger than this is refused unread
 
 
+# a well-formed spec of each policy, for messages
+EXAMPLES = {"native": "native", "cap": "cap:k=4", "oea": "oea:k0=3", "sere": "sere:primary=2",
+            "budget": "budget:budget=32", "gain": "gain:budget=32", "xshare": "xshare:budget=32",
+            "lynx": "lynx:alpha=3,beta=2"}
+
+
 def parse_policy_spec(text: str) -> tuple[str, dict[str, Any]]:
     """("oea", {"k0": 3, "p": 0.9}) from "oea:k0=3,p=0.9"; raises ValueError saying what is wrong."""
     if not isinstance(text, str) or not text.strip():
@@ -48,7 +54,8 @@ def parse_policy_spec(text: str) -> tuple[str, dict[str, Any]]:
         key, eq, value = item.partition("=")
         key = key.strip()
         if not eq or not key or not value.strip():
-            raise ValueError(f"policy spec {label}: {item.strip()!r} is not param=value (e.g. {name}:k0=3)")
+            raise ValueError(f"policy spec {label}: {item.strip()!r} is not param=value (e.g. "
+                             f"{EXAMPLES.get(name, name + ':param=value')})")
         if not key.isidentifier():
             raise ValueError(f"policy spec {label}: {key!r} is not a parameter name")
         if key in params:
@@ -208,7 +215,8 @@ def policy_from_text(text: str, check_inputs: bool = True, num_experts: int | No
                      origin: str = "policy") -> Policy:
     """A spec (`oea:k0=3`) or JSON object text (`{"name": "oea", "k0": 3}`) -> the policy."""
     text = text.removeprefix("\ufeff").strip()
-    if text.startswith(("{", "[", '"')):  # JSON: only an object names a policy, and policy_from_object says so
+    scalar = text in ("null", "true", "false") or text[:1] in tuple("-0123456789")  # JSON, never a policy name
+    if text.startswith(("{", "[", '"')) or scalar:  # JSON: only an object names a policy, policy_from_object says so
         return policy_from_object(load_json(text, origin), check_inputs, num_experts, origin)
     try:
         return policy_from_spec(text, check_inputs=check_inputs, num_experts=num_experts)

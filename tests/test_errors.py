@@ -98,7 +98,7 @@ def test_shape_and_dtype_errors():
         policy(X[None, None], SPEC)  # (X[None] is one step of X: [S, T, E] with S = 1)
     with pytest.raises(ValueError, match="E=15 experts but the RouterSpec says num_experts=16"):
         policy(X[:, :15], SPEC)
-    with pytest.raises(TypeError, match="floating-point"):
+    with pytest.raises(TypeError, match="must be float16, bfloat16, float32 or float64, got torch.int64"):
         policy(X.long(), SPEC)
     with pytest.raises(TypeError, match="valid must be a bool tensor"):
         policy(X, SPEC, valid=torch.ones(5))

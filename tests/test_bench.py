@@ -320,3 +320,12 @@ def test_busy_note_says_when_threads_would_share_cores(monkeypatch):
     assert "load average 2.0 on 4 cores" in note and "--threads 2" in note
     assert busy_note(torch.device("cpu"), 2) is None  # 2 + 2 threads fit the 4 cores
     assert busy_note(torch.device("cuda"), 4) is None  # the GPU's time does not share the CPU's cores
+
+
+def test_routing_options_without_routing_are_refused(capsys):
+    """--experts, --calls and --no-layer belong to `bench --routing`; on the layer bench they would be ignored."""
+    from cli_helpers import bad_input
+
+    bad_input(capsys, ["bench", "--experts", "64", "--calls", "5"], "--experts, --calls apply to --routing")
+    bad_input(capsys, ["bench", "--no-layer"], "--no-layer applies to --routing")
+    bad_input(capsys, ["bench", "--routing", "--calls", "0"], "--calls must be >= 1, got 0")

@@ -13,6 +13,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 
 
 MAX_SIZE = 1 << 20  # batch sizes and expert counts
+ROUTING_CALLS = 20  # bench --routing: calls per timed round
 MAX_SEED = (1 << 63) - 1
 
 
@@ -173,6 +174,8 @@ def _routing_bench(args) -> int:
             raise UsageError(str(e)) from None
     if args.repeats < 1:
         raise UsageError("--repeats must be >= 1")
+    if args.calls is not None and args.calls < 1:
+        raise UsageError(f"--calls must be >= 1, got {args.calls}")
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     from ..measure.layer import resolve_device
 
@@ -181,7 +184,7 @@ def _routing_bench(args) -> int:
         _say(args)(note)
     try:
         result = routing.bench_routing({s: s for s in specs}, tuple(batch_sizes), tuple(experts), device=args.device,
-                                       dtype=dtype, repeats=args.repeats, calls=args.calls,
+                                       dtype=dtype, repeats=args.repeats, calls=ROUTING_CALLS if args.calls is None else args.calls,
                                        layer_share=not args.no_layer, progress=not args.no_progress)
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -199,6 +202,11 @@ def _bench(args) -> int:
 
     if args.routing == "time":
         return _routing_bench(args)
+    given = [o for o, v in (("--experts", args.experts), ("--calls", args.calls), ("--no-layer", args.no_layer or None))
+             if v is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --routing (the routing call "
+                         "alone); add --routing, or drop them")
     try:
         shape = _shape(args)
         batch_sizes = _batch_sizes(args.batch_sizes or "16")
@@ -347,7 +355,8 @@ def add_parsers(sub) -> None:
                         "kernels, next to the model's router) instead of the layer; --routing uniform: random "
                         "router logits instead of a trace")
     p.add_argument("--experts", default=None, metavar="E,E", help="with --routing: expert counts (default 64,128,256)")
-    p.add_argument("--calls", type=int, default=20, help="with --routing: calls per timed round (per CUDA graph)")
+    p.add_argument("--calls", type=int, default=None,
+                   help=f"with --routing: calls per timed round (per CUDA graph; default {ROUTING_CALLS})")
     p.add_argument("--no-layer", action="store_true", help="with --routing: do not time the MoE layer for the share")
     p.add_argument("--policy", action="append", default=None, metavar="SPEC",
                    help=f"policy spec, repeatable, e.g. oea:k0=3 (default: {' '.join(DEFAULT_POLICIES)})")

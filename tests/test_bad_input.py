@@ -524,3 +524,26 @@ def test_spec_errors_give_an_example_of_the_policy_named():
         if name != "native":
             with pytest.raises(ValueError, match=re.escape(f"is not param=value (e.g. {example})")):
                 parse_policy_spec(f"{name}:7")
+
+
+def test_an_engines_native_top_k_is_checked():
+    """native=(weights, ids): ids out of range, repeated or of a float dtype would route silently wrong (a float
+    id cast to 0); each is refused with what is wrong. Padding rows may hold anything."""
+    x, spec = torch.randn(3, 16), RouterSpec(16, 4)
+    w, ids = torch.rand(3, 4), torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(i))[:4]
+                                            for i in range(3)])
+    policy = make_policy("oea", k0=2)
+    for native, kind, needle in [((w, ids + 16), ValueError, "native ids must be expert ids 0..15 (padding rows too), got"),
+                                 ((w, ids - 16), ValueError, "native ids must be expert ids 0..15 (padding rows too), got"),
+                                 ((w, ids.float()), TypeError, "native ids must be an integer tensor"),
+                                 ((w, torch.zeros_like(ids)), ValueError, "native ids repeat an expert"),
+                                 ((w.long(), ids), TypeError, "native weights must be a floating-point tensor"),
+                                 ([w], TypeError, "(weights, ids) pair of tensors")]:
+        with pytest.raises(kind, match=re.escape(needle)):
+            policy(x, spec, native=native)
+    padded = ids.clone()
+    padded[1] = 0  # a padding row's ids need not be distinct
+    valid = torch.tensor([True, False, True])
+    want = policy(x, spec, valid=valid, native=(w, ids))
+    got = policy(x, spec, valid=valid, native=(w, padded))
+    assert torch.equal(got.ids[valid], want.ids[valid])

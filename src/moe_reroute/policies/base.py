@@ -334,13 +334,26 @@ class Policy:
         if fused:
             return kernels.route(self, router_logits, spec, valid, config, layer, fixed)
         if native is not None:
+            if (not isinstance(native, (tuple, list)) or len(native) != 2
+                    or not all(isinstance(t, torch.Tensor) for t in native)):
+                raise TypeError(f"native must be the engine's top-K as a (weights, ids) pair of tensors, got "
+                                f"{type(native).__name__}")
             w, ids = native
+            if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+                raise TypeError(f"native ids must be an integer tensor (expert ids), got {ids.dtype}")
+            if not w.dtype.is_floating_point:
+                raise TypeError(f"native weights must be a floating-point tensor, got {w.dtype}")
+            if ids.device != router_logits.device or w.device != router_logits.device:
+                raise ValueError(f"native top-K is on {ids.device} / {w.device} but router_logits on "
+                                 f"{router_logits.device}; put them on one device")
             want = (*router_logits.shape[:-1], spec.top_k)
             if tuple(ids.shape) != want or tuple(w.shape) != tuple(ids.shape):
                 name = "[T, K]" if router_logits.dim() == 2 else "[S, T, K]"
                 raise ValueError(f"native top-K must be (weights, ids) of shape {name}={list(want)} ([T, K] for "
                                  f"router_logits [T, E], [S, T, K] for [S, T, E]), got {tuple(w.shape)} and "
                                  f"{tuple(ids.shape)}")
+            if self.check_inputs and not torch.compiler.is_compiling() and not _capturing():
+                _check_native_ids(ids, spec.num_experts, valid)
             native = (w.float(), ids.long())
         return self.route(router_logits, spec, valid, config, layer, native, fixed)
 
@@ -419,6 +432,23 @@ class Policy:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _check_native_ids(ids: torch.Tensor, num_experts: int, valid: torch.Tensor | None) -> None:
+    """The engine's native ids are expert ids 0..E-1 on every row (each is read), K distinct ones on the
+    valid rows (one host synchronisation; with check_inputs only)."""
+    out = (ids < 0) | (ids >= num_experts)
+    if bool(out.any()):
+        raise ValueError(f"native ids must be expert ids 0..{num_experts - 1} (padding rows too), got "
+                         f"{ids[out][0].item()}")
+    rows = ids if valid is None else ids[valid]
+    sorted_ids = rows.sort(dim=-1)[0]
+    if bool((sorted_ids[..., 1:] == sorted_ids[..., :-1]).any()):
+        raise ValueError("native ids repeat an expert within a row; a native top-K holds K distinct experts")
 
 
 def _unique(routing: Routing, spec: RouterSpec) -> torch.Tensor:

@@ -384,6 +384,8 @@ class Policy:
 
     def _prepare(self, router_logits, spec, valid, layer, fixed) -> tuple[bool, torch.Tensor | None, Any]:
         """(fused, valid, config) of a call: inputs checked, config resolved at `layer` and the step size."""
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
+            raise TypeError(f"layer must be the MoE-layer index (an int >= 0; {COUNTING}) or None, got {layer!r}")
         fused = isinstance(router_logits, torch.Tensor) and self.uses_kernels(router_logits)
         valid = check_inputs(router_logits, spec, valid, self.check_inputs, materialize=not fused, fixed=fixed)
         config = self.config.at_layer(layer, router_logits.shape[-2] if router_logits.dim() >= 2 else None)

@@ -552,5 +552,5 @@ def test_an_engines_native_top_k_is_checked():
 @pytest.mark.parametrize("layer", [1.0, "1", True, -1])
 def test_a_layer_index_that_is_not_an_int_is_refused(layer):
     """layer=True once read as MoE layer 1 and 1.0 failed inside list indexing; each is now named."""
-    with pytest.raises(TypeError, match=re.escape(f"layer must be the MoE-layer index (an int >= 0; ")):
+    with pytest.raises(TypeError, match=re.escape("layer must be the MoE-layer index (an int >= 0; ")):
         make_policy("oea", k0=[1, 2])(torch.randn(3, 16), RouterSpec(16, 4), layer=layer)

@@ -554,3 +554,12 @@ def test_a_layer_index_that_is_not_an_int_is_refused(layer):
     """layer=True once read as MoE layer 1 and 1.0 failed inside list indexing; each is now named."""
     with pytest.raises(TypeError, match=re.escape("layer must be the MoE-layer index (an int >= 0; ")):
         make_policy("oea", k0=[1, 2])(torch.randn(3, 16), RouterSpec(16, 4), layer=layer)
+
+
+def test_metrics_with_too_small_an_e_say_so():
+    from moe_reroute import metrics
+
+    routing = make_policy("native")(torch.randn(3, 16), RouterSpec(16, 4))
+    with pytest.raises(ValueError, match=re.escape("the routing's ids reach past num_experts=4")):
+        metrics.unique_experts(routing, 4)
+    assert int(metrics.unique_experts(routing, 16)) == len(set(routing.ids.flatten().tolist()))

@@ -25,7 +25,13 @@ def expert_mask(routing: Routing, num_experts: int) -> torch.Tensor:
     if int(num_experts) < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
     mask = torch.zeros(*ids.shape[:-1], num_experts, dtype=torch.bool, device=ids.device)
-    return mask.scatter_(-1, ids.long(), True)
+    try:
+        return mask.scatter_(-1, ids.long(), True)
+    except RuntimeError as e:  # on CPU torch checks the ids (no host synchronisation here to do it on a GPU)
+        if "out of bounds" not in str(e):
+            raise
+        raise ValueError(f"the routing's ids reach past num_experts={num_experts} (expert ids are "
+                         f"0..{num_experts - 1}); give the E of the model that routed it") from None
 
 
 def used_experts(routing: Routing, num_experts: int) -> torch.Tensor:

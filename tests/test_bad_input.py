@@ -563,3 +563,9 @@ def test_metrics_with_too_small_an_e_say_so():
     with pytest.raises(ValueError, match=re.escape("the routing's ids reach past num_experts=4")):
         metrics.unique_experts(routing, 4)
     assert int(metrics.unique_experts(routing, 16)) == len(set(routing.ids.flatten().tolist()))
+
+
+def test_a_similarity_path_given_to_make_policy_says_how_to_load_it():
+    with pytest.raises(ValueError, match=re.escape("sere similarity='sim.safetensors' is a path, not a tensor: load it "
+                                                   "with moe_reroute.similarity.load_similarity")):
+        make_policy("sere", similarity="sim.safetensors")

@@ -17,6 +17,7 @@ Similarity matrices come from `moe_reroute.calibration.expert_similarity`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from os import PathLike
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,10 @@ class SEREConfig(PolicyConfig):
                 "sere needs similarity=<[E, E] tensor or one per layer>; "
                 "compute it with moe_reroute.calibration.expert_similarity"
             )
+        if isinstance(sim, (str, bytes, PathLike)):
+            raise ValueError(f"sere similarity={sim!r} is a path, not a tensor: load it with "
+                             "moe_reroute.similarity.load_similarity(path, num_experts=E), or name the file in a spec "
+                             "(sere:similarity=PATH) or policy file")
         mats = list(sim.values()) if isinstance(sim, Mapping) else (
             list(sim) if isinstance(sim, Sequence) or (isinstance(sim, torch.Tensor) and sim.dim() == 3) else [sim]
         )

@@ -569,3 +569,16 @@ def test_a_similarity_path_given_to_make_policy_says_how_to_load_it():
     with pytest.raises(ValueError, match=re.escape("sere similarity='sim.safetensors' is a path, not a tensor: load it "
                                                    "with moe_reroute.similarity.load_similarity")):
         make_policy("sere", similarity="sim.safetensors")
+
+
+def test_parameters_a_policy_would_ignore_are_refused():
+    """check_inputs in a spec or policy file once clashed inside make_policy; num_layers beside k was ignored."""
+    from moe_reroute.policies.spec import policy_from_object
+
+    with pytest.raises(ValueError, match="check_inputs is not a policy parameter"):
+        policy_from_spec("oea:k0=3,check_inputs=false")
+    with pytest.raises(ValueError, match="check_inputs is not a policy parameter"):
+        policy_from_object({"name": "oea", "k0": 3, "check_inputs": False})
+    with pytest.raises(ValueError, match="cap: num_layers goes with schedule"):
+        make_policy("cap", k=2, num_layers=4)
+    assert make_policy("cap", schedule=(1, 2, 4, 2), num_layers=4).config.k == [1, 2, 3, 4]

@@ -75,6 +75,9 @@ class CapConfig(PolicyConfig):
             object.__setattr__(self, "k", k)
         elif self.k is None:
             raise ValueError("cap needs k=<experts per token> (e.g. cap:k=4) or schedule=(b, h, e, p)")
+        elif self.num_layers is not None:
+            raise ValueError("cap: num_layers goes with schedule=(b, h, e, p), the layers it spreads over; with k, "
+                             "drop num_layers (a per-layer k lists one value per MoE layer)")
         super().__post_init__()
 
     def layers_note(self, name: str) -> str:

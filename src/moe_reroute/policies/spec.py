@@ -75,6 +75,7 @@ def policy_from_spec(text: str, check_inputs: bool = True, num_experts: int | No
     """
     name, params = parse_policy_spec(text)
     try:
+        _no_check_inputs(params)
         if name == "sere" and isinstance(params.get("similarity"), str):
             from ..similarity import load_similarity
 
@@ -82,6 +83,12 @@ def policy_from_spec(text: str, check_inputs: bool = True, num_experts: int | No
         return make_policy(name, check_inputs=check_inputs, **params)
     except (TypeError, ValueError, OSError) as e:
         raise ValueError(f"policy spec {text!r:.80}: {e}") from None
+
+
+def _no_check_inputs(params: dict) -> None:
+    if "check_inputs" in params:
+        raise ValueError("check_inputs is not a policy parameter: whoever runs the policy sets it (engines turn it "
+                         "off inside CUDA graphs; make_policy(..., check_inputs=False) in Python); drop it")
 
 
 def _split_top(rest: str, label: str) -> list[str]:
@@ -181,6 +188,7 @@ def policy_from_object(obj: Any, check_inputs: bool = True, num_experts: int | N
     string is read as a similarity file. Errors name `origin` (the variable or file it came from)."""
     name, params = policy_params(obj, origin)
     try:
+        _no_check_inputs(params)
         if name == "sere" and isinstance(params.get("similarity"), str):
             from ..similarity import load_similarity
 

@@ -219,6 +219,8 @@ def test_cli_bad_input(capsys, tmp_path):
     bad_input(capsys, ["tune", "--policy", "oea", "--out", tmp_path], "is a folder", str(tmp_path / "tuned.json"))
     bad_input(capsys, ["tune", "--policy", "oea", "--heldout", tmp_path / "none.txt", "--out", out],
               f"--heldout {tmp_path / 'none.txt'}: no such file")
+    bad_input(capsys, ["tune", "--policy", "oea", "--no-validate", "--heldout", text, "--out", out],
+              "--no-validate skips that")
     assert not out.exists()
 
 

@@ -166,6 +166,8 @@ def _eval(args) -> int:
             check_out_file(Path(args.out) / name, f"--out {args.out}: its")
     if args.task:
         read_text_file(args.task, "--task")
+    if args.lm_eval is not None and not args.lm_eval.strip(" ,"):
+        raise SystemExit("error: --lm-eval needs task names (comma-separated, e.g. hellaswag,arc_easy)")
     if args.task and args.lm_eval:
         raise SystemExit("error: --task and --lm-eval are exclusive: give your JSONL file or lm-eval tasks")
     if args.lm_eval_include and not args.lm_eval:

@@ -135,6 +135,9 @@ def _tune(args) -> int:
     if args.model is not None and args.text is None:
         raise InputError("--text CALIB is needed with --model: calibration text the model was not trained on, "
                          "never the text you evaluate on")
+    if args.no_validate and args.heldout is not None:
+        raise InputError("--heldout is the text the tuned policy is validated on, and --no-validate skips that: "
+                         "drop one of them")
     if args.model is not None and args.heldout is None and not args.no_validate:
         raise InputError("--heldout FILE is needed with --model to validate the tuned policy on text the search "
                          "never saw; or pass --no-validate")

@@ -387,8 +387,13 @@ def test_policy_files_are_read_and_checked(tmp_path, capsys):
     assert plugin_config.parse(run[1]).policy.config.k0 == 2  # the text the engine's plugin reads back
     assert sb._slug(run[1]).startswith("file-") and sb._slug(run[1]) != sb._slug('{"name":"oea","k0":1}')
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(sb.BenchError, match="is not JSON"):
+    with pytest.raises(sb.BenchError, match="bad.json: not valid JSON"):
         sb.resolve_policies([str(tmp_path / "bad.json")], model, spec)
+    (tmp_path / "twice.json").write_text('{"name": "oea", "k0": 2, "k0": 3}')
+    with pytest.raises(sb.BenchError, match="twice.json: key 'k0' is given twice in one object"):
+        sb.resolve_policies([str(tmp_path / "twice.json")], model, spec)
+    with pytest.raises(sb.BenchError, match=r"^policy spec 'bogus': unknown policy 'bogus'"):
+        sb.resolve_policies(["bogus"], model, spec)
     with pytest.raises(sb.BenchError, match="does not exist"):
         sb.resolve_policies([str(tmp_path / "missing.json")], model, spec)
     (tmp_path / "k9.json").write_text(json.dumps({"name": "oea", "k0": 9}))

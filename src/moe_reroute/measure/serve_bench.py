@@ -232,7 +232,8 @@ def resolve_policies(specs: list[str], model: str, spec, labels: dict | None = N
             cfg = plugin_config.parse(s)
             _dry_run(cfg.policy, spec)
         except ValueError as e:
-            raise BenchError(f"policy {s!r}: {e}") from None
+            why = str(e).removeprefix("policy: ")  # the plugin's parser names its variable "policy"
+            raise BenchError(why if why.startswith(f"policy spec {s!r}") else f"policy {given!r}: {why}") from None
         out.append(s)
         if labels is not None:
             labels[s] = given
@@ -626,9 +627,8 @@ def _policy_file_text(path: str) -> str:
         raise BenchError(str(e)) from None
     try:
         obj = load_json(text.removeprefix("\ufeff"), f"policy file {path}")
-    except ValueError as e:
-        raise BenchError(f"policy file {path} is not JSON ({e}); give a file that `moe-reroute tune --out` "
-                         "wrote") from None
+    except ValueError as e:  # names the file and what is wrong (not JSON, a key given twice, ...)
+        raise BenchError(f"{e}; give a file that `moe-reroute tune --out` wrote") from None
     if not isinstance(obj, dict):
         raise BenchError(f"policy file {path} must hold a JSON object (a policy), got {type(obj).__name__}")
     return json.dumps(obj, separators=(",", ":"))

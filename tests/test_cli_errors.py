@@ -378,3 +378,10 @@ def test_apply_never_stacks_policies():
     assert sum(len(r._forward_hooks) for _, r in hf.moe_routers(model)) == 0
     with hf.apply(model, "cap", k=1):  # and it may be applied again
         pass
+
+
+def test_reference_card_names_a_model_dir_it_cannot_use(tmp_path, capsys):
+    bad_input(capsys, ["reference-card", "--model-dir", tmp_path / "none", "--out", tmp_path / "card"],
+              f"--model-dir {tmp_path / 'none'} does not exist")
+    bad_input(capsys, ["reference-card", "--model-dir", tmp_path, "--out", tmp_path / "card"],
+              f"--model-dir {tmp_path} holds no config.json")

@@ -84,6 +84,9 @@ def _reference_card(args) -> int:
     if args.refresh_shipped and args.out != DEFAULT_CARD_OUT:
         raise InputError("give --out or --refresh-shipped, not both")
     folder = Path(args.model_dir) if args.model_dir else path()
+    if args.model_dir and not (folder / "config.json").is_file():
+        what = "does not exist" if not folder.exists() else "holds no config.json"
+        raise InputError(f"--model-dir {folder} {what}; give the folder `moe-reroute train-reference --out` wrote")
     if args.parts_only:
         return _card_parts_only(folder, out)
     model, tokenizer, heldout = load(folder=folder)

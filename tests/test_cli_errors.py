@@ -279,7 +279,8 @@ def test_reference_card_writes_to_the_working_directory(tmp_path, monkeypatch, c
     import moe_reroute.reference as reference
     from moe_reroute.reference import card
 
-    monkeypatch.setattr(reference, "load", lambda dtype=None, folder=None: (tiny_model("qwen3_moe"), tiny_tokenizer(), "x"))
+    model = tiny_model("qwen3_moe")  # built now: transformers' one-time notes about its config are not the command's
+    monkeypatch.setattr(reference, "load", lambda dtype=None, folder=None: (model, tiny_tokenizer(), "x"))
     monkeypatch.setattr(reference, "heldout_documents", lambda folder=None, part="validation": [])
     monkeypatch.setattr(card, "heldout_ids", lambda tokenizer, text: torch.arange(8))
     monkeypatch.setattr(card, "domain_streams", lambda tokenizer, docs: {"kjv": torch.arange(8)})

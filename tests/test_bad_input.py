@@ -582,3 +582,10 @@ def test_parameters_a_policy_would_ignore_are_refused():
     with pytest.raises(ValueError, match="cap: num_layers goes with schedule"):
         make_policy("cap", k=2, num_layers=4)
     assert make_policy("cap", schedule=(1, 2, 4, 2), num_layers=4).config.k == [1, 2, 3, 4]
+
+
+def test_a_placement_rank_past_int64_is_named():
+    from moe_reroute.placement import check_placement
+
+    with pytest.raises(ValueError, match=re.escape("p.json: 10000000000000000000... is far too large")):
+        check_placement([0] * 7 + [10 ** 30], 8, 2, origin="p.json")

@@ -109,11 +109,18 @@ def check_placement(placement: Any, num_experts: int, ranks: int, origin: str = 
     return p
 
 
-def int_lists(obj: Any, uneven: str) -> torch.Tensor | None:
+def int_lists(obj: Any, uneven: str, origin: str = "placement") -> torch.Tensor | None:
     """A non-empty JSON list of ints, or a non-empty list of such lists, as an int64 tensor ([N] or [L, N]);
-    None when `obj` is neither; ValueError(`uneven`) when the lists differ in length."""
+    None when `obj` is neither; ValueError(`uneven`) when the lists differ in length, and one naming
+    `origin` for an int past int64."""
     def ints(v: Any) -> bool:
-        return isinstance(v, list) and bool(v) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+        if not (isinstance(v, list) and bool(v) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)):
+            return False
+        big = next((i for i in v if not -(1 << 62) < i < 1 << 62), None)
+        if big is not None:  # past int64: no rank or expert id, and torch could not hold it
+            raise ValueError(f"{origin}: {str(big)[:20]}{'...' if len(str(big)) > 20 else ''} is far "
+                             "too large for a rank or an expert id")
+        return True
 
     if ints(obj):
         return torch.tensor(obj, dtype=torch.int64)
@@ -128,7 +135,7 @@ def from_lists(obj: Any, origin: str) -> torch.Tensor:
     """A JSON placement (a list of ranks, or one list per MoE layer) as an int64 tensor; its shape only is checked."""
     lengths = sorted({len(r) for r in obj if isinstance(r, list)}) if isinstance(obj, list) else []
     out = int_lists(obj, f"{origin}: the per-layer placements have {lengths} experts; every MoE layer places all E "
-                         "experts")
+                         "experts", origin)
     if out is None:
         raise ValueError(f"{origin}: a placement is a non-empty JSON list of integer ranks, one per expert, or one "
                          f"such list per MoE layer; write e.g. {EXAMPLE}")

@@ -306,7 +306,7 @@ def _int_tensor(obj: Any, origin: str) -> torch.Tensor:
         return obj.detach().to("cpu", torch.int64)
 
     out = int_lists(obj, f"{origin}: the per-layer physical_to_logical lists differ in length; every MoE layer has "
-                         "the same P slots")
+                         "the same P slots", origin)
     if out is not None:
         return out
     raise ValueError(f"{origin}: physical_to_logical is a non-empty list of logical expert ids, one per physical slot, "

@@ -589,3 +589,12 @@ def test_a_placement_rank_past_int64_is_named():
 
     with pytest.raises(ValueError, match=re.escape("p.json: 10000000000000000000... is far too large")):
         check_placement([0] * 7 + [10 ** 30], 8, 2, origin="p.json")
+
+
+def test_numbers_too_large_for_any_parameter_are_named():
+    from moe_reroute.policies.spec import policy_from_text
+
+    with pytest.raises(ValueError, match="9999999999... is too large a number for any parameter"):
+        parse_policy_spec("oea:k0=" + "9" * 5000)  # once read as a float: "got inf"
+    with pytest.raises(ValueError, match="holds an integer of thousands of digits, too large for any parameter"):
+        policy_from_text('{"name": "oea", "k0": ' + "9" * 5000 + "}")

@@ -129,6 +129,10 @@ def _value(raw: str, label: str) -> Any:
         return low == "true"
     if low == "none":
         return None
+    digits = raw.lstrip("+-").replace("_", "")
+    if digits.isdigit() and len(digits) > 18:  # past int64 (and past what int() reads in one go)
+        raise ValueError(f"policy spec {label}: {raw[:20]}{'...' if len(raw) > 20 else ''} is too large a number "
+                         "for any parameter")
     for cast in (int, float):
         try:
             return cast(raw)
@@ -158,6 +162,9 @@ def load_json(text: str, origin: str, example: str = EXAMPLE) -> Any:
     except RecursionError:
         raise ValueError(f"{origin}: the JSON is nested too deeply to read; write e.g. {example}") from None
     except ValueError as e:
+        if "integer string conversion" in str(e):  # a number of thousands of digits
+            raise ValueError(f"{origin}: holds an integer of thousands of digits, too large for any parameter; "
+                             f"write e.g. {example}") from None
         raise ValueError(f"{origin}: {e}") from None
 
 

@@ -269,6 +269,8 @@ def test_cli_end_to_end_on_a_local_checkpoint(tmp_path, capsys):
     assert "tuned" in (tmp_path / "rep" / "report.md").read_text()
     # another budget into the same --out is a new search with its own state, not refused
     other = [a if a != "0.05" else "0.5" for a in argv] + ["--no-validate"]
+    i = other.index("--heldout")
+    del other[i : i + 2]  # --no-validate: no held-out text
     assert main(other) == 0
     capsys.readouterr()
     assert len(list((tmp_path / "run").glob("tuned.json.*.state"))) == 2

@@ -182,9 +182,10 @@ def _routing_bench(args) -> int:
     note = busy_note(resolve_device(args.device), torch.get_num_threads())
     if note:
         _say(args)(note)
+    calls = ROUTING_CALLS if args.calls is None else args.calls
     try:
         result = routing.bench_routing({s: s for s in specs}, tuple(batch_sizes), tuple(experts), device=args.device,
-                                       dtype=dtype, repeats=args.repeats, calls=ROUTING_CALLS if args.calls is None else args.calls,
+                                       dtype=dtype, repeats=args.repeats, calls=calls,
                                        layer_share=not args.no_layer, progress=not args.no_progress)
     except ValueError as e:
         raise UsageError(str(e)) from None

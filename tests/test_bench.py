@@ -329,3 +329,11 @@ def test_routing_options_without_routing_are_refused(capsys):
     bad_input(capsys, ["bench", "--experts", "64", "--calls", "5"], "--experts, --calls apply to --routing")
     bad_input(capsys, ["bench", "--no-layer"], "--no-layer applies to --routing")
     bad_input(capsys, ["bench", "--routing", "--calls", "0"], "--calls must be >= 1, got 0")
+
+
+def test_layer_options_with_routing_are_refused(capsys):
+    """--steps, --warmup, --kernel and --no-flush time the MoE layer; `bench --routing` would ignore them."""
+    from cli_helpers import bad_input
+
+    bad_input(capsys, ["bench", "--routing", "--steps", "3", "--warmup", "1"], "--steps, --warmup time the MoE layer")
+    bad_input(capsys, ["bench", "--routing", "--kernel", "loop"], "--kernel times the MoE layer")

@@ -318,8 +318,9 @@ def test_help_gives_every_default_and_the_version(capsys):
         main(["bench", "--help"])
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split()).split(" options: ", 1)[1]  # argparse wraps lines
-    for option, default in (("--steps STEPS", "(default: 8)"), ("--repeats REPEATS", "(default: 10)"),
-                            ("--warmup WARMUP", "(default: 2)"), ("--seed SEED", "(default: 0)")):
+    for option, default in (("--steps STEPS", "(default 8)"), ("--repeats REPEATS", "(default: 10)"),
+                            ("--warmup WARMUP", "(default 2)"), ("--seed SEED", "(default: 0)"),
+                            ("--kernel {auto,loop,grouped_mm}", "(auto, the default)")):
         assert option in text and default in text.split(option, 1)[1].split(" --")[0], option
     assert " ".join(DEFAULT_POLICIES) in text and "(default: None)" not in text
     with pytest.raises(SystemExit) as e:

@@ -14,6 +14,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 
 MAX_SIZE = 1 << 20  # batch sizes and expert counts
 ROUTING_CALLS = 20  # bench --routing: calls per timed round
+LAYER_STEPS, LAYER_WARMUP = 8, 2  # the layer bench: decode steps per batch size, untimed rounds first
 MAX_SEED = (1 << 63) - 1
 
 
@@ -158,6 +159,11 @@ def _routing_bench(args) -> int:
     from ..measure import routing
     from ..policies.spec import parse_policy_spec
 
+    layer_only = [o for o, v in (("--steps", args.steps), ("--warmup", args.warmup), ("--kernel", args.kernel),
+                                 ("--no-flush", args.no_flush or None)) if v is not None]
+    if layer_only:
+        raise UsageError(f"{', '.join(layer_only)} time{'s' * (len(layer_only) == 1)} the MoE layer, not the routing "
+                         "call: drop them with --routing (its rounds are --repeats, of --calls calls each)")
     if args.trace or args.shape or args.dims or args.ep:
         raise UsageError("--routing times the routing call alone: --trace, --shape, --dims and --ep do not apply "
                          "(the layer share uses the shape of each E: " +
@@ -208,6 +214,9 @@ def _bench(args) -> int:
     if given:
         raise UsageError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --routing (the routing call "
                          "alone); add --routing, or drop them")
+    args.steps = LAYER_STEPS if args.steps is None else args.steps
+    args.warmup = LAYER_WARMUP if args.warmup is None else args.warmup
+    args.kernel = args.kernel or "auto"
     try:
         shape = _shape(args)
         batch_sizes = _batch_sizes(args.batch_sizes or "16")
@@ -363,14 +372,15 @@ def add_parsers(sub) -> None:
                    help=f"policy spec, repeatable, e.g. oea:k0=3 (default: {' '.join(DEFAULT_POLICIES)})")
     p.add_argument("--batch-sizes", default=None,
                    help="decode batch sizes, e.g. 1,4,16,32 (default 16; with --routing 1,8,16,64,256,1024)")
-    p.add_argument("--steps", type=int, default=8, help="decode steps (layer x step of the trace) per batch size")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"decode steps (layer x step of the trace) per batch size (default {LAYER_STEPS})")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights (default float32 CPU, bfloat16 CUDA)")
     p.add_argument("--repeats", type=int, default=10, help="timed rounds")
-    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    p.add_argument("--kernel", choices=("auto", "loop", "grouped_mm"), default="auto",
-                   help="the experts' matmuls: a loop over the active experts, torch's grouped GEMM, or (auto) the "
-                        "faster of the two in a native-routing trial")
+    p.add_argument("--warmup", type=int, default=None, help=f"untimed rounds first (default {LAYER_WARMUP})")
+    p.add_argument("--kernel", choices=("auto", "loop", "grouped_mm"), default=None,
+                   help="the experts' matmuls: a loop over the active experts, torch's grouped GEMM, or (auto, the "
+                        "default) the faster of the two in a native-routing trial")
     p.add_argument("--ep", type=int, default=None, metavar="D", help="also predict expert parallelism over D ranks")
     p.add_argument("--no-flush", action="store_true", help="do not flush the caches between timed calls")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -219,7 +219,7 @@ def test_eval_checks_out_and_numbers_before_loading_the_model(tmp_path, capsys, 
     bad_input(capsys, ["eval", "--sequences", "-1"], "--sequences must be >= 2")
     bad_input(capsys, ["eval", "--task", tmp_path / "none.jsonl"], "--task", "no such file")
     bad_input(capsys, ["eval", "--lm-eval", ""], "--lm-eval needs task names")
-    for sizes in ("0", "2000000", "4,x"):
+    for sizes in ("0", "2000000", "4,x", "4,,8", "4,8,"):
         bad_input(capsys, ["eval", "--batch-sizes", sizes], "--batch-sizes must be integers 1..1048576", repr(sizes))
 
 

@@ -33,8 +33,8 @@ def _shape(args):
 
 
 def _batch_sizes(text: str, option: str = "--batch-sizes", example: str = "1,4,16,32") -> list[int]:
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts or not all(p.isascii() and p.isdigit() and 0 < int(p) <= MAX_SIZE for p in parts):
+    parts = [p.strip() for p in text.split(",")]
+    if not all(parts) or not all(p.isascii() and p.isdigit() and 0 < int(p) <= MAX_SIZE for p in parts):
         raise UsageError(f"{option} must be integers 1..{MAX_SIZE} separated by commas, e.g. {example}; got {text!r}")
     return sorted({int(p) for p in parts})
 

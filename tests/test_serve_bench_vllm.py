@@ -155,6 +155,27 @@ def test_serving_ab_in_one_server_stops_it(tiny, tmp_path):
     assert not _processes_with("api_server", f"--port {port}")
 
 
+def test_serving_isolate_starts_a_server_per_policy_and_stops_each(tiny, tmp_path):
+    """--serve --isolate (forced under CUDA graphs): a server per (repeat, policy), native first, each started
+    with its policy, its client run counted, and stopped before the next."""
+    from moe_reroute.measure import serve_bench as sb
+
+    port = 8795
+    cfg = sb.Config(model=str(tiny), policies=["oea:k0=1"], batch_sizes=[2], output_len=6, repeats=1, serve=True,
+                    isolate=True, num_prompts=4, port=port)
+    lines = []
+    data = sb.run(cfg, tmp_path, "test", say=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert data["conditions"]["method"] == "isolate" and any("its own server" in ln for ln in lines)
+    servers = sorted(f.name for f in (tmp_path / "runs").glob("serve-*.log") if not re.search(r"-c\d+\.log$", f.name))
+    assert servers == ["serve-r0-native.log", "serve-r0-oea_k0=1.log"]
+    assert [r["policy"] for r in data["runs"]] == ["native", "oea:k0=1"]
+    _check_rows(data["rows"], "concurrency", [2])
+    rows = {r["policy"]: r for r in data["rows"]}
+    assert rows["native"]["output_throughput"] > 0 and rows["oea:k0=1"]["output_throughput"] > 0
+    assert rows["oea:k0=1"]["decode_tokens_rerouted"] == rows["oea:k0=1"]["decode_tokens"] == 4 * 5
+    assert not _processes_with("api_server", f"--port {port}")
+
+
 def test_a_failed_run_writes_no_results(tiny, tmp_path, monkeypatch):
     """A per-layer list too short passes the pre-check (checked per layer by the engine) and fails when vLLM
     builds layer 1: the bench stops with the plugin's message and no results.json."""

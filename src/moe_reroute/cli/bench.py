@@ -32,11 +32,17 @@ def _shape(args):
     return get_shape(args.shape or "qwen3-30b-a3b")
 
 
-def _batch_sizes(text: str, option: str = "--batch-sizes", example: str = "1,4,16,32") -> list[int]:
+def sizes(text: str, option: str = "--batch-sizes", example: str = "1,4,16,32") -> list[int]:
+    """The sizes in `text` (comma-separated, each 1..MAX_SIZE), in the order given; UsageError naming `option`."""
     parts = [p.strip() for p in text.split(",")]
     if not all(parts) or not all(p.isascii() and p.isdigit() and 0 < int(p) <= MAX_SIZE for p in parts):
         raise UsageError(f"{option} must be integers 1..{MAX_SIZE} separated by commas, e.g. {example}; got {text!r}")
-    return sorted({int(p) for p in parts})
+    return [int(p) for p in parts]
+
+
+def _batch_sizes(text: str, option: str = "--batch-sizes", example: str = "1,4,16,32") -> list[int]:
+    """`sizes`, sorted, each once."""
+    return sorted(set(sizes(text, option, example)))
 
 
 def policy_specs(specs: list[str] | None, defaults=DEFAULT_POLICIES) -> tuple[list[str], bool, list[str]]:

@@ -20,14 +20,13 @@ def command_line(args) -> str:
 
 
 def int_list(text: str, option: str = "--batch-sizes") -> tuple[int, ...]:
-    """The batch sizes in `text` (comma-separated, each 1..MAX_SIZE), in the order given."""
-    from .bench import MAX_SIZE
+    """The batch sizes in `text` (comma-separated, each 1..MAX_SIZE), in the order given (`bench.sizes`)."""
+    from .bench import UsageError, sizes
 
-    parts = [x.strip() for x in text.split(",")]
-    if not all(parts) or not all(p.isascii() and p.isdigit() and 0 < int(p) <= MAX_SIZE for p in parts):
-        raise SystemExit(f"error: {option} must be integers 1..{MAX_SIZE} separated by commas, e.g. 1,4,16; "
-                         f"got {text!r}")
-    return tuple(int(p) for p in parts)
+    try:
+        return tuple(sizes(text, option, "1,4,16"))
+    except UsageError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def load_model(path: str | None, text: str | None, need_text: bool = True):

@@ -147,12 +147,15 @@ def busy_note(device, threads: int) -> str | None:
     when the 1-minute load average and `threads` exceed the cores."""
     import os
 
+    from ..measure.bench import busy_cores
+
     if getattr(device, "type", str(device)) != "cpu" or not hasattr(os, "getloadavg"):
         return None
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if load + threads <= cores + 0.5:
+    load = os.getloadavg()[0]
+    busy = busy_cores(load, threads)
+    if busy is None:
         return None
-    free = max(1, round(cores - load))
+    cores, free = busy
     return (f"note: the machine is busy (load average {load:.1f} on {cores} cores) and torch runs {threads} "
             f"thread{'s' * (threads != 1)}: threads that share a core with other work wait for each other, so "
             f"calls get slow and noisy" + (f"; --threads {free} uses the cores that are free" if free < threads else ""))

@@ -42,6 +42,20 @@ class Bandwidth:
     method: str
 
 
+def busy_cores(load: float | None, threads: int) -> tuple[int, int] | None:
+    """(cores, cores free of other work) when the 1-minute load average `load` and `threads` more threads
+    exceed the CPU's cores, so that they would share cores with other work (OpenMP threads that do wait for
+    each other at every parallel region); None when they fit, or without a load average."""
+    import os
+
+    if load is None:
+        return None
+    cores = os.cpu_count() or 1
+    if load + threads <= cores + 0.5:
+        return None
+    return cores, max(1, round(cores - load))
+
+
 def measure_bandwidth(device: str | torch.device | None = None, repeats: int = 10, size_mb: int | None = None) -> Bandwidth:
     """Best of `repeats` full reductions (`buf.sum()`) over a buffer far larger than the last-level
     cache: 512 MB on CPU, 2 GB on CUDA (less if memory is short). Best-of-N gives the peak."""

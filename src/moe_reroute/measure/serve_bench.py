@@ -993,13 +993,15 @@ def threads_note(cfg: Config) -> str:
 def load_hint(cfg: Config, load: float | None) -> str | None:
     """A line when other work already keeps the CPU busy (`load`: the 1-minute load average), so an engine
     with a thread per core would contend."""
-    if cfg.device != "cpu" or load is None:
+    from .bench import busy_cores
+
+    if cfg.device != "cpu":
         return None
-    cores = os.cpu_count() or 1
     threads, _ = _engine_threads(cfg)
-    if load + threads <= cores + 0.5:
+    busy = busy_cores(load, threads)
+    if busy is None:
         return None
-    free = max(1, round(cores - load))
+    cores, free = busy
     what = f"{threads} thread{'s' if threads != 1 else ''}"
     if threads <= free:
         return (f"serve-bench: the machine is busy (load average {load:.1f} on {cores} cores): the engine's {what} "

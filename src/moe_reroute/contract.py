@@ -352,7 +352,7 @@ def check_inputs(
             f"spec.e_score_correction_bias is on {bias.device} but router_logits on {router_logits.device}; "
             "move it with spec.with_bias(bias.to(device))"
         )
-    if check_values and not _tracing() and not all_finite(router_logits):
+    if check_values and not tracing() and not all_finite(router_logits):
         bad_rows = (~torch.isfinite(router_logits)).any(-1)
         if valid is not None:
             bad_rows = bad_rows & valid  # padding rows may hold anything
@@ -364,7 +364,7 @@ def check_inputs(
                 f"router_logits contain NaN or inf (first bad {where}: {bad}); "
                 "the model produced non-finite router logits, check its dtype and inputs"
             )
-    if check_values and bias is not None and not _tracing() and not all_finite(bias):
+    if check_values and bias is not None and not tracing() and not all_finite(bias):
         raise ValueError("spec.e_score_correction_bias contains NaN or inf; check the model's weights")
     return valid
 
@@ -414,7 +414,8 @@ def check_fixed(fixed: Any, rows: int | tuple[int, ...], device: torch.device) -
                          "(fixed.to(router_logits.device))")
 
 
-def _tracing() -> bool:
+def tracing() -> bool:
+    """Whether torch.compile is tracing or a CUDA graph is being captured: no host synchronisation then."""
     if torch.compiler.is_compiling():
         return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..contract import RouterSpec, Routing, check_inputs
+from ..contract import RouterSpec, Routing, tracing, check_inputs
 from .. import kernels
 from ..metrics import unique_experts
 from ..scoring import check_ties
@@ -352,7 +352,7 @@ class Policy:
                 raise ValueError(f"native top-K must be (weights, ids) of shape {name}={list(want)} ([T, K] for "
                                  f"router_logits [T, E], [S, T, K] for [S, T, E]), got {tuple(w.shape)} and "
                                  f"{tuple(ids.shape)}")
-            if self.check_inputs and not torch.compiler.is_compiling() and not _capturing():
+            if self.check_inputs and not tracing():
                 _check_native_ids(ids, spec.num_experts, valid)
             native = (w.float(), ids.long())
         return self.route(router_logits, spec, valid, config, layer, native, fixed)
@@ -434,10 +434,6 @@ class Policy:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
-
-
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _check_native_ids(ids: torch.Tensor, num_experts: int, valid: torch.Tensor | None) -> None:

@@ -75,20 +75,23 @@ def policy_from_spec(text: str, check_inputs: bool = True, num_experts: int | No
     """
     name, params = parse_policy_spec(text)
     try:
-        _no_check_inputs(params)
-        if name == "sere" and isinstance(params.get("similarity"), str):
-            from ..similarity import load_similarity
-
-            params["similarity"] = load_similarity(params["similarity"], num_experts=num_experts)
-        return make_policy(name, check_inputs=check_inputs, **params)
+        return _make(name, params, check_inputs, num_experts)
     except (TypeError, ValueError, OSError) as e:
         raise ValueError(f"policy spec {text!r:.80}: {e}") from None
 
 
-def _no_check_inputs(params: dict) -> None:
+def _make(name: str, params: dict[str, Any], check_inputs: bool, num_experts: int | None) -> Policy:
+    """make_policy for a spec's or a JSON object's parameters: a SERE `similarity` string is read as a
+    similarity file (checked against `num_experts` when given); `check_inputs` is the caller's, never a
+    parameter."""
     if "check_inputs" in params:
         raise ValueError("check_inputs is not a policy parameter: whoever runs the policy sets it (engines turn it "
                          "off inside CUDA graphs; make_policy(..., check_inputs=False) in Python); drop it")
+    if name == "sere" and isinstance(params.get("similarity"), str):
+        from ..similarity import load_similarity
+
+        params["similarity"] = load_similarity(params["similarity"], num_experts=num_experts)
+    return make_policy(name, check_inputs=check_inputs, **params)
 
 
 def _split_top(rest: str, label: str) -> list[str]:
@@ -195,12 +198,7 @@ def policy_from_object(obj: Any, check_inputs: bool = True, num_experts: int | N
     string is read as a similarity file. Errors name `origin` (the variable or file it came from)."""
     name, params = policy_params(obj, origin)
     try:
-        _no_check_inputs(params)
-        if name == "sere" and isinstance(params.get("similarity"), str):
-            from ..similarity import load_similarity
-
-            params["similarity"] = load_similarity(params["similarity"], num_experts=num_experts)
-        return make_policy(name, check_inputs=check_inputs, **params)
+        return _make(name, params, check_inputs, num_experts)
     except (TypeError, ValueError, OSError) as e:
         raise ValueError(f"{origin}: {e}") from None
 

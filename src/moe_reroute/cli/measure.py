@@ -117,17 +117,9 @@ def default_policies(model) -> list[str]:
     return [p for p in DEFAULT_POLICIES if not p.startswith("sere")]
 
 
-def is_policy_file(spec: str) -> bool:
-    """A `--policy` value that names a policy file rather than a spec: it ends in .json, or is a file."""
-    from ..policies import POLICIES
-
-    spec = spec.strip()
-    return spec.endswith(".json") or (spec not in POLICIES and ":" not in spec and Path(spec).is_file())
-
-
 def build_policies(specs, model, with_native: bool = False) -> dict:
     from ..measure.evaluate import build_policy
-    from ..policies.spec import parse_policy_spec
+    from ..policies.spec import is_policy_file, parse_policy_spec
 
     out = {}
     for spec in specs:

@@ -208,6 +208,7 @@ def resolve_policies(specs: list[str], model: str, spec, labels: dict | None = N
     sere/similarity.safetensors; each spec must build and fit the model's E and K. `labels`, when given,
     receives {spec run: spec as the user wrote it}, for tables."""
     from ..measure.evaluate import SIMILARITY_FILE
+    from ..policies.spec import is_policy_file
     from ..serving import config as plugin_config
 
     out = [NATIVE]
@@ -216,7 +217,7 @@ def resolve_policies(specs: list[str], model: str, spec, labels: dict | None = N
         if s == NATIVE or s in out:
             continue
         given = s
-        if s.endswith(".json") or (not s.startswith("{") and Path(s).is_file()):
+        if is_policy_file(s):
             s = _policy_file_text(s)  # a policy file (`moe-reroute tune --out`): its JSON travels to the engine
             if s in out:
                 continue

@@ -209,6 +209,16 @@ def describe_object(obj: dict[str, Any]) -> str:
     return f"{obj['name']}:{shown}" if shown else obj["name"]
 
 
+def is_policy_file(text: str) -> bool:
+    """Whether a `--policy` value names a policy file rather than a spec: it ends in .json, or it is a file
+    there and cannot be a spec (not a policy's name, no ':' before parameters, not JSON)."""
+    from . import POLICIES
+
+    text = text.strip()
+    return text.endswith(".json") or (text not in POLICIES and ":" not in text and not text.startswith("{")
+                                      and Path(text).is_file())
+
+
 def read_policy_text(path: str | Path, origin: str | None = None) -> str:
     """The stripped UTF-8 text of a policy file; missing, unreadable, not UTF-8 or empty files raise
     ValueError naming `origin` (default: the path)."""

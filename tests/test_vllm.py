@@ -213,6 +213,59 @@ def test_wrapped_router_decode_padding_and_prefill(wrapped, logits_factory):
 
 
 @needs_vllm
+def test_rows_vllms_router_skips_stay_skipped(monkeypatch):
+    """vLLM's routers give a padded step's padding rows expert id -1 and weight 0, so its experts skip them
+    (VLLM_MOE_SKIP_PADDING, on by default; here vLLM's own GroupedTopKRouter with skip_padding, as
+    DeepSeek-V3 builds it, in a real ForwardContext holding is_padding and a decode step's metadata). A
+    policy in torch (oea, and gain, which has no kernel) reads vLLM's top-K as native: its -1 ids used to
+    raise "index -1 is out of bounds" (a device-side assert on a GPU). Now the real rows get the policy's
+    routing of the real rows alone, the skipped rows stay -1 with weight 0, and counters count the real rows."""
+    import types
+
+    import moe_reroute.vllm as plugin_api
+    import moe_reroute.vllm.plugin as plugin
+    from moe_reroute import metrics
+    from moe_reroute.policies.spec import policy_from_spec
+    from moe_reroute.vllm import router_spec
+    from vllm.forward_context import ForwardContext, override_forward_context
+    from vllm.model_executor.layers.fused_moe.router.grouped_topk_router import GroupedTopKRouter
+
+    monkeypatch.setattr(plugin, "STATE", plugin.State())
+    monkeypatch.setenv("VLLM_MOE_SKIP_PADDING", "1")
+    E, K, T = 32, 4, 8
+    bias = torch.linspace(-0.1, 0.1, E)
+
+    def router():
+        return GroupedTopKRouter(top_k=K, global_num_experts=E, num_expert_group=4, topk_group=2,
+                                 scoring_func="sigmoid", e_score_correction_bias=bias, routed_scaling_factor=2.5,
+                                 skip_padding=True)
+
+    x = torch.randn(T, E, generator=torch.Generator().manual_seed(3))
+    hidden = torch.zeros(T, 16)
+    padding = torch.tensor([False] * 6 + [True] * 2)
+    step = ForwardContext(no_compile_layers={}, attn_metadata={"attn": types.SimpleNamespace(max_query_len=1)},
+                          slot_mapping={}, is_padding=padding)
+    with override_forward_context(step):
+        w0, i0 = router().select_experts(hidden, x)
+    assert torch.all(i0[6:] == -1) and torch.all(w0[6:] == 0) and torch.all(i0[:6] >= 0)  # vLLM's own rule
+    spec, _ = router_spec(router(), E)
+    assert spec is not None and (spec.scoring, spec.n_group, spec.topk_group) == ("sigmoid", 4, 2)
+    spec = spec.with_bias(bias)  # as the wrapped router reads it from the layer
+    for layer, policy in enumerate(["oea:k0=1", "gain:budget=8", "native"]):
+        wrapped = router()
+        plugin.wrap(wrapped, plugin_config.parse(policy, counters=True), layer=layer, num_experts=E, moe_layer=(0, ""))
+        with override_forward_context(step):
+            w, i = wrapped.select_experts(hidden, x)
+        alone = policy_from_spec(policy)(x[:6], spec, layer=0, native=(w0[:6], i0[:6]))
+        assert torch.equal(i[:6].long(), alone.ids) and torch.allclose(w[:6], alone.weights, rtol=1e-6, atol=0)
+        assert torch.equal(i[6:], i0[6:]) and torch.equal(w[6:], w0[6:])  # skipped as vLLM skips them
+        c = plugin_api.counters()[layer]
+        assert c["tokens"] == 6.0 and c["unique"] == int(metrics.unique_experts(alone, E))
+        if policy == "native":
+            assert torch.equal(i, i0) and torch.equal(w, w0)
+
+
+@needs_vllm
 @pytest.mark.parametrize("policy", ["cap:k=4", "oea:k0=4", "budget:budget=32"])
 def test_no_op_policies_are_vllms_own_routing_with_ties(wrapped, policy):
     """bfloat16 router logits full of ties: a policy at its no-op setting gives vLLM's routing exactly
@@ -1105,12 +1158,14 @@ def test_mixed_and_verification_steps(wrapped, logits_factory, phase):
 
 
 @needs_vllm
-@pytest.mark.parametrize("second", ["decode", "prefill"])
-def test_wrapped_routers_route_dp_ranks_as_one_batch(wrapped, logits_factory, monkeypatch, second):
+@pytest.mark.parametrize("second, skip", [("decode", False), ("prefill", False), ("decode", True)])
+def test_wrapped_routers_route_dp_ranks_as_one_batch(wrapped, logits_factory, monkeypatch, second, skip):
     """`dp_view="gather"`: two DP ranks' routers (threads, with a stand-in of vLLM's DP group whose all_gather
     concatenates the threads' tensors) each return their own rows of the policy's routing of both ranks' rows,
     with vLLM's top-K as native; a rank whose step is not re-routed (prefill) still joins the gathers, its rows
-    fixed (vLLM's own routing); a rank that re-routes its step counts the whole batch."""
+    fixed (vLLM's own routing); a rank that re-routes its step counts the whole batch. skip: vLLM's router
+    gives padding rows id -1 and weight 0 (the CUDA routers' VLLM_MOE_SKIP_PADDING rule, on the CPU router's
+    top-K), and they come back so."""
     import threading
 
     import moe_reroute.vllm as plugin_api
@@ -1144,6 +1199,12 @@ def test_wrapped_routers_route_dp_ranks_as_one_batch(wrapped, logits_factory, mo
     routers = [cpu_router(top_k=4, global_num_experts=32) for _ in range(2)]
     for rank, router in enumerate(routers):
         plugin.wrap(router, cfg, layer=3 + rank, num_experts=32, moe_layer=(2, ""))
+        if skip:
+            def skipping(*args, _native=router._compute_routing.native_compute, **kw):
+                w, i = _native(*args, **kw)
+                return w.masked_fill(local.padding[:, None], 0), i.masked_fill(local.padding[:, None], -1)
+
+            router._compute_routing.native_compute = skipping
     sizes = [8, 5]
     x = logits_factory(13, 32, seed=4)
     padding = torch.zeros(13, dtype=torch.bool)
@@ -1173,6 +1234,8 @@ def test_wrapped_routers_route_dp_ranks_as_one_batch(wrapped, logits_factory, mo
         real = ~padding[parts[rank]]
         assert torch.equal(i[real].long(), want.ids[parts[rank]][real])
         assert torch.equal(w[real], want.weights[parts[rank]][real])
+        if skip:
+            assert torch.all(i[~real] == -1) and torch.all(w[~real] == 0)
     if second == "prefill":  # the prefill rank's real rows are vLLM's own routing
         real = ~padding[parts[1]]
         assert torch.equal(out[1][1][real], native_i[parts[1]][real])

@@ -153,6 +153,24 @@ def step_padding() -> torch.Tensor | None:
     return get_forward_context().is_padding if is_forward_context_available() else None
 
 
+def skipped_rows(native_topk: tuple[torch.Tensor, torch.Tensor] | None, valid: torch.Tensor | None
+                 ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None, torch.Tensor | None]:
+    """The rows vLLM's own router skipped: it gives padding rows expert id -1 and weight 0, so that the
+    experts skip them (`VLLM_MOE_SKIP_PADDING`, on by default, from the step's `is_padding`: the CUDA top-K
+    kernels, the grouped router with `skip_padding`; not the CPU router). A policy reads every row's ids, so
+    those rows' ids become 0..K-1 and the rows count as padding. Returns (native (weights, ids), valid, [T]
+    bool of the skipped rows), or (None, valid, None) without native ids (a fused kernel routes: padding rows
+    then point at an expert a real token uses, with weight 0). Tensor ops only: no host synchronisation."""
+    if native_topk is None:
+        return None, valid, None
+    weights, ids = native_topk
+    skipped = (ids < 0).any(dim=-1)  # [T]
+    slots = torch.arange(ids.shape[-1], device=ids.device, dtype=ids.dtype).expand_as(ids)
+    ids = torch.where(skipped[:, None], slots, ids)
+    valid = ~skipped if valid is None else valid & ~skipped
+    return (weights, ids), valid, skipped
+
+
 def decode_threshold() -> int:
     """Tokens a decode sequence may have in one step: 1, or 1 + the speculative tokens being verified."""
     try:
@@ -338,6 +356,7 @@ class Rerouter:
         # MoE) cannot tell its padding, and counts every row.
         valid = ~padding if padding is not None and padding.shape[0] == T else None
         native_topk = self._native_topk(hidden_states, router_logits, indices_type, input_ids)
+        native_topk, valid, skipped = skipped_rows(native_topk, valid)
         # fixed: a mixed step's prefill rows keep native routing, and their experts count as loaded
         routing = self.policy(router_logits, spec, valid, layer=self.moe_layer, native=native_topk, fixed=fixed)
         if counter is not None:
@@ -350,7 +369,7 @@ class Rerouter:
             else:  # "all" on a prefill (or unreadable) step
                 decode_rows = torch.zeros(T, dtype=torch.bool, device=device)
             counter.add(routing, native, v, spec.num_experts, kind, decode_rows)
-        return self._engine_output(routing, indices_type)
+        return self._engine_output(routing, indices_type, skipped)
 
     def _native_topk(self, hidden_states, router_logits, indices_type, input_ids):
         """vLLM's own top-K for ranks 1..K, ties as vLLM breaks them, where the policy runs in torch (the fused
@@ -360,9 +379,14 @@ class Rerouter:
         return self.native_compute(hidden_states, router_logits, indices_type, input_ids=input_ids)
 
     @staticmethod
-    def _engine_output(routing, indices_type) -> tuple[torch.Tensor, torch.Tensor]:
-        """vLLM's output contract: float32 weights [T, K], ids [T, K] of `indices_type` (default int32)."""
-        return routing.weights.to(torch.float32).contiguous(), routing.ids.to(indices_type or torch.int32).contiguous()
+    def _engine_output(routing, indices_type, skipped: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """vLLM's output contract: float32 weights [T, K], ids [T, K] of `indices_type` (default int32); the rows
+        vLLM's own router skipped (`skipped_rows`) as it gives them: id -1, weight 0."""
+        weights, ids = routing.weights.to(torch.float32), routing.ids.to(indices_type or torch.int32)
+        if skipped is not None:
+            weights = weights.masked_fill(skipped[:, None], 0.0)
+            ids = ids.masked_fill(skipped[:, None], -1)
+        return weights.contiguous(), ids.contiguous()
 
     def _count_native(self, counter: LayerCounter, T: int, device: torch.device, kind: str,
                       prefill: torch.Tensor | None) -> None:
@@ -390,6 +414,7 @@ class Rerouter:
         elif fixed is None:
             fixed = torch.zeros(T, dtype=torch.bool, device=device)
         native_topk = self._native_topk(hidden_states, router_logits, indices_type, input_ids)
+        native_topk, valid, skipped = skipped_rows(native_topk, valid)
         sizes = dp_sizes(T, device, gather, group.world_size, rank)
         routing, whole, logits, valid_all, fixed_all = route_across_ranks(
             self.policy, router_logits, spec, rank, sizes, gather, valid, fixed, native_topk, self.moe_layer)
@@ -398,7 +423,7 @@ class Rerouter:
             counter.add(whole, native, valid_all, spec.num_experts, kind, ~fixed_all)
         elif counter is not None:
             self._count_native(counter, T, device, kind, prefill)
-        return self._engine_output(routing, indices_type)
+        return self._engine_output(routing, indices_type, skipped)
 
     @staticmethod
     def _valid_rows(T: int, device: torch.device) -> torch.Tensor:

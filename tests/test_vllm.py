@@ -152,7 +152,7 @@ def test_unsupported_routers_stay_native(kw, why):
 
 
 @needs_vllm
-@pytest.mark.parametrize("version", ["0.31.0", "0.34.0", "1.0.0"])
+@pytest.mark.parametrize("version", ["0.31.0", "0.35.0", "1.0.0"])
 def test_other_vllm_versions_are_refused(version):
     from moe_reroute.vllm import check_version
 

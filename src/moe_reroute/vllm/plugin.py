@@ -34,8 +34,8 @@ from .router import LayerCounter, Rerouter, layer_index, moe_layer_count, moe_la
 logger = logging.getLogger("vllm.moe_reroute")
 
 # vLLM releases whose seams (router factory, BaseRouter._compute_routing, ForwardContext.is_padding)
-# this plugin was written against; 0.32 is the one tested.
-SUPPORTED_VLLM = ((0, 32), (0, 33))
+# this plugin was written against; 0.32 is the one tested, 0.33 and 0.34 were read (the same seams).
+SUPPORTED_VLLM = ((0, 32), (0, 33), (0, 34))
 COUNTER_LOG_EVERY = 1000  # forward steps between two counter summaries in the log
 
 

@@ -152,6 +152,56 @@ def test_unsupported_routers_stay_native(kw, why):
 
 
 @needs_vllm
+def test_rerouted_layers_ask_vllm_for_a_kernel_that_calls_the_router(monkeypatch, caplog):
+    """A monolithic MoE kernel routes inside from the logits and never calls the router. vLLM 0.33+ asks each
+    router `supports_monolithic_kernels` (True on FusedMoERouter) and takes a decomposed kernel where it is
+    False: a re-routed layer's router says False, a layer the policy cannot route (custom routing) and an
+    unwrapped router keep True. vLLM 0.32 (installed here) has no such property, so the stand-in below puts
+    0.34's on FusedMoERouter. Where a re-routed layer's runner is monolithic anyway (0.32), its first forward
+    logs a warning naming the layer (a stand-in runner: no monolithic kernel runs on CPU)."""
+    import logging
+    import types
+
+    import moe_reroute.vllm.plugin as plugin
+    from vllm.model_executor.layers.fused_moe.router.fused_moe_router import FusedMoERouter
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+
+    monkeypatch.setattr(plugin, "STATE", plugin.State())
+    assert "supports_monolithic_kernels" not in FusedMoERouter.__dict__  # vLLM 0.32
+    assert plugin.prefer_decomposed_kernels() is False
+    monkeypatch.setattr(FusedMoERouter, "supports_monolithic_kernels", property(lambda self: True), raising=False)
+    assert plugin.prefer_decomposed_kernels() is True
+    assert plugin.prefer_decomposed_kernels() is True  # once: not wrapped twice
+    cfg = plugin_config.parse("oea:k0=2")
+    routed, custom, plain = (cpu_router(top_k=4, global_num_experts=32),
+                             cpu_router(top_k=4, global_num_experts=32, custom_routing_function=lambda **k: None),
+                             cpu_router(top_k=4, global_num_experts=32))
+    plugin.wrap(routed, cfg, layer=5, num_experts=32, moe_layer=(2, ""))
+    plugin.wrap(custom, cfg, layer=6, num_experts=32, moe_layer=(3, ""))
+    assert routed.supports_monolithic_kernels is False
+    assert custom.supports_monolithic_kernels is True and plain.supports_monolithic_kernels is True
+
+    # the warning at a monolithic runner's first forward (0.32, or a kernel vLLM chose otherwise)
+    assert plugin.note_monolithic_kernels() is True and MoERunner._forward_impl.moe_reroute
+    assert plugin.note_monolithic_kernels() is True and not getattr(MoERunner._forward_impl.__wrapped__, "moe_reroute", False)
+
+    class TrtLlmFp8ExpertsMonolithic:
+        pass
+
+    def runner(router, monolithic):
+        return types.SimpleNamespace(router=router, is_monolithic=monolithic,
+                                     routed_experts=types.SimpleNamespace(quant_method=TrtLlmFp8ExpertsMonolithic()))
+
+    with caplog.at_level(logging.WARNING, logger="vllm.moe_reroute"):
+        assert plugin.check_monolithic(runner(routed, True)) is True
+        assert not plugin.check_monolithic(runner(routed, False))
+        assert not plugin.check_monolithic(runner(custom, True)) and not plugin.check_monolithic(runner(plain, True))
+    lines = [r.getMessage() for r in caplog.records if r.name == "vllm.moe_reroute"]
+    assert len(lines) == 1 and "decoder layer 5" in lines[0] and "TrtLlmFp8ExpertsMonolithic" in lines[0]
+    assert "oea" in lines[0] and "does not apply" in lines[0]
+
+
+@needs_vllm
 @pytest.mark.parametrize("version", ["0.31.0", "0.35.0", "1.0.0"])
 def test_other_vllm_versions_are_refused(version):
     from moe_reroute.vllm import check_version

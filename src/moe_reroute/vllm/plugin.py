@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..contract import layer_name
 from ..replicas import EngineReplicas, Replicas
 from ..serving import config as _config
 from .router import LayerCounter, Rerouter, layer_index, moe_layer_count, moe_layer_of
@@ -162,6 +163,8 @@ def install() -> None:
     create_fused_moe_router.__wrapped__ = original  # type: ignore[attr-defined]
     layer.create_fused_moe_router = create_fused_moe_router
     STATE.opaque_moe = opaque_moe_on_cpu()
+    prefer_decomposed_kernels()
+    note_monolithic_kernels()
     STATE.installed = True
 
 
@@ -199,6 +202,85 @@ def opaque_moe_on_cpu() -> bool:
 
     _select_forward.moe_reroute = True  # type: ignore[attr-defined]
     runner._select_forward = _select_forward
+    return True
+
+
+def rerouted(router: Any) -> bool:
+    """Whether the plugin routes `router` with a policy (a layer it wrapped whose routing it can run)."""
+    r = getattr(router, "__dict__", {}).get("moe_reroute")
+    return r is not None and r.spec is not None
+
+
+def prefer_decomposed_kernels() -> bool:
+    """Make vLLM pick, for every re-routed layer, a MoE kernel that takes the router's ids. A monolithic kernel
+    (FlashInfer TRT-LLM's, the triton_kernels MXFP4 one) routes inside from the logits and never calls the
+    router, so a policy would not apply. vLLM 0.33 and later ask each router `supports_monolithic_kernels`
+    and, where it says False, choose among the decomposed kernels only (`require_decomposed_backend`, its
+    "routes adjusted after routing"): a re-routed layer's router says False, every other router keeps vLLM's
+    answer. Returns whether it is in place (vLLM 0.32 has no such choice: `note_monolithic_kernels`)."""
+    try:
+        from vllm.model_executor.layers.fused_moe.router.fused_moe_router import FusedMoERouter
+    except ImportError:
+        return False
+    original = FusedMoERouter.__dict__.get("supports_monolithic_kernels")
+    if not isinstance(original, property):
+        return False
+    if getattr(original.fget, "moe_reroute", False):
+        return True
+
+    def supports_monolithic_kernels(self: Any) -> bool:
+        return False if rerouted(self) else original.fget(self)
+
+    supports_monolithic_kernels.moe_reroute = True  # type: ignore[attr-defined]
+    FusedMoERouter.supports_monolithic_kernels = property(supports_monolithic_kernels)
+    return True
+
+
+def note_monolithic_kernels() -> bool:
+    """Say so, once per layer, when a re-routed layer runs a monolithic MoE kernel anyway (vLLM 0.32, or a
+    runner vLLM built otherwise): its router is never called, so the policy does not apply there and its
+    counters stay at zero steps. Checked at each MoE runner's first forward (a warm-up step), by a flag on the
+    runner; later calls pay one dictionary lookup. Returns whether it is in place."""
+    try:
+        from vllm.model_executor.layers.fused_moe.runner import moe_runner
+    except ImportError:
+        return False
+    runner = getattr(moe_runner, "MoERunner", None)
+    original = getattr(runner, "_forward_impl", None)
+    if original is None:
+        return False
+    if getattr(original, "moe_reroute", False):
+        return True
+
+    def _forward_impl(self: Any, *args: Any, **kwargs: Any):
+        if "_moe_reroute_seen" not in self.__dict__:
+            self.__dict__["_moe_reroute_seen"] = True
+            check_monolithic(self)
+        return original(self, *args, **kwargs)
+
+    _forward_impl.moe_reroute = True  # type: ignore[attr-defined]
+    _forward_impl.__wrapped__ = original  # type: ignore[attr-defined]
+    runner._forward_impl = _forward_impl
+    return True
+
+
+def check_monolithic(runner: Any) -> bool:
+    """Log a warning when `runner` (a vLLM MoE runner) runs a re-routed layer with a monolithic kernel;
+    whether it does."""
+    router = getattr(runner, "router", None)
+    try:
+        monolithic = bool(runner.is_monolithic)
+    except Exception:  # noqa: BLE001 - a runner whose kernel is not chosen yet, or another runner: nothing to say
+        return False
+    if not (monolithic and router is not None and rerouted(router)):
+        return False
+    r = router.moe_reroute
+    kernel = type(getattr(getattr(runner, "routed_experts", None), "quant_method", None)).__name__
+    logger.warning("moe-reroute: %s runs a MoE kernel that routes inside from the router logits (%s, monolithic), "
+                   "so vLLM never calls its router and policy %s does not apply there (its counters stay at zero "
+                   "steps). vLLM 0.33 and later choose a decomposed kernel for re-routed layers; here choose one "
+                   "with vLLM's MoE backend setting, or serve this model without the policy",
+                   layer_name(r.layer, r.moe_layer), kernel, r.config.describe())
     return True
 
 

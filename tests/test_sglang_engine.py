@@ -261,6 +261,45 @@ def test_distinct_ids_pass_sglang_native_moe_and_repeated_ids_do_not():
     torch.testing.assert_close(got, loop(routing), rtol=1e-4, atol=1e-4)
 
 
+def test_a_policy_keeps_the_top_k_out_of_kernels_that_route_inside(monkeypatch, caplog):
+    """SGLang's own TopK.bind_runner_backend (0.5.23), with the plugin's hooks put in place by SGLang's own
+    hook wrappers: a FlashInfer TRT-LLM layer would route inside its kernel (top-k format BYPASSED) and never
+    call select_experts; with a policy set it gets the STANDARD format, SGLang's path for routing that kernel
+    cannot express, so select_experts, and the policy, run. The triton-kernels backend has no such path: it
+    keeps its format, and the plugin warns once. Without a policy every answer is SGLang's."""
+    import logging
+    import types
+
+    import moe_reroute.sglang.plugin as plugin
+    from moe_reroute.serving import config as plugin_config
+    from sglang.srt.layers.moe import topk as topk_mod
+    from sglang.srt.layers.moe.utils import MoeRunnerBackend
+    from sglang.srt.plugins.hook_registry import HookType, _wrap_fn
+
+    monkeypatch.setattr(topk_mod, "_can_bypass_trtllm_routing",
+                        _wrap_fn(topk_mod._can_bypass_trtllm_routing, plugin.route_outside_kernel, HookType.AROUND))
+    monkeypatch.setattr(topk_mod.TopK, "bind_runner_backend",
+                        _wrap_fn(topk_mod.TopK.bind_runner_backend, plugin.note_kernel_routing, HookType.AFTER))
+
+    def bind(backend, layer=3):  # a TopK's state as its __init__ leaves it (which needs a running model)
+        topk = types.SimpleNamespace(topk_config=topk_mod.TopKConfig(top_k=4, renormalize=True),
+                                     _runner_backend_bound=False, is_fp4_experts=False, layer_id=layer)
+        topk_mod.TopK.bind_runner_backend(topk, backend, routing_method_type=topk_mod.RoutingMethodType.Renormalize)
+        return topk.topk_config.output_format.name
+
+    monkeypatch.setattr(plugin, "STATE", plugin.State())  # no policy: SGLang's formats
+    native = [bind(b) for b in (MoeRunnerBackend.FLASHINFER_TRTLLM, MoeRunnerBackend.TRITON_KERNELS,
+                                MoeRunnerBackend.TRITON)]
+    assert native == ["BYPASSED", "TRITON_KERNEL", "STANDARD"]
+    plugin.STATE.hook = plugin.SelectExpertsHook(plugin_config.parse("oea:k0=2"))
+    with caplog.at_level(logging.WARNING, logger="sglang.moe_reroute"):
+        assert bind(MoeRunnerBackend.FLASHINFER_TRTLLM) == "STANDARD" and bind(MoeRunnerBackend.TRITON) == "STANDARD"
+        assert bind(MoeRunnerBackend.TRITON_KERNELS, layer=5) == "TRITON_KERNEL"
+        assert bind(MoeRunnerBackend.TRITON_KERNELS, layer=6) == "TRITON_KERNEL"
+    lines = [r.getMessage() for r in caplog.records if r.name == "sglang.moe_reroute"]
+    assert len(lines) == 1 and "decoder layer 5" in lines[0] and "TRITON_KERNEL" in lines[0] and "oea" in lines[0]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

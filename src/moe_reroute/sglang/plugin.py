@@ -53,6 +53,10 @@ NATIVE_SPEC = "native"
 # SGLang 0.5.23's eager runner turns a MIXED step into EXTEND before its forward ("a mixed batch is
 # extend-shaped"); an AROUND hook on it keeps the step's own mode for `step_kind` (`note_mode`).
 EXECUTE = "sglang.srt.model_executor.runner.eager_runner.EagerRunner.execute"
+# Where SGLang decides whether a layer's top-k runs inside its MoE kernel (`TopK.bind_runner_backend`): the
+# FlashInfer TRT-LLM kernels route from the logits themselves unless `_can_bypass_trtllm_routing` says no.
+CAN_BYPASS = "sglang.srt.layers.moe.topk._can_bypass_trtllm_routing"
+BIND = "sglang.srt.layers.moe.topk.TopK.bind_runner_backend"
 # select_experts(hidden_states, router_logits, topk_config, *, layer_id, num_token_non_padded,
 #                expert_location_dispatch_info, dynamic_expert_bias, router_logits_partials)
 SELECT_EXPERTS_PARAMS = (
@@ -625,6 +629,7 @@ class State:
     def __init__(self) -> None:
         self.hook: SelectExpertsHook | None = None
         self.ab: ABPlan | None = None  # an A/B plan in progress (`moe_reroute_ab_plan`)
+        self.kernel_routed: set[str] = set()  # top-k formats warned about (`note_kernel_routing`)
 
 
 STATE = State()
@@ -699,9 +704,43 @@ def install(cfg: _config.PluginConfig) -> SelectExpertsHook:
     hook = SelectExpertsHook(cfg)
     HookRegistry.register(TARGET, hook, HookType.AROUND)
     HookRegistry.register(EXECUTE, note_mode, HookType.AROUND)
+    HookRegistry.register(CAN_BYPASS, route_outside_kernel, HookType.AROUND)
+    HookRegistry.register(BIND, note_kernel_routing, HookType.AFTER)
     STATE.hook = hook
     hook._rpc_attached = attach_rpc()
     return hook
+
+
+def route_outside_kernel(can_bypass: Callable, config: Any, *args: Any, **kwargs: Any) -> bool:
+    """AROUND `_can_bypass_trtllm_routing`: with a policy set, no. SGLang then gives a FlashInfer TRT-LLM
+    layer the STANDARD top-k format (its path for routing that kernel cannot express): `select_experts` runs,
+    so the policy does, and the kernel takes its ids. Without a policy (no plugin state) SGLang's answer."""
+    if STATE.hook is not None:
+        return False
+    return can_bypass(config, *args, **kwargs)
+
+
+# top-k formats whose MoE kernels route inside from the logits and never call select_experts
+KERNEL_ROUTED = ("BYPASSED", "TRITON_KERNEL")
+
+
+def note_kernel_routing(result: Any, topk: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER `TopK.bind_runner_backend`: warn, once per format, when a layer's MoE backend still routes inside
+    its kernel (the triton-kernels MXFP4 backend, FlashInfer MXFP4 on non-FP4 experts): the policy does not
+    apply to that layer, and its counters stay at zero steps."""
+    config = getattr(topk, "topk_config", None)
+    fmt = getattr(getattr(config, "output_format", None), "name", None)
+    if STATE.hook is None or fmt not in KERNEL_ROUTED or fmt in STATE.kernel_routed:
+        return None
+    STATE.kernel_routed.add(fmt)
+    backend = getattr(config, "runner_backend", None)
+    logger.warning("moe-reroute: decoder layer %s (and any other layer of this top-k format) runs a MoE backend "
+                   "that routes inside its kernel (%s, top-k format %s), so SGLang never calls select_experts "
+                   "there and policy %s does not apply (its counters stay at zero steps). Choose another "
+                   "--moe-runner-backend, or serve this model without the policy",
+                   getattr(topk, "layer_id", "?"), getattr(backend, "name", backend), fmt,
+                   STATE.hook.config.describe())
+    return None
 
 
 def register() -> None:

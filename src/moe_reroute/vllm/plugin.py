@@ -148,7 +148,7 @@ def install() -> None:
             return router
         caller = sys._getframe(1).f_locals  # FusedMoEFactory's locals: its `prefix` and `expert_map_manager`
         prefix = caller.get("prefix")
-        num_experts = kwargs.get("num_logical_experts") or kwargs.get("global_num_experts")
+        num_experts = logical_experts(kwargs, caller)
         decoder_layer = layer_index(prefix if isinstance(prefix, str) else None)
         if compiles_through_router():
             raise RuntimeError(COMPILED_REFUSAL)
@@ -166,6 +166,18 @@ def install() -> None:
     prefer_decomposed_kernels()
     note_monolithic_kernels()
     STATE.installed = True
+
+
+def logical_experts(kwargs: dict, caller: dict) -> int | None:
+    """E, the experts a layer's router logits cover, as the router factory's call gives it: vLLM passes the
+    router `global_num_experts`, which under EPLB also counts the redundant (physical) experts, E + R, and
+    under MoNE expert substitution (0.33+) only the retained ones; the calling FusedMoEFactory's local
+    `logical_num_experts` is E. None where neither is known (the router's own count is used)."""
+    for value in (kwargs.get("num_logical_experts"), caller.get("logical_num_experts"),
+                  kwargs.get("global_num_experts")):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 COMPILED_REFUSAL = ("moe-reroute: this vLLM compiles the model's forward through the MoE router on CPU (its MoE "

@@ -176,8 +176,12 @@ def test_rerouted_layers_ask_vllm_for_a_kernel_that_calls_the_router(monkeypatch
     routed, custom, plain = (cpu_router(top_k=4, global_num_experts=32),
                              cpu_router(top_k=4, global_num_experts=32, custom_routing_function=lambda **k: None),
                              cpu_router(top_k=4, global_num_experts=32))
-    plugin.wrap(routed, cfg, layer=5, num_experts=32, moe_layer=(2, ""))
-    plugin.wrap(custom, cfg, layer=6, num_experts=32, moe_layer=(3, ""))
+    with caplog.at_level(logging.INFO, logger="vllm.moe_reroute"):
+        plugin.wrap(routed, cfg, layer=5, num_experts=32, moe_layer=(2, ""))
+        plugin.wrap(custom, cfg, layer=6, num_experts=32, moe_layer=(3, ""))
+    said = [r.getMessage() for r in caplog.records if r.name == "vllm.moe_reroute" and "ask vLLM" in r.getMessage()]
+    assert len(said) == 1 and "no backend supports" in said[0] and "MOE_REROUTE_POLICY" in said[0]  # once
+    caplog.clear()
     assert routed.supports_monolithic_kernels is False
     assert custom.supports_monolithic_kernels is True and plain.supports_monolithic_kernels is True
 

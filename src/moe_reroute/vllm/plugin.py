@@ -58,6 +58,7 @@ class State:
         self.steps = 0
         self.counting = True  # counters record while True (`counting()`); read by each router per step
         self.count_layout: _config.CountLayout | None = None  # `enable(count_ep=...)`; else the environment
+        self.decomposed = False  # re-routed layers ask vLLM for a decomposed MoE kernel (`prefer_decomposed_kernels`)
 
     def current(self) -> _config.PluginConfig | None:
         # the environment is read once per process (a policy file is not re-read for every router)
@@ -238,6 +239,7 @@ def prefer_decomposed_kernels() -> bool:
     if not isinstance(original, property):
         return False
     if getattr(original.fget, "moe_reroute", False):
+        STATE.decomposed = True
         return True
 
     def supports_monolithic_kernels(self: Any) -> bool:
@@ -245,6 +247,7 @@ def prefer_decomposed_kernels() -> bool:
 
     supports_monolithic_kernels.moe_reroute = True  # type: ignore[attr-defined]
     FusedMoERouter.supports_monolithic_kernels = property(supports_monolithic_kernels)
+    STATE.decomposed = True
     return True
 
 
@@ -386,6 +389,13 @@ def wrap(router: Any, cfg: _config.PluginConfig, layer: int | None, num_experts:
             r.counter.set_ranks(*ranks)
     router._compute_routing = r
     router.moe_reroute = r
+    if r.spec is not None and STATE.decomposed and "decomposed" not in STATE.notes:
+        STATE.notes.add("decomposed")
+        logger.info("moe-reroute: re-routed MoE layers ask vLLM for a kernel that takes the router's ids, not one "
+                    "that routes inside from the logits (a monolithic kernel never calls the router). Should vLLM "
+                    "find no such kernel for this model's quantisation, it stops at start-up saying no backend "
+                    "supports the configuration; unset %s / %s to serve with its own kernel choice",
+                    _config.POLICY_ENV, _config.POLICY_FILE_ENV)
     STATE.pending.append(r)
     STATE.routers.add(r)
     return r

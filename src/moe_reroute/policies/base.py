@@ -411,6 +411,18 @@ class Policy:
                                  f"{num_layers} MoE layers (0..{num_layers - 1}); give one value per MoE layer of this "
                                  f"model ({COUNTING})")
 
+    def dry_run(self, spec: RouterSpec, layer: int | None, num_layers: int | None = None) -> None:
+        """What an engine checks before it serves with this policy: per-layer values against the model's
+        `num_layers` MoE layers (when known, `check_layers`), every by_batch bucket at `layer` (`check_model`),
+        and one call on two rows of dummy logits (no ties) at the layer's E, on CPU, the correction bias left
+        out (it may live on the GPU). Raises the ValueError or TypeError that says what does not fit."""
+        if num_layers is not None:
+            self.check_layers(num_layers)
+        spec = spec.with_bias(None) if spec.e_score_correction_bias is not None else spec
+        self.check_model(spec, layer)
+        logits = torch.linspace(-1, 1, 2 * spec.num_experts, device="cpu").view(2, -1)  # [2, E], no ties
+        self(logits, spec, layer=layer)
+
     def check_model(self, spec: RouterSpec, layer: int | None) -> None:
         """Raise ValueError if the policy does not fit a layer of the model at some step size: `check_fit`
         on every batch bucket's values at `layer` (the engines' dry runs call this)."""

@@ -134,8 +134,6 @@ def policy_rows(environ: Any = None) -> tuple[list[Row], _config.PluginConfig | 
 def model_row(model: str, cfg: _config.PluginConfig | None) -> Row:
     """Whether the environment's policy fits the model in folder `model` (its config.json): E, K, and every
     MoE layer's values, as the engines' start-up dry run checks them."""
-    import torch
-
     from ..contract import RouterSpec, moe_count
 
     try:
@@ -159,8 +157,6 @@ def model_row(model: str, cfg: _config.PluginConfig | None) -> Row:
     if cfg is None:
         return Row("model", shape, INFO, "no policy set to check against it")
     policy = cfg.policy
-    probe = spec.with_bias(None) if spec.e_score_correction_bias is not None else spec
-    logits = torch.linspace(-1, 1, 2 * spec.num_experts).view(2, -1)  # [2, E], no ties
     layer = None
     try:
         if layers:
@@ -169,8 +165,7 @@ def model_row(model: str, cfg: _config.PluginConfig | None) -> Row:
             if layer is None and policy.config.varies_by_layer():
                 raise ValueError("it gives values per MoE layer, but which decoder layers are MoE layers is not "
                                  "known for this model")
-            policy.check_model(probe, layer)
-            policy(logits, probe, layer=layer)
+            policy.dry_run(spec, layer)
     except (TypeError, ValueError) as e:
         where = "" if layer is None else f" at MoE layer {layer}"
         return Row("model", shape, PROBLEM, f"policy {cfg.describe()} does not fit{where}: {e}")

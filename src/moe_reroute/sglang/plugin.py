@@ -381,13 +381,8 @@ def check_fits(cfg: _config.PluginConfig, spec: RouterSpec, layer: int | None,
         raise ValueError(f"moe-reroute: policy {cfg.source} gives values per MoE layer, but decoder layer {layer} "
                          f"has no MoE-layer index: {why}. Give one value for every layer (e.g. cap:k=4), or unset "
                          "the policy for this model")
-    spec = spec.with_bias(None) if spec.e_score_correction_bias is not None else spec
-    logits = torch.linspace(-1, 1, 2 * spec.num_experts).view(2, -1)  # [2, E], no ties
     try:
-        if moe_layers is not None:  # per-layer values meant for a model with more MoE layers
-            cfg.policy.check_layers(moe_layers)
-        cfg.policy.check_model(spec, moe)  # every by_batch bucket
-        cfg.policy(logits, spec, layer=moe)
+        cfg.policy.dry_run(spec, moe, moe_layers)
     except (TypeError, ValueError) as e:
         raise ValueError(f"moe-reroute: policy {cfg.source} does not fit {layer_name(layer, moe)} "
                          f"(E={spec.num_experts}, K={spec.top_k}): {e}") from None

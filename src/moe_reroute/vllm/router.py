@@ -301,18 +301,12 @@ class Rerouter:
             raise ValueError(f"moe-reroute: policy {config.source} gives values per MoE layer, but decoder layer "
                              f"{self.layer} has no MoE-layer index: {self.moe_why}. Give one value for every layer "
                              "(e.g. cap:k=4), or unset the policy for this model")
-        spec = self.spec.with_bias(None) if self.spec.e_score_correction_bias is not None else self.spec
-        logits = torch.linspace(-1, 1, 2 * spec.num_experts, device="cpu").view(2, -1)  # [2, E], no ties
         try:
-            policy = self.layer_policy(config)
-            if self.moe_layers is not None:  # per-layer values meant for a model with more MoE layers
-                policy.check_layers(self.moe_layers)
-            policy.check_model(spec, self.moe_layer)  # every by_batch bucket
-            policy(logits, spec, layer=self.moe_layer)
+            self.layer_policy(config).dry_run(self.spec, self.moe_layer, self.moe_layers)
         except (TypeError, ValueError) as e:
             raise ValueError(f"moe-reroute: policy {config.source} does not fit "
-                             f"{layer_name(self.layer, self.moe_layer)} (E={spec.num_experts}, K={spec.top_k}): {e}"
-                             ) from None
+                             f"{layer_name(self.layer, self.moe_layer)} (E={self.spec.num_experts}, "
+                             f"K={self.spec.top_k}): {e}") from None
 
     def __call__(
         self,

@@ -72,7 +72,8 @@ def _demo(args) -> int:
     get_shape(args.shape)
     from ..reference import heldout_documents
 
-    domains = len({doc.domain for doc in heldout_documents()})
+    documents = heldout_documents()  # read once: its domains now, its text for the run
+    domains = len({doc.domain for doc in documents})
     most = -(-args.sequences // domains)  # the sequences of the domain that gets the most
     if most < BATCH:
         raise SystemExit(f"error: --sequences {args.sequences}: same-domain batches of {BATCH} need {BATCH} sequences "
@@ -88,12 +89,12 @@ def _demo(args) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return _run(args)
+        return _run(args, documents)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(args) -> int:
+def _run(args, documents) -> int:
     import math
 
     import torch
@@ -102,7 +103,7 @@ def _run(args) -> int:
     from ..measure.evaluate import EvalConfig, batch_order, domain_sequences, evaluate, generation_check
     from ..measure.shapes import get_shape
     from ..progress import progress as progress_bar
-    from ..reference import heldout_documents, load
+    from ..reference import load
     from ..reference.card import domain_streams, trace_sequences
     from .measure import build_policies
 
@@ -115,7 +116,7 @@ def _run(args) -> int:
     say(f"moe-reroute demo: the shipped reference model (Qwen3-MoE, 128 experts, top-8), CPU ({threads}), float32, "
         "batch 16")
     model, tokenizer, _ = load()
-    streams = domain_streams(tokenizer, heldout_documents())
+    streams = domain_streams(tokenizer, documents)
     try:  # enough text for --sequences of --seq-len tokens: said before any step starts
         domain_sequences(streams, args.seq_len, args.sequences)
     except ValueError as e:

@@ -70,9 +70,9 @@ def placements(how: str, trace: Trace, ranks: Sequence[int], load: torch.Tensor 
     for D in ranks:
         p = make_placement(how, E, D, load=load, layers=L) if obj is None else check_placement(obj, E, D, how, L)
         if obj is not None:  # a file made for fewer ranks would leave ranks empty and count them as idle
-            used = int(p.max()) + 1
             empty = sorted(set(range(D)) - set(p.flatten().tolist()))
             if empty:
+                used = int(p.max()) + 1
                 raise ValueError(f"{how} places experts on {D - len(empty)} of D={D} ranks (rank"
                                  f"{'s' * (len(empty) > 1)} {_ranks_text(empty)} hold{'s' * (len(empty) == 1)} none): "
                                  f"it was made for {used} ranks; give --ep {used}, or a placement for {D} ranks")

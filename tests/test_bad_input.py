@@ -333,7 +333,7 @@ def test_trace_tensors_are_validated(tmp_path, case):
 
 
 @pytest.mark.parametrize("change,needle", [
-    (lambda t: t.pop("bias.0"), "layer 0 routes as DeepSeek-V3 (e_score_correction_bias) but 'bias.0' is missing"),
+    (lambda t: t.pop("bias.0"), "layer 0 routes as deepseek_v3 (with e_score_correction_bias) but 'bias.0' is missing"),
     (lambda t: _set(t, "bias.1", t["bias.1"].long()), "'bias.1' must be finite floating point, got torch.int64"),
     (lambda t: t["bias.0"].__setitem__(3, float("nan")), "'bias.0' must be finite floating point"),
     (lambda t: _set(t, "bias.0", t["bias.0"][:4]), "e_score_correction_bias must be a tensor of shape [E]=[8]"),

@@ -166,3 +166,61 @@ def test_unsupported_model_lists_supported_ones():
     )
     with pytest.raises(ValueError, match="qwen3_moe, qwen2_moe, olmoe, mixtral, deepseek_v3, gpt_oss"):
         apply(llama, "oea", k0=1)
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "glm4_moe", "minimax_m2"])
+def test_correction_bias_is_read_where_the_model_keeps_it(arch):
+    """The sigmoid routers' correction bias: on the router (DeepSeek-V3, GLM-4.5) or on the MoE block, which
+    passes it to the router (MiniMax-M2). With a bias that moves the choice, `native` still gives the stock
+    model's tokens and logits, and `layer_spec` holds each layer's own bias."""
+    from moe_reroute.hf.apply import decoder, layer_spec
+
+    model = tiny_model(arch, seed=5)
+    spec = RouterSpec.from_config(model.config)
+    biases = []
+    with torch.no_grad():
+        for i, router in moe_routers(model):
+            owner = router if hasattr(router, "e_score_correction_bias") else decoder(model).layers[i].mlp
+            owner.e_score_correction_bias.copy_(torch.randn(spec.num_experts, generator=torch.Generator().manual_seed(i)))
+            biases.append(owner.e_score_correction_bias)
+    for (_, router), bias in zip(moe_routers(model), biases):
+        assert layer_spec(spec, router).e_score_correction_bias is bias
+    ids, mask = prompts()
+    seq0, logits0 = greedy(model, ids, mask)
+    with apply(model, "native", phase="all"):
+        seq1, logits1 = greedy(model, ids, mask)
+    assert torch.equal(seq0, seq1) and torch.equal(logits0, logits1)
+    with torch.no_grad():  # the same model without its bias routes otherwise: the bias mattered here
+        for b in biases:
+            b.zero_()
+    assert not torch.equal(greedy(model, ids, mask)[1], logits0)
+
+
+def test_qwen3_5_multimodal_model_is_routed_through_its_language_model():
+    """Qwen3.5's multimodal class (model.model.language_model.layers, a qwen3_5_moe config): `apply` finds
+    its MoE layers, `native` keeps its text generation identical, and `oea` lowers U on a decode batch."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.qwen3_5_moe.configuration_qwen3_5_moe import Qwen3_5MoeConfig
+
+    from tiny_models import tiny_configs
+
+    torch.manual_seed(0)
+    config = Qwen3_5MoeConfig(text_config=tiny_configs()["qwen3_5_moe_text"].to_dict(),
+                              vision_config=dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16,
+                                                 out_hidden_size=32))
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0, 0.3)
+    assert [i for i, _ in moe_routers(model)] == [0, 1]
+    ids, mask = prompts(B=4)
+    seq0, logits0 = greedy(model, ids, mask)
+    with apply(model, "native", phase="all"):
+        seq1, logits1 = greedy(model, ids, mask)
+    assert torch.equal(seq0, seq1) and torch.equal(logits0, logits1)
+    with apply(model, "oea", k0=1), Recorder(model) as rec:
+        greedy(model, ids, mask)
+    u, native = rec.unique_per_layer(decode_only=True), rec.unique_per_layer(native=True, decode_only=True)
+    assert all((u[layer] <= native[layer]).all() for layer in u)
+    assert sum(int((u[layer] < native[layer]).sum()) for layer in u) > 0

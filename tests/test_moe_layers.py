@@ -31,12 +31,17 @@ def configs():
     from transformers import (
         DeepseekV2Config,
         DeepseekV3Config,
+        Dots1Config,
+        Glm4MoeConfig,
         GptOssConfig,
+        MiniMaxM2Config,
         MixtralConfig,
         OlmoeConfig,
         Qwen2MoeConfig,
         Qwen3MoeConfig,
+        Qwen3NextConfig,
     )
+    from transformers.models.qwen3_5_moe.configuration_qwen3_5_moe import Qwen3_5MoeConfig, Qwen3_5MoeTextConfig
 
     return [
         (Qwen3MoeConfig(num_hidden_layers=6, decoder_sparse_step=2), [1, 3, 5]),
@@ -50,6 +55,12 @@ def configs():
         (MixtralConfig(num_hidden_layers=4), [0, 1, 2, 3]),
         (OlmoeConfig(num_hidden_layers=3), [0, 1, 2]),
         (GptOssConfig(num_hidden_layers=2), [0, 1]),
+        (Glm4MoeConfig(num_hidden_layers=46, first_k_dense_replace=1), list(range(1, 46))),  # GLM-4.5-Air's
+        (Dots1Config(num_hidden_layers=5, first_k_dense_replace=2, n_routed_experts=8), [2, 3, 4]),
+        (Qwen3NextConfig(num_hidden_layers=4, mlp_only_layers=[1]), [0, 2, 3]),
+        (MiniMaxM2Config(num_hidden_layers=3), [0, 1, 2]),
+        (Qwen3_5MoeTextConfig(num_hidden_layers=4), [0, 1, 2, 3]),
+        (Qwen3_5MoeConfig(text_config={"num_hidden_layers": 3}), [0, 1, 2]),  # multimodal: its text config's
         (types.SimpleNamespace(model_type="kimi_k2", num_hidden_layers=5, first_k_dense_replace=1,
                                moe_layer_freq=1, n_routed_experts=8), [1, 2, 3, 4]),
         (types.SimpleNamespace(model_type="deepseek_v3", num_hidden_layers=4, first_k_dense_replace=1,
@@ -86,6 +97,11 @@ def test_layers_without_a_moe_layer_index_say_why():
     ("qwen2_moe", {"num_hidden_layers": 4, "decoder_sparse_step": 2}, [1, 3]),
     ("mixtral", {}, [0, 1]),
     ("gpt_oss", {}, [0, 1]),
+    ("glm4_moe", {"num_hidden_layers": 4, "first_k_dense_replace": 2}, [2, 3]),
+    ("dots1", {"num_hidden_layers": 3}, [1, 2]),
+    ("qwen3_next", {"num_hidden_layers": 4, "mlp_only_layers": [2]}, [0, 1, 3]),
+    ("qwen3_5_moe_text", {}, [0, 1]),
+    ("minimax_m2", {"num_hidden_layers": 3}, [0, 1, 2]),
 ])
 def test_moe_layers_are_the_ones_transformers_builds(arch, overrides, expected):
     model = tiny_model(arch, **overrides)

@@ -878,6 +878,22 @@ def deepseek_v3(tmp_path_factory):
     return save_tiny(AutoModelForCausalLM.from_config(config).float().eval(), tmp_path_factory, "tiny-deepseek-v3")
 
 
+@pytest.fixture(scope="module")
+def glm4_moe(tmp_path_factory):
+    """A tiny random GLM-4.5 (glm4_moe): decoder layer 0 dense, layers 1-2 MoE with 32 experts, top-4, sigmoid
+    scores with a correction bias, routed_scaling_factor 2.5, one shared expert, partial rotary embeddings."""
+    from transformers import AutoModelForCausalLM, Glm4MoeConfig
+
+    config = Glm4MoeConfig(vocab_size=V, hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
+                           num_key_value_heads=1, head_dim=32, n_routed_experts=32, num_experts_per_tok=4, n_group=1,
+                           topk_group=1, moe_intermediate_size=32, intermediate_size=64, first_k_dense_replace=1,
+                           routed_scaling_factor=2.5, n_shared_experts=1, max_position_embeddings=128,
+                           pad_token_id=PAD, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                           norm_topk_prob=True, partial_rotary_factor=0.5)
+    torch.manual_seed(0)
+    return save_tiny(AutoModelForCausalLM.from_config(config).float().eval(), tmp_path_factory, "tiny-glm4-moe")
+
+
 def prompts():
     g = torch.Generator().manual_seed(0)
     return torch.randint(3, V, (B, L), generator=g)  # equal lengths: one prefill step, then B-token decode steps
@@ -1559,6 +1575,23 @@ def test_engine_deepseek_v3(deepseek_v3, engines):
     # Per-layer values count MoE layers: k=4 (= K, native) on MoE layer 0 = decoder layer 1, k=2 on decoder layer 2.
     generate(llm, policy='{"name": "cap", "k": [4, 2]}')
     check_counters([1, 2], fewer=[False, True])
+
+
+@needs_vllm
+@shares_engines
+def test_engine_glm4_moe(glm4_moe, engines):
+    """GLM-4.5's layout (MoE from first_k_dense_replace) is known to the plugin: native gives vLLM's own tokens,
+    which are transformers' here, and a per-layer cap is read by MoE layer, as transformers' adapter reads it
+    (the same tokens), with MoE layer 0 (decoder layer 1) left native."""
+    stock = engines.stock(glm4_moe)
+    assert torch.equal(stock, hf_greedy(glm4_moe)), "vLLM and transformers disagree even without a policy"
+    llm = engines.get(glm4_moe)
+    assert torch.equal(generate(llm, policy="native"), stock)
+    check_counters([1, 2], fewer=False)
+    capped = generate(llm, policy="cap:k=[4,1]")
+    check_counters([1, 2], fewer=[False, True])
+    assert not torch.equal(capped, stock)
+    assert torch.equal(capped, hf_greedy(glm4_moe, "cap:k=[4,1]"))
 
 
 @needs_vllm

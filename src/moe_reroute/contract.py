@@ -24,13 +24,37 @@ import torch
 
 SCORINGS = ("softmax", "sigmoid", "topk_softmax")
 
-# model_type of a transformers config -> how to read its router from the config.
-SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "gpt_oss")
+# model_type of a transformers config -> how to read its router from the config. A multimodal config
+# (qwen3_5_moe) is read by its language model's (`text_config`).
+SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "gpt_oss",
+                           "qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text", "glm4_moe", "dots1", "minimax_m2")
+# routers of these model_types route as Qwen3-MoE's (softmax, top-K, renormalised if norm_topk_prob) ...
+QWEN_ROUTERS = ("qwen3_moe", "qwen2_moe", "olmoe", "qwen3_next")
+# ... as Qwen3.5-MoE's (the same, always renormalised) ...
+QWEN35_ROUTERS = ("qwen3_5_moe", "qwen3_5_moe_text")
+# ... as DeepSeek-V3's (sigmoid + correction bias, groups, scaling factor; the bias lives on the router) ...
+DEEPSEEK_ROUTERS = ("deepseek_v3", "glm4_moe", "dots1")
+# ... or as MiniMax-M2's (sigmoid + correction bias over all E, renormalised; the bias lives on the MoE block)
+BIASED_ROUTERS = DEEPSEEK_ROUTERS + ("minimax_m2",)  # a correction bias in every MoE layer
 
 # model_types whose decoder-layer layout `moe_layers` knows, by the rule that lays them out.
-DEEPSEEK_LAYOUT = ("deepseek_v2", "deepseek_v3", "kimi_k2")  # first_k_dense_replace, moe_layer_freq
-QWEN_LAYOUT = ("qwen2_moe", "qwen3_moe")  # decoder_sparse_step, mlp_only_layers
-EVERY_LAYER_LAYOUT = ("mixtral", "olmoe", "gpt_oss")
+DEEPSEEK_LAYOUT = ("deepseek_v2", "deepseek_v3", "kimi_k2", "glm4_moe", "dots1")  # first_k_dense_replace, moe_layer_freq
+QWEN_LAYOUT = ("qwen2_moe", "qwen3_moe", "qwen3_next")  # decoder_sparse_step, mlp_only_layers
+EVERY_LAYER_LAYOUT = ("mixtral", "olmoe", "gpt_oss", "qwen3_5_moe", "qwen3_5_moe_text", "minimax_m2")
+
+
+def text_config(config: Any) -> Any:
+    """The language model's config of a multimodal transformers config (`get_text_config()`, e.g. Qwen3.5's
+    qwen3_5_moe -> qwen3_5_moe_text); any other config (or config-like object) as it is."""
+    get = getattr(config, "get_text_config", None)
+    if callable(get):
+        try:
+            inner = get()
+        except Exception:  # a config that cannot name one: read it as it is
+            return config
+        if inner is not None:
+            return inner
+    return config
 
 
 @dataclass(frozen=True)
@@ -122,10 +146,12 @@ class RouterSpec:
 
     @classmethod
     def from_config(cls, config: Any) -> RouterSpec:
-        """Read the routing of a transformers config (Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral, DeepSeek-V3, GPT-OSS).
+        """Read the routing of a transformers config (Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral, DeepSeek-V3, GPT-OSS,
+        Qwen3-Next, Qwen3.5-MoE, GLM-4.5 (glm4_moe), dots.llm1, MiniMax-M2).
 
-        The DeepSeek-V3 bias is per layer and lives in the weights: attach it with `with_bias`.
+        The sigmoid routers' correction bias is per layer and lives in the weights: attach it with `with_bias`.
         """
+        config = text_config(config)
         model_type = getattr(config, "model_type", None)
         if model_type not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
@@ -133,13 +159,17 @@ class RouterSpec:
                 f"{', '.join(SUPPORTED_ARCHITECTURES)}. For another model, build RouterSpec(...) by hand."
             )
         K = int(config.num_experts_per_tok)
-        if model_type in ("qwen3_moe", "qwen2_moe", "olmoe"):
+        if model_type in QWEN_ROUTERS:
             return cls(int(config.num_experts), K, "softmax", bool(config.norm_topk_prob), arch=model_type)
+        if model_type in QWEN35_ROUTERS:
+            return cls(int(config.num_experts), K, "softmax", True, arch=model_type)
         if model_type == "mixtral":
             return cls(int(config.num_local_experts), K, "softmax", True, weights_in_logits_dtype=False, arch=model_type)
         if model_type == "gpt_oss":
             return cls(int(config.num_local_experts), K, "topk_softmax", True, arch=model_type)
-        return cls(  # deepseek_v3
+        if model_type == "minimax_m2":
+            return cls(int(config.num_local_experts), K, "sigmoid", True, weights_in_logits_dtype=False, arch=model_type)
+        return cls(  # DEEPSEEK_ROUTERS
             int(config.n_routed_experts),
             K,
             "sigmoid",
@@ -159,11 +189,14 @@ def moe_layers(config: Any) -> list[int] | None:
     Position n of the list is MoE layer n: the `layer` index policies are called with, which every
     per-layer value counts (dense layers are not counted). The rules are the ones vLLM and transformers
     build the models by:
-      - DeepSeek-V2/V3, Kimi-K2: layer i is MoE when i >= first_k_dense_replace and i % moe_layer_freq == 0
-        (transformers ignores moe_layer_freq, which is 1 in every released checkpoint; vLLM reads it).
-      - Qwen2-MoE, Qwen3-MoE: when i is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0.
-      - Mixtral, OLMoE, GPT-OSS: every layer.
+      - DeepSeek-V2/V3, Kimi-K2, GLM-4.5 (glm4_moe), dots.llm1: layer i is MoE when i >= first_k_dense_replace
+        and i % moe_layer_freq == 0 (transformers ignores moe_layer_freq, which is 1 in every released
+        checkpoint; vLLM reads it where the model has one).
+      - Qwen2-MoE, Qwen3-MoE, Qwen3-Next: when i is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0.
+      - Mixtral, OLMoE, GPT-OSS, Qwen3.5-MoE, MiniMax-M2: every layer.
+    A multimodal config is read by its language model's (`text_config`).
     """
+    config = text_config(config)
     model_type = getattr(config, "model_type", None)
     if model_type not in DEEPSEEK_LAYOUT + QWEN_LAYOUT + EVERY_LAYER_LAYOUT:
         return None

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .contract import RouterSpec
+from .contract import BIASED_ROUTERS, RouterSpec
 from .policies import Policy
 
 FORMAT = "moe_reroute.trace/1"
@@ -389,8 +389,8 @@ def _parse(path: Path, metadata: dict[str, str], names: set[str], get: Any
         if bias is not None and (not bias.dtype.is_floating_point or not bool(torch.isfinite(bias).all())):
             raise bad(f"'bias.{key}' must be finite floating point, got {bias.dtype}"
                       + ("" if not bias.dtype.is_floating_point else " with NaN or inf"))
-        if bias is None and d.get("arch") == "deepseek_v3":
-            raise bad(f"layer {key} routes as DeepSeek-V3 (e_score_correction_bias) but 'bias.{key}' is missing")
+        if bias is None and d.get("arch") in BIASED_ROUTERS:
+            raise bad(f"layer {key} routes as {d['arch']} (with e_score_correction_bias) but 'bias.{key}' is missing")
         try:
             specs[layer] = RouterSpec(**d, e_score_correction_bias=bias)
         except ValueError as e:

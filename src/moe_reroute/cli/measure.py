@@ -70,11 +70,11 @@ def load_model(path: str | None, text: str | None, need_text: bool = True):
 
 
 def check_moe(model) -> None:
-    from ..contract import SUPPORTED_ARCHITECTURES
+    from ..contract import SUPPORTED_ARCHITECTURES, text_config
     from ..hf.apply import ROUTERS, moe_routers
 
     model_type = getattr(model.config, "model_type", None)
-    if model_type not in ROUTERS or not list(moe_routers(model)):
+    if getattr(text_config(model.config), "model_type", None) not in ROUTERS or not list(moe_routers(model)):
         raise SystemExit(f"error: {type(model).__name__} (model_type {model_type!r}) is not a supported MoE model; "
                          f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 

@@ -14,6 +14,7 @@ indices, as the modules are named (`model.layers.3.mlp.gate` is decoder layer 3)
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import MethodType
@@ -21,10 +22,11 @@ from types import MethodType
 import torch
 from torch import nn
 
-from ..contract import SUPPORTED_ARCHITECTURES, RouterSpec, layer_name
+from ..contract import SUPPORTED_ARCHITECTURES, RouterSpec, layer_name, text_config
 from ..policies import Policy, make_policy
 
-# model_type -> (attribute of the MoE block holding the router, the router's class name)
+# model_type -> (attribute of the MoE block holding the router, the router's class name). The language
+# model's model_type: a multimodal model (Qwen3.5's qwen3_5_moe) is found by its text config's.
 ROUTERS = {
     "qwen3_moe": ("gate", "Qwen3MoeTopKRouter"),
     "qwen2_moe": ("gate", "Qwen2MoeTopKRouter"),
@@ -32,7 +34,15 @@ ROUTERS = {
     "mixtral": ("gate", "MixtralTopKRouter"),
     "deepseek_v3": ("gate", "DeepseekV3TopkRouter"),
     "gpt_oss": ("router", "GptOssTopKRouter"),
+    "qwen3_next": ("gate", "Qwen3NextTopKRouter"),
+    "qwen3_5_moe_text": ("gate", "Qwen3_5MoeTopKRouter"),
+    "glm4_moe": ("gate", "Glm4MoeTopkRouter"),
+    "dots1": ("gate", "Dots1TopkRouter"),
+    "minimax_m2": ("gate", "MiniMaxM2TopKRouter"),
 }
+# model_types whose MoE block, not its router, holds the correction bias (and passes it to the router)
+BIAS_ON_BLOCK = ("minimax_m2",)
+_BLOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # such a router -> a weak reference to its block
 PHASES = ("decode", "all", "decode-sim")
 KINDS = ("decode", "verify", "prefill", "unknown")
 APPLIED_ATTR = "_moe_reroute_applied"  # the model's Applied handle while a policy is on it
@@ -40,10 +50,14 @@ PREFILL_ATTR = "_moe_reroute_prefill"  # the model's PrefillWatch while a tracke
 
 
 def decoder(model: nn.Module) -> nn.Module:
-    """The decoder stack (the module with `.layers`) of a CausalLM or base model."""
+    """The decoder stack (the module with `.layers`) of a CausalLM or base model, or of a multimodal model's
+    language model (`model.model.language_model`)."""
     inner = getattr(model, "model", model)
+    if not hasattr(inner, "layers") and hasattr(getattr(inner, "language_model", None), "layers"):
+        inner = inner.language_model
     if not hasattr(inner, "layers"):
-        raise TypeError(f"{type(model).__name__} has no decoder layers (expected model.model.layers)")
+        raise TypeError(f"{type(model).__name__} has no decoder layers (expected model.model.layers, or "
+                        "model.model.language_model.layers)")
     return inner
 
 
@@ -51,16 +65,19 @@ def moe_routers(model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
     """(decoder-layer index, router module) of every MoE layer, in order; dense layers (DeepSeek-V3's
     first ones) are skipped, so the n-th pair is MoE layer n (see `moe_layer_indices`)."""
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
+    model_type = getattr(text_config(config), "model_type", None)
     if model_type not in ROUTERS:
         raise ValueError(
-            f"unsupported model {type(model).__name__} (model_type {model_type!r}); moe_reroute.hf supports "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"unsupported model {type(model).__name__} (model_type {getattr(config, 'model_type', None)!r}); "
+            f"moe_reroute.hf supports {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     attr, cls_name = ROUTERS[model_type]
     for i, layer in enumerate(decoder(model).layers):
-        router = getattr(getattr(layer, "mlp", None), attr, None)
+        block = getattr(layer, "mlp", None)
+        router = getattr(block, attr, None)
         if router is not None and type(router).__name__ == cls_name:
+            if model_type in BIAS_ON_BLOCK:
+                _BLOCKS[router] = weakref.ref(block)  # (a strong value would keep the router alive)
             yield i, router
 
 
@@ -70,7 +87,11 @@ def moe_layer_indices(routers: list[tuple[int, nn.Module]]) -> dict[int, int]:
 
 
 def layer_spec(spec: RouterSpec, router: nn.Module) -> RouterSpec:
+    """`spec` with the layer's correction bias, read now (model.to() replaces buffers): the router's, or its
+    MoE block's (MiniMax-M2)."""
     bias = getattr(router, "e_score_correction_bias", None)
+    if bias is None and router in _BLOCKS:
+        bias = getattr(_BLOCKS[router](), "e_score_correction_bias", None)
     return spec.with_bias(bias) if bias is not None else spec
 
 

@@ -7,8 +7,6 @@ index `sere` reads it by, in memory and in the file.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 

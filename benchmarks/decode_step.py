@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -38,7 +39,9 @@ from moe_reroute.measure.layer import MoELayer, grouped_mm_status, resolve_devic
 from moe_reroute.measure.shapes import LayerShape, custom_shape, get_shape
 from moe_reroute.policies.spec import policy_from_spec
 
-DEFAULT_POLICIES = ("native", "cap:k=4", "oea:k0=3", "sere", "budget:budget=32", "gain:budget=32")
+# gain is not among them: its set takes `budget` small device steps per layer, some 35,000 graph nodes a step
+# at 48 layers, which alone would take most of the GPU run's time limit (`--policy gain:budget=32` adds it)
+DEFAULT_POLICIES = ("native", "cap:k=4", "oea:k0=3", "sere", "budget:budget=32")
 BATCHINGS = ("same-domain", "mixed")
 VARIANTS = ("step", "experts", "routing")
 FIRST_POSITION = 8  # positions before this have little context: not sampled
@@ -76,6 +79,9 @@ def step(stack: Stack, x: torch.Tensor, logits: torch.Tensor, specs: list[Router
         h @ stack.router[i]  # the router's GEMM: its cost is part of the step, its output is replaced
         if routing is None:
             r = policy(logits[i], specs[i], layer=moe_layers[i])
+            # every row is a token (reference_batches has no padding): without `valid` the experts skip no
+            # rows, where dropping the invalid ones would index by a mask, a host synchronisation
+            r = Routing(r.weights, r.ids)
         else:
             r = Routing(routing[0][i], routing[1][i])
         h = h + layer.forward(h, r, "grouped_mm")
@@ -220,12 +226,15 @@ def fit_layers(shape: LayerShape, want: int, device: torch.device, dtype: torch.
 
 def bench(shape: LayerShape, L: int, batch_sizes: list[int], policies: dict, batches: dict[str, Batches],
           device: torch.device, dtype: torch.dtype, repeats: int, warmup: int, graph: bool,
-          deadline: float | None = None, seed: int = 0, log=print) -> dict:
+          deadline: float | None = None, seed: int = 0, log=print, progress=None) -> dict:
+    """Every batch size (the outer loop: under a time limit the small and middle ones come first), each
+    batching, every policy's three graphs interleaved. progress(out) is called with the results so far after
+    each (batch size, batching), so that a run stopped from outside keeps what it measured."""
     stack = Stack(shape, L, device, dtype, seed)
     pool = torch.cuda.graph_pool_handle() if graph else None
     results, timed_out = [], []
-    for batching, data in batches.items():
-        for B in batch_sizes:
+    for B in batch_sizes:
+        for batching, data in batches.items():
             if deadline is not None and time.monotonic() > deadline:
                 timed_out.append({"batching": batching, "B": B})
                 continue
@@ -291,6 +300,8 @@ def bench(shape: LayerShape, L: int, batch_sizes: list[int], policies: dict, bat
                     f"experts {median(ex):8.3f} ms  routing {median(ro):7.3f} ms"
                     + (f"  x{median(st) / median(nat):.3f} of native" if nat is not None else ""))
             del runners, pre
+            if progress is not None:
+                progress({"results": results, "timed_out": timed_out})
     return {"results": results, "timed_out": timed_out}
 
 
@@ -358,22 +369,31 @@ def main(argv: list[str] | None = None) -> int:
     if E != shape.num_experts:
         raise SystemExit(f"decode_step: the recorded logits have E={E}, the shape {shape.dims()}; pick E={E}")
     graph = device.type == "cuda"
-    out = bench(shape, L, batch_sizes, policies, batches, device, dtype, a.repeats, a.warmup, graph,
-                deadline, a.seed)
-    for row in out["results"]:
-        row["scaled_ms"] = None if L == a.layers else row["step_ms"]["median"] * a.layers / L
-    report = {
+    head = {
         "bench": "decode_step", "shape": {"name": shape.name, "dims": shape.dims()}, "layers": L,
         "layers_asked": a.layers, "scaled": L != a.layers, "dtype": str(dtype).removeprefix("torch."),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "cuda_graph": graph, "torch": torch.__version__, "batch_sizes": batch_sizes, "steps": a.steps,
         "repeats": a.repeats, "warmup": a.warmup, "dry_run": a.dry_run,
-        "routing": {b: d.where for b, d in batches.items()}, "seconds": round(time.monotonic() - t_start, 1),
-        **out,
+        "routing": {b: d.where for b, d in batches.items()},
     }
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(report, f, indent=1)
+
+    def report_of(out: dict, complete: bool) -> dict:
+        for row in out["results"]:
+            row["scaled_ms"] = None if L == a.layers else row["step_ms"]["median"] * a.layers / L
+        return {**head, "complete": complete, "seconds": round(time.monotonic() - t_start, 1), **out}
+
+    def write(report: dict) -> None:  # whole or not at all: a reader never sees half a file
+        if a.json:
+            tmp = f"{a.json}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(report, f, indent=1)
+            os.replace(tmp, a.json)
+
+    out = bench(shape, L, batch_sizes, policies, batches, device, dtype, a.repeats, a.warmup, graph,
+                deadline, a.seed, progress=lambda so_far: write(report_of(so_far, False)))
+    report = report_of(out, True)
+    write(report)
     print(json.dumps({k: v for k, v in report.items() if k != "results"}))
     return 0
 

@@ -47,3 +47,45 @@ def random_mask(T: int, seed: int, p_invalid: float = 0.25) -> torch.Tensor:
 @pytest.fixture
 def logits_factory():
     return distinct_logits
+
+
+# ATen ops that wait for the device on CUDA (a value read back to the host, or an output whose size depends
+# on the data): none may run inside a CUDA graph. On CPU they run, but a dispatch log still sees them.
+HOST_SYNC_OPS = {"nonzero", "argwhere", "masked_select", "_local_scalar_dense", "unique", "_unique", "_unique2",
+                 "unique_consecutive", "unique_dim", "bincount", "nonzero_numpy", "item"}
+
+
+class HostSyncLog:
+    """Records the ATen ops a call issues that would synchronise the host on CUDA: those of HOST_SYNC_OPS,
+    indexing by a boolean mask (`x[mask]`, `x[mask] = v`: a nonzero inside), and repeat_interleave with tensor
+    repeats and no output_size. Use as a context manager; `.found` lists them."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        log = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                name = func.overloadpacket.__name__
+                if name in HOST_SYNC_OPS:
+                    log.found.append(name)
+                elif name in ("index", "index_put", "index_put_", "_index_put_impl_") and any(
+                        isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                        for i in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ())):
+                    log.found.append(f"{name} by a boolean mask")
+                elif name == "repeat_interleave" and func._overloadname in ("Tensor", "self_Tensor") and (
+                        kwargs.get("output_size") is None):
+                    log.found.append("repeat_interleave with tensor repeats")
+                return func(*args, **kwargs)
+
+        self.found: list[str] = []
+        self._mode = _Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)

@@ -70,6 +70,38 @@ def test_kernels_equal_dense_reference(kernel, pool):
         assert not got[~routing.valid].any(), "invalid rows must stay zero"
 
 
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                             reason="needs a CUDA device")])])
+def test_timed_calls_compute_each_steps_layer(device):
+    """What `bench` times: on CUDA with the grouped kernel a replay of each step's CUDA graph, elsewhere the
+    eager forward; either way each call computes that step's layer output, checked after every call was made
+    (graphs replayed in turn do not overwrite each other's outputs)."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm not in this torch")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    layer = bench.MoELayer(SHAPE, device, dtype, seed=0)
+    prepared = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        steps = []
+        for s in range(2):
+            r = random_routing(6, seed * 10 + s)
+            r = Routing(r.weights.to(device), r.ids.to(device))
+            x = (torch.randn(6, SHAPE.hidden, generator=torch.Generator().manual_seed(s)) * 0.5).to(device, dtype)
+            steps.append((x, r))
+        prepared[name] = steps
+    calls, how = bench.timed_calls(layer, prepared, "grouped_mm")
+    assert ("CUDA graph" in how) == (device == "cuda")
+    got = {name: [call() for call in calls[name]] for name in prepared}
+    if device == "cuda":
+        torch.cuda.synchronize()
+    for name, steps in prepared.items():
+        for (x, r), out in zip(steps, got[name]):
+            want = dense_reference(layer, x.cpu(), Routing(r.weights.cpu(), r.ids.cpu()))
+            torch.testing.assert_close(out.float().cpu(), want, rtol=2e-2 if device == "cuda" else 1e-4,
+                                       atol=2e-2 if device == "cuda" else 1e-5)
+
+
 def test_aliasing_is_stated():
     assert bench.MoELayer(SHAPE, "cpu").aliasing is None
     assert "slot e mod 5" in bench.MoELayer(SHAPE, "cpu", pool=5).aliasing

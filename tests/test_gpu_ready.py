@@ -123,6 +123,76 @@ def test_decode_step_matches_a_plain_loop(name, params):
     torch.testing.assert_close(again, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name,params", POLICIES + [("gain", {"budget": 12})], ids=lambda x: x if isinstance(x, str) else "")
+def test_decode_step_has_no_host_synchronisation(name, params):
+    """What the CUDA graph of a decode step needs, checked on CPU by a dispatch log: neither the policy nor
+    the experts issue an op that waits for the device (a mask index, nonzero, item, bincount, unique), for
+    both step variants (policy inside, routing given)."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm not in this torch")
+    from conftest import HostSyncLog
+
+    stack, shape = _stack()
+    specs = [RouterSpec(128, 8)] * stack.L
+    logits = torch.stack([distinct_logits(6, 128, seed=30 + i) for i in range(stack.L)])
+    x = torch.randn(6, shape.hidden, generator=torch.Generator().manual_seed(0))
+    pol = make_policy(name, check_inputs=False, backend="torch", **params)
+    layers = list(range(stack.L))
+    routing = decode_step.route_only(logits, specs, layers, pol)
+    with HostSyncLog() as log:
+        decode_step.step(stack, x, logits, specs, layers, policy=pol)
+        decode_step.step(stack, x, None, specs, layers, routing=routing)
+    assert log.found == []
+
+
+TORCH_POLICIES = [("native", {}), ("cap", {"k": 4}), ("cap", {"schedule": (2, 4, 8, 3), "num_layers": 4}),
+                  ("oea", {"k0": 3}), ("oea", {"k0": 3, "max_rank": 5}), ("oea", {"k0": 3, "p": 0.7}),
+                  ("oea", {"k0": 3, "ep": 8}), ("budget", {"budget": 32}), ("budget", {"budget": 32, "ep": 4}),
+                  ("sere", {"similarity": torch.rand(128, 128, generator=torch.Generator().manual_seed(0))}),
+                  ("gain", {"budget": 32}), ("xshare", {"budget": 16, "k0": 1, "group_budget": 4, "group_size": 5}),
+                  ("lynx", {"alpha": 3, "beta": 2}), ("lynx", {"alpha": 3})]
+SYNC_SPECS = [RouterSpec(128, 8), RouterSpec(128, 8, "sigmoid", True, n_group=8, topk_group=4, routed_scaling_factor=2.5),
+              RouterSpec(128, 4, "topk_softmax")]
+
+
+@pytest.mark.parametrize("with_fixed", [False, True])
+@pytest.mark.parametrize("name,params", TORCH_POLICIES, ids=lambda x: x if isinstance(x, str) else "")
+def test_torch_policies_have_no_host_synchronisation(name, params, with_fixed):
+    """Every policy's torch path (a GPU without Triton, `gain`, lynx without beta, ...) with padding rows and
+    fixed rows, on every scoring it takes: no op that waits for the device, so it can be captured in a CUDA
+    graph (test_cuda.py captures some on a GPU)."""
+    from conftest import HostSyncLog, random_mask
+
+    for spec in SYNC_SPECS:
+        if name in ("xshare", "lynx") and spec.scoring == "sigmoid":
+            continue  # they refuse sigmoid routers
+        pol = make_policy(name, check_inputs=False, backend="torch", **params)
+        x, valid = distinct_logits(16, 128, seed=2), random_mask(16, 2)
+        fixed = random_mask(16, 5, p_invalid=0.7) if with_fixed else None
+        pol(x, spec, valid, fixed=fixed, layer=1)  # warm: caches filled outside
+        with HostSyncLog() as log:
+            pol(x, spec, valid, fixed=fixed, layer=1)
+        assert log.found == [], (spec.scoring, log.found)
+
+
+def test_host_sync_log_sees_what_a_cuda_graph_refuses():
+    """The log used above flags the ops it is meant to (so its empty lists mean something)."""
+    from conftest import HostSyncLog
+
+    x, mask = torch.arange(6.0), torch.tensor([True, False] * 3)
+    with HostSyncLog() as log:
+        x[mask]
+        x[mask] = 0.0
+        x.nonzero()
+        x.sum().item()
+        torch.bincount(torch.tensor([1, 2]))
+        torch.repeat_interleave(torch.tensor([1, 2]))
+        x.repeat_interleave(2)  # an int count: no sync, not flagged
+        x[torch.tensor([0, 2])]  # an index tensor: no sync, not flagged
+    assert log.found == ["index by a boolean mask", "index_put_ by a boolean mask", "nonzero", "_local_scalar_dense",
+                         "bincount", "repeat_interleave with tensor repeats"]
+
+
 def test_eager_runner_reads_its_input_buffers():
     """The runner replays on whatever was copied into its buffers (the capture contract), on CPU eagerly."""
     if not hasattr(torch, "_grouped_mm"):
@@ -214,6 +284,66 @@ def test_ci_gpu_dry_run_end_to_end(tmp_path):
         assert lo <= r["step_ms"]["median"] <= hi
     json.loads((out / "layer.json").read_text())
     json.loads((out / "routing.json").read_text())
+
+
+def test_ci_gpu_keeps_a_benchs_json_only_when_it_ended_well(tmp_path):
+    """.ci/gpu's json_of: a bench's last line becomes its result file only if the bench exited 0 and the line
+    is JSON (a pipe into `tail` would hide a crash)."""
+    text = (ROOT / ".ci" / "gpu").read_text()
+    script = text[text.index("json_of='") + len("json_of='"):text.index("'\nexport PY=")]
+    env = {**os.environ, "PY": sys.executable}
+    out = tmp_path / "r.json"
+
+    def run(*cmd):
+        return subprocess.run(["bash", "-c", script, "json_of", str(out), *cmd], env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    bad = run("bash", "-c", 'echo \'{"partial": 1}\'; exit 3')  # crashed after printing JSON
+    assert bad.returncode == 3 and not out.exists()
+    garbage = run("echo", "Traceback: not JSON")
+    assert garbage.returncode == 1 and "no JSON result" in garbage.stdout and not out.exists()
+    good = run("printf", 'a note\n{"ok": true}\n')
+    assert good.returncode == 0 and json.loads(out.read_text()) == {"ok": True} and "a note" in good.stdout
+
+
+def test_ci_gpu_section_keeps_only_a_marked_partial_result(tmp_path):
+    """.ci/gpu's section(): a section that times out or fails leaves no result file; the decode bench's file,
+    which says "complete": false while it is written, is kept as NAME.partial.json and listed as such."""
+    text = (ROOT / ".ci" / "gpu").read_text()
+    start = text.index("section() {")
+    body = text[start:text.index("\n}\n", start) + 3]
+    script = f"""out={tmp_path}; MAX_BYTES=1000000; sections=(); summary() {{ :; }}
+{body}
+section slow 1 decode_step.json bash -c 'echo "{{\\"complete\\": false}}" > {tmp_path}/decode_step.json; sleep 20'
+section crash 5 layer.json bash -c 'echo "{{\\"complete\\": true}}" > {tmp_path}/layer.json; exit 3'
+section fine 5 routing.json bash -c 'echo "{{}}" > {tmp_path}/routing.json'
+printf '%s\\n' "${{sections[@]}}" > {tmp_path}/rows
+"""
+    run = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    rows = [r.split("|") for r in (tmp_path / "rows").read_text().split()]
+    assert [(r[0], r[1], r[4]) for r in rows] == [
+        ("slow", "timed_out", "slow.log,decode_step.partial.json"), ("crash", "failed", "crash.log"),
+        ("fine", "ok", "fine.log,routing.json")]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".json") == ["decode_step.partial.json",
+                                                                                 "routing.json"]
+
+
+def test_decode_bench_reports_each_batch_size_as_it_goes():
+    """The decode bench runs batch sizes in the outer loop and hands its results so far to `progress` after
+    each (batch size, batching), so a run cut short keeps what it measured."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm not in this torch")
+    shape = LayerShape("tiny", 32, 16, 128, 8)
+    batches = {b: decode_step.reference_batches(2, 2, 1, b) for b in decode_step.BATCHINGS}
+    policies = {"native": make_policy("native", check_inputs=False), "oea:k0=3": make_policy("oea", k0=3, check_inputs=False)}
+    seen = []
+    out = decode_step.bench(shape, 2, [1, 2], policies, batches, torch.device("cpu"), torch.float32, repeats=1,
+                            warmup=0, graph=False, log=lambda *a: None,
+                            progress=lambda so_far: seen.append([(r["B"], r["batching"]) for r in so_far["results"]]))
+    order = [(B, b) for B in (1, 2) for b in decode_step.BATCHINGS]
+    assert seen == [[key for key in order[:i + 1] for _ in policies] for i in range(len(order))]
+    assert [(r["B"], r["batching"]) for r in out["results"]] == seen[-1]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")

@@ -231,6 +231,7 @@ def test_ep_kernel_changes_the_set_as_torch_does():
     spec = RouterSpec(64, 8)
     x = distinct_logits(16, 64, seed=9)
     x[:, :8] += 3.0  # most tokens want experts 0..7, all on rank 0 (contiguous)
+    x = x.to(DEVICE)
     for name, params in [("oea", {"k0": 3}), ("budget", {"budget": 24})]:
         plain = make_policy(name, backend="triton", **params)(x, spec)
         got = make_policy(name, backend="triton", ep=8, **params)(x, spec)
@@ -319,10 +320,10 @@ def test_padding_rows_cannot_change_valid_rows():
     for name, params in [("budget", {"budget": 3}), ("oea", {"k0": 1}), ("sere", {"similarity": similarity(8, 1)}),
                          ("cap", {"k": 1})]:
         pol = make_policy(name, backend="triton", check_inputs=False, **params)
-        alone = pol(lg, spec)
+        alone = pol(lg.to(DEVICE), spec)
         for garbage in (float("nan"), float("inf"), -float("inf"), 1e30):
             pad = torch.cat([lg, torch.full((1, 8), garbage)])
-            r = pol(pad, spec, valid)
+            r = pol(pad.to(DEVICE), spec, valid.to(DEVICE))
             assert torch.equal(r.ids[:3], alone.ids), (name, garbage)
             assert torch.equal(r.weights[:3], alone.weights)
             assert set(r.ids[3].tolist()) <= set(alone.ids.flatten().tolist()) and (r.weights[3] == 0).all()
@@ -367,9 +368,9 @@ def test_a_call_is_launches_and_allocations_only(name, with_fixed, monkeypatch):
               "xshare": {"budget": 16, "k0": 1, "group_budget": 4, "group_size": 5}, "lynx": {"alpha": 3, "beta": 2},
               "oea-ep": {"k0": 3, "ep": 8}, "budget-ep": {"budget": 32, "ep": 4, "placement": [e % 4 for e in range(128)]}}
     pol = make_policy(name.split("-")[0], backend="triton", check_inputs=False, **params.get(name, {}))
-    x = distinct_logits(16, 128, seed=2)
-    valid = torch.ones(16, dtype=torch.bool)
-    fixed = (torch.arange(16) % 3 == 0) if with_fixed else None
+    x = distinct_logits(16, 128, seed=2).to(DEVICE)
+    valid = torch.ones(16, dtype=torch.bool, device=DEVICE)
+    fixed = (torch.arange(16, device=DEVICE) % 3 == 0) if with_fixed else None
     pol(x, spec, valid, fixed=fixed)  # warm: similarity converted once and cached
     with kernels.counting() as c, log:
         pol(x, spec, valid, fixed=fixed)
@@ -382,20 +383,21 @@ def test_bad_input_is_refused_before_the_launch():
     pol = make_policy("oea", backend="triton", k0=2)
     with kernels.counting() as c:
         with pytest.raises(ValueError, match="NaN or inf"):
-            pol(torch.full((2, 16), float("nan")), spec)
+            pol(torch.full((2, 16), float("nan"), device=DEVICE), spec)
         with pytest.raises(ValueError, match="E=8 experts"):
-            pol(torch.zeros(2, 8), spec)
+            pol(torch.zeros(2, 8, device=DEVICE), spec)
         with pytest.raises(ValueError, match="oea k0=6 > the model's K=4"):
-            make_policy("oea", backend="triton", k0=6)(torch.zeros(2, 16), spec)
+            make_policy("oea", backend="triton", k0=6)(torch.zeros(2, 16, device=DEVICE), spec)
         with pytest.raises(ValueError, match=r"valid must have shape"):
-            pol(torch.zeros(2, 16), spec, torch.ones(3, dtype=torch.bool))
+            pol(torch.zeros(2, 16, device=DEVICE), spec, torch.ones(3, dtype=torch.bool, device=DEVICE))
         with pytest.raises(ValueError, match=r"fixed must have shape \[T\]=\[2\]"):
-            pol(torch.zeros(2, 16), spec, fixed=torch.ones(3, dtype=torch.bool))
+            pol(torch.zeros(2, 16, device=DEVICE), spec, fixed=torch.ones(3, dtype=torch.bool, device=DEVICE))
         with pytest.raises(ValueError, match="fixed must be a bool tensor"):
-            pol(torch.zeros(2, 16), spec, fixed=torch.ones(2))
+            pol(torch.zeros(2, 16, device=DEVICE), spec, fixed=torch.ones(2, device=DEVICE))
     assert c.count == 0
     # NaN only in a padding row is accepted with checks on
-    r = pol(torch.cat([torch.zeros(1, 16), torch.full((1, 16), float("nan"))]), spec, torch.tensor([True, False]))
+    r = pol(torch.cat([torch.zeros(1, 16), torch.full((1, 16), float("nan"))]).to(DEVICE), spec,
+            torch.tensor([True, False], device=DEVICE))
     assert (r.weights[1] == 0).all()
 
 
@@ -407,7 +409,7 @@ def test_backend_selection():
     auto = make_policy("oea", k0=1)
     x = torch.zeros(2, 8)
     assert auto.backend == "auto" and not auto.uses_kernels(x)  # CPU tensors: torch under auto
-    assert make_policy("oea", k0=1, backend="triton").uses_kernels(x)
+    assert make_policy("oea", k0=1, backend="triton").uses_kernels(x.to(DEVICE))
 
 
 def test_unsupported_triton_falls_back_with_one_warning(monkeypatch):
@@ -444,7 +446,7 @@ def test_kernel_compiles_for_hopper():
 def test_a_step_without_valid_rows_routes_as_torch_does(name):
     """Every row padding, sigmoid scoring with a bias (the anchor cannot be a valid row's expert): the kernels
     and the torch policies point the padding at the same expert, and both return `valid` as a tensor."""
-    bias = torch.tensor([-0.83, 0.10, 0.19, 1.31, 0.56, 0.08, 0.71, 1.33])
+    bias = torch.tensor([-0.83, 0.10, 0.19, 1.31, 0.56, 0.08, 0.71, 1.33], device=DEVICE)
     spec = RouterSpec(8, 3, "sigmoid", True, n_group=4, topk_group=3, e_score_correction_bias=bias)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5, 8, generator=g).to(DEVICE)
@@ -587,7 +589,7 @@ def test_xshare_kernel_refuses_what_torch_refuses():
     spec = RouterSpec(16, 4)
     pol = make_policy("xshare", backend="triton", budget=4, group_budget=2, group_size=6)
     with kernels.counting() as c, pytest.raises(ValueError, match="group_size=6 > the step's 4 rows"):
-        pol(torch.zeros(4, 16), spec)
+        pol(torch.zeros(4, 16, device=DEVICE), spec)
     assert c.count == 0
 
 
@@ -624,6 +626,7 @@ def test_lynx_kernel_steps_and_by_batch():
     for params in ({"alpha": 3, "beta": 2}, {"alpha": 2, "beta": 1, "variant": "quant_flatten_remove"},
                    {"alpha": {"by_batch": {"8": 1, "max": 2.5}}, "beta": {"by_batch": {"4": 4, "max": 1}}}):
         steps_match_torch_in_one_launch("lynx", spec, x, valid, fixed, params)
+    x, valid, fixed = x.to(DEVICE), valid.to(DEVICE), fixed.to(DEVICE)
     pol = make_policy("lynx", backend="triton", alpha=3, beta=2)
     with kernels.counting() as c:
         u = pol.unique(x, spec, valid, fixed=fixed)

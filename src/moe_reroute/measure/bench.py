@@ -12,6 +12,7 @@ P = experts allocated (P < E when E do not fit: expert e then reads slot e mod P
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -211,6 +212,8 @@ def bench_policies(
             stats[name].append((u, T))
 
     kernel, kernel_note = _choose_kernel(layer, kernel, prepared, flush)
+    calls, how = timed_calls(layer, prepared, kernel)
+    kernel_note = f"{kernel_note}; {how}"
     flush_buf = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device) if flush else None
     bar = progress_bar((warmup + repeats) * steps * len(names), progress, desc, unit="calls", leave=False)
     times: dict[str, list[list[float]]] = {n: [[] for _ in range(steps)] for n in names}
@@ -218,8 +221,7 @@ def bench_policies(
         for s in range(steps):
             shift = (rnd * steps + s) % len(names)
             for name in names[shift:] + names[:shift]:
-                x, r = prepared[name][s]
-                ms = _time_call(lambda: layer.forward(x, r, kernel), device, flush_buf, rnd)
+                ms = _time_call(calls[name][s], device, flush_buf, rnd)
                 if rnd >= warmup:
                     times[name][s].append(ms)
                 bar.update(1)
@@ -304,6 +306,41 @@ def _choose_kernel(layer: MoELayer, kernel: str, prepared, flush: bool) -> tuple
     best = min(med, key=med.get)
     trial = ", ".join(f"{k} {v:.3f} ms" for k, v in med.items())
     return best, f"auto: {best} (native-routing trial, median of 3: {trial})"
+
+
+def timed_calls(layer: MoELayer, prepared: dict[str, list[tuple[torch.Tensor, Routing]]], kernel: str
+                ) -> tuple[dict[str, list[Callable[[], object]]], str]:
+    """({policy: [the call of each step]}, how they run). On CUDA with the grouped kernel (no host
+    synchronisation) each step's forward is captured in a CUDA graph and the call replays it: the ~20 kernel
+    launches of an eager forward take longer on the host than a small batch's expert reads take on the GPU,
+    and timed eagerly they would pull every ratio toward 1. Otherwise (CPU, the loop kernel, experts sharing
+    memory) the call is the eager forward."""
+    eager = {name: [functools.partial(layer.forward, x, r, kernel) for x, r in steps]
+             for name, steps in prepared.items()}
+    if layer.device.type != "cuda" or kernel != "grouped_mm" or layer.pool != layer.shape.num_experts:
+        return eager, "each call eager"
+    side = torch.cuda.Stream(layer.device)
+    side.wait_stream(torch.cuda.current_stream(layer.device))
+    with torch.cuda.stream(side):
+        for fns in eager.values():
+            for fn in fns:
+                fn()  # warm-up outside the graphs (workspaces allocated)
+    torch.cuda.current_stream(layer.device).wait_stream(side)
+    pool = torch.cuda.graph_pool_handle()  # one pool; each graph's output is kept, so none shares another's
+    graphs = {}
+    for name, fns in eager.items():
+        graphs[name] = []
+        for fn in fns:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                out = fn()
+            graphs[name].append(functools.partial(_replay, g, out))
+    return graphs, "each call a replay of its CUDA graph (the launches are not timed)"
+
+
+def _replay(graph: torch.cuda.CUDAGraph, out: torch.Tensor) -> torch.Tensor:
+    graph.replay()
+    return out
 
 
 def _time_call(fn: Callable[[], object], device: torch.device, flush_buf: torch.Tensor | None, tag: int) -> float:

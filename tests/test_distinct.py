@@ -91,8 +91,16 @@ def test_policies_keep_their_U(policy):
 
 
 def test_distinct_rows_are_returned_as_they_are():
-    r = Routing(torch.rand(3, 2), torch.tensor([[0, 1], [2, 3], [1, 0]]))
-    assert distinct_ids(r, 4) is r
+    """Unchanged, bit for bit, and without a host synchronisation (no test of the data decides the path)."""
+    from conftest import HostSyncLog
+
+    r = Routing(torch.rand(3, 2), torch.tensor([[0, 1], [2, 3], [1, 0]]), torch.tensor([True, True, False]))
+    with HostSyncLog() as log:
+        got = distinct_ids(r, 4)
+        distinct_ids(Routing(torch.rand(2, 3), torch.tensor([[0, 0, 1], [2, 2, 2]])), 4)  # with repeats
+    assert log.found == []
+    assert torch.equal(got.ids, r.ids) and got.ids.dtype == r.ids.dtype and torch.equal(got.weights, r.weights)
+    assert distinct_ids(Routing(torch.rand(3, 1), torch.tensor([[0], [0], [2]])), 4).ids.tolist() == [[0], [0], [2]]
 
 
 def test_too_few_loaded_experts_take_the_lowest_others():

@@ -175,6 +175,34 @@ def test_torch_policies_have_no_host_synchronisation(name, params, with_fixed):
         assert log.found == [], (spec.scoring, log.found)
 
 
+def test_engine_counters_have_no_host_synchronisation():
+    """The counters the engine plugins keep run inside captured CUDA graphs with the policy (vLLM, SGLang):
+    adding a step issues no op that waits for the device, with the per-expert load and per-rank counts on, and
+    the load equals a plain count of the valid rows' native experts."""
+    from conftest import HostSyncLog, random_mask
+    from moe_reroute.serving.steps import LayerCounter
+
+    E, T = 32, 12
+    spec = RouterSpec(E, 4)
+    x, valid = distinct_logits(T, E, seed=4), random_mask(T, 3)
+    routing = make_policy("oea", k0=1)(x, spec, valid)
+    native = make_policy("native")(x, spec, valid)
+    counter = LayerCounter(torch.device("cpu"))
+    counter.set_experts(E)
+    counter.set_ranks(torch.arange(E) % 4, 4, "test")
+    decode = torch.ones(T, dtype=torch.bool)
+    counter.add(routing, native, valid, E, "decode", decode)  # first call: tensors settled on the device
+    with HostSyncLog() as log:
+        counter.add(routing, native, valid, E, "decode", decode)
+    assert log.found == []
+    want = [0] * E
+    for t in range(T):
+        if valid[t]:
+            for e in native.ids[t].tolist():
+                want[e] += 2  # two steps added
+    assert counter.read_load() == want
+
+
 def test_host_sync_log_sees_what_a_cuda_graph_refuses():
     """The log used above flags the ops it is meant to (so its empty lists mean something)."""
     from conftest import HostSyncLog

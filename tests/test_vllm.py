@@ -152,6 +152,36 @@ def test_unsupported_routers_stay_native(kw, why):
 
 
 @needs_vllm
+def test_scaled_softmax_of_a_grouped_router_stays_native(logits_factory):
+    """vLLM's GroupedTopKRouter scales softmax weights by routed_scaling_factor too, even with a degenerate
+    grouping (n_group = topk_group = 1, which vLLM's CUDA router factory keeps on that router when the factor
+    is not 1): the policies scale only sigmoid weights, so such a layer keeps vLLM's routing rather than lose
+    the factor. With a factor of 1 it is plain softmax top-K, supported."""
+    from vllm.model_executor.layers.fused_moe.router.grouped_topk_router import GroupedTopKRouter
+
+    from moe_reroute import make_policy
+    from moe_reroute.vllm import router_spec
+
+    x = logits_factory(8, 32)
+    for rsf in (2.5, 1.0):
+        router = GroupedTopKRouter(top_k=4, global_num_experts=32, num_expert_group=1, topk_group=1,
+                                   renormalize=True, scoring_func="softmax", routed_scaling_factor=rsf)
+        with torch._dynamo.config.patch(disable=True):  # vLLM's grouped_topk is compiled: run it eagerly
+            w, i = router._compute_routing(torch.zeros(8, 16), x, None)
+        torch.testing.assert_close(w.sum(-1), torch.full((8,), rsf))  # vLLM scales the softmax weights
+        spec, why = router_spec(router, 32)
+        if rsf != 1.0:
+            assert spec is None and "routed_scaling_factor" in why
+        else:
+            assert spec is not None and spec.scoring == "softmax", why
+            r = make_policy("native")(x, spec)
+            w0, i0 = sorted_routing(w, i.long())
+            w1, i1 = sorted_routing(r.weights, r.ids)
+            assert torch.equal(i0, i1)
+            torch.testing.assert_close(w0, w1)
+
+
+@needs_vllm
 def test_rerouted_layers_ask_vllm_for_a_kernel_that_calls_the_router(monkeypatch, caplog):
     """A monolithic MoE kernel routes inside from the logits and never calls the router. vLLM 0.33+ asks each
     router `supports_monolithic_kernels` (True on FusedMoERouter) and takes a decomposed kernel where it is
@@ -400,6 +430,66 @@ def test_step_rows_from_attention_metadata(monkeypatch):
     meta["m"] = NS(max_query_len=3, query_start_loc=torch.tensor([0, 3, 6]))
     assert rr.step_rows(6, decode_threshold=3) == (rr.VERIFY, None)  # 2 speculative tokens + 1
     assert rr.step_rows(6, decode_threshold=1) == (rr.PREFILL, None)
+
+
+@needs_vllm
+def test_graphs_replayed_for_any_step_route_natively():
+    """A CUDA graph is captured once and replayed without Python: the step kind read at its capture must hold
+    for every replay. vLLM captures piecewise graphs (replayed for mixed and prefill steps) on a dummy batch
+    of one token per request, which reads as decode: such a capture, and a full graph's of a batch that is
+    not uniform, read as unknown (native routing); a full graph of a uniform decode batch reads as decode. A
+    mixed step whose rows are a slice of the step's tokens (sequence-parallel MoE) reads as unknown too.
+    vLLM's own ForwardContext, CUDAGraphMode and BatchDescriptor."""
+    import types
+
+    import moe_reroute.vllm.router as rr
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.forward_context import BatchDescriptor, ForwardContext, override_forward_context
+
+    decode = {"attn": types.SimpleNamespace(max_query_len=1, query_start_loc=None)}
+    mixed = {"attn": types.SimpleNamespace(num_decodes=3, num_prefills=1, num_decode_tokens=3)}
+
+    def kind(meta, mode, uniform, T=8, padding=None):
+        ctx = ForwardContext(no_compile_layers={}, attn_metadata=meta, slot_mapping={},
+                             cudagraph_runtime_mode=mode, is_padding=padding,
+                             batch_descriptor=BatchDescriptor(num_tokens=T, num_reqs=T, uniform=uniform))
+        with override_forward_context(ctx):
+            return rr.step_rows(T)[0]
+
+    assert kind(decode, CUDAGraphMode.NONE, False) == rr.DECODE  # eager
+    assert kind(decode, CUDAGraphMode.FULL, True) == rr.DECODE  # a full graph of uniform decode batches
+    assert kind(decode, CUDAGraphMode.PIECEWISE, False) == rr.UNKNOWN
+    assert kind(decode, CUDAGraphMode.PIECEWISE, True) == rr.UNKNOWN
+    assert kind(decode, CUDAGraphMode.FULL, False) == rr.UNKNOWN
+    assert "piecewise" in rr.capture_for_any_step.__doc__
+    whole = torch.zeros(8, dtype=torch.bool)
+    assert kind(mixed, CUDAGraphMode.NONE, False, padding=whole) == rr.MIXED
+    assert kind(mixed, CUDAGraphMode.NONE, False, T=4, padding=whole) == rr.UNKNOWN  # 4 rows of an 8-token step
+    assert kind(decode, CUDAGraphMode.NONE, False, T=4, padding=whole) == rr.DECODE  # every row decodes anyway
+
+
+@needs_vllm
+def test_piecewise_only_graphs_are_named_at_start_up(wrapped, monkeypatch, caplog):
+    """Under CUDA graphs a re-routed layer refuses to switch; in PIECEWISE-only mode (decode steps replay
+    piecewise graphs, captured natively) one warning says the policy applies only to eager steps and names the
+    modes that capture decode re-routed. The CPU replays no graphs: the mode is a stand-in here."""
+    import logging
+
+    import moe_reroute.vllm.plugin as plugin
+
+    router, _ = wrapped("oea:k0=1")
+    r = router.moe_reroute
+    for mode, warned in (("NONE", False), ("FULL_AND_PIECEWISE", False), ("PIECEWISE", True), ("PIECEWISE", False)):
+        monkeypatch.setattr(plugin, "cudagraph_mode", lambda mode=mode: mode)
+        r.frozen = None
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=plugin.logger.name):
+            plugin.note_graphs(r, r.config)
+        assert (r.frozen is not None) == (mode != "NONE")
+        said = [m for m in caplog.messages if "PIECEWISE" in m]
+        assert len(said) == warned, (mode, caplog.messages)  # once per process
+        if warned:
+            assert "oea:k0=1" in said[0] and "FULL_AND_PIECEWISE" in said[0]
 
 
 @needs_vllm

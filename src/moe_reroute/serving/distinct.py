@@ -29,15 +29,17 @@ def has_repeats(ids: torch.Tensor) -> torch.Tensor:
 def distinct_ids(routing: Routing, num_experts: int) -> Routing:
     """`routing` with K distinct experts in every row (see the module's docstring); [T, K] or [S, T, K].
 
-    A routing whose rows are distinct already is returned as it is (same tensors). Slots keep their order;
+    Rows that are distinct already come back unchanged (ids and weights equal). Slots keep their order;
     a repeated slot takes the lowest-numbered expert loaded by the batch (or step, for [S, T, K]) that its
-    row does not use yet, else the lowest-numbered expert its row does not use.
+    row does not use yet, else the lowest-numbered expert its row does not use. Tensor ops only, whatever
+    the rows hold: asking whether any row repeats would wait for the device, which a CUDA-graph capture
+    refuses (SGLang captures its decode steps with the plugin inside).
     """
     ids, weights = routing.ids, routing.weights
     K = ids.shape[-1]
     if K > num_experts:
         raise ValueError(f"distinct_ids: K={K} slots cannot name distinct experts out of E={num_experts}")
-    if K == 1 or not bool(has_repeats(ids).any()):
+    if K == 1:
         return routing
     T = ids.shape[-2]
     i = ids.reshape(-1, T, K).long()  # [B, T, K]

@@ -76,8 +76,10 @@ class LayerCounter:
         self.sums[:9] += torch.stack([one, u.long(), un.long(), n, one, n, d, d, ue.long()])
         self.sums[9 + STEP_KINDS.index(kind)] += 1
         if self.load is not None and self.load.shape[0] == num_experts:  # made by set_experts, outside a forward
-            ids = native.ids[valid].flatten().long()  # [N * K] the valid tokens' native experts
-            self.load.scatter_add_(0, ids, torch.ones_like(ids))
+            # the valid tokens' native experts, each counted once per slot; no mask index (a host
+            # synchronisation, which a CUDA-graph capture refuses): invalid rows add 0
+            ids = native.ids.long()  # [T, K]
+            self.load.scatter_add_(0, ids.flatten(), valid[:, None].expand_as(ids).long().flatten())
         if self.rank_sums is not None:
             from ..metrics import rank_unique, used_experts, used_slots
 

@@ -78,7 +78,9 @@ class State:
             if wrapped[0].config.counters:
                 msg += "; counters on"
             logger.info(msg)
-        if self.counters and logger.isEnabledFor(logging.INFO):
+        # the periodic line reads the counters back to the host: never inside a CUDA-graph capture
+        if self.counters and logger.isEnabledFor(logging.INFO) and not (
+                torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
             self.steps += 1
             if self.steps % (COUNTER_LOG_EVERY * max(len(self.counters), 1)) == 0:
                 logger.info("moe-reroute: %s", format_counters(counters()))
@@ -156,9 +158,8 @@ def install() -> None:
         r = wrap(router, cfg, decoder_layer, num_experts, moe_layer=moe_layer_of(decoder_layer),
                  engine_ep=engine_layout(caller.get("expert_map_manager"), router, num_experts),
                  moe_layers=moe_layer_count())
-        if r is not None and captures_graphs():
-            r.frozen = ("it replays CUDA graphs, captured with the policy it was built with; a switch would not "
-                        "reach the replayed steps")
+        if r is not None:
+            note_graphs(r, cfg)
         return router
 
     create_fused_moe_router.__wrapped__ = original  # type: ignore[attr-defined]
@@ -316,15 +317,38 @@ def compiles_through_router() -> bool:
     return current_platform.is_cpu() and int(mode or 0) != 0 and not STATE.opaque_moe
 
 
-def captures_graphs() -> bool:
-    """Whether the engine being built replays CUDA graphs (on CUDA, without enforce_eager)."""
+def note_graphs(r: Any, cfg: _config.PluginConfig) -> None:
+    """Under CUDA graphs: the layer cannot switch policy (its graphs hold the policy it was captured with);
+    and in PIECEWISE-only mode, say once that graph-replayed steps route natively (`router.capture_for_any_step`)."""
+    if not captures_graphs():
+        return
+    r.frozen = ("it replays CUDA graphs, captured with the policy it was built with; a switch would not reach the "
+                "replayed steps")
+    if r.spec is not None and cudagraph_mode() == "PIECEWISE" and "piecewise" not in STATE.notes:
+        STATE.notes.add("piecewise")
+        logger.warning("moe-reroute: vLLM's cudagraph_mode is PIECEWISE: a piecewise graph is replayed for steps of "
+                       "any kind, so the layers route natively in every step that replays one (the decode steps up "
+                       "to the largest capture size); policy %s applies only to the steps run eagerly. Serve with "
+                       "cudagraph_mode FULL_AND_PIECEWISE (vLLM's default) or FULL_DECODE_ONLY, whose full decode "
+                       "graphs are captured re-routed", cfg.describe())
+
+
+def cudagraph_mode() -> str | None:
+    """The name of the CUDA-graph mode of the engine being built ("FULL_AND_PIECEWISE", "PIECEWISE", ...), or
+    None (no such setting, or the CPU, which replays none)."""
     from vllm.config import get_current_vllm_config
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
-        return False
+        return None
     mode = getattr(get_current_vllm_config().compilation_config, "cudagraph_mode", None)
-    return mode is not None and getattr(mode, "name", str(mode)) != "NONE"
+    return None if mode is None else getattr(mode, "name", str(mode))
+
+
+def captures_graphs() -> bool:
+    """Whether the engine being built replays CUDA graphs (on CUDA, without enforce_eager)."""
+    mode = cudagraph_mode()
+    return mode is not None and mode != "NONE"
 
 
 def engine_layout(manager: Any, router: Any, num_experts: int | None = None

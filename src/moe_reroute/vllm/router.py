@@ -78,6 +78,12 @@ def router_spec(router: Any, num_experts: int) -> tuple[RouterSpec | None, str]:
     grouped = bool(getattr(router, "use_grouped_topk", name == "GroupedTopKRouter"))
     n_group = int(getattr(router, "num_expert_group", None) or 1) if grouped else 1
     topk_group = int(getattr(router, "topk_group", None) or 1) if grouped else 1
+    scaled = name == "FusedTopKBiasRouter" or (name in ("GroupedTopKRouter", "CPURouter") and
+                                                 bool(getattr(router, "use_grouped_topk", name == "GroupedTopKRouter")))
+    if scoring != "sigmoid" and scaled and float(getattr(router, "routed_scaling_factor", 1.0)) != 1.0:
+        # vLLM's grouped top-K scales softmax weights too (a degenerate grouping, n_group = topk_group = 1,
+        # keeps that router); the policies scale only sigmoid routers' weights
+        return None, "softmax weights scaled by routed_scaling_factor"
     if n_group <= 1 and topk_group <= 1:
         grouped = False
     extra = {}
@@ -103,6 +109,28 @@ def _step_metadata():
     return next(iter(meta.values()))
 
 
+def capture_for_any_step() -> str | None:
+    """Why the forward running now cannot read its step's kind, or None: it is the capture of a CUDA graph
+    that vLLM replays for steps of other kinds than its capture batch. A piecewise graph (mixed and prefill
+    steps, in the default FULL_AND_PIECEWISE mode) is replayed for any batch of its token count, yet is
+    captured on a dummy batch of one token per request, which reads as decode; a full graph not captured for
+    a uniform batch (FULL mode) likewise. A full graph of a uniform batch (decode, or verification of k
+    speculative tokens each) is replayed only for batches like it, so its capture reads its kind."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return None
+    ctx = get_forward_context()
+    mode = getattr(getattr(ctx, "cudagraph_runtime_mode", None), "name", None)
+    if mode == "PIECEWISE":
+        return "a piecewise CUDA graph, replayed for steps of any kind"
+    if mode == "FULL":
+        d = getattr(ctx, "batch_descriptor", None)
+        if not getattr(d, "uniform", getattr(d, "uniform_decode", False)):
+            return "a full CUDA graph of a batch that is not uniform, replayed for steps of any kind"
+    return None
+
+
 def step_rows(T: int, decode_threshold: int = 1, device: torch.device | str = "cpu") -> tuple[str, torch.Tensor | None]:
     """What the step in flight holds, from vLLM's attention metadata, and which of its T rows are prefill.
 
@@ -116,16 +144,25 @@ def step_rows(T: int, decode_threshold: int = 1, device: torch.device | str = "c
     speculative tokens), as vLLM's own backends split them. Counts come from `num_decodes` /
     `num_decode_tokens` / `num_prefills` (FlashInfer, MLA: decodes first) or from `query_start_loc` when it
     lives on the host (CPU); `max_query_len == 1` alone tells a pure decode step on every backend.
+
+    "unknown" too while a CUDA graph that will be replayed for steps of any kind is captured
+    (`capture_for_any_step`: what is read then is the capture's dummy batch), and for a mixed step whose
+    T rows are not the step's tokens (sequence-parallel MoE: each TP rank routes its slice of the step, whose
+    rows the step's counts do not place).
     """
     m = _step_metadata()
-    if m is None:
+    if m is None or capture_for_any_step() is not None:
         return UNKNOWN, None
+    tokens = step_padding()  # [the step's (padded) tokens] where vLLM marks padding
+    sliced = tokens is not None and tokens.shape[0] != T
     if getattr(m, "num_prefills", None) is not None and getattr(m, "num_decode_tokens", None) is not None:
         nd, npf, ndt = int(getattr(m, "num_decodes", 0)), int(m.num_prefills), int(m.num_decode_tokens)
         if npf == 0 and nd > 0:
             return (DECODE if ndt == nd else VERIFY), None
         if nd == 0:
             return PREFILL, None
+        if sliced:
+            return UNKNOWN, None
         return MIXED, torch.arange(T, device=device) >= ndt  # these backends put the decodes first
     max_q = getattr(m, "max_query_len", None)
     if max_q == 1:
@@ -139,6 +176,8 @@ def step_rows(T: int, decode_threshold: int = 1, device: torch.device | str = "c
         return (DECODE if max_q <= 1 else VERIFY), None
     if not bool(is_decode.any()):
         return PREFILL, None
+    if sliced:
+        return UNKNOWN, None
     n = int(qsl[-1])
     prefill = torch.ones(T, dtype=torch.bool)
     prefill[: min(n, T)] = torch.repeat_interleave(~is_decode, qlen)[:T]

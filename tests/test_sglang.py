@@ -775,6 +775,26 @@ def test_ab_plan_routes_each_decode_step_with_its_policy_and_restores_the_policy
     assert fits == {"native": 2, "oea:k0=1": 2, "cap:k=2": 2}  # each policy's fit checked once per layer
 
 
+def test_switching_is_refused_once_a_cuda_graph_holds_the_policy(monkeypatch, logits_factory):
+    """SGLang captures its decode steps in CUDA graphs with the hook inside: once a routed call ran during a
+    capture, a switch or an A/B plan would reach only the steps run eagerly, so both are refused, naming the
+    policy the graphs hold and the way out. The CPU captures nothing: the capture is a stand-in here."""
+    hook = hook_for("oea:k0=1")
+    monkeypatch.setattr(plugin.STATE, "hook", hook)
+    monkeypatch.setattr(plugin.STATE, "ab", None)
+    monkeypatch.setattr(plugin.STATE, "captured", None)
+    call(hook, logits_factory(6, 16), TopKConfig(top_k=4))  # eager: nothing captured
+    plugin._rpc_set_policy(None, "cap:k=2")  # switching is fine
+    monkeypatch.setattr(plugin, "capturing", lambda: True)
+    call(hook, logits_factory(6, 16), TopKConfig(top_k=4))  # a routed call inside a capture
+    monkeypatch.setattr(plugin, "capturing", lambda: False)
+    with pytest.raises(RuntimeError, match=r"cannot switch policy: .*captured with policy cap:k=2.*--disable-cuda-graph"):
+        plugin._rpc_set_policy(None, "native")
+    with pytest.raises(RuntimeError, match="cannot run an A/B plan"):
+        plugin._rpc_ab_plan(None, policies=["cap:k=2"], plan=[[0, "cap:k=2"]])
+    assert hook.config.describe().startswith("cap:k=2") and plugin.STATE.ab is None
+
+
 def test_ab_plan_naming_a_policy_it_was_not_given_is_refused(monkeypatch):
     hook = hook_for("native")
     monkeypatch.setattr(plugin.STATE, "hook", hook)

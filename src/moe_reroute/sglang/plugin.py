@@ -489,6 +489,8 @@ class SelectExpertsHook:
             return select_experts(*args, **kwargs)
         T = logits.shape[0]
         self._attach_rpc()
+        if STATE.captured is None and capturing():
+            STATE.captured = self.config.describe()  # the graph holds this policy: switches cannot reach it
         # fixed [T]: a mixed step's prefill rows keep native routing, and their experts count as loaded
         kind, fixed = (UNKNOWN, None) if self.config.phase == "all" else self.step(T, logits.device)
         valid = valid_rows(T, call.get("num_token_non_padded"), logits.device)
@@ -576,10 +578,26 @@ def local_view(cfg: _config.PluginConfig, origin: str) -> _config.PluginConfig:
     return cfg
 
 
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def refuse_switch_under_graphs(what: str) -> None:
+    """A policy switch (or an A/B plan) cannot reach steps that replay CUDA graphs captured with the hook in
+    them: say so rather than switch only the steps run eagerly."""
+    if STATE.captured is not None:
+        raise RuntimeError(f"moe-reroute: {what}: this server replays CUDA graphs captured with policy "
+                           f"{STATE.captured}, and a switch would not reach their steps. Start the server without "
+                           "CUDA graphs (--disable-cuda-graph, or --cuda-graph-backend-decode=disabled) to switch "
+                           "at run time, or start one server per policy (serve-bench --isolate)")
+
+
 def _rpc_set_policy(scheduler: Any, policy: str) -> None:
     """`moe_reroute_set_policy(policy)`: route with `policy` (a spec or JSON object) from the next step on."""
     if STATE.hook is None:
         raise RuntimeError("moe-reroute: the plugin is not active in this server (no policy was set at start-up)")
+    refuse_switch_under_graphs("cannot switch policy")
     origin = "moe_reroute_set_policy"
     cfg = local_view(_config.parse_checked(policy, counters=STATE.hook.config.counters, origin=origin), origin)
     STATE.hook.set_config(cfg)
@@ -591,6 +609,7 @@ def _rpc_ab_plan(scheduler: Any, policies: list[str], plan: list[list[Any]]) -> 
     `moe_reroute_ab_save`."""
     if STATE.hook is None:
         raise RuntimeError("moe-reroute: the plugin is not active in this server (no policy was set at start-up)")
+    refuse_switch_under_graphs("cannot run an A/B plan")
     configs = {p: local_view(_config.parse_checked(p, counters=False, origin="moe_reroute_ab_plan"),
                              "moe_reroute_ab_plan") for p in dict.fromkeys([NATIVE_SPEC, *policies])}
     STATE.ab = ABPlan(STATE.hook, configs, [(r, p) for r, p in plan])
@@ -625,6 +644,7 @@ class State:
         self.hook: SelectExpertsHook | None = None
         self.ab: ABPlan | None = None  # an A/B plan in progress (`moe_reroute_ab_plan`)
         self.kernel_routed: set[str] = set()  # top-k formats warned about (`note_kernel_routing`)
+        self.captured: str | None = None  # the policy a CUDA graph was captured with, once one was
 
 
 STATE = State()

@@ -4,6 +4,7 @@ in logs. The engine end to end is in test_serve_bench_vllm.py (the vLLM environm
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -55,6 +56,15 @@ def test_serve_plan_rounds_hold_every_policy_in_a_drawn_order():
         (k, p) for k in range(2) for p in policies]
     graphs = sb.Config(model="m", policies=[], batch_sizes=[2], serve=True, device="cuda", enforce_eager=False)
     assert graphs.resolved().isolate and "its own server" in sb.method_note(graphs.resolved())
+    # servers replaying CUDA graphs do not count (counting would replay in every step, native's included);
+    # eager servers and the offline engines do
+    from moe_reroute.serving.config import COUNTERS_ENV
+
+    assert sb.engine_env(graphs.resolved(), "native", in_process=False)[COUNTERS_ENV] == "0"
+    assert "U not counted" in sb.method_note(graphs.resolved())
+    for counted in (ab, iso.resolved(), dataclasses.replace(graphs, serve=False).resolved(),
+                    dataclasses.replace(graphs, enforce_eager=True).resolved()):
+        assert sb.engine_env(counted, "native", in_process=False)[COUNTERS_ENV] == "1"
 
 
 def _run(policy, B, r, tpot, prefill=0.01, counters=None):
@@ -498,6 +508,16 @@ def test_serve_bench_ep_layout_is_checked_before_any_engine(tmp_path, capsys):
     bad_input(capsys, ["serve-bench", *out, "--ep", "2", "--placement", "eplb", "--isolate"],
               "--placement eplb is computed in the offline A/B engine", "give a placement file")
     bad_input(capsys, ["serve-bench", *out, "--ep", "2", "--engine", "sglang"], "drop --ep with --engine sglang")
+    # --block-steps is the A/B mode's: refused where CUDA graphs (the CUDA default) force one engine per policy
+    bad_input(capsys, ["serve-bench", *out, "--device", "cuda", "--block-steps", "2"], "--block-steps",
+              "add --enforce-eager")
+    # on a GPU with CUDA graphs (the default there) --isolate is forced, so eplb is refused there too
+    from moe_reroute.contract import RouterSpec as _Spec
+
+    gpu = sb.Config(model=str(tiny), policies=[], batch_sizes=[1], ep=2, placement="eplb", device="cuda")
+    with pytest.raises(sb.BenchError, match="computed in the offline A/B engine"):
+        sb.check_layout(gpu, sb.read_model_config(tiny), _Spec(16, 4))
+    sb.check_layout(dataclasses.replace(gpu, enforce_eager=True), sb.read_model_config(tiny), _Spec(16, 4))  # A/B: fine
     replicas = {"ranks": 4, "physical_to_logical": [list(range(16)) + [0, 1, 2, 3]] * 2}
     (tmp_path / "replicas.json").write_text(json.dumps(replicas))
     bad_input(capsys, ["serve-bench", *out, "--ep", "2", "--placement", tmp_path / "replicas.json"],

@@ -30,6 +30,10 @@ import time
 from pathlib import Path
 
 
+# vLLM schedules asynchronously on CUDA by default (two batches in flight, an engine.step() that returns the
+# previous step's outputs): the benches step the engine by hand, one model step per call, each timed alone
+SYNC_SCHEDULING = {"async_scheduling": False}
+
 def run_offline(run: dict) -> dict:
     import torch
 
@@ -45,7 +49,7 @@ def run_offline(run: dict) -> dict:
     llm = LLM(model=run["model"], dtype=run["dtype"], enforce_eager=eager, max_model_len=run["max_model_len"],
               max_num_seqs=run["batch"], enable_prefix_caching=False, seed=0,
               max_num_batched_tokens=max(run["max_model_len"], run["batch"] * run["prompt_len"]),
-              **run.get("engine_args", {}))
+              **{**SYNC_SCHEDULING, **run.get("engine_args", {})})
     build_s = time.perf_counter() - t0
     prompts = [TokensPrompt(prompt_token_ids=p) for p in run["prompts"]]
 
@@ -119,7 +123,7 @@ def run_ab(run: dict) -> dict:
     llm = LLM(model=run["model"], dtype=run["dtype"], enforce_eager=run["enforce_eager"], max_model_len=run["max_model_len"],
               max_num_seqs=run["batch"], enable_prefix_caching=False, seed=0,
               max_num_batched_tokens=max(run["max_model_len"], run["batch"] * run["prompt_len"]),
-              **run.get("engine_args", {}))
+              **{**SYNC_SCHEDULING, **run.get("engine_args", {})})
     build_s = time.perf_counter() - t0
     prompts = [TokensPrompt(prompt_token_ids=p) for p in run["prompts"]]
     engine = llm.llm_engine

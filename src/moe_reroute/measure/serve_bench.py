@@ -19,10 +19,11 @@ paired by repeat, with a 95% t-interval over repeats.
 
 Serving mode: vLLM's OpenAI-compatible server on 127.0.0.1 per policy (and repeat), driven by vLLM's own
 `bench serve` client with a fixed number of prompts at each concurrency; throughput, TTFT and TPOT
-percentiles, and from the counters how many MoE steps and tokens the policy re-routed.
+percentiles, and from the counters how many MoE steps and tokens the policy re-routed (servers that replay
+CUDA graphs count nothing: the counting would replay in every step).
 
-The "native" row runs the plugin with the `native` policy, which is vLLM's own routing (one Python call
-per layer and step; nothing on CUDA-graph replays).
+The "native" row runs the plugin with the `native` policy and counters off, which is vLLM's own routing
+(one Python call per layer and step; nothing on CUDA-graph replays).
 """
 
 from __future__ import annotations
@@ -103,8 +104,9 @@ def method_note(cfg: Config) -> str:
                     "concurrency once per round in a random order per round, after one warm-up run")
         if not cfg.enforce_eager and cfg.device == "cuda":
             return ("each policy in its own server (--isolate is the default with CUDA graphs: a captured graph "
-                    "cannot switch policy)")
-        return "each policy in its own server (--isolate)"
+                    "cannot switch policy), a warm-up run first in each; U not counted (counting would replay in "
+                    "every step: the offline mode counts it in an eager run)")
+        return "each policy in its own server (--isolate), a warm-up run first in each"
     if not cfg.isolate:
         return ("A/B in one engine per batch size: the policy is switched between decode steps, in blocks of "
                 "every policy in a random order per round"
@@ -268,7 +270,8 @@ def check_layout(cfg: Config, config: dict, spec) -> None:
     try:
         check_ranks(spec.num_experts, cfg.ep)
         if cfg.placement == "eplb":
-            if cfg.serve or cfg.isolate:
+            # isolate as it will run: forced under CUDA graphs (the default on a GPU), not only when asked
+            if cfg.serve or cfg.resolved().isolate:
                 raise ValueError("--placement eplb is computed in the offline A/B engine from its own native routing "
                                  "(one native generation, then each rank balanced by tokens per expert); with --serve or "
                                  "--isolate give a placement file (`moe-reroute ep-replay --placement eplb --out DIR` "
@@ -359,12 +362,19 @@ def prompt_texts(model: str, count: int, length: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------- processes
 
 
+def serving_counts(cfg: Config) -> bool:
+    """Whether serving mode's servers count U (cfg resolved): not where they replay CUDA graphs."""
+    return cfg.enforce_eager or cfg.device != "cuda"
+
+
 def engine_env(cfg: Config, policy: str, in_process: bool) -> dict:
     from ..serving import config as plugin_config
 
     env = {k: v for k, v in os.environ.items() if k != plugin_config.POLICY_FILE_ENV}
     env[plugin_config.POLICY_ENV] = policy
-    env[plugin_config.COUNTERS_ENV] = "1"
+    # a server replaying CUDA graphs would replay the counting in every step of every row, native's included
+    # (which would then run the plugin's routing, not vLLM's): its U is not counted (`serving_counts`)
+    env[plugin_config.COUNTERS_ENV] = "1" if serving_counts(cfg) or not cfg.serve else "0"
     if cfg.engine == SGLANG:
         if cfg.device == "cpu":
             env["SGLANG_USE_CPU_ENGINE"] = "1"  # SGLang's CPU engine (its native torch paths without sgl_kernel)
@@ -872,6 +882,10 @@ def run_serving(cfg: Config, policies: list[str], out: Path, say=print, labels: 
                 say(f"[server {i}/{len(plan)}] {name}, repeat {run['repeat'] + 1}/{cfg.repeats}: starting vLLM",
                     flush=True)
                 proc = _start_server(cfg, engine_env(cfg, run["policy"], in_process=False), log)
+                # each fresh server's first requests pay first-call costs (kernels compiled for new shapes,
+                # allocator growth): a warm-up run at the largest concurrency, not counted
+                _client_run(cfg, dataset, runs_dir, f"{tag}-warmup", max(cfg.batch_sizes),
+                            min(cfg.num_prompts, max(cfg.batch_sizes)), run["policy"], log)
             else:
                 say(f"[run {i}/{len(plan)}] {name}, round {run['repeat'] + 1}/{cfg.repeats}", flush=True)
                 try:
@@ -1097,12 +1111,16 @@ def conditions(data: dict) -> str:
                      "native's block in the same round), 95% bootstrap interval over rounds; U: the plugin's "
                      "counters in a separate counted generation per policy")
     elif data["mode"] == "offline":
-        lines.append("- TPOT = (time of a generation of all output tokens − time of one of 1 token) / "
-                     "(output tokens − 1); ratio: geometric mean over repeats of policy / native (same repeat), "
+        lines.append("- TPOT = the decode steps' time (every engine step after the first, which prefills every "
+                     "prompt, each timed alone, vLLM's asynchronous scheduling off) / (output tokens − 1); ratio: geometric mean over repeats of policy / native (same repeat), "
                      "95% t-interval on log ratios; U: the plugin's counters in a separate counted generation")
     else:
         lines.append(f"- load: vLLM's `bench serve` client, {c['num_prompts']} requests per concurrency, request "
-                     f"rate {c['request_rate']}; counters on for every policy (native included); ratio: output "
+                     f"rate {c['request_rate']}; "
+                     + ("counters on for every policy (native included)" if c.get("enforce_eager", True)
+                        or not str(c.get("device", "")).startswith("cuda") else
+                        "counters off (under CUDA graphs they would replay in every step): no U")
+                     + "; ratio: output "
                      "throughput / native's in the same " + ("round" if c.get("method") == "ab" else "repeat")
                      + ", geometric mean, 95% t-interval")
     return "\n".join(lines)
@@ -1190,6 +1208,11 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
     if cfg.engine not in ENGINES:
         raise BenchError(f"--engine must be one of {', '.join(ENGINES)}, got {cfg.engine!r}")
     check_layout(cfg, config, spec)
+    if cfg.block_steps is not None and cfg.engine != SGLANG and cfg.resolved().isolate:  # (an asked --isolate:
+        # refused on the command line)
+        raise BenchError("--block-steps sets the blocks of the A/B mode, but with CUDA graphs (the default on CUDA) "
+                         "each policy runs in its own engine: add --enforce-eager for the A/B mode, or drop "
+                         "--block-steps")
     if cfg.engine == SGLANG:
         if cfg.serve or cfg.isolate:
             raise BenchError("--engine sglang runs the offline A/B bench only: drop " + ("--serve" if cfg.serve else
@@ -1206,6 +1229,7 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
     cfg = cfg.resolved()
     if cfg.engine == SGLANG:
         cfg.enforce_eager, cfg.isolate = True, False
+
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS).unlink(missing_ok=True)
     model = cfg.model

@@ -22,8 +22,9 @@ Serving mode: vLLM's OpenAI-compatible server on 127.0.0.1 per policy (and repea
 percentiles, and from the counters how many MoE steps and tokens the policy re-routed (servers that replay
 CUDA graphs count nothing: the counting would replay in every step).
 
-The "native" row runs the plugin with the `native` policy and counters off, which is vLLM's own routing
-(one Python call per layer and step; nothing on CUDA-graph replays).
+The "native" row runs the plugin with the `native` policy, which is vLLM's own routing (one Python call
+per layer and step; nothing on CUDA-graph replays) wherever nothing is counted: the offline timed runs,
+and servers that replay CUDA graphs.
 """
 
 from __future__ import annotations

@@ -516,8 +516,9 @@ def test_serve_bench_ep_layout_is_checked_before_any_engine(tmp_path, capsys):
 
     gpu = sb.Config(model=str(tiny), policies=[], batch_sizes=[1], ep=2, placement="eplb", device="cuda")
     with pytest.raises(sb.BenchError, match="computed in the offline A/B engine"):
-        sb.check_layout(gpu, sb.read_model_config(tiny), _Spec(16, 4))
-    sb.check_layout(dataclasses.replace(gpu, enforce_eager=True), sb.read_model_config(tiny), _Spec(16, 4))  # A/B: fine
+        sb.check_layout(gpu.resolved(), sb.read_model_config(tiny), _Spec(16, 4))
+    sb.check_layout(dataclasses.replace(gpu, enforce_eager=True).resolved(), sb.read_model_config(tiny),
+                    _Spec(16, 4))  # A/B: fine
     replicas = {"ranks": 4, "physical_to_logical": [list(range(16)) + [0, 1, 2, 3]] * 2}
     (tmp_path / "replicas.json").write_text(json.dumps(replicas))
     bad_input(capsys, ["serve-bench", *out, "--ep", "2", "--placement", tmp_path / "replicas.json"],

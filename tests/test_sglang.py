@@ -785,9 +785,9 @@ def test_switching_is_refused_once_a_cuda_graph_holds_the_policy(monkeypatch, lo
     monkeypatch.setattr(plugin.STATE, "captured", None)
     call(hook, logits_factory(6, 16), TopKConfig(top_k=4))  # eager: nothing captured
     plugin._rpc_set_policy(None, "cap:k=2")  # switching is fine
-    monkeypatch.setattr(plugin, "capturing", lambda: True)
+    monkeypatch.setattr(plugin, "tracing", lambda: True)
     call(hook, logits_factory(6, 16), TopKConfig(top_k=4))  # a routed call inside a capture
-    monkeypatch.setattr(plugin, "capturing", lambda: False)
+    monkeypatch.setattr(plugin, "tracing", lambda: False)
     with pytest.raises(RuntimeError, match=r"cannot switch policy: .*captured with policy cap:k=2.*--disable-cuda-graph"):
         plugin._rpc_set_policy(None, "native")
     with pytest.raises(RuntimeError, match="cannot run an A/B plan"):

@@ -70,11 +70,15 @@ def load_model(path: str | None, text: str | None, need_text: bool = True):
 
 
 def check_moe(model) -> None:
-    from ..contract import SUPPORTED_ARCHITECTURES, text_config
-    from ..hf.apply import ROUTERS, moe_routers
+    from ..contract import SUPPORTED_ARCHITECTURES
+    from ..hf.apply import moe_routers
 
     model_type = getattr(model.config, "model_type", None)
-    if getattr(text_config(model.config), "model_type", None) not in ROUTERS or not list(moe_routers(model)):
+    try:
+        found = list(moe_routers(model))  # (refuses an architecture it has no routers for)
+    except ValueError:
+        found = []
+    if not found:
         raise SystemExit(f"error: {type(model).__name__} (model_type {model_type!r}) is not a supported MoE model; "
                          f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 

@@ -256,9 +256,9 @@ def _dry_run(policy, spec) -> None:
 
 
 def check_layout(cfg: Config, config: dict, spec) -> None:
-    """`--ep` / `--placement` checked before any engine starts: D fits the model's E, a placement file places
-    every expert (one list, or one per MoE layer), eplb runs in the vLLM A/B mode (it is computed there
-    from the engine's own native routing). BenchError saying what to change."""
+    """`--ep` / `--placement` checked before any engine starts (cfg resolved): D fits the model's E, a placement
+    file places every expert (one list, or one per MoE layer), eplb runs in the vLLM A/B mode (it is computed
+    there from the engine's own native routing). BenchError saying what to change."""
     if cfg.ep is None:
         if cfg.placement != "contiguous":
             raise BenchError(f"--placement {cfg.placement} says where experts live under expert parallelism: give "
@@ -271,8 +271,7 @@ def check_layout(cfg: Config, config: dict, spec) -> None:
     try:
         check_ranks(spec.num_experts, cfg.ep)
         if cfg.placement == "eplb":
-            # isolate as it will run: forced under CUDA graphs (the default on a GPU), not only when asked
-            if cfg.serve or cfg.resolved().isolate:
+            if cfg.serve or cfg.isolate:
                 raise ValueError("--placement eplb is computed in the offline A/B engine from its own native routing "
                                  "(one native generation, then each rank balanced by tokens per expert); with --serve or "
                                  "--isolate give a placement file (`moe-reroute ep-replay --placement eplb --out DIR` "
@@ -1118,8 +1117,7 @@ def conditions(data: dict) -> str:
     else:
         lines.append(f"- load: vLLM's `bench serve` client, {c['num_prompts']} requests per concurrency, request "
                      f"rate {c['request_rate']}; "
-                     + ("counters on for every policy (native included)" if c.get("enforce_eager", True)
-                        or not str(c.get("device", "")).startswith("cuda") else
+                     + ("counters on for every policy (native included)" if c.get("counted", True) else
                         "counters off (under CUDA graphs they would replay in every step): no U")
                      + "; ratio: output "
                      "throughput / native's in the same " + ("round" if c.get("method") == "ab" else "repeat")
@@ -1208,17 +1206,20 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
     policies = resolve_policies(cfg.policies or default_policies(spec.top_k, cfg.model), cfg.model, spec, labels)
     if cfg.engine not in ENGINES:
         raise BenchError(f"--engine must be one of {', '.join(ENGINES)}, got {cfg.engine!r}")
+    asked = cfg  # the modes as given: resolved, --isolate is forced under CUDA graphs (the default on CUDA)
+    cfg = cfg.resolved()
+    if cfg.engine == SGLANG:
+        cfg.enforce_eager, cfg.isolate = True, False  # (other modes asked for are refused below)
     check_layout(cfg, config, spec)
-    if cfg.block_steps is not None and cfg.engine != SGLANG and cfg.resolved().isolate:  # (an asked --isolate:
-        # refused on the command line)
+    if cfg.block_steps is not None and cfg.isolate:  # (an asked --isolate: refused on the command line)
         raise BenchError("--block-steps sets the blocks of the A/B mode, but with CUDA graphs (the default on CUDA) "
                          "each policy runs in its own engine: add --enforce-eager for the A/B mode, or drop "
                          "--block-steps")
     if cfg.engine == SGLANG:
-        if cfg.serve or cfg.isolate:
-            raise BenchError("--engine sglang runs the offline A/B bench only: drop " + ("--serve" if cfg.serve else
+        if asked.serve or asked.isolate:
+            raise BenchError("--engine sglang runs the offline A/B bench only: drop " + ("--serve" if asked.serve else
                              "--isolate") + " (serving mode and one engine per policy run vLLM)")
-        if cfg.enforce_eager is False:
+        if asked.enforce_eager is False:
             raise BenchError("--engine sglang runs eager (a policy switch cannot reach a captured CUDA graph): drop "
                              "--cuda-graphs")
         version = sglang_version()
@@ -1227,10 +1228,6 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
             check_port(cfg.port)
         version = vllm_version()
         check_vllm_version(version)
-    cfg = cfg.resolved()
-    if cfg.engine == SGLANG:
-        cfg.enforce_eager, cfg.isolate = True, False
-
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS).unlink(missing_ok=True)
     model = cfg.model
@@ -1264,7 +1261,7 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
                            "load_average_start": round(load_start, 2) if load_start is not None else None,
                            **({"ep": cfg.ep, "placement": cfg.placement} if cfg.ep is not None else {}),
                            "method": "isolate" if cfg.isolate else "ab", "method_note": method_note(cfg),
-                           **({} if cfg.serve else {"block_steps": block_steps}),
+                           **({"counted": serving_counts(cfg)} if cfg.serve else {"block_steps": block_steps}),
                            **({} if cfg.serve and cfg.isolate else {"seed": cfg.seed})},
             "policies": policies, "labels": labels, "rows": rows, "runs": results}
     from ..files import write_text_atomic

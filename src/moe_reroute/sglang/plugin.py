@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..contract import RouterSpec, engine_spec, layer_name, moe_count, moe_index
+from ..contract import RouterSpec, engine_spec, layer_name, moe_count, moe_index, tracing
 from ..policies.native import Native, NativeConfig
 from ..serving import config as _config
 from ..serving.distinct import distinct_ids
@@ -489,7 +489,7 @@ class SelectExpertsHook:
             return select_experts(*args, **kwargs)
         T = logits.shape[0]
         self._attach_rpc()
-        if STATE.captured is None and capturing():
+        if STATE.captured is None and tracing():  # (torch.compile returned above: a CUDA-graph capture)
             STATE.captured = self.config.describe()  # the graph holds this policy: switches cannot reach it
         # fixed [T]: a mixed step's prefill rows keep native routing, and their experts count as loaded
         kind, fixed = (UNKNOWN, None) if self.config.phase == "all" else self.step(T, logits.device)
@@ -576,11 +576,6 @@ def local_view(cfg: _config.PluginConfig, origin: str) -> _config.PluginConfig:
                          "attention only; the SGLang plugin routes the tokens its MoE layer is given. Leave out "
                          "\"dp_view\" (or give \"local\")")
     return cfg
-
-
-def capturing() -> bool:
-    """Whether a CUDA graph is being captured on the current stream."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def refuse_switch_under_graphs(what: str) -> None:

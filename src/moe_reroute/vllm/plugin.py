@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..contract import layer_name
+from ..contract import layer_name, tracing
 from ..replicas import EngineReplicas, Replicas
 from ..serving import config as _config
 from .router import LayerCounter, Rerouter, layer_index, moe_layer_count, moe_layer_of
@@ -79,8 +79,7 @@ class State:
                 msg += "; counters on"
             logger.info(msg)
         # the periodic line reads the counters back to the host: never inside a CUDA-graph capture
-        if self.counters and logger.isEnabledFor(logging.INFO) and not (
-                torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        if self.counters and logger.isEnabledFor(logging.INFO) and not tracing():
             self.steps += 1
             if self.steps % (COUNTER_LOG_EVERY * max(len(self.counters), 1)) == 0:
                 logger.info("moe-reroute: %s", format_counters(counters()))

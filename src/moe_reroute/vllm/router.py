@@ -109,9 +109,9 @@ def _step_metadata():
     return next(iter(meta.values()))
 
 
-def capture_for_any_step() -> str | None:
-    """Why the forward running now cannot read its step's kind, or None: it is the capture of a CUDA graph
-    that vLLM replays for steps of other kinds than its capture batch. A piecewise graph (mixed and prefill
+def capture_for_any_step() -> bool:
+    """Whether the forward running now cannot read its step's kind: it is the capture of a CUDA graph that
+    vLLM replays for steps of other kinds than its capture batch. A piecewise graph (mixed and prefill
     steps, in the default FULL_AND_PIECEWISE mode) is replayed for any batch of its token count, yet is
     captured on a dummy batch of one token per request, which reads as decode; a full graph not captured for
     a uniform batch (FULL mode) likewise. A full graph of a uniform batch (decode, or verification of k
@@ -119,16 +119,13 @@ def capture_for_any_step() -> str | None:
     from vllm.forward_context import get_forward_context, is_forward_context_available
 
     if not is_forward_context_available():
-        return None
+        return False
     ctx = get_forward_context()
     mode = getattr(getattr(ctx, "cudagraph_runtime_mode", None), "name", None)
-    if mode == "PIECEWISE":
-        return "a piecewise CUDA graph, replayed for steps of any kind"
-    if mode == "FULL":
+    if mode == "FULL":  # (a uniform batch: "uniform", or "uniform_decode" in releases that named it so)
         d = getattr(ctx, "batch_descriptor", None)
-        if not getattr(d, "uniform", getattr(d, "uniform_decode", False)):
-            return "a full CUDA graph of a batch that is not uniform, replayed for steps of any kind"
-    return None
+        return not getattr(d, "uniform", getattr(d, "uniform_decode", False))
+    return mode == "PIECEWISE"
 
 
 def step_rows(T: int, decode_threshold: int = 1, device: torch.device | str = "cpu") -> tuple[str, torch.Tensor | None]:
@@ -151,7 +148,7 @@ def step_rows(T: int, decode_threshold: int = 1, device: torch.device | str = "c
     rows the step's counts do not place).
     """
     m = _step_metadata()
-    if m is None or capture_for_any_step() is not None:
+    if m is None or capture_for_any_step():
         return UNKNOWN, None
     tokens = step_padding()  # [the step's (padded) tokens] where vLLM marks padding
     sliced = tokens is not None and tokens.shape[0] != T

@@ -594,3 +594,71 @@ def test_mla_models_get_the_reference_cpu_mla_backend(tmp_path):
     assert cmd[cmd.index("--attention-config") + 1] == '{"backend": "CPU_MLA"}'
     assert "--attention-config" not in sb.server_command(
         sb.Config(model=str(tmp_path / "qw"), policies=[], batch_sizes=[1], device="cpu").resolved(), 4)
+
+
+def test_engine_args_parse_as_json_or_text():
+    assert sb.parse_engine_arg("tensor_parallel_size=2") == ("tensor_parallel_size", 2)
+    assert sb.parse_engine_arg("--enable-expert-parallel=true") == ("enable_expert_parallel", True)
+    assert sb.parse_engine_arg('compilation_config={"mode": 0}') == ("compilation_config", {"mode": 0})
+    assert sb.parse_engine_arg("distributed_executor_backend=mp") == ("distributed_executor_backend", "mp")
+    assert sb.parse_engine_arg("quantization=") == ("quantization", "")
+    for bad in ("tensor_parallel_size", "=2", "2x=1"):
+        with pytest.raises(ValueError, match="KEY=VALUE"):
+            sb.parse_engine_arg(bad)
+
+
+def test_engine_args_as_server_options_by_hand():
+    fields = {"tensor_parallel_size": 1, "enable_expert_parallel": False, "enable_chunked_prefill": None,
+              "compilation_config": None, "cuda_graph_sizes": None}
+    args = {"tensor_parallel_size": 2, "enable_expert_parallel": True, "enable_chunked_prefill": False,
+            "compilation_config": {"mode": 0}, "cuda_graph_sizes": [1, 2]}
+    assert sb.server_flags(args, fields) == ["--tensor-parallel-size", "2", "--enable-expert-parallel",
+                                             "--no-enable-chunked-prefill", "--compilation-config", '{"mode": 0}',
+                                             "--cuda-graph-sizes", "1", "2"]
+    assert sb.server_flags({"enable_expert_parallel": False}, fields) == []  # the default: nothing to say
+
+
+def test_engine_args_checked_before_any_engine():
+    """Each engine argument must be the engine's own (a near name suggested), not one serve-bench sets, and a
+    counted --ep layout cannot meet an engine that runs expert parallelism itself."""
+    fields = {"tensor_parallel_size": 1, "enable_expert_parallel": False, "gpu_memory_utilization": 0.9}
+
+    def check(engine_args, **kw):
+        cfg = sb.Config(model="m", policies=[], batch_sizes=[1], engine_args=engine_args, **kw)
+        sb.check_engine_args(cfg, fields)
+
+    check({"tensor_parallel_size": 2, "gpu_memory_utilization": 0.8})
+    with pytest.raises(sb.BenchError, match="not an argument of vLLM's engine; did you mean tensor_parallel_size"):
+        check({"tensor_paralel_size": 2})
+    with pytest.raises(sb.BenchError, match="serve-bench sets max_num_seqs itself; give --batch-sizes"):
+        check({"max_num_seqs": 8})
+    with pytest.raises(sb.BenchError, match="serve-bench sets enable_prefix_caching itself; serve-bench fixes it"):
+        check({"enable_prefix_caching": True})
+    with pytest.raises(sb.BenchError, match="serve-bench sets max_running_requests itself"):
+        check({"max_running_requests": 8}, engine="sglang")
+    with pytest.raises(sb.BenchError, match="runs expert parallelism itself.*drop --ep"):
+        check({"enable_expert_parallel": True}, ep=4)
+    check({"enable_expert_parallel": True})
+
+
+def test_engine_args_reach_the_runs_and_the_report(tmp_path):
+    cfg = sb.Config(model="m", policies=[], batch_sizes=[1], engine_args={"tensor_parallel_size": 2})
+    assert sb.engine_args(cfg) == {"tensor_parallel_size": 2}
+    data = _offline_results()
+    data["conditions"]["engine_args"] = {"tensor_parallel_size": 2, "enable_expert_parallel": True}
+    assert "- engine arguments: `tensor_parallel_size=2`, `enable_expert_parallel=true`" in sb.conditions(data)
+
+
+def test_serve_bench_engine_arg_input_errors(capsys):
+    bad_input(capsys, ["serve-bench", "--engine-arg", "tensor_parallel_size"], "KEY=VALUE")
+    bad_input(capsys, ["serve-bench", "-tp", "0"], "--tensor-parallel-size")
+    bad_input(capsys, ["serve-bench", "-tp", "2", "--engine-arg", "tensor_parallel_size=2"], "say the same thing")
+    bad_input(capsys, ["serve-bench", "--engine", "sglang", "-tp", "2", "--engine-arg", "tp_size=2"],
+              "--engine-arg tp_size")
+
+
+def test_failure_reason_says_how_to_bind_cpu_ranks(tmp_path):
+    log = tmp_path / "run.log"
+    log.write_text("(EngineCore pid=3) ERROR 12-02 07:07:42 [core.py:1] AssertionError: Not enough allowed NUMA nodes "
+                   "to bind threads of 2 local CPUWorkers. Allowed NUMA nodes are [0].\n")
+    assert sb.failure_reason(log).endswith("VLLM_CPU_OMP_THREADS_BIND='0-7|8-15' for 2 ranks on 16 cores]")

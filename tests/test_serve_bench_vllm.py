@@ -126,6 +126,56 @@ def test_offline_isolate(tiny, tmp_path):
     assert all(r["tpot_ms"] > 0 and r["steps_rerouted"] == 5 for r in data["rows"])  # output_len - 1 decode steps
 
 
+@pytest.mark.xdist_group("serve-bench-tp")  # beside the other serve-bench tests: they run one after another
+def test_offline_ab_tensor_parallel_2(tiny, tmp_path):
+    """`--tensor-parallel-size 2` in the A/B mode: an engine of two CPU worker processes (one core each), the
+    policy switched in both and each worker's counters read over `collective_rpc`; the engine arguments are in
+    the conditions and the report."""
+    from moe_reroute.measure import serve_bench as sb
+
+    cfg = sb.Config(model=str(tiny), policies=["oea:k0=1"], batch_sizes=[2], output_len=9, repeats=1,
+                    engine_args={"tensor_parallel_size": 2}, extra_env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    data = sb.run(cfg, tmp_path, "test", say=lambda *a, **k: None)
+    assert [r["workers"] for r in data["runs"]] == [2]
+    _check_rows(data["rows"], "batch", [2])
+    assert all(r["steps_rerouted"] == 8 for r in data["rows"])  # counted in the workers: output_len - 1 steps
+    assert data["conditions"]["engine_args"] == {"tensor_parallel_size": 2}
+    assert "- engine arguments: `tensor_parallel_size=2`" in (tmp_path / "report.md").read_text()
+
+
+def test_engine_args_reach_vllm_as_its_own_parser_reads_them(tiny):
+    """A server's engine arguments, as `vllm serve` options, read back by vLLM's own parser into the values
+    given (bools both ways, a dict as JSON), beside the arguments serve-bench sets."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from moe_reroute.measure import serve_bench as sb
+
+    args = {"tensor_parallel_size": 2, "enable_expert_parallel": True, "gpu_memory_utilization": 0.85,
+            "distributed_executor_backend": "mp", "compilation_config": {"mode": 0}, "use_tqdm_on_load": False,
+            "enable_chunked_prefill": False, "max_logprobs": 3}
+    cfg = sb.Config(model=str(tiny), policies=[], batch_sizes=[4], engine_args=args).resolved()
+    cmd = sb.server_command(cfg, 4)
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    got = AsyncEngineArgs.from_cli_args(make_arg_parser(FlexibleArgumentParser()).parse_args(cmd[3:]))
+    for k, v in args.items():
+        if k == "compilation_config":
+            assert int(got.compilation_config.mode) == 0
+        else:
+            assert getattr(got, k) == v, k
+    assert (got.model, got.max_num_seqs, got.worker_extension_cls) == (str(tiny), 4, "moe_reroute.vllm.WorkerExtension")
+
+
+def test_an_unknown_engine_arg_is_refused_before_any_engine(tiny, tmp_path):
+    from moe_reroute.measure import serve_bench as sb
+
+    cfg = sb.Config(model=str(tiny), policies=["oea:k0=1"], batch_sizes=[2], engine_args={"tensor_paralel_size": 2})
+    with pytest.raises(sb.BenchError, match="not an argument of vLLM's engine; did you mean tensor_parallel_size"):
+        sb.run(cfg, tmp_path / "o", "test")
+    assert not (tmp_path / "o").exists()
+
+
 def test_serving_ab_in_one_server_stops_it(tiny, tmp_path):
     """--serve on CPU: one server for both policies (A/B), switched over its RPC route between client runs
     (native's rows route natively after the policy ran, the policy's re-route), then stopped."""

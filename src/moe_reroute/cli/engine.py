@@ -69,6 +69,19 @@ def _serve_bench(args) -> int:
         raise InputError(f"--run-timeout must be a number of seconds > 0, got {args.run_timeout}")
     if args.dtype != "auto" and args.dtype not in DTYPES:
         raise InputError(f"--dtype must be auto or one of {', '.join(sorted(DTYPES))}, got {args.dtype!r}")
+    engine_args = {}
+    for item in args.engine_arg or []:
+        try:
+            key, value = serve_bench.parse_engine_arg(item)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        engine_args[key] = value
+    if args.tensor_parallel_size is not None:
+        at_least(args.tensor_parallel_size, 1, "--tensor-parallel-size")
+        tp = serve_bench.TP_ARG[args.engine]
+        if tp in engine_args:
+            raise InputError(f"--tensor-parallel-size and --engine-arg {tp} say the same thing: give one")
+        engine_args[tp] = args.tensor_parallel_size
     out = check_out_dir(args.out)
     cfg = serve_bench.Config(model=model, policies=args.policy or [], batch_sizes=batch_sizes,
                              output_len=args.output_len, prompt_len=args.prompt_len, repeats=args.repeats,
@@ -77,7 +90,7 @@ def _serve_bench(args) -> int:
                              serve=args.serve, num_prompts=args.num_prompts, request_rate=rate, port=args.port,
                              run_timeout_s=args.run_timeout, isolate=True if args.isolate else None,
                              block_steps=args.block_steps, threads=args.threads, engine=args.engine,
-                             ep=args.ep, placement=args.placement or "contiguous")
+                             ep=args.ep, placement=args.placement or "contiguous", engine_args=engine_args)
     command = "moe-reroute " + " ".join(shlex.quote(a) for a in args.argv)
     try:
         data = serve_bench.run(cfg, out, command, say=print)
@@ -142,6 +155,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--placement", help="with --ep: contiguous (default), eplb (offline A/B: balanced by the "
                    "engine's own native load) or a placement file (one rank per expert, or one list per MoE layer; or redundant "
                    "experts, {\"ranks\": D, \"physical_to_logical\": [...]}, counted by the slots each rank reads)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, metavar="N", help="run the engine over N GPUs (or "
+                   "CPU worker processes) by tensor parallelism (vLLM's tensor_parallel_size, SGLang's tp_size)")
+    p.add_argument("--engine-arg", action="append", metavar="KEY=VALUE", help="an argument of the engine's own, "
+                   "repeatable: vLLM's `LLM(...)` / `vllm serve` arguments, SGLang's `Engine(...)`; VALUE as JSON "
+                   "where it parses (e.g. enable_expert_parallel=true, gpu_memory_utilization=0.85)")
     p.add_argument("--serve", action="store_true", help="serving mode: vLLM's OpenAI server and its bench client")
     p.add_argument("--num-prompts", type=int, default=32, help="--serve: requests per concurrency (default 32)")
     p.add_argument("--request-rate", default="inf", help="--serve: requests/s, or inf (default inf)")

@@ -33,24 +33,67 @@ from pathlib import Path
 # vLLM schedules asynchronously on CUDA by default (two batches in flight, an engine.step() that returns the
 # previous step's outputs): the benches step the engine by hand, one model step per call, each timed alone
 SYNC_SCHEDULING = {"async_scheduling": False}
+# the plugin's counters are read over `collective_rpc` from every worker: in this process, or in the worker
+# processes of a tensor- or expert-parallel engine (`--engine-arg tensor_parallel_size=2`)
+WORKER_EXTENSION = {"worker_extension_cls": "moe_reroute.vllm.WorkerExtension"}
+
+
+def vllm_llm(run: dict, enforce_eager: bool):
+    """The run's `vllm.LLM`: its model, one batch of equal prompts in one prefill step, no prefix cache, then the
+    model's and the user's own engine arguments (RUN.json "engine_args")."""
+    from vllm import LLM
+
+    return LLM(model=run["model"], dtype=run["dtype"], enforce_eager=enforce_eager, max_model_len=run["max_model_len"],
+               max_num_seqs=run["batch"], enable_prefix_caching=False, seed=0,
+               max_num_batched_tokens=max(run["max_model_len"], run["batch"] * run["prompt_len"]),
+               **{**SYNC_SCHEDULING, **WORKER_EXTENSION, **run.get("engine_args", {})})
+
+
+class Workers:
+    """The plugin's counters on every worker of a `vllm.LLM` (`moe_reroute.vllm.WorkerExtension` methods), paused
+    from the start (eager steps read the switch at each step). Every rank routes the whole batch alike, so the
+    first worker's counters stand for the engine's."""
+
+    def __init__(self, llm) -> None:
+        self.llm = llm
+        self.size = len(self.call("moe_reroute_counting", "0"))  # the engine's workers (its TP x PP ranks)
+
+    def call(self, method: str, *args) -> list:
+        return self.llm.collective_rpc(method, args=args)
+
+    def counting(self, on: bool) -> None:
+        self.call("moe_reroute_counting", "1" if on else "0")
+
+    def reset_counters(self) -> None:
+        self.call("moe_reroute_reset_counters")
+
+    def counters(self) -> dict:
+        return self.call("moe_reroute_counters")[0]
+
+    def expert_loads(self) -> dict:
+        return self.call("moe_reroute_expert_loads")[0]
+
+    def count_by_ranks(self, placements: dict, ranks: int, origin: str) -> None:
+        self.call("moe_reroute_count_by_ranks", placements, ranks, origin)
+
 
 def run_offline(run: dict) -> dict:
     import torch
 
     import moe_reroute.vllm as plugin
 
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     count = run["count"]  # "after": count after timing; "only": no timing (an eager counting run)
-    plugin.counting(False)
+    plugin.counting(False)  # in this process, before any step (and any capture)
     eager = run["enforce_eager"] or count == "only"
     t0 = time.perf_counter()
-    llm = LLM(model=run["model"], dtype=run["dtype"], enforce_eager=eager, max_model_len=run["max_model_len"],
-              max_num_seqs=run["batch"], enable_prefix_caching=False, seed=0,
-              max_num_batched_tokens=max(run["max_model_len"], run["batch"] * run["prompt_len"]),
-              **{**SYNC_SCHEDULING, **run.get("engine_args", {})})
+    llm = vllm_llm(run, eager)
     build_s = time.perf_counter() - t0
+    workers = Workers(llm)  # every worker's counters paused before the timed steps
+    result = {"build_s": build_s, "policy": run["policy"], "batch": run["batch"], "repeat": run["repeat"],
+              "workers": workers.size}
     prompts = [TokensPrompt(prompt_token_ids=p) for p in run["prompts"]]
 
     engine = llm.llm_engine
@@ -74,7 +117,6 @@ def run_offline(run: dict) -> dict:
         return steps, done
 
     L = run["output_len"]
-    result = {"build_s": build_s, "policy": run["policy"], "batch": run["batch"], "repeat": run["repeat"]}
     if count != "only":
         generate(min(L, 8))  # warm-up: first-call allocations and kernels
         steps, outs = generate(L)
@@ -88,10 +130,10 @@ def run_offline(run: dict) -> dict:
         result.update(prefill_s=prefill_s, decode_s=decode_s, steps=len(steps), tpot_s=tpot,
                       decode_tokens_per_s=run["batch"] / tpot)
     if count in ("after", "only"):
-        plugin.reset_counters()
-        plugin.counting(True)
+        workers.reset_counters()
+        workers.counting(True)
         generate(L)
-        result["counters"] = {str(k): v for k, v in plugin.counters().items()}
+        result["counters"] = workers.counters()
     return result
 
 
@@ -114,17 +156,15 @@ def run_ab(run: dict) -> dict:
 
     import moe_reroute.vllm as plugin
 
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     policies, L, b = run["policies"], run["output_len"], run["block_steps"]
     plugin.counting(False)
     t0 = time.perf_counter()
-    llm = LLM(model=run["model"], dtype=run["dtype"], enforce_eager=run["enforce_eager"], max_model_len=run["max_model_len"],
-              max_num_seqs=run["batch"], enable_prefix_caching=False, seed=0,
-              max_num_batched_tokens=max(run["max_model_len"], run["batch"] * run["prompt_len"]),
-              **{**SYNC_SCHEDULING, **run.get("engine_args", {})})
+    llm = vllm_llm(run, run["enforce_eager"])
     build_s = time.perf_counter() - t0
+    workers = Workers(llm)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in run["prompts"]]
     engine = llm.llm_engine
     serial = iter(range(1 << 30))
@@ -178,34 +218,36 @@ def run_ab(run: dict) -> dict:
                 records.append({"generation": g, "round": rnd, "step": i, "policy": pol, "s": sec})
     placement = None
     if run.get("ep", {}).get("placement") == "eplb":
-        placement = eplb_from_native_load(plugin, lambda: generate(L, policy="native"), run["ep"]["ranks"])
+        placement = eplb_from_native_load(workers, lambda: generate(L, policy="native"), run["ep"]["ranks"])
     counters = {}
     for p in policies:  # U per layer: one counted generation per policy (counters restart at each switch)
         use(p)
-        plugin.reset_counters()
-        plugin.counting(True)
+        workers.reset_counters()
+        workers.counting(True)
         generate(L, policy=p)
-        plugin.counting(False)
-        counters[p] = {str(k): v for k, v in plugin.counters().items()}
-    return {"mode": "ab", "build_s": build_s, **({"placement": placement} if placement else {}), "batch": run["batch"], "policies": policies, "block_steps": b,
+        workers.counting(False)
+        counters[p] = workers.counters()
+    return {"mode": "ab", "build_s": build_s, "workers": workers.size, **({"placement": placement} if placement else {}),
+            "batch": run["batch"], "policies": policies, "block_steps": b,
             "generations": run["repeats"], "prefill_s": prefill, "steps": records, "counters": counters}
 
 
-def eplb_from_native_load(plugin, generate_native, ranks: int) -> dict[str, list[int]]:
+def eplb_from_native_load(workers: Workers, generate_native, ranks: int) -> dict[str, list[int]]:
     """An EPLB-like placement per layer from the engine's own native routing: one counted native generation
-    (`generate_native`), the tokens it sent to each expert (`plugin.expert_loads`), each layer balanced over
-    `ranks` (`moe_reroute.placement.balanced`); the counters count per rank by it from then on. Returns it."""
+    (`generate_native`), the tokens it sent to each expert (`workers.expert_loads`), each layer balanced over
+    `ranks` (`moe_reroute.placement.balanced`); every worker's counters count per rank by it from then on.
+    Returns it."""
     import torch
 
     from moe_reroute.placement import balanced
 
-    plugin.reset_counters()
-    plugin.counting(True)
+    workers.reset_counters()
+    workers.counting(True)
     generate_native()
-    plugin.counting(False)
-    loads = plugin.expert_loads()
+    workers.counting(False)
+    loads = workers.expert_loads()
     placement = {str(k): balanced(torch.tensor(v, dtype=torch.float64), ranks).tolist() for k, v in loads.items()}
-    plugin.count_by_ranks(placement, ranks, "eplb")
+    workers.count_by_ranks(placement, ranks, "eplb")
     return placement
 
 

@@ -84,6 +84,8 @@ class Config:
     engine: str = "vllm"  # or "sglang": SGLang's offline engine, A/B only
     ep: int | None = None  # count per rank under expert parallelism over this many ranks (vLLM)
     placement: str = "contiguous"  # with ep: "contiguous", "eplb" (offline A/B: the engine's native load) or a file
+    # the user's own engine arguments ({vLLM EngineArgs / SGLang ServerArgs field: value}), e.g. tensor parallelism
+    engine_args: dict = field(default_factory=dict)
 
     def resolved(self) -> Config:
         import torch
@@ -284,6 +286,99 @@ def check_layout(cfg: Config, config: dict, spec) -> None:
         raise BenchError(f"--ep {cfg.ep} --placement {cfg.placement}: {e}") from None
 
 
+# engine arguments serve-bench sets itself, and the option of its own that sets each (None: fixed by the bench)
+OWN_ENGINE_ARGS = {
+    "vllm": {"model": "--model", "tokenizer": "--model", "dtype": "--dtype", "seed": None,
+             "max_num_seqs": "--batch-sizes", "max_model_len": "--prompt-len and --output-len",
+             "max_num_batched_tokens": "--batch-sizes and --prompt-len",
+             "enforce_eager": "--enforce-eager or --cuda-graphs", "enable_prefix_caching": None,
+             "async_scheduling": None, "worker_extension_cls": None, "host": None, "port": "--port"},
+    SGLANG: {"model_path": "--model", "tokenizer_path": "--model", "device": "--device", "dtype": "--dtype",
+             "disable_cuda_graph": None, "disable_radix_cache": None, "disable_overlap_schedule": None,
+             "skip_server_warmup": None, "random_seed": None, "max_running_requests": "--batch-sizes",
+             "chunked_prefill_size": "--batch-sizes and --prompt-len",
+             "max_total_tokens": "--batch-sizes, --prompt-len and --output-len", "host": None, "port": None},
+}
+# the engine argument of tensor parallelism (`--tensor-parallel-size`)
+TP_ARG = {"vllm": "tensor_parallel_size", SGLANG: "tp_size"}
+
+
+def parse_engine_arg(item: str) -> tuple[str, object]:
+    """`KEY=VALUE` (`--engine-arg`) as (key, value): the key as the engine's Python argument (dashes and a
+    leading `--` taken as `vllm serve` writes them), the value as JSON where it parses (2, true, {"a": 1}),
+    else as text. ValueError saying how to write one."""
+    key, sep, text = item.partition("=")
+    key = key.strip().removeprefix("--").replace("-", "_")
+    if not sep or not key.isidentifier():
+        raise ValueError(f"--engine-arg {item!r}: write KEY=VALUE with the engine's argument name, e.g. "
+                         "--engine-arg tensor_parallel_size=2 or --engine-arg gpu_memory_utilization=0.85")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = text
+    return key, value
+
+
+def engine_arg_fields(engine: str) -> dict[str, object]:
+    """{argument: default} of the installed engine's own arguments: vLLM's `EngineArgs` (what `vllm.LLM(...)`
+    and `vllm serve` take) or SGLang's `ServerArgs` (what `sglang.Engine(...)` takes)."""
+    import dataclasses
+
+    if engine == SGLANG:
+        from sglang.srt.server_args import ServerArgs as args
+    else:
+        from vllm.engine.arg_utils import EngineArgs as args
+    return {f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(args)}
+
+
+def check_engine_args(cfg: Config, fields: dict[str, object] | None = None) -> None:
+    """The user's engine arguments checked before any engine starts (cfg resolved; `fields`: the engine's own,
+    read from it when not given): each names an argument of the engine, none is one serve-bench sets itself, and
+    a counted --ep layout does not meet an engine that runs expert parallelism itself. BenchError otherwise."""
+    import difflib
+
+    if not cfg.engine_args:
+        return
+    name = engine_name(cfg.engine)
+    own = OWN_ENGINE_ARGS[cfg.engine]
+    for key in cfg.engine_args:
+        if key in own:
+            how = f"give {own[key]}" if own[key] else "serve-bench fixes it so that runs compare"
+            raise BenchError(f"--engine-arg {key}: serve-bench sets {key} itself; {how}")
+    if fields is None:
+        fields = engine_arg_fields(cfg.engine)
+    for key in cfg.engine_args:
+        if key not in fields:
+            near = difflib.get_close_matches(key, list(fields), n=3)
+            raise BenchError(f"--engine-arg {key}: not an argument of {name}'s engine"
+                             + (f"; did you mean {' or '.join(near)}?" if near else "")
+                             + (" (see `vllm serve --help`)" if cfg.engine == "vllm" else
+                                " (see `python -m sglang.launch_server --help`)"))
+    if cfg.ep is not None and cfg.engine_args.get("enable_expert_parallel"):
+        raise BenchError("--ep counts per rank under a layout of its own, but the engine runs expert parallelism "
+                         "itself and is counted per rank by its own placement: drop --ep")
+
+
+def server_flags(args: dict, fields: dict[str, object]) -> list[str]:
+    """Engine arguments as `vllm serve` options: `--key-with-dashes VALUE`; a bool `--key` or `--no-key` (left out
+    where it is the default); a list, its items after the option; a dict, its JSON."""
+    out = []
+    for key, value in args.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            if value != fields.get(key):
+                out.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            out += [flag, *(json.dumps(v) if isinstance(v, (dict, list)) else str(v) for v in value)]
+        elif isinstance(value, dict):
+            out += [flag, json.dumps(value)]
+        elif value is None:
+            continue
+        else:
+            out += [flag, str(value)]
+    return out
+
+
 def _moe_layer_count(config: dict) -> int | None:
     """The model's MoE layers (dense layers not counted), or None when its layout is not known."""
     from transformers import AutoConfig
@@ -466,8 +561,16 @@ def failure_reason(log: Path) -> str:
     causes = [f"{m.group(1)}: {m.group(2)}" for ln in lines if not _LOGGED.search(ln) and (m := _ERROR.search(ln))]
     causes = [c for c in causes if not any(w in c for w in _WRAPPERS)]
     if causes:
-        return causes[0][:400]
+        return causes[0][:400] + _hint(causes[0])
     return lines[-1][:400] if lines else "the process printed nothing"
+
+
+def _hint(cause: str) -> str:
+    """What to do about a known engine failure, after its message."""
+    if "NUMA nodes to bind threads" in cause:  # vLLM's CPU workers: more ranks than NUMA nodes
+        return (" [on CPU, give each rank its own cores: VLLM_CPU_OMP_THREADS_BIND, one range per rank, e.g. "
+                "VLLM_CPU_OMP_THREADS_BIND='0-7|8-15' for 2 ranks on 16 cores]")
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------- offline
@@ -492,6 +595,8 @@ def offline_plan(cfg: Config, policies: list[str]) -> list[dict]:
 def run_offline(cfg: Config, policies: list[str], out: Path, say=print, labels: dict | None = None) -> list[dict]:
     """Run every offline run in a fresh process; returns the per-run results. A failed run stops the bench
     (BenchError with the engine's message); runs already done stay in out/runs/."""
+    from ..serving import config as plugin_config
+
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.isolate:
@@ -516,9 +621,12 @@ def run_offline(cfg: Config, policies: list[str], out: Path, say=print, labels: 
             **run, "model": str(Path(cfg.model).absolute()), "dtype": cfg.dtype, "device": cfg.device,
             "enforce_eager": cfg.enforce_eager, "prompt_len": cfg.prompt_len, "output_len": cfg.output_len,
             "max_model_len": cfg.prompt_len + cfg.output_len + 16, "prompts": prompts[: run["batch"]],
-            "engine_args": vllm_engine_args(cfg), "result": str(result_file)}))
+            "engine_args": engine_args(cfg), "result": str(result_file)}))
+        env = engine_env(cfg, run["policy"], in_process=True)
+        if run["count"] == "none":  # nothing read: no counters (a worker process would count the timed steps)
+            env[plugin_config.COUNTERS_ENV] = "0"
         code = run_process([sys.executable, "-m", "moe_reroute.measure.engine_run", str(spec_file)],
-                           engine_env(cfg, run["policy"], in_process=True), log, cfg.run_timeout_s)
+                           env, log, cfg.run_timeout_s)
         if code != 0 or not result_file.exists():
             raise BenchError(f"run {i}/{len(plan)} ({run['policy']}, batch {run['batch']}) failed: "
                              f"{failure_reason(log)} (full log: {log}); results.json not written")
@@ -547,7 +655,7 @@ def run_ab(cfg: Config, policies: list[str], out: Path, say=print, labels: dict 
             "prompt_len": cfg.prompt_len, "output_len": cfg.output_len,
             "max_model_len": cfg.prompt_len + cfg.output_len + 16, "prompts": prompts[:B],
             **({"ep": {"ranks": cfg.ep, "placement": "eplb"}} if cfg.ep and cfg.placement == "eplb" else {}),
-            "engine_args": vllm_engine_args(cfg), "result": str(result_file)}))
+            "engine_args": engine_args(cfg), "result": str(result_file)}))
         code = run_process([sys.executable, "-m", "moe_reroute.measure.engine_run", str(spec_file)],
                            engine_env(cfg, NATIVE, in_process=True), log, cfg.run_timeout_s)
         if code != 0 or not result_file.exists():
@@ -747,6 +855,12 @@ def vllm_engine_args(cfg: Config) -> dict:
     return {"attention_config": {"backend": "CPU_MLA"}}
 
 
+def engine_args(cfg: Config) -> dict:
+    """The engine arguments of a run beyond serve-bench's own: a model's needs (`vllm_engine_args`), then the
+    user's (`--engine-arg`), which win."""
+    return {**vllm_engine_args(cfg), **cfg.engine_args}
+
+
 def server_command(cfg: Config, max_num_seqs: int) -> list[str]:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(cfg.model),
            "--host", "127.0.0.1", "--port", str(cfg.port), "--dtype", cfg.dtype, "--seed", "0",
@@ -754,10 +868,8 @@ def server_command(cfg: Config, max_num_seqs: int) -> list[str]:
            "--no-enable-prefix-caching", "--worker-extension-cls", "moe_reroute.vllm.WorkerExtension"]
     if cfg.enforce_eager:
         cmd.append("--enforce-eager")
-    extra = vllm_engine_args(cfg)
-    if "attention_config" in extra:
-        cmd += ["--attention-config", json.dumps(extra["attention_config"])]
-    return cmd
+    fields = engine_arg_fields("vllm") if cfg.engine_args else {}
+    return cmd + server_flags(engine_args(cfg), fields)
 
 
 def _http(port: int, path: str, body: dict | None = None, timeout: float = 30.0):
@@ -1096,6 +1208,8 @@ def conditions(data: dict) -> str:
              f"{'eager' if c['enforce_eager'] else ('CUDA graphs' if c['device'].startswith('cuda') else 'compiled')}, "
              f"greedy, ignore_eos; CPU threads: {c.get('threads', 'not recorded')}",
              f"- prompts: {c['prompt_len']} tokens of held-out text, {c['output_len']} output tokens, {runs_line}"]
+    if c.get("engine_args"):
+        lines.append("- engine arguments: " + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in c["engine_args"].items()))
     if c.get("method_note"):
         lines.append(f"- method: {c['method_note']}")
     if c.get("ep"):
@@ -1228,6 +1342,7 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
             check_port(cfg.port)
         version = vllm_version()
         check_vllm_version(version)
+    check_engine_args(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS).unlink(missing_ok=True)
     model = cfg.model
@@ -1260,6 +1375,7 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
                            "threads": threads_note(cfg),
                            "load_average_start": round(load_start, 2) if load_start is not None else None,
                            **({"ep": cfg.ep, "placement": cfg.placement} if cfg.ep is not None else {}),
+                           **({"engine_args": cfg.engine_args} if cfg.engine_args else {}),
                            "method": "isolate" if cfg.isolate else "ab", "method_note": method_note(cfg),
                            **({"counted": serving_counts(cfg)} if cfg.serve else {"block_steps": block_steps}),
                            **({} if cfg.serve and cfg.isolate else {"seed": cfg.seed})},

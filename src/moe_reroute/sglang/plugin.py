@@ -557,10 +557,16 @@ def attach_rpc() -> bool:
 
 
 def _rpc_save(scheduler: Any, path: str) -> None:
-    """`moe_reroute_save(path)`: write {"policy", "counters", "records"} of this scheduler (torch.save)."""
+    """`moe_reroute_save(path)`: write {"policy", "counters", "records"} of this scheduler (torch.save). Under
+    tensor parallelism every rank's scheduler writes it (their routing and counters are alike), each whole:
+    written aside, then moved into place."""
+    import os
+
     hook = STATE.hook
+    tmp = f"{path}.{os.getpid()}.partial"
     torch.save({"policy": hook.config.source if hook else None, "counters": hook.read_counters() if hook else {},
-                "records": (hook.records or []) if hook else []}, path)
+                "records": (hook.records or []) if hook else []}, tmp)
+    os.replace(tmp, path)
 
 
 def _rpc_record(scheduler: Any, on: bool = True) -> None:

@@ -168,7 +168,12 @@ def test_engine_args_reach_vllm_as_its_own_parser_reads_them(tiny):
 
 
 def test_an_unknown_engine_arg_is_refused_before_any_engine(tiny, tmp_path):
+    """Checked against the installed vLLM's EngineArgs; the arguments serve-bench sets itself (the server's
+    host and port aside) are real ones, and so is the one `--tensor-parallel-size` sets."""
     from moe_reroute.measure import serve_bench as sb
+
+    fields = sb.engine_arg_fields("vllm")
+    assert set(sb.OWN_ENGINE_ARGS["vllm"]) - {"host", "port"} <= set(fields) and sb.TP_ARG["vllm"] in fields
 
     cfg = sb.Config(model=str(tiny), policies=["oea:k0=1"], batch_sizes=[2], engine_args={"tensor_paralel_size": 2})
     with pytest.raises(sb.BenchError, match="not an argument of vLLM's engine; did you mean tensor_parallel_size"):

@@ -195,7 +195,7 @@ def test_serve_bench_on_sglang_measures_every_policy_in_one_engine(tmp_path):
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "moe_reroute.cli", "serve-bench", "--engine", "sglang", "--policy", "oea:k0=2",
            "--policy", "cap:k=4", "--batch-sizes", "2", "--output-len", "10", "--repeats", "2", "--block-steps", "1",
-           "--threads", "1", "--out", str(out)]
+           "--threads", "1", "--engine-arg", "watchdog_timeout=600", "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_REROUTE_")}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -203,7 +203,7 @@ def test_serve_bench_on_sglang_measures_every_policy_in_one_engine(tmp_path):
     data = json.loads((out / "results.json").read_text())
     c = data["conditions"]
     assert c["engine"] == "sglang" and c["engine_version"].startswith("0.5.") and c["method"] == "ab"
-    assert c["threads"] == "1 (--threads)"
+    assert c["threads"] == "1 (--threads)" and c["engine_args"] == {"watchdog_timeout": 600}
     rows = {r["policy"]: r for r in data["rows"]}
     assert set(rows) == {"native", "oea:k0=2", "cap:k=4"}
     for p in ("oea:k0=2", "cap:k=4"):
@@ -223,6 +223,21 @@ def test_serve_bench_on_sglang_measures_every_policy_in_one_engine(tmp_path):
     assert got == want
     assert all(s["s"] >= s["forward_s"] > 0 for s in run_["steps"])
     assert (out / "report.md").read_text().count("SGLang 0.5.") >= 1
+
+
+def test_serve_bench_engine_args_are_sglang_s_own(tmp_path):
+    """`--engine-arg` names are checked against the installed SGLang's ServerArgs before any engine starts; the
+    arguments serve-bench sets itself are real ones (so refusing them refuses what the engine would take)."""
+    from moe_reroute.measure import serve_bench as sb
+    from moe_reroute.reference import path as reference_path
+
+    fields = sb.engine_arg_fields("sglang")
+    assert set(sb.OWN_ENGINE_ARGS["sglang"]) <= set(fields) and sb.TP_ARG["sglang"] in fields
+    cfg = sb.Config(model=str(reference_path()), policies=[], batch_sizes=[2], engine="sglang",
+                    engine_args={"tp_sise": 2})
+    with pytest.raises(sb.BenchError, match="not an argument of SGLang's engine; did you mean tp_size"):
+        sb.run(cfg, tmp_path / "o", "test")
+    assert not (tmp_path / "o").exists()
 
 
 def test_distinct_ids_pass_sglang_native_moe_and_repeated_ids_do_not():

@@ -328,7 +328,11 @@ def engine_arg_fields(engine: str) -> dict[str, object]:
         from sglang.srt.server_args import ServerArgs as args
     else:
         from vllm.engine.arg_utils import EngineArgs as args
-    return {f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(args)}
+    if dataclasses.is_dataclass(args):
+        return {f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(args)}
+    import msgspec  # SGLang 0.5.23's ServerArgs is a msgspec Struct
+
+    return {f.name: (f.default if f.default is not msgspec.NODEFAULT else None) for f in msgspec.structs.fields(args)}
 
 
 def check_engine_args(cfg: Config, fields: dict[str, object] | None = None) -> None:

@@ -639,6 +639,10 @@ def test_engine_args_checked_before_any_engine():
     with pytest.raises(sb.BenchError, match="runs expert parallelism itself.*drop --ep"):
         check({"enable_expert_parallel": True}, ep=4)
     check({"enable_expert_parallel": True})
+    fields["data_parallel_size"] = 1
+    with pytest.raises(sb.BenchError, match="data_parallel_size=2: vLLM's offline engine .* add --serve"):
+        check({"data_parallel_size": 2})
+    check({"data_parallel_size": 2}, serve=True)
 
 
 def test_engine_args_reach_the_runs_and_the_report(tmp_path):
@@ -647,6 +651,11 @@ def test_engine_args_reach_the_runs_and_the_report(tmp_path):
     data = _offline_results()
     data["conditions"]["engine_args"] = {"tensor_parallel_size": 2, "enable_expert_parallel": True}
     assert "- engine arguments: `tensor_parallel_size=2`, `enable_expert_parallel=true`" in sb.conditions(data)
+    served = {**data, "mode": "serve", "conditions": {**data["conditions"], "num_prompts": 4, "request_rate": "inf",
+                                                      "engine_args": {"data_parallel_size": 2}}}
+    assert "U: the first data-parallel rank's" in sb.conditions(served)
+    served["conditions"]["engine_args"] = {"tensor_parallel_size": 2}
+    assert "data-parallel" not in sb.conditions(served)
 
 
 def test_serve_bench_engine_arg_input_errors(capsys):

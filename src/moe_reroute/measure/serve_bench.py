@@ -358,6 +358,10 @@ def check_engine_args(cfg: Config, fields: dict[str, object] | None = None) -> N
                              + (f"; did you mean {' or '.join(near)}?" if near else "")
                              + (" (see `vllm serve --help`)" if cfg.engine == "vllm" else
                                 " (see `python -m sglang.launch_server --help`)"))
+    dp = cfg.engine_args.get("data_parallel_size" if cfg.engine == "vllm" else "dp_size", 1)
+    if cfg.engine == "vllm" and not cfg.serve and isinstance(dp, int) and dp > 1:
+        raise BenchError(f"--engine-arg data_parallel_size={dp}: vLLM's offline engine runs one data-parallel rank "
+                         "per process; add --serve (vLLM's server runs every rank)")
     if cfg.ep is not None and cfg.engine_args.get("enable_expert_parallel"):
         raise BenchError("--ep counts per rank under a layout of its own, but the engine runs expert parallelism "
                          "itself and is counted per rank by its own placement: drop --ep")
@@ -1237,6 +1241,10 @@ def conditions(data: dict) -> str:
                      f"rate {c['request_rate']}; "
                      + ("counters on for every policy (native included)" if c.get("counted", True) else
                         "counters off (under CUDA graphs they would replay in every step): no U")
+                     + ("; U: the first data-parallel rank's (each rank routes its own requests; the server's "
+                        "RPC route answers with the first rank's counters)"
+                        if c.get("counted", True) and (c.get("engine_args") or {}).get("data_parallel_size", 1) != 1
+                        else "")
                      + "; ratio: output "
                      "throughput / native's in the same " + ("round" if c.get("method") == "ab" else "repeat")
                      + ", geometric mean, 95% t-interval")

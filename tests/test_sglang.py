@@ -823,3 +823,13 @@ def test_counters_give_the_experts_sglang_computes_beside_the_policys(logits_fac
     kept = make_policy("cap", k=2)(logits, RouterSpec(16, 4))
     u = len(set(kept.ids[:, :2].flatten().tolist()))  # the experts the 12 tokens keep, counted by hand
     assert u >= 4 and many["unique"] == many["unique_engine"] == u
+
+
+def test_a_mixed_step_under_a_capture_or_trace_is_not_read(monkeypatch):
+    """Inside a CUDA-graph capture or a compile trace the host-built mask would be frozen into what replays: the
+    mixed step routes natively (read through `contract.tracing`, as every other capture test of the plugin)."""
+    step = plugin.StepRows(lambda: ForwardBatch.mixed([3, 2], 3))
+    monkeypatch.setattr(plugin, "tracing", lambda: True)
+    assert step(8, torch.device("cpu")) == ("unknown", None)
+    monkeypatch.setattr(plugin, "tracing", lambda: False)
+    assert step(8, torch.device("cpu"))[0] == "mixed"

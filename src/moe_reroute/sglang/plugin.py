@@ -311,8 +311,8 @@ class StepRows:
         if kind != MIXED:
             return kind, None
         device = torch.device(device)
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return self._unread("CUDA-graph capture: a copied mask would replay stale rows")
+        if tracing():
+            return self._unread("CUDA-graph capture or compile trace: a copied mask would replay stale rows")
         lens, why = mixed_lens(batch, T)
         if lens is None:
             return self._unread(why)

@@ -653,7 +653,7 @@ def test_engine_args_reach_the_runs_and_the_report(tmp_path):
     assert "- engine arguments: `tensor_parallel_size=2`, `enable_expert_parallel=true`" in sb.conditions(data)
     served = {**data, "mode": "serve", "conditions": {**data["conditions"], "num_prompts": 4, "request_rate": "inf",
                                                       "engine_args": {"data_parallel_size": 2}}}
-    assert "U: the first data-parallel rank's" in sb.conditions(served)
+    assert "U: the mean over every data-parallel rank's steps" in sb.conditions(served)
     served["conditions"]["engine_args"] = {"tensor_parallel_size": 2}
     assert "data-parallel" not in sb.conditions(served)
 
@@ -671,3 +671,34 @@ def test_failure_reason_says_how_to_bind_cpu_ranks(tmp_path):
     log.write_text("(EngineCore pid=3) ERROR 12-02 07:07:42 [core.py:1] AssertionError: Not enough allowed NUMA nodes "
                    "to bind threads of 2 local CPUWorkers. Allowed NUMA nodes are [0].\n")
     assert sb.failure_reason(log).endswith("VLLM_CPU_OMP_THREADS_BIND='0-7|8-15' for 2 ranks on 16 cores]")
+
+
+def test_dp_counters_merge_by_hand():
+    """Two DP ranks: rank 0 re-routed 3 steps at U 4 (native 6), rank 1 1 step at U 8 (native 10): U is the mean
+    over the 4 steps, (3 x 4 + 8) / 4 = 5 (native 7); totals add up; per-EP-rank lists are weighted alike; a
+    worker's own EP rank is dropped."""
+    def rank(steps, u, un, dec, per, ep_rank):
+        return {"0": {"steps": steps, "unique": u, "unique_native": un, "tokens": 2.0, "steps_seen": steps + 1,
+                      "tokens_rerouted": 2 * steps, "tokens_seen": 9, "decode_tokens_total": dec,
+                      "decode_tokens_rerouted_total": dec, "steps_by_kind": {"decode": steps, "prefill": 1},
+                      "ranks": 2, "placement": "engine", "unique_per_rank": per, "max_rank_unique": max(per),
+                      "mean_rank_unique": sum(per) / 2, "unique_per_rank_native": [un / 2] * 2,
+                      "max_rank_unique_native": un / 2, "mean_rank_unique_native": un / 2,
+                      "ep_rank": ep_rank, "local_unique": per[ep_rank]}}
+
+    merged = sb.merge_dp_counters([rank(3, 4.0, 6.0, 6, [1.0, 3.0], 0), rank(1, 8.0, 10.0, 2, [5.0, 3.0], 1)])["0"]
+    assert merged["steps"] == 4 and merged["unique"] == pytest.approx(5.0) and merged["unique_native"] == pytest.approx(7.0)
+    assert (merged["decode_tokens_total"], merged["tokens_seen"], merged["steps_seen"]) == (8, 18, 6)
+    assert merged["unique_per_rank"] == pytest.approx([2.0, 3.0]) and merged["max_rank_unique"] == pytest.approx((3 * 3 + 5) / 4)
+    assert merged["steps_by_kind"] == {"decode": 4, "prefill": 2} and (merged["ranks"], merged["placement"]) == (2, "engine")
+    assert "ep_rank" not in merged and "local_unique" not in merged
+    assert merged["unique_per_rank_native"] == pytest.approx([3.5, 3.5])
+    fields = sb._u_fields(sb.merge_dp_counters([rank(3, 4.0, 6.0, 6, [1.0, 3.0], 0)]))
+    assert fields["unique"] == 4.0 and fields["decode_tokens"] == 6 and fields["max_rank_unique"] == 3.0
+
+
+def test_one_engine_s_counters_from_its_workers():
+    """Tensor-parallel workers count alike: each layer once, the first worker's; pipeline stages hold their own layers."""
+    tp = [{"1": {"unique": 3}, "0": {"unique": 2}}, {"0": {"unique": 2, "ep_rank": 1}, "1": {"unique": 3}}]
+    assert sb.union_counters(tp) == {"0": {"unique": 2}, "1": {"unique": 3}}
+    assert list(sb.union_counters([{"10": {}}, {"2": {}}])) == ["2", "10"]

@@ -891,8 +891,83 @@ def _http(port: int, path: str, body: dict | None = None, timeout: float = 30.0)
     return json.loads(text) if text.strip().startswith(("{", "[")) else text
 
 
-def rpc(port: int, method: str, *args: str):
-    return _http(port, "/collective_rpc", {"method": method, "args": list(args)})["results"][0]
+def rpc(port: int, method: str, *args: str, every: bool = False):
+    """`method` over the server's `/collective_rpc` route: the first worker's answer, or (`every`) each worker's of
+    the first data-parallel engine."""
+    results = _http(port, "/collective_rpc", {"method": method, "args": list(args)})["results"]
+    return results if every else results[0]
+
+
+def union_counters(answers: list[dict]) -> dict:
+    """One engine's counters from its workers' answers: each layer once, the first worker's where several hold it
+    (tensor-parallel ranks count alike), every pipeline stage's own layers."""
+    merged: dict = {}
+    for c in reversed(answers):
+        merged.update(c)
+    return dict(sorted(merged.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 1 << 30))
+
+
+# counter fields that are means over a rank's re-routed steps (merged weighted by steps), and totals (summed)
+_STEP_MEANS = ("unique", "unique_native", "unique_engine", "tokens", "max_rank_unique", "mean_rank_unique",
+               "max_rank_unique_native", "mean_rank_unique_native", "unique_per_rank", "unique_per_rank_native")
+_TOTALS = ("steps", "steps_seen", "tokens_rerouted", "tokens_seen", "decode_tokens_total", "decode_tokens_rerouted_total")
+
+
+def merge_dp_counters(per_rank: list[dict]) -> dict:
+    """The counters of a data-parallel server from each DP rank's ({layer: counter fields}): per layer, totals
+    summed over ranks and per-step means weighted by each rank's re-routed steps (so U is the mean over every
+    rank's steps: each rank routes its own requests); `ranks` and `placement` kept, a worker's own `ep_rank` and
+    `local_unique` dropped."""
+    out = {}
+    for layer in sorted({k for c in per_rank for k in c}, key=lambda k: int(k) if str(k).isdigit() else 1 << 30):
+        held = [c[layer] for c in per_rank if layer in c]
+        steps = sum(h["steps"] for h in held)
+        merged = {k: sum(h.get(k, 0) for h in held) for k in _TOTALS}
+        for k in _STEP_MEANS:
+            values = [(h[k], h["steps"]) for h in held if k in h]
+            if not values:
+                continue
+            if isinstance(values[0][0], list):
+                merged[k] = [sum(v[i] * n for v, n in values) / max(steps, 1) for i in range(len(values[0][0]))]
+            else:
+                merged[k] = sum(v * n for v, n in values) / max(steps, 1)
+        kinds: dict = {}
+        for h in held:
+            for kind, n in h.get("steps_by_kind", {}).items():
+                kinds[kind] = kinds.get(kind, 0) + n
+        merged["steps_by_kind"] = kinds
+        for k in ("ranks", "placement"):
+            if k in held[0]:
+                merged[k] = held[0][k]
+        out[layer] = merged
+    return out
+
+
+def data_parallel_size(cfg: Config) -> int:
+    dp = cfg.engine_args.get("data_parallel_size", 1)
+    return dp if isinstance(dp, int) and dp > 1 else 1
+
+
+def server_counters(cfg: Config, folder: Path) -> tuple[dict, list[dict] | None]:
+    """The server's counters, and each data-parallel rank's where it runs several. The `/collective_rpc` route
+    runs a method on every DP engine but answers with the first one's workers only, so under DP every rank
+    writes its own (`moe_reroute_save_counters` into `folder`), read back and merged (`merge_dp_counters`)."""
+    dp = data_parallel_size(cfg)
+    if dp == 1:
+        return union_counters(rpc(cfg.port, "moe_reroute_counters", every=True)), None
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    rpc(cfg.port, "moe_reroute_save_counters", str(folder))
+    saved = [json.loads(f.read_text()) for f in folder.glob("counters-dp*-tp0-pp*.json")]
+    by_dp: dict[int, list[dict]] = {}
+    for s in saved:
+        by_dp.setdefault(int(s["ranks"]["dp"]), []).append(s["layers"])
+    if sorted(by_dp) != list(range(dp)):
+        raise BenchError(f"the server's {dp} data-parallel ranks wrote counters for ranks {sorted(by_dp)} only "
+                         f"(in {folder}); results.json not written")
+    per_rank = [union_counters(by_dp[r]) for r in range(dp)]
+    return merge_dp_counters(per_rank), per_rank
 
 
 def wait_ready(proc: subprocess.Popen, port: int, log: Path, timeout_s: float) -> None:
@@ -1018,8 +1093,9 @@ def run_serving(cfg: Config, policies: list[str], out: Path, say=print, labels: 
                     flush=True)
                 rpc(cfg.port, "moe_reroute_reset_counters")
                 bench = _client_run(cfg, dataset, runs_dir, tag, B, cfg.num_prompts, run["policy"], log)
-                counters = rpc(cfg.port, "moe_reroute_counters")
-                results.append({**run, "batch": B, "bench": _bench_fields(bench), "counters": counters})
+                counters, per_rank = server_counters(cfg, runs_dir / f"{tag}-c{B}-counters")
+                results.append({**run, "batch": B, "bench": _bench_fields(bench), "counters": counters,
+                                **({"counters_by_dp_rank": per_rank} if per_rank is not None else {})})
             if cfg.isolate:
                 p, proc = proc, None
                 _stop_server(p)
@@ -1241,8 +1317,8 @@ def conditions(data: dict) -> str:
                      f"rate {c['request_rate']}; "
                      + ("counters on for every policy (native included)" if c.get("counted", True) else
                         "counters off (under CUDA graphs they would replay in every step): no U")
-                     + ("; U: the first data-parallel rank's (each rank routes its own requests; the server's "
-                        "RPC route answers with the first rank's counters)"
+                     + ("; U: the mean over every data-parallel rank's steps (each rank routes its own "
+                        "requests; each rank's counters in `counters_by_dp_rank`)"
                         if c.get("counted", True) and (c.get("engine_args") or {}).get("data_parallel_size", 1) != 1
                         else "")
                      + "; ratio: output "

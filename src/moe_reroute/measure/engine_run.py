@@ -49,10 +49,19 @@ def vllm_llm(run: dict, enforce_eager: bool):
                **{**SYNC_SCHEDULING, **WORKER_EXTENSION, **run.get("engine_args", {})})
 
 
+def union_counters(answers: list[dict]) -> dict:
+    """One engine's counters from its workers' answers: each layer once, the first worker's where several hold it
+    (tensor-parallel ranks count alike), every pipeline stage's own layers."""
+    merged: dict = {}
+    for c in reversed(answers):
+        merged.update(c)
+    return dict(sorted(merged.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 1 << 30))
+
+
 class Workers:
     """The plugin's counters on every worker of a `vllm.LLM` (`moe_reroute.vllm.WorkerExtension` methods), paused
-    from the start (eager steps read the switch at each step). Every rank routes the whole batch alike, so the
-    first worker's counters stand for the engine's."""
+    from the start (eager steps read the switch at each step). Every tensor-parallel rank routes the whole batch
+    alike, so each layer's counters are the first worker's that holds it (`union_counters`)."""
 
     def __init__(self, llm) -> None:
         self.llm = llm
@@ -68,10 +77,10 @@ class Workers:
         self.call("moe_reroute_reset_counters")
 
     def counters(self) -> dict:
-        return self.call("moe_reroute_counters")[0]
+        return union_counters(self.call("moe_reroute_counters"))
 
     def expert_loads(self) -> dict:
-        return self.call("moe_reroute_expert_loads")[0]
+        return union_counters(self.call("moe_reroute_expert_loads"))
 
     def count_by_ranks(self, placements: dict, ranks: int, origin: str) -> None:
         self.call("moe_reroute_count_by_ranks", placements, ranks, origin)

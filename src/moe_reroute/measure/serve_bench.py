@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import synth
+from .engine_run import union_counters
 
 NATIVE = "native"
 RESULTS = "results.json"
@@ -896,15 +897,6 @@ def rpc(port: int, method: str, *args: str, every: bool = False):
     the first data-parallel engine."""
     results = _http(port, "/collective_rpc", {"method": method, "args": list(args)})["results"]
     return results if every else results[0]
-
-
-def union_counters(answers: list[dict]) -> dict:
-    """One engine's counters from its workers' answers: each layer once, the first worker's where several hold it
-    (tensor-parallel ranks count alike), every pipeline stage's own layers."""
-    merged: dict = {}
-    for c in reversed(answers):
-        merged.update(c)
-    return dict(sorted(merged.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 1 << 30))
 
 
 # counter fields that are means over a rank's re-routed steps (merged weighted by steps), and totals (summed)

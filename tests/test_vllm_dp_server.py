@@ -1,8 +1,8 @@
 """vLLM's own multiprocess data-parallel server on CPU (`vllm serve --data-parallel-size 2
 --enable-expert-parallel`, `.ci/vllm`), over the test-only stand-ins of tests/vllm_shims loaded into every
 process by a test-only sitecustomize: tokens against transformers', a policy switch over `/collective_rpc`,
-and every DP rank's counters through `moe_reroute_save_counters`; then `serve-bench` against such a server.
-Each in an xdist group of its own, so they run beside the other engine tests."""
+and every DP rank's counters through `moe_reroute_save_counters`, as `serve-bench --serve` reads and merges
+them. Its own xdist group, so it runs beside the other engine tests."""
 
 from __future__ import annotations
 
@@ -114,6 +114,25 @@ def test_data_parallel_server_with_the_test_stand_ins(reference_batch, tmp_path)
             # step of a few rows (native U about 16) it is lower. The balancer may leave a rank idle in a round.
             assert all(c["unique"] <= c["unique_native"] + 1e-9 for c in per)
             assert any(c["unique"] < c["unique_native"] for c in per)
+        # serve-bench --serve reads this server's counters so: every DP rank's, merged over both ranks' steps
+        from moe_reroute.measure import serve_bench as sb
+
+        cfg = sb.Config(model=str(path), policies=[], batch_sizes=[8], serve=True, port=port,
+                        engine_args={"data_parallel_size": 2, "enable_expert_parallel": True})
+        merged, per_rank = sb.server_counters(cfg, tmp_path / "serve-bench-counters")
+        assert len(per_rank) == 2 and set(merged) == set(saved[0]["layers"])
+        for layer, m in merged.items():
+            per = [c[layer] for c in per_rank]
+            # the re-routed steps are those saved above (a DP server may have run idle steps since: steps_seen)
+            for c, before in zip(per, [s["layers"][layer] for s in saved]):
+                assert [c[k] for k in ("steps", "unique", "decode_tokens_total")] == [
+                    before[k] for k in ("steps", "unique", "decode_tokens_total")]
+            steps = sum(c["steps"] for c in per)
+            assert m["steps"] == steps and m["decode_tokens_total"] == len(ids) * (NEW - 1)
+            assert m["unique"] == pytest.approx(sum(c["unique"] * c["steps"] for c in per) / steps)
+            assert m["max_rank_unique"] == pytest.approx(sum(c["max_rank_unique"] * c["steps"] for c in per) / steps)
+        row = sb._u_fields(merged)
+        assert row["ranks"] == 2 and row["decode_tokens"] == len(ids) * (NEW - 1)
     finally:
         import signal
 
@@ -123,39 +142,3 @@ def test_data_parallel_server_with_the_test_stand_ins(reference_batch, tmp_path)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
 
-
-@pytest.mark.xdist_group("serve-bench-dp")  # a group of its own, so that it can run beside the other DP test
-def test_serve_bench_reads_every_data_parallel_rank(tmp_path):
-    """`moe-reroute serve-bench --serve --engine-arg data_parallel_size=2 --engine-arg enable_expert_parallel=true`
-    against vLLM's own DP server, over the same test-only stand-ins: each client run's counters come from both
-    DP ranks (the server's RPC answers with the first rank's only), their decode tokens adding up to the
-    requests' decode tokens, and the row's U is the mean over both ranks' steps."""
-    from moe_reroute.measure import serve_bench as sb
-    from moe_reroute.measure import synth
-    from moe_reroute.measure.shapes import custom_shape
-
-    tiny = synth.write(synth.plan("qwen3-30b-a3b", 2, dims=custom_shape("64,32,32,4")), tmp_path / "tiny",
-                       progress=False)
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SITE.format(shims=str(SHIMS)))
-    cfg = sb.Config(model=str(tiny), policies=["oea:k0=1"], batch_sizes=[4], output_len=6, repeats=1, serve=True,
-                    num_prompts=8, port=free_port(),
-                    engine_args={"data_parallel_size": 2, "enable_expert_parallel": True},
-                    extra_env={"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
-                               "TEST_VLLM_SHIMS": "1"})
-    data = sb.run(cfg, tmp_path / "o", "test", say=lambda *a, **k: None)
-    assert sorted(r["policy"] for r in data["runs"]) == ["native", "oea:k0=1"]  # one round, in a drawn order
-    for run in data["runs"]:
-        per_rank = run["counters_by_dp_rank"]
-        assert len(per_rank) == 2
-        for layer, merged in run["counters"].items():
-            per = [c[layer] for c in per_rank]
-            assert sum(c["decode_tokens_total"] for c in per) == merged["decode_tokens_total"] == 8 * 5
-            steps = sum(c["steps"] for c in per)
-            assert merged["steps"] == steps > 0
-            assert merged["unique"] == pytest.approx(sum(c["unique"] * c["steps"] for c in per) / steps)
-            assert all(c["ranks"] == 2 for c in per)  # counted per EP rank by the engine's own placement
-    rows = {r["policy"]: r for r in data["rows"]}
-    assert rows["oea:k0=1"]["unique"] < rows["oea:k0=1"]["unique_native"] and rows["native"]["ranks"] == 2
-    assert "mean over every data-parallel rank's steps" in (tmp_path / "o" / "report.md").read_text()

@@ -671,6 +671,9 @@ def test_failure_reason_says_how_to_bind_cpu_ranks(tmp_path):
     log.write_text("(EngineCore pid=3) ERROR 12-02 07:07:42 [core.py:1] AssertionError: Not enough allowed NUMA nodes "
                    "to bind threads of 2 local CPUWorkers. Allowed NUMA nodes are [0].\n")
     assert sb.failure_reason(log).endswith("VLLM_CPU_OMP_THREADS_BIND='0-7|8-15' for 2 ranks on 16 cores]")
+    log.write_text("AssertionError: SGLANG_CPU_OMP_THREADS_BIND is not set, in this case, the total number of ranks "
+                   "(dp_size * tp_size * pp_size = 2) should be smaller than or equal to number of numa node\n")
+    assert sb.failure_reason(log).endswith("SGLANG_CPU_OMP_THREADS_BIND='0-7|8-15' for 2 ranks on 16 cores]")
 
 
 def test_dp_counters_merge_by_hand():

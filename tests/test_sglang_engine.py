@@ -225,6 +225,25 @@ def test_serve_bench_on_sglang_measures_every_policy_in_one_engine(tmp_path):
     assert (out / "report.md").read_text().count("SGLang 0.5.") >= 1
 
 
+def test_serve_bench_on_sglang_tensor_parallel_2(tmp_path):
+    """`serve-bench --engine sglang --tensor-parallel-size 2`: SGLang's `tp_size`, two scheduler processes on
+    CPU (one core each, `SGLANG_CPU_OMP_THREADS_BIND`), the plan followed and the counters written by both."""
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "moe_reroute.cli", "serve-bench", "--engine", "sglang", "--policy", "oea:k0=2",
+           "--batch-sizes", "2", "--output-len", "10", "--repeats", "1", "--block-steps", "1", "--threads", "1",
+           "-tp", "2", "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_REROUTE_")}
+    env["SGLANG_CPU_OMP_THREADS_BIND"] = "0|1"
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["conditions"]["engine_args"] == {"tp_size": 2}
+    rows = {r["policy"]: r for r in data["rows"]}
+    assert rows["oea:k0=2"]["unique"] < rows["oea:k0=2"]["unique_native"]
+    assert rows["native"]["unique"] == pytest.approx(rows["native"]["unique_native"])
+    assert len(data["runs"][0]["steps"]) == 2 * 4  # 8 timed decode steps: 4 rounds of 2 one-step blocks
+
+
 def test_serve_bench_engine_args_are_sglang_s_own(tmp_path):
     """`--engine-arg` names are checked against the installed SGLang's ServerArgs before any engine starts; the
     arguments serve-bench sets itself are real ones (so refusing them refuses what the engine would take)."""

@@ -576,9 +576,12 @@ def failure_reason(log: Path) -> str:
 
 def _hint(cause: str) -> str:
     """What to do about a known engine failure, after its message."""
-    if "NUMA nodes to bind threads" in cause:  # vLLM's CPU workers: more ranks than NUMA nodes
-        return (" [on CPU, give each rank its own cores: VLLM_CPU_OMP_THREADS_BIND, one range per rank, e.g. "
-                "VLLM_CPU_OMP_THREADS_BIND='0-7|8-15' for 2 ranks on 16 cores]")
+    # the CPU engines' workers with more ranks than NUMA nodes: vLLM's, then SGLang's message
+    for needle, var in (("NUMA nodes to bind threads", "VLLM_CPU_OMP_THREADS_BIND"),
+                        ("SGLANG_CPU_OMP_THREADS_BIND is not set", "SGLANG_CPU_OMP_THREADS_BIND")):
+        if needle in cause:
+            return (f" [on CPU, give each rank its own cores: {var}, one range per rank, e.g. "
+                    f"{var}='0-7|8-15' for 2 ranks on 16 cores]")
     return ""
 
 

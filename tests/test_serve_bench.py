@@ -369,7 +369,12 @@ def test_threads_reach_the_engine_and_the_load_hint(monkeypatch):
     default = sb.Config(model="m", policies=[], batch_sizes=[1], device="cpu").resolved()
     assert "OMP_NUM_THREADS" not in sb.engine_env(default, "native", in_process=True)
     monkeypatch.setattr(sb.os, "cpu_count", lambda: 2)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     assert sb.threads_note(default) == "the engine's default (all 2 cores on CPU)"
+    bound = dataclasses.replace(default, extra_env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    assert sb.threads_note(bound) == "the engine's default (all 2 cores on CPU); VLLM_CPU_OMP_THREADS_BIND=0|1"
+    monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", "0|1")
+    assert sb.threads_note(dataclasses.replace(default, engine="sglang")).endswith("; SGLANG_CPU_OMP_THREADS_BIND=0|1")
     # 2 cores: one busy with other work, the engine's default 2 threads would share it; 1 thread would not.
     assert "--threads 1" in sb.load_hint(default, 1.0) and "load average 1.0 on 2 cores" in sb.load_hint(default, 1.0)
     assert sb.load_hint(cfg, 1.0) is None

@@ -1191,9 +1191,13 @@ def threads_note(cfg: Config) -> str:
     """The engine's CPU threads, as results.json and the report state them."""
     n, source = _engine_threads(cfg)
     if source == "--threads":
-        return f"{n} (--threads)"
-    return (f"the engine's default ({n} from OMP_NUM_THREADS)" if source == "OMP_NUM_THREADS"
-            else f"the engine's default (all {n} cores on CPU)")
+        note = f"{n} (--threads)"
+    else:
+        note = (f"the engine's default ({n} from OMP_NUM_THREADS)" if source == "OMP_NUM_THREADS"
+                else f"the engine's default (all {n} cores on CPU)")
+    var = "SGLANG_CPU_OMP_THREADS_BIND" if cfg.engine == SGLANG else "VLLM_CPU_OMP_THREADS_BIND"
+    bind = cfg.extra_env.get(var, os.environ.get(var))
+    return note + (f"; {var}={bind}" if bind and cfg.device == "cpu" else "")
 
 
 def load_hint(cfg: Config, load: float | None) -> str | None:

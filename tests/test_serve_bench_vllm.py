@@ -73,22 +73,16 @@ def test_offline_ab(tiny, tmp_path):
     """The default offline mode on CPU: one engine per batch size, native and the policy in alternating
     blocks of decode steps (order drawn per round), every step recorded, the ratio's interval around its
     estimate, per-step p50 / p90 in results.json. Counted per rank over 4 ranks under an eplb placement
-    that the engine balances from its own native load (`--ep 4 --placement eplb`). The engine runs tensor
-    parallel over two CPU worker processes (`--tensor-parallel-size 2`, one core each): the policy is switched,
-    the placement set and the counters read in both, over `collective_rpc` (test_offline_isolate runs its
-    engines in the bench's own process)."""
+    that the engine balances from its own native load (`--ep 4 --placement eplb`)."""
     from moe_reroute.measure import serve_bench as sb
     from moe_reroute.placement import balanced
 
     cfg = sb.Config(model=str(tiny), policies=["oea:k0=1"], batch_sizes=[1, 4], output_len=12, repeats=2,
-                    block_steps=1, ep=4, placement="eplb", engine_args={"tensor_parallel_size": 2},
-                    extra_env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+                    block_steps=1, ep=4, placement="eplb")
     lines = []
     data = sb.run(cfg, tmp_path, "test", say=lambda *a, **k: lines.append(" ".join(map(str, a))))
     assert any("A/B in one engine per batch size" in ln for ln in lines)
-    assert [r["workers"] for r in data["runs"]] == [2, 2]
-    assert data["conditions"]["engine_args"] == {"tensor_parallel_size": 2}
-    assert "- engine arguments: `tensor_parallel_size=2`" in (tmp_path / "report.md").read_text()
+    assert [r["workers"] for r in data["runs"]] == [1, 1]
     _check_rows(data["rows"], "batch", [1, 4], ranks=4, placement="eplb")
     for run in data["runs"]:  # each layer's placement: 8 of the 32 experts on each rank
         assert sorted(run["placement"]) == ["0", "1"]
@@ -132,6 +126,25 @@ def test_offline_isolate(tiny, tmp_path):
     assert saved["conditions"]["method"] == "isolate" and len(saved["runs"]) == 2
     assert [r["workers"] for r in saved["runs"]] == [1, 1]
     assert all(r["tpot_ms"] > 0 and r["steps_rerouted"] == 5 for r in data["rows"])  # output_len - 1 decode steps
+
+
+@pytest.mark.xdist_group("serve-bench-tp")  # beside the other serve-bench tests, which run one after another
+def test_offline_ab_tensor_parallel_2(tiny, tmp_path):
+    """`--tensor-parallel-size 2` in the A/B mode: an engine of two CPU worker processes (one core each), the
+    policy switched in both, an eplb placement set in both from their native load, and the counters read from
+    the workers over `collective_rpc`; the engine arguments are in the conditions and the report."""
+    from moe_reroute.measure import serve_bench as sb
+
+    cfg = sb.Config(model=str(tiny), policies=["oea:k0=1"], batch_sizes=[2], output_len=5, repeats=1,
+                    block_steps=1, ep=4, placement="eplb", engine_args={"tensor_parallel_size": 2},
+                    extra_env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    data = sb.run(cfg, tmp_path, "test", say=lambda *a, **k: None)
+    assert [r["workers"] for r in data["runs"]] == [2]
+    _check_rows(data["rows"], "batch", [2], ranks=4, placement="eplb")
+    assert all(r["steps_rerouted"] == 4 for r in data["rows"])  # counted in the workers: output_len - 1 steps
+    assert data["conditions"]["engine_args"] == {"tensor_parallel_size": 2}
+    report = (tmp_path / "report.md").read_text()
+    assert "- engine arguments: `tensor_parallel_size=2`" in report and "VLLM_CPU_OMP_THREADS_BIND=0|1" in report
 
 
 def test_engine_args_reach_vllm_as_its_own_parser_reads_them(tiny):

@@ -49,13 +49,18 @@ def vllm_llm(run: dict, enforce_eager: bool):
                **{**SYNC_SCHEDULING, **WORKER_EXTENSION, **run.get("engine_args", {})})
 
 
+def layer_order(key) -> int:
+    """Sort key of a counters' layer key: decoder-layer index order ("2" before "10"), keys of unnamed layers last."""
+    return int(key) if str(key).isdigit() else 1 << 30
+
+
 def union_counters(answers: list[dict]) -> dict:
     """One engine's counters from its workers' answers: each layer once, the first worker's where several hold it
     (tensor-parallel ranks count alike), every pipeline stage's own layers."""
     merged: dict = {}
     for c in reversed(answers):
         merged.update(c)
-    return dict(sorted(merged.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 1 << 30))
+    return {k: merged[k] for k in sorted(merged, key=layer_order)}
 
 
 class Workers:

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import synth
-from .engine_run import union_counters
+from .engine_run import layer_order, union_counters
 
 NATIVE = "native"
 RESULTS = "results.json"
@@ -359,8 +359,8 @@ def check_engine_args(cfg: Config, fields: dict[str, object] | None = None) -> N
                              + (f"; did you mean {' or '.join(near)}?" if near else "")
                              + (" (see `vllm serve --help`)" if cfg.engine == "vllm" else
                                 " (see `python -m sglang.launch_server --help`)"))
-    dp = cfg.engine_args.get("data_parallel_size" if cfg.engine == "vllm" else "dp_size", 1)
-    if cfg.engine == "vllm" and not cfg.serve and isinstance(dp, int) and dp > 1:
+    dp = data_parallel_size(cfg.engine_args)
+    if cfg.engine == "vllm" and not cfg.serve and dp > 1:
         raise BenchError(f"--engine-arg data_parallel_size={dp}: vLLM's offline engine runs one data-parallel rank "
                          "per process; add --serve (vLLM's server runs every rank)")
     if cfg.ep is not None and cfg.engine_args.get("enable_expert_parallel"):
@@ -471,14 +471,16 @@ def serving_counts(cfg: Config) -> bool:
     return cfg.enforce_eager or cfg.device != "cuda"
 
 
-def engine_env(cfg: Config, policy: str, in_process: bool) -> dict:
+def engine_env(cfg: Config, policy: str, in_process: bool, counted: bool = True) -> dict:
+    """The environment of an engine process under `policy`; `counted`: whether the run reads its counters."""
     from ..serving import config as plugin_config
 
     env = {k: v for k, v in os.environ.items() if k != plugin_config.POLICY_FILE_ENV}
     env[plugin_config.POLICY_ENV] = policy
     # a server replaying CUDA graphs would replay the counting in every step of every row, native's included
-    # (which would then run the plugin's routing, not vLLM's): its U is not counted (`serving_counts`)
-    env[plugin_config.COUNTERS_ENV] = "1" if serving_counts(cfg) or not cfg.serve else "0"
+    # (which would then run the plugin's routing, not vLLM's): its U is not counted (`serving_counts`); an offline
+    # run that reads no counters builds none (a worker process would count the timed steps)
+    env[plugin_config.COUNTERS_ENV] = "1" if counted and (serving_counts(cfg) or not cfg.serve) else "0"
     if cfg.engine == SGLANG:
         if cfg.device == "cpu":
             env["SGLANG_USE_CPU_ENGINE"] = "1"  # SGLang's CPU engine (its native torch paths without sgl_kernel)
@@ -607,8 +609,6 @@ def offline_plan(cfg: Config, policies: list[str]) -> list[dict]:
 def run_offline(cfg: Config, policies: list[str], out: Path, say=print, labels: dict | None = None) -> list[dict]:
     """Run every offline run in a fresh process; returns the per-run results. A failed run stops the bench
     (BenchError with the engine's message); runs already done stay in out/runs/."""
-    from ..serving import config as plugin_config
-
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.isolate:
@@ -634,11 +634,9 @@ def run_offline(cfg: Config, policies: list[str], out: Path, say=print, labels: 
             "enforce_eager": cfg.enforce_eager, "prompt_len": cfg.prompt_len, "output_len": cfg.output_len,
             "max_model_len": cfg.prompt_len + cfg.output_len + 16, "prompts": prompts[: run["batch"]],
             "engine_args": engine_args(cfg), "result": str(result_file)}))
-        env = engine_env(cfg, run["policy"], in_process=True)
-        if run["count"] == "none":  # nothing read: no counters (a worker process would count the timed steps)
-            env[plugin_config.COUNTERS_ENV] = "0"
         code = run_process([sys.executable, "-m", "moe_reroute.measure.engine_run", str(spec_file)],
-                           env, log, cfg.run_timeout_s)
+                           engine_env(cfg, run["policy"], in_process=True, counted=run["count"] != "none"),
+                           log, cfg.run_timeout_s)
         if code != 0 or not result_file.exists():
             raise BenchError(f"run {i}/{len(plan)} ({run['policy']}, batch {run['batch']}) failed: "
                              f"{failure_reason(log)} (full log: {log}); results.json not written")
@@ -821,7 +819,7 @@ def _u_fields(counters: dict | None) -> dict:
     if not counters:
         return {"unique": None, "unique_native": None, "unique_engine": None, "unique_per_layer": None,
                 **{k: 0 for k in totals}}
-    layers = sorted(counters, key=lambda k: int(k) if str(k).isdigit() else 1 << 30)
+    layers = sorted(counters, key=layer_order)
     names = {"steps_rerouted": "steps", "decode_tokens_rerouted": "decode_tokens_rerouted_total",
              "decode_tokens": "decode_tokens_total"}
     return {**_rank_fields(counters, layers),
@@ -914,7 +912,7 @@ def merge_dp_counters(per_rank: list[dict]) -> dict:
     rank's steps: each rank routes its own requests); `ranks` and `placement` kept, a worker's own `ep_rank` and
     `local_unique` dropped."""
     out = {}
-    for layer in sorted({k for c in per_rank for k in c}, key=lambda k: int(k) if str(k).isdigit() else 1 << 30):
+    for layer in sorted({k for c in per_rank for k in c}, key=layer_order):
         held = [c[layer] for c in per_rank if layer in c]
         steps = sum(h["steps"] for h in held)
         merged = {k: sum(h.get(k, 0) for h in held) for k in _TOTALS}
@@ -938,8 +936,10 @@ def merge_dp_counters(per_rank: list[dict]) -> dict:
     return out
 
 
-def data_parallel_size(cfg: Config) -> int:
-    dp = cfg.engine_args.get("data_parallel_size", 1)
+def data_parallel_size(engine_args: dict) -> int:
+    """vLLM's data-parallel ranks under the user's engine arguments (`Config.engine_args`, or results.json's
+    `conditions.engine_args`)."""
+    dp = engine_args.get("data_parallel_size", 1)
     return dp if isinstance(dp, int) and dp > 1 else 1
 
 
@@ -947,7 +947,7 @@ def server_counters(cfg: Config, folder: Path) -> tuple[dict, list[dict] | None]
     """The server's counters, and each data-parallel rank's where it runs several. The `/collective_rpc` route
     runs a method on every DP engine but answers with the first one's workers only, so under DP every rank
     writes its own (`moe_reroute_save_counters` into `folder`), read back and merged (`merge_dp_counters`)."""
-    dp = data_parallel_size(cfg)
+    dp = data_parallel_size(cfg.engine_args)
     if dp == 1:
         return union_counters(rpc(cfg.port, "moe_reroute_counters", every=True)), None
     import shutil
@@ -1318,7 +1318,7 @@ def conditions(data: dict) -> str:
                         "counters off (under CUDA graphs they would replay in every step): no U")
                      + ("; U: the mean over every data-parallel rank's steps (each rank routes its own "
                         "requests; each rank's counters in `counters_by_dp_rank`)"
-                        if c.get("counted", True) and (c.get("engine_args") or {}).get("data_parallel_size", 1) != 1
+                        if c.get("counted", True) and data_parallel_size(c.get("engine_args") or {}) > 1
                         else "")
                      + "; ratio: output "
                      "throughput / native's in the same " + ("round" if c.get("method") == "ab" else "repeat")

@@ -78,8 +78,7 @@ def router_spec(router: Any, num_experts: int) -> tuple[RouterSpec | None, str]:
     grouped = bool(getattr(router, "use_grouped_topk", name == "GroupedTopKRouter"))
     n_group = int(getattr(router, "num_expert_group", None) or 1) if grouped else 1
     topk_group = int(getattr(router, "topk_group", None) or 1) if grouped else 1
-    scaled = name == "FusedTopKBiasRouter" or (name in ("GroupedTopKRouter", "CPURouter") and
-                                                 bool(getattr(router, "use_grouped_topk", name == "GroupedTopKRouter")))
+    scaled = name == "FusedTopKBiasRouter" or (name in ("GroupedTopKRouter", "CPURouter") and grouped)
     if scoring != "sigmoid" and scaled and float(getattr(router, "routed_scaling_factor", 1.0)) != 1.0:
         # vLLM's grouped top-K scales softmax weights too (a degenerate grouping, n_group = topk_group = 1,
         # keeps that router); the policies scale only sigmoid routers' weights

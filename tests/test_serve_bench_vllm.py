@@ -5,6 +5,7 @@ and a run that fails leaves no results.json. Timings are not asserted (a benchma
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -33,17 +34,19 @@ def tiny(tmp_path_factory):
                        tmp_path_factory.mktemp("synth") / "tiny", progress=False)
 
 
-def _processes_with(*needles: str) -> list[str]:
-    """Command lines of running processes holding every one of `needles`."""
-    found = []
+def _processes_with(*needles: str, parent: int | None = None) -> dict[int, str]:
+    """The running processes whose command lines hold every one of `needles`, by pid (children of `parent`
+    only, if given: another pytest worker's are its own)."""
+    found = {}
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
                 cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
                 continue
-            if all(n in cmd for n in needles):
-                found.append(cmd)
+            if all(n in cmd for n in needles) and parent in (None, ppid):
+                found[int(proc.name)] = cmd
     return found
 
 
@@ -185,6 +188,59 @@ def test_an_unknown_engine_arg_is_refused_before_any_engine(tiny, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.xdist_group("bench-client")  # no engine: beside the serve-bench group's
+def test_bench_client_process_serves_runs_until_one_fails_it(tiny, tmp_path):
+    """The serving bench's client process (`BenchClient`, vLLM's own `vllm bench serve` kept alive): each run's
+    output lands in its own log and each answers with its exit status, a failing run included, in one process;
+    a run past the timeout is stopped with its process group, and the next run starts a new process."""
+    import signal
+    import socket
+    import threading
+
+    from moe_reroute.measure import serve_bench as sb
+
+    client = sb.BenchClient(timeout_s=300)
+    try:
+        assert client.run(["--no-such-option"], tmp_path / "a.log") == 2  # argparse's exit status
+        assert "unrecognized arguments: --no-such-option" in (tmp_path / "a.log").read_text()
+        pid = client.proc.pid
+        base = ["--backend", "vllm", "--base-url", "http://127.0.0.1:1", "--model", str(tiny),
+                "--dataset-name", "custom", "--dataset-path", str(tmp_path / "missing.jsonl"),
+                "--skip-chat-template", "--num-prompts", "1", "--disable-tqdm"]
+        assert client.run(base, tmp_path / "b.log") == 1  # an exception in vLLM's client
+        assert "missing.jsonl" in sb.failure_reason(tmp_path / "b.log")
+        assert "unrecognized" not in (tmp_path / "b.log").read_text()  # one run's output per log
+        assert client.proc.pid == pid
+        with socket.socket() as s:  # a server that accepts and never answers
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+            base[3] = f"http://127.0.0.1:{s.getsockname()[1]}"
+            base[9] = str(tmp_path / "prompts.jsonl")
+            (tmp_path / "prompts.jsonl").write_text('{"prompt": "a b c", "output_tokens": 4}\n')
+            client.timeout_s = 5
+            with pytest.raises(sb.BenchError, match="took longer than 5 s"):
+                client.run(base, tmp_path / "c.log")
+            assert client.proc is None and not sb.group_alive(pid)
+            assert "serve-bench stopped this run after 5 s" in (tmp_path / "c.log").read_text()
+            # the next run starts a new process; killed during that run (out of memory, say), the run fails
+            # and its log says so
+            client.timeout_s = 300
+            started = []
+            killer = threading.Timer(8, lambda: (started.append(client.proc.pid),
+                                                 os.kill(client.proc.pid, signal.SIGKILL)))
+            killer.start()
+            try:
+                assert client.run(base, tmp_path / "d.log") == -signal.SIGKILL
+            finally:
+                killer.cancel()
+        assert started and started[0] != pid and client.proc is None and not sb.group_alive(started[0])
+        assert sb.failure_reason(tmp_path / "d.log") == ("vLLM's bench client process was killed by signal 9 "
+                                                         "during this run")
+    finally:
+        client.close()
+    assert client.proc is None
+
+
 def test_serving_ab_in_one_server_stops_it(tiny, tmp_path):
     """--serve on CPU: one server for both policies (A/B), switched over its RPC route between client runs
     (native's rows route natively after the policy ran, the policy's re-route), then stopped."""
@@ -212,6 +268,7 @@ def test_serving_ab_in_one_server_stops_it(tiny, tmp_path):
         # every decode token is re-routed, in mixed steps too (the first token of each comes from prefill)
         assert r["decode_tokens_rerouted"] == r["decode_tokens"] == 4 * 5
     assert not _processes_with("api_server", f"--port {port}")
+    assert not _processes_with("engine_run", "--client-loop", parent=os.getpid())  # nor vLLM's bench client
 
 
 def test_serving_isolate_starts_a_server_per_policy_and_stops_each(tiny, tmp_path):
@@ -233,6 +290,7 @@ def test_serving_isolate_starts_a_server_per_policy_and_stops_each(tiny, tmp_pat
     assert rows["native"]["output_throughput"] > 0 and rows["oea:k0=1"]["output_throughput"] > 0
     assert rows["oea:k0=1"]["decode_tokens_rerouted"] == rows["oea:k0=1"]["decode_tokens"] == 4 * 5
     assert not _processes_with("api_server", f"--port {port}")
+    assert not _processes_with("engine_run", "--client-loop", parent=os.getpid())  # nor vLLM's bench client
 
 
 def test_a_failed_run_writes_no_results(tiny, tmp_path, monkeypatch):
@@ -275,6 +333,8 @@ def test_ctrl_c_stops_the_server(tiny, tmp_path):
         while not _processes_with("api_server", f"--port {port}") and time.time() < deadline:
             time.sleep(0.5)
         assert _processes_with("api_server", f"--port {port}"), log.read_text()[-2000:]
+        clients = _processes_with("engine_run", "--client-loop", parent=proc.pid)  # started before the server
+        assert clients
         time.sleep(3)  # the server is loading the model
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130, log.read_text()[-2000:]
@@ -284,4 +344,5 @@ def test_ctrl_c_stops_the_server(tiny, tmp_path):
     assert "interrupted" in log.read_text()
     time.sleep(1)
     assert not _processes_with("api_server", f"--port {port}")
+    assert not set(clients) & set(_processes_with("engine_run", "--client-loop"))  # nor vLLM's bench client
     assert not (tmp_path / "o" / "results.json").exists()

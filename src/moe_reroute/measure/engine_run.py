@@ -2,7 +2,7 @@
 or every policy in one engine, switched between decode steps (A/B, `run_ab`; in SGLang, `run_ab_sglang`).
 
     python -m moe_reroute.measure.engine_run RUN.json      # offline: time one batch, write the result
-    python -m moe_reroute.measure.engine_run --client ...  # vLLM's own `bench serve` client, its arguments
+    python -m moe_reroute.measure.engine_run --client-loop  # vLLM's own `bench serve` client, a run per line
 
 RUN.json holds the run (see `serve_bench.offline_run`); the result is written to its "result" path as
 JSON only when the run completes, so a failed run leaves no result behind.
@@ -362,18 +362,62 @@ def run_ab_sglang(run: dict) -> dict:
             "counters": counters}
 
 
-def main(argv: list[str]) -> int:
-    if argv and argv[0] == "--client":
-        from vllm.benchmarks.serve import add_cli_args
-        from vllm.benchmarks.serve import main as bench_main
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
+def bench_client(args: list[str]) -> None:
+    """One run of vLLM's own `vllm bench serve` client with its command-line arguments `args`."""
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.benchmarks.serve import main as bench_main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-        parser = FlexibleArgumentParser(prog="vllm bench serve")
-        add_cli_args(parser)
-        bench_main(parser.parse_args(argv[1:]))
-        return 0
+    parser = FlexibleArgumentParser(prog="vllm bench serve")
+    add_cli_args(parser)
+    bench_main(parser.parse_args(args))
+
+
+def client_loop() -> int:
+    """`--client-loop`: vLLM's bench client kept alive across runs (its imports take ~12 s on a CPU, a small
+    run well under one). Each line on stdin is a run, {"args": [...], "log": PATH}: the run's output (fds 1
+    and 2, so every print and log record) goes to PATH, then one line {"rc": N} answers on the original
+    stdout. EOF on stdin ends the loop."""
+    import traceback
+
+    reply = os.fdopen(os.dup(1), "w", buffering=1)
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 1)
+    os.dup2(quiet, 2)
+    try:  # before the first run arrives: while the server starts
+        import vllm.benchmarks.serve  # noqa: F401
+    except Exception:
+        pass  # each run raises it again, into its log
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        job = json.loads(line)
+        fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        try:
+            bench_client(job["args"])
+            rc = 0
+        except SystemExit as e:  # argparse's own errors
+            rc = e.code if isinstance(e.code, int) else 2
+        except Exception:
+            traceback.print_exc()
+            rc = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(quiet, 1)
+        os.dup2(quiet, 2)
+        reply.write(json.dumps({"rc": rc}) + "\n")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if argv == ["--client-loop"]:
+        return client_loop()
     if len(argv) != 1:
-        print("usage: python -m moe_reroute.measure.engine_run RUN.json | --client ARGS...", file=sys.stderr)
+        print("usage: python -m moe_reroute.measure.engine_run RUN.json | --client-loop",
+              file=sys.stderr)
         return 2
     run = json.loads(Path(argv[0]).read_text())
     if run.get("engine") == "sglang":

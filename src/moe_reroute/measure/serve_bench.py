@@ -1012,23 +1012,81 @@ def _stop_server(proc: subprocess.Popen) -> None:
         raise BenchError(f"the vLLM server (process group {proc.pid}) did not stop; kill it: kill -9 -{proc.pid}")
 
 
-def _client_run(cfg: Config, dataset: Path, runs_dir: Path, tag: str, B: int, prompts: int, policy: str,
-                log: Path) -> dict:
+class BenchClient:
+    """vLLM's bench client (`vllm bench serve`) in one process of its own for a whole serving run
+    (`engine_run --client-loop`), started beside the server: its imports take ~12 s on a CPU, which a
+    process per client run would pay every run. Each run's output goes to its own log; a run that fails,
+    outlasts `timeout_s` or ends the process reads as a failed run, and the next run starts a new one."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen([sys.executable, "-m", "moe_reroute.measure.engine_run", "--client-loop"],
+                                         env=dict(os.environ), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+
+    def run(self, args: list[str], log: Path) -> int:
+        """One client run with `vllm bench serve` arguments `args`, its output appended to `log`: its exit code."""
+        import select
+
+        self.start()
+        proc = self.proc
+        try:
+            proc.stdin.write(json.dumps({"args": args, "log": str(log)}) + "\n")
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return self._ended(log)
+        ready, _, _ = select.select([proc.stdout], [], [], self.timeout_s)
+        if not ready:
+            self.close()
+            with open(log, "a") as f:
+                f.write(f"\nserve-bench stopped this run after {self.timeout_s:.0f} s\n")
+            raise BenchError(f"a run took longer than {self.timeout_s:.0f} s and was stopped; see {log}")
+        line = proc.stdout.readline()
+        if not line:
+            return self._ended(log)
+        return int(json.loads(line)["rc"])
+
+    def _ended(self, log: Path) -> int:
+        """The client process ended during a run (killed, out of memory): its exit status, noted in the log."""
+        code = self.proc.wait()
+        self.close()
+        how = f"was killed by signal {-code}" if code < 0 else f"ended with exit status {code}"
+        with open(log, "a") as f:
+            f.write(f"\nvLLM's bench client process {how} during this run\n")
+        return code or 1
+
+    def close(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            proc.stdin.close()  # EOF ends an idle loop at once; one in a run or its imports is stopped
+            proc.wait(timeout=2)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        if proc.poll() is None or group_alive(proc.pid):
+            stop_group(proc, grace_s=5)
+
+
+def _client_run(cfg: Config, client: BenchClient, dataset: Path, runs_dir: Path, tag: str, B: int, prompts: int,
+                policy: str, log: Path) -> dict:
     """vLLM's bench client against the server at concurrency B: its result (BenchError if it fails)."""
     res_name = f"{tag}-c{B}.json"
     (runs_dir / res_name).unlink(missing_ok=True)
-    client = [sys.executable, "-m", "moe_reroute.measure.engine_run", "--client", "--backend", "vllm",
-              "--base-url", f"http://127.0.0.1:{cfg.port}", "--model", str(cfg.model),
-              "--tokenizer", str(cfg.model), "--dataset-name", "custom", "--dataset-path", str(dataset),
-              "--skip-chat-template", "--custom-output-len", str(cfg.output_len),
-              "--num-prompts", str(prompts), "--max-concurrency", str(B),
-              "--request-rate", str(cfg.request_rate), "--seed", "0", "--ignore-eos",
-              "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
-              "--disable-tqdm", "--save-result", "--result-dir", str(runs_dir),
-              "--result-filename", res_name]
+    args = ["--backend", "vllm", "--base-url", f"http://127.0.0.1:{cfg.port}", "--model", str(cfg.model),
+            "--tokenizer", str(cfg.model), "--dataset-name", "custom", "--dataset-path", str(dataset),
+            "--skip-chat-template", "--custom-output-len", str(cfg.output_len),
+            "--num-prompts", str(prompts), "--max-concurrency", str(B),
+            "--request-rate", str(cfg.request_rate), "--seed", "0", "--ignore-eos",
+            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
+            "--disable-tqdm", "--save-result", "--result-dir", str(runs_dir), "--result-filename", res_name]
     client_log = runs_dir / f"{tag}-c{B}.log"
     client_log.unlink(missing_ok=True)
-    code = run_process(client, {k: v for k, v in os.environ.items()}, client_log, cfg.run_timeout_s)
+    code = client.run(args, client_log)
     if code != 0 or not (runs_dir / res_name).exists():
         raise BenchError(f"vLLM's bench client failed against {policy} at concurrency {B}: "
                          f"{failure_reason(client_log)} (full log: {client_log}); results.json not written")
@@ -1054,7 +1112,9 @@ def run_serving(cfg: Config, policies: list[str], out: Path, say=print, labels: 
     plan = serve_plan(cfg, policies)
     results = []
     proc = None
+    client = BenchClient(cfg.run_timeout_s)
     try:
+        client.start()  # its imports overlap the server's start-up
         if not cfg.isolate:
             log = runs_dir / "serve-ab.log"
             log.unlink(missing_ok=True)
@@ -1062,7 +1122,7 @@ def run_serving(cfg: Config, policies: list[str], out: Path, say=print, labels: 
             proc = _start_server(cfg, engine_env(cfg, NATIVE, in_process=False), log)
             B = max(cfg.batch_sizes)
             say(f"  warm-up: {min(cfg.num_prompts, B)} requests at concurrency {B} (not counted)", flush=True)
-            _client_run(cfg, dataset, runs_dir, "serve-warmup", B, min(cfg.num_prompts, B), NATIVE, log)
+            _client_run(cfg, client, dataset, runs_dir, "serve-warmup", B, min(cfg.num_prompts, B), NATIVE, log)
         for i, run in enumerate(plan, 1):
             name = (labels or {}).get(run["policy"], run["policy"])
             tag = f"serve-r{run['repeat']}-{_slug(run['policy'])}"
@@ -1074,7 +1134,7 @@ def run_serving(cfg: Config, policies: list[str], out: Path, say=print, labels: 
                 proc = _start_server(cfg, engine_env(cfg, run["policy"], in_process=False), log)
                 # each fresh server's first requests pay first-call costs (kernels compiled for new shapes,
                 # allocator growth): a warm-up run at the largest concurrency, not counted
-                _client_run(cfg, dataset, runs_dir, f"{tag}-warmup", max(cfg.batch_sizes),
+                _client_run(cfg, client, dataset, runs_dir, f"{tag}-warmup", max(cfg.batch_sizes),
                             min(cfg.num_prompts, max(cfg.batch_sizes)), run["policy"], log)
             else:
                 say(f"[run {i}/{len(plan)}] {name}, round {run['repeat'] + 1}/{cfg.repeats}", flush=True)
@@ -1087,7 +1147,7 @@ def run_serving(cfg: Config, policies: list[str], out: Path, say=print, labels: 
                 say(f"  concurrency {B}: {cfg.num_prompts} requests of {cfg.prompt_len} + {cfg.output_len} tokens",
                     flush=True)
                 rpc(cfg.port, "moe_reroute_reset_counters")
-                bench = _client_run(cfg, dataset, runs_dir, tag, B, cfg.num_prompts, run["policy"], log)
+                bench = _client_run(cfg, client, dataset, runs_dir, tag, B, cfg.num_prompts, run["policy"], log)
                 counters, per_rank = server_counters(cfg, runs_dir / f"{tag}-c{B}-counters")
                 results.append({**run, "batch": B, "bench": _bench_fields(bench), "counters": counters,
                                 **({"counters_by_dp_rank": per_rank} if per_rank is not None else {})})
@@ -1098,6 +1158,7 @@ def run_serving(cfg: Config, policies: list[str], out: Path, say=print, labels: 
             p, proc = proc, None
             _stop_server(p)
     finally:
+        client.close()
         if proc is not None:  # an error or Ctrl-C
             stop_group(proc)
     return results

@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import math
+import re
 import socket
 
 import pytest
@@ -212,6 +213,68 @@ def test_serve_bench_input_errors(tmp_path, capsys):
         port = s.getsockname()[1]
         bad_input(capsys, ["serve-bench", "--serve", "--port", port, "--out", tmp_path / "o"], f"port {port}",
                   "--port")
+
+
+def test_prompts_file_read_counted_and_recorded(tmp_path, capsys):
+    """--prompts: vLLM's custom-dataset JSONL, read line by line (blank lines skipped), each request's
+    output_tokens its own or --output-len, its prompt counted by the model's tokenizer; results.json records
+    the file's hash and the lengths (checked by hand), and the report says so. Every bad line is named."""
+    import hashlib
+
+    from transformers import AutoTokenizer
+
+    tiny = synth.write(synth.plan("qwen3-30b-a3b", 1, dims=custom_shape("64,32,16,4")), tmp_path / "tiny",
+                       progress=False)
+    tok = AutoTokenizer.from_pretrained(tiny, local_files_only=True)
+    f = tmp_path / "mine.jsonl"
+    texts = ["The quick brown fox", "jumps over the lazy dog near the river bank", "Hello"]
+    f.write_text(json.dumps({"prompt": texts[0], "output_tokens": 10}) + "\n\n"
+                 + json.dumps({"prompt": texts[1]}) + "\n" + json.dumps({"prompt": texts[2], "output_tokens": 2,
+                                                                          "extra": 1}) + "\n")
+    got = sb.read_prompts(str(f), 64, tok)
+    counts = [len(tok(t).input_ids) for t in texts]
+    assert got == [{"prompt": t, "output_tokens": o, "prompt_tokens": n} for t, o, n in zip(texts, (10, 64, 2), counts)]
+    note = sb.prompts_note(got, str(f))
+    assert note == {"file": str(f), "sha256": hashlib.sha256(f.read_bytes()).hexdigest(), "requests": 3,
+                    "prompt_tokens_mean": round(sum(counts) / 3, 1), "prompt_tokens_max": max(counts),
+                    "output_tokens_mean": 25.3, "output_tokens_max": 64}
+    words = sb.prompts_words({"prompts": note})
+    assert f"3 requests of the user's own from `{f}`" in words and "25.3 output tokens on average (at most 64)" in words
+    assert sb.prompts_words({"prompt_len": 16, "output_len": 8}) == "16 tokens of held-out text, 8 output tokens"
+    cfg = sb.Config(model=str(tiny), policies=[], batch_sizes=[2], serve=True, prompts=str(f), num_prompts=3)
+    assert sb.serving_requests(cfg) == got
+    assert sb.requests_line(cfg, got).startswith("3 requests from mine.jsonl (")
+    # without a file: held-out windows of --prompt-len tokens, --num-prompts of them (32 by default)
+    held = sb.serving_requests(sb.Config(model=str(tiny), policies=[], batch_sizes=[2], serve=True, prompt_len=5))
+    assert len(held) == sb.DEFAULT_NUM_PROMPTS and {(r["output_tokens"], r["prompt_tokens"]) for r in held} == {(64, 5)}
+    assert all(len(tok(r["prompt"], add_special_tokens=False).input_ids) >= 4 for r in held)
+
+    bad = {"": "holds no request",
+           "not json\n": "line 1: not JSON",
+           '{"prompt": "a"}\n[1, 2]\n': "line 2: each line is an object",
+           '{"text": "a"}\n': 'line 1: each line is an object with a non-empty "prompt"',
+           '{"prompt": "   "}\n': 'non-empty "prompt"',
+           '{"prompt": "a", "output_tokens": "ten"}\n': '"output_tokens" must be an integer >= 2',
+           '{"prompt": "a", "output_tokens": 1}\n': "got 1",
+           '{"prompt": "a", "output_tokens": true}\n': "got true",
+           '{"prompt": "a", "output_tokens": 3.0}\n': "got 3.0"}
+    for text, needle in bad.items():
+        f.write_text(text)
+        with pytest.raises(sb.BenchError, match=re.escape(needle)):
+            sb.read_prompts(str(f), 64, tok)
+    with pytest.raises(sb.BenchError, match="no such file"):
+        sb.read_prompts(str(tmp_path / "none.jsonl"), 64, tok)
+    f.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(sb.BenchError, match="not UTF-8 text"):
+        sb.read_prompts(str(f), 64, tok)
+    with pytest.raises(sb.BenchError, match="is a folder"):  # read from regular files only (docs/errors.md)
+        sb.read_prompts(str(tmp_path), 64, tok)
+    # on the command line, before any engine: serving mode only, and not with --prompt-len
+    bad_input(capsys, ["serve-bench", "--model", tiny, "--prompts", f, "--out", tmp_path / "o"], "add --serve")
+    bad_input(capsys, ["serve-bench", "--model", tiny, "--serve", "--prompts", f, "--prompt-len", "8"],
+              "drop --prompt-len")
+    bad_input(capsys, ["serve-bench", "--model", tiny, "--serve", "--num-prompts", "0"], "--num-prompts must be >= 1")
+    assert not (tmp_path / "o").exists()
 
 
 def test_serve_bench_without_vllm_says_how_to_install(tmp_path, capsys, monkeypatch):

@@ -243,30 +243,46 @@ def test_bench_client_process_serves_runs_until_one_fails_it(tiny, tmp_path):
 
 def test_serving_ab_in_one_server_stops_it(tiny, tmp_path):
     """--serve on CPU: one server for both policies (A/B), switched over its RPC route between client runs
-    (native's rows route natively after the policy ran, the policy's re-route), then stopped."""
+    (native's rows route natively after the policy ran, the policy's re-route), then stopped. The requests
+    are the user's own (--prompts), each with its own output length: every one is sent at each concurrency."""
     from moe_reroute.measure import serve_bench as sb
 
     port = 8791
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "The river ran past the old mill and", "output_tokens": 4},
+        {"prompt": "Once upon a time"},  # --output-len's 6
+        {"prompt": "A list of the numbers one two three four five six seven", "output_tokens": 8}]))
+    decode = 3 + 5 + 7  # every request's decode tokens (the first token comes from prefill)
     # one round, drawn (seed 1) with the policy first: native's run comes after the switch back
     cfg = sb.Config(model=str(tiny), policies=["oea:k0=1"], batch_sizes=[2], output_len=6, repeats=1, serve=True,
-                    num_prompts=4, port=port, seed=1)
+                    prompts=str(prompts), port=port, seed=1)
     assert [r["policy"] for r in sb.serve_plan(cfg.resolved(), ["native", "oea:k0=1"])] == ["oea:k0=1", "native"]
     lines = []
-    data = sb.run(cfg, tmp_path, "test", say=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    data = sb.run(cfg, tmp_path / "o", "test", say=lambda *a, **k: lines.append(" ".join(map(str, a))))
     assert sum("starting vLLM" in ln for ln in lines) == 1 and any("A/B in one server" in ln for ln in lines)
-    servers = sorted(f.name for f in (tmp_path / "runs").glob("serve-*.log") if not re.search(r"-c\d+\.log$", f.name))
+    assert any("3 requests from mine.jsonl" in ln for ln in lines)
+    runs = tmp_path / "o" / "runs"
+    servers = sorted(f.name for f in runs.glob("serve-*.log") if not re.search(r"-c\d+\.log$", f.name))
     assert servers == ["serve-ab.log"]
     assert [(r["repeat"], r["policy"]) for r in data["runs"]] == [(r["repeat"], r["policy"])
                                                                   for r in sb.serve_plan(cfg.resolved(), data["policies"])]
-    assert data["conditions"]["method"] == "ab" and len(data["runs"]) == 2
+    c = data["conditions"]
+    assert c["method"] == "ab" and len(data["runs"]) == 2 and c["num_prompts"] == 3
+    assert (c["prompts"]["requests"], c["prompts"]["output_tokens_max"]) == (3, 8)
+    assert "3 requests of the user's own" in (tmp_path / "o" / "report.md").read_text()
     _check_rows(data["rows"], "concurrency", [2])
+    for r in data["runs"]:
+        assert r["bench"]["completed"] == 3 and r["bench"]["total_output_tokens"] == 4 + 6 + 8
+        # the prompts' lengths recorded are vLLM's own count of them
+        assert r["bench"]["total_input_tokens"] == pytest.approx(3 * c["prompts"]["prompt_tokens_mean"], abs=0.15)
     for r in data["rows"]:
         assert r["output_throughput"] > 0 and 0 < r["steps_rerouted"] <= r["steps_seen"]
-        # 4 requests x (6 - 1) decode tokens at most: a decode token in a step that also holds a prefill
-        # routes natively; every prompt and decode token passes each layer once
-        assert 0 < r["tokens_rerouted"] and r["tokens_seen"] >= 4 * (16 + 5)
-        # every decode token is re-routed, in mixed steps too (the first token of each comes from prefill)
-        assert r["decode_tokens_rerouted"] == r["decode_tokens"] == 4 * 5
+        # a decode token in a step that also holds a prefill routes natively; every prompt and decode token
+        # passes each layer once
+        assert 0 < r["tokens_rerouted"] and r["tokens_seen"] >= c["prompts"]["prompt_tokens_mean"] * 3 + decode
+        # every decode token is re-routed, in mixed steps too
+        assert r["decode_tokens_rerouted"] == r["decode_tokens"] == decode
     assert not _processes_with("api_server", f"--port {port}")
     assert not _processes_with("engine_run", "--client-loop", parent=os.getpid())  # nor vLLM's bench client
 

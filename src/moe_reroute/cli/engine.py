@@ -43,9 +43,14 @@ def _serve_bench(args) -> int:
     model = args.model or str(reference_path())
     batch_sizes = _batch_sizes(args.batch_sizes)
     at_least(args.output_len, 2, "--output-len")
-    at_least(args.prompt_len, 1, "--prompt-len")
+    if args.prompts is not None and args.prompt_len is not None:
+        raise InputError(f"--prompts {args.prompts} holds the prompts themselves; drop --prompt-len (the length "
+                         "of serve-bench's own held-out prompts)")
+    if args.prompt_len is not None:
+        at_least(args.prompt_len, 1, "--prompt-len")
     at_least(args.repeats, 1, "--repeats")
-    at_least(args.num_prompts, 1, "--num-prompts")
+    if args.num_prompts is not None:
+        at_least(args.num_prompts, 1, "--num-prompts")
     if args.block_steps is not None:
         at_least(args.block_steps, 1, "--block-steps")
         if args.isolate or args.serve:
@@ -84,10 +89,12 @@ def _serve_bench(args) -> int:
         engine_args[tp] = args.tensor_parallel_size
     out = check_out_dir(args.out)
     cfg = serve_bench.Config(model=model, policies=args.policy or [], batch_sizes=batch_sizes,
-                             output_len=args.output_len, prompt_len=args.prompt_len, repeats=args.repeats,
+                             output_len=args.output_len,
+                             prompt_len=args.prompt_len if args.prompt_len is not None else 16, repeats=args.repeats,
                              dtype=DTYPES.get(args.dtype, args.dtype), device=args.device,
                              enforce_eager=True if args.enforce_eager else (False if args.cuda_graphs else None),
-                             serve=args.serve, num_prompts=args.num_prompts, request_rate=rate, port=args.port,
+                             serve=args.serve, num_prompts=args.num_prompts, prompts=args.prompts,
+                             request_rate=rate, port=args.port,
                              run_timeout_s=args.run_timeout, isolate=True if args.isolate else None,
                              block_steps=args.block_steps, threads=args.threads, engine=args.engine,
                              ep=args.ep, placement=args.placement or "contiguous", engine_args=engine_args)
@@ -132,8 +139,9 @@ def add_parsers(sub) -> None:
                    "folder holds sere/similarity.safetensors, e.g. from `moe-reroute calibrate`)")
     p.add_argument("--batch-sizes", default="1,4,16,32", help="decode batch sizes; concurrencies with --serve "
                    "(default 1,4,16,32)")
-    p.add_argument("--output-len", type=int, default=64, help="output tokens per sequence (default 64)")
-    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default 16)")
+    p.add_argument("--output-len", type=int, default=64, help="output tokens per sequence (default 64; with "
+                   "--prompts, of the requests that give no output_tokens)")
+    p.add_argument("--prompt-len", type=int, help="prompt tokens of held-out text (default 16)")
     p.add_argument("--repeats", type=int, default=3, help="timed generations per batch size in the A/B engine; "
                    "with --serve, rounds of every policy in the A/B server; with --isolate, interleaved repeats, "
                    "each in a fresh engine or server (default 3)")
@@ -161,7 +169,11 @@ def add_parsers(sub) -> None:
                    "repeatable: vLLM's `LLM(...)` / `vllm serve` arguments, SGLang's `Engine(...)`; VALUE as JSON "
                    "where it parses (e.g. enable_expert_parallel=true, gpu_memory_utilization=0.85)")
     p.add_argument("--serve", action="store_true", help="serving mode: vLLM's OpenAI server and its bench client")
-    p.add_argument("--num-prompts", type=int, default=32, help="--serve: requests per concurrency (default 32)")
+    p.add_argument("--num-prompts", type=int, help="--serve: requests per concurrency (default 32, or every "
+                   "request of --prompts)")
+    p.add_argument("--prompts", metavar="FILE", help="--serve: your own requests instead of held-out text, a JSONL "
+                   "file in vLLM's custom bench format, one per line: {\"prompt\": \"...\", \"output_tokens\": 64} "
+                   "(output_tokens optional); sent as they are, no chat template")
     p.add_argument("--request-rate", default="inf", help="--serve: requests/s, or inf (default inf)")
     p.add_argument("--port", type=int, default=8765, help="--serve: port on 127.0.0.1 (default 8765)")
     p.add_argument("--run-timeout", type=float, default=3600.0, help="seconds before one run is stopped (default 3600)")

@@ -73,7 +73,9 @@ class Config:
     enforce_eager: bool | None = None  # default: eager on CPU (no compile time), graphs on CUDA
     run_timeout_s: float = 3600.0
     serve: bool = False
-    num_prompts: int = 32
+    num_prompts: int | None = None  # --serve: requests per concurrency (default: 32, or every request of `prompts`)
+    prompts: str | None = None  # --serve: a JSONL file of the user's own requests (`read_prompts`)
+    max_model_len: int | None = None  # --serve: the server's context (default: room for the longest request)
     request_rate: float = math.inf
     port: int = 8765
     kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU, when it is not set
@@ -458,9 +460,51 @@ def prompt_ids(model: str, count: int, length: int, tok=None) -> list[list[int]]
     return out
 
 
-def prompt_texts(model: str, count: int, length: int) -> list[str]:
-    tok = model_tokenizer(model)
-    return [tok.decode(ids) for ids in prompt_ids(model, count, length, tok)]
+DEFAULT_NUM_PROMPTS = 32
+
+
+def read_prompts(path: str, output_len: int, tok) -> list[dict]:
+    """The user's own requests for --serve: a JSONL file in the format of vLLM's custom bench dataset, one
+    request per line, {"prompt": TEXT} with an optional {"output_tokens": N} (else `output_len`). Returns
+    [{"prompt", "output_tokens", "prompt_tokens"}], the prompt's tokens counted by the model's tokenizer
+    `tok`; BenchError naming the line for anything else."""
+    from ..files import read_regular_text
+
+    where = f"--prompts {path}"
+    text = read_regular_text(path, where, 'a JSONL file, {"prompt": "...", "output_tokens": 64} per line',
+                             error=BenchError, missing=BenchError)
+    requests = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BenchError(f"{where}, line {n}: not JSON ({e.msg}); each line is one request, "
+                             '{"prompt": "...", "output_tokens": 64} (output_tokens optional)') from None
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
+            raise BenchError(f'{where}, line {n}: each line is an object with a non-empty "prompt" string, '
+                             '{"prompt": "...", "output_tokens": 64} (output_tokens optional)')
+        out = item.get("output_tokens", output_len)
+        if isinstance(out, bool) or not isinstance(out, int) or out < 2:
+            raise BenchError(f'{where}, line {n}: "output_tokens" must be an integer >= 2 (a decode step '
+                             f"after the first token), got {json.dumps(out)}")
+        ids = tok(item["prompt"]).input_ids
+        requests.append({"prompt": item["prompt"], "output_tokens": out, "prompt_tokens": len(ids)})
+    if not requests:
+        raise BenchError(f'{where}: holds no request; write one per line, {{"prompt": "...", "output_tokens": 64}}')
+    return requests
+
+
+def prompts_note(requests: list[dict], path: str) -> dict:
+    """What results.json records of the user's requests (`read_prompts`)."""
+    import hashlib
+
+    p, o = ([r[k] for r in requests] for k in ("prompt_tokens", "output_tokens"))
+    return {"file": str(Path(path).absolute()), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+            "requests": len(requests), "prompt_tokens_mean": round(statistics.mean(p), 1),
+            "prompt_tokens_max": max(p), "output_tokens_mean": round(statistics.mean(o), 1),
+            "output_tokens_max": max(o)}
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -874,7 +918,8 @@ def engine_args(cfg: Config) -> dict:
 def server_command(cfg: Config, max_num_seqs: int) -> list[str]:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(cfg.model),
            "--host", "127.0.0.1", "--port", str(cfg.port), "--dtype", cfg.dtype, "--seed", "0",
-           "--max-model-len", str(cfg.prompt_len * 2 + cfg.output_len + 16), "--max-num-seqs", str(max_num_seqs),
+           "--max-model-len", str(cfg.max_model_len or cfg.prompt_len * 2 + cfg.output_len + 16),
+           "--max-num-seqs", str(max_num_seqs),
            "--no-enable-prefix-caching", "--worker-extension-cls", "moe_reroute.vllm.WorkerExtension"]
     if cfg.enforce_eager:
         cmd.append("--enforce-eager")
@@ -1079,7 +1124,7 @@ def _client_run(cfg: Config, client: BenchClient, dataset: Path, runs_dir: Path,
     (runs_dir / res_name).unlink(missing_ok=True)
     args = ["--backend", "vllm", "--base-url", f"http://127.0.0.1:{cfg.port}", "--model", str(cfg.model),
             "--tokenizer", str(cfg.model), "--dataset-name", "custom", "--dataset-path", str(dataset),
-            "--skip-chat-template", "--custom-output-len", str(cfg.output_len),
+            "--skip-chat-template", "--custom-output-len", "-1",  # each request's own output_tokens
             "--num-prompts", str(prompts), "--max-concurrency", str(B),
             "--request-rate", str(cfg.request_rate), "--seed", "0", "--ignore-eos",
             "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
@@ -1098,17 +1143,48 @@ def _client_run(cfg: Config, client: BenchClient, dataset: Path, runs_dir: Path,
     return bench
 
 
-def run_serving(cfg: Config, policies: list[str], out: Path, say=print, labels: dict | None = None) -> list[dict]:
+def serving_requests(cfg: Config) -> list[dict]:
+    """--serve: the requests each client run sends, [{"prompt", "output_tokens", "prompt_tokens"}]: the user's
+    own (`cfg.prompts`), else `cfg.num_prompts` windows of held-out text of `cfg.prompt_len` tokens."""
+    tok = model_tokenizer(cfg.model)
+    if cfg.prompts:
+        return read_prompts(cfg.prompts, cfg.output_len, tok)
+    return [{"prompt": tok.decode(ids), "output_tokens": cfg.output_len, "prompt_tokens": cfg.prompt_len}
+            for ids in prompt_ids(cfg.model, cfg.num_prompts or DEFAULT_NUM_PROMPTS, cfg.prompt_len, tok)]
+
+
+def prompts_words(c: dict) -> str:
+    """The prompts of a run, in words, from results.json's conditions."""
+    p = c.get("prompts")
+    if not p:
+        return f"{c['prompt_len']} tokens of held-out text, {c['output_len']} output tokens"
+    return (f"{p['requests']} requests of the user's own from `{p['file']}` (sha256 {p['sha256'][:12]}): "
+            f"{p['prompt_tokens_mean']:g} prompt tokens on average (at most {p['prompt_tokens_max']}), "
+            f"{p['output_tokens_mean']:g} output tokens on average (at most {p['output_tokens_max']})")
+
+
+def requests_line(cfg: Config, requests: list[dict]) -> str:
+    """The requests of one client run, in words."""
+    if not cfg.prompts:
+        return f"{cfg.num_prompts} requests of {cfg.prompt_len} + {cfg.output_len} tokens"
+    note = prompts_note(requests, cfg.prompts)
+    return (f"{cfg.num_prompts} requests from {Path(cfg.prompts).name} ({note['prompt_tokens_mean']:g} prompt + "
+            f"{note['output_tokens_mean']:g} output tokens on average)")
+
+
+def run_serving(cfg: Config, policies: list[str], out: Path, say=print, labels: dict | None = None,
+                requests: list[dict] | None = None) -> list[dict]:
     """vLLM's OpenAI server and its bench client at each concurrency (the batch sizes), the counters read over
     the server's RPC route. A/B (default without CUDA graphs): one server, the policy switched between client
     runs by the plan, after a warm-up run; --isolate: a server per (repeat, policy). Servers are stopped also
     on errors and Ctrl-C."""
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    dataset = runs_dir / "prompts.jsonl"
+    requests = requests if requests is not None else serving_requests(cfg)
+    dataset = runs_dir / "prompts.jsonl"  # vLLM's custom dataset: each request with its own output tokens
     with open(dataset, "w") as f:
-        for text in prompt_texts(cfg.model, cfg.num_prompts, cfg.prompt_len):
-            f.write(json.dumps({"prompt": text, "output_tokens": cfg.output_len}) + "\n")
+        for r in requests:
+            f.write(json.dumps({"prompt": r["prompt"], "output_tokens": r["output_tokens"]}) + "\n")
     plan = serve_plan(cfg, policies)
     results = []
     proc = None
@@ -1144,8 +1220,7 @@ def run_serving(cfg: Config, policies: list[str], out: Path, say=print, labels: 
                     raise BenchError(f"switching the server to {name} failed: {e} (server log: {log}); "
                                      "results.json not written") from None
             for B in cfg.batch_sizes:
-                say(f"  concurrency {B}: {cfg.num_prompts} requests of {cfg.prompt_len} + {cfg.output_len} tokens",
-                    flush=True)
+                say(f"  concurrency {B}: {requests_line(cfg, requests)}", flush=True)
                 rpc(cfg.port, "moe_reroute_reset_counters")
                 bench = _client_run(cfg, client, dataset, runs_dir, tag, B, cfg.num_prompts, run["policy"], log)
                 counters, per_rank = server_counters(cfg, runs_dir / f"{tag}-c{B}-counters")
@@ -1351,7 +1426,7 @@ def conditions(data: dict) -> str:
              f"- engine: {engine_label(c)} on {c['device']}, {c['dtype']}, "
              f"{'eager' if c['enforce_eager'] else ('CUDA graphs' if c['device'].startswith('cuda') else 'compiled')}, "
              f"greedy, ignore_eos; CPU threads: {c.get('threads', 'not recorded')}",
-             f"- prompts: {c['prompt_len']} tokens of held-out text, {c['output_len']} output tokens, {runs_line}"]
+             f"- prompts: {prompts_words(c)}, {runs_line}"]
     if c.get("engine_args"):
         lines.append("- engine arguments: " + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in c["engine_args"].items()))
     if c.get("method_note"):
@@ -1468,6 +1543,9 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
     policies = resolve_policies(cfg.policies or default_policies(spec.top_k, cfg.model), cfg.model, spec, labels)
     if cfg.engine not in ENGINES:
         raise BenchError(f"--engine must be one of {', '.join(ENGINES)}, got {cfg.engine!r}")
+    if cfg.prompts and not cfg.serve:
+        raise BenchError(f"--prompts {cfg.prompts}: the requests of serving mode: add --serve (offline runs time "
+                         "batches of equal-length prompts of held-out text, --prompt-len)")
     asked = cfg  # the modes as given: resolved, --isolate is forced under CUDA graphs (the default on CUDA)
     cfg = cfg.resolved()
     if cfg.engine == SGLANG:
@@ -1491,6 +1569,13 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
         version = vllm_version()
         check_vllm_version(version)
     check_engine_args(cfg)
+    requests = None
+    if cfg.serve:  # before any server: a bad prompts file is refused first
+        requests = serving_requests(cfg)
+        if cfg.num_prompts is None:
+            cfg.num_prompts = len(requests) if cfg.prompts else DEFAULT_NUM_PROMPTS
+        if cfg.prompts and cfg.max_model_len is None:
+            cfg.max_model_len = max(r["prompt_tokens"] + r["output_tokens"] for r in requests) + 16
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS).unlink(missing_ok=True)
     model = cfg.model
@@ -1504,7 +1589,10 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
     if hint:
         say(hint, flush=True)
     block_steps = ab_block_steps(cfg, len(policies)) if offline_ab else None
-    results = (run_serving if cfg.serve else run_offline)(cfg, policies, out, say, labels)
+    if cfg.serve:
+        results = run_serving(cfg, policies, out, say, labels, requests)
+    else:
+        results = run_offline(cfg, policies, out, say, labels)
     if offline_ab:
         rows = summarize_ab(results, policies, cfg.seed)
     elif cfg.serve:
@@ -1518,6 +1606,7 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
                            "device": device_name(cfg.device), "dtype": cfg.dtype, "enforce_eager": cfg.enforce_eager,
                            "prompt_len": cfg.prompt_len, "output_len": cfg.output_len, "repeats": cfg.repeats,
                            "batch_sizes": cfg.batch_sizes, "num_prompts": cfg.num_prompts,
+                           **({"prompts": prompts_note(requests, cfg.prompts)} if cfg.prompts else {}),
                            "request_rate": str(cfg.request_rate), "num_experts": spec.num_experts,
                            "top_k": spec.top_k, "seconds": round(time.time() - t0, 1),
                            "threads": threads_note(cfg),

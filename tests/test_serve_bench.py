@@ -271,6 +271,8 @@ def test_prompts_file_read_counted_and_recorded(tmp_path, capsys):
         sb.read_prompts(str(tmp_path), 64, tok)
     # on the command line, before any engine: serving mode only, and not with --prompt-len
     bad_input(capsys, ["serve-bench", "--model", tiny, "--prompts", f, "--out", tmp_path / "o"], "add --serve")
+    bad_input(capsys, ["serve-bench", "--model", tiny, "--engine", "sglang", "--serve", "--prompts", f, "--out",
+                       tmp_path / "o"], "runs vLLM only")
     bad_input(capsys, ["serve-bench", "--model", tiny, "--serve", "--prompts", f, "--prompt-len", "8"],
               "drop --prompt-len")
     bad_input(capsys, ["serve-bench", "--model", tiny, "--serve", "--num-prompts", "0"], "--num-prompts must be >= 1")

@@ -1543,6 +1543,9 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
     policies = resolve_policies(cfg.policies or default_policies(spec.top_k, cfg.model), cfg.model, spec, labels)
     if cfg.engine not in ENGINES:
         raise BenchError(f"--engine must be one of {', '.join(ENGINES)}, got {cfg.engine!r}")
+    if cfg.prompts and cfg.engine == SGLANG:
+        raise BenchError(f"--prompts {cfg.prompts}: the requests of serving mode, which runs vLLM only; SGLang's "
+                         "A/B bench times batches of equal-length prompts of held-out text (--prompt-len)")
     if cfg.prompts and not cfg.serve:
         raise BenchError(f"--prompts {cfg.prompts}: the requests of serving mode: add --serve (offline runs time "
                          "batches of equal-length prompts of held-out text, --prompt-len)")

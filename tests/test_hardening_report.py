@@ -116,6 +116,46 @@ def test_bad_serve_bench_fields(tmp_path, capsys, path, value, needles):
     assert not (tmp_path / "rep").exists()
 
 
+def serve_mode_result() -> dict:
+    """A `serve-bench --serve --prompts` results.json."""
+    rows = [{"policy": p, "concurrency": 4, "repeats": 1, "output_throughput": 50.0, "p50_ttft_ms": 400.0,
+             "p99_ttft_ms": 900.0, "p50_tpot_ms": 70.0, "p90_tpot_ms": 80.0, "p99_tpot_ms": 90.0,
+             "throughput_ratio": 1.0 if p == "native" else 1.3, "throughput_ratio_ci": None,
+             "unique": 5.0 if p != "native" else 6.0, "unique_native": 6.0, "steps_rerouted": 20, "steps_seen": 21,
+             "tokens_rerouted": 15, "decode_tokens": 15, "decode_tokens_rerouted": 15} for p in ("native", "oea:k0=1")]
+    data = serve_result()
+    data["mode"] = "serve"
+    data["conditions"].update(num_prompts=3, request_rate="inf", method="ab", prompts={
+        "file": "/data/mine.jsonl", "sha256": "ab" * 32, "requests": 3, "prompt_tokens_mean": 9.0,
+        "prompt_tokens_max": 12, "output_tokens_mean": 6.0, "output_tokens_max": 8})
+    data["rows"] = rows
+    return data
+
+
+@pytest.mark.parametrize("path,value,needles", [
+    (("conditions", "prompts"), [], ["conditions.prompts", "JSON object"]),
+    (("conditions", "prompts", "requests"), "many", ["conditions.prompts.requests"]),
+    (("conditions", "prompts", "sha256"), KeyError, ["conditions.prompts.sha256", "string"]),
+    (("conditions", "prompts", "output_tokens_mean"), -1, ["conditions.prompts.output_tokens_mean"]),
+])
+def test_serve_mode_prompts_fields(tmp_path, capsys, path, value, needles):
+    """--serve --prompts results: the report says whose requests ran; a bad `prompts` field is named."""
+    pytest.importorskip("matplotlib")
+    (tmp_path / "eval.json").write_text(json.dumps(eval_result()))
+    f = tmp_path / "serve.json"
+    f.write_text(json.dumps(serve_mode_result()))
+    assert main(["report", str(tmp_path / "eval.json"), "--serve-bench", str(f), "--batch-size", "2", "--out",
+                 str(tmp_path / "good")]) == 0
+    assert "3 requests of the user's own from `/data/mine.jsonl` (sha256 abababababab)" in (
+        tmp_path / "good" / "report.md").read_text()
+    data = serve_mode_result()
+    _set(data, path, value)
+    f.write_text(json.dumps(data))
+    bad_input(capsys, ["report", tmp_path / "eval.json", "--serve-bench", f, "--out", tmp_path / "rep"],
+              f"--serve-bench {f}", *needles)
+    assert not (tmp_path / "rep").exists()
+
+
 def test_good_inputs_make_a_report(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     (tmp_path / "eval.json").write_text(json.dumps(eval_result()))

@@ -197,6 +197,14 @@ def check_serve(data: dict, file: str) -> None:
         c.int(cond.get(k), f"conditions.{k}", 1, MAX_COUNT)
     if mode == "serve":
         c.int(cond.get("num_prompts"), "conditions.num_prompts", 1, MAX_COUNT)
+        if cond.get("prompts") is not None:  # --prompts: the user's own requests
+            p = c.obj(cond["prompts"], "conditions.prompts")
+            for k in ("file", "sha256"):
+                c.str(p.get(k), f"conditions.prompts.{k}")
+            for k in ("requests", "prompt_tokens_max", "output_tokens_max"):
+                c.int(p.get(k), f"conditions.prompts.{k}", 1, MAX_COUNT)
+            for k in ("prompt_tokens_mean", "output_tokens_mean"):
+                c.num(p.get(k), f"conditions.prompts.{k}", 0, MAX_COUNT)
         if not isinstance(cond.get("request_rate"), (str, int, float)) or isinstance(cond.get("request_rate"), bool):
             c.fail("conditions.request_rate", f"must be a number or \"inf\", got {_shown(cond.get('request_rate'))}")
     labels = data.get("labels")

@@ -425,7 +425,7 @@ def test_vllm_register_stops_on_any_unreadable_configuration(monkeypatch, env, n
 @pytest.mark.parametrize("content,needle", [
     (b"\xff\xfe{}", "not UTF-8 text"),
     (b"[1, 2]\n", ":1: a task line must be a JSON object, got a list"),
-    (b'{"prompt": "a", "target": "b"}\n' + b"[" * 100_000 + b"\n", ":2: JSON nested too deeply"),
+    (b'{"prompt": "a", "target": "b"}\n' + b"[" * 100_000 + b"\n", ":2: not JSON (nested too deeply to read)"),
 ])
 def test_task_files_name_the_file_and_line(tmp_path, content, needle):
     from moe_reroute.measure.tasks import load_jsonl

@@ -251,6 +251,7 @@ def test_prompts_file_read_counted_and_recorded(tmp_path, capsys):
 
     bad = {"": "holds no request",
            "not json\n": "line 1: not JSON",
+           '{"prompt": "a"}\n' + "[" * 100_000 + "\n": "line 2: not JSON (nested too deeply to read)",
            '{"prompt": "a"}\n[1, 2]\n': "line 2: each line is an object",
            '{"text": "a"}\n': 'line 1: each line is an object with a non-empty "prompt"',
            '{"prompt": "   "}\n': 'non-empty "prompt"',

@@ -99,6 +99,23 @@ def read_regular_text(path: str | Path, name: str, what: str = "", limit: int | 
         raise error(f"{name}: not UTF-8 text (byte {e.start}); {how_to_fix}") from None
 
 
+def json_lines(text: str, bad_line: Callable[[int, str], Exception]):
+    """(line number, value) of each non-blank line of the JSONL `text`; a line that is not JSON (or nests too
+    deeply to read) raises `bad_line(number, why)`, so each reader names its file and line its own way."""
+    import json
+
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise bad_line(n, e.msg) from None
+        except RecursionError:
+            raise bad_line(n, "nested too deeply to read") from None
+        yield n, value
+
+
 def output_problem(path: str | Path) -> str | None:
     """None when `path` is missing or a regular file (so it may be written), else why not: a folder,
     FIFO, device or socket at an output path is never written or replaced."""

@@ -89,16 +89,12 @@ def read_text(path: str, option: str = "--text") -> str:
     documents' texts, one after another."""
     text = read_text_file(path, option)
     if str(path).endswith(".jsonl"):
+        from ..files import json_lines
+
         docs = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as e:
-                why = e if isinstance(e, json.JSONDecodeError) else "nested too deeply to read"
-                raise SystemExit(f"error: {option} {path}: line {n} is not JSON ({why}); a .jsonl file holds one JSON "
-                                 "object with a \"text\" per line (rename a plain text file to .txt)") from None
+        for n, doc in json_lines(text, lambda n, why: SystemExit(
+                f"error: {option} {path}: line {n} is not JSON ({why}); a .jsonl file holds one JSON object with "
+                "a \"text\" per line (rename a plain text file to .txt)")):
             if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
                 raise SystemExit(f"error: {option} {path}: line {n} has no \"text\" string; a .jsonl file holds one "
                                  "JSON object with a \"text\" per line")

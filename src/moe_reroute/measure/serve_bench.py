@@ -468,20 +468,15 @@ def read_prompts(path: str, output_len: int, tok) -> list[dict]:
     request per line, {"prompt": TEXT} with an optional {"output_tokens": N} (else `output_len`). Returns
     [{"prompt", "output_tokens", "prompt_tokens"}], the prompt's tokens counted by the model's tokenizer
     `tok`; BenchError naming the line for anything else."""
-    from ..files import read_regular_text
+    from ..files import json_lines, read_regular_text
 
     where = f"--prompts {path}"
     text = read_regular_text(path, where, 'a JSONL file, {"prompt": "...", "output_tokens": 64} per line',
                              error=BenchError, missing=BenchError)
     requests = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BenchError(f"{where}, line {n}: not JSON ({e.msg}); each line is one request, "
-                             '{"prompt": "...", "output_tokens": 64} (output_tokens optional)') from None
+    for n, item in json_lines(text, lambda n, why: BenchError(
+            f'{where}, line {n}: not JSON ({why}); each line is one request, {{"prompt": "...", "output_tokens": 64}} '
+            "(output_tokens optional)")):
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
             raise BenchError(f'{where}, line {n}: each line is an object with a non-empty "prompt" string, '
                              '{"prompt": "...", "output_tokens": 64} (output_tokens optional)')

@@ -12,7 +12,6 @@ Per item, policy and native are paired: the difference in accuracy gets a bootst
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -25,21 +24,13 @@ from .stats import mean_se, paired_bootstrap, worse_by_se_rule
 
 def load_jsonl(path: str | Path) -> tuple[str, list[dict]]:
     """(kind, items) with kind "multiple_choice" or "generation"; every line is checked."""
-    from ..files import read_regular_text
+    from ..files import json_lines, read_regular_text
 
     path = Path(path)
     text = read_regular_text(path, str(path), "give a JSONL task file (one JSON object per line)",
                              how_to_fix="save the task file as UTF-8 JSONL")
     items, kinds = [], set()
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-        except RecursionError:
-            raise ValueError(f"{path}:{n}: JSON nested too deeply to read") from None
+    for n, item in json_lines(text, lambda n, why: ValueError(f"{path}:{n}: not JSON ({why})")):
         if not isinstance(item, dict):
             raise ValueError(f"{path}:{n}: a task line must be a JSON object, got a {type(item).__name__}")
         if {"context", "choices", "answer"} <= item.keys():

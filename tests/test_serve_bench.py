@@ -727,6 +727,11 @@ def test_engine_args_reach_the_runs_and_the_report(tmp_path):
     assert "U: the mean over every data-parallel rank's steps" in sb.conditions(served)
     served["conditions"]["engine_args"] = {"tensor_parallel_size": 2}
     assert "data-parallel" not in sb.conditions(served)
+    # counts in words: one round, several
+    served["conditions"].update(method="ab", repeats=1)
+    assert "- prompts: 16 tokens of held-out text, 8 output tokens, 1 round in one server" in sb.conditions(served)
+    served["conditions"]["repeats"] = 3
+    assert ", 3 rounds in one server" in sb.conditions(served)
 
 
 def test_serve_bench_engine_arg_input_errors(capsys):

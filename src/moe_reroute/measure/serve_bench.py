@@ -1148,6 +1148,10 @@ def serving_requests(cfg: Config) -> list[dict]:
             for ids in prompt_ids(cfg.model, cfg.num_prompts or DEFAULT_NUM_PROMPTS, cfg.prompt_len, tok)]
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def prompts_words(c: dict) -> str:
     """The prompts of a run, in words, from results.json's conditions."""
     p = c.get("prompts")
@@ -1176,6 +1180,8 @@ def run_serving(cfg: Config, policies: list[str], out: Path, say=print, labels: 
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     requests = requests if requests is not None else serving_requests(cfg)
+    if cfg.num_prompts is None:  # (run() sets it)
+        cfg.num_prompts = len(requests) if cfg.prompts else DEFAULT_NUM_PROMPTS
     dataset = runs_dir / "prompts.jsonl"  # vLLM's custom dataset: each request with its own output tokens
     with open(dataset, "w") as f:
         for r in requests:
@@ -1409,13 +1415,13 @@ def _share(row: dict) -> str:
 def conditions(data: dict) -> str:
     c = data["conditions"]
     if c.get("method") != "ab":
-        runs_line = (f"{c['repeats']} repeats interleaved across policies, each run in a fresh "
+        runs_line = (f"{_count(c['repeats'], 'repeat')} interleaved across policies, each run in a fresh "
                      + ("server" if data["mode"] == "serve" else "engine"))
     elif data["mode"] == "serve":
-        runs_line = f"{c['repeats']} rounds in one server, every policy once per round in a random order"
+        runs_line = f"{_count(c['repeats'], 'round')} in one server, every policy once per round in a random order"
     else:
-        runs_line = (f"{c['repeats']} timed generations in one engine per batch size, policies switched between "
-                     f"decode steps in blocks of {c.get('block_steps')} steps, every policy once per round in a "
+        runs_line = (f"{_count(c['repeats'], 'timed generation')} in one engine per batch size, policies switched "
+                     f"between decode steps in blocks of {c.get('block_steps')} steps, every policy once per round in a "
                      "random order")
     lines = [f"- model: {c['model']}" + (f" — {c['model_note']}" if c.get("model_note") else ""),
              f"- engine: {engine_label(c)} on {c['device']}, {c['dtype']}, "

@@ -89,8 +89,8 @@ def _serve_bench(args) -> int:
         engine_args[tp] = args.tensor_parallel_size
     out = check_out_dir(args.out)
     cfg = serve_bench.Config(model=model, policies=args.policy or [], batch_sizes=batch_sizes,
-                             output_len=args.output_len,
-                             prompt_len=args.prompt_len if args.prompt_len is not None else 16, repeats=args.repeats,
+                             output_len=args.output_len, repeats=args.repeats,
+                             **({} if args.prompt_len is None else {"prompt_len": args.prompt_len}),
                              dtype=DTYPES.get(args.dtype, args.dtype), device=args.device,
                              enforce_eager=True if args.enforce_eager else (False if args.cuda_graphs else None),
                              serve=args.serve, num_prompts=args.num_prompts, prompts=args.prompts,

@@ -1148,6 +1148,18 @@ def serving_requests(cfg: Config) -> list[dict]:
             for ids in prompt_ids(cfg.model, cfg.num_prompts or DEFAULT_NUM_PROMPTS, cfg.prompt_len, tok)]
 
 
+def prepare_serving(cfg: Config) -> list[dict]:
+    """--serve: the requests (`serving_requests`), and what follows from them where the user set nothing:
+    `cfg.num_prompts` (every request) and, for the user's own, the server's `cfg.max_model_len` (room for
+    the longest)."""
+    requests = serving_requests(cfg)
+    if cfg.num_prompts is None:
+        cfg.num_prompts = len(requests)  # the file's requests, or DEFAULT_NUM_PROMPTS of held-out text
+    if cfg.prompts and cfg.max_model_len is None:
+        cfg.max_model_len = max(r["prompt_tokens"] + r["output_tokens"] for r in requests) + 16
+    return requests
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
@@ -1179,14 +1191,13 @@ def run_serving(cfg: Config, policies: list[str], out: Path, say=print, labels: 
     on errors and Ctrl-C."""
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    requests = requests if requests is not None else serving_requests(cfg)
-    if cfg.num_prompts is None:  # (run() sets it)
-        cfg.num_prompts = len(requests) if cfg.prompts else DEFAULT_NUM_PROMPTS
+    requests = requests if requests is not None else prepare_serving(cfg)
     dataset = runs_dir / "prompts.jsonl"  # vLLM's custom dataset: each request with its own output tokens
     with open(dataset, "w") as f:
         for r in requests:
             f.write(json.dumps({"prompt": r["prompt"], "output_tokens": r["output_tokens"]}) + "\n")
     plan = serve_plan(cfg, policies)
+    load = requests_line(cfg, requests)
     results = []
     proc = None
     client = BenchClient(cfg.run_timeout_s)
@@ -1221,7 +1232,7 @@ def run_serving(cfg: Config, policies: list[str], out: Path, say=print, labels: 
                     raise BenchError(f"switching the server to {name} failed: {e} (server log: {log}); "
                                      "results.json not written") from None
             for B in cfg.batch_sizes:
-                say(f"  concurrency {B}: {requests_line(cfg, requests)}", flush=True)
+                say(f"  concurrency {B}: {load}", flush=True)
                 rpc(cfg.port, "moe_reroute_reset_counters")
                 bench = _client_run(cfg, client, dataset, runs_dir, tag, B, cfg.num_prompts, run["policy"], log)
                 counters, per_rank = server_counters(cfg, runs_dir / f"{tag}-c{B}-counters")
@@ -1573,13 +1584,7 @@ def run(cfg: Config, out: Path, command: str, say=print) -> dict:
         version = vllm_version()
         check_vllm_version(version)
     check_engine_args(cfg)
-    requests = None
-    if cfg.serve:  # before any server: a bad prompts file is refused first
-        requests = serving_requests(cfg)
-        if cfg.num_prompts is None:
-            cfg.num_prompts = len(requests) if cfg.prompts else DEFAULT_NUM_PROMPTS
-        if cfg.prompts and cfg.max_model_len is None:
-            cfg.max_model_len = max(r["prompt_tokens"] + r["output_tokens"] for r in requests) + 16
+    requests = prepare_serving(cfg) if cfg.serve else None  # before any server: a bad prompts file first
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS).unlink(missing_ok=True)
     model = cfg.model

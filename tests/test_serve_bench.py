@@ -689,6 +689,28 @@ def test_engine_args_as_server_options_by_hand():
     assert sb.server_flags({"enable_expert_parallel": False}, fields) == []  # the default: nothing to say
 
 
+def test_a_server_s_temporary_files_go_to_its_own_folder(tmp_path, monkeypatch):
+    """vLLM's server leaves its ZMQ sockets and file store in the temporary folder: each server gets a folder
+    of its own (`VLLM_RPC_BASE_PATH`, TMPDIR), with TorchInductor's cache left at its default under the
+    user's temporary folder; what the user set is kept, and a folder too long for a socket path is not used."""
+    import getpass
+    import os
+    import tempfile
+
+    user_tmp = tmp_path / "tmp"
+    user_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(user_tmp))
+    folder = "/tmp/moe-reroute-abcd1234"
+    env = sb.server_temp_env({"PATH": "/bin"}, folder)
+    assert env == {"PATH": "/bin", "VLLM_RPC_BASE_PATH": folder, "TMPDIR": folder,
+                   "TORCHINDUCTOR_CACHE_DIR": os.path.join(str(user_tmp), "torchinductor_" + getpass.getuser())}
+    mine = {"VLLM_RPC_BASE_PATH": "/run/vllm", "TORCHINDUCTOR_CACHE_DIR": "/cache/inductor"}
+    assert sb.server_temp_env(mine, folder) == {**mine, "TMPDIR": folder}
+    # a socket path is at most 107 bytes: the folder, "/" and a 36-character uuid
+    assert sb.server_temp_env({}, "/" + "x" * 69)["TMPDIR"] == "/" + "x" * 69
+    assert sb.server_temp_env({"PATH": "/bin"}, "/" + "x" * 70) == {"PATH": "/bin"}
+
+
 def test_engine_args_checked_before_any_engine():
     """Each engine argument must be the engine's own (a near name suggested), not one serve-bench sets, and a
     counted --ep layout cannot meet an engine that runs expert parallelism itself."""

@@ -1032,22 +1032,69 @@ def serve_plan(cfg: Config, policies: list[str]) -> list[dict]:
     return [{"policy": p, "repeat": r} for r, p in rounds]
 
 
+# the longest path a Unix socket takes (sun_path, 108 bytes with its NUL): vLLM's ZMQ sockets are
+# `VLLM_RPC_BASE_PATH/<uuid4>`, 37 characters past the folder
+_SOCKET_PATH_MAX = 107
+
+
+def server_temp_env(env: dict, folder: Path) -> dict:
+    """`env` with the server's temporary files in `folder`: vLLM's server leaves its ZMQ sockets
+    (`VLLM_RPC_BASE_PATH`) and its file store (`vllm_dist_*`, in TMPDIR) behind when it stops, ~8 files in the
+    temporary folder per server, so serve-bench gives each server a folder of its own and removes it after.
+    TorchInductor's cache stays where it was (its default is under TMPDIR), so a compiled server keeps its
+    cache. A `VLLM_RPC_BASE_PATH` or `TORCHINDUCTOR_CACHE_DIR` the user set is kept; a folder too long for a
+    socket path is not used."""
+    if len(str(folder)) + 37 > _SOCKET_PATH_MAX:
+        return env
+    out = {**env, "VLLM_RPC_BASE_PATH": env.get("VLLM_RPC_BASE_PATH") or str(folder)}
+    if not env.get("TORCHINDUCTOR_CACHE_DIR"):
+        try:
+            from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        except ImportError:  # the sockets alone
+            return out
+        out["TORCHINDUCTOR_CACHE_DIR"] = default_cache_dir()
+    out["TMPDIR"] = str(folder)
+    return out
+
+
 def _start_server(cfg: Config, env: dict, log: Path) -> subprocess.Popen:
+    import tempfile
+
     check_port(cfg.port)
-    env = {**env, "VLLM_SERVER_DEV_MODE": "1"}  # the /collective_rpc route the counters are read through
-    with open(log, "ab") as f:
-        proc = subprocess.Popen(server_command(cfg, max(cfg.batch_sizes)), env=env, stdout=f,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    folder = Path(tempfile.mkdtemp(prefix="moe-reroute-"))
+    # VLLM_SERVER_DEV_MODE: the /collective_rpc route the counters are read through
+    env = server_temp_env({**env, "VLLM_SERVER_DEV_MODE": "1"}, folder)
+    try:
+        with open(log, "ab") as f:
+            proc = subprocess.Popen(server_command(cfg, max(cfg.batch_sizes)), env=env, stdout=f,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+    except BaseException:
+        _remove_folder(folder)
+        raise
+    proc.moe_reroute_temp = folder  # removed once the server has stopped (`_end_server`)
     try:
         wait_ready(proc, cfg.port, log, cfg.run_timeout_s)
     except BaseException:
-        stop_group(proc)
+        _end_server(proc)
         raise
     return proc
 
 
-def _stop_server(proc: subprocess.Popen) -> None:
+def _remove_folder(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _end_server(proc: subprocess.Popen) -> None:
+    """Stop the server's process group, then remove its temporary folder."""
     stop_group(proc)
+    if not group_alive(proc.pid):
+        _remove_folder(proc.moe_reroute_temp)
+
+
+def _stop_server(proc: subprocess.Popen) -> None:
+    _end_server(proc)
     if group_alive(proc.pid):
         raise BenchError(f"the vLLM server (process group {proc.pid}) did not stop; kill it: kill -9 -{proc.pid}")
 
@@ -1247,7 +1294,7 @@ def run_serving(cfg: Config, policies: list[str], out: Path, say=print, labels: 
     finally:
         client.close()
         if proc is not None:  # an error or Ctrl-C
-            stop_group(proc)
+            _end_server(proc)
     return results
 
 

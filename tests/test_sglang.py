@@ -358,11 +358,18 @@ def test_served_model_config_is_read_as_sglang_reads_it(monkeypatch):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "sglang.srt.server_args", server_args)
     monkeypatch.setitem(sys.modules, "sglang.srt.utils.hf_transformers_utils", hf_utils)
+    monkeypatch.setitem(sys.modules, "sglang.srt.runtime_context", None)  # before 0.5.23: not there
     assert plugin.served_model_config() is DENSE_FIRST
     assert seen == {"model": "/models/dsv3", "trust": True, "revision": "main",
                     "overrides": {"first_k_dense_replace": 1}}
     server_args.get_global_server_args = lambda: (_ for _ in ()).throw(ValueError("not set yet"))
     assert plugin.served_model_config() is None  # unreadable: layers get no MoE-layer index
+    # 0.5.23: the operator's arguments from runtime_context.get_server_args()
+    runtime_context = types.ModuleType("sglang.srt.runtime_context")
+    runtime_context.get_server_args = lambda: args
+    monkeypatch.setitem(sys.modules, "sglang.srt.runtime_context", runtime_context)
+    seen.clear()
+    assert plugin.served_model_config() is DENSE_FIRST and seen["model"] == "/models/dsv3"
 
 
 # --- the step's kind and rows, from SGLang's forward context ---
@@ -688,12 +695,26 @@ def test_installed_sglang_matches_the_recorded_contract():
     # served_model_config: the global server args, SGLang's get_config and get_hf_text_config
     assert "get_global_server_args" in {n.name for n in ast.parse((root / "srt/server_args.py").read_text()).body
                                         if isinstance(n, ast.FunctionDef)}
-    utils = root / "srt/utils/hf_transformers_utils.py"
-    utils = utils if utils.exists() else root / "srt/hf_transformers_utils.py"
-    tree = ast.parse(utils.read_text())
-    assert [a.arg for a in _function(tree, "get_config").args.args][:4] == [
+    # the HTTP route of a running server (`http_control`): /dumper/{method} when DUMPER_SERVER_PORT=reuse, answered
+    # by Scheduler.handle_dumper_control(self, recv_req) with a DumperControlReqOutput through send_to_tokenizer
+    http = (root / "srt/entrypoints/http_server.py").read_text()
+    assert 'os.environ.get("DUMPER_SERVER_PORT") == "reuse"' in http and '"/dumper/{method}"' in http
+    scheduler = ast.parse((root / "srt/managers/scheduler.py").read_text())
+    dumper = next(n for n in _class(scheduler, "Scheduler").body
+                  if isinstance(n, ast.FunctionDef) and n.name == "handle_dumper_control")
+    assert [a.arg for a in dumper.args.args] == ["self", "recv_req"]
+    assert "self.ipc_channels.send_to_tokenizer.send_output(" in ast.unparse(dumper)
+    io_struct = ast.parse((root / "srt/managers/io_struct.py").read_text())
+    assert _fields(_class(io_struct, "DumperControlReqInput")) == ["method", "body"]
+    assert _fields(_class(io_struct, "DumperControlReqOutput")) == ["success", "response", "error"]
+    # (0.5.23 defines them in srt/utils/hf_transformers/ and re-exports them from hf_transformers_utils)
+    utils = [root / "srt/utils/hf_transformers/config.py", root / "srt/utils/hf_transformers/common.py",
+             root / "srt/utils/hf_transformers_utils.py", root / "srt/hf_transformers_utils.py"]
+    defined = {n.name: n for f in utils if f.exists() for n in ast.parse(f.read_text()).body
+               if isinstance(n, ast.FunctionDef)}
+    assert [a.arg for a in defined["get_config"].args.args][:4] == [
         "model", "trust_remote_code", "revision", "model_override_args"]
-    _function(tree, "get_hf_text_config")
+    assert "get_hf_text_config" in defined
 
 
 @pytest.mark.skipif(_sglang_root() is None, reason="SGLang is not installed (its source is read, not imported)")
@@ -793,6 +814,64 @@ def test_switching_is_refused_once_a_cuda_graph_holds_the_policy(monkeypatch, lo
     with pytest.raises(RuntimeError, match="cannot run an A/B plan"):
         plugin._rpc_ab_plan(None, policies=["cap:k=2"], plan=[[0, "cap:k=2"]])
     assert hook.config.describe().startswith("cap:k=2") and plugin.STATE.ab is None
+
+
+def test_http_route_switches_and_reads_the_policy_and_passes_other_methods_to_sglang(monkeypatch, logits_factory):
+    """`POST /dumper/moe_reroute_*` in a running server: the AROUND hook on the scheduler's dumper handler answers
+    the plugin's methods (each scheduler sends its DumperControlReqOutput) and hands every other method to SGLang's
+    dumper. SGLang's message types are stand-ins here (the real server: tests/test_sglang_engine.py)."""
+    @dataclasses.dataclass
+    class Output:  # SGLang's DumperControlReqOutput
+        success: bool
+        response: list
+        error: str = ""
+
+    io_struct = types.ModuleType("sglang.srt.managers.io_struct")
+    io_struct.DumperControlReqOutput = Output
+    for name in ("sglang", "sglang.srt", "sglang.srt.managers"):
+        monkeypatch.setitem(sys.modules, name, sys.modules.get(name) or types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "sglang.srt.managers.io_struct", io_struct)
+    sent = []
+    scheduler = types.SimpleNamespace(dp_rank=0, ipc_channels=types.SimpleNamespace(
+        send_to_tokenizer=types.SimpleNamespace(send_output=lambda out, req: sent.append((out, req)))))
+    hook = plugin.SelectExpertsHook(plugin_config.parse("native", counters=True),
+                                    step=lambda T, device: ("decode", None), model_config=lambda: None)
+    monkeypatch.setattr(plugin.STATE, "hook", hook)
+    monkeypatch.setattr(plugin.STATE, "captured", None)
+    sglangs = []
+
+    def handle(sched, req):  # SGLang's own handler
+        sglangs.append(req.method)
+        return "sglang's"
+
+    def post(method, body):
+        req = types.SimpleNamespace(method=method, body=body)
+        sent.clear()
+        assert plugin.http_control(handle, scheduler, req) is None
+        assert len(sent) == 1 and sent[0][1] is req
+        return sent[0][0]
+
+    assert post("moe_reroute_set_policy", {"policy": "cap:k=2"}) == Output(True, [{"policy": "cap:k=2"}])
+    assert hook.config.source == "cap:k=2"
+    call(hook, logits_factory(6, 16, torch.float32), TopKConfig(top_k=4))
+    out = post("moe_reroute_counters", {})
+    assert out.success and out.response[0]["policy"] == "cap:k=2" and out.response[0]["dp_rank"] == 0
+    assert list(out.response[0]["counters"]) == ["3"] and out.response[0]["counters"]["3"]["steps"] == 1
+    assert post("moe_reroute_reset_counters", None) == Output(True, [])
+    assert post("moe_reroute_counters", {}).response[0]["counters"]["3"]["steps"] == 0
+    for method, body, message in [
+            ("moe_reroute_set_policy", {"policy": "oea:k0=banana"}, "moe_reroute_set_policy"),
+            ("moe_reroute_set_policy", {}, 'takes the JSON object {"policy": ...}, not {}'),
+            ("moe_reroute_set_policy", {"policy": "cap:k=1", "x": 1}, 'takes the JSON object {"policy": ...}'),
+            ("moe_reroute_counters", {"layer": 1}, "takes the JSON object {}"),
+            ("moe_reroute_save", {"path": "/tmp/x"}, "no method 'moe_reroute_save' on this route; there are "
+                                                    "moe_reroute_set_policy, moe_reroute_reset_counters")]:
+        out = post(method, body)
+        assert not out.success and out.response == [] and message in out.error, (method, out)
+    assert hook.config.source == "cap:k=2"  # a refused switch leaves the policy as it was
+    sent.clear()
+    assert plugin.http_control(handle, scheduler, types.SimpleNamespace(method="get_state", body={})) == "sglang's"
+    assert sglangs == ["get_state"] and not sent
 
 
 def test_ab_plan_naming_a_policy_it_was_not_given_is_refused(monkeypatch):

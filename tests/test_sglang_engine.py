@@ -4,7 +4,8 @@ One engine serves the shipped reference model (float32, chunked prefill of 16 to
 with the plugin active, its counters on; the tests switch its policy between runs over SGLang's
 `collective_rpc` (`moe_reroute_set_policy`) so that one start-up serves them all. Outputs are checked
 against transformers (greedy, the same token ids in), routing against the policy called on the logits
-the hook recorded. The HTTP server runs once, with the plugin installed and no policy set; the
+the hook recorded. The HTTP server runs twice: with the plugin installed and no policy set, and with its
+policy switched and its counters read over SGLang's `/dumper/` route; the
 fail-closed cases start engines in child processes, since a failing SGLang scheduler signals its parent.
 """
 
@@ -337,28 +338,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_http_server_with_the_plugin_installed_and_no_policy_serves_natively(model_dir, hf):
+def start_server(model_dir: Path, port: int, env: dict, log: Path) -> subprocess.Popen:
+    """SGLang's HTTP server (`python -m sglang.launch_server`) on the CPU, its output in `log`, once it answers
+    /health."""
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--host", "127.0.0.1",
+           "--port", str(port), "--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
+           "--mem-fraction-static", "0.3", "--dtype", "float32", "--max-total-tokens", "4096", "--skip-server-warmup"]
+    with open(log, "wb") as f:
+        server = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            assert server.poll() is None, log.read_text(errors="replace")[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        return server
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up in 300 s"
+            time.sleep(2)
+    except BaseException:
+        stop_server(server)
+        raise
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+def test_http_server_with_the_plugin_installed_and_no_policy_serves_natively(model_dir, hf, tmp_path):
     from transformers import PreTrainedTokenizerFast
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_REROUTE_")}
     env["SGLANG_USE_CPU_ENGINE"] = "1"
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
-           "--mem-fraction-static", "0.3", "--dtype", "float32", "--max-total-tokens", "4096", "--skip-server-warmup"]
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = start_server(model_dir, port, env, tmp_path / "server.log")
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.poll() is None, server.stdout.read()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up in 300 s"
-            time.sleep(2)
         ids = prompts()[2]
         body = json.dumps({"input_ids": ids, "sampling_params": {"max_new_tokens": NEW, "temperature": 0.0,
                                                                  "ignore_eos": True}}).encode()
@@ -368,11 +388,62 @@ def test_http_server_with_the_plugin_installed_and_no_policy_serves_natively(mod
         tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
         assert text == tokenizer.decode(hf_generate(hf, ids))
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
+
+
+def _post(port: int, path: str, body: dict) -> tuple[int, object]:
+    """(HTTP status, JSON answer) of a POST to the server."""
+    import urllib.error
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_http_server_switches_policy_and_reports_counters_over_its_route(model_dir, hf, tmp_path):
+    """`python -m sglang.launch_server` with the plugin (policy native, counters on) and DUMPER_SERVER_PORT=reuse:
+    `POST /dumper/moe_reroute_*` switches the policy of the running server, zeroes and reads its counters;
+    each generation is transformers' under the policy then set, every decode token re-routed; a bad policy,
+    a bad body and an unknown method are refused with the plugin's message, and the server goes on."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_REROUTE_")}
+    env.update({"SGLANG_USE_CPU_ENGINE": "1", "MOE_REROUTE_POLICY": "native", "MOE_REROUTE_COUNTERS": "1",
+                "DUMPER_SERVER_PORT": "reuse"})
+    server = start_server(model_dir, port, env, tmp_path / "server.log")
+    try:
+        ids = prompts()[1]
+        for policy in ("native", "oea:k0=[2,2,3,2]"):
+            status, answer = _post(port, "/dumper/moe_reroute_set_policy", {"policy": policy})
+            assert (status, answer) == (200, [{"policy": policy}])
+            assert _post(port, "/dumper/moe_reroute_reset_counters", {}) == (200, [])
+            status, out = _post(port, "/generate", {"input_ids": ids, "sampling_params": {
+                "max_new_tokens": NEW, "temperature": 0.0, "ignore_eos": True}})
+            assert status == 200 and out["output_ids"] == hf_generate(hf, ids, None if policy == "native" else policy)
+            status, answer = _post(port, "/dumper/moe_reroute_counters", {})
+            assert status == 200 and len(answer) == 1 and answer[0]["policy"] == policy
+            counters = answer[0]["counters"]
+            assert sorted(counters) == ["0", "1", "2", "3"]  # every MoE layer of the reference model
+            for c in counters.values():
+                assert c["decode_tokens_total"] == c["decode_tokens_rerouted_total"] == NEW - 1
+                if policy == "native":
+                    assert c["unique"] == c["unique_native"]
+                else:
+                    assert c["unique"] < c["unique_native"]
+        for path, body, message in [
+                ("/dumper/moe_reroute_set_policy", {"policy": "oea:k0=banana"}, "k0"),
+                ("/dumper/moe_reroute_set_policy", {"spec": "cap:k=2"}, 'takes the JSON object {"policy": ...}'),
+                ("/dumper/moe_reroute_nothing", {}, "no method 'moe_reroute_nothing'")]:
+            status, answer = _post(port, path, body)
+            assert status == 400 and message in " ".join(answer["error"]), answer
+        # the policy before the refusals still routes
+        status, answer = _post(port, "/dumper/moe_reroute_counters", {})
+        assert answer[0]["policy"] == "oea:k0=[2,2,3,2]"
+    finally:
+        stop_server(server)
 
 
 CHILD = """

@@ -638,6 +638,69 @@ RPC_METHODS = {"moe_reroute_save": _rpc_save, "moe_reroute_record": _rpc_record,
                "moe_reroute_ab_plan": _rpc_ab_plan, "moe_reroute_ab_save": _rpc_ab_save}
 
 
+# A running server's route (`python -m sglang.launch_server`, which has no collective-RPC route): SGLang's
+# `POST /dumper/{method}` (served when the server starts with DUMPER_SERVER_PORT=reuse) hands {method, body} to
+# every scheduler's `handle_dumper_control`; an AROUND hook on it answers the plugin's methods (`HTTP_METHODS`)
+# and passes every other one to SGLang's dumper.
+DUMPER = "sglang.srt.managers.scheduler.Scheduler.handle_dumper_control"
+DUMPER_ENV = "DUMPER_SERVER_PORT"
+
+
+def _http_set_policy(scheduler: Any, policy: str) -> list[dict]:
+    _rpc_set_policy(scheduler, policy)
+    return [{"policy": STATE.hook.config.source}]
+
+
+def _http_reset_counters(scheduler: Any) -> list[dict]:
+    _rpc_reset_counters(scheduler)
+    return []
+
+
+def _http_counters(scheduler: Any) -> list[dict]:
+    """This scheduler's policy and counters, JSON as it is (layer keys as text), with its DP rank."""
+    hook = STATE.hook
+    return [{"dp_rank": getattr(scheduler, "dp_rank", None),
+             "policy": hook.config.source if hook else None,
+             "counters": {str(k): v for k, v in hook.read_counters().items()} if hook else {}}]
+
+
+# what `POST /dumper/<name>` with a JSON object of these arguments does (answers: a list, one entry per DP rank
+# for `moe_reroute_counters`)
+HTTP_METHODS = {"moe_reroute_set_policy": (_http_set_policy, ("policy",)),
+                "moe_reroute_reset_counters": (_http_reset_counters, ()),
+                "moe_reroute_counters": (_http_counters, ())}
+
+
+def http_call(scheduler: Any, method: str, body: Any) -> list[dict]:
+    """Run the plugin's `method` with the route's JSON `body` in this scheduler; a ValueError or RuntimeError
+    says what is wrong."""
+    if method not in HTTP_METHODS:
+        raise ValueError(f"moe-reroute: no method {method!r} on this route; there are {', '.join(HTTP_METHODS)}")
+    fn, params = HTTP_METHODS[method]
+    body = {} if body is None else body
+    if not isinstance(body, dict) or set(body) != set(params):
+        want = "{" + ", ".join(f'"{p}": ...' for p in params) + "}"
+        raise ValueError(f"moe-reroute: {method} takes the JSON object {want}, not {json.dumps(body)[:200]}")
+    return fn(scheduler, **body)
+
+
+def http_control(handle: Callable, scheduler: Any, recv_req: Any, *args: Any, **kwargs: Any) -> Any:
+    """AROUND `Scheduler.handle_dumper_control`: a `moe_reroute_*` method runs here and answers as SGLang's
+    dumper would (`DumperControlReqOutput`; an error as its message, the route's 400); any other is SGLang's."""
+    method = getattr(recv_req, "method", None)
+    if not (isinstance(method, str) and method.startswith("moe_reroute_")):
+        return handle(scheduler, recv_req, *args, **kwargs)
+    from sglang.srt.managers.io_struct import DumperControlReqOutput
+
+    try:
+        out = DumperControlReqOutput(success=True, response=http_call(scheduler, method, recv_req.body))
+    except Exception as e:  # noqa: BLE001 - the caller gets the message, the scheduler goes on serving
+        logger.warning("%s", e)
+        out = DumperControlReqOutput(success=False, response=[], error=str(e))
+    scheduler.ipc_channels.send_to_tokenizer.send_output(out, recv_req)
+    return None
+
+
 class State:
     """Process-wide: whether the hook is registered, and the hook itself (for tests and inspection)."""
 
@@ -722,6 +785,7 @@ def install(cfg: _config.PluginConfig) -> SelectExpertsHook:
     HookRegistry.register(EXECUTE, note_mode, HookType.AROUND)
     HookRegistry.register(CAN_BYPASS, route_outside_kernel, HookType.AROUND)
     HookRegistry.register(BIND, note_kernel_routing, HookType.AFTER)
+    HookRegistry.register(DUMPER, http_control, HookType.AROUND)
     STATE.hook = hook
     hook._rpc_attached = attach_rpc()
     return hook

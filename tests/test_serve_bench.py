@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import re
 import socket
 
@@ -689,9 +690,9 @@ def test_engine_args_as_server_options_by_hand():
     assert sb.server_flags({"enable_expert_parallel": False}, fields) == []  # the default: nothing to say
 
 
-def test_a_server_s_temporary_files_go_to_its_own_folder(tmp_path, monkeypatch):
-    """vLLM's server leaves its ZMQ sockets and file store in the temporary folder: each server gets a folder
-    of its own (`VLLM_RPC_BASE_PATH`, TMPDIR), with TorchInductor's cache left at its default under the
+def test_an_engine_s_temporary_files_go_to_its_own_folder(tmp_path, monkeypatch):
+    """vLLM's server and SGLang's engine leave sockets in the temporary folder: each engine process gets a
+    folder of its own (`VLLM_RPC_BASE_PATH`, TMPDIR), with TorchInductor's cache left at its default under the
     user's temporary folder; what the user set is kept, and a folder too long for a socket path is not used."""
     import getpass
     import os
@@ -701,14 +702,40 @@ def test_a_server_s_temporary_files_go_to_its_own_folder(tmp_path, monkeypatch):
     user_tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(user_tmp))
     folder = "/tmp/moe-reroute-abcd1234"
-    env = sb.server_temp_env({"PATH": "/bin"}, folder)
+    env = sb.temp_env({"PATH": "/bin"}, folder)
     assert env == {"PATH": "/bin", "VLLM_RPC_BASE_PATH": folder, "TMPDIR": folder,
                    "TORCHINDUCTOR_CACHE_DIR": os.path.join(str(user_tmp), "torchinductor_" + getpass.getuser())}
     mine = {"VLLM_RPC_BASE_PATH": "/run/vllm", "TORCHINDUCTOR_CACHE_DIR": "/cache/inductor"}
-    assert sb.server_temp_env(mine, folder) == {**mine, "TMPDIR": folder}
+    assert sb.temp_env(mine, folder) == {**mine, "TMPDIR": folder}
+    # SGLang points TorchInductor's cache under its own SGLANG_CACHE_DIR at import, unless it is set
+    assert sb.temp_env({"PATH": "/bin"}, folder, "sglang") == {"PATH": "/bin", "VLLM_RPC_BASE_PATH": folder,
+                                                               "TMPDIR": folder}
     # a socket path is at most 107 bytes: the folder, "/" and a 36-character uuid
-    assert sb.server_temp_env({}, "/" + "x" * 69)["TMPDIR"] == "/" + "x" * 69
-    assert sb.server_temp_env({"PATH": "/bin"}, "/" + "x" * 70) == {"PATH": "/bin"}
+    assert sb.temp_env({}, "/" + "x" * 69)["TMPDIR"] == "/" + "x" * 69
+    assert sb.temp_env({"PATH": "/bin"}, "/" + "x" * 70) == {"PATH": "/bin"}
+
+
+def test_run_process_removes_the_temporary_folder_it_gave_the_process(tmp_path, monkeypatch):
+    """What an engine process leaves in its temporary folder (here a file, as SGLang's IPC names are) goes
+    with the folder once the process group has ended; the user's temporary folder is left as it was."""
+    import shutil
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    user_tmp = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))  # short: a socket's path is at most 107 bytes
+    monkeypatch.setattr(tempfile, "tempdir", str(user_tmp))
+    seen = tmp_path / "seen.txt"
+    child = ("import os, sys, tempfile; f = tempfile.NamedTemporaryFile(delete=False); "
+             "open(sys.argv[1], 'w').write(os.environ['TMPDIR'] + '\\n' + f.name)")
+    try:
+        assert sb.run_process([sys.executable, "-c", child, str(seen)], {"PATH": os.environ["PATH"]},
+                              tmp_path / "run.log", 60) == 0
+        folder, left = seen.read_text().splitlines()
+        assert os.path.dirname(folder) == str(user_tmp) and os.path.dirname(left) == folder
+        assert not os.path.exists(folder) and not list(user_tmp.iterdir())
+    finally:
+        shutil.rmtree(user_tmp, ignore_errors=True)
 
 
 def test_engine_args_checked_before_any_engine():

@@ -194,15 +194,25 @@ def test_ab_plan_switches_the_policy_between_decode_steps_in_the_engine(engine, 
 def test_serve_bench_on_sglang_measures_every_policy_in_one_engine(tmp_path):
     """`moe-reroute serve-bench --engine sglang`, as a user runs it, on the shipped reference model, tensor
     parallel (`-tp 2`: SGLang's `tp_size`, two scheduler processes of one core each, which follow the plan and
-    write the counters alike)."""
+    write the counters alike). The engine's IPC sockets (SGLang leaves them in the temporary folder) go with
+    the temporary folder serve-bench gave it."""
+    import shutil
+    import tempfile
+
     out = tmp_path / "bench"
+    temp = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))  # short: a socket's path is at most 107 bytes
     cmd = [sys.executable, "-m", "moe_reroute.cli", "serve-bench", "--engine", "sglang", "--policy", "oea:k0=2",
            "--policy", "cap:k=4", "--batch-sizes", "2", "--output-len", "10", "--repeats", "2", "--block-steps", "1",
            "--threads", "1", "-tp", "2", "--engine-arg", "watchdog_timeout=600", "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_REROUTE_")}
     env["SGLANG_CPU_OMP_THREADS_BIND"] = "0|1"  # one core per rank (this machine has one NUMA node)
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    env["TMPDIR"] = str(temp)
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert not list(temp.iterdir())
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
     assert "untied copy" in done.stdout and "| 2 | `oea:k0=2` |" in done.stdout
     data = json.loads((out / "results.json").read_text())
     c = data["conditions"]

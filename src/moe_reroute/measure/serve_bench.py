@@ -540,6 +540,45 @@ def engine_env(cfg: Config, policy: str, in_process: bool, counted: bool = True)
     return env
 
 
+# the longest path a Unix socket takes (sun_path, 108 bytes with its NUL): vLLM's ZMQ sockets are
+# `VLLM_RPC_BASE_PATH/<uuid4>`, 37 characters past the folder
+_SOCKET_PATH_MAX = 107
+
+
+def temp_env(env: dict, folder: Path, engine: str = "vllm") -> dict:
+    """`env` with an engine's temporary files in `folder`: engines leave sockets behind when they stop (a vLLM
+    server its ZMQ sockets, `VLLM_RPC_BASE_PATH`, and its file store, `vllm_dist_*` in TMPDIR: ~8 files per
+    server; SGLang's engine its IPC sockets, `tmp*` in TMPDIR), so serve-bench gives each engine process a
+    folder of its own and removes it after (`temp_folder`, `remove_temp`). TorchInductor's cache stays where it
+    was: for vLLM at its default under the user's TMPDIR (set here), for SGLang where SGLang points it at import
+    (under SGLANG_CACHE_DIR, unless set). A `VLLM_RPC_BASE_PATH` or `TORCHINDUCTOR_CACHE_DIR` the user set is
+    kept; a folder too long for a socket path is not used."""
+    if len(str(folder)) + 37 > _SOCKET_PATH_MAX:
+        return env
+    out = {**env, "VLLM_RPC_BASE_PATH": env.get("VLLM_RPC_BASE_PATH") or str(folder)}
+    if engine != SGLANG and not env.get("TORCHINDUCTOR_CACHE_DIR"):
+        try:
+            from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        except ImportError:  # the sockets alone
+            return out
+        out["TORCHINDUCTOR_CACHE_DIR"] = default_cache_dir()
+    out["TMPDIR"] = str(folder)
+    return out
+
+
+def temp_folder() -> Path:
+    """A new temporary folder for one engine process (`temp_env`)."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="moe-reroute-"))
+
+
+def remove_temp(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def stop_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
     """Stop a process started with start_new_session and everything it started: SIGINT, then SIGTERM,
     then SIGKILL to the whole process group."""
@@ -579,20 +618,34 @@ def _reap_group(pgid: int) -> None:
             pass
 
 
-def run_process(cmd: list[str], env: dict, log: Path, timeout_s: float) -> int:
-    """Run `cmd` in its own process group with output to `log`; Ctrl-C or the timeout stop the whole group."""
-    with open(log, "ab") as f:
-        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            return proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
+def timed_out(timeout_s: float, log: Path) -> BenchError:
+    """The error of a run stopped at `--run-timeout`."""
+    return BenchError(f"a run took longer than {timeout_s:.0f} s and was stopped; see {log}")
+
+
+def run_process(cmd: list[str], env: dict, log: Path, timeout_s: float, engine: str = "vllm") -> int:
+    """Run `cmd` (an `engine` process) in its own process group with output to `log` and a temporary folder of
+    its own (`temp_env`), removed after; Ctrl-C or the timeout stop the whole group."""
+    folder = temp_folder()
+    try:
+        with open(log, "ab") as f:
+            proc = subprocess.Popen(cmd, env=temp_env(env, folder, engine), stdout=f, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+    except BaseException:
+        remove_temp(folder)
+        raise
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        stop_group(proc, grace_s=5)
+        raise timed_out(timeout_s, log) from None
+    finally:
+        if proc.poll() is None:
             stop_group(proc, grace_s=5)
-            raise BenchError(f"a run took longer than {timeout_s:.0f} s and was stopped; see {log}") from None
-        finally:
-            if proc.poll() is None:
-                stop_group(proc, grace_s=5)
-            elif group_alive(proc.pid):
-                _reap_group(proc.pid)
+        elif group_alive(proc.pid):
+            _reap_group(proc.pid)
+        if not group_alive(proc.pid):
+            remove_temp(folder)
 
 
 _ERROR = re.compile(r"\b([A-Z]\w*(?:Error|Exception)): (.+)$")
@@ -675,7 +728,7 @@ def run_offline(cfg: Config, policies: list[str], out: Path, say=print, labels: 
             "engine_args": engine_args(cfg), "result": str(result_file)}))
         code = run_process([sys.executable, "-m", "moe_reroute.measure.engine_run", str(spec_file)],
                            engine_env(cfg, run["policy"], in_process=True, counted=run["count"] != "none"),
-                           log, cfg.run_timeout_s)
+                           log, cfg.run_timeout_s, cfg.engine)
         if code != 0 or not result_file.exists():
             raise BenchError(f"run {i}/{len(plan)} ({run['policy']}, batch {run['batch']}) failed: "
                              f"{failure_reason(log)} (full log: {log}); results.json not written")
@@ -706,7 +759,7 @@ def run_ab(cfg: Config, policies: list[str], out: Path, say=print, labels: dict 
             **({"ep": {"ranks": cfg.ep, "placement": "eplb"}} if cfg.ep and cfg.placement == "eplb" else {}),
             "engine_args": engine_args(cfg), "result": str(result_file)}))
         code = run_process([sys.executable, "-m", "moe_reroute.measure.engine_run", str(spec_file)],
-                           engine_env(cfg, NATIVE, in_process=True), log, cfg.run_timeout_s)
+                           engine_env(cfg, NATIVE, in_process=True), log, cfg.run_timeout_s, cfg.engine)
         if code != 0 or not result_file.exists():
             raise BenchError(f"the A/B engine at batch {B} failed: {failure_reason(log)} (full log: {log}); "
                              "results.json not written")
@@ -1032,44 +1085,17 @@ def serve_plan(cfg: Config, policies: list[str]) -> list[dict]:
     return [{"policy": p, "repeat": r} for r, p in rounds]
 
 
-# the longest path a Unix socket takes (sun_path, 108 bytes with its NUL): vLLM's ZMQ sockets are
-# `VLLM_RPC_BASE_PATH/<uuid4>`, 37 characters past the folder
-_SOCKET_PATH_MAX = 107
-
-
-def server_temp_env(env: dict, folder: Path) -> dict:
-    """`env` with the server's temporary files in `folder`: vLLM's server leaves its ZMQ sockets
-    (`VLLM_RPC_BASE_PATH`) and its file store (`vllm_dist_*`, in TMPDIR) behind when it stops, ~8 files in the
-    temporary folder per server, so serve-bench gives each server a folder of its own and removes it after.
-    TorchInductor's cache stays where it was (its default is under TMPDIR), so a compiled server keeps its
-    cache. A `VLLM_RPC_BASE_PATH` or `TORCHINDUCTOR_CACHE_DIR` the user set is kept; a folder too long for a
-    socket path is not used."""
-    if len(str(folder)) + 37 > _SOCKET_PATH_MAX:
-        return env
-    out = {**env, "VLLM_RPC_BASE_PATH": env.get("VLLM_RPC_BASE_PATH") or str(folder)}
-    if not env.get("TORCHINDUCTOR_CACHE_DIR"):
-        try:
-            from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-        except ImportError:  # the sockets alone
-            return out
-        out["TORCHINDUCTOR_CACHE_DIR"] = default_cache_dir()
-    out["TMPDIR"] = str(folder)
-    return out
-
-
 def _start_server(cfg: Config, env: dict, log: Path) -> subprocess.Popen:
-    import tempfile
-
     check_port(cfg.port)
-    folder = Path(tempfile.mkdtemp(prefix="moe-reroute-"))
+    folder = temp_folder()
     # VLLM_SERVER_DEV_MODE: the /collective_rpc route the counters are read through
-    env = server_temp_env({**env, "VLLM_SERVER_DEV_MODE": "1"}, folder)
+    env = temp_env({**env, "VLLM_SERVER_DEV_MODE": "1"}, folder)
     try:
         with open(log, "ab") as f:
             proc = subprocess.Popen(server_command(cfg, max(cfg.batch_sizes)), env=env, stdout=f,
                                     stderr=subprocess.STDOUT, start_new_session=True)
     except BaseException:
-        _remove_folder(folder)
+        remove_temp(folder)
         raise
     proc.moe_reroute_temp = folder  # removed once the server has stopped (`_end_server`)
     try:
@@ -1080,17 +1106,11 @@ def _start_server(cfg: Config, env: dict, log: Path) -> subprocess.Popen:
     return proc
 
 
-def _remove_folder(folder: Path) -> None:
-    import shutil
-
-    shutil.rmtree(folder, ignore_errors=True)
-
-
 def _end_server(proc: subprocess.Popen) -> None:
     """Stop the server's process group, then remove its temporary folder."""
     stop_group(proc)
     if not group_alive(proc.pid):
-        _remove_folder(proc.moe_reroute_temp)
+        remove_temp(proc.moe_reroute_temp)
 
 
 def _stop_server(proc: subprocess.Popen) -> None:
@@ -1131,7 +1151,7 @@ class BenchClient:
             self.close()
             with open(log, "a") as f:
                 f.write(f"\nserve-bench stopped this run after {self.timeout_s:.0f} s\n")
-            raise BenchError(f"a run took longer than {self.timeout_s:.0f} s and was stopped; see {log}")
+            raise timed_out(self.timeout_s, log)
         line = proc.stdout.readline()
         if not line:
             return self._ended(log)

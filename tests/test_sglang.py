@@ -617,6 +617,37 @@ def test_register_does_nothing_without_a_policy(monkeypatch):
     assert plugin.register() is None and plugin.STATE.hook is None
 
 
+def test_without_a_policy_the_dumper_route_says_the_plugin_is_not_active(monkeypatch, caplog):
+    """A server started with DUMPER_SERVER_PORT=reuse and no policy: `register` adds the route's hook alone (no
+    routing hook), and the plugin's methods there answer how to make it active; where the hook cannot be added
+    the server starts anyway (natively), with a warning. SGLang's HookRegistry is a stand-in here."""
+    monkeypatch.delenv("MOE_REROUTE_POLICY", raising=False)
+    monkeypatch.delenv("MOE_REROUTE_POLICY_FILE", raising=False)
+    monkeypatch.setenv("DUMPER_SERVER_PORT", "reuse")
+    monkeypatch.setattr(plugin, "STATE", plugin.State())
+    registered = []
+    hook_registry = types.ModuleType("sglang.srt.plugins.hook_registry")
+    hook_registry.HookType = types.SimpleNamespace(AROUND="around")
+    hook_registry.HookRegistry = types.SimpleNamespace(register=lambda *a: registered.append(a))
+    for name in ("sglang", "sglang.srt", "sglang.srt.plugins"):
+        monkeypatch.setitem(sys.modules, name, sys.modules.get(name) or types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "sglang.srt.plugins.hook_registry", hook_registry)
+    assert plugin.register() is None and plugin.register() is None
+    assert registered == [(plugin.DUMPER, plugin.http_control, "around")] and plugin.STATE.hook is None
+    for method in ("moe_reroute_set_policy", "moe_reroute_counters"):
+        with pytest.raises(RuntimeError, match="not active in this server.*start it with MOE_REROUTE_POLICY=native"):
+            plugin.http_call(None, method, {"policy": "cap:k=2"} if "set" in method else {})
+    monkeypatch.setattr(plugin, "STATE", plugin.State())
+    monkeypatch.setitem(sys.modules, "sglang.srt.plugins.hook_registry", None)  # not importable
+    assert plugin.register() is None and not plugin.STATE.route
+    assert "cannot answer on SGLang's /dumper/ route" in caplog.text
+    monkeypatch.delenv("DUMPER_SERVER_PORT")
+    monkeypatch.setattr(plugin, "STATE", plugin.State())
+    registered.clear()
+    monkeypatch.setitem(sys.modules, "sglang.srt.plugins.hook_registry", hook_registry)
+    assert plugin.register() is None and registered == []  # no route asked for: nothing at all
+
+
 def test_register_without_sglang_says_so(monkeypatch):
     monkeypatch.setenv("MOE_REROUTE_POLICY", "oea:k0=3")
     monkeypatch.setattr(plugin, "sglang_version", lambda: None)

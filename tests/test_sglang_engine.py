@@ -382,13 +382,16 @@ def stop_server(server: subprocess.Popen) -> None:
 
 
 def test_http_server_with_the_plugin_installed_and_no_policy_serves_natively(model_dir, hf, tmp_path):
+    """No policy: SGLang's own routing; on the `/dumper/` route the plugin's methods say how to make it active."""
     from transformers import PreTrainedTokenizerFast
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_REROUTE_")}
-    env["SGLANG_USE_CPU_ENGINE"] = "1"
+    env.update({"SGLANG_USE_CPU_ENGINE": "1", "DUMPER_SERVER_PORT": "reuse"})
     server = start_server(model_dir, port, env, tmp_path / "server.log")
     try:
+        status, answer = _post(port, "/dumper/moe_reroute_set_policy", {"policy": "cap:k=2"})
+        assert status == 400 and "start it with MOE_REROUTE_POLICY=native" in " ".join(answer["error"]), answer
         ids = prompts()[2]
         body = json.dumps({"input_ids": ids, "sampling_params": {"max_new_tokens": NEW, "temperature": 0.0,
                                                                  "ignore_eos": True}}).encode()

@@ -33,6 +33,7 @@ import inspect
 import json
 import logging
 import numbers
+import os
 import time
 from collections.abc import Sequence
 from typing import Any, Callable
@@ -594,10 +595,14 @@ def refuse_switch_under_graphs(what: str) -> None:
                            "at run time, or start one server per policy (serve-bench --isolate)")
 
 
+INACTIVE = ("moe-reroute: the plugin is not active in this server (no policy was set at start-up); start it with "
+            "MOE_REROUTE_POLICY=native (or a policy) to switch policies and count at run time")
+
+
 def _rpc_set_policy(scheduler: Any, policy: str) -> None:
     """`moe_reroute_set_policy(policy)`: route with `policy` (a spec or JSON object) from the next step on."""
     if STATE.hook is None:
-        raise RuntimeError("moe-reroute: the plugin is not active in this server (no policy was set at start-up)")
+        raise RuntimeError(INACTIVE)
     refuse_switch_under_graphs("cannot switch policy")
     origin = "moe_reroute_set_policy"
     cfg = local_view(_config.parse_checked(policy, counters=STATE.hook.config.counters, origin=origin), origin)
@@ -609,7 +614,7 @@ def _rpc_ab_plan(scheduler: Any, policies: list[str], plan: list[list[Any]]) -> 
     policy] (policies: every spec the plan names; `native` is added), each step timed, until
     `moe_reroute_ab_save`."""
     if STATE.hook is None:
-        raise RuntimeError("moe-reroute: the plugin is not active in this server (no policy was set at start-up)")
+        raise RuntimeError(INACTIVE)
     refuse_switch_under_graphs("cannot run an A/B plan")
     configs = {p: local_view(_config.parse_checked(p, counters=False, origin="moe_reroute_ab_plan"),
                              "moe_reroute_ab_plan") for p in dict.fromkeys([NATIVE_SPEC, *policies])}
@@ -676,6 +681,8 @@ def http_call(scheduler: Any, method: str, body: Any) -> list[dict]:
     says what is wrong."""
     if method not in HTTP_METHODS:
         raise ValueError(f"moe-reroute: no method {method!r} on this route; there are {', '.join(HTTP_METHODS)}")
+    if STATE.hook is None:  # the route alone (`register` without a policy)
+        raise RuntimeError(INACTIVE)
     fn, params = HTTP_METHODS[method]
     body = {} if body is None else body
     if not isinstance(body, dict) or set(body) != set(params):
@@ -709,6 +716,7 @@ class State:
         self.ab: ABPlan | None = None  # an A/B plan in progress (`moe_reroute_ab_plan`)
         self.kernel_routed: set[str] = set()  # top-k formats warned about (`note_kernel_routing`)
         self.captured: str | None = None  # the policy a CUDA graph was captured with, once one was
+        self.route = False  # whether the `/dumper/` route's hook is registered (`install_route`)
 
 
 STATE = State()
@@ -785,10 +793,21 @@ def install(cfg: _config.PluginConfig) -> SelectExpertsHook:
     HookRegistry.register(EXECUTE, note_mode, HookType.AROUND)
     HookRegistry.register(CAN_BYPASS, route_outside_kernel, HookType.AROUND)
     HookRegistry.register(BIND, note_kernel_routing, HookType.AFTER)
-    HookRegistry.register(DUMPER, http_control, HookType.AROUND)
     STATE.hook = hook
+    install_route()
     hook._rpc_attached = attach_rpc()
     return hook
+
+
+def install_route() -> None:
+    """Register the `/dumper/` route's hook alone (`http_control`), once per process: a server started without
+    a policy answers the plugin's methods with INACTIVE rather than SGLang's dumper's "unknown method"."""
+    if STATE.route:
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(DUMPER, http_control, HookType.AROUND)
+    STATE.route = True
 
 
 def route_outside_kernel(can_bypass: Callable, config: Any, *args: Any, **kwargs: Any) -> bool:
@@ -835,6 +854,11 @@ def register() -> None:
     try:
         cfg = _config.from_env()
         if cfg is None:
+            if os.environ.get(DUMPER_ENV) == "reuse":  # the plugin's methods there say it is not active, and how to fix it
+                try:
+                    install_route()
+                except Exception as e:  # noqa: BLE001 - without a policy the server serves natively anyway
+                    logger.warning("moe-reroute: cannot answer on SGLang's /dumper/ route (%s: %s)", type(e).__name__, e)
             return
         local_view(cfg, f"{_config.POLICY_ENV} / {_config.POLICY_FILE_ENV}")
         check_version()

@@ -348,12 +348,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, port: int, env: dict, log: Path) -> subprocess.Popen:
-    """SGLang's HTTP server (`python -m sglang.launch_server`) on the CPU, its output in `log`, once it answers
-    /health."""
+def start_server(model_dir: Path, port: int, env: dict, log: Path, *args: str) -> subprocess.Popen:
+    """SGLang's HTTP server (`python -m sglang.launch_server`, more arguments in `args`) on the CPU, its output
+    in `log`, once it answers /health."""
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--host", "127.0.0.1",
            "--port", str(port), "--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
-           "--mem-fraction-static", "0.3", "--dtype", "float32", "--max-total-tokens", "4096", "--skip-server-warmup"]
+           "--mem-fraction-static", "0.3", "--dtype", "float32", "--max-total-tokens", "4096", "--skip-server-warmup",
+           *args]
     with open(log, "wb") as f:
         server = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
@@ -418,15 +419,17 @@ def _post(port: int, path: str, body: dict) -> tuple[int, object]:
 
 
 def test_http_server_switches_policy_and_reports_counters_over_its_route(model_dir, hf, tmp_path):
-    """`python -m sglang.launch_server` with the plugin (policy native, counters on) and DUMPER_SERVER_PORT=reuse:
-    `POST /dumper/moe_reroute_*` switches the policy of the running server, zeroes and reads its counters;
-    each generation is transformers' under the policy then set, every decode token re-routed; a bad policy,
-    a bad body and an unknown method are refused with the plugin's message, and the server goes on."""
+    """`python -m sglang.launch_server` with the plugin (policy native, counters on) and DUMPER_SERVER_PORT=reuse,
+    tensor parallel over two scheduler processes: `POST /dumper/moe_reroute_*` switches the policy of the
+    running server in both (each routes its own shard of every expert, so a rank left behind would change the
+    tokens), zeroes and reads its counters; each generation is transformers' under the policy then set, every
+    decode token re-routed; a bad policy, a bad body and an unknown method are refused with the plugin's
+    message, and the server goes on."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_REROUTE_")}
     env.update({"SGLANG_USE_CPU_ENGINE": "1", "MOE_REROUTE_POLICY": "native", "MOE_REROUTE_COUNTERS": "1",
-                "DUMPER_SERVER_PORT": "reuse"})
-    server = start_server(model_dir, port, env, tmp_path / "server.log")
+                "DUMPER_SERVER_PORT": "reuse", "SGLANG_CPU_OMP_THREADS_BIND": "0|1"})
+    server = start_server(model_dir, port, env, tmp_path / "server.log", "--tp-size", "2")
     try:
         ids = prompts()[1]
         for policy in ("native", "oea:k0=[2,2,3,2]"):

@@ -441,6 +441,7 @@ def test_http_server_switches_policy_and_reports_counters_over_its_route(model_d
             assert status == 200 and out["output_ids"] == hf_generate(hf, ids, None if policy == "native" else policy)
             status, answer = _post(port, "/dumper/moe_reroute_counters", {})
             assert status == 200 and len(answer) == 1 and answer[0]["policy"] == policy
+            assert answer[0]["dp_rank"] in (None, 0)  # one data-parallel rank
             counters = answer[0]["counters"]
             assert sorted(counters) == ["0", "1", "2", "3"]  # every MoE layer of the reference model
             for c in counters.values():

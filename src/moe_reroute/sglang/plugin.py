@@ -661,10 +661,20 @@ def _http_reset_counters(scheduler: Any) -> list[dict]:
     return []
 
 
+def dp_rank(scheduler: Any) -> int | None:
+    """This scheduler's data-parallel rank (None without DP): SGLang 0.5.23 keeps it in its parallel context."""
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        return get_parallel().dp_rank
+    except Exception:  # noqa: BLE001 - before 0.5.23, or outside SGLang
+        return getattr(scheduler, "dp_rank", None)
+
+
 def _http_counters(scheduler: Any) -> list[dict]:
     """This scheduler's policy and counters, JSON as it is (layer keys as text), with its DP rank."""
     hook = STATE.hook
-    return [{"dp_rank": getattr(scheduler, "dp_rank", None),
+    return [{"dp_rank": dp_rank(scheduler),
              "policy": hook.config.source if hook else None,
              "counters": {str(k): v for k, v in hook.read_counters().items()} if hook else {}}]
 

@@ -491,15 +491,19 @@ def read_prompts(path: str, output_len: int, tok) -> list[dict]:
     return requests
 
 
+def request_tokens(requests: list[dict]) -> dict:
+    """The requests' prompt and output tokens: their means (to 0.1) and maxima."""
+    p, o = ([r[k] for r in requests] for k in ("prompt_tokens", "output_tokens"))
+    return {"prompt_tokens_mean": round(statistics.mean(p), 1), "prompt_tokens_max": max(p),
+            "output_tokens_mean": round(statistics.mean(o), 1), "output_tokens_max": max(o)}
+
+
 def prompts_note(requests: list[dict], path: str) -> dict:
     """What results.json records of the user's requests (`read_prompts`)."""
     import hashlib
 
-    p, o = ([r[k] for r in requests] for k in ("prompt_tokens", "output_tokens"))
     return {"file": str(Path(path).absolute()), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
-            "requests": len(requests), "prompt_tokens_mean": round(statistics.mean(p), 1),
-            "prompt_tokens_max": max(p), "output_tokens_mean": round(statistics.mean(o), 1),
-            "output_tokens_max": max(o)}
+            "requests": len(requests), **request_tokens(requests)}
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -540,20 +544,20 @@ def engine_env(cfg: Config, policy: str, in_process: bool, counted: bool = True)
     return env
 
 
-# the longest path a Unix socket takes (sun_path, 108 bytes with its NUL): vLLM's ZMQ sockets are
-# `VLLM_RPC_BASE_PATH/<uuid4>`, 37 characters past the folder
-_SOCKET_PATH_MAX = 107
+# the longest folder whose sockets fit a Unix socket's path (sun_path: 107 bytes and a NUL): vLLM's ZMQ sockets
+# are `VLLM_RPC_BASE_PATH/<uuid4>`, 37 characters past the folder
+_TEMP_FOLDER_MAX = 107 - 37
 
 
 def temp_env(env: dict, folder: Path, engine: str = "vllm") -> dict:
     """`env` with an engine's temporary files in `folder`: engines leave sockets behind when they stop (a vLLM
     server its ZMQ sockets, `VLLM_RPC_BASE_PATH`, and its file store, `vllm_dist_*` in TMPDIR: ~8 files per
     server; SGLang's engine its IPC sockets, `tmp*` in TMPDIR), so serve-bench gives each engine process a
-    folder of its own and removes it after (`temp_folder`, `remove_temp`). TorchInductor's cache stays where it
+    folder of its own and removes it after (`spawn`, `remove_temp`). TorchInductor's cache stays where it
     was: for vLLM at its default under the user's TMPDIR (set here), for SGLang where SGLang points it at import
     (under SGLANG_CACHE_DIR, unless set). A `VLLM_RPC_BASE_PATH` or `TORCHINDUCTOR_CACHE_DIR` the user set is
     kept; a folder too long for a socket path is not used."""
-    if len(str(folder)) + 37 > _SOCKET_PATH_MAX:
+    if len(str(folder)) > _TEMP_FOLDER_MAX:
         return env
     out = {**env, "VLLM_RPC_BASE_PATH": env.get("VLLM_RPC_BASE_PATH") or str(folder)}
     if engine != SGLANG and not env.get("TORCHINDUCTOR_CACHE_DIR"):
@@ -566,17 +570,30 @@ def temp_env(env: dict, folder: Path, engine: str = "vllm") -> dict:
     return out
 
 
-def temp_folder() -> Path:
-    """A new temporary folder for one engine process (`temp_env`)."""
+def spawn(cmd: list[str], env: dict, log: Path, engine: str = "vllm") -> subprocess.Popen:
+    """Start the `engine` process `cmd` in its own process group (start_new_session), output appended to `log`,
+    with a new temporary folder of its own (`temp_env`, kept as `proc.moe_reroute_temp`; `remove_temp`)."""
+    import shutil
     import tempfile
 
-    return Path(tempfile.mkdtemp(prefix="moe-reroute-"))
+    folder = Path(tempfile.mkdtemp(prefix="moe-reroute-"))
+    try:
+        with open(log, "ab") as f:
+            proc = subprocess.Popen(cmd, env=temp_env(env, folder, engine), stdout=f, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    proc.moe_reroute_temp = folder
+    return proc
 
 
-def remove_temp(folder: Path) -> None:
+def remove_temp(proc: subprocess.Popen) -> None:
+    """Remove the temporary folder of a process `spawn` started, once its whole group has ended."""
     import shutil
 
-    shutil.rmtree(folder, ignore_errors=True)
+    if not group_alive(proc.pid):
+        shutil.rmtree(proc.moe_reroute_temp, ignore_errors=True)
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
@@ -626,14 +643,7 @@ def timed_out(timeout_s: float, log: Path) -> BenchError:
 def run_process(cmd: list[str], env: dict, log: Path, timeout_s: float, engine: str = "vllm") -> int:
     """Run `cmd` (an `engine` process) in its own process group with output to `log` and a temporary folder of
     its own (`temp_env`), removed after; Ctrl-C or the timeout stop the whole group."""
-    folder = temp_folder()
-    try:
-        with open(log, "ab") as f:
-            proc = subprocess.Popen(cmd, env=temp_env(env, folder, engine), stdout=f, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-    except BaseException:
-        remove_temp(folder)
-        raise
+    proc = spawn(cmd, env, log, engine)
     try:
         return proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -644,8 +654,7 @@ def run_process(cmd: list[str], env: dict, log: Path, timeout_s: float, engine: 
             stop_group(proc, grace_s=5)
         elif group_alive(proc.pid):
             _reap_group(proc.pid)
-        if not group_alive(proc.pid):
-            remove_temp(folder)
+        remove_temp(proc)
 
 
 _ERROR = re.compile(r"\b([A-Z]\w*(?:Error|Exception)): (.+)$")
@@ -1087,17 +1096,8 @@ def serve_plan(cfg: Config, policies: list[str]) -> list[dict]:
 
 def _start_server(cfg: Config, env: dict, log: Path) -> subprocess.Popen:
     check_port(cfg.port)
-    folder = temp_folder()
     # VLLM_SERVER_DEV_MODE: the /collective_rpc route the counters are read through
-    env = temp_env({**env, "VLLM_SERVER_DEV_MODE": "1"}, folder)
-    try:
-        with open(log, "ab") as f:
-            proc = subprocess.Popen(server_command(cfg, max(cfg.batch_sizes)), env=env, stdout=f,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-    except BaseException:
-        remove_temp(folder)
-        raise
-    proc.moe_reroute_temp = folder  # removed once the server has stopped (`_end_server`)
+    proc = spawn(server_command(cfg, max(cfg.batch_sizes)), {**env, "VLLM_SERVER_DEV_MODE": "1"}, log)
     try:
         wait_ready(proc, cfg.port, log, cfg.run_timeout_s)
     except BaseException:
@@ -1109,8 +1109,7 @@ def _start_server(cfg: Config, env: dict, log: Path) -> subprocess.Popen:
 def _end_server(proc: subprocess.Popen) -> None:
     """Stop the server's process group, then remove its temporary folder."""
     stop_group(proc)
-    if not group_alive(proc.pid):
-        remove_temp(proc.moe_reroute_temp)
+    remove_temp(proc)
 
 
 def _stop_server(proc: subprocess.Popen) -> None:
@@ -1245,7 +1244,7 @@ def requests_line(cfg: Config, requests: list[dict]) -> str:
     """The requests of one client run, in words."""
     if not cfg.prompts:
         return f"{cfg.num_prompts} requests of {cfg.prompt_len} + {cfg.output_len} tokens"
-    note = prompts_note(requests, cfg.prompts)
+    note = request_tokens(requests)
     return (f"{cfg.num_prompts} requests from {Path(cfg.prompts).name} ({note['prompt_tokens_mean']:g} prompt + "
             f"{note['output_tokens_mean']:g} output tokens on average)")
 

@@ -672,11 +672,10 @@ def dp_rank(scheduler: Any) -> int | None:
 
 
 def _http_counters(scheduler: Any) -> list[dict]:
-    """This scheduler's policy and counters, JSON as it is (layer keys as text), with its DP rank."""
-    hook = STATE.hook
-    return [{"dp_rank": dp_rank(scheduler),
-             "policy": hook.config.source if hook else None,
-             "counters": {str(k): v for k, v in hook.read_counters().items()} if hook else {}}]
+    """This scheduler's policy and counters, JSON as it is (layer keys as text), with its DP rank (`http_call`
+    runs it only with the plugin active)."""
+    return [{"dp_rank": dp_rank(scheduler), "policy": STATE.hook.config.source,
+             "counters": {str(k): v for k, v in STATE.hook.read_counters().items()}}]
 
 
 # what `POST /dumper/<name>` with a JSON object of these arguments does (answers: a list, one entry per DP rank

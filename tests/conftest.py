@@ -89,3 +89,16 @@ class HostSyncLog:
 
     def __exit__(self, *exc):
         return self._mode.__exit__(*exc)
+
+
+@pytest.fixture
+def short_tmp():
+    """An empty folder of a short path under /tmp, removed after the test: a temporary folder for engines,
+    whose sockets' paths (the folder, serve-bench's own folder in it, a socket name) must fit 107 bytes."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)

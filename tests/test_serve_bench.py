@@ -715,27 +715,22 @@ def test_an_engine_s_temporary_files_go_to_its_own_folder(tmp_path, monkeypatch)
     assert sb.temp_env({"PATH": "/bin"}, "/" + "x" * 70) == {"PATH": "/bin"}
 
 
-def test_run_process_removes_the_temporary_folder_it_gave_the_process(tmp_path, monkeypatch):
+def test_run_process_removes_the_temporary_folder_it_gave_the_process(tmp_path, monkeypatch, short_tmp):
     """What an engine process leaves in its temporary folder (here a file, as SGLang's IPC names are) goes
     with the folder once the process group has ended; the user's temporary folder is left as it was."""
-    import shutil
     import sys
     import tempfile
-    from pathlib import Path
 
-    user_tmp = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))  # short: a socket's path is at most 107 bytes
+    user_tmp = short_tmp
     monkeypatch.setattr(tempfile, "tempdir", str(user_tmp))
     seen = tmp_path / "seen.txt"
     child = ("import os, sys, tempfile; f = tempfile.NamedTemporaryFile(delete=False); "
              "open(sys.argv[1], 'w').write(os.environ['TMPDIR'] + '\\n' + f.name)")
-    try:
-        assert sb.run_process([sys.executable, "-c", child, str(seen)], {"PATH": os.environ["PATH"]},
-                              tmp_path / "run.log", 60) == 0
-        folder, left = seen.read_text().splitlines()
-        assert os.path.dirname(folder) == str(user_tmp) and os.path.dirname(left) == folder
-        assert not os.path.exists(folder) and not list(user_tmp.iterdir())
-    finally:
-        shutil.rmtree(user_tmp, ignore_errors=True)
+    assert sb.run_process([sys.executable, "-c", child, str(seen)], {"PATH": os.environ["PATH"]},
+                          tmp_path / "run.log", 60) == 0
+    folder, left = seen.read_text().splitlines()
+    assert os.path.dirname(folder) == str(user_tmp) and os.path.dirname(left) == folder
+    assert not os.path.exists(folder) and not list(user_tmp.iterdir())
 
 
 def test_engine_args_checked_before_any_engine():

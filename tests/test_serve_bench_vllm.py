@@ -241,27 +241,23 @@ def test_bench_client_process_serves_runs_until_one_fails_it(tiny, tmp_path):
     assert client.proc is None
 
 
-def _short_temp(monkeypatch) -> Path:
-    """An empty temporary folder of a short path (a Unix socket's path is at most 107 bytes), made the
-    temporary folder of this process and of what it starts; removed by the caller."""
+def _temp_dir(folder: Path, monkeypatch) -> Path:
+    """`folder` made the temporary folder of this process and of what it starts."""
     import tempfile
 
-    folder = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))
     monkeypatch.setenv("TMPDIR", str(folder))
     monkeypatch.setattr(tempfile, "tempdir", str(folder))
     return folder
 
 
-def test_serving_ab_in_one_server_stops_it(tiny, tmp_path, monkeypatch):
+def test_serving_ab_in_one_server_stops_it(tiny, tmp_path, monkeypatch, short_tmp):
     """--serve on CPU: one server for both policies (A/B), switched over its RPC route between client runs
     (native's rows route natively after the policy ran, the policy's re-route), then stopped. The requests
     are the user's own (--prompts), each with its own output length: every one is sent at each concurrency.
     The server's temporary files (vLLM leaves its sockets behind) go with its temporary folder."""
-    import shutil
-
     from moe_reroute.measure import serve_bench as sb
 
-    temp = _short_temp(monkeypatch)
+    temp = _temp_dir(short_tmp, monkeypatch)
 
     port = 8791
     prompts = tmp_path / "mine.jsonl"
@@ -275,11 +271,8 @@ def test_serving_ab_in_one_server_stops_it(tiny, tmp_path, monkeypatch):
                     prompts=str(prompts), port=port, seed=1)
     assert [r["policy"] for r in sb.serve_plan(cfg.resolved(), ["native", "oea:k0=1"])] == ["oea:k0=1", "native"]
     lines = []
-    try:
-        data = sb.run(cfg, tmp_path / "o", "test", say=lambda *a, **k: lines.append(" ".join(map(str, a))))
-        assert not list(temp.iterdir())
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
+    data = sb.run(cfg, tmp_path / "o", "test", say=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert not list(temp.iterdir())
     assert sum("starting vLLM" in ln for ln in lines) == 1 and any("A/B in one server" in ln for ln in lines)
     assert any("3 requests from mine.jsonl" in ln for ln in lines)
     runs = tmp_path / "o" / "runs"
@@ -349,10 +342,9 @@ def _default_sigint() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-def test_ctrl_c_stops_the_server(tiny, tmp_path, monkeypatch):
+def test_ctrl_c_stops_the_server(tiny, tmp_path, monkeypatch, short_tmp):
     """SIGINT to serve-bench while its server starts: the command ends and no server process is left, nor
     its temporary files."""
-    import shutil
     import signal
     import subprocess
     import sys
@@ -360,7 +352,7 @@ def test_ctrl_c_stops_the_server(tiny, tmp_path, monkeypatch):
 
     port = 8793
     log = tmp_path / "bench.log"
-    temp = _short_temp(monkeypatch)
+    temp = _temp_dir(short_tmp, monkeypatch)
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "moe_reroute.cli", "serve-bench", "--model", str(tiny),
                                  "--serve", "--port", str(port), "--batch-sizes", "2", "--repeats", "1",
@@ -385,7 +377,4 @@ def test_ctrl_c_stops_the_server(tiny, tmp_path, monkeypatch):
     assert not _processes_with("api_server", f"--port {port}")
     assert not set(clients) & set(_processes_with("engine_run", "--client-loop"))  # nor vLLM's bench client
     assert not (tmp_path / "o" / "results.json").exists()
-    try:
-        assert not list(temp.iterdir())
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
+    assert not list(temp.iterdir())

@@ -191,28 +191,21 @@ def test_ab_plan_switches_the_policy_between_decode_steps_in_the_engine(engine, 
     assert again[0] == hf_generate(hf, ids)
 
 
-def test_serve_bench_on_sglang_measures_every_policy_in_one_engine(tmp_path):
+def test_serve_bench_on_sglang_measures_every_policy_in_one_engine(tmp_path, short_tmp):
     """`moe-reroute serve-bench --engine sglang`, as a user runs it, on the shipped reference model, tensor
     parallel (`-tp 2`: SGLang's `tp_size`, two scheduler processes of one core each, which follow the plan and
     write the counters alike). The engine's IPC sockets (SGLang leaves them in the temporary folder) go with
     the temporary folder serve-bench gave it."""
-    import shutil
-    import tempfile
-
     out = tmp_path / "bench"
-    temp = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))  # short: a socket's path is at most 107 bytes
     cmd = [sys.executable, "-m", "moe_reroute.cli", "serve-bench", "--engine", "sglang", "--policy", "oea:k0=2",
            "--policy", "cap:k=4", "--batch-sizes", "2", "--output-len", "10", "--repeats", "2", "--block-steps", "1",
            "--threads", "1", "-tp", "2", "--engine-arg", "watchdog_timeout=600", "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_REROUTE_")}
     env["SGLANG_CPU_OMP_THREADS_BIND"] = "0|1"  # one core per rank (this machine has one NUMA node)
-    env["TMPDIR"] = str(temp)
-    try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        assert not list(temp.iterdir())
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
+    env["TMPDIR"] = str(short_tmp)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert not list(short_tmp.iterdir())
     assert "untied copy" in done.stdout and "| 2 | `oea:k0=2` |" in done.stdout
     data = json.loads((out / "results.json").read_text())
     c = data["conditions"]
@@ -394,13 +387,10 @@ def test_http_server_with_the_plugin_installed_and_no_policy_serves_natively(mod
         status, answer = _post(port, "/dumper/moe_reroute_set_policy", {"policy": "cap:k=2"})
         assert status == 400 and "start it with MOE_REROUTE_POLICY=native" in " ".join(answer["error"]), answer
         ids = prompts()[2]
-        body = json.dumps({"input_ids": ids, "sampling_params": {"max_new_tokens": NEW, "temperature": 0.0,
-                                                                 "ignore_eos": True}}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
-            text = json.loads(r.read())["text"]
+        status, out = _post(port, "/generate", {"input_ids": ids, "sampling_params": {
+            "max_new_tokens": NEW, "temperature": 0.0, "ignore_eos": True}})
         tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
-        assert text == tokenizer.decode(hf_generate(hf, ids))
+        assert status == 200 and out["text"] == tokenizer.decode(hf_generate(hf, ids))
     finally:
         stop_server(server)
 
